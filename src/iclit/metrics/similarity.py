@@ -1,0 +1,117 @@
+"""Hidden-state similarity between arms, per layer.
+
+Shapes: ``n`` resamples, ``L`` layers (``n_layers + 1``; index 0 is the embeddings),
+``d`` hidden size. Every function computes in float64 whatever the input dtype
+(bf16 / fp16 / fp32), because cosines of large-norm LM states lose digits in low
+precision, and returns float64 results.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EPS: float = 1e-12
+
+PAIRS: tuple[str, str, str] = ("anchor_icl", "anchor_it", "icl_it")
+"""Arm pairs compared by :func:`pairwise_cosines`, named ``<arm>_<arm>``."""
+
+
+def _f64(x: Tensor) -> Tensor:
+    return torch.as_tensor(x).to(torch.float64)
+
+
+def cosine_per_layer(a: Tensor, b: Tensor, *, eps: float = EPS) -> Tensor:
+    """Cosine similarity along the last (hidden) dimension.
+
+    a, b: ``[n, L, d]`` or ``[L, d]`` (any leading shape, broadcastable).
+    Returns ``[n, L]`` or ``[L]`` in float64. Each norm is clamped to ``eps`` so a
+    zero vector gives cosine 0 instead of NaN (same convention as
+    ``torch.nn.functional.cosine_similarity``).
+    """
+    a, b = _f64(a), _f64(b)
+    dot = (a * b).sum(-1)
+    na = a.norm(dim=-1).clamp_min(eps)
+    nb = b.norm(dim=-1).clamp_min(eps)
+    return dot / (na * nb)
+
+
+def centered_cosine_per_layer(a: Tensor, b: Tensor, mean: Tensor, *, eps: float = EPS) -> Tensor:
+    """Anisotropy-corrected cosine: subtract a per-layer mean vector from both first.
+
+    a, b: ``[n, L, d]`` or ``[L, d]``; mean: ``[L, d]``, the mean hidden state of a
+    reference set of unrelated prompts at each layer. Returns ``[n, L]`` or ``[L]``.
+    """
+    m = _f64(mean)
+    return cosine_per_layer(_f64(a) - m, _f64(b) - m, eps=eps)
+
+
+def update_cosine_per_layer(anchor: Tensor, icl: Tensor, it: Tensor, *, eps: float = EPS) -> Tensor:
+    """Cosine between the updates ``icl - anchor`` and ``it - anchor``, per layer.
+
+    Measures whether demonstrations in context and tuning on them move the query's
+    state in the same direction. anchor, icl, it: ``[n, L, d]`` or ``[L, d]``.
+    Returns ``[n, L]`` or ``[L]``; a zero update gives 0.
+    """
+    a = _f64(anchor)
+    return cosine_per_layer(_f64(icl) - a, _f64(it) - a, eps=eps)
+
+
+def _cka_batched(x: Tensor, y: Tensor) -> Tensor:
+    """Linear CKA for a batch of representation pairs: x ``[B, n, dx]``, y ``[B, n, dy]`` -> ``[B]``."""
+    x = _f64(x)
+    y = _f64(y)
+    x = x - x.mean(dim=-2, keepdim=True)
+    y = y - y.mean(dim=-2, keepdim=True)
+    n, dx, dy = x.shape[-2], x.shape[-1], y.shape[-1]
+    if n <= max(dx, dy):
+        # Gram form: <K, M>_F / (|K|_F |M|_F) with K = X X^T, M = Y Y^T  ([B, n, n])
+        k = x @ x.transpose(-1, -2)
+        m = y @ y.transpose(-1, -2)
+        hsic = (k * m).sum((-1, -2))
+        nx = k.norm(dim=(-1, -2))
+        ny = m.norm(dim=(-1, -2))
+    else:
+        # feature form: |Y^T X|_F^2 / (|X^T X|_F |Y^T Y|_F)
+        hsic = (y.transpose(-1, -2) @ x).pow(2).sum((-1, -2))
+        nx = (x.transpose(-1, -2) @ x).norm(dim=(-1, -2))
+        ny = (y.transpose(-1, -2) @ y).norm(dim=(-1, -2))
+    denom = nx * ny
+    # constant representations have no variance: CKA is undefined -> NaN
+    return torch.where(denom > 0, hsic / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.nan)
+
+
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """Linear CKA (Kornblith et al. 2019) between two representations of the same n inputs.
+
+    x: ``[n, dx]``, y: ``[n, dy]`` (rows paired). Features are centred over n.
+    1.0 for representations equal up to an orthogonal transform and isotropic
+    scaling; NaN if either has zero variance.
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"expected [n, dx] and [n, dy], got {tuple(x.shape)} and {tuple(y.shape)}")
+    return float(_cka_batched(x[None], y[None])[0])
+
+
+def cka_per_layer(x: Tensor, y: Tensor) -> Tensor:
+    """Linear CKA at each layer across the n resamples: x, y ``[n, L, d]`` -> ``[L]`` (float64)."""
+    if x.ndim != 3 or y.ndim != 3 or x.shape[:2] != y.shape[:2]:
+        raise ValueError(f"expected [n, L, d] twice, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return _cka_batched(x.transpose(0, 1), y.transpose(0, 1))
+
+
+def pairwise_cosines(states: dict[str, Tensor], *, eps: float = EPS) -> dict[str, Tensor]:
+    """Per-layer cosines of the three arm pairs.
+
+    states: ``{"anchor": [n, L, d], "icl": [n, L, d], "it": [n, L, d]}``.
+    Returns ``{"anchor_icl": [n, L], "anchor_it": [n, L], "icl_it": [n, L]}`` (keys as in
+    :data:`PAIRS`).
+    """
+    missing = {"anchor", "icl", "it"} - states.keys()
+    if missing:
+        raise KeyError(f"states lacks arms: {sorted(missing)}")
+    out: dict[str, Tensor] = {}
+    for pair in PAIRS:
+        left, right = pair.split("_")
+        out[pair] = cosine_per_layer(states[left], states[right], eps=eps)
+    return out

@@ -1,0 +1,127 @@
+"""The task data model: examples, templates and tasks.
+
+A :class:`Template` turns examples into the three kinds of text the experiment needs:
+
+* the **query prompt** (anchor and IT arms): ``[instruction] + input + output prefix``;
+* the **ICL prompt**: ``[instruction] + demo_1 + ... + demo_k + query`` where each
+  demonstration is a query prompt (without the instruction) followed by its answer;
+* the **IT training pairs**: ``(query prompt, " " + answer)`` for each demonstration; the
+  tuning loss is taken on the answer tokens only.
+
+All three share one rendering, so the ICL and IT arms see the demonstrations in the same
+format. The hidden state compared is the one of the last token of the query prompt (the
+position that predicts the answer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+TaskKind = Literal["classification", "generation"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One (input, output) pair. ``output`` is the verbalised label or the target text."""
+
+    id: str
+    input: str
+    output: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def with_output(self, output: str) -> "Example":
+        """A copy with another output (used to give demonstrations wrong labels)."""
+        return dataclasses.replace(self, output=output)
+
+
+@dataclass(frozen=True)
+class Template:
+    """How examples become text.
+
+    Rendering of one example (``{…}`` are fields)::
+
+        {instruction}{instruction_sep}{input_prefix}{input}{io_sep}{output_prefix}{answer_sep}{output}
+
+    Demonstrations are joined with ``demo_sep``. ``answer_sep`` (a space by default) starts
+    the answer, so the prompt ends on the output prefix and the answer's first token carries
+    its own leading space, as a tokenizer expects.
+    """
+
+    name: str = "default"
+    instruction: str | None = None
+    input_prefix: str = "Input: "
+    output_prefix: str = "Output:"
+    io_sep: str = "\n"
+    answer_sep: str = " "
+    demo_sep: str = "\n\n"
+    instruction_sep: str = "\n\n"
+
+    def _head(self, with_instruction: bool) -> str:
+        if with_instruction and self.instruction:
+            return self.instruction + self.instruction_sep
+        return ""
+
+    def query(self, text: str, with_instruction: bool = True) -> str:
+        """The query prompt for one input: ends on the output prefix."""
+        return f"{self._head(with_instruction)}{self.input_prefix}{text}{self.io_sep}{self.output_prefix}"
+
+    def answer(self, output: str) -> str:
+        """The continuation that the model should produce after a query prompt."""
+        return f"{self.answer_sep}{output}"
+
+    def demonstration(self, example: Example) -> str:
+        """One demonstration as it appears inside an ICL prompt (no instruction)."""
+        return self.query(example.input, with_instruction=False) + self.answer(example.output)
+
+    def icl_prefix(self, demonstrations: Sequence[Example]) -> str:
+        """Everything of the ICL prompt before the query: instruction and demonstrations."""
+        if not demonstrations:
+            return self._head(True)
+        body = self.demo_sep.join(self.demonstration(d) for d in demonstrations)
+        return self._head(True) + body + self.demo_sep
+
+    def icl_prompt(self, demonstrations: Sequence[Example], query: Example) -> str:
+        """The ICL prompt: the demonstrations in order, then the query prompt."""
+        return self.icl_prefix(demonstrations) + self.query(query.input, with_instruction=False)
+
+    def training_pair(self, example: Example) -> tuple[str, str]:
+        """(prompt, answer) for instruction tuning on one demonstration."""
+        return self.query(example.input), self.answer(example.output)
+
+    def replace(self, **changes: Any) -> "Template":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named set of examples with a template.
+
+    ``labels`` is the verbaliser of a classification task (the label words the model
+    scores); it is ``None`` for generation tasks.
+    """
+
+    name: str
+    kind: TaskKind
+    examples: tuple[Example, ...]
+    template: Template
+    labels: tuple[str, ...] | None = None
+    description: str = ""
+    source: str = "builtin"
+
+    def __post_init__(self) -> None:
+        if self.kind == "classification" and not self.labels:
+            raise ValueError(f"task {self.name!r}: a classification task needs labels")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def by_id(self, example_id: str) -> Example:
+        for e in self.examples:
+            if e.id == example_id:
+                return e
+        raise KeyError(example_id)
+
+    def with_template(self, template: Template) -> "Task":
+        return dataclasses.replace(self, template=template)
