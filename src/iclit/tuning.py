@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Literal, Sequence
@@ -40,7 +41,7 @@ class TuningRecipe:
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     lr: float | None = None
-    epochs: int = 20
+    epochs: int = 15
     batch_size: int = 0
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
@@ -212,7 +213,9 @@ def tuned(
     if recipe.method == "lora":
         from peft import get_peft_model
 
-        peft_model = get_peft_model(model, lora_config(recipe))
+        with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, lora_config(recipe))
         try:
             params = [p for p in peft_model.parameters() if p.requires_grad]
             result = fit(peft_model, params, batch, recipe, seed)

@@ -82,6 +82,36 @@ register_embedded(
 DEFAULT_MODEL = "gemma-3-270m"
 
 
+@dataclass(frozen=True)
+class ModelFactory:
+    """A model built in code by name (no weights on disk), e.g. ``tiny-random-llama``."""
+
+    name: str
+    build: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = field(repr=False)
+    description: str = ""
+
+
+FACTORIES: dict[str, ModelFactory] = {}
+
+
+def register_model_factory(name: str, build: Callable[[], tuple], description: str = "") -> None:
+    """Make ``load_model(name)`` call ``build()`` → (model, tokenizer)."""
+    FACTORIES[name] = ModelFactory(name, build, description)
+
+
+def _build_tiny():
+    from iclit.models.tiny import build_tiny
+
+    return build_tiny()
+
+
+register_model_factory(
+    "tiny-random-llama",
+    _build_tiny,
+    "3-layer random LLaMA with a BPE tokenizer trained on iclit's task texts; for tests and smoke runs",
+)
+
+
 @dataclass
 class LoadedModel:
     """A causal LM ready for iclit: eval mode, on its device, tokenizer with a pad token."""
@@ -122,12 +152,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def list_models() -> list[EmbeddedModel]:
-    return list(EMBEDDED.values())
+def list_models() -> list[EmbeddedModel | ModelFactory]:
+    return [*EMBEDDED.values(), *FACTORIES.values()]
 
 
 def resolve(name: str) -> tuple[str, Path | str]:
-    """(kind, location) for a name: kind is 'gguf', 'dir' or 'hub'."""
+    """(kind, location) for a name: kind is 'factory', 'gguf', 'dir' or 'hub'."""
+    if name in FACTORIES:
+        return "factory", name
     if name in EMBEDDED:
         entry = EMBEDDED[name]
         try:
@@ -198,6 +230,9 @@ def load_model(
     kind, location = resolve(name)
     dev = torch.device(device) if device is not None else default_device()
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(dev)
+    if kind == "factory":
+        model, tokenizer = FACTORIES[name].build()
+        return prepare(model.to(dt), tokenizer, name=name, source=f"factory:{name}", device=dev)
     if kind == "gguf":
         path = _gguf_cache(Path(location))
         if not (path / "model.safetensors").exists():

@@ -75,16 +75,23 @@ class Template:
         """One demonstration as it appears inside an ICL prompt (no instruction)."""
         return self.query(example.input, with_instruction=False) + self.answer(example.output)
 
-    def icl_prefix(self, demonstrations: Sequence[Example]) -> str:
-        """Everything of the ICL prompt before the query: instruction and demonstrations."""
+    def icl_prefix(self, demonstrations: Sequence[Example], demo_template: "Template | None" = None) -> str:
+        """Everything of the ICL prompt before the query: instruction and demonstrations.
+
+        ``demo_template`` formats the demonstrations when they come from another task
+        (e.g. translation demonstrations before a sentiment query); default: this template.
+        """
         if not demonstrations:
             return self._head(True)
-        body = self.demo_sep.join(self.demonstration(d) for d in demonstrations)
+        fmt = demo_template or self
+        body = self.demo_sep.join(fmt.demonstration(d) for d in demonstrations)
         return self._head(True) + body + self.demo_sep
 
-    def icl_prompt(self, demonstrations: Sequence[Example], query: Example) -> str:
+    def icl_prompt(
+        self, demonstrations: Sequence[Example], query: Example, demo_template: "Template | None" = None
+    ) -> str:
         """The ICL prompt: the demonstrations in order, then the query prompt."""
-        return self.icl_prefix(demonstrations) + self.query(query.input, with_instruction=False)
+        return self.icl_prefix(demonstrations, demo_template) + self.query(query.input, with_instruction=False)
 
     def training_pair(self, example: Example) -> tuple[str, str]:
         """(prompt, answer) for instruction tuning on one demonstration."""

@@ -1,0 +1,144 @@
+"""The experimental conditions ("arms"), registered by name.
+
+* ``anchor``: the base model reads the query prompt alone;
+* ``icl``: the base model reads the k demonstrations, then the query prompt;
+* ``it``: the model tuned on exactly those k demonstrations (LoRA or full fine-tuning, see
+  :class:`~iclit.tuning.TuningRecipe`) reads the query prompt alone.
+
+An arm maps an :class:`ArmContext` (model, task, resamples, recipe) to an :class:`ArmOutput`
+(states at the last prompt token and the model's answer). New conditions slot in with
+:func:`register_arm`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from iclit.capture import capture, greedy_continuations, label_token_ids
+from iclit.models import LoadedModel
+from iclit.tasks import Resample, Task, Template
+from iclit.tuning import TuningRecipe, TuningResult, tuned
+
+
+@dataclass
+class ArmContext:
+    """Everything an arm needs for a batch of resamples."""
+
+    lm: LoadedModel
+    task: Task
+    resamples: Sequence[Resample]
+    recipe: TuningRecipe = field(default_factory=TuningRecipe)
+    seed: int = 0
+    batch_size: int = 16
+    max_new_tokens: int = 48
+    advance: Callable[[int], None] = lambda n: None
+    demo_template: Template | None = None
+    """Template of the demonstrations when they come from another task (ICL and IT)."""
+
+    @property
+    def label_ids(self) -> torch.Tensor | None:
+        if self.task.kind != "classification":
+            return None
+        return label_token_ids(self.lm.tokenizer, [self.task.template.answer(l) for l in self.task.labels])
+
+    def query_prompts(self) -> list[str]:
+        return [self.task.template.query(r.query.input) for r in self.resamples]
+
+    def icl_prompts(self) -> list[str]:
+        return [self.task.template.icl_prompt(r.demonstrations, r.query, self.demo_template) for r in self.resamples]
+
+    def training_pairs(self, resample: Resample) -> list[tuple[str, str]]:
+        fmt = self.demo_template or self.task.template
+        return [fmt.training_pair(d) for d in resample.demonstrations]
+
+    def tuning_seed(self, resample: Resample) -> int:
+        return self.seed * 1_000_003 + resample.index
+
+
+@dataclass
+class ArmOutput:
+    """states: [n, L+1, d]; predictions: n answers (label words or generated text);
+    label_probs: [n, n_labels] normalised over the labels (classification) or None;
+    tuning: per-resample tuning results (IT arms) or empty."""
+
+    states: torch.Tensor
+    predictions: list[str]
+    label_probs: torch.Tensor | None = None
+    tuning: list[TuningResult] = field(default_factory=list)
+
+
+def read_out(ctx: ArmContext, model: nn.Module, prompts: Sequence[str]) -> ArmOutput:
+    """States at the last prompt token, plus the model's answer at that position."""
+    tok = ctx.lm.tokenizer
+    label_ids = ctx.label_ids
+    cap = capture(model, tok, prompts, label_ids=label_ids, batch_size=ctx.batch_size)
+    if label_ids is not None:
+        probs = torch.softmax(cap.label_logits, dim=-1)
+        preds = [ctx.task.labels[i] for i in probs.argmax(dim=-1).tolist()]
+        return ArmOutput(cap.states, preds, probs)
+    stop = ctx.task.template.io_sep or "\n"
+    preds = greedy_continuations(
+        model, tok, prompts, max_new_tokens=ctx.max_new_tokens, stop=stop, batch_size=ctx.batch_size
+    )
+    return ArmOutput(cap.states, preds)
+
+
+def _concat(outputs: list[ArmOutput]) -> ArmOutput:
+    probs = [o.label_probs for o in outputs]
+    return ArmOutput(
+        states=torch.cat([o.states for o in outputs]),
+        predictions=[p for o in outputs for p in o.predictions],
+        label_probs=torch.cat(probs) if probs[0] is not None else None,
+        tuning=[t for o in outputs for t in o.tuning],
+    )
+
+
+def anchor_arm(ctx: ArmContext) -> ArmOutput:
+    out = read_out(ctx, ctx.lm.model, ctx.query_prompts())
+    ctx.advance(len(ctx.resamples))
+    return out
+
+
+def icl_arm(ctx: ArmContext) -> ArmOutput:
+    out = read_out(ctx, ctx.lm.model, ctx.icl_prompts())
+    ctx.advance(len(ctx.resamples))
+    return out
+
+
+def it_arm(ctx: ArmContext) -> ArmOutput:
+    """One fresh tuning run per resample (the straightforward path)."""
+    outputs = []
+    for r, prompt in zip(ctx.resamples, ctx.query_prompts()):
+        pairs = ctx.training_pairs(r)
+        if not pairs:  # k = 0: nothing to tune on, IT is the base model
+            out = read_out(ctx, ctx.lm.model, [prompt])
+            out.tuning = [TuningResult()]
+        else:
+            with tuned(ctx.lm.model, ctx.lm.tokenizer, pairs, ctx.recipe, seed=ctx.tuning_seed(r)) as (model, result):
+                out = read_out(ctx, model, [prompt])
+            out.tuning = [result]
+        outputs.append(out)
+        ctx.advance(1)
+    return _concat(outputs)
+
+
+ARMS: dict[str, Callable[[ArmContext], ArmOutput]] = {}
+
+
+def register_arm(name: str, fn: Callable[[ArmContext], ArmOutput]) -> None:
+    ARMS[name] = fn
+
+
+def get_arm(name: str) -> Callable[[ArmContext], ArmOutput]:
+    if name not in ARMS:
+        raise ValueError(f"unknown arm {name!r}; registered: {sorted(ARMS)}")
+    return ARMS[name]
+
+
+register_arm("anchor", anchor_arm)
+register_arm("icl", icl_arm)
+register_arm("it", it_arm)

