@@ -21,7 +21,7 @@ from torch import nn
 from iclit.capture import capture, greedy_continuations, label_token_ids
 from iclit.models import LoadedModel
 from iclit.tasks import Resample, Task, Template
-from iclit.tuning import TuningRecipe, TuningResult, tuned
+from iclit.tuning import TuningRecipe, TuningResult, tuned, tuned_many
 
 
 @dataclass
@@ -38,6 +38,11 @@ class ArmContext:
     advance: Callable[[int], None] = lambda n: None
     demo_template: Template | None = None
     """Template of the demonstrations when they come from another task (ICL and IT)."""
+    fast: bool = True
+    """Use the fast engine (prefix-cached ICL, batched multi-adapter LoRA, memoised anchor
+    states); False runs the straightforward path, for checking."""
+    adapters_per_pass: int = 16
+    """How many LoRA adapters the fast IT path trains together."""
 
     @property
     def label_ids(self) -> torch.Tensor | None:
@@ -71,18 +76,29 @@ class ArmOutput:
     tuning: list[TuningResult] = field(default_factory=list)
 
 
-def read_out(ctx: ArmContext, model: nn.Module, prompts: Sequence[str]) -> ArmOutput:
+def read_out(
+    ctx: ArmContext,
+    model: nn.Module,
+    prompts: Sequence[str],
+    *,
+    prefixes: Sequence[str | None] | None = None,
+    before_batch: Callable[[list[int]], None] | None = None,
+) -> ArmOutput:
     """States at the last prompt token, plus the model's answer at that position."""
     tok = ctx.lm.tokenizer
     label_ids = ctx.label_ids
-    cap = capture(model, tok, prompts, label_ids=label_ids, batch_size=ctx.batch_size)
+    cap = capture(
+        model, tok, prompts, label_ids=label_ids, batch_size=ctx.batch_size,
+        prefixes=prefixes if ctx.fast else None, before_batch=before_batch, reference=not ctx.fast,
+    )
     if label_ids is not None:
         probs = torch.softmax(cap.label_logits, dim=-1)
         preds = [ctx.task.labels[i] for i in probs.argmax(dim=-1).tolist()]
         return ArmOutput(cap.states, preds, probs)
     stop = ctx.task.template.io_sep or "\n"
     preds = greedy_continuations(
-        model, tok, prompts, max_new_tokens=ctx.max_new_tokens, stop=stop, batch_size=ctx.batch_size
+        model, tok, prompts, max_new_tokens=ctx.max_new_tokens, stop=stop, batch_size=ctx.batch_size,
+        before_batch=before_batch,
     )
     return ArmOutput(cap.states, preds)
 
@@ -97,32 +113,85 @@ def _concat(outputs: list[ArmOutput]) -> ArmOutput:
     )
 
 
+def _pick(out: ArmOutput, rows: Sequence[int]) -> ArmOutput:
+    return ArmOutput(
+        out.states[list(rows)],
+        [out.predictions[i] for i in rows],
+        out.label_probs[list(rows)] if out.label_probs is not None else None,
+    )
+
+
 def anchor_arm(ctx: ArmContext) -> ArmOutput:
-    out = read_out(ctx, ctx.lm.model, ctx.query_prompts())
+    """The query alone on the base model. On the fast path, each distinct query prompt is run
+    once per loaded model and memoised (``lm.memo``), so every condition that needs the same
+    anchor reuses it."""
+    prompts = ctx.query_prompts()
+    if not ctx.fast:
+        out = read_out(ctx, ctx.lm.model, prompts)
+    else:
+        key = ("anchor", ctx.task.kind, ctx.task.labels, ctx.max_new_tokens)
+        memo = ctx.lm.memo.setdefault(key, {})
+        todo = sorted({p for p in prompts if p not in memo})
+        if todo:
+            fresh = read_out(ctx, ctx.lm.model, todo)
+            for i, p in enumerate(todo):
+                memo[p] = _pick(fresh, [i])
+        out = _concat([memo[p] for p in prompts])
     ctx.advance(len(ctx.resamples))
     return out
 
 
 def icl_arm(ctx: ArmContext) -> ArmOutput:
-    out = read_out(ctx, ctx.lm.model, ctx.icl_prompts())
+    """Demonstrations + query on the base model; on the fast path the demonstrations' key/value
+    cache is computed once per demonstration set and shared by its queries."""
+    prefixes = [ctx.task.template.icl_prefix(r.demonstrations, ctx.demo_template) for r in ctx.resamples]
+    out = read_out(ctx, ctx.lm.model, ctx.icl_prompts(), prefixes=prefixes)
     ctx.advance(len(ctx.resamples))
     return out
 
 
 def it_arm(ctx: ArmContext) -> ArmOutput:
-    """One fresh tuning run per resample (the straightforward path)."""
-    outputs = []
-    for r, prompt in zip(ctx.resamples, ctx.query_prompts()):
-        pairs = ctx.training_pairs(r)
-        if not pairs:  # k = 0: nothing to tune on, IT is the base model
-            out = read_out(ctx, ctx.lm.model, [prompt])
-            out.tuning = [TuningResult()]
+    """The query alone on the model tuned on the resample's demonstrations.
+
+    Fast path (LoRA): up to ``adapters_per_pass`` adapters — one per resample — train together
+    in one batched forward/backward, and their states are captured in batched passes with each
+    row routed to its own adapter. Otherwise (full fine-tuning, or ``fast=False``): one PEFT
+    adapter or one model copy per resample, one after another.
+    """
+    prompts = ctx.query_prompts()
+    outputs: list[ArmOutput | None] = [None] * len(ctx.resamples)
+    todo = []
+    for i, r in enumerate(ctx.resamples):
+        if not r.demonstrations:  # k = 0: nothing to tune on, IT is the base model
+            outputs[i] = read_out(ctx, ctx.lm.model, [prompts[i]])
+            outputs[i].tuning = [TuningResult()]
+            ctx.advance(1)
         else:
-            with tuned(ctx.lm.model, ctx.lm.tokenizer, pairs, ctx.recipe, seed=ctx.tuning_seed(r)) as (model, result):
-                out = read_out(ctx, model, [prompt])
-            out.tuning = [result]
-        outputs.append(out)
-        ctx.advance(1)
+            todo.append(i)
+    if ctx.fast and ctx.recipe.method == "lora":
+        for start in range(0, len(todo), ctx.adapters_per_pass):
+            chunk = todo[start : start + ctx.adapters_per_pass]
+            pair_sets = [ctx.training_pairs(ctx.resamples[i]) for i in chunk]
+            seeds = [ctx.tuning_seed(ctx.resamples[i]) for i in chunk]
+            with tuned_many(ctx.lm.model, ctx.lm.tokenizer, pair_sets, ctx.recipe, seeds=seeds) as (model, router, results):
+                device = ctx.lm.device
+                out = read_out(
+                    ctx, model, [prompts[i] for i in chunk], before_batch=lambda rows: router.set(rows, device)
+                )
+            for j, i in enumerate(chunk):
+                outputs[i] = _pick(out, [j])
+                outputs[i].tuning = [results[j]]
+            ctx.advance(len(chunk))
+    else:
+        for i in todo:
+            r = ctx.resamples[i]
+            with tuned(
+                ctx.lm.model, ctx.lm.tokenizer, ctx.training_pairs(r), ctx.recipe,
+                seed=ctx.tuning_seed(r), reference=not ctx.fast,
+            ) as (model, result):
+                outputs[i] = read_out(ctx, model, [prompts[i]])
+            outputs[i].tuning = [result]
+            ctx.advance(1)
     return _concat(outputs)
 
 

@@ -13,9 +13,10 @@ causal mask).
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -71,28 +72,104 @@ def forward_last_states(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    **decoder_kwargs,
+    *,
+    index: torch.Tensor | None = None,
+    past_key_values=None,
 ) -> torch.Tensor:
     """One padded batch → last-real-token states [b, L+1, d] (on the model's device).
 
-    input_ids, attention_mask: [b, s] (right-padded). Extra keyword arguments go to the
-    decoder (e.g. ``past_key_values`` and ``position_ids`` for a cached prefix).
+    input_ids: [b, s] right-padded; attention_mask: [b, s], or [b, p + s] when
+    ``past_key_values`` holds a cached prefix of p tokens (then positions continue from p).
+    index: [b] position of the last real token within ``input_ids`` (default: from the mask).
     """
     rows: list[torch.Tensor] = []
-    index = attention_mask.sum(dim=1) - 1
+    if index is None:
+        index = attention_mask.sum(dim=1) - 1
     with _gather_hooks(model, rows) as ctx:
         ctx["index"] = index
-        out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **decoder_kwargs)
+        out = decoder_of(model)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+        )
     last = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), index]
     rows.append(last)
     assert len(rows) == n_states(model), (len(rows), n_states(model))
     return torch.stack(rows, dim=1)
 
 
+@torch.no_grad()
+def reference_last_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The straightforward way, for checking: a full forward with ``output_hidden_states``
+    (and full-vocabulary logits at every position), then the last real token. [b, L+1, d]."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    index = attention_mask.sum(dim=1) - 1
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return torch.stack([h[rows, index] for h in out.hidden_states], dim=1)
+
+
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), to limit padding."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _pad_right(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix, leaving at least one token to each sequence.
+
+    The prefix is cut where the *tokenised full prompts* agree, so a tokenizer that merges
+    across the text boundary between demonstrations and query can never make the cached and
+    the uncached inputs differ.
+    """
+    first = seqs[0]
+    n = min(len(s) for s in seqs) - 1
+    for i in range(max(n, 0)):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return max(n, 0)
+
+
+@torch.no_grad()
+def prefix_cache(model: nn.Module, prefix_ids: Sequence[int]):
+    """The key/value cache of one token prefix (batch 1)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
+    out = decoder_of(model)(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    return out.past_key_values
+
+
+def _expand_cache(cache, batch: int):
+    """A cache that starts from the batch-1 prefix cache, broadcast to ``batch`` rows.
+
+    A forward pass appends to its cache, so the shared prefix cache is never handed to the
+    model itself: the cache object and its layers are shallow-copied and their key/value
+    tensors expanded (views, no copy); appending concatenates into new tensors, so the
+    prefix tensors are never written. Caches without per-layer tensors are deep-copied.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(hasattr(layer, "keys") for layer in layers):
+        fresh = copy.deepcopy(cache)
+        fresh.batch_repeat_interleave(batch)
+        return fresh
+    fresh = copy.copy(cache)
+    fresh.layers = [copy.copy(layer) for layer in layers]
+    for layer in fresh.layers:
+        if isinstance(layer.keys, torch.Tensor) and layer.keys.numel():
+            layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(batch, *layer.values.shape[1:])
+    return fresh
 
 
 def capture(
@@ -102,27 +179,35 @@ def capture(
     *,
     label_ids: torch.Tensor | None = None,
     batch_size: int = 16,
+    prefixes: Sequence[str | None] | None = None,
+    before_batch: Callable[[list[int]], None] | None = None,
+    reference: bool = False,
 ) -> Capture:
     """Last-prompt-token states at every layer for each prompt, plus label scores.
 
     label_ids: [n_labels] token ids whose logits are read at the last position (the first
     token of each verbalised label); only those rows of the LM head are computed, plus one
     full-vocabulary row per prompt for the log-normaliser.
+
+    prefixes: for each prompt, a text prefix it shares with other prompts (e.g. the
+    demonstrations of an ICL prompt) or None. Prompts with the same prefix are run as one
+    group: the prefix's key/value cache is computed once and every query of the group is
+    batched on top of it.
+
+    before_batch: called with the prompt indices of each batch before its forward pass (used
+    to route each row to its own adapter in batched multi-adapter IT).
+
+    reference: use the straightforward path instead (full forward per batch with
+    ``output_hidden_states`` and no prefix cache), for checking.
     """
     device = next(model.parameters()).device
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    states = [None] * len(prompts)
-    logits = [None] * len(prompts)
-    logprobs = [None] * len(prompts)
     pad = tokenizer.pad_token_id
-    for batch in _batches([len(e) for e in encoded], batch_size):
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[row, : len(encoded[i])] = 1
-        h = forward_last_states(model, ids.to(device), mask.to(device))
+    states: list[torch.Tensor | None] = [None] * len(prompts)
+    logits: list[torch.Tensor | None] = [None] * len(prompts)
+    logprobs: list[torch.Tensor | None] = [None] * len(prompts)
+
+    def finish(batch: list[int], h: torch.Tensor) -> None:
         if label_ids is not None:
             with torch.no_grad():
                 full = lm_head_logits(model, h[:, -1]).float()
@@ -133,6 +218,33 @@ def capture(
             if label_ids is not None:
                 logits[i] = lab[row].cpu()
                 logprobs[i] = lp[row].cpu()
+
+    groups: dict[str | None, list[int]] = {}
+    for i in range(len(prompts)):
+        key = None if (prefixes is None or reference) else prefixes[i]
+        groups.setdefault(key, []).append(i)
+    for key, members in groups.items():
+        if key is not None and len(members) > 1:
+            p = common_prefix_length([encoded[i] for i in members])
+        else:
+            p = 0
+        cache = prefix_cache(model, encoded[members[0]][:p]) if p > 0 else None
+        for part in _batches([len(encoded[i]) for i in members], batch_size):
+            batch = [members[j] for j in part]
+            if before_batch is not None:
+                before_batch(batch)
+            ids, mask = _pad_right([encoded[i][p:] for i in batch], pad)
+            ids, mask = ids.to(device), mask.to(device)
+            if reference:
+                h = reference_last_states(model, ids, mask)
+            elif cache is None:
+                h = forward_last_states(model, ids, mask)
+            else:
+                full_mask = torch.cat([torch.ones(len(batch), p, dtype=mask.dtype, device=device), mask], dim=1)
+                h = forward_last_states(
+                    model, ids, full_mask, index=mask.sum(dim=1) - 1, past_key_values=_expand_cache(cache, len(batch))
+                )
+            finish(batch, h)
     return Capture(
         states=torch.stack(states),
         label_logits=torch.stack(logits) if label_ids is not None else None,
@@ -178,6 +290,7 @@ def greedy_continuations(
     max_new_tokens: int = 48,
     stop: str = "\n",
     batch_size: int = 16,
+    before_batch: Callable[[list[int]], None] | None = None,
 ) -> list[str]:
     """Greedy continuation of each prompt, cut at the first ``stop`` string."""
     device = next(model.parameters()).device
@@ -187,6 +300,8 @@ def greedy_continuations(
     try:
         encoded = [len(tokenizer(p)["input_ids"]) for p in prompts]
         for batch in _batches(encoded, batch_size):
+            if before_batch is not None:
+                before_batch(batch)
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
             gen = model.generate(
                 **enc,

@@ -67,6 +67,7 @@ def compare(
     lr: Optional[float] = typer.Option(None, help="learning rate (default 1e-3 LoRA, 1e-5 full)"),
     epochs: int = typer.Option(TuningRecipe.epochs, help="tuning epochs over the k demonstrations"),
     batch_size: int = typer.Option(16, help="prompts per forward pass"),
+    slow: bool = typer.Option(False, "--slow", help="force the straightforward path (no prefix cache, one PEFT adapter at a time), for checking"),
 ) -> None:
     """Compare anchor, ICL and IT hidden states; write trials.jsonl, summary.csv, layers.png, config.json."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -88,7 +89,7 @@ def compare(
         try:
             result = run_comparison(
                 model, task, k=k, resamples=resamples, seed=seed, recipe=recipe, template=template,
-                instruction=not no_instruction, sampler=sampler, batch_size=batch_size, progress=progress,
+                instruction=not no_instruction, sampler=sampler, batch_size=batch_size, fast=not slow, progress=progress,
             )
         except (TaskDataError, ModelNotFoundError, ValueError, KeyError) as e:
             _fail(str(e).strip("'\""))

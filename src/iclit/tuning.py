@@ -9,6 +9,7 @@ a 262k vocabulary).
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from contextlib import contextmanager
@@ -140,6 +141,14 @@ def answer_loss(model: nn.Module, batch: AnswerBatch) -> torch.Tensor:
     return answer_token_losses(model, batch).mean()
 
 
+def reference_answer_loss(model: nn.Module, batch: AnswerBatch) -> torch.Tensor:
+    """The same loss the straightforward way: transformers' own ``labels=`` loss, with -100
+    on prompt and padding tokens (full-vocabulary logits at every position)."""
+    labels = torch.full_like(batch.input_ids, -100)
+    labels.view(-1)[batch.predict_at + 1] = batch.targets
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
+
+
 def _subset(batch: AnswerBatch, rows: list[int]) -> AnswerBatch:
     keep = torch.isin(batch.example, torch.tensor(rows, device=batch.example.device))
     width = batch.input_ids.shape[1]
@@ -152,8 +161,19 @@ def _subset(batch: AnswerBatch, rows: list[int]) -> AnswerBatch:
     )
 
 
-def fit(model: nn.Module, params: list[nn.Parameter], batch: AnswerBatch, recipe: TuningRecipe, seed: int) -> TuningResult:
-    """Train ``params`` of ``model`` on ``batch`` with AdamW, constant learning rate."""
+def fit(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batch: AnswerBatch,
+    recipe: TuningRecipe,
+    seed: int,
+    *,
+    reference: bool = False,
+) -> TuningResult:
+    """Train ``params`` of ``model`` on ``batch`` with AdamW, constant learning rate.
+
+    reference: compute the loss with :func:`reference_answer_loss` (for checking)."""
+    loss_fn = reference_answer_loss if reference else answer_loss
     start = time.perf_counter()
     opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     n = batch.input_ids.shape[0]
@@ -166,7 +186,7 @@ def fit(model: nn.Module, params: list[nn.Parameter], batch: AnswerBatch, recipe
             order = torch.randperm(n, generator=gen).tolist() if size < n else list(range(n))
             for i in range(0, n, size):
                 mb = batch if size >= n else _subset(batch, order[i : i + size])
-                loss = answer_loss(model, mb)
+                loss = loss_fn(model, mb)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
                 opt.step()
@@ -201,8 +221,11 @@ def tuned(
     recipe: TuningRecipe,
     *,
     seed: int = 0,
+    reference: bool = False,
 ) -> Iterator[tuple[nn.Module, TuningResult]]:
     """Tune on ``pairs`` and yield (tuned model, result); the base model is restored after.
+
+    reference: use transformers' own ``labels=`` loss (the straightforward path).
 
     LoRA: a fresh PEFT adapter is injected into ``model`` and removed (unmerged) on exit, so
     the base weights are never changed. Full: a deep copy is tuned and dropped on exit.
@@ -218,7 +241,7 @@ def tuned(
             peft_model = get_peft_model(model, lora_config(recipe))
         try:
             params = [p for p in peft_model.parameters() if p.requires_grad]
-            result = fit(peft_model, params, batch, recipe, seed)
+            result = fit(peft_model, params, batch, recipe, seed, reference=reference)
             yield peft_model, result
         finally:
             peft_model.unload()
@@ -228,8 +251,215 @@ def tuned(
         clone = copy.deepcopy(model)
         clone.requires_grad_(True)
         try:
-            result = fit(clone, list(clone.parameters()), batch, recipe, seed)
+            result = fit(clone, list(clone.parameters()), batch, recipe, seed, reference=reference)
             clone.requires_grad_(False)
             yield clone, result
         finally:
             del clone
+
+
+# --------------------------------------------------------------------------------------
+# Batched multi-adapter LoRA: N independent adapters trained in one forward/backward.
+# --------------------------------------------------------------------------------------
+
+
+class AdapterRouter:
+    """Which adapter each batch row uses: ``rows`` is a [b] long tensor set before a forward."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+
+    def set(self, rows: Sequence[int] | torch.Tensor, device: torch.device | None = None) -> None:
+        self.rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus N stacked LoRA adapters; row i of the batch goes through
+    adapter ``router.rows[i]``.
+
+    y = base(x) + (alpha / r) · B[a] (A[a] dropout(x)),   A: [N, r, in], B: [N, out, r]
+
+    Same parametrisation and scaling as PEFT's LoRA ``Linear`` (``lora_alpha / r``).
+    """
+
+    def __init__(self, base: nn.Linear, n: int, rank: int, alpha: float, dropout: float, router: AdapterRouter) -> None:
+        super().__init__()
+        self.base = base
+        self.router = router
+        self.scaling = alpha / rank
+        self.dropout = dropout
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(n, rank, base.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(n, base.out_features, rank, device=dev))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [b, s, in] → [b, s, out]."""
+        result = self.base(x)
+        rows = self.router.rows
+        h = x.to(self.lora_A.dtype)
+        if self.dropout and self.training:
+            h = nn.functional.dropout(h, self.dropout)
+        a = self.lora_A[rows]  # [b, r, in]
+        b = self.lora_B[rows]  # [b, out, r]
+        delta = torch.matmul(torch.matmul(h, a.transpose(1, 2)), b.transpose(1, 2))
+        return result + (delta * self.scaling).to(result.dtype)
+
+
+def _target_linears(model: nn.Module, targets: Sequence[str]) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` modules whose leaf name is in ``targets``, in module order (the
+    order PEFT creates its adapters in)."""
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
+    if not found:
+        raise ValueError(f"no nn.Linear named {list(targets)} in the model")
+    return found
+
+
+def peft_like_init(shapes: Sequence[tuple[int, int]], rank: int, seed: int) -> list[torch.Tensor]:
+    """The initial lora_A matrices that PEFT draws after ``torch.manual_seed(seed)``.
+
+    PEFT builds, per target module in order, ``nn.Linear(in, r)`` and ``nn.Linear(r, out)``
+    (each drawing its default init) and then re-draws lora_A with Kaiming-uniform (a=√5);
+    lora_B starts at zero. Replaying those draws gives a batched adapter the same start as a
+    PEFT adapter with the same seed (checked against PEFT in the tests).
+    """
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for in_features, out_features in shapes:
+            a = nn.Linear(in_features, rank, bias=False)
+            nn.Linear(rank, out_features, bias=False)
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            out.append(a.weight.detach().clone())
+    return out
+
+
+@contextmanager
+def multi_lora(model: nn.Module, recipe: TuningRecipe, seeds: Sequence[int]) -> Iterator[tuple[AdapterRouter, list[MultiLoRALinear]]]:
+    """Inject ``len(seeds)`` fresh LoRA adapters into every target linear of ``model``.
+
+    Adapter j starts where a PEFT adapter with ``torch.manual_seed(seeds[j])`` would. The
+    original modules are put back on exit.
+    """
+    router = AdapterRouter()
+    targets = _target_linears(model, recipe.targets)
+    wrapped: list[MultiLoRALinear] = []
+    for _, base in targets:
+        wrapped.append(MultiLoRALinear(base, len(seeds), recipe.rank, recipe.alpha, recipe.dropout, router))
+    shapes = [(base.in_features, base.out_features) for _, base in targets]
+    with torch.no_grad():
+        for j, seed in enumerate(seeds):
+            for module, a in zip(wrapped, peft_like_init(shapes, recipe.rank, seed)):
+                module.lora_A[j].copy_(a)
+    for (name, _), module in zip(targets, wrapped):
+        model.set_submodule(name, module)
+    try:
+        yield router, wrapped
+    finally:
+        for (name, base), _ in zip(targets, wrapped):
+            model.set_submodule(name, base)
+
+
+def _per_group_mean(values: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of ``values`` [m] within each of n groups (given by ``group`` [m]) → [n]."""
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, group, values)
+    counts = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, group, torch.ones_like(values))
+    return sums / counts.clamp(min=1)
+
+
+def fit_many(
+    model: nn.Module,
+    modules: Sequence[MultiLoRALinear],
+    router: AdapterRouter,
+    batch: AnswerBatch,
+    adapter_of: torch.Tensor,
+    recipe: TuningRecipe,
+    seeds: Sequence[int],
+) -> list[TuningResult]:
+    """Train N adapters at once; adapter j sees only the sequences with ``adapter_of == j``.
+
+    The objective is the sum over adapters of each adapter's mean answer-token loss, so each
+    adapter gets exactly the gradient it would get alone. Gradient clipping is per adapter
+    (the norm over that adapter's slices of every A and B, as ``clip_grad_norm_`` would
+    compute for it alone). AdamW is element-wise, so one optimiser over the stacked tensors
+    keeps independent per-adapter state. Minibatches (``recipe.batch_size``) are drawn per
+    adapter from its own seeded generator, as :func:`fit` does.
+    """
+    start = time.perf_counter()
+    n = len(seeds)
+    params = [p for m in modules for p in (m.lora_A, m.lora_B)]
+    opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    members = [torch.nonzero(adapter_of == j).flatten().tolist() for j in range(n)]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    results = [TuningResult() for _ in range(n)]
+    sizes = [recipe.batch_size or len(m) for m in members]
+    steps = max(math.ceil(len(m) / s) for m, s in zip(members, sizes))
+    device = batch.input_ids.device
+    model.train()
+    try:
+        for _ in range(recipe.epochs):
+            orders = [
+                [m[i] for i in torch.randperm(len(m), generator=g).tolist()] if size < len(m) else m
+                for m, g, size in zip(members, gens, sizes)
+            ]
+            for step in range(steps):
+                rows = [r for order, size in zip(orders, sizes) for r in order[step * size : (step + 1) * size]]
+                mb = batch if len(rows) == batch.input_ids.shape[0] and rows == list(range(len(rows))) else _subset(batch, rows)
+                row_adapter = adapter_of[torch.tensor(rows, device=adapter_of.device)].to(device)
+                router.set(row_adapter, device)
+                per_token = answer_token_losses(model, mb)
+                per_adapter = _per_group_mean(per_token, row_adapter[mb.example], n)
+                per_adapter.sum().backward()
+                _clip_per_adapter(modules, recipe.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                present = set(row_adapter.tolist())
+                for j, loss in enumerate(per_adapter.detach().tolist()):
+                    if j in present:
+                        results[j].losses.append(loss)
+    finally:
+        model.eval()
+    with torch.no_grad():
+        router.set(adapter_of, device)
+        final = _per_group_mean(answer_token_losses(model, batch), adapter_of.to(device)[batch.example], n)
+    seconds = time.perf_counter() - start
+    for j, r in enumerate(results):
+        r.final_loss = float(final[j])
+        r.seconds = seconds / n
+    return results
+
+
+def _clip_per_adapter(modules: Sequence[MultiLoRALinear], max_norm: float) -> None:
+    grads = [p.grad for m in modules for p in (m.lora_A, m.lora_B) if p.grad is not None]
+    sq = torch.stack([g.flatten(1).pow(2).sum(dim=1) for g in grads]).sum(dim=0)  # [N]
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+
+
+@contextmanager
+def tuned_many(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pair_sets: Sequence[Sequence[tuple[str, str]]],
+    recipe: TuningRecipe,
+    *,
+    seeds: Sequence[int],
+) -> Iterator[tuple[nn.Module, AdapterRouter, list[TuningResult]]]:
+    """Tune one LoRA adapter per pair set, all together; yield (model, router, results).
+
+    Inside the context, ``router.set(rows)`` picks, for each row of the next batch, the
+    adapter (index into ``pair_sets``) it runs through. The base model is restored on exit.
+    """
+    if recipe.method != "lora":
+        raise ValueError("batched multi-adapter tuning is for LoRA; full fine-tuning runs one at a time")
+    device = next(model.parameters()).device
+    flat = [pair for pairs in pair_sets for pair in pairs]
+    adapter_of = torch.tensor([j for j, pairs in enumerate(pair_sets) for _ in pairs], dtype=torch.long)
+    batch = encode_pairs(tokenizer, flat).to(device)
+    with multi_lora(model, recipe, seeds) as (router, modules):
+        results = fit_many(model, modules, router, batch, adapter_of, recipe, seeds)
+        yield model, router, results

@@ -139,14 +139,16 @@ def evaluate(
     max_new_tokens: int = 48,
     arms: Sequence[str] = ARM_NAMES,
     demo_template: Template | None = None,
+    fast: bool = True,
     progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
 ) -> Cell:
     """Run the arms on ``draws`` and compare them: the unit of work of every experiment.
 
-    ``demo_template`` formats demonstrations that come from another task than the query.
+    ``demo_template`` formats demonstrations that come from another task than the query;
+    ``fast=False`` forces the straightforward path (for checking the fast engine).
     """
     torch.manual_seed(seed)
-    ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template)
+    ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template, fast=fast)
     outputs: dict[str, ArmOutput] = {}
     for arm in arms:
         advance = progress(arm, len(draws)) if progress else None
@@ -197,13 +199,15 @@ def run_comparison(
     sampler: str | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 48,
+    fast: bool = True,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> Comparison:
     """Run anchor, ICL and IT on ``resamples`` seeded (query, k demonstrations) draws.
 
     ``model`` is a name (see ``iclit models``) or an already loaded model; ``task`` a name
     (see ``iclit tasks``), a file path or a :class:`Task`. ``progress(arm, total)`` may return
-    a callback that is called with the number of resamples each arm finishes.
+    a callback that is called with the number of resamples each arm finishes. ``fast=False``
+    forces the straightforward path (full forward per prompt, one PEFT adapter at a time).
     """
     recipe = recipe or TuningRecipe()
     started = time.time()
@@ -215,7 +219,7 @@ def run_comparison(
     lm = model if isinstance(model, LoadedModel) else load_model(model)
 
     cell = evaluate(lm, t, draws, recipe=recipe, seed=seed, batch_size=batch_size,
-                    max_new_tokens=max_new_tokens, progress=progress)
+                    max_new_tokens=max_new_tokens, fast=fast, progress=progress)
     outputs, cosines, scores, trials = cell.outputs, cell.cosines, cell.scores, cell.trials
 
     summary = summarize_layers(cosines, seed=seed)
@@ -262,6 +266,7 @@ def run_comparison(
         "recipe": recipe.to_dict(),
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
+        "fast": fast,
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
         "n_layers": lm.n_layers,

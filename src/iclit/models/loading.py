@@ -121,6 +121,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     source: str
     arch: ArchSpec
+    memo: dict = field(default_factory=dict, repr=False)
+    """Per-model memo of results that depend only on the base model (e.g. anchor states)."""
 
     @property
     def device(self) -> torch.device:
