@@ -9,7 +9,7 @@ tuning on those k demonstrations (IT).
     >>> df = iclit.compare(model="gemma-3-270m", task="sentiment", k=4, resamples=30)
 """
 
-from iclit.experiments import Comparison, compare, run_comparison
+from iclit.experiments.compare import Comparison, compare, run_comparison
 from iclit.models import LoadedModel, load_model
 from iclit.tasks import Example, Task, Template, get_task
 from iclit.tuning import TuningRecipe

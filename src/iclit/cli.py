@@ -16,6 +16,11 @@ console = Console()
 err = Console(stderr=True)
 
 
+def _message(e: Exception) -> str:
+    """The text of an exception (a KeyError's str() adds quotes around it)."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
 def _fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
@@ -92,7 +97,7 @@ def compare(
                 instruction=not no_instruction, sampler=sampler, batch_size=batch_size, fast=not slow, progress=progress,
             )
         except (TaskDataError, ModelNotFoundError, ValueError, KeyError) as e:
-            _fail(str(e).strip("'\""))
+            _fail(_message(e))
     result.write(out)
     print_summary(result)
     console.print(f"wrote {out}/trials.jsonl, summary.csv, metrics.json, config.json, layers.png")
@@ -127,6 +132,131 @@ def print_summary(result) -> None:
         f"ICL–IT prediction agreement {m['icl_it_agreement']:.3f}; IT final training loss "
         f"mean {loss['mean']:.4f}, max {loss['max']:.4f}; {cfg['seconds']:.0f} s on {cfg['device']}"
     )
+
+
+
+# --- declarative experiments: iclit run / results / report ------------------------------------
+
+
+@app.command("run")
+def run_spec(
+    spec: Optional[Path] = typer.Argument(None, help="YAML experiment spec; omitted: the spec.yaml of --out (resume)"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory; running into the same directory resumes"),
+    backend: str = typer.Option("local", help="local, or ray to spread trials over a Ray cluster"),
+    address: Optional[str] = typer.Option(None, help="address of an existing Ray cluster (default: start a local one)"),
+    workers: Optional[int] = typer.Option(None, help="Ray actors (default: one per CPU of the cluster)"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads in this process (default: torch's)"),
+    max_chunks: Optional[int] = typer.Option(None, help="stop after this many chunks (to try a spec out)"),
+    check: bool = typer.Option(False, "--check", help="validate the spec and show the plan; run nothing"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar over trials"),
+) -> None:
+    """Run an experiment spec into a run directory (results.sqlite); skips finished trials."""
+    from iclit.experiments.plan import make_plan
+    from iclit.experiments.runner import SPEC_NAME, run_experiment
+    from iclit.experiments.spec import SpecError, load_spec
+
+    if backend not in ("local", "ray"):
+        _fail(f"--backend must be local or ray, not {backend!r}")
+    source = spec if spec is not None else out / SPEC_NAME
+    if spec is None and not source.exists():
+        _fail(f"no SPEC given and {source} does not exist: `iclit run SPEC.yaml --out {out}`")
+    try:
+        parsed = load_spec(source)
+    except SpecError as e:
+        n = len(e.problems)
+        err.print(f"[bold red]error:[/] {source}: {n} problem{'s' if n != 1 else ''} in the spec", highlight=False, soft_wrap=True)
+        for problem in e.problems:
+            err.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(2)
+    plan = make_plan(parsed)
+    factors = ", ".join(f"{k} ({len(v)})" for k, v in parsed.factors.items()) or "none"
+    console.print(f"{parsed.name}: {len(plan.cells)} cells × {len(parsed.seeds)} seed(s) × {parsed.resamples} resamples "
+                  f"= {plan.n_trials} trials in {len(plan.chunks)} chunks; factors: {factors}", highlight=False, soft_wrap=True)
+    if check:
+        return
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    summary = run_experiment(parsed, out, backend=backend, address=address, workers=workers,  # type: ignore[arg-type]
+                             progress=progress, max_chunks=max_chunks)
+    console.print(str(summary), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def results(
+    run: Path = typer.Argument(..., help="run directory"),
+    format: str = typer.Option("table", "--format", "-f", help="table, csv or parquet"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="file to write (csv: default stdout)"),
+    outputs: bool = typer.Option(False, "--outputs", help="one row per trial (predictions, scores, …) instead of per trial × layer × pair"),
+    summary: bool = typer.Option(False, "--summary", help="per cell × pair: last-layer and mean-over-layers cosine"),
+    all_trials: bool = typer.Option(False, "--all", help="every stored trial, not only those of the last spec run here"),
+    limit: int = typer.Option(30, help="rows shown by --format table"),
+) -> None:
+    """Print or export the results of a run as a tidy table."""
+    from iclit.experiments.store import open_store
+
+    if format not in ("table", "csv", "parquet"):
+        _fail(f"--format must be table, csv or parquet, not {format!r}")
+    if format == "parquet" and out is None:
+        _fail("--format parquet needs --out FILE")
+    try:
+        store = open_store(run)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    with store:
+        last = store.latest_run()
+        plan = None if all_trials or last is None else last["plan"]
+        df = store.outputs(plan) if outputs else store.frame(plan)
+    if summary and not df.empty and not outputs:
+        from iclit.experiments.spec import FACTORS
+
+        keys = [c for c in ("task", *FACTORS) if c in df.columns]
+        per_trial = df.groupby([*keys, "trial_key", "pair"], sort=False).agg(
+            last_layer=("cosine", "last"), mean_over_layers=("cosine", "mean")).reset_index()
+        df = per_trial.groupby([*keys, "pair"], sort=False).agg(
+            trials=("trial_key", "nunique"), last_layer=("last_layer", "mean"),
+            mean_over_layers=("mean_over_layers", "mean")).reset_index()
+    if format == "csv":
+        if out is None:
+            df.to_csv(typer.get_text_stream("stdout"), index=False)
+        else:
+            df.to_csv(out, index=False)
+            console.print(f"wrote {len(df)} rows to {out}")
+        return
+    if format == "parquet":
+        df.to_parquet(out, index=False)
+        console.print(f"wrote {len(df)} rows to {out}")
+        return
+    if out is not None:
+        _fail("--out needs --format csv or parquet")
+    if df.empty:
+        console.print("no trials stored yet")
+        return
+    show = df.drop(columns=[c for c in ("trial_key", "cell_key") if c in df.columns])
+    constant = [c for c in show.columns if show[c].nunique(dropna=False) == 1 and c not in ("pair", "layer")]
+    table = Table(*[c for c in show.columns if c not in constant], title=(
+        "fixed: " + ", ".join(f"{c}={show[c].iloc[0]}" for c in constant)) if constant else None)
+    for row in show.drop(columns=constant).head(limit).itertuples(index=False):
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+    if len(df) > limit:
+        console.print(f"{limit} of {len(df)} rows; all of them: --format csv or parquet", highlight=False)
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="run directory"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default RUN/report.html)"),
+) -> None:
+    """Write one self-contained HTML report of a run: figures per factor, accuracy, spec, versions."""
+    from iclit.report.html import write_report
+
+    try:
+        path = write_report(run, out)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -62,16 +62,32 @@ class Comparison:
             t = Path(tmp)
             with open(t / "trials.jsonl", "w", encoding="utf-8") as f:
                 for trial in self.trials:
-                    f.write(json.dumps(trial, ensure_ascii=False) + "\n")
+                    f.write(to_json(trial) + "\n")
             self.summary.to_csv(t / "summary.csv", index=False)
-            (t / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
-            (t / "config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False))
+            (t / "metrics.json").write_text(to_json(self.metrics, indent=2))
+            (t / "config.json").write_text(to_json(self.config, indent=2))
             cfg = self.config
             title = f"{cfg['model']} · {cfg['task']} · k={cfg['k']} · {cfg['resamples']} resamples"
             plot_layers(self.summary, t / "layers.png", title=title)
             for name in ("trials.jsonl", "summary.csv", "metrics.json", "config.json", "layers.png"):
                 os.replace(t / name, out / name)
         return out
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities → None, recursively, so the JSON is strict (jq, JavaScript)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """Strict JSON (NaN written as null), UTF-8 text kept as is."""
+    return json.dumps(_finite(value), indent=indent, ensure_ascii=False, allow_nan=False)
 
 
 def versions() -> dict[str, str]:

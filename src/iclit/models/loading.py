@@ -245,7 +245,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ModelNotFoundError(
             f"could not load model {name!r} from {source}: {err}. Embedded models: "
             f"{sorted(EMBEDDED)}; otherwise give a local directory, a .gguf file or a hub id "

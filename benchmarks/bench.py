@@ -1,0 +1,212 @@
+"""Side-by-side benchmark: the straightforward way vs iclit's engine, on the same work.
+
+    python benchmarks/bench.py [--model gemma-3-270m] [--icl-k 8] [--queries 64]
+                               [--adapters 16] [--it-k 4] [--epochs 15] [--e2e]
+
+One process, one model. For each comparison it times the straightforward way and iclit's
+fast path on identical inputs, records peak memory during each (resident set size on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA), checks that the results agree, prints a table
+and one machine-readable line per comparison:
+
+    RATIO name=<comparison> value=<speedup> agree=<true|false>
+
+* ``icl_capture``: k demonstrations + query, one demonstration set, many queries.
+  Straightforward: one transformers forward per ICL prompt with ``output_hidden_states``
+  (full-vocabulary logits included), last token taken. iclit: the demonstrations' KV cache
+  once, queries batched on top, hooks keep only last-token rows, no LM head.
+  Agree: cosine >= 0.99999 at every layer for every query.
+* ``it_tuning``: N LoRA adapters (q/v, PEFT defaults r=8) of k demonstrations each, then the
+  IT state of one query per adapter. Straightforward: PEFT ``get_peft_model`` + training
+  with transformers' ``labels=`` loss, one adapter after another, then a forward with
+  ``output_hidden_states``. iclit: all N adapters in one batched forward/backward (stacked
+  A/B, per-adapter clipping), loss from answer positions only, batched routed capture.
+  Agree: every adapter's final loss within 1e-3 (relative or absolute) and IT-state cosine
+  >= 0.9999 at every layer.
+* ``--e2e``: ``iclit compare --task sentiment --k 4 --resamples 30`` in a subprocess, model
+  already cached: wall time and peak RSS (targets: < 180 s, < 4 GB on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from iclit.capture import capture, reference_last_states
+from iclit.models import load_model
+from iclit.tasks import get_task
+from iclit.tuning import TuningRecipe, encode_pairs, fit, lora_config, tuned_many
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Measure:
+    seconds: float = 0.0
+    peak_bytes: int = 0
+
+
+@contextmanager
+def measure(device: torch.device):
+    """Wall time and peak memory (RSS sampled every 5 ms on CPU; CUDA allocator peak)."""
+    m = Measure()
+    stop = threading.Event()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        m.peak_bytes = rss_bytes()
+
+        def poll():
+            while not stop.is_set():
+                m.peak_bytes = max(m.peak_bytes, rss_bytes())
+                time.sleep(0.005)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+    start = time.perf_counter()
+    try:
+        yield m
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            m.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            stop.set()
+            thread.join()
+        m.seconds = time.perf_counter() - start
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def bench_icl(lm, task, k: int, queries: int, batch_size: int):
+    ex = task.examples
+    demos, qs = ex[:k], ex[k : k + queries]
+    prompts = [task.template.icl_prompt(demos, q) for q in qs]
+    prefixes = [task.template.icl_prefix(demos)] * len(prompts)
+    tok, model, device = lm.tokenizer, lm.model, lm.device
+    n_tokens = sum(len(tok(p)["input_ids"]) for p in prompts)
+    with measure(device) as ref:
+        ref_states = []
+        for p in prompts:
+            enc = tok(p, return_tensors="pt").to(device)
+            ref_states.append(reference_last_states(model, enc["input_ids"], enc["attention_mask"])[0].float().cpu())
+        ref_states = torch.stack(ref_states)
+    with measure(device) as fast:
+        states = capture(model, tok, prompts, prefixes=prefixes, batch_size=batch_size).states
+    cos = torch.nn.functional.cosine_similarity(ref_states.double(), states.double(), dim=-1)
+    agree = bool(cos.min() >= 0.99999)
+    detail = f"min cosine {cos.min().item():.7f} over {cos.numel()} (query, layer) pairs"
+    return ref, fast, agree, detail, n_tokens
+
+
+def bench_it(lm, task, n_adapters: int, k: int, epochs: int, batch_size: int):
+    from peft import get_peft_model
+
+    tok, model, device = lm.tokenizer, lm.model, lm.device
+    ex = task.examples
+    recipe = TuningRecipe(epochs=epochs)
+    sets = [[task.template.training_pair(e) for e in ex[j * k : (j + 1) * k]] for j in range(n_adapters)]
+    queries = [task.template.query(ex[n_adapters * k + j].input) for j in range(n_adapters)]
+    seeds = list(range(1000, 1000 + n_adapters))
+    n_tokens = epochs * sum(encode_pairs(tok, pairs).attention_mask.sum().item() for pairs in sets)
+
+    with measure(device) as ref:
+        ref_loss, ref_states = [], []
+        for pairs, seed, q in zip(sets, seeds, queries):
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(model, lora_config(recipe))
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            result = fit(peft_model, params, encode_pairs(tok, pairs).to(device), recipe, seed, reference=True)
+            enc = tok(q, return_tensors="pt").to(device)
+            ref_states.append(reference_last_states(peft_model, enc["input_ids"], enc["attention_mask"])[0].float().cpu())
+            ref_loss.append(result.final_loss)
+            peft_model.unload()
+            vars(model).pop("peft_config", None)
+            model.requires_grad_(False)
+        ref_states = torch.stack(ref_states)
+    with measure(device) as fast:
+        with tuned_many(model, tok, sets, recipe, seeds=seeds) as (m, router, results):
+            states = capture(m, tok, queries, batch_size=batch_size, before_batch=lambda rows: router.set(rows, device)).states
+    losses = [r.final_loss for r in results]
+    loss_ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(ref_loss, losses))
+    cos = torch.nn.functional.cosine_similarity(ref_states.double(), states.double(), dim=-1)
+    agree = bool(loss_ok and cos.min() >= 0.9999)
+    detail = (
+        f"min IT-state cosine {cos.min().item():.7f}; final losses ref "
+        f"{max(ref_loss):.2e} max / iclit {max(losses):.2e} max; max |diff| "
+        f"{max(abs(a - b) for a, b in zip(ref_loss, losses)):.1e}"
+    )
+    return ref, fast, agree, detail, n_tokens
+
+
+def bench_e2e(model: str, resamples: int) -> tuple[float, int, str]:
+    out = Path("runs/bench-e2e")
+    cmd = [sys.executable, "-m", "iclit.cli", "compare", "--model", model, "--task", "sentiment", "--k", "4",
+           "--resamples", str(resamples), "--seed", "0", "--out", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    if proc.returncode != 0:
+        raise SystemExit(f"e2e compare failed:\n{proc.stderr[-3000:]}")
+    return seconds, peak, " ".join(cmd[2:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--icl-k", type=int, default=8)
+    ap.add_argument("--queries", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=16)
+    ap.add_argument("--it-k", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=TuningRecipe.epochs)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["icl", "it"])
+    ap.add_argument("--e2e", action="store_true", help="also time `iclit compare --k 4 --resamples 30`")
+    ap.add_argument("--resamples", type=int, default=30)
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    task = get_task("sentiment")
+    print(f"model {args.model} on {lm.device} ({str(lm.dtype).replace('torch.', '')}), torch threads {torch.get_num_threads()}")
+    rows = []
+    if "icl" not in args.skip:
+        rows.append(("icl_capture", f"k={args.icl_k}, {args.queries} queries", *bench_icl(lm, task, args.icl_k, args.queries, args.batch_size)))
+    if "it" not in args.skip:
+        rows.append(("it_tuning", f"{args.adapters} adapters, k={args.it_k}, {args.epochs} epochs",
+                     *bench_it(lm, task, args.adapters, args.it_k, args.epochs, args.batch_size)))
+    print()
+    print(f"{'comparison':<12} {'work':<32} {'straightforward':>16} {'iclit':>9} {'speedup':>8} {'peak mem (ref / iclit)':>26}  agree")
+    for name, work, ref, fast, agree, detail, n_tokens in rows:
+        print(f"{name:<12} {work:<32} {ref.seconds:>15.1f}s {fast.seconds:>8.1f}s {ref.seconds / fast.seconds:>7.1f}x "
+              f"{gib(ref.peak_bytes) + ' / ' + gib(fast.peak_bytes):>26}  {agree}")
+        print(f"{'':<12} {detail}; {n_tokens} input tokens; "
+              f"{n_tokens / ref.seconds:.0f} vs {n_tokens / fast.seconds:.0f} tokens/s")
+    for name, work, ref, fast, agree, detail, n_tokens in rows:
+        print(f"RATIO name={name} value={ref.seconds / fast.seconds:.2f} agree={str(agree).lower()}")
+    if args.e2e:
+        seconds, peak, cmd = bench_e2e(args.model, args.resamples)
+        print(f"\ne2e: `{cmd}`: {seconds:.1f} s wall, peak RSS {gib(peak)} "
+              f"(targets < 180 s, < 4 GiB)")
+
+
+if __name__ == "__main__":
+    main()
