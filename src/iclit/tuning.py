@@ -149,16 +149,38 @@ def reference_answer_loss(model: nn.Module, batch: AnswerBatch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
 
 
-def _subset(batch: AnswerBatch, rows: list[int]) -> AnswerBatch:
-    keep = torch.isin(batch.example, torch.tensor(rows, device=batch.example.device))
+def _subset(batch: AnswerBatch, rows: Sequence[int]) -> AnswerBatch:
+    """The sequences ``rows`` of a batch (in that order), cropped to their longest length."""
+    rows = list(rows)
+    dev = batch.example.device
+    index = torch.tensor(rows, dtype=torch.long, device=dev)
     width = batch.input_ids.shape[1]
-    remap = {r: j for j, r in enumerate(rows)}
-    ex = batch.example[keep]
-    new_ex = torch.tensor([remap[int(e)] for e in ex], dtype=torch.long, device=ex.device)
+    new_width = int(batch.attention_mask[index].sum(dim=1).max())
+    remap = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long, device=dev)
+    remap[index] = torch.arange(len(rows), device=dev)
+    keep = remap[batch.example] >= 0
+    new_ex = remap[batch.example[keep]]
     pos = batch.predict_at[keep] % width
     return AnswerBatch(
-        batch.input_ids[rows], batch.attention_mask[rows], new_ex * width + pos, batch.targets[keep], new_ex
+        batch.input_ids[index, :new_width],
+        batch.attention_mask[index, :new_width],
+        new_ex * new_width + pos,
+        batch.targets[keep],
+        new_ex,
     )
+
+
+def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Split rows into micro-batches of similar length whose padded size (rows × longest)
+    stays within ``max_tokens`` (at least one row each): bounded memory, little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def fit(
@@ -363,13 +385,6 @@ def multi_lora(model: nn.Module, recipe: TuningRecipe, seeds: Sequence[int]) -> 
             model.set_submodule(name, base)
 
 
-def _per_group_mean(values: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean of ``values`` [m] within each of n groups (given by ``group`` [m]) → [n]."""
-    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, group, values)
-    counts = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, group, torch.ones_like(values))
-    return sums / counts.clamp(min=1)
-
-
 def fit_many(
     model: nn.Module,
     modules: Sequence[MultiLoRALinear],
@@ -378,18 +393,25 @@ def fit_many(
     adapter_of: torch.Tensor,
     recipe: TuningRecipe,
     seeds: Sequence[int],
+    *,
+    max_tokens: int = 2048,
 ) -> list[TuningResult]:
     """Train N adapters at once; adapter j sees only the sequences with ``adapter_of == j``.
 
     The objective is the sum over adapters of each adapter's mean answer-token loss, so each
-    adapter gets exactly the gradient it would get alone. Gradient clipping is per adapter
-    (the norm over that adapter's slices of every A and B, as ``clip_grad_norm_`` would
-    compute for it alone). AdamW is element-wise, so one optimiser over the stacked tensors
-    keeps independent per-adapter state. Minibatches (``recipe.batch_size``) are drawn per
-    adapter from its own seeded generator, as :func:`fit` does.
+    adapter gets exactly the gradient it would get alone. Each optimiser step's sequences are
+    run in length-sorted micro-batches of at most ``max_tokens`` padded tokens whose gradients
+    accumulate (memory stays bounded however many adapters train, and little compute goes to
+    padding). Gradient clipping is per adapter (the norm over that adapter's slices of every A
+    and B, as ``clip_grad_norm_`` would compute for it alone). AdamW is element-wise, so one
+    optimiser over the stacked tensors keeps independent per-adapter state. Minibatches
+    (``recipe.batch_size``) are drawn per adapter from its own seeded generator, as
+    :func:`fit` does.
     """
     start = time.perf_counter()
     n = len(seeds)
+    device = batch.input_ids.device
+    adapter_of = adapter_of.to(device)
     params = [p for m in modules for p in (m.lora_A, m.lora_B)]
     opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     members = [torch.nonzero(adapter_of == j).flatten().tolist() for j in range(n)]
@@ -397,7 +419,26 @@ def fit_many(
     results = [TuningResult() for _ in range(n)]
     sizes = [recipe.batch_size or len(m) for m in members]
     steps = max(math.ceil(len(m) / s) for m, s in zip(members, sizes))
-    device = batch.input_ids.device
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+
+    def run_step(rows: list[int], train: bool) -> torch.Tensor:
+        """Mean answer loss per adapter over ``rows`` ([n]); with ``train``, gradients too."""
+        in_rows = torch.isin(batch.example, torch.tensor(rows, device=device))
+        counts = torch.bincount(adapter_of[batch.example[in_rows]], minlength=n).clamp(min=1).to(torch.float32)
+        total = torch.zeros(n, device=device)
+        for part in micro_batches([lengths[r] for r in rows], max_tokens):
+            mb_rows = [rows[i] for i in part]
+            mb = _subset(batch, mb_rows)
+            router.set(adapter_of[mb_rows], device)
+            with torch.set_grad_enabled(train):
+                per_token = answer_token_losses(model, mb)
+                mb_adapter = adapter_of[mb_rows][mb.example]
+                contrib = torch.zeros(n, device=device).index_add(0, mb_adapter, per_token) / counts
+                if train:
+                    contrib.sum().backward()
+            total += contrib.detach()
+        return total
+
     model.train()
     try:
         for _ in range(recipe.epochs):
@@ -407,24 +448,17 @@ def fit_many(
             ]
             for step in range(steps):
                 rows = [r for order, size in zip(orders, sizes) for r in order[step * size : (step + 1) * size]]
-                mb = batch if len(rows) == batch.input_ids.shape[0] and rows == list(range(len(rows))) else _subset(batch, rows)
-                row_adapter = adapter_of[torch.tensor(rows, device=adapter_of.device)].to(device)
-                router.set(row_adapter, device)
-                per_token = answer_token_losses(model, mb)
-                per_adapter = _per_group_mean(per_token, row_adapter[mb.example], n)
-                per_adapter.sum().backward()
+                per_adapter = run_step(rows, train=True)
                 _clip_per_adapter(modules, recipe.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                present = set(row_adapter.tolist())
-                for j, loss in enumerate(per_adapter.detach().tolist()):
+                present = set(adapter_of[rows].tolist())
+                for j, loss in enumerate(per_adapter.tolist()):
                     if j in present:
                         results[j].losses.append(loss)
     finally:
         model.eval()
-    with torch.no_grad():
-        router.set(adapter_of, device)
-        final = _per_group_mean(answer_token_losses(model, batch), adapter_of.to(device)[batch.example], n)
+    final = run_step(list(range(len(lengths))), train=False)
     seconds = time.perf_counter() - start
     for j, r in enumerate(results):
         r.final_loss = float(final[j])
@@ -448,11 +482,13 @@ def tuned_many(
     recipe: TuningRecipe,
     *,
     seeds: Sequence[int],
+    max_tokens: int = 2048,
 ) -> Iterator[tuple[nn.Module, AdapterRouter, list[TuningResult]]]:
     """Tune one LoRA adapter per pair set, all together; yield (model, router, results).
 
     Inside the context, ``router.set(rows)`` picks, for each row of the next batch, the
     adapter (index into ``pair_sets``) it runs through. The base model is restored on exit.
+    ``max_tokens`` bounds the padded tokens of one micro-batch (memory), see :func:`fit_many`.
     """
     if recipe.method != "lora":
         raise ValueError("batched multi-adapter tuning is for LoRA; full fine-tuning runs one at a time")
@@ -461,5 +497,5 @@ def tuned_many(
     adapter_of = torch.tensor([j for j, pairs in enumerate(pair_sets) for _ in pairs], dtype=torch.long)
     batch = encode_pairs(tokenizer, flat).to(device)
     with multi_lora(model, recipe, seeds) as (router, modules):
-        results = fit_many(model, modules, router, batch, adapter_of, recipe, seeds)
+        results = fit_many(model, modules, router, batch, adapter_of, recipe, seeds, max_tokens=max_tokens)
         yield model, router, results
