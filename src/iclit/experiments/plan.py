@@ -1,0 +1,257 @@
+"""From a spec to trials: cells (one combination of factor values), trials and chunks.
+
+A **trial** is one resample of one cell under one seed. Its key is the sha256 of the
+canonical JSON of everything that determines it (:meth:`PlannedCell.settings` plus the seed
+and the resample index): the model name, the task and a hash of its data, the query
+template (instruction included), the demonstrations' task and template, k, how the
+demonstrations are chosen (sampler or similarity mode), the wrong-label fraction, the IT
+recipe, the arms, the batch settings and the chunking. A finished trial is never recomputed.
+
+Trials run in **chunks**: resample indices ``[0, c)``, ``[c, 2c)``, … of a (cell, seed), with
+``c = spec.chunk_size``. The chunks are fixed by the spec (not by what is already done), so
+a resumed run feeds the model exactly the batches an uninterrupted one would, and computes
+the same numbers. Draws depend only on (cell, seed, resample index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+from iclit.experiments.spec import FACTORS, ExperimentSpec, factor_label
+from iclit.tasks import Resample, Sampler, Task, Template, draw_resamples, get_sampler, get_task
+from iclit.tasks.samplers import MostSimilarSampler, LeastSimilarSampler, WrongLabelSampler, default_sampler_name
+from iclit.tuning import TuningRecipe
+
+__all__ = ["KEY_VERSION", "PlannedCell", "Chunk", "Plan", "make_plan", "trial_key", "canonical_json", "task_digest"]
+
+KEY_VERSION = 1
+"""Bumped when what a trial computes changes meaning; part of every key."""
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode("ascii")).hexdigest()
+
+
+_DIGESTS: dict[int, tuple[Task, str]] = {}
+
+
+def task_digest(task: Task) -> str:
+    """A hash of a task's data (ids, inputs, outputs, labels): changed data, changed keys."""
+    hit = _DIGESTS.get(id(task))
+    if hit is not None and hit[0] is task:
+        return hit[1]
+    digest = _sha([task.kind, list(task.labels or ()), [[e.id, e.input, e.output] for e in task.examples]])[:32]
+    _DIGESTS[id(task)] = (task, digest)
+    return digest
+
+
+def trial_key(settings: dict[str, Any], seed: int, resample: int) -> str:
+    """The trial's key: sha256 of the canonical JSON of its cell settings, seed and resample."""
+    return _sha({**settings, "seed": int(seed), "resample": int(resample)})
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """One combination of factor values, resolved to what the run needs.
+
+    labels: the value of every factor (as shown and stored: ``demo_task`` "same", recipe
+    names); task: the query task with its template (instruction applied); demo_task: the
+    task the demonstrations come from (None: the query task); demo_template: their template
+    when they come from another task.
+    """
+
+    labels: dict[str, Any]
+    model: str
+    task: Task
+    demo_task: Task | None
+    demo_template: Template | None
+    k: int
+    similarity: str
+    wrong_labels: float
+    sampler: str
+    recipe_label: str
+    recipe: TuningRecipe
+    settings: dict[str, Any] = field(repr=False)
+    key: str = ""
+
+    def chooser(self) -> Sampler:
+        """The sampler that draws this cell's demonstrations."""
+        if self.similarity == "most":
+            base: Sampler = MostSimilarSampler()
+        elif self.similarity == "least":
+            base = LeastSimilarSampler()
+        else:
+            base = get_sampler(self.sampler)
+        if self.wrong_labels > 0:
+            source = self.demo_task or self.task
+            labels = source.labels if source.kind == "classification" else None
+            return WrongLabelSampler(base, self.wrong_labels, labels)
+        return base
+
+    def draws(self, seed: int, indices: Sequence[int]) -> list[Resample]:
+        """The resamples ``indices`` of this cell under ``seed`` (the same whatever else is drawn)."""
+        if not indices:
+            return []
+        if self.similarity != "random":
+            from iclit.tasks.embed import embed_examples
+
+            embed_examples(self.task.examples)  # one batch, cached on disk
+            if self.demo_task is not None:
+                embed_examples(self.demo_task.examples)
+        every = draw_resamples(self.task, self.k, max(indices) + 1, seed, self.chooser(), demo_task=self.demo_task)
+        return [every[i] for i in indices]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Resamples ``resamples`` of ``cell`` under ``seed``: computed and stored together."""
+
+    cell: PlannedCell
+    seed: int
+    number: int
+    resamples: tuple[int, ...]
+    keys: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.resamples)
+
+
+@dataclass
+class Plan:
+    """The cells of a spec and their chunks, in run order (grouped by model)."""
+
+    spec: ExperimentSpec
+    cells: list[PlannedCell]
+    chunks: list[Chunk]
+
+    @property
+    def n_trials(self) -> int:
+        return sum(c.size for c in self.chunks)
+
+    def trial_keys(self) -> list[str]:
+        return [k for c in self.chunks for k in c.keys]
+
+    @property
+    def factor_names(self) -> list[str]:
+        """The factors the spec varies, in spec order."""
+        return list(self.spec.factors)
+
+    def describe(self) -> dict[str, Any]:
+        """What the store keeps about the plan (the report reads it back)."""
+        spec = self.spec
+        return {
+            "factors": {n: [factor_label(n, v) if n != "recipe" else spec.resolve_recipe(v)[0] for v in vs]
+                        for n, vs in spec.factors.items()},
+            "base": {n: _label(spec, n, spec.base_value(n)) for n in FACTORS},
+            "design": spec.design,
+            "seeds": list(spec.seeds),
+            "resamples": spec.resamples,
+            "cells": [{"key": c.key, "labels": c.labels} for c in self.cells],
+            "n_trials": self.n_trials,
+        }
+
+
+def _label(spec: ExperimentSpec, name: str, value: Any) -> Any:
+    if name == "recipe":
+        return spec.resolve_recipe(value)[0]
+    return factor_label(name, value)
+
+
+def _combinations(spec: ExperimentSpec) -> Iterator[dict[str, Any]]:
+    base = {n: spec.base_value(n) for n in FACTORS}
+    if spec.design == "grid" or not spec.factors:
+        names = list(spec.factors)
+        for values in itertools.product(*(spec.factors[n] for n in names)):
+            yield {**base, **dict(zip(names, values))}
+    else:  # separate: one factor at a time, the others at their base values
+        for name, values in spec.factors.items():
+            for v in values:
+                yield {**base, name: v}
+
+
+def _resolve_task(name: str, template: str, instruction: bool) -> Task:
+    from iclit.experiments.compare import resolve_task
+
+    return resolve_task(name, template, instruction)
+
+
+def _cell(spec: ExperimentSpec, values: dict[str, Any]) -> PlannedCell:
+    task = _resolve_task(spec.task, values["template"], values["instruction"])
+    demo_task = demo_template = None
+    if values["demo_task"] is not None and values["demo_task"] != spec.task:
+        demo_task = get_task(values["demo_task"])
+        demo_template = demo_task.template
+        if not values["instruction"]:
+            demo_template = demo_template.replace(instruction=None)
+    source = demo_task or task
+    sampler = spec.sampler or default_sampler_name(source)
+    recipe_label, recipe = spec.resolve_recipe(values["recipe"])
+    similarity = values["similarity"]
+    selection = {"most": "most-similar", "least": "least-similar"}.get(similarity, sampler)
+    settings: dict[str, Any] = {
+        "version": KEY_VERSION,
+        "model": values["model"],
+        "device": spec.device,
+        "dtype": spec.dtype,
+        "task": {"name": task.name, "kind": task.kind, "data": task_digest(task)},
+        "template": asdict(task.template),
+        "demos": None if demo_task is None else {
+            "task": demo_task.name, "kind": demo_task.kind, "data": task_digest(demo_task),
+            "template": asdict(demo_template),
+        },
+        "k": int(values["k"]),
+        "selection": selection,
+        "embedding": None if similarity == "random" else _embedding_name(),
+        "wrong_labels": float(values["wrong_labels"]),
+        "recipe": recipe.to_dict(),
+        "arms": list(spec.arms),
+        "batch_size": spec.batch_size,
+        "max_new_tokens": spec.max_new_tokens,
+        "chunk_size": spec.chunk_size,
+        "fast": spec.fast,
+    }
+    labels = {n: _label(spec, n, values[n]) for n in FACTORS}
+    labels["task"] = spec.task
+    return PlannedCell(
+        labels=labels, model=values["model"], task=task, demo_task=demo_task, demo_template=demo_template,
+        k=int(values["k"]), similarity=similarity, wrong_labels=float(values["wrong_labels"]), sampler=sampler,
+        recipe_label=recipe_label, recipe=recipe, settings=settings, key=_sha(settings),
+    )
+
+
+def _embedding_name() -> str:
+    from iclit.tasks.embed import EMBEDDING_MODEL
+
+    return EMBEDDING_MODEL
+
+
+def make_plan(spec: ExperimentSpec) -> Plan:
+    """Cells (duplicates merged: a cell shared by two factors of a ``separate`` design runs
+    once) and their chunks, grouped by model so each model is needed in one stretch."""
+    cells: list[PlannedCell] = []
+    seen: set[str] = set()
+    for values in _combinations(spec):
+        cell = _cell(spec, values)
+        if cell.key not in seen:
+            seen.add(cell.key)
+            cells.append(cell)
+    models = list(dict.fromkeys(c.model for c in cells))
+    chunks: list[Chunk] = []
+    size = spec.chunk_size
+    for model in models:
+        for cell in (c for c in cells if c.model == model):
+            for seed in spec.seeds:
+                for number, start in enumerate(range(0, spec.resamples, size)):
+                    idx = tuple(range(start, min(start + size, spec.resamples)))
+                    keys = tuple(trial_key(cell.settings, seed, i) for i in idx)
+                    chunks.append(Chunk(cell, seed, number, idx, keys))
+    return Plan(spec, cells, chunks)

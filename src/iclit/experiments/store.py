@@ -1,0 +1,318 @@
+"""The results store: one embedded SQLite database (WAL) per run directory.
+
+Tables::
+
+    cells    cell_key PK, labels (factor values, JSON), settings (what the key hashes, JSON)
+    trials   trial_key PK, cell_key, seed, resample, query_id, n_layers, demo_similarity,
+             n_wrong, scores (per arm, JSON), outputs (predictions, prompts, losses…, JSON),
+             seconds, run_id, written
+    cosines  (trial_key, pair, layer) PK → cosine: one row per trial × layer × pair
+    runs     one row per `iclit run` invocation: spec (YAML), plan (JSON), versions, backend
+    meta     schema version
+
+Safety: every chunk of trials is written in one ``BEGIN IMMEDIATE`` transaction with
+``INSERT OR IGNORE`` on the trial key, so a process killed at any point leaves whole chunks
+or nothing, and two writers never store a trial twice. WAL lets readers (``iclit results``,
+a progress poller) read while a run writes; ``busy_timeout`` makes writers wait their turn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import pandas as pd
+
+__all__ = ["SCHEMA_VERSION", "DB_NAME", "Store", "TrialRecord", "open_store"]
+
+SCHEMA_VERSION = 1
+DB_NAME = "results.sqlite"
+
+TrialRecord = dict[str, Any]
+"""What a worker returns per trial: trial_key, cell_key, seed, resample, query_id,
+cosines ({pair: [L+1 floats]}), scores ({arm: float}), outputs (JSON-ready dict),
+demo_similarity (float or None), n_wrong (int), seconds (float)."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started TEXT NOT NULL, finished TEXT, backend TEXT, host TEXT, pid INTEGER,
+    spec_yaml TEXT NOT NULL, plan_json TEXT NOT NULL, versions_json TEXT,
+    planned INTEGER, computed INTEGER
+);
+CREATE TABLE IF NOT EXISTS cells (
+    cell_key TEXT PRIMARY KEY, labels_json TEXT NOT NULL, settings_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trials (
+    trial_key TEXT PRIMARY KEY,
+    cell_key TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    resample INTEGER NOT NULL,
+    query_id TEXT,
+    n_layers INTEGER NOT NULL,
+    demo_similarity REAL,
+    n_wrong INTEGER,
+    scores_json TEXT NOT NULL,
+    outputs_json TEXT NOT NULL,
+    seconds REAL,
+    run_id INTEGER,
+    written TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS trials_cell ON trials (cell_key, seed, resample);
+CREATE TABLE IF NOT EXISTS cosines (
+    trial_key TEXT NOT NULL,
+    pair TEXT NOT NULL,
+    layer INTEGER NOT NULL,
+    cosine REAL NOT NULL,
+    PRIMARY KEY (trial_key, pair, layer)
+) WITHOUT ROWID;
+"""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Store:
+    """A results database. One instance per thread (SQLite connections are not shared).
+
+    >>> store = Store("runs/smoke")            # a run directory or a .sqlite path
+    >>> store.frame()                          # tidy: trial × layer × pair, with factor columns
+    """
+
+    def __init__(self, path: str | Path, *, timeout: float = 120.0, create: bool = True) -> None:
+        path = Path(path)
+        if path.suffix not in (".sqlite", ".db"):
+            path = path / DB_NAME
+        if not create and not path.exists():
+            raise FileNotFoundError(f"{path}: no results store here (run `iclit run SPEC --out DIR` first)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None, check_same_thread=False)
+        self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        self._retry(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
+        self.conn.execute("PRAGMA synchronous = NORMAL")  # durable against a killed process
+        with self.transaction() as c:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    c.execute(statement)
+            c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        version = int(self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        if version != SCHEMA_VERSION:
+            raise RuntimeError(f"{path}: store schema version {version}, this iclit reads version {SCHEMA_VERSION}")
+
+    @staticmethod
+    def _retry(fn, attempts: int = 50):
+        for i in range(attempts):
+            try:
+                return fn()
+            except sqlite3.OperationalError as e:  # "database is locked" outside the busy handler
+                if "locked" not in str(e) or i == attempts - 1:
+                    raise
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any error): all or nothing."""
+        self._retry(lambda: self.conn.execute("BEGIN IMMEDIATE"))
+        cursor = _Cursor(self.conn)
+        try:
+            yield cursor
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    # --- runs -----------------------------------------------------------------------------
+
+    def begin_run(self, spec_yaml: str, plan: Mapping[str, Any], cells: Iterable[tuple[str, dict, dict]],
+                  *, backend: str, versions: Mapping[str, str]) -> int:
+        """Record an invocation and the plan's cells; returns the run id."""
+        with self.transaction() as c:
+            c.executemany(
+                # the labels are how the latest spec names the cell's factor values (e.g. a recipe's name)
+                "INSERT INTO cells (cell_key, labels_json, settings_json) VALUES (?, ?, ?) "
+                "ON CONFLICT (cell_key) DO UPDATE SET labels_json = excluded.labels_json",
+                [(key, json.dumps(labels, sort_keys=True), json.dumps(settings, sort_keys=True)) for key, labels, settings in cells],
+            )
+            cur = c.execute(
+                "INSERT INTO runs (started, backend, host, pid, spec_yaml, plan_json, versions_json, planned) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (_now(), backend, socket.gethostname(), os.getpid(), spec_yaml, json.dumps(plan), json.dumps(dict(versions)),
+                 int(plan.get("n_trials", 0))),
+            )
+            return int(cur.lastrowid)
+
+    def finish_run(self, run_id: int, computed: int) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE runs SET finished = ?, computed = ? WHERE id = ?", (_now(), computed, run_id))
+
+    def latest_run(self) -> dict[str, Any] | None:
+        """The last invocation: spec_yaml, plan (dict), versions (dict), started, finished, …"""
+        row = self.conn.execute(
+            "SELECT id, started, finished, backend, host, spec_yaml, plan_json, versions_json, planned, computed "
+            "FROM runs ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        keys = ("id", "started", "finished", "backend", "host", "spec_yaml", "plan", "versions", "planned", "computed")
+        out = dict(zip(keys, row))
+        out["plan"] = json.loads(out["plan"])
+        out["versions"] = json.loads(out["versions"] or "{}")
+        return out
+
+    # --- trials ---------------------------------------------------------------------------
+
+    def done_keys(self) -> set[str]:
+        """Keys of every stored trial."""
+        return {r[0] for r in self.conn.execute("SELECT trial_key FROM trials")}
+
+    def has_all(self, keys: Iterable[str]) -> bool:
+        keys = list(keys)
+        if not keys:
+            return True
+        q = f"SELECT COUNT(*) FROM trials WHERE trial_key IN ({','.join('?' * len(keys))})"
+        return int(self.conn.execute(q, keys).fetchone()[0]) == len(set(keys))
+
+    def write_trials(self, records: Iterable[TrialRecord], run_id: int | None = None) -> int:
+        """Store records in one transaction; already stored trials are left as they are.
+
+        Returns how many trials were new. ``records`` is consumed inside the transaction.
+        """
+        written = _now()
+        new = 0
+        with self.transaction() as c:
+            for r in records:
+                cos = r["cosines"]
+                n_layers = len(next(iter(cos.values()))) if cos else 0
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO trials (trial_key, cell_key, seed, resample, query_id, n_layers, "
+                    "demo_similarity, n_wrong, scores_json, outputs_json, seconds, run_id, written) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (r["trial_key"], r["cell_key"], int(r["seed"]), int(r["resample"]), r.get("query_id"), n_layers,
+                     r.get("demo_similarity"), r.get("n_wrong"), json.dumps(r.get("scores", {}), sort_keys=True),
+                     json.dumps(r.get("outputs", {}), ensure_ascii=False), r.get("seconds"), run_id, written),
+                )
+                if cur.rowcount == 1:
+                    new += 1
+                    c.executemany(
+                        "INSERT OR IGNORE INTO cosines (trial_key, pair, layer, cosine) VALUES (?, ?, ?, ?)",
+                        [(r["trial_key"], pair, layer, float(v)) for pair, values in cos.items() for layer, v in enumerate(values)],
+                    )
+        return new
+
+    def count(self) -> dict[str, int]:
+        q = lambda t: int(self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: E731
+        return {"trials": q("trials"), "cosines": q("cosines"), "cells": q("cells"), "runs": q("runs")}
+
+    def integrity(self) -> str:
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # --- reading --------------------------------------------------------------------------
+
+    def _cells(self) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self.conn.execute("SELECT cell_key, labels_json FROM cells")}
+
+    def _selection(self, plan: Mapping[str, Any] | None) -> tuple[str, list[Any]]:
+        """SQL condition on trials (alias t) selecting the trials of a plan (all if None)."""
+        if plan is None:
+            return "1", []
+        cells = [c["key"] for c in plan["cells"]]
+        seeds = [int(s) for s in plan["seeds"]]
+        cond = (f"t.cell_key IN ({','.join('?' * len(cells))}) AND t.seed IN ({','.join('?' * len(seeds))}) "
+                f"AND t.resample < ?")
+        return cond, [*cells, *seeds, int(plan["resamples"])]
+
+    def _with_labels(self, df: pd.DataFrame) -> pd.DataFrame:
+        cells = self._cells()
+        if df.empty:
+            return df
+        labels = pd.DataFrame([{"cell_key": k, **v} for k, v in cells.items()])
+        df = df.merge(labels, on="cell_key", how="left")
+        front = [c for c in labels.columns if c != "cell_key"]
+        rest = [c for c in df.columns if c not in front]
+        return df[front + rest]
+
+    def frame(self, plan: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """Tidy cosines: one row per trial × layer × pair, with the factor values as columns.
+
+        ``plan``: only the trials of that plan (``latest_run()["plan"]``); None: every trial.
+        """
+        cond, args = self._selection(plan)
+        df = pd.read_sql_query(
+            "SELECT t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, c.layer, c.pair, "
+            f"c.cosine, t.trial_key FROM cosines c JOIN trials t ON t.trial_key = c.trial_key WHERE {cond} "
+            "ORDER BY t.cell_key, t.seed, t.resample, c.pair, c.layer",
+            self.conn, params=args,
+        )
+        return self._with_labels(df)
+
+    def outputs(self, plan: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """One row per trial: factor values, seed, resample, query, gold, per-arm prediction
+        and score (``score_<arm>``), IT final loss, demo similarity, wrong labels."""
+        cond, args = self._selection(plan)
+        rows = self.conn.execute(
+            "SELECT t.trial_key, t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, "
+            f"t.scores_json, t.outputs_json, t.seconds FROM trials t WHERE {cond} ORDER BY t.cell_key, t.seed, t.resample",
+            args,
+        ).fetchall()
+        out = []
+        for key, cell, seed, resample, qid, sim, n_wrong, scores, outputs, seconds in rows:
+            scores, outputs = json.loads(scores), json.loads(outputs)
+            row: dict[str, Any] = {
+                "cell_key": cell, "seed": seed, "resample": resample, "query_id": qid,
+                "demo_similarity": sim, "n_wrong": n_wrong,
+                "query": outputs.get("query"), "gold": outputs.get("gold"),
+            }
+            for arm, pred in outputs.get("predictions", {}).items():
+                row[f"prediction_{arm}"] = pred
+            for arm, s in scores.items():
+                row[f"score_{arm}"] = s
+            row["score_name"] = outputs.get("score_name")
+            row["it_final_loss"] = outputs.get("it_final_loss")
+            row["seconds"] = seconds
+            row["trial_key"] = key
+            out.append(row)
+        return self._with_labels(pd.DataFrame(out))
+
+    def trial_outputs(self, trial_key: str) -> dict[str, Any]:
+        row = self.conn.execute("SELECT outputs_json FROM trials WHERE trial_key = ?", (trial_key,)).fetchone()
+        if row is None:
+            raise KeyError(trial_key)
+        return json.loads(row[0])
+
+
+class _Cursor:
+    """The connection inside a transaction (execute / executemany only)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, args: Any = ()) -> sqlite3.Cursor:
+        return self._conn.execute(sql, args)
+
+    def executemany(self, sql: str, rows: Iterable[Any]) -> sqlite3.Cursor:
+        return self._conn.executemany(sql, rows)
+
+
+def open_store(run_dir: str | Path) -> Store:
+    """An existing run's store (FileNotFoundError if the directory holds none)."""
+    return Store(run_dir, create=False)

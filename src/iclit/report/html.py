@@ -1,0 +1,318 @@
+"""One self-contained HTML page for a run directory: figures, tables, the spec, the versions.
+
+For each factor of the spec:
+
+* the paper-style figure: cosine similarity of the three arm pairs (anchor–ICL, anchor–IT,
+  ICL–IT) against the factor's values, mean with a 95% bootstrap CI over trials, at the last
+  layer and averaged over layers;
+* the per-layer curves, one panel per factor value;
+* a table per factor value: trials, per-arm task accuracy (or chrF) with CIs, the
+  demonstration–query similarity and the number of wrong labels when recorded.
+
+With ``design: grid`` a factor's figure pools the other factors' values; with ``separate``
+it shows the cells where the other factors keep their base values. Figures are PNGs embedded
+as base64 (no external file, no network). A small script marks ``<body data-render="ok">``
+once every image has decoded, which the tests read back from a headless browser.
+
+>>> write_report("runs/smoke")          # -> runs/smoke/report.html
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from iclit.metrics import summarize
+from iclit.report.plots import PAIR_STYLE
+
+__all__ = ["write_report", "render_report", "factor_summary"]
+
+_PAIRS = tuple(PAIR_STYLE)
+
+
+def _png(fig: Figure, dpi: int = 110) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _pair_style(pair: str) -> tuple[str, str]:
+    return PAIR_STYLE.get(pair, (pair.replace("_", " – "), "black"))
+
+
+def _per_trial(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial × pair: cosine at the trial's last layer and mean over layers."""
+    g = frame.groupby(["trial_key", "pair"], sort=False)
+    last = frame.loc[g["layer"].idxmax()].set_index(["trial_key", "pair"])["cosine"].rename("last_layer")
+    mean = g["cosine"].mean().rename("mean_over_layers")
+    return pd.concat([last, mean], axis=1).reset_index()
+
+
+def _subset(df: pd.DataFrame, factor: str, plan: Mapping[str, Any]) -> pd.DataFrame:
+    if plan.get("design") != "separate" or df.empty:
+        return df
+    base = plan["base"]
+    keep = np.ones(len(df), dtype=bool)
+    for other in plan["factors"]:
+        if other != factor and other in df.columns:
+            keep &= (df[other].astype(str) == str(base[other])).to_numpy()
+    return df[keep]
+
+
+def _values(plan: Mapping[str, Any], factor: str) -> list[Any]:
+    return list(plan["factors"][factor])
+
+
+def _match(series: pd.Series, value: Any) -> pd.Series:
+    return series.astype(str) == str(value)
+
+
+def factor_summary(frame: pd.DataFrame, outputs: pd.DataFrame, plan: Mapping[str, Any], factor: str) -> pd.DataFrame:
+    """Per value of ``factor``: trials, per-pair cosine (last layer, mean over layers) and
+    per-arm score, each as mean with a 95% bootstrap CI; demo similarity and wrong labels."""
+    f = _subset(frame, factor, plan)
+    o = _subset(outputs, factor, plan)
+    trials = _per_trial(f) if not f.empty else pd.DataFrame(columns=["trial_key", "pair", "last_layer", "mean_over_layers"])
+    if not f.empty:
+        trials = trials.merge(f.drop_duplicates("trial_key")[["trial_key", factor]], on="trial_key")
+    arms = [c[len("score_"):] for c in o.columns if c.startswith("score_") and c != "score_name"]
+    rows = []
+    for value in _values(plan, factor):
+        row: dict[str, Any] = {factor: value}
+        t = trials[_match(trials[factor], value)] if not trials.empty else trials
+        ov = o[_match(o[factor], value)] if not o.empty else o
+        row["trials"] = int(len(ov))
+        for pair in _PAIRS:
+            for what in ("last_layer", "mean_over_layers"):
+                s = summarize(t.loc[t["pair"] == pair, what].to_numpy() if not t.empty else [])
+                row[f"{pair}:{what}"] = s
+        for arm in arms:
+            row[f"score:{arm}"] = summarize(pd.to_numeric(ov[f"score_{arm}"], errors="coerce").to_numpy() if len(ov) else [])
+        if len(ov) and ov["demo_similarity"].notna().any():
+            row["demo_similarity"] = summarize(pd.to_numeric(ov["demo_similarity"], errors="coerce").to_numpy())
+        if len(ov) and "n_wrong" in ov:
+            row["n_wrong"] = float(pd.to_numeric(ov["n_wrong"], errors="coerce").mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _factor_figure(summary: pd.DataFrame, factor: str, title: str) -> str:
+    fig = Figure(figsize=(10.0, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    values = [str(v) for v in summary[factor]]
+    x = np.arange(len(values))
+    for col, (what, heading) in enumerate((("last_layer", "last layer"), ("mean_over_layers", "mean over layers"))):
+        ax = fig.add_subplot(1, 2, col + 1)
+        for j, pair in enumerate(_PAIRS):
+            label, colour = _pair_style(pair)
+            stats = summary[f"{pair}:{what}"].tolist()
+            mean = np.array([s["mean"] for s in stats], dtype=float)
+            lo = np.array([s["ci_low"] for s in stats], dtype=float)
+            hi = np.array([s["ci_high"] for s in stats], dtype=float)
+            offset = (j - 1) * 0.06
+            yerr = np.vstack([np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)])
+            ax.errorbar(x + offset, mean, yerr=yerr, color=colour, marker="o", markersize=4, capsize=3,
+                        linewidth=1.6, label=label)
+        ax.set_xticks(x, values)
+        ax.set_xlabel(factor)
+        ax.set_ylabel("cosine similarity")
+        ax.set_title(f"{heading}", fontsize="medium")
+        ax.grid(True, alpha=0.3)
+        if col == 0:
+            ax.legend(fontsize="small", frameon=False, loc="best")
+    fig.suptitle(title, fontsize="medium")
+    return _png(fig)
+
+
+def _layer_figure(frame: pd.DataFrame, factor: str | None, values: Sequence[Any], title: str) -> str:
+    from iclit.metrics import summarize_layers
+
+    n = max(1, len(values))
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig = Figure(figsize=(3.4 * cols + 0.6, 2.9 * rows + 0.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+    for ax in axes[1:]:
+        ax.sharey(axes[0])
+    for ax, value in zip(axes, values if values else [None]):
+        sub = frame if factor is None else frame[_match(frame[factor], value)]
+        if not sub.empty:
+            pivot = {pair: grp.pivot_table(index="trial_key", columns="layer", values="cosine").to_numpy()
+                     for pair, grp in sub.groupby("pair", sort=False)}
+            summ = summarize_layers(pivot)
+            for pair in _PAIRS:
+                r = summ[summ["pair"] == pair].sort_values("layer")
+                if len(r):
+                    label, colour = _pair_style(pair)
+                    ax.plot(r["layer"], r["mean"], color=colour, marker="o", markersize=2.5, linewidth=1.5, label=label)
+                    ax.fill_between(r["layer"], r["ci_low"], r["ci_high"], color=colour, alpha=0.2, linewidth=0)
+        ax.set_title(f"{factor} = {value}" if factor else "all trials", fontsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer (0 = embeddings)", fontsize="small")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("cosine similarity")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize="x-small", frameon=False, loc="best")
+    fig.suptitle(title, fontsize="medium")
+    return _png(fig)
+
+
+def _ci(s: Mapping[str, float] | float | None, digits: int = 3) -> str:
+    if s is None or (isinstance(s, float) and np.isnan(s)):
+        return "–"
+    if not isinstance(s, Mapping):
+        return f"{s:.{digits}f}"
+    if not s.get("n"):
+        return "–"
+    return f"{s['mean']:.{digits}f} <span class=ci>[{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]</span>"
+
+
+def _table(summary: pd.DataFrame, factor: str, score_name: str) -> str:
+    arms = [c.split(":", 1)[1] for c in summary.columns if c.startswith("score:")]
+    has_sim = "demo_similarity" in summary.columns
+    has_wrong = "n_wrong" in summary.columns
+    head = [factor, "trials"] + [f"{score_name}: {a}" for a in arms]
+    head += [f"{_pair_style(p)[0]} (last layer)" for p in _PAIRS]
+    if has_sim:
+        head.append("demo–query similarity")
+    if has_wrong:
+        head.append("wrong labels (mean)")
+    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for _, row in summary.iterrows():
+        cells = [html.escape(str(row[factor])), str(row["trials"])]
+        cells += [_ci(row[f"score:{a}"]) for a in arms]
+        cells += [_ci(row[f"{p}:last_layer"]) for p in _PAIRS]
+        if has_sim:
+            cells.append(_ci(row.get("demo_similarity") if isinstance(row.get("demo_similarity"), Mapping) else None))
+        if has_wrong:
+            cells.append(_ci(row.get("n_wrong"), 2))
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto; max-width: 1150px;
+       color: #222; line-height: 1.45; padding: 0 1rem; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ddd; }
+.meta { color: #555; font-size: .92rem; }
+img { max-width: 100%; display: block; margin: .8rem 0; border: 1px solid #eee; }
+table { border-collapse: collapse; font-size: .85rem; margin: .6rem 0 1.2rem; }
+th, td { border: 1px solid #ddd; padding: .3rem .55rem; text-align: right; vertical-align: top; }
+th { background: #f5f5f5; } td:first-child, th:first-child { text-align: left; }
+.ci { color: #777; font-size: .8em; } pre { background: #f7f7f7; padding: .8rem; overflow-x: auto; font-size: .8rem; }
+.note { color: #666; font-size: .85rem; }
+"""
+
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0 && i.naturalHeight > 0; });
+  document.body.setAttribute('data-images', ok.length + '/' + imgs.length);
+  document.body.setAttribute('data-render', imgs.length > 0 && ok.length === imgs.length ? 'ok' : 'broken');
+});
+"""
+
+
+def render_report(run_dir: str | Path) -> str:
+    """The report of a run directory as one HTML string."""
+    from iclit.experiments.store import open_store
+
+    run_dir = Path(run_dir)
+    with open_store(run_dir) as store:
+        run = store.latest_run()
+        if run is None:
+            raise FileNotFoundError(f"{run_dir}: the store holds no run")
+        plan = run["plan"]
+        frame = store.frame(plan)
+        outputs = store.outputs(plan)
+    spec_yaml = run["spec_yaml"]
+    try:
+        import yaml
+
+        spec = yaml.safe_load(spec_yaml) or {}
+    except Exception:  # noqa: BLE001 - the report still shows the text
+        spec = {}
+    name = spec.get("name", run_dir.name)
+    score_name = "accuracy"
+    if len(outputs) and "score_name" in outputs and outputs["score_name"].dropna().eq("chrf").any():
+        score_name = "chrF"
+    done = int(len(outputs))
+    parts: list[str] = []
+    parts.append(f"<h1>iclit · {html.escape(str(name))}</h1>")
+    fixed = ", ".join(f"{k} = {html.escape(str(v))}" for k, v in plan["base"].items() if k not in plan["factors"])
+    parts.append(
+        f"<p class=meta>{done} of {plan['n_trials']} planned trials stored · design: {html.escape(plan['design'])} · "
+        f"seeds {plan['seeds']} · {plan['resamples']} resamples per cell and seed · last run started "
+        f"{html.escape(str(run['started']))}, finished {html.escape(str(run['finished'] or '(not finished)'))} "
+        f"on backend {html.escape(str(run['backend']))}</p>"
+    )
+    parts.append(f"<p class=meta>fixed: {fixed}</p>")
+    if spec.get("description"):
+        parts.append(f"<p>{html.escape(str(spec['description']))}</p>")
+    if frame.empty:
+        parts.append("<p><b>No trials stored yet.</b></p>")
+    factors = list(plan["factors"])
+    pooled = plan["design"] != "separate" and len(factors) > 1
+    for factor in factors:
+        values = _values(plan, factor)
+        parts.append(f"<h2 id='factor-{html.escape(factor)}'>Factor: {html.escape(factor)}</h2>")
+        others = [f for f in factors if f != factor]
+        if others:
+            how = ("pooled over " if pooled else "with the others at their base values: ")
+            detail = ", ".join(others) if pooled else ", ".join(f"{o} = {plan['base'][o]}" for o in others)
+            parts.append(f"<p class=note>{how}{html.escape(detail)}</p>")
+        if frame.empty:
+            continue
+        summary = factor_summary(frame, outputs, plan, factor)
+        sub = _subset(frame, factor, plan)
+        parts.append(f"<img alt='similarity against {html.escape(factor)}' src='data:image/png;base64,"
+                     f"{_factor_figure(summary, factor, f'arm-pair similarity against {factor} (mean, 95% CI over trials)')}'>")
+        parts.append(f"<img alt='per-layer similarity by {html.escape(factor)}' src='data:image/png;base64,"
+                     f"{_layer_figure(sub, factor, values, f'per-layer similarity by {factor}')}'>")
+        parts.append(_table(summary, factor, score_name))
+    if not factors and not frame.empty:  # a single cell: its per-layer curves and its table
+        task_name = str(frame["task"].iloc[0])
+        single = dict(plan, factors={"task": [task_name]}, design="grid")
+        parts.append("<h2>All trials</h2>")
+        parts.append(f"<img alt='per-layer similarity' src='data:image/png;base64,"
+                     f"{_layer_figure(frame, None, [], 'per-layer similarity')}'>")
+        parts.append(_table(factor_summary(frame, outputs, single, "task"), "task", score_name))
+    parts.append("<h2>Spec</h2>")
+    parts.append(f"<pre>{html.escape(spec_yaml)}</pre>")
+    parts.append("<h2>Versions</h2><table><tbody>")
+    for k, v in run["versions"].items():
+        parts.append(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>")
+    parts.append("</tbody></table>")
+    title = html.escape(f"iclit report · {name}")
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{title}</title>"
+            f"<meta name=viewport content='width=device-width, initial-scale=1'>"
+            f"<style>{_CSS}</style></head>\n<body data-render=pending>\n{body}\n<script>{_SCRIPT}</script>\n</body></html>\n")
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the report of ``run_dir`` (default ``run_dir/report.html``); returns its path."""
+    import os
+    import tempfile
+
+    run_dir = Path(run_dir)
+    target = Path(out) if out is not None else run_dir / "report.html"
+    text = render_report(run_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".report-", suffix=".html")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+    return target

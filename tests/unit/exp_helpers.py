@@ -1,0 +1,102 @@
+"""Shared helpers for the experiment tests: tiny specs, subprocess runs, store comparisons."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "configs" / "examples" / "smoke.yaml"
+
+TINY_SPEC = {
+    "name": "tiny",
+    "model": "tiny-random-llama",
+    "task": "sentiment",
+    "k": 2,
+    "resamples": 6,
+    "chunk_size": 2,
+    "recipe": {"epochs": 3},
+    "factors": {"k": [1, 2], "wrong_labels": [0.0, 1.0]},
+}
+"""Two factors, 4 cells x 6 resamples = 24 trials in 12 chunks; about a second on the tiny model."""
+
+
+def write_spec(path: Path, **changes) -> Path:
+    spec = {**TINY_SPEC, **changes}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def env_one_thread() -> dict[str, str]:
+    """A subprocess environment: one torch thread (fast and steady on a shared 2-CPU machine)."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def iclit_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "iclit.cli", *args]
+
+
+def start_run(spec: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        iclit_cmd("run", str(spec), "--out", str(out), "--no-progress"),
+        env=env_one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def stored_trials(out: Path) -> int:
+    db = out / "results.sqlite"
+    if not db.exists():
+        return 0
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM trials").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:  # schema not created yet
+        return 0
+
+
+def cosine_table(out: Path) -> pd.DataFrame:
+    con = sqlite3.connect(out / "results.sqlite")
+    try:
+        return pd.read_sql_query("SELECT trial_key, pair, layer, cosine FROM cosines ORDER BY trial_key, pair, layer", con)
+    finally:
+        con.close()
+
+
+def check_store(out: Path) -> tuple[int, int]:
+    """integrity_check passes, no trial or cosine row twice, every trial has all its rows;
+    returns (trials, cosine rows)."""
+    con = sqlite3.connect(out / "results.sqlite")
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        n_trials = con.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+        assert n_trials == con.execute("SELECT COUNT(DISTINCT trial_key) FROM trials").fetchone()[0]
+        n_cos = con.execute("SELECT COUNT(*) FROM cosines").fetchone()[0]
+        assert n_cos == con.execute("SELECT COUNT(*) FROM (SELECT DISTINCT trial_key, pair, layer FROM cosines)").fetchone()[0]
+        per_trial = con.execute(
+            "SELECT t.trial_key, t.n_layers, COUNT(c.cosine) FROM trials t LEFT JOIN cosines c USING (trial_key) GROUP BY t.trial_key"
+        ).fetchall()
+        for key, n_layers, rows in per_trial:
+            assert rows == 3 * n_layers, f"trial {key}: {rows} cosine rows, expected {3 * n_layers}"
+        return n_trials, n_cos
+    finally:
+        con.close()
+
+
+def assert_same_numbers(a: Path, b: Path, atol: float = 1e-6) -> None:
+    x, y = cosine_table(a), cosine_table(b)
+    assert len(x) == len(y)
+    assert list(x["trial_key"]) == list(y["trial_key"])
+    assert list(x["pair"]) == list(y["pair"]) and list(x["layer"]) == list(y["layer"])
+    np.testing.assert_allclose(x["cosine"].to_numpy(), y["cosine"].to_numpy(), rtol=0, atol=atol)

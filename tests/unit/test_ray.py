@@ -1,0 +1,92 @@
+"""The Ray backend on a local 2-CPU cluster: the same trials and numbers as a local run.
+
+One Ray session serves the whole module (starting one takes seconds).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, env_one_thread, iclit_cmd, write_spec
+from iclit.experiments import Store, parse_spec, run_experiment
+
+ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install 'iclit[ray]'; the test extra has it)")
+
+N_TRIALS = 24
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster with 2 CPUs for this module; yields its address."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> Path:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("local")
+        run_experiment(parse_spec(TINY_SPEC), out, backend="local")
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def test_ray_run_matches_local(cluster: str, local_run: Path, tmp_path: Path) -> None:
+    spec = parse_spec(TINY_SPEC)
+    first = run_experiment(spec, tmp_path, backend="ray", max_chunks=4)
+    assert (first.backend, first.computed, first.chunks_run) == ("ray", 8, 4)
+    rest = run_experiment(spec, tmp_path, backend="ray")  # resumes on Ray
+    assert (rest.already_done, rest.computed) == (8, N_TRIALS - 8)
+    assert check_store(tmp_path)[0] == N_TRIALS
+    assert_same_numbers(tmp_path, local_run, atol=1e-5)
+    with Store(tmp_path) as store:
+        assert store.latest_run()["backend"] == "ray"
+        local = Store(local_run).outputs().set_index("trial_key")
+        remote = store.outputs().set_index("trial_key").loc[local.index]
+    for arm in ("anchor", "icl", "it"):
+        assert (local[f"prediction_{arm}"] == remote[f"prediction_{arm}"]).all()
+
+
+def test_workers_load_the_model_once(cluster: str) -> None:
+    from iclit.experiments.plan import make_plan
+    from iclit.experiments.runner import ChunkWorker, make_job
+
+    spec = parse_spec(TINY_SPEC)
+    plan = make_plan(spec)
+    Actor = ray.remote(num_cpus=1)(ChunkWorker)
+    actor = Actor.remote(("tiny-random-llama", None, None))
+    try:
+        jobs = [make_job(c, spec) for c in plan.chunks[:3]]
+        results = ray.get([actor.run.remote(j) for j in jobs])
+        assert [len(r) for r in results] == [2, 2, 2]
+        assert ray.get(actor.models.remote()) == [("tiny-random-llama", None, None)]
+        assert ray.get(actor.loads.remote()) == 1
+    finally:
+        ray.kill(actor)
+
+
+def test_cli_on_an_existing_cluster(cluster: str, local_run: Path, tmp_path: Path) -> None:
+    """`iclit run --backend ray --address …` from another process, on this module's cluster."""
+    spec = write_spec(tmp_path / "tiny.yaml")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        iclit_cmd("run", str(spec), "--out", str(out), "--backend", "ray", "--address", cluster, "--no-progress"),
+        env=env_one_thread(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"{N_TRIALS} computed" in proc.stdout and "ray" in proc.stdout
+    assert check_store(out)[0] == N_TRIALS
+    assert_same_numbers(out, local_run, atol=1e-5)

@@ -1,0 +1,135 @@
+"""The results store: atomic chunks, no duplicates, safe under kills and concurrent writers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from iclit.experiments.store import Store
+from store_records import PAIRS, record
+
+# Subprocesses load store.py on its own (stdlib + pandas), not the iclit package (torch,
+# transformers): the same code, seconds faster to start.
+LOAD_STORE = textwrap.dedent(f"""
+    import importlib.util, sys
+    sys.path.insert(0, {str(Path(__file__).parent)!r})
+    _spec = importlib.util.spec_from_file_location("store_alone", {str(Path(__file__).parents[2] / "src/iclit/experiments/store.py")!r})
+    store_alone = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(store_alone)
+    Store = store_alone.Store
+""")
+
+
+def check(store: Store, n: int, layers: int = 4) -> None:
+    assert store.integrity() == "ok"
+    counts = store.count()
+    assert counts["trials"] == n and counts["cosines"] == n * layers * len(PAIRS)
+    dup = store.conn.execute("SELECT COUNT(*) - COUNT(DISTINCT trial_key) FROM trials").fetchone()[0]
+    assert dup == 0
+
+
+def test_round_trip_and_tidy_frames(tmp_path: Path) -> None:
+    with Store(tmp_path) as store:
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        store.begin_run("name: x\n", {"n_trials": 3, "cells": [{"key": "cell-a"}], "seeds": [0], "resamples": 3},
+                        [("cell-a", {"k": 2, "model": "m"}, {"k": 2})], backend="local", versions={"iclit": "0"})
+        assert store.write_trials([record(i) for i in range(3)]) == 3
+        assert store.write_trials([record(i) for i in range(3)]) == 0  # already there: ignored
+        check(store, 3)
+        frame = store.frame()
+        assert len(frame) == 3 * 4 * 3
+        assert list(frame.columns[:2]) == ["k", "model"]
+        row = frame[(frame["resample"] == 1) & (frame["pair"] == "anchor_it") & (frame["layer"] == 2)].iloc[0]
+        assert row.cosine == pytest.approx(1.0 - 0.01 * (1 + 1 + 2))
+        out = store.outputs()
+        assert len(out) == 3 and set(out["score_icl"]) == {0.0, 1.0} and out["prediction_icl"].iloc[0] == "neg"
+        assert store.has_all(["trial-0000", "trial-0002"]) and not store.has_all(["trial-0000", "nope"])
+        plan = store.latest_run()["plan"]
+        assert len(store.frame(dict(plan, resamples=2))) == 2 * 4 * 3
+
+
+def test_a_failed_chunk_leaves_nothing(tmp_path: Path) -> None:
+    def failing():
+        yield record(0)
+        yield record(1)
+        raise RuntimeError("worker died")
+
+    with Store(tmp_path) as store:
+        with pytest.raises(RuntimeError):
+            store.write_trials(failing())
+        check(store, 0)
+        store.write_trials([record(0), record(1)])
+        check(store, 2)
+
+
+def test_sigkill_inside_a_transaction_loses_only_that_chunk(tmp_path: Path) -> None:
+    """A writer SIGKILLed in the middle of a chunk's transaction: the earlier chunk is whole,
+    the killed one absent, the database intact; writing it again completes the store."""
+    script = LOAD_STORE + textwrap.dedent(f"""
+        import os, signal
+        from store_records import record
+        store = Store({str(tmp_path)!r})
+        store.write_trials([record(0), record(1)])
+        def dying():
+            yield record(2)
+            yield record(3)
+            os.kill(os.getpid(), signal.SIGKILL)
+        store.write_trials(dying())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    with Store(tmp_path) as store:
+        check(store, 2)
+        assert store.done_keys() == {"trial-0000", "trial-0001"}
+        store.write_trials([record(2), record(3)])
+        check(store, 4)
+
+
+def _writer(path: str, start: int, reps: int) -> None:
+    store = Store(path)
+    for rep in range(reps):  # overlapping chunks of 5 trials, each written by every writer
+        for chunk in range(0, 40, 5):
+            store.write_trials(record(i) for i in range(chunk, chunk + 5))
+    store.close()
+
+
+WRITER = LOAD_STORE + textwrap.dedent("""
+    from store_records import record
+    store = Store(sys.argv[1])
+    for rep in range(25):  # long enough for the writers to overlap
+        for chunk in range(0, 40, 5):
+            store.write_trials(record(i) for i in range(chunk, chunk + 5))
+    store.close()
+""")
+
+
+def test_concurrent_threads_write_each_trial_once(tmp_path: Path) -> None:
+    threads = [threading.Thread(target=_writer, args=(str(tmp_path), i, 2)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with Store(tmp_path) as store:
+        check(store, 40)
+
+
+def test_concurrent_processes_write_each_trial_once(tmp_path: Path) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    for p in procs:
+        _, errors = p.communicate(timeout=120)
+        assert p.returncode == 0, errors
+    with Store(tmp_path) as store:
+        check(store, 40)
+
+
+def test_open_store_needs_a_store(tmp_path: Path) -> None:
+    from iclit.experiments.store import open_store
+
+    with pytest.raises(FileNotFoundError, match="no results store"):
+        open_store(tmp_path / "nothing")
