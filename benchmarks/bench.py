@@ -154,8 +154,7 @@ def bench_it(lm, task, n_adapters: int, k: int, epochs: int, batch_size: int):
     return ref, fast, agree, detail, n_tokens
 
 
-def bench_e2e(model: str, resamples: int) -> tuple[float, int, str]:
-    out = Path("runs/bench-e2e")
+def bench_e2e(model: str, resamples: int, out: Path) -> tuple[float, int, str]:
     cmd = [sys.executable, "-m", "iclit.cli", "compare", "--model", model, "--task", "sentiment", "--k", "4",
            "--resamples", str(resamples), "--seed", "0", "--out", str(out)]
     start = time.perf_counter()
@@ -181,6 +180,7 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=["icl", "it"])
     ap.add_argument("--e2e", action="store_true", help="also time `iclit compare --k 4 --resamples 30`")
     ap.add_argument("--resamples", type=int, default=30)
+    ap.add_argument("--e2e-out", type=Path, default=Path("runs/bench-e2e"), help="output directory of the e2e run")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -203,7 +203,7 @@ def main() -> None:
     for name, work, ref, fast, agree, detail, n_tokens in rows:
         print(f"RATIO name={name} value={ref.seconds / fast.seconds:.2f} agree={str(agree).lower()}")
     if args.e2e:
-        seconds, peak, cmd = bench_e2e(args.model, args.resamples)
+        seconds, peak, cmd = bench_e2e(args.model, args.resamples, args.e2e_out)
         print(f"\ne2e: `{cmd}`: {seconds:.1f} s wall, peak RSS {gib(peak)} "
               f"(targets < 180 s, < 4 GiB)")
 
