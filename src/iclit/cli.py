@@ -62,6 +62,9 @@ def compare(
     resamples: int = typer.Option(30, help="number of (query, demonstrations) draws"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/compare"), help="output directory"),
+    input_field: Optional[str] = typer.Option(None, help="data file: field holding the input (default: input)"),
+    output_field: Optional[str] = typer.Option(None, help="data file: field holding the output (default: output)"),
+    kind: Optional[str] = typer.Option(None, help="data file: classification (default) or generation"),
     template: Optional[str] = typer.Option(None, help="named alternative template of the task"),
     no_instruction: bool = typer.Option(False, "--no-instruction", help="drop the task instruction"),
     sampler: Optional[str] = typer.Option(None, help="demonstration sampler: balanced, random"),
@@ -72,6 +75,8 @@ def compare(
     lr: Optional[float] = typer.Option(None, help="learning rate (default 1e-3 LoRA, 1e-5 full)"),
     epochs: int = typer.Option(TuningRecipe.epochs, help="tuning epochs over the k demonstrations"),
     batch_size: int = typer.Option(16, help="prompts per forward pass"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)"),
     slow: bool = typer.Option(False, "--slow", help="force the straightforward path (no prefix cache, one PEFT adapter at a time), for checking"),
 ) -> None:
     """Compare anchor, ICL and IT hidden states; write trials.jsonl, summary.csv, layers.png, config.json."""
@@ -79,7 +84,7 @@ def compare(
 
     from iclit.experiments import run_comparison
     from iclit.models import ModelNotFoundError
-    from iclit.tasks import TaskDataError
+    from iclit.tasks import TaskDataError, get_task
     try:
         recipe = TuningRecipe(method=method, rank=rank, alpha=alpha, dropout=dropout, lr=lr, epochs=epochs)  # type: ignore[arg-type]
     except ValueError as e:
@@ -92,9 +97,11 @@ def compare(
             return lambda n: bar.advance(job, n)
 
         try:
+            options = {k: v for k, v in (("input_field", input_field), ("output_field", output_field), ("kind", kind)) if v}
+            task_arg = get_task(task, **options) if options else task
             result = run_comparison(
-                model, task, k=k, resamples=resamples, seed=seed, recipe=recipe, template=template,
-                instruction=not no_instruction, sampler=sampler, batch_size=batch_size, fast=not slow, progress=progress,
+                model, task_arg, k=k, resamples=resamples, seed=seed, recipe=recipe, template=template,
+                instruction=not no_instruction, sampler=sampler, batch_size=batch_size, fast=not slow, device=device, dtype=dtype, progress=progress,
             )
         except (TaskDataError, ModelNotFoundError, ValueError, KeyError) as e:
             _fail(_message(e))
@@ -190,6 +197,8 @@ def results(
     outputs: bool = typer.Option(False, "--outputs", help="one row per trial (predictions, scores, …) instead of per trial × layer × pair"),
     summary: bool = typer.Option(False, "--summary", help="per cell × pair: last-layer and mean-over-layers cosine"),
     all_trials: bool = typer.Option(False, "--all", help="every stored trial, not only those of the last spec run here"),
+    effects: bool = typer.Option(False, "--effects", help="per factor: each value vs the base value on the ICL–IT cosine "
+                                 "(paired bootstrap CI, Cohen's d, permutation p)"),
     limit: int = typer.Option(30, help="rows shown by --format table"),
 ) -> None:
     """Print or export the results of a run as a tidy table."""
@@ -207,6 +216,21 @@ def results(
         last = store.latest_run()
         plan = None if all_trials or last is None else last["plan"]
         df = store.outputs(plan) if outputs else store.frame(plan)
+    if effects:
+        import pandas as pd
+
+        if outputs or summary:
+            _fail("--effects goes alone, without --outputs or --summary")
+        if last is None or df.empty:
+            df = pd.DataFrame()
+        else:
+            from iclit.report.html import factor_effects
+
+            found = [factor_effects(df, last["plan"], f) for f, vs in last["plan"]["factors"].items() if len(vs) > 1]
+            df = pd.concat(found, ignore_index=True) if found else pd.DataFrame()
+            if df.empty:
+                console.print("no factor with two or more values: no effects to show")
+                return
     if summary and not df.empty and not outputs:
         from iclit.experiments.spec import FACTORS
 
@@ -239,7 +263,8 @@ def results(
         if c not in constant:
             table.add_column(c, overflow="fold")
     shown = show.drop(columns=constant)
-    precise = {"cosine", "last_layer", "mean_over_layers", "demo_similarity", "it_final_loss"}
+    precise = {"cosine", "last_layer", "mean_over_layers", "demo_similarity", "it_final_loss", "mean_value",
+               "mean_reference", "mean_diff", "ci_low", "ci_high", "cohens_d", "p_value"}
     for row in shown.head(limit).itertuples(index=False):
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) and c in precise else (f"{v:g}" if isinstance(v, float) else str(v))
                         for c, v in zip(shown.columns, row)])

@@ -138,31 +138,56 @@ def answer_token_losses(model: nn.Module, batch: AnswerBatch) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, batch.targets, reduction="none")
 
 
-def shared_prefix_token_losses(
-    model: nn.Module, batch: AnswerBatch, prefix: int, row_adapter: torch.Tensor, router: "AdapterRouter"
-) -> torch.Tensor:
-    """:func:`answer_token_losses` for sequences that all start with the same ``prefix``
-    tokens (the template's instruction), routed to adapters by ``row_adapter`` [b].
+class SharedPrefix:
+    """The key/value cache of a token prefix that every training sequence starts with (the
+    template's instruction), computed once per adapter per optimiser step.
 
-    The prefix is run once per adapter present (batch [a, prefix]) and its key/value cache,
-    still attached to the autograd graph, is gathered for every row of that adapter; the
-    rest of each sequence runs on top with positions continuing from ``prefix``. A row's
-    prefix states only depend on its adapter, so this is the same computation as running
-    each sequence whole, with the prefix's gradient summed over the rows that share it.
+    The prefix runs as one batch [a, prefix] (row i through adapter ``adapters[i]``). Its
+    key/value tensors are handed to the rest of each sequence as detached leaves, so any
+    number of micro-batches can read them; their gradients accumulate on the leaves and
+    :meth:`backward` sends them through the prefix computation once. A row's prefix states
+    depend only on its adapter, so this is the same computation as running every sequence
+    whole, with the prefix's gradient summed over the rows that share it.
     """
-    adapters, inverse = torch.unique(row_adapter, return_inverse=True)
-    decoder = decoder_of(model)
-    prefix_ids = batch.input_ids[:1, :prefix].expand(len(adapters), prefix)
-    router.set(adapters)
-    cache = decoder(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True).past_key_values
-    cache.batch_select_indices(inverse)
+
+    def __init__(self, model: nn.Module, prefix_ids: torch.Tensor, adapters: torch.Tensor, router: "AdapterRouter", train: bool):
+        self.length = prefix_ids.shape[1]
+        self.slot = {int(a): i for i, a in enumerate(adapters.tolist())}
+        ids = prefix_ids.expand(len(adapters), -1)
+        router.set(adapters)
+        self.cache = decoder_of(model)(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+        self.graph = [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
+        self.leaves = [t.detach().requires_grad_(train and t.requires_grad) for t in self.graph]
+
+    def for_rows(self, row_adapter: torch.Tensor):
+        """A cache for a micro-batch: row r gets the prefix of adapter ``row_adapter[r]``."""
+        index = torch.tensor([self.slot[int(a)] for a in row_adapter.tolist()], device=row_adapter.device)
+        fresh = copy.copy(self.cache)
+        fresh.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for j, layer in enumerate(fresh.layers):
+            layer.keys = self.leaves[2 * j][index]
+            layer.values = self.leaves[2 * j + 1][index]
+        return fresh
+
+    def backward(self) -> None:
+        pairs = [(t, leaf.grad) for t, leaf in zip(self.graph, self.leaves) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
+
+
+def shared_prefix_token_losses(
+    model: nn.Module, batch: AnswerBatch, prefix: SharedPrefix, row_adapter: torch.Tensor, router: "AdapterRouter"
+) -> torch.Tensor:
+    """:func:`answer_token_losses` for sequences whose first ``prefix.length`` tokens are the
+    shared prefix: only the rest of each sequence runs, on top of the prefix's cache."""
+    p = prefix.length
     router.set(row_adapter)
-    hidden = decoder(
-        input_ids=batch.input_ids[:, prefix:], attention_mask=batch.attention_mask,
-        past_key_values=cache, use_cache=True,
-    ).last_hidden_state  # [b, s - prefix, d]
+    hidden = decoder_of(model)(
+        input_ids=batch.input_ids[:, p:], attention_mask=batch.attention_mask,
+        past_key_values=prefix.for_rows(row_adapter), use_cache=True,
+    ).last_hidden_state  # [b, s - p, d]
     width = batch.input_ids.shape[1]
-    rows = hidden[batch.predict_at // width, batch.predict_at % width - prefix]
+    rows = hidden[batch.predict_at // width, batch.predict_at % width - p]
     logits = lm_head_logits(model, rows).float()
     return nn.functional.cross_entropy(logits, batch.targets, reduction="none")
 
@@ -473,37 +498,31 @@ def fit_many(
     if prefix < 8:  # too short to be worth a second pass
         prefix = 0
 
-    def _plan_micro_batches(rows: list[int]) -> list[list[int]]:
-        if not prefix:
-            return [[rows[i] for i in part] for part in micro_batches([lengths[r] for r in rows], max_tokens)]
-        # whole adapters per micro-batch, so each adapter's prefix runs once per step
-        groups: dict[int, list[int]] = {}
-        for r in rows:
-            groups.setdefault(int(adapter_of[r]), []).append(r)
-        units = list(groups.values())
-        out = []
-        for part in micro_batches([max(lengths[r] for r in u) for u in units], max_tokens, [len(u) for u in units]):
-            out.append([r for i in part for r in units[i]])
-        return out
-
     def run_step(rows: list[int], train: bool) -> torch.Tensor:
         """Mean answer loss per adapter over ``rows`` ([n]); with ``train``, gradients too."""
         in_rows = torch.isin(batch.example, torch.tensor(rows, device=device))
         counts = torch.bincount(adapter_of[batch.example[in_rows]], minlength=n).clamp(min=1).to(torch.float32)
         total = torch.zeros(n, device=device)
-        for mb_rows in _plan_micro_batches(rows):
-            mb = _subset(batch, mb_rows)
-            router.set(adapter_of[mb_rows], device)
-            with torch.set_grad_enabled(train):
-                if prefix:
-                    per_token = shared_prefix_token_losses(model, mb, prefix, adapter_of[mb_rows], router)
+        with torch.set_grad_enabled(train):
+            shared = None
+            if prefix:
+                adapters = torch.unique(adapter_of[rows])
+                shared = SharedPrefix(model, batch.input_ids[:1, :prefix], adapters, router, train)
+            for part in micro_batches([lengths[r] - prefix for r in rows], max_tokens):
+                mb_rows = [rows[i] for i in part]
+                mb = _subset(batch, mb_rows)
+                row_adapter = adapter_of[mb_rows]
+                router.set(row_adapter, device)
+                if shared is not None:
+                    per_token = shared_prefix_token_losses(model, mb, shared, row_adapter, router)
                 else:
                     per_token = answer_token_losses(model, mb)
-                mb_adapter = adapter_of[mb_rows][mb.example]
-                contrib = torch.zeros(n, device=device).index_add(0, mb_adapter, per_token) / counts
+                contrib = torch.zeros(n, device=device).index_add(0, row_adapter[mb.example], per_token) / counts
                 if train:
                     contrib.sum().backward()
-            total += contrib.detach()
+                total += contrib.detach()
+            if train and shared is not None:
+                shared.backward()
         return total
 
     model.train()

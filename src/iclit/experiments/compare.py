@@ -22,10 +22,12 @@ import pandas as pd
 import torch
 
 from iclit.arms import ArmContext, ArmOutput, get_arm
-from iclit.metrics import PAIRS, accuracy, agreement, chrf, pairwise_cosines, summarize, summarize_layers
+from iclit.metrics import (PAIRS, accuracy, agreement, baseline_cosines, chrf, cka_per_layer, pairwise_cosines, summarize,
+                           summarize_layers)
 from iclit.models import LoadedModel, load_model
 from iclit.models.loading import resolve
-from iclit.tasks import Resample, Task, Template, TaskDataError, check_enough, draw_resamples, get_task, get_template
+from iclit.tasks import (Resample, Task, Template, TaskDataError, check_enough, draw_resamples, get_task, get_template,
+                         reference_prompts)
 from iclit.tuning import TuningRecipe
 
 ARM_NAMES = ("anchor", "icl", "it")
@@ -130,12 +132,35 @@ def _score(task: Task, preds: list[str], golds: list[str]) -> list[float]:
     return [chrf(p, g) for p, g in zip(preds, golds)]
 
 
+def reference_mean(lm: LoadedModel, batch_size: int = 16) -> torch.Tensor:
+    """Per-layer mean of the base model's last-token states over the reference prompts
+    (:func:`iclit.tasks.reference_prompts`, unrelated to any task), ``[L+1, d]`` float32: the
+    anisotropy baseline that the ``centered`` cosines subtract. Computed once per loaded
+    model and memoised in ``lm.memo``."""
+    key = ("reference_mean",)
+    if key not in lm.memo:
+        from iclit.capture import capture
+
+        states = capture(lm.model, lm.tokenizer, reference_prompts(), batch_size=batch_size).states
+        lm.memo[key] = states.double().mean(dim=0).float()
+    return lm.memo[key]
+
+
+def run_arms(arms: Sequence[str], baselines: Sequence[str]) -> tuple[str, ...]:
+    """The arms to run: ``arms`` plus ``it_seed2`` when the noise ceiling is asked for."""
+    arms = tuple(arms)
+    if "noise_ceiling" in baselines and "it_seed2" not in arms:
+        arms += ("it_seed2",)
+    return arms
+
+
 @dataclass
 class Cell:
     """The arms' outputs on one list of resamples, and what is derived from them.
 
-    outputs: per arm; cosines: per pair, [n, L+1] numpy; scores: per arm, n per-trial scores
-    (correct 0/1 or chrF); trials: one JSON-ready record per resample.
+    outputs: per arm; cosines: per pair, [n, L+1] numpy (the three of ``PAIRS``, then those
+    of the baselines asked for, see :data:`iclit.metrics.BASELINE_PAIRS`); scores: per arm, n
+    per-trial scores (correct 0/1 or chrF); trials: one JSON-ready record per resample.
     """
 
     outputs: dict[str, ArmOutput]
@@ -157,21 +182,36 @@ def evaluate(
     demo_template: Template | None = None,
     fast: bool = True,
     progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
+    baselines: Sequence[str] = (),
 ) -> Cell:
     """Run the arms on ``draws`` and compare them: the unit of work of every experiment.
 
     ``demo_template`` formats demonstrations that come from another task than the query;
     ``fast=False`` forces the straightforward path (for checking the fast engine).
+    ``baselines``: extra similarities stored beside the three pairs (any of
+    :data:`iclit.metrics.BASELINES`); ``noise_ceiling`` adds the ``it_seed2`` arm, and the
+    ``shuffled`` null pairs trials within ``draws`` (one chunk of a run), so it needs two.
     """
     torch.manual_seed(seed)
     ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template, fast=fast)
     outputs: dict[str, ArmOutput] = {}
+    arms = run_arms(arms, baselines)
+    if "it_seed2" in arms and "noise_ceiling" not in baselines:
+        baselines = (*baselines, "noise_ceiling")
     for arm in arms:
         advance = progress(arm, len(draws)) if progress else None
         outputs[arm] = get_arm(arm)(replace(ctx, advance=advance or (lambda n: None)))
 
     states = {arm: o.states for arm, o in outputs.items()}
     cosines = {pair: c.numpy() for pair, c in pairwise_cosines(states).items()}
+    if baselines:
+        mean = reference_mean(lm, batch_size) if "centered" in baselines else None
+        extra = baseline_cosines(states, tuple(baselines), reference_mean=mean)
+        cosines.update({pair: c.numpy() for pair, c in extra.items()})
+    chunk_cka = None
+    if "cka" in baselines and len(draws) >= 3:  # across the queries evaluated together (a chunk)
+        chunk_cka = [round(float(x), 6) if np.isfinite(float(x)) else None
+                     for x in cka_per_layer(states["icl"], states["it"])]
     golds = [r.query.output for r in draws]
     scores = {arm: _score(t, o.predictions, golds) for arm, o in outputs.items()}
     template_ = t.template
@@ -187,7 +227,7 @@ def evaluate(
             "query_prompt": template_.query(r.query.input),
             "icl_prompt": template_.icl_prompt(r.demonstrations, r.query, demo_template),
             "it_training_texts": [p + a for p, a in ctx.training_pairs(r)],
-            **{pair: [round(float(x), 6) for x in cosines[pair][i]] for pair in PAIRS},
+            **{pair: [round(float(x), 6) for x in cosines[pair][i]] for pair in cosines},
             "predictions": {arm: o.predictions[i] for arm, o in outputs.items()},
             ("correct" if t.kind == "classification" else "chrf"): {arm: scores[arm][i] for arm in outputs},
             "it_final_loss": outputs["it"].tuning[i].final_loss,
@@ -197,6 +237,8 @@ def evaluate(
             trial["label_probs"] = {
                 arm: dict(zip(t.labels, [round(float(p), 6) for p in o.label_probs[i]])) for arm, o in outputs.items()
             }
+        if chunk_cka is not None:
+            trial["chunk_cka_icl_it"] = chunk_cka  # the same for every trial of the chunk
         trials.append(trial)
 
     return Cell(outputs, cosines, scores, trials)
@@ -216,6 +258,8 @@ def run_comparison(
     batch_size: int = 16,
     max_new_tokens: int = 48,
     fast: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> Comparison:
     """Run anchor, ICL and IT on ``resamples`` seeded (query, k demonstrations) draws.
@@ -224,6 +268,7 @@ def run_comparison(
     (see ``iclit tasks``), a file path or a :class:`Task`. ``progress(arm, total)`` may return
     a callback that is called with the number of resamples each arm finishes. ``fast=False``
     forces the straightforward path (full forward per prompt, one PEFT adapter at a time).
+    ``device``/``dtype`` override the defaults (CUDA in bf16 when present, else CPU fp32).
     """
     recipe = recipe or TuningRecipe()
     started = time.time()
@@ -232,7 +277,7 @@ def run_comparison(
     draws = draw_resamples(t, k, resamples, seed, sampler=sampler)
     if not isinstance(model, LoadedModel):
         resolve(model)  # fail on an unknown name before the slow load
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
 
     cell = evaluate(lm, t, draws, recipe=recipe, seed=seed, batch_size=batch_size,
                     max_new_tokens=max_new_tokens, fast=fast, progress=progress)
