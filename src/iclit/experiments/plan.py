@@ -219,6 +219,8 @@ def _cell(spec: ExperimentSpec, values: dict[str, Any]) -> PlannedCell:
         "chunk_size": spec.chunk_size,
         "fast": spec.fast,
     }
+    if spec.baselines:  # only when asked for, so the keys of runs without baselines stay as they were
+        settings["baselines"] = sorted(spec.baselines)
     labels = {n: _label(spec, n, values[n]) for n in FACTORS}
     labels["task"] = spec.task
     return PlannedCell(

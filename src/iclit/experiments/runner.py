@@ -95,6 +95,7 @@ class ChunkJob:
     keys: tuple[str, ...]
     extras: list[dict[str, Any]] = field(default_factory=list)
     fast: bool = True
+    baselines: tuple[str, ...] = ()
 
 
 def _extras(draw: Resample, record_similarity: bool) -> dict[str, Any]:
@@ -116,14 +117,17 @@ def _extras(draw: Resample, record_similarity: bool) -> dict[str, Any]:
 
 def make_job(chunk: Chunk, spec: ExperimentSpec) -> ChunkJob:
     """Draw the chunk's resamples (on the driver, so every backend sees the same ones)."""
+    from iclit.experiments.compare import run_arms
+
     cell = chunk.cell
     draws = cell.draws(chunk.seed, chunk.resamples)
     record = spec.records_similarity
     return ChunkJob(
         model=cell.model, device=spec.device, dtype=spec.dtype, task=cell.task, demo_template=cell.demo_template,
-        draws=draws, recipe=cell.recipe, seed=chunk.seed, arms=tuple(spec.arms), batch_size=spec.batch_size,
+        draws=draws, recipe=cell.recipe, seed=chunk.seed, arms=run_arms(spec.arms, spec.baselines),
+        batch_size=spec.batch_size,
         max_new_tokens=spec.max_new_tokens, cell_key=cell.key, keys=chunk.keys,
-        extras=[_extras(d, record) for d in draws], fast=spec.fast,
+        extras=[_extras(d, record) for d in draws], fast=spec.fast, baselines=tuple(spec.baselines),
     )
 
 
@@ -136,7 +140,7 @@ def execute(job: ChunkJob, lm: LoadedModel, progress: Callable[[str, int], Any] 
     cell = evaluate(
         lm, job.task, job.draws, recipe=job.recipe, seed=job.seed, batch_size=job.batch_size,
         max_new_tokens=job.max_new_tokens, arms=job.arms, demo_template=job.demo_template, fast=job.fast,
-        progress=progress,
+        progress=progress, baselines=job.baselines,
     )
     seconds = (time.perf_counter() - start) / max(1, len(job.draws))
     score_name = "correct" if job.task.kind == "classification" else "chrf"
@@ -340,7 +344,7 @@ def _run_local(todo: Sequence[Chunk], spec: ExperimentSpec, store: Store, run_id
             continue
         job = make_job(chunk, spec)
         lm = loaded_model(job.model, job.device, job.dtype)
-        records = execute(job, lm, progress=bar.arm_callback(chunk.size, len(spec.arms)))
+        records = execute(job, lm, progress=bar.arm_callback(chunk.size, len(job.arms)))
         computed += store.write_trials(records, run_id)
         bar.chunk_done(chunk.size)
     return computed

@@ -42,6 +42,12 @@ vary. Every key is optional except ``factors`` if you want a sweep::
     dtype: null                  # null: bf16 on cuda, fp32 on cpu
     record_similarity: null      # record demo–query similarity per trial (null: when used)
     fast: true                   # the fast engine (prefix cache, batched adapters); false: reference path
+    baselines: []                # extra similarities beside the three pairs, per trial × layer:
+                                 #   centered (anisotropy-corrected cosines), shuffled (ICL of
+                                 #   trial i vs IT of trial i+1 within a chunk), update (cosine of
+                                 #   the ICL and IT updates from the anchor), noise_ceiling (IT vs
+                                 #   IT with another seed: adds the it_seed2 arm, one more tuning),
+                                 #   cka (linear CKA of ICL vs IT across a chunk's queries, >= 3)
 
 With ``design: grid`` the cells are all combinations of the factors' values; with
 ``separate`` each factor is varied alone while the others keep their base value (the
@@ -163,6 +169,7 @@ class ExperimentSpec:
     dtype: str | None = None
     record_similarity: bool | None = None
     fast: bool = True
+    baselines: tuple[str, ...] = ()
 
     # --- conversions --------------------------------------------------------------------
 
@@ -194,6 +201,7 @@ class ExperimentSpec:
             "dtype": self.dtype,
             "record_similarity": self.record_similarity,
             "fast": self.fast,
+            "baselines": list(self.baselines),
         }
 
     def to_yaml(self) -> str:
@@ -527,6 +535,23 @@ def parse_spec(
     kw["dtype"] = None if dtype is None else _choice(p, "dtype", dtype, DTYPES)
     kw["record_similarity"] = _bool(p, "record_similarity", get("record_similarity"), nullable=True)
     kw["fast"] = _bool(p, "fast", get("fast"))
+
+    from iclit.metrics import BASELINES
+
+    baselines = get("baselines")
+    if baselines is None:
+        baselines = []
+    if isinstance(baselines, str):
+        baselines = [baselines]
+    if isinstance(baselines, (list, tuple)):
+        for i, b in enumerate(baselines):
+            if not (isinstance(b, str) and b in BASELINES):
+                p.add(f"baselines[{i}]", f"must be one of {', '.join(BASELINES)}, not {b!r}")
+        if len(set(map(str, baselines))) != len(baselines):
+            p.add("baselines", "lists a baseline twice")
+        kw["baselines"] = tuple(baselines)
+    else:
+        p.add("baselines", f"must be a list of baselines ({', '.join(BASELINES)}), not {_kind(baselines)}")
 
     # factors
     factors = data.get("factors", {})

@@ -288,6 +288,8 @@ class Store:
                 row[f"score_{arm}"] = s
             row["score_name"] = outputs.get("score_name")
             row["it_final_loss"] = outputs.get("it_final_loss")
+            if "chunk_cka_icl_it" in outputs:  # baseline cka: linear CKA of ICL vs IT over the trial's chunk
+                row["chunk_cka_icl_it"] = outputs["chunk_cka_icl_it"]
             row["seconds"] = seconds
             row["trial_key"] = key
             out.append(row)

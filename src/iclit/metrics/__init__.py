@@ -9,12 +9,16 @@ from iclit.metrics.outputs import (
     label_probabilities,
 )
 from iclit.metrics.similarity import (
+    BASELINE_PAIRS,
+    BASELINES,
     PAIRS,
+    baseline_cosines,
     centered_cosine_per_layer,
     cka_per_layer,
     cosine_per_layer,
     linear_cka,
     pairwise_cosines,
+    shuffled_partner,
     update_cosine_per_layer,
 )
 from iclit.metrics.stats import (
@@ -28,7 +32,11 @@ from iclit.metrics.stats import (
 )
 
 __all__ = [
+    "BASELINES",
+    "BASELINE_PAIRS",
     "PAIRS",
+    "baseline_cosines",
+    "shuffled_partner",
     "SUMMARY_COLUMNS",
     "accuracy",
     "agreement",

@@ -16,6 +16,31 @@ EPS: float = 1e-12
 PAIRS: tuple[str, str, str] = ("anchor_icl", "anchor_it", "icl_it")
 """Arm pairs compared by :func:`pairwise_cosines`, named ``<arm>_<arm>``."""
 
+BASELINES: tuple[str, ...] = ("centered", "shuffled", "update", "noise_ceiling", "cka")
+"""What :func:`baseline_cosines` can add beside the three pairs (the spec's ``baselines``)."""
+
+BASELINE_PAIRS: dict[str, tuple[str, ...]] = {
+    "centered": ("anchor_icl_centered", "anchor_it_centered", "icl_it_centered"),
+    "shuffled": ("icl_it_shuffled",),
+    "update": ("update_cosine",),
+    "noise_ceiling": ("it_it_seed",),
+    "cka": (),  # across queries, not per trial: see iclit.experiments.compare.evaluate
+}
+"""The extra "pairs" each baseline stores per trial × layer, like the three of :data:`PAIRS`:
+
+* ``*_centered``: the cosine after subtracting the per-layer mean last-token state of the
+  base model over a reference set of unrelated prompts (anisotropy-corrected);
+* ``icl_it_shuffled``: ICL of trial i against IT of trial (i + 1) mod n of the same
+  evaluated batch (a chunk of the run): the similarity of mismatched queries, a null;
+* ``update_cosine``: cos(h_ICL − h_anchor, h_IT − h_anchor), whether ICL and IT move the
+  query's state in the same direction (the residual-stream version of SimAOU);
+* ``it_it_seed``: IT against IT tuned with another seed (arm ``it_seed2``), the noise ceiling.
+
+``cka`` stores no per-trial pair: linear CKA between the ICL and IT states is across queries,
+so :func:`~iclit.experiments.compare.evaluate` computes it per layer over the trials it
+evaluates together (a chunk of a run) and records it with each of them.
+"""
+
 
 def _f64(x: Tensor) -> Tensor:
     return torch.as_tensor(x).to(torch.float64)
@@ -114,4 +139,45 @@ def pairwise_cosines(states: dict[str, Tensor], *, eps: float = EPS) -> dict[str
     for pair in PAIRS:
         left, right = pair.split("_")
         out[pair] = cosine_per_layer(states[left], states[right], eps=eps)
+    return out
+
+
+def shuffled_partner(n: int) -> list[int]:
+    """The IT row paired with ICL row i by the shuffled-pair null: (i + 1) mod n."""
+    return [(i + 1) % n for i in range(n)]
+
+
+def baseline_cosines(
+    states: dict[str, Tensor],
+    baselines: "tuple[str, ...] | list[str]",
+    *,
+    reference_mean: Tensor | None = None,
+    eps: float = EPS,
+) -> dict[str, Tensor]:
+    """The extra per-trial, per-layer similarities of :data:`BASELINE_PAIRS`, ``{name: [n, L]}``.
+
+    states: ``{"anchor", "icl", "it"[, "it_seed2"]: [n, L, d]}``; reference_mean: ``[L, d]``
+    (needed by ``centered``). ``shuffled`` needs n >= 2 and is left out otherwise;
+    ``noise_ceiling`` needs the ``it_seed2`` states.
+    """
+    unknown = [b for b in baselines if b not in BASELINE_PAIRS]
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; known: {list(BASELINE_PAIRS)}")
+    out: dict[str, Tensor] = {}
+    if "centered" in baselines:
+        if reference_mean is None:
+            raise ValueError("the centered baseline needs reference_mean [L, d]")
+        for pair in PAIRS:
+            left, right = pair.split("_")
+            out[f"{pair}_centered"] = centered_cosine_per_layer(states[left], states[right], reference_mean, eps=eps)
+    if "shuffled" in baselines:
+        n = states["icl"].shape[0]
+        if n >= 2:
+            out["icl_it_shuffled"] = cosine_per_layer(states["icl"], states["it"][shuffled_partner(n)], eps=eps)
+    if "update" in baselines:
+        out["update_cosine"] = update_cosine_per_layer(states["anchor"], states["icl"], states["it"], eps=eps)
+    if "noise_ceiling" in baselines:
+        if "it_seed2" not in states:
+            raise KeyError("the noise_ceiling baseline needs the it_seed2 arm's states")
+        out["it_it_seed"] = cosine_per_layer(states["it"], states["it_seed2"], eps=eps)
     return out

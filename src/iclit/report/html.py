@@ -7,7 +7,14 @@ For each factor of the spec:
   layer and averaged over layers;
 * the per-layer curves, one panel per factor value;
 * a table per factor value: trials, per-arm task accuracy (or chrF) with CIs, the
-  demonstration–query similarity and the number of wrong labels when recorded.
+  demonstration–query similarity and the number of wrong labels when recorded;
+* when the spec asks for ``baselines``: the ICL–IT cosine beside its baselines (centred
+  cosines, the shuffled-pair null, the noise ceiling, the update-direction cosine, linear CKA
+  across the queries of a chunk), per layer and per factor value, with the accuracy per arm;
+* effect sizes: each value of the factor against its base value, paired over (seed,
+  resample) — and the other factors' values in a grid — on the ICL–IT cosine (last layer and
+  mean over layers): mean difference with a paired bootstrap 95% CI, Cohen's d and a
+  sign-flip permutation p-value; and the value where ICL–IT similarity peaks.
 
 With ``design: grid`` a factor's figure pools the other factors' values; with ``separate``
 it shows the cells where the other factors keep their base values. Figures are PNGs embedded
@@ -31,12 +38,25 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from iclit.metrics import summarize
+from iclit.metrics import BASELINE_PAIRS, cohens_d, paired_bootstrap_diff, permutation_test, summarize
 from iclit.report.plots import PAIR_STYLE
 
-__all__ = ["write_report", "render_report", "factor_summary"]
+__all__ = ["write_report", "render_report", "factor_summary", "factor_effects", "EFFECT_PAIRS"]
 
 _PAIRS = tuple(PAIR_STYLE)
+_EXTRA_PAIRS = tuple(p for pairs in BASELINE_PAIRS.values() for p in pairs)
+_EXTRA_STYLE: dict[str, tuple[str, str, str]] = {
+    # pair -> (label, colour, line style)
+    "icl_it_centered": ("ICL – IT, centred", "tab:green", "--"),
+    "anchor_icl_centered": ("anchor – ICL, centred", "tab:blue", "--"),
+    "anchor_it_centered": ("anchor – IT, centred", "tab:orange", "--"),
+    "icl_it_shuffled": ("ICL – IT, shuffled pairs (null)", "tab:gray", ":"),
+    "it_it_seed": ("IT – IT, other seed (noise ceiling)", "tab:red", "-."),
+    "update_cosine": ("update direction cos(ICL−anchor, IT−anchor)", "tab:purple", "-"),
+    "cka_icl_it": ("linear CKA ICL vs IT across a chunk's queries", "black", "-"),
+}
+EFFECT_PAIRS: tuple[str, ...] = ("icl_it", "icl_it_centered", "update_cosine")
+"""The similarities whose factor effects the report tests (those present in the run)."""
 
 
 def _png(fig: Figure, dpi: int = 110) -> str:
@@ -46,6 +66,8 @@ def _png(fig: Figure, dpi: int = 110) -> str:
 
 
 def _pair_style(pair: str) -> tuple[str, str]:
+    if pair in _EXTRA_STYLE:
+        return _EXTRA_STYLE[pair][:2]
     return PAIR_STYLE.get(pair, (pair.replace("_", " – "), "black"))
 
 
@@ -91,18 +113,40 @@ def factor_summary(frame: pd.DataFrame, outputs: pd.DataFrame, plan: Mapping[str
         t = trials[_match(trials[factor], value)] if not trials.empty else trials
         ov = o[_match(o[factor], value)] if not o.empty else o
         row["trials"] = int(len(ov))
-        for pair in _PAIRS:
+        present = set(t["pair"]) if not t.empty else set()
+        for pair in _PAIRS + tuple(p for p in _EXTRA_PAIRS if p in present):
             for what in ("last_layer", "mean_over_layers"):
                 s = summarize(t.loc[t["pair"] == pair, what].to_numpy() if not t.empty else [])
                 row[f"{pair}:{what}"] = s
         for arm in arms:
             row[f"score:{arm}"] = summarize(pd.to_numeric(ov[f"score_{arm}"], errors="coerce").to_numpy() if len(ov) else [])
+        if len(ov) and "chunk_cka_icl_it" in ov.columns:
+            row.update(_chunk_cka(ov))
         if len(ov) and ov["demo_similarity"].notna().any():
             row["demo_similarity"] = summarize(pd.to_numeric(ov["demo_similarity"], errors="coerce").to_numpy())
         if len(ov) and "n_wrong" in ov:
             row["n_wrong"] = float(pd.to_numeric(ov["n_wrong"], errors="coerce").mean())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _chunk_cka(outputs: pd.DataFrame) -> dict[str, Any]:
+    """Linear CKA of the ICL vs IT states across the queries of each chunk (baseline ``cka``;
+    every trial of a chunk carries it): last layer and mean over layers, summarised over chunks."""
+    lasts, means, seen = [], [], set()
+    for key, seed, cka in outputs[["cell_key", "seed", "chunk_cka_icl_it"]].itertuples(index=False):
+        if not isinstance(cka, list) or not cka:
+            continue
+        ident = (key, seed, tuple(cka))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        values = np.array([np.nan if v is None else v for v in cka], dtype=float)
+        lasts.append(values[-1])
+        means.append(np.nanmean(values) if np.isfinite(values).any() else np.nan)
+    if not lasts:
+        return {}
+    return {"cka_icl_it:last_layer": summarize(lasts), "cka_icl_it:mean_over_layers": summarize(means)}
 
 
 def _factor_figure(summary: pd.DataFrame, factor: str, title: str) -> str:
@@ -133,7 +177,8 @@ def _factor_figure(summary: pd.DataFrame, factor: str, title: str) -> str:
     return _png(fig)
 
 
-def _layer_figure(frame: pd.DataFrame, factor: str | None, values: Sequence[Any], title: str) -> str:
+def _layer_figure(frame: pd.DataFrame, factor: str | None, values: Sequence[Any], title: str,
+                  pairs: Sequence[str] = _PAIRS) -> str:
     from iclit.metrics import summarize_layers
 
     n = max(1, len(values))
@@ -150,11 +195,13 @@ def _layer_figure(frame: pd.DataFrame, factor: str | None, values: Sequence[Any]
             pivot = {pair: grp.pivot_table(index="trial_key", columns="layer", values="cosine").to_numpy()
                      for pair, grp in sub.groupby("pair", sort=False)}
             summ = summarize_layers(pivot)
-            for pair in _PAIRS:
+            for pair in pairs:
                 r = summ[summ["pair"] == pair].sort_values("layer")
                 if len(r):
                     label, colour = _pair_style(pair)
-                    ax.plot(r["layer"], r["mean"], color=colour, marker="o", markersize=2.5, linewidth=1.5, label=label)
+                    style = _EXTRA_STYLE[pair][2] if pair in _EXTRA_STYLE else "-"
+                    ax.plot(r["layer"], r["mean"], color=colour, marker="o", markersize=2.5, linewidth=1.5, label=label,
+                            linestyle=style)
                     ax.fill_between(r["layer"], r["ci_low"], r["ci_high"], color=colour, alpha=0.2, linewidth=0)
         ax.set_title(f"{factor} = {value}" if factor else "all trials", fontsize="small")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -199,6 +246,123 @@ def _table(summary: pd.DataFrame, factor: str, score_name: str) -> str:
         out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
+
+
+def _baseline_table(summary: pd.DataFrame, factor: str, score_name: str) -> str:
+    """ICL–IT beside its baselines, last layer and mean over layers, with the accuracy per arm."""
+    extras = [p for p in _EXTRA_PAIRS if f"{p}:last_layer" in summary.columns]
+    if "cka_icl_it:last_layer" in summary.columns:
+        extras.append("cka_icl_it")
+    pairs = ["icl_it", *extras]
+    arms = [c.split(":", 1)[1] for c in summary.columns if c.startswith("score:")]
+    head = [factor, "trials"] + [f"{score_name}: {a}" for a in arms]
+    head += [f"{_pair_style(p)[0]} ({w})" for p in pairs for w in ("last layer", "mean over layers")]
+    out = ["<table class=baselines><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+           + "</tr></thead><tbody>"]
+    for _, row in summary.iterrows():
+        cells = [html.escape(str(row[factor])), str(row["trials"])]
+        cells += [_ci(row[f"score:{a}"]) for a in arms]
+        for p in pairs:
+            for w in ("last_layer", "mean_over_layers"):
+                v = row.get(f"{p}:{w}")
+                cells.append(_ci(v if isinstance(v, Mapping) else None))
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _trial_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial: seed, resample, factor labels, and per pair its last-layer and
+    mean-over-layers cosine as columns ``<pair>:last_layer`` / ``<pair>:mean_over_layers``."""
+    per = _per_trial(frame)
+    wide = per.pivot(index="trial_key", columns="pair", values=["last_layer", "mean_over_layers"])
+    wide.columns = [f"{pair}:{what}" for what, pair in wide.columns]
+    meta_cols = [c for c in frame.columns if c not in ("layer", "pair", "cosine")]
+    meta = frame.drop_duplicates("trial_key")[meta_cols].set_index("trial_key")
+    return meta.join(wide).reset_index()
+
+
+def _reference_value(plan: Mapping[str, Any], factor: str) -> Any:
+    """The level every other value is compared with: the base value if it is among the
+    factor's values, else the first value."""
+    values = _values(plan, factor)
+    base = plan.get("base", {}).get(factor)
+    return next((v for v in values if str(v) == str(base)), values[0])
+
+
+def factor_effects(frame: pd.DataFrame, plan: Mapping[str, Any], factor: str, *,
+                   pairs: Sequence[str] = EFFECT_PAIRS, n_boot: int = 2000, n_perm: int = 10000,
+                   seed: int = 0) -> pd.DataFrame:
+    """Each value of ``factor`` against the reference (base) value, paired trial by trial.
+
+    Trials are paired on (seed, resample) — the same query — and, in a grid design, on the
+    other factors' values. For each similarity in ``pairs`` present in the run and each of
+    last layer / mean over layers: mean difference (value − reference) with a paired
+    bootstrap 95% CI, Cohen's d of the differences and a two-sided sign-flip permutation
+    p-value. One row per (value, pair, what).
+    """
+    columns = ["factor", "value", "reference", "pair", "what", "n", "mean_value", "mean_reference",
+               "mean_diff", "ci_low", "ci_high", "cohens_d", "p_value"]
+    f = _subset(frame, factor, plan)
+    if f.empty or factor not in f.columns:
+        return pd.DataFrame(columns=columns)
+    t = _trial_table(f)
+    ref = _reference_value(plan, factor)
+    others = [o for o in plan["factors"] if o != factor and o in t.columns] if plan.get("design") != "separate" else []
+    keys = ["seed", "resample", *others]
+    t = t.assign(**{k: t[k].astype(str) for k in others})
+    base_rows = t[_match(t[factor], ref)].set_index(keys)
+    rows = []
+    for value in _values(plan, factor):
+        if str(value) == str(ref):
+            continue
+        cur = t[_match(t[factor], value)].set_index(keys)
+        joined = cur.merge(base_rows, left_index=True, right_index=True, how="inner", suffixes=("", "@ref"))
+        for pair in pairs:
+            for what in ("last_layer", "mean_over_layers"):
+                col = f"{pair}:{what}"
+                if col not in t.columns:
+                    continue
+                a = pd.to_numeric(joined[col], errors="coerce").to_numpy(dtype=float)
+                b = pd.to_numeric(joined[f"{col}@ref"], errors="coerce").to_numpy(dtype=float)
+                d = paired_bootstrap_diff(a, b, n_boot=n_boot, seed=seed)
+                rows.append({
+                    "factor": factor, "value": value, "reference": ref, "pair": pair, "what": what, "n": d["n"],
+                    "mean_value": float(np.nanmean(a)) if d["n"] else float("nan"),
+                    "mean_reference": float(np.nanmean(b)) if d["n"] else float("nan"),
+                    "mean_diff": d["mean_diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
+                    "cohens_d": cohens_d(a, b) if d["n"] else float("nan"),
+                    "p_value": permutation_test(a, b, n_perm=n_perm, seed=seed) if d["n"] else float("nan"),
+                })
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _effects_table(effects: pd.DataFrame) -> str:
+    head = ["value", "vs", "similarity", "", "pairs", "mean (value)", "mean (vs)", "difference [95% CI]",
+            "Cohen's d", "permutation p"]
+    out = ["<table class=effects><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+           + "</tr></thead><tbody>"]
+    for r in effects.itertuples(index=False):
+        diff = (f"{r.mean_diff:+.4f} <span class=ci>[{r.ci_low:+.4f}, {r.ci_high:+.4f}]</span>"
+                if r.n else "–")
+        cells = [html.escape(str(r.value)), html.escape(str(r.reference)), html.escape(_pair_style(r.pair)[0]),
+                 r.what.replace("_", " "), str(r.n), _ci(r.mean_value, 4), _ci(r.mean_reference, 4), diff,
+                 _ci(r.cohens_d, 2), _ci(r.p_value, 4)]
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _peak(summary: pd.DataFrame, factor: str) -> str:
+    """Where the ICL–IT cosine (last layer, and mean over layers) is highest over the factor's values."""
+    parts = []
+    for what, heading in (("last_layer", "last layer"), ("mean_over_layers", "mean over layers")):
+        means = [s["mean"] if isinstance(s, Mapping) and s.get("n") else np.nan for s in summary[f"icl_it:{what}"]]
+        if np.all(np.isnan(means)):
+            continue
+        i = int(np.nanargmax(means))
+        parts.append(f"{heading}: {html.escape(str(summary[factor].iloc[i]))} ({means[i]:.4f})")
+    return ("<p class=note>ICL–IT similarity peaks at " + "; ".join(parts) + "</p>") if parts else ""
 
 
 _CSS = """
@@ -281,13 +445,37 @@ def render_report(run_dir: str | Path) -> str:
         parts.append(f"<img alt='per-layer similarity by {html.escape(factor)}' src='data:image/png;base64,"
                      f"{_layer_figure(sub, factor, values, f'per-layer similarity by {factor}')}'>")
         parts.append(_table(summary, factor, score_name))
+        extras = [p for p in _EXTRA_PAIRS if f"{p}:last_layer" in summary.columns]
+        if extras or "cka_icl_it:last_layer" in summary.columns:
+            parts.append(f"<h3>Baselines by {html.escape(factor)}</h3>")
+            if extras:
+                parts.append(f"<img alt='baselines per layer by {html.escape(factor)}' src='data:image/png;base64,"
+                             f"{_layer_figure(sub, factor, values, f'ICL–IT and its baselines per layer by {factor}', ('icl_it', *extras))}'>")
+            parts.append(_baseline_table(summary, factor, score_name))
+        if len(values) > 1:
+            effects = factor_effects(frame, plan, factor)
+            parts.append(f"<h3>Effect sizes: {html.escape(factor)}</h3>")
+            parts.append("<p class=note>each value against the reference value, paired over (seed, resample)"
+                         + (" and the other factors' values" if pooled else "")
+                         + "; paired bootstrap 95% CI of the mean difference, Cohen's d of the differences, "
+                         "two-sided sign-flip permutation test</p>")
+            parts.append(_effects_table(effects))
+            parts.append(_peak(summary, factor))
     if not factors and not frame.empty:  # a single cell: its per-layer curves and its table
         task_name = str(frame["task"].iloc[0])
         single = dict(plan, factors={"task": [task_name]}, design="grid")
         parts.append("<h2>All trials</h2>")
         parts.append(f"<img alt='per-layer similarity' src='data:image/png;base64,"
                      f"{_layer_figure(frame, None, [], 'per-layer similarity')}'>")
-        parts.append(_table(factor_summary(frame, outputs, single, "task"), "task", score_name))
+        one = factor_summary(frame, outputs, single, "task")
+        parts.append(_table(one, "task", score_name))
+        extras = [p for p in _EXTRA_PAIRS if f"{p}:last_layer" in one.columns]
+        if extras or "cka_icl_it:last_layer" in one.columns:
+            parts.append("<h3>Baselines</h3>")
+            if extras:
+                parts.append(f"<img alt='baselines per layer' src='data:image/png;base64,"
+                             f"{_layer_figure(frame, None, [], 'ICL–IT and its baselines per layer', ('icl_it', *extras))}'>")
+            parts.append(_baseline_table(one, "task", score_name))
     parts.append("<h2>Spec</h2>")
     parts.append(f"<pre>{html.escape(spec_yaml)}</pre>")
     parts.append("<h2>Versions</h2><table><tbody>")

@@ -1,0 +1,241 @@
+"""Reviewer baselines beside the cosines: centred cosine, shuffled-pair null, noise ceiling
+(arm it_seed2), update-direction cosine; stored by the runner, shown and tested in the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from exp_helpers import TINY_SPEC
+from iclit.capture import capture
+from iclit.experiments import make_plan, parse_spec, run_experiment
+from iclit.experiments.compare import evaluate, reference_mean, run_arms
+from iclit.experiments.spec import SpecError
+from iclit.experiments.store import open_store
+from iclit.metrics import (BASELINE_PAIRS, BASELINES, PAIRS, baseline_cosines, centered_cosine_per_layer,
+                           cosine_per_layer, shuffled_partner, update_cosine_per_layer)
+from iclit.models import prepare
+from iclit.models.tiny import build_tiny_llama
+from iclit.report import factor_effects, render_report
+from iclit.tasks import draw_resamples, get_task, reference_prompts
+from iclit.tuning import TuningRecipe
+
+N = 3
+EXTRA = [p for pairs in BASELINE_PAIRS.values() for p in pairs]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_tokenizer):
+    return prepare(build_tiny_llama(len(tiny_tokenizer), seed=0), tiny_tokenizer, name="tiny-llama", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cell(lm):
+    task = get_task("sentiment")
+    draws = draw_resamples(task, 2, N, 0)
+    return evaluate(lm, task, draws, recipe=TuningRecipe(epochs=3), seed=0, baselines=BASELINES)
+
+
+def _states(cell):
+    return {arm: o.states for arm, o in cell.outputs.items()}
+
+
+def test_every_baseline_is_stored_per_trial_and_layer(cell, lm):
+    assert set(cell.cosines) == set(PAIRS) | set(EXTRA)
+    for pair, values in cell.cosines.items():
+        assert values.shape == (N, lm.n_layers + 1), pair
+        assert np.all(np.isfinite(values))
+    for trial in cell.trials:
+        assert all(len(trial[p]) == lm.n_layers + 1 for p in EXTRA)
+    assert set(cell.scores) == {"anchor", "icl", "it", "it_seed2"}  # accuracy of the extra arm too
+
+
+def test_centered_cosine_subtracts_the_reference_mean(cell, lm):
+    mean = capture(lm.model, lm.tokenizer, reference_prompts()).states.double().mean(0)
+    assert torch.allclose(reference_mean(lm).double(), mean, atol=1e-5)
+    assert reference_mean(lm) is reference_mean(lm)  # memoised per loaded model
+    s = _states(cell)
+    for pair in PAIRS:
+        left, right = pair.split("_")
+        want = centered_cosine_per_layer(s[left], s[right], mean).numpy()
+        np.testing.assert_allclose(cell.cosines[f"{pair}_centered"], want, atol=1e-5)
+
+
+def test_centered_cosine_with_a_known_mean():
+    m = torch.tensor([[100.0, 0.0, 0.0]])  # [L=1, d=3]: a huge shared "rogue" direction
+    a = (m + torch.tensor([[0.0, 1.0, 0.0]]))[None]
+    b = (m + torch.tensor([[0.0, 0.0, 1.0]]))[None]
+    states = {"anchor": a, "icl": a, "it": b}
+    raw = cosine_per_layer(a, b)
+    assert float(raw[0, 0]) > 0.99
+    out = baseline_cosines(states, ["centered"], reference_mean=m)
+    assert float(out["icl_it_centered"][0, 0]) == pytest.approx(0.0, abs=1e-12)
+    assert float(out["anchor_icl_centered"][0, 0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="reference_mean"):
+        baseline_cosines(states, ["centered"])
+    with pytest.raises(ValueError, match="unknown"):
+        baseline_cosines(states, ["nope"])
+
+
+def test_shuffled_pairs_icl_i_with_it_of_the_next_trial(cell):
+    assert shuffled_partner(3) == [1, 2, 0]
+    assert shuffled_partner(1) == [0]
+    s = _states(cell)
+    for i, j in enumerate(shuffled_partner(N)):
+        want = cosine_per_layer(s["icl"][i], s["it"][j]).numpy()
+        np.testing.assert_allclose(cell.cosines["icl_it_shuffled"][i], want, atol=1e-12)
+    one = {k: v[:1] for k, v in s.items()}
+    assert "icl_it_shuffled" not in baseline_cosines(one, ["shuffled"])  # no partner in a batch of one
+
+
+def test_noise_ceiling_arm_is_it_with_another_seed(cell):
+    assert run_arms(("anchor", "icl", "it"), ["noise_ceiling"]) == ("anchor", "icl", "it", "it_seed2")
+    assert run_arms(("anchor", "icl", "it"), ["centered"]) == ("anchor", "icl", "it")
+    it, it2 = cell.outputs["it"].states, cell.outputs["it_seed2"].states
+    assert not torch.allclose(it[:, 1:], it2[:, 1:])  # another LoRA init: other states
+    torch.testing.assert_close(it[:, 0], it2[:, 0])  # the embeddings are not tuned
+    np.testing.assert_allclose(cell.cosines["it_it_seed"], cosine_per_layer(it, it2).numpy(), atol=1e-12)
+    assert len(cell.outputs["it_seed2"].tuning) == N
+
+
+def test_update_cosine_is_the_metrics_function(cell):
+    s = _states(cell)
+    want = update_cosine_per_layer(s["anchor"], s["icl"], s["it"]).numpy()
+    np.testing.assert_allclose(cell.cosines["update_cosine"], want, atol=1e-12)
+
+
+def test_cka_across_the_chunk(cell, lm):
+    from iclit.metrics import cka_per_layer
+
+    s = _states(cell)
+    want = cka_per_layer(s["icl"], s["it"]).numpy()
+    got = np.array([np.nan if v is None else v for v in cell.trials[0]["chunk_cka_icl_it"]], dtype=float)
+    assert got.shape == (lm.n_layers + 1,)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert all(t["chunk_cka_icl_it"] == cell.trials[0]["chunk_cka_icl_it"] for t in cell.trials)
+    assert "cka" not in BASELINE_PAIRS or BASELINE_PAIRS["cka"] == ()  # no per-trial pair
+
+
+def test_cka_needs_three_queries(lm):
+    task = get_task("sentiment")
+    draws = draw_resamples(task, 2, 2, 0)
+    two = evaluate(lm, task, draws, recipe=TuningRecipe(epochs=2), seed=0, baselines=["cka"])
+    assert "chunk_cka_icl_it" not in two.trials[0] and set(two.cosines) == set(PAIRS)
+
+
+def test_default_evaluate_adds_nothing(lm):
+    task = get_task("sentiment")
+    draws = draw_resamples(task, 2, 2, 0)
+    plain = evaluate(lm, task, draws, recipe=TuningRecipe(epochs=2), seed=0)
+    assert set(plain.cosines) == set(PAIRS) and set(plain.outputs) == {"anchor", "icl", "it"}
+
+
+# --- spec, plan, store, report -------------------------------------------------------------
+
+
+def test_spec_baselines_validate_and_change_keys_only_when_set():
+    spec = parse_spec({**TINY_SPEC, "baselines": ["centered", "noise_ceiling"]})
+    assert spec.baselines == ("centered", "noise_ceiling")
+    assert parse_spec(spec.to_dict()) == spec
+    plain = parse_spec(TINY_SPEC)
+    assert plain.baselines == ()
+    assert "baselines" not in make_plan(plain).cells[0].settings  # runs without baselines keep their keys
+    assert set(make_plan(spec).trial_keys()).isdisjoint(make_plan(plain).trial_keys())
+    with pytest.raises(SpecError) as e:
+        parse_spec({**TINY_SPEC, "baselines": ["centred", "update", "update"]})
+    text = str(e.value)
+    assert "baselines[0]: must be one of centered, shuffled, update, noise_ceiling" in text
+    assert "lists a baseline twice" in text
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("baselines-run")
+    spec = parse_spec({**TINY_SPEC, "resamples": 4, "chunk_size": 4, "baselines": list(BASELINES)})
+    run_experiment(spec, out)
+    return out
+
+
+def test_runner_stores_the_baselines(run_dir: Path):
+    with open_store(run_dir) as store:
+        frame = store.frame()
+        outputs = store.outputs()
+    assert set(frame["pair"]) == set(PAIRS) | set(EXTRA)
+    assert frame.groupby("trial_key")["pair"].nunique().eq(len(PAIRS) + len(EXTRA)).all()
+    assert "score_it_seed2" in outputs.columns and outputs["score_it_seed2"].notna().all()
+    assert outputs["chunk_cka_icl_it"].map(len).eq(frame["layer"].max() + 1).all()
+
+
+def test_report_shows_baselines_and_effects(run_dir: Path):
+    text = render_report(run_dir)
+    for needle in ("Baselines by k", "Baselines by wrong_labels", "ICL – IT, centred", "shuffled pairs (null)",
+                   "noise ceiling", "update direction", "Effect sizes: k", "Cohen&#x27;s d", "permutation p",
+                   "ICL–IT similarity peaks at", "accuracy: it_seed2", "linear CKA ICL vs IT"):
+        assert needle in text, needle
+    assert text.count("<img ") == 6  # per factor: against-factor figure, per-layer curves, baselines per layer
+
+
+def test_factor_effects_pair_trials_and_match_a_direct_computation(run_dir: Path):
+    with open_store(run_dir) as store:
+        plan = store.latest_run()["plan"]
+        frame = store.frame(plan)
+    eff = factor_effects(frame, plan, "k", n_perm=2000)
+    row = eff[(eff["pair"] == "icl_it") & (eff["what"] == "last_layer")].iloc[0]
+    assert row["value"] == 1 and row["reference"] == 2  # the base value k = 2 is the reference
+    assert row["n"] == 8  # 4 resamples x the 2 values of wrong_labels (grid: paired on them too)
+    last = frame[frame["pair"] == "icl_it"]
+    last = last[last["layer"] == last["layer"].max()]
+    a = last[last["k"] == 1].set_index(["resample", "wrong_labels"])["cosine"]
+    b = last[last["k"] == 2].set_index(["resample", "wrong_labels"])["cosine"]
+    d = (a - b.reindex(a.index)).to_numpy()
+    assert row["mean_diff"] == pytest.approx(d.mean())
+    assert row["ci_low"] <= row["mean_diff"] <= row["ci_high"]
+    assert 0 < row["p_value"] <= 1
+    assert set(eff["pair"]) == {"icl_it", "icl_it_centered", "update_cosine"}
+
+
+def test_factor_effects_known_difference():
+    rows = []
+    for value, shift in ((0, 0.0), (1, 0.1)):
+        for r in range(6):
+            for layer in range(2):
+                rows.append({"trial_key": f"{value}-{r}", "seed": 0, "resample": r, "k": value, "pair": "icl_it",
+                             "layer": layer, "cosine": 0.5 + 0.01 * r + shift})
+    plan = {"factors": {"k": [0, 1]}, "base": {"k": 0}, "design": "grid"}
+    eff = factor_effects(pd.DataFrame(rows), plan, "k", n_perm=500)
+    r = eff[eff["what"] == "last_layer"].iloc[0]
+    assert r["mean_diff"] == pytest.approx(0.1) and r["n"] == 6
+    assert r["ci_low"] == pytest.approx(0.1) and r["ci_high"] == pytest.approx(0.1)
+    assert r["p_value"] == pytest.approx(2 / 64, abs=0.03)  # all 6 differences equal: only 2 of 64 sign patterns as big
+
+
+def test_cli_results_effects(run_dir: Path):
+    from typer.testing import CliRunner
+
+    from iclit.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["results", str(run_dir), "--effects", "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[0].startswith("factor,value,reference,pair,what,n,")
+    # 2 factors x 1 non-reference value x 3 similarities x 2 (last layer, mean over layers)
+    assert len(lines) == 1 + 2 * 3 * 2
+    bad = runner.invoke(app, ["results", str(run_dir), "--effects", "--outputs"])
+    assert bad.exit_code != 0 and "--effects goes alone" in bad.output
+    table = runner.invoke(app, ["results", str(run_dir), "--effects"])
+    assert table.exit_code == 0 and "┏" in table.output  # a rich table (its headers fold at 80 columns)
+
+
+def test_single_cell_report_shows_baselines(tmp_path: Path):
+    spec = parse_spec({**TINY_SPEC, "factors": {}, "resamples": 3, "chunk_size": 3, "baselines": list(BASELINES)})
+    run_experiment(spec, tmp_path / "one")
+    text = render_report(tmp_path / "one")
+    for needle in ("All trials", "<h3>Baselines</h3>", "noise ceiling", "linear CKA ICL vs IT", "accuracy: it_seed2"):
+        assert needle in text, needle
+    assert "Effect sizes" not in text
+    assert text.count("<img ") == 2
