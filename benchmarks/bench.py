@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -44,7 +43,7 @@ import torch
 from iclit.capture import capture, reference_last_states
 from iclit.models import load_model
 from iclit.tasks import get_task
-from iclit.tuning import TuningRecipe, encode_pairs, fit, lora_config, tuned_many
+from iclit.tuning import TuningRecipe, default_train_tokens, encode_pairs, fit, lora_config, tuned_many
 
 
 def rss_bytes() -> int:
@@ -140,7 +139,7 @@ def bench_it(lm, task, n_adapters: int, k: int, epochs: int, batch_size: int):
             model.requires_grad_(False)
         ref_states = torch.stack(ref_states)
     with measure(device) as fast:
-        with tuned_many(model, tok, sets, recipe, seeds=seeds) as (m, router, results):
+        with tuned_many(model, tok, sets, recipe, seeds=seeds, max_tokens=default_train_tokens(device)) as (m, router, results):
             states = capture(m, tok, queries, batch_size=batch_size, before_batch=lambda rows: router.set(rows, device)).states
     losses = [r.final_loss for r in results]
     loss_ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(ref_loss, losses))
@@ -157,13 +156,18 @@ def bench_it(lm, task, n_adapters: int, k: int, epochs: int, batch_size: int):
 def bench_e2e(model: str, resamples: int, out: Path) -> tuple[float, int, str]:
     cmd = [sys.executable, "-m", "iclit.cli", "compare", "--model", model, "--task", "sentiment", "--k", "4",
            "--resamples", str(resamples), "--seed", "0", "--out", str(out)]
+    # A small wrapper process starts the run and reports its children's peak RSS: a child
+    # forked straight from this (large) process would count this process's pages in its
+    # ru_maxrss until it execs.
+    wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     if proc.returncode != 0:
         raise SystemExit(f"e2e compare failed:\n{proc.stderr[-3000:]}")
-    return seconds, peak, " ".join(cmd[2:])
+    peak = int(proc.stdout.strip().splitlines()[-1]) * 1024
+    return seconds, peak, " ".join(cmd[3:])
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from torch import nn
 from iclit.capture import capture, greedy_continuations, label_token_ids
 from iclit.models import LoadedModel
 from iclit.tasks import Resample, Task, Template
-from iclit.tuning import TuningRecipe, TuningResult, tuned, tuned_many
+from iclit.tuning import TuningRecipe, TuningResult, default_train_tokens, tuned, tuned_many
 
 
 @dataclass
