@@ -7,7 +7,7 @@
 
 An arm maps an :class:`ArmContext` (model, task, resamples, recipe) to an :class:`ArmOutput`
 (states at the last prompt token and the model's answer). New conditions slot in with
-:func:`register_arm`.
+:func:`register_arm`. A fourth arm serves as a baseline:
 
 * ``it_seed2``: the ``it`` arm tuned with another seed (:attr:`ArmContext.seed_offset` = 1;
   it changes the LoRA initialisation, the data order and dropout, so under full
@@ -49,10 +49,8 @@ class ArmContext:
     adapters_per_pass: int = 64
     """How many LoRA adapters the fast IT path trains together."""
     max_train_tokens: int | None = None
-    """Padded tokens per training micro-batch of the fast IT path (memory bound); default
-    768 on CPU (about 1.4 MB of saved activations per token on Gemma-3-270M in fp32, so the
-    whole run stays under 4 GB), 32768 on CUDA. Results do not depend on it beyond float
-    rounding."""
+    """Padded tokens per training micro-batch of the fast IT path (memory bound); default:
+    :func:`iclit.tuning.default_train_tokens`."""
 
     seed_offset: int = 0
     """Added (times a large prime) to every tuning seed: 0 for ``it``, 1 for ``it_seed2``."""
@@ -60,7 +58,7 @@ class ArmContext:
     def train_tokens(self) -> int:
         if self.max_train_tokens is not None:
             return self.max_train_tokens
-        return 32768 if self.lm.device.type == "cuda" else 768
+        return default_train_tokens(self.lm.device)
 
     @property
     def label_ids(self) -> torch.Tensor | None:
