@@ -28,6 +28,14 @@ TINY_SPEC = {
 """Two factors, 4 cells x 6 resamples = 24 trials in 12 chunks; about a second on the tiny model."""
 
 
+def run_tiny_spec(out: Path, **kwargs):
+    """Run TINY_SPEC into ``out`` in this process (tests/unit/conftest.py keeps one torch
+    thread per module) and return the RunSummary."""
+    from iclit.experiments import parse_spec, run_experiment
+
+    return run_experiment(parse_spec(TINY_SPEC), out, **kwargs)
+
+
 def write_spec(path: Path, **changes) -> Path:
     spec = {**TINY_SPEC, **changes}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, env_one_thread, iclit_cmd, write_spec
+from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, env_one_thread, iclit_cmd, run_tiny_spec, write_spec
 from iclit.experiments import Store, parse_spec, run_experiment
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install 'iclit[ray]'; the test extra has it)")
@@ -32,15 +32,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory) -> Path:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("local")
-        run_experiment(parse_spec(TINY_SPEC), out, backend="local")
-    finally:
-        torch.set_num_threads(before)
+    out = tmp_path_factory.mktemp("local")
+    run_tiny_spec(out, backend="local")
     return out
 
 

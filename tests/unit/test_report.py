@@ -10,22 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exp_helpers import TINY_SPEC
+from exp_helpers import TINY_SPEC, run_tiny_spec
 from iclit.experiments import parse_spec, run_experiment
 from iclit.report import render_report, write_report
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("report-run")
-        run_experiment(parse_spec(TINY_SPEC), out)
-    finally:
-        torch.set_num_threads(before)
+    out = tmp_path_factory.mktemp("report-run")
+    run_tiny_spec(out)
     return out
 
 

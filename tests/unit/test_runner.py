@@ -18,6 +18,7 @@ from exp_helpers import (
     TINY_SPEC,
     assert_same_numbers,
     check_store,
+    run_tiny_spec,
     start_run,
     stored_trials,
     write_spec,
@@ -42,15 +43,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The tiny spec run once, uninterrupted, in this process (one torch thread)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("reference")
-        summary = run_experiment(parse_spec(TINY_SPEC), out)
-    finally:
-        torch.set_num_threads(before)
+    out = tmp_path_factory.mktemp("reference")
+    summary = run_tiny_spec(out)
     assert summary.computed == N_TRIALS and summary.chunks_run == 12
     return out
 
