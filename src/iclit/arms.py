@@ -54,6 +54,8 @@ class ArmContext:
 
     seed_offset: int = 0
     """Added (times a large prime) to every tuning seed: 0 for ``it``, 1 for ``it_seed2``."""
+    query_mean: bool = False
+    """Also capture the states averaged over the query's tokens (``ArmOutput.pooled``)."""
 
     def train_tokens(self) -> int:
         if self.max_train_tokens is not None:
@@ -65,6 +67,10 @@ class ArmContext:
         if self.task.kind != "classification":
             return None
         return label_token_ids(self.lm.tokenizer, [self.task.template.answer(l) for l in self.task.labels])
+
+    def query_block(self, text: str) -> str:
+        """The query as it ends every prompt (anchor, ICL and IT alike): no instruction."""
+        return self.task.template.query(text, with_instruction=False)
 
     def query_prompts(self) -> list[str]:
         return [self.task.template.query(r.query.input) for r in self.resamples]
@@ -84,12 +90,16 @@ class ArmContext:
 class ArmOutput:
     """states: [n, L+1, d]; predictions: n answers (label words or generated text);
     label_probs: [n, n_labels] normalised over the labels (classification) or None;
-    tuning: per-resample tuning results (IT arms) or empty."""
+    tuning: per-resample tuning results (IT arms) or empty; pooled: [n, L+1, d] states
+    averaged over the query's tokens (:attr:`ArmContext.query_mean`) or None; by_step: for
+    IT arms whose recipe has ``capture_steps``, the same outputs after each of those steps."""
 
     states: torch.Tensor
     predictions: list[str]
     label_probs: torch.Tensor | None = None
     tuning: list[TuningResult] = field(default_factory=list)
+    pooled: torch.Tensor | None = None
+    by_step: dict[int, "ArmOutput"] = field(default_factory=dict)
 
 
 def read_out(
@@ -99,41 +109,58 @@ def read_out(
     *,
     prefixes: Sequence[str | None] | None = None,
     before_batch: Callable[[list[int]], None] | None = None,
+    queries: Sequence[str] | None = None,
 ) -> ArmOutput:
-    """States at the last prompt token, plus the model's answer at that position."""
+    """States at the last prompt token, plus the model's answer at that position.
+
+    queries: the query input each prompt ends with; with ``ctx.query_mean`` the states are
+    also averaged over the query's tokens (from its input prefix to the last token)."""
     tok = ctx.lm.tokenizer
     label_ids = ctx.label_ids
+    span_from = None
+    if ctx.query_mean:
+        if queries is None:
+            raise ValueError("query_mean needs the query of each prompt")
+        span_from = [len(p) - len(ctx.query_block(q)) for p, q in zip(prompts, queries)]
     cap = capture(
         model, tok, prompts, label_ids=label_ids, batch_size=ctx.batch_size,
         prefixes=prefixes if ctx.fast else None, before_batch=before_batch, reference=not ctx.fast,
+        span_from=span_from,
     )
     if label_ids is not None:
         probs = torch.softmax(cap.label_logits, dim=-1)
         preds = [ctx.task.labels[i] for i in probs.argmax(dim=-1).tolist()]
-        return ArmOutput(cap.states, preds, probs)
+        return ArmOutput(cap.states, preds, probs, pooled=cap.pooled)
     stop = ctx.task.template.io_sep or "\n"
     preds = greedy_continuations(
         model, tok, prompts, max_new_tokens=ctx.max_new_tokens, stop=stop, batch_size=ctx.batch_size,
         before_batch=before_batch,
     )
-    return ArmOutput(cap.states, preds)
+    return ArmOutput(cap.states, preds, pooled=cap.pooled)
 
 
 def _concat(outputs: list[ArmOutput]) -> ArmOutput:
     probs = [o.label_probs for o in outputs]
+    pooled = [o.pooled for o in outputs]
+    steps = sorted({s for o in outputs for s in o.by_step})
     return ArmOutput(
         states=torch.cat([o.states for o in outputs]),
         predictions=[p for o in outputs for p in o.predictions],
         label_probs=torch.cat(probs) if probs[0] is not None else None,
         tuning=[t for o in outputs for t in o.tuning],
+        pooled=torch.cat(pooled) if pooled[0] is not None else None,
+        by_step={s: _concat([o.by_step.get(s, o) for o in outputs]) for s in steps},
     )
 
 
 def _pick(out: ArmOutput, rows: Sequence[int]) -> ArmOutput:
+    rows = list(rows)
     return ArmOutput(
-        out.states[list(rows)],
+        out.states[rows],
         [out.predictions[i] for i in rows],
-        out.label_probs[list(rows)] if out.label_probs is not None else None,
+        out.label_probs[rows] if out.label_probs is not None else None,
+        pooled=out.pooled[rows] if out.pooled is not None else None,
+        by_step={s: _pick(o, rows) for s, o in out.by_step.items()},
     )
 
 
@@ -142,14 +169,16 @@ def anchor_arm(ctx: ArmContext) -> ArmOutput:
     once per loaded model and memoised (``lm.memo``), so every condition that needs the same
     anchor reuses it."""
     prompts = ctx.query_prompts()
+    queries = [r.query.input for r in ctx.resamples]
     if not ctx.fast:
-        out = read_out(ctx, ctx.lm.model, prompts)
+        out = read_out(ctx, ctx.lm.model, prompts, queries=queries)
     else:
-        key = ("anchor", ctx.task.kind, ctx.task.labels, ctx.max_new_tokens)
+        key = ("anchor", ctx.task.kind, ctx.task.labels, ctx.max_new_tokens, ctx.query_mean)
         memo = ctx.lm.memo.setdefault(key, {})
+        query_of = dict(zip(prompts, queries))
         todo = sorted({p for p in prompts if p not in memo})
         if todo:
-            fresh = read_out(ctx, ctx.lm.model, todo)
+            fresh = read_out(ctx, ctx.lm.model, todo, queries=[query_of[p] for p in todo])
             for i, p in enumerate(todo):
                 memo[p] = _pick(fresh, [i])
         out = _concat([memo[p] for p in prompts])
@@ -161,7 +190,8 @@ def icl_arm(ctx: ArmContext) -> ArmOutput:
     """Demonstrations + query on the base model; on the fast path the demonstrations' key/value
     cache is computed once per demonstration set and shared by its queries."""
     prefixes = [ctx.task.template.icl_prefix(r.demonstrations, ctx.demo_template) for r in ctx.resamples]
-    out = read_out(ctx, ctx.lm.model, ctx.icl_prompts(), prefixes=prefixes)
+    out = read_out(ctx, ctx.lm.model, ctx.icl_prompts(), prefixes=prefixes,
+                   queries=[r.query.input for r in ctx.resamples])
     ctx.advance(len(ctx.resamples))
     return out
 
@@ -173,29 +203,45 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
     in one batched forward/backward, and their states are captured in batched passes with each
     row routed to its own adapter. Otherwise (full fine-tuning, or ``fast=False``): one PEFT
     adapter or one model copy per resample, one after another.
+
+    With ``recipe.capture_steps``, the tuned model is also read after each of those steps of
+    the same training run (``ArmOutput.by_step``); k = 0 resamples, which have nothing to
+    tune on, read the base model there too.
     """
     prompts = ctx.query_prompts()
+    queries = [r.query.input for r in ctx.resamples]
     outputs: list[ArmOutput | None] = [None] * len(ctx.resamples)
     todo = []
     for i, r in enumerate(ctx.resamples):
         if not r.demonstrations:  # k = 0: nothing to tune on, IT is the base model
-            outputs[i] = read_out(ctx, ctx.lm.model, [prompts[i]])
+            outputs[i] = read_out(ctx, ctx.lm.model, [prompts[i]], queries=[queries[i]])
             outputs[i].tuning = [TuningResult()]
+            outputs[i].by_step = {s: outputs[i] for s in ctx.recipe.capture_steps}
             ctx.advance(1)
         else:
             todo.append(i)
     if ctx.fast and ctx.recipe.method == "lora":
+        device = ctx.lm.device
         for start in range(0, len(todo), ctx.adapters_per_pass):
             chunk = todo[start : start + ctx.adapters_per_pass]
             pair_sets = [ctx.training_pairs(ctx.resamples[i]) for i in chunk]
             seeds = [ctx.tuning_seed(ctx.resamples[i]) for i in chunk]
+            chunk_prompts, chunk_queries = [prompts[i] for i in chunk], [queries[i] for i in chunk]
+            by_step: dict[int, ArmOutput] = {}
+
+            def read(model: nn.Module, router) -> ArmOutput:
+                return read_out(ctx, model, chunk_prompts, queries=chunk_queries,
+                                before_batch=lambda rows: router.set(rows, device))
+
+            def on_step(step: int, model: nn.Module, router) -> None:
+                by_step[step] = read(model, router)
+
             with tuned_many(
-                ctx.lm.model, ctx.lm.tokenizer, pair_sets, ctx.recipe, seeds=seeds, max_tokens=ctx.train_tokens()
+                ctx.lm.model, ctx.lm.tokenizer, pair_sets, ctx.recipe, seeds=seeds, max_tokens=ctx.train_tokens(),
+                on_step=on_step,
             ) as (model, router, results):
-                device = ctx.lm.device
-                out = read_out(
-                    ctx, model, [prompts[i] for i in chunk], before_batch=lambda rows: router.set(rows, device)
-                )
+                out = read(model, router)
+            out.by_step = by_step
             for j, i in enumerate(chunk):
                 outputs[i] = _pick(out, [j])
                 outputs[i].tuning = [results[j]]
@@ -203,12 +249,18 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
     else:
         for i in todo:
             r = ctx.resamples[i]
+            by_step = {}
+
+            def on_step(step: int, model: nn.Module, i: int = i, by_step: dict = by_step) -> None:
+                by_step[step] = read_out(ctx, model, [prompts[i]], queries=[queries[i]])
+
             with tuned(
                 ctx.lm.model, ctx.lm.tokenizer, ctx.training_pairs(r), ctx.recipe,
-                seed=ctx.tuning_seed(r), reference=not ctx.fast,
+                seed=ctx.tuning_seed(r), reference=not ctx.fast, on_step=on_step,
             ) as (model, result):
-                outputs[i] = read_out(ctx, model, [prompts[i]])
+                outputs[i] = read_out(ctx, model, [prompts[i]], queries=[queries[i]])
             outputs[i].tuning = [result]
+            outputs[i].by_step = by_step
             ctx.advance(1)
     return _concat(outputs)
 

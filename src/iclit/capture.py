@@ -9,6 +9,11 @@ the last real token of each prompt are kept: forward hooks gather them layer by 
 Batches are right-padded and the last-token index comes from the attention mask, so padding
 never changes a state (positions of real tokens are unaffected by trailing pads under a
 causal mask).
+
+Another position, for the reviewers' question whether the finding is a last-token effect:
+given where each prompt's query starts (``span_from``, a character offset), the same hooks
+also average every layer's states over the query's tokens (``Capture.pooled``), in the same
+forward pass.
 """
 
 from __future__ import annotations
@@ -30,33 +35,45 @@ class Capture:
     """Captured outputs for n prompts.
 
     states: [n, L+1, d] float32 (CPU); label_logits: [n, n_labels] (CPU) or None;
-    label_logprobs: [n, n_labels] log-probabilities under the full vocabulary, or None.
+    label_logprobs: [n, n_labels] log-probabilities under the full vocabulary, or None;
+    pooled: [n, L+1, d] float32, the states averaged over each prompt's span (the query's
+    tokens, see ``span_from`` of :func:`capture`), or None.
     """
 
     states: torch.Tensor
     label_logits: torch.Tensor | None = None
     label_logprobs: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+
+
+def _pool(h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[b, s, d] states, [b, s] weights (rows summing to 1) → [b, d] weighted means."""
+    return torch.einsum("bs,bsd->bd", weights.to(h.dtype), h)
 
 
 @contextmanager
-def _gather_hooks(model: nn.Module, rows: list[torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+def _gather_hooks(
+    model: nn.Module, rows: list[torch.Tensor], pooled: list[torch.Tensor] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Hooks that append, per layer, the hidden state at ``ctx['index']`` ([b] positions).
 
     ``rows`` receives L tensors [b, d]: the input of block 0 and the outputs of blocks
-    0..L-2; the last state (post-norm) is taken from the decoder's output.
+    0..L-2; the last state (post-norm) is taken from the decoder's output. With ``pooled``,
+    it receives the same L rows averaged with ``ctx['weights']`` ([b, s]) over positions.
     """
     ctx: dict[str, torch.Tensor] = {}
     layers = layers_of(model)
 
-    def take(h: torch.Tensor) -> torch.Tensor:
-        return h[torch.arange(h.shape[0], device=h.device), ctx["index"]]
+    def take(h: torch.Tensor) -> None:
+        rows.append(h[torch.arange(h.shape[0], device=h.device), ctx["index"]])
+        if pooled is not None:
+            pooled.append(_pool(h, ctx["weights"]))
 
     def pre_hook(_m, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        rows.append(take(h))
+        take(args[0] if args else kwargs["hidden_states"])
 
     def post_hook(_m, _args, output):
-        rows.append(take(output[0] if isinstance(output, tuple) else output))
+        take(output[0] if isinstance(output, tuple) else output)
 
     handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
     handles += [layer.register_forward_hook(post_hook) for layer in list(layers)[:-1]]
@@ -75,18 +92,24 @@ def forward_last_states(
     *,
     index: torch.Tensor | None = None,
     past_key_values=None,
-) -> torch.Tensor:
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One padded batch → last-real-token states [b, L+1, d] (on the model's device).
 
     input_ids: [b, s] right-padded; attention_mask: [b, s], or [b, p + s] when
     ``past_key_values`` holds a cached prefix of p tokens (then positions continue from p).
     index: [b] position of the last real token within ``input_ids`` (default: from the mask).
+    weights: [b, s] averaging weights over ``input_ids``' positions (rows summing to 1); when
+    given, returns (last-token states, weighted-mean states), both [b, L+1, d].
     """
     rows: list[torch.Tensor] = []
+    pooled: list[torch.Tensor] | None = [] if weights is not None else None
     if index is None:
         index = attention_mask.sum(dim=1) - 1
-    with _gather_hooks(model, rows) as ctx:
+    with _gather_hooks(model, rows, pooled) as ctx:
         ctx["index"] = index
+        if weights is not None:
+            ctx["weights"] = weights
         out = decoder_of(model)(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -96,17 +119,27 @@ def forward_last_states(
     last = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), index]
     rows.append(last)
     assert len(rows) == n_states(model), (len(rows), n_states(model))
-    return torch.stack(rows, dim=1)
+    if pooled is None:
+        return torch.stack(rows, dim=1)
+    pooled.append(_pool(out.last_hidden_state, weights))
+    return torch.stack(rows, dim=1), torch.stack(pooled, dim=1)
 
 
 @torch.no_grad()
-def reference_last_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def reference_last_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The straightforward way, for checking: a full forward with ``output_hidden_states``
-    (and full-vocabulary logits at every position), then the last real token. [b, L+1, d]."""
+    (and full-vocabulary logits at every position), then the last real token. [b, L+1, d].
+    With ``weights`` [b, s], also the weighted means over positions, as
+    :func:`forward_last_states`."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     index = attention_mask.sum(dim=1) - 1
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    return torch.stack([h[rows, index] for h in out.hidden_states], dim=1)
+    last = torch.stack([h[rows, index] for h in out.hidden_states], dim=1)
+    if weights is None:
+        return last
+    return last, torch.stack([_pool(h, weights) for h in out.hidden_states], dim=1)
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -182,6 +215,7 @@ def capture(
     prefixes: Sequence[str | None] | None = None,
     before_batch: Callable[[list[int]], None] | None = None,
     reference: bool = False,
+    span_from: Sequence[int] | None = None,
 ) -> Capture:
     """Last-prompt-token states at every layer for each prompt, plus label scores.
 
@@ -199,15 +233,22 @@ def capture(
 
     reference: use the straightforward path instead (full forward per batch with
     ``output_hidden_states`` and no prefix cache), for checking.
+
+    span_from: for each prompt, the character offset where its span starts (e.g. where the
+    query begins after the demonstrations); the states averaged over the span's tokens — from
+    the first token that ends after that offset to the last token — are returned as
+    ``Capture.pooled``. A cached prefix never reaches into a span.
     """
     device = next(model.parameters()).device
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    starts = None if span_from is None else [span_start_token(tokenizer, p, c) for p, c in zip(prompts, span_from)]
     pad = tokenizer.pad_token_id
     states: list[torch.Tensor | None] = [None] * len(prompts)
+    pooled: list[torch.Tensor | None] = [None] * len(prompts)
     logits: list[torch.Tensor | None] = [None] * len(prompts)
     logprobs: list[torch.Tensor | None] = [None] * len(prompts)
 
-    def finish(batch: list[int], h: torch.Tensor) -> None:
+    def finish(batch: list[int], h: torch.Tensor, pool: torch.Tensor | None) -> None:
         if label_ids is not None:
             with torch.no_grad():
                 full = lm_head_logits(model, h[:, -1]).float()
@@ -215,6 +256,8 @@ def capture(
             lp = lab - torch.logsumexp(full, dim=-1, keepdim=True)
         for row, i in enumerate(batch):
             states[i] = h[row].float().cpu()
+            if pool is not None:
+                pooled[i] = pool[row].float().cpu()
             if label_ids is not None:
                 logits[i] = lab[row].cpu()
                 logprobs[i] = lp[row].cpu()
@@ -228,6 +271,8 @@ def capture(
             p = common_prefix_length([encoded[i] for i in members])
         else:
             p = 0
+        if starts is not None:
+            p = min([p] + [starts[i] for i in members])
         cache = prefix_cache(model, encoded[members[0]][:p]) if p > 0 else None
         for part in _batches([len(encoded[i]) for i in members], batch_size):
             batch = [members[j] for j in part]
@@ -235,21 +280,51 @@ def capture(
                 before_batch(batch)
             ids, mask = _pad_right([encoded[i][p:] for i in batch], pad)
             ids, mask = ids.to(device), mask.to(device)
+            weights = None
+            if starts is not None:
+                weights = _span_weights([starts[i] - p for i in batch], mask).to(device)
             if reference:
-                h = reference_last_states(model, ids, mask)
+                out = reference_last_states(model, ids, mask, weights)
             elif cache is None:
-                h = forward_last_states(model, ids, mask)
+                out = forward_last_states(model, ids, mask, weights=weights)
             else:
                 full_mask = torch.cat([torch.ones(len(batch), p, dtype=mask.dtype, device=device), mask], dim=1)
-                h = forward_last_states(
-                    model, ids, full_mask, index=mask.sum(dim=1) - 1, past_key_values=_expand_cache(cache, len(batch))
+                out = forward_last_states(
+                    model, ids, full_mask, index=mask.sum(dim=1) - 1, past_key_values=_expand_cache(cache, len(batch)),
+                    weights=weights,
                 )
-            finish(batch, h)
+            h, pool = out if weights is not None else (out, None)
+            finish(batch, h, pool)
     return Capture(
         states=torch.stack(states),
+        pooled=torch.stack(pooled) if starts is not None else None,
         label_logits=torch.stack(logits) if label_ids is not None else None,
         label_logprobs=torch.stack(logprobs) if label_ids is not None else None,
     )
+
+
+def span_start_token(tokenizer: PreTrainedTokenizerBase, prompt: str, char: int) -> int:
+    """Index of the first token of ``prompt`` that ends after character ``char`` (the first
+    token of a span starting there); special tokens (BOS) never count. Uses the fast
+    tokenizer's offsets, else the length of the tokenised text before ``char``."""
+    if not 0 <= char < len(prompt):
+        raise ValueError(f"span start {char} outside the prompt ({len(prompt)} characters)")
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
+        for t, ((_, end), special) in enumerate(zip(enc["offset_mapping"], enc["special_tokens_mask"])):
+            if not special and end > char:
+                return t
+        return len(enc["input_ids"]) - 1
+    before = len(tokenizer(prompt[:char])["input_ids"]) if char else len(tokenizer("")["input_ids"])
+    return min(before, len(tokenizer(prompt)["input_ids"]) - 1)
+
+
+def _span_weights(starts: Sequence[int], mask: torch.Tensor) -> torch.Tensor:
+    """[b, s] weights averaging positions ``starts[row]`` .. last real token of each row."""
+    pos = torch.arange(mask.shape[1]).unsqueeze(0)
+    inside = (pos >= torch.tensor(starts).unsqueeze(1)) & mask.cpu().bool()
+    w = inside.to(torch.float32)
+    return w / w.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 def answer_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> list[int]:

@@ -155,10 +155,13 @@ def run_spec(
     max_chunks: Optional[int] = typer.Option(None, help="stop after this many chunks (to try a spec out)"),
     check: bool = typer.Option(False, "--check", help="validate the spec and show the plan; run nothing"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar over trials"),
+    reuse: Optional[list[Path]] = typer.Option(
+        None, "--reuse", help="an earlier run directory whose stored chunks with the same trial keys are copied, "
+        "not computed (read-only; repeatable, tried in order)"),
 ) -> None:
     """Run an experiment spec into a run directory (results.sqlite); skips finished trials."""
     from iclit.experiments.plan import make_plan
-    from iclit.experiments.runner import SPEC_NAME, run_experiment
+    from iclit.experiments.runner import SPEC_NAME, ReuseError, open_reuse_stores, run_experiment
     from iclit.experiments.spec import SpecError, load_spec
 
     if backend not in ("local", "ray"):
@@ -174,6 +177,12 @@ def run_spec(
         for problem in e.problems:
             err.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(2)
+    reuse = list(reuse or [])
+    try:  # every --reuse source readable before anything is planned or written
+        for _, store in open_reuse_stores(reuse, out):
+            store.close()
+    except ReuseError as e:
+        _fail(str(e))
     plan = make_plan(parsed)
     factors = ", ".join(f"{k} ({len(v)})" for k, v in parsed.factors.items()) or "none"
     console.print(f"{parsed.name}: {len(plan.cells)} cells × {len(parsed.seeds)} seed(s) × {parsed.resamples} resamples "
@@ -184,8 +193,11 @@ def run_spec(
         import torch
 
         torch.set_num_threads(threads)
-    summary = run_experiment(parsed, out, backend=backend, address=address, workers=workers,  # type: ignore[arg-type]
-                             progress=progress, max_chunks=max_chunks)
+    try:
+        summary = run_experiment(parsed, out, backend=backend, address=address, workers=workers,  # type: ignore[arg-type]
+                                 progress=progress, max_chunks=max_chunks, reuse=reuse)
+    except ReuseError as e:  # a source removed since the check above
+        _fail(str(e))
     console.print(str(summary), highlight=False, soft_wrap=True)
 
 

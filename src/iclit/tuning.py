@@ -14,7 +14,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,10 @@ class TuningRecipe:
     sentiment demonstrations on Gemma-3-270M to a final answer loss of about 1e-3 or less on
     every resample (higher learning rates were unstable, fewer epochs left some resamples
     above 0.02); the per-resample final loss is reported with every run.
+
+    capture_steps: optimiser steps (1-based) after which the IT arm also reads the tuned
+    model's states and answers, so one training run gives the whole dose curve (ICL–IT
+    similarity from barely tuned to the last step). Empty: only the end of training.
     """
 
     method: Literal["lora", "full"] = "lora"
@@ -48,8 +52,17 @@ class TuningRecipe:
     batch_size: int = 0
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
+    capture_steps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "capture_steps", tuple(sorted({int(x) for x in self.capture_steps})))
+        if any(x < 1 for x in self.capture_steps):
+            raise ValueError(f"tuning capture_steps must be >= 1, not {list(self.capture_steps)}")
+        if self.batch_size == 0 and self.capture_steps and self.capture_steps[-1] > self.epochs:
+            raise ValueError(
+                f"tuning capture_steps {list(self.capture_steps)} go past the last step: {self.epochs} "
+                f"full-batch epochs are {self.epochs} optimiser steps"
+            )
         if self.method not in ("lora", "full"):
             raise ValueError(f"tuning method must be 'lora' or 'full', not {self.method!r}")
         for name in ("rank", "epochs"):
@@ -70,6 +83,10 @@ class TuningRecipe:
         d = asdict(self)
         d["targets"] = list(self.targets)
         d["lr"] = self.learning_rate
+        if self.capture_steps:
+            d["capture_steps"] = list(self.capture_steps)
+        else:  # absent when unused, so trial keys of plain recipes stay as they were
+            del d["capture_steps"]
         return d
 
 
@@ -262,10 +279,13 @@ def fit(
     seed: int,
     *,
     reference: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> TuningResult:
     """Train ``params`` of ``model`` on ``batch`` with AdamW, constant learning rate.
 
-    reference: compute the loss with :func:`reference_answer_loss` (for checking)."""
+    reference: compute the loss with :func:`reference_answer_loss` (for checking).
+    on_step: called (model in eval mode) with the step number after each optimiser step in
+    ``recipe.capture_steps``."""
     loss_fn = reference_answer_loss if reference else answer_loss
     start = time.perf_counter()
     opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
@@ -273,6 +293,8 @@ def fit(
     size = recipe.batch_size or n
     gen = torch.Generator().manual_seed(seed)
     result = TuningResult()
+    _check_capture_steps(recipe, recipe.epochs * math.ceil(n / size))
+    step = 0
     model.train()
     try:
         for _ in range(recipe.epochs):
@@ -285,12 +307,30 @@ def fit(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 result.losses.append(float(loss.detach()))
+                step += 1
+                _after_step(model, recipe, step, on_step)
     finally:
         model.eval()
     with torch.no_grad():
         result.final_loss = float(answer_loss(model, batch))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_capture_steps(recipe: TuningRecipe, total: int) -> None:
+    late = [x for x in recipe.capture_steps if x > total]
+    if late:
+        raise ValueError(f"tuning capture_steps {late} go past the last of the run's {total} optimiser steps")
+
+
+def _after_step(model: nn.Module, recipe: TuningRecipe, step: int, on_step: Callable[[int], None] | None) -> None:
+    """Call ``on_step(step)`` (model in eval mode) when ``step`` is one of the capture steps."""
+    if on_step is not None and step in recipe.capture_steps:
+        model.eval()
+        try:
+            on_step(step)
+        finally:
+            model.train()
 
 
 def lora_config(recipe: TuningRecipe):
@@ -315,10 +355,12 @@ def tuned(
     *,
     seed: int = 0,
     reference: bool = False,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> Iterator[tuple[nn.Module, TuningResult]]:
     """Tune on ``pairs`` and yield (tuned model, result); the base model is restored after.
 
     reference: use transformers' own ``labels=`` loss (the straightforward path).
+    on_step: called as ``on_step(step, model)`` after each step of ``recipe.capture_steps``.
 
     LoRA: a fresh PEFT adapter is injected into ``model`` and removed (unmerged) on exit, so
     the base weights are never changed. Full: a deep copy is tuned and dropped on exit.
@@ -334,7 +376,8 @@ def tuned(
             peft_model = get_peft_model(model, lora_config(recipe))
         try:
             params = [p for p in peft_model.parameters() if p.requires_grad]
-            result = fit(peft_model, params, batch, recipe, seed, reference=reference)
+            hook = (lambda s: on_step(s, peft_model)) if on_step else None
+            result = fit(peft_model, params, batch, recipe, seed, reference=reference, on_step=hook)
             yield peft_model, result
         finally:
             peft_model.unload()
@@ -344,7 +387,8 @@ def tuned(
         clone = copy.deepcopy(model)
         clone.requires_grad_(True)
         try:
-            result = fit(clone, list(clone.parameters()), batch, recipe, seed, reference=reference)
+            hook = (lambda s: on_step(s, clone)) if on_step else None
+            result = fit(clone, list(clone.parameters()), batch, recipe, seed, reference=reference, on_step=hook)
             clone.requires_grad_(False)
             yield clone, result
         finally:
@@ -474,6 +518,7 @@ def fit_many(
     *,
     max_tokens: int = 2048,
     share_prefix: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[TuningResult]:
     """Train N adapters at once; adapter j sees only the sequences with ``adapter_of == j``.
 
@@ -487,7 +532,7 @@ def fit_many(
     micro-batch, not once per sequence (:func:`shared_prefix_token_losses`). AdamW is element-wise, so one
     optimiser over the stacked tensors keeps independent per-adapter state. Minibatches
     (``recipe.batch_size``) are drawn per adapter from its own seeded generator, as
-    :func:`fit` does.
+    :func:`fit` does. ``on_step`` is called as in :func:`fit`.
     """
     start = time.perf_counter()
     n = len(seeds)
@@ -500,6 +545,7 @@ def fit_many(
     results = [TuningResult() for _ in range(n)]
     sizes = [recipe.batch_size or len(m) for m in members]
     steps = max(math.ceil(len(m) / s) for m, s in zip(members, sizes))
+    _check_capture_steps(recipe, recipe.epochs * steps)
     lengths = batch.attention_mask.sum(dim=1).tolist()
     prefix = shared_prefix_length(batch) if share_prefix else 0
     if prefix < 8:  # too short to be worth a second pass
@@ -532,6 +578,7 @@ def fit_many(
                 shared.backward()
         return total
 
+    done = 0
     model.train()
     try:
         for _ in range(recipe.epochs):
@@ -549,6 +596,8 @@ def fit_many(
                 for j, loss in enumerate(per_adapter.tolist()):
                     if j in present:
                         results[j].losses.append(loss)
+                done += 1
+                _after_step(model, recipe, done, on_step)
     finally:
         model.eval()
     final = run_step(list(range(len(lengths))), train=False)
@@ -576,12 +625,14 @@ def tuned_many(
     *,
     seeds: Sequence[int],
     max_tokens: int = 2048,
+    on_step: Callable[[int, nn.Module, AdapterRouter], None] | None = None,
 ) -> Iterator[tuple[nn.Module, AdapterRouter, list[TuningResult]]]:
     """Tune one LoRA adapter per pair set, all together; yield (model, router, results).
 
     Inside the context, ``router.set(rows)`` picks, for each row of the next batch, the
     adapter (index into ``pair_sets``) it runs through. The base model is restored on exit.
     ``max_tokens`` bounds the padded tokens of one micro-batch (memory), see :func:`fit_many`.
+    ``on_step(step, model, router)`` is called after each step of ``recipe.capture_steps``.
     """
     if recipe.method != "lora":
         raise ValueError("batched multi-adapter tuning is for LoRA; full fine-tuning runs one at a time")
@@ -590,5 +641,6 @@ def tuned_many(
     adapter_of = torch.tensor([j for j, pairs in enumerate(pair_sets) for _ in pairs], dtype=torch.long)
     batch = encode_pairs(tokenizer, flat).to(device)
     with multi_lora(model, recipe, seeds) as (router, modules):
-        results = fit_many(model, modules, router, batch, adapter_of, recipe, seeds, max_tokens=max_tokens)
+        hook = (lambda s: on_step(s, model, router)) if on_step else None
+        results = fit_many(model, modules, router, batch, adapter_of, recipe, seeds, max_tokens=max_tokens, on_step=hook)
         yield model, router, results

@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 
 from iclit.arms import ArmContext, ArmOutput, get_arm
-from iclit.metrics import (PAIRS, accuracy, agreement, baseline_cosines, chrf, cka_per_layer, pairwise_cosines, summarize,
-                           summarize_layers)
+from iclit.metrics import (PAIRS, accuracy, agreement, baseline_cosines, chrf, cka_per_layer, dose_cosines,
+                           pairwise_cosines, summarize, summarize_layers)
 from iclit.models import LoadedModel, load_model
 from iclit.models.loading import resolve
 from iclit.tasks import (Resample, Task, Template, TaskDataError, check_enough, draw_resamples, get_task, get_template,
@@ -190,10 +190,14 @@ def evaluate(
     ``fast=False`` forces the straightforward path (for checking the fast engine).
     ``baselines``: extra similarities stored beside the three pairs (any of
     :data:`iclit.metrics.BASELINES`); ``noise_ceiling`` adds the ``it_seed2`` arm, and the
-    ``shuffled`` null pairs trials within ``draws`` (one chunk of a run), so it needs two.
+    ``shuffled`` null pairs trials within ``draws`` (one chunk of a run), so it needs two;
+    ``query_mean`` also captures every arm's states averaged over the query's tokens.
+    A recipe with ``capture_steps`` adds the dose curve: ``icl_it_stepS`` and
+    ``anchor_it_stepS`` cosines and the IT answers after each step S (trial key ``dose``).
     """
     torch.manual_seed(seed)
-    ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template, fast=fast)
+    ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template, fast=fast,
+                     query_mean="query_mean" in baselines)
     outputs: dict[str, ArmOutput] = {}
     arms = run_arms(arms, baselines)
     if "it_seed2" in arms and "noise_ceiling" not in baselines:
@@ -206,8 +210,13 @@ def evaluate(
     cosines = {pair: c.numpy() for pair, c in pairwise_cosines(states).items()}
     if baselines:
         mean = reference_mean(lm, batch_size) if "centered" in baselines else None
-        extra = baseline_cosines(states, tuple(baselines), reference_mean=mean)
+        pooled = {arm: o.pooled for arm, o in outputs.items()} if "query_mean" in baselines else None
+        extra = baseline_cosines(states, tuple(baselines), reference_mean=mean, pooled=pooled)
         cosines.update({pair: c.numpy() for pair, c in extra.items()})
+    by_step = outputs["it"].by_step if "it" in outputs else {}
+    if by_step:
+        dose = dose_cosines(states, {s: o.states for s, o in by_step.items()})
+        cosines.update({pair: c.numpy() for pair, c in dose.items()})
     chunk_cka = None
     if "cka" in baselines and len(draws) >= 3:  # across the queries evaluated together (a chunk)
         chunk_cka = [round(float(x), 6) if np.isfinite(float(x)) else None
@@ -239,6 +248,13 @@ def evaluate(
             }
         if chunk_cka is not None:
             trial["chunk_cka_icl_it"] = chunk_cka  # the same for every trial of the chunk
+        if by_step:
+            steps = sorted(by_step)
+            trial["dose"] = {
+                "steps": steps,
+                "predictions": [by_step[s].predictions[i] for s in steps],
+                "score": [_score(t, [by_step[s].predictions[i]], [r.query.output])[0] for s in steps],
+            }
         trials.append(trial)
 
     return Cell(outputs, cosines, scores, trials)

@@ -1,12 +1,26 @@
-"""Running a spec into a run directory, locally or on a Ray cluster; resumable.
+"""Running a spec into a run directory, locally or on a Ray cluster; resumable; reusing other runs.
 
     >>> from iclit.experiments import load_spec, run_experiment
     >>> run_experiment(load_spec("configs/examples/smoke.yaml"), "runs/smoke")   # again: resumes
+    >>> run_experiment(load_spec("more.yaml"), "runs/more", reuse=["runs/smoke"])  # copies shared trials
 
-The driver plans the trials, skips the chunks already stored, draws each chunk's resamples
-(so every backend sees the same demonstrations), has them evaluated — in this process, or by
-Ray actors that each load a model once — and writes each chunk's trials in one transaction.
+The driver plans the trials, skips the chunks already stored, copies the chunks it can reuse
+from other run directories, draws each remaining chunk's resamples (so every backend sees the
+same demonstrations), has them evaluated — in this process, or by Ray actors that each load a
+model once — and writes each chunk's trials in one transaction.
 A run directory holds ``spec.yaml`` (the spec last run there) and ``results.sqlite``.
+
+**Reuse** (``reuse=[dir, …]``, ``iclit run … --reuse DIR``): the stores of those run directories
+are opened read-only (a missing one is a :class:`ReuseError` before anything is written). A
+chunk is reused only whole: when every one of its trial keys is stored in one source, written
+there together (one run, one transaction), since chunk-level baselines (shuffled pairs, CKA)
+depend on the chunk's composition; keys hash everything that determines a trial, chunking
+included (:mod:`~iclit.experiments.plan`), so a different ``chunk_size`` reuses nothing. The
+chunk's rows — trials (scores, outputs, seconds), cosines, cell — are copied verbatim in one
+transaction under the same keys, on the driver before any chunk is dispatched (any backend),
+and counted as reused, not computed (:class:`RunSummary`, the ``runs`` table). Sources are
+tried in the order given. Reuse copies every reusable chunk; ``max_chunks`` limits the chunks
+computed.
 """
 
 from __future__ import annotations
@@ -21,7 +35,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from iclit.experiments.plan import Chunk, Plan, make_plan
 from iclit.experiments.spec import ExperimentSpec, load_spec
-from iclit.experiments.store import Store, TrialRecord
+from iclit.experiments.store import DB_NAME, Store, StoredTrials, TrialRecord
 from iclit.models import LoadedModel
 from iclit.tasks import Resample, Task, Template
 from iclit.tuning import TuningRecipe
@@ -29,8 +43,10 @@ from iclit.tuning import TuningRecipe
 __all__ = [
     "Backend",
     "ChunkJob",
+    "ReuseError",
     "RunSummary",
     "SPEC_NAME",
+    "open_reuse_stores",
     "run_experiment",
     "make_job",
     "execute",
@@ -196,7 +212,12 @@ class ChunkWorker:
 
 @dataclass
 class RunSummary:
-    """What a call of :func:`run_experiment` did."""
+    """What a call of :func:`run_experiment` did.
+
+    computed / chunks_run: trials and chunks evaluated by this call; reused / chunks_reused:
+    those copied from the ``reuse`` run directories; reused_from: trials copied per source
+    (every source given, in order, 0 where nothing matched).
+    """
 
     out: Path
     backend: str
@@ -206,10 +227,94 @@ class RunSummary:
     chunks_run: int
     seconds: float
     run_id: int
+    reused: int = 0
+    chunks_reused: int = 0
+    reused_from: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return (f"{self.out}: {self.planned} trials planned, {self.already_done} already stored, "
-                f"{self.computed} computed in {self.chunks_run} chunks ({self.seconds:.1f} s, {self.backend})")
+        text = (f"{self.out}: {self.planned} trials planned, {self.already_done} already stored, "
+                f"{self.computed} computed in {self.chunks_run} chunks")
+        if self.reused_from:
+            if len(self.reused_from) == 1:
+                where = next(iter(self.reused_from))
+            else:
+                where = ", ".join(f"{src} ({n})" for src, n in self.reused_from.items())
+            text += f", {self.reused} reused in {self.chunks_reused} chunks from {where}"
+        return text + f" ({self.seconds:.1f} s, {self.backend})"
+
+
+class ReuseError(FileNotFoundError):
+    """A ``reuse`` run directory that holds no readable results store."""
+
+
+def open_reuse_stores(reuse: Sequence[str | Path], out: str | Path | None = None) -> list[tuple[str, Store]]:
+    """The stores of the ``reuse`` run directories (or .sqlite files), opened read-only, as
+    ``(the path as given, store)``; duplicates, and ``out``'s own store, left out.
+
+    Raises :class:`ReuseError` naming the first path that holds no readable store (none stays open).
+    """
+    own = None if out is None else _db_path(Path(out)).resolve()
+    opened: list[tuple[str, Store]] = []
+    seen: set[Path] = set()
+    try:
+        for source in reuse:
+            db = _db_path(Path(source))
+            if not db.exists():
+                where = "does not exist" if not Path(source).exists() else f"holds no {DB_NAME}"
+                raise ReuseError(f"reuse source {source}: {where} (give the directory of an earlier `iclit run`)")
+            resolved = db.resolve()
+            if resolved == own or resolved in seen:
+                continue
+            seen.add(resolved)
+            try:
+                opened.append((str(source), Store(db, readonly=True)))
+            except (RuntimeError, OSError) as e:
+                raise ReuseError(f"reuse source {source}: {e}") from e
+    except BaseException:
+        for _, store in opened:
+            store.close()
+        raise
+    return opened
+
+
+def _db_path(path: Path) -> Path:
+    return path if path.suffix in (".sqlite", ".db") else path / DB_NAME
+
+
+def _reuse_chunks(todo: Sequence[Chunk], sources: Sequence[tuple[str, Store]], store: Store, run_id: int,
+                  reused_from: dict[str, int]) -> tuple[list[Chunk], int, int]:
+    """Copy every chunk of ``todo`` that one source holds whole; returns the chunks left to
+    compute, the trials copied and the chunks copied (``reused_from`` counts per source)."""
+    if not sources or not todo:
+        return list(todo), 0, 0
+    available = [(name, src, src.done_keys()) for name, src in sources]
+    left: list[Chunk] = []
+    trials = chunks = 0
+    for chunk in todo:
+        for name, src, keys in available:
+            if not all(k in keys for k in chunk.keys):
+                continue
+            rows = src.stored_trials(chunk.keys)
+            if rows is None or not _whole_chunk(rows, chunk):
+                continue
+            new = store.copy_trials(rows, run_id)
+            reused_from[name] += new
+            trials += new
+            chunks += 1
+            break
+        else:
+            left.append(chunk)
+    if trials:
+        log.info("reused %d trials in %d chunks from %s", trials, chunks,
+                 ", ".join(f"{n} ({c})" for n, c in reused_from.items()))
+    return left, trials, chunks
+
+
+def _whole_chunk(rows: StoredTrials, chunk: Chunk) -> bool:
+    """The rows are the chunk's trials of its cell, written together (one run, one transaction):
+    not a mix of trials computed in differently composed chunks."""
+    return (all(t["cell_key"] == chunk.cell.key and t["seed"] == chunk.seed for t in rows.trials)
+            and len({(t["run_id"], t["written"]) for t in rows.trials}) == 1)
 
 
 def experiment_versions() -> dict[str, str]:
@@ -292,6 +397,7 @@ def run_experiment(
     workers: int | None = None,
     progress: bool = False,
     max_chunks: int | None = None,
+    reuse: Sequence[str | Path] = (),
 ) -> RunSummary:
     """Run (or resume) ``spec`` into the run directory ``out``; returns what was done.
 
@@ -299,7 +405,9 @@ def run_experiment(
     written). Finished trials are skipped. ``backend="ray"`` spreads the chunks over a Ray
     cluster: ``address`` of an existing one, else a local one with ``workers`` CPUs (default:
     all); one actor per CPU, each loading the model once. ``max_chunks`` stops after that many
-    chunks (for trying a spec out).
+    chunks computed (for trying a spec out). ``reuse``: run directories whose stored chunks are
+    copied instead of computed (see the module docstring); :class:`ReuseError`, nothing
+    written, if one holds no results store.
     """
     spec = _load(spec)
     if backend not in ("local", "ray"):
@@ -307,33 +415,42 @@ def run_experiment(
     started = time.perf_counter()
     plan: Plan = make_plan(spec)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_spec(out, spec)
-    store = Store(out)
+    sources = open_reuse_stores(reuse, out)  # before anything is written
+    reused_from = {name: 0 for name, _ in sources}
     try:
-        run_id = store.begin_run(
-            spec.to_yaml(), plan.describe(), [(c.key, c.labels, c.settings) for c in plan.cells],
-            backend=backend, versions=experiment_versions(),
-        )
-        stored = store.done_keys()
-        planned = plan.trial_keys()
-        already = sum(k in stored for k in planned)
-        todo = [c for c in plan.chunks if not all(k in stored for k in c.keys)]
-        if max_chunks is not None:
-            todo = todo[:max_chunks]
-        bar = _Progress(progress, plan.n_trials, already, spec.name)
-        computed = 0
+        out.mkdir(parents=True, exist_ok=True)
+        _write_spec(out, spec)
+        store = Store(out)
         try:
-            if backend == "local":
-                computed = _run_local(todo, spec, store, run_id, bar)
-            else:
-                computed = _run_ray(todo, spec, store, run_id, bar, address=address, workers=workers)
+            run_id = store.begin_run(
+                spec.to_yaml(), plan.describe(), [(c.key, c.labels, c.settings) for c in plan.cells],
+                backend=backend, versions=experiment_versions(),
+            )
+            stored = store.done_keys()
+            planned = plan.trial_keys()
+            already = sum(k in stored for k in planned)
+            todo = [c for c in plan.chunks if not all(k in stored for k in c.keys)]
+            todo, reused, chunks_reused = _reuse_chunks(todo, sources, store, run_id, reused_from)
+            if max_chunks is not None:
+                todo = todo[:max_chunks]
+            bar = _Progress(progress, plan.n_trials, already + reused, spec.name)
+            computed = 0
+            try:
+                if backend == "local":
+                    computed = _run_local(todo, spec, store, run_id, bar)
+                else:
+                    computed = _run_ray(todo, spec, store, run_id, bar, address=address, workers=workers)
+            finally:
+                bar.close()
+            store.finish_run(run_id, computed, reused if reuse else None,
+                             {str(Path(n).resolve()): c for n, c in reused_from.items()} if reuse else None)
         finally:
-            bar.close()
-        store.finish_run(run_id, computed)
+            store.close()
     finally:
-        store.close()
-    return RunSummary(out, backend, plan.n_trials, already, computed, len(todo), time.perf_counter() - started, run_id)
+        for _, source in sources:
+            source.close()
+    return RunSummary(out, backend, plan.n_trials, already, computed, len(todo), time.perf_counter() - started, run_id,
+                      reused, chunks_reused, reused_from)
 
 
 def _run_local(todo: Sequence[Chunk], spec: ExperimentSpec, store: Store, run_id: int, bar: _Progress) -> int:

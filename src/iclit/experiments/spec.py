@@ -22,7 +22,8 @@ vary. Every key is optional except ``factors`` if you want a sweep::
       alpha: 16
       targets: [q_proj, v_proj]
       lr: null                   # null: 1e-3 for LoRA, 1e-5 for full fine-tuning
-      epochs: 15
+      epochs: 12
+      capture_steps: []          # also read IT after these optimiser steps (the dose curve)
     recipes:                     # named recipes for the `recipe` factor, each laid over `recipe`
       full: {method: full, epochs: 5}
     design: grid                 # grid: every combination; separate: one factor at a time
@@ -47,7 +48,9 @@ vary. Every key is optional except ``factors`` if you want a sweep::
                                  #   trial i vs IT of trial i+1 within a chunk), update (cosine of
                                  #   the ICL and IT updates from the anchor), noise_ceiling (IT vs
                                  #   IT with another seed: adds the it_seed2 arm, one more tuning),
-                                 #   cka (linear CKA of ICL vs IT across a chunk's queries, >= 3)
+                                 #   cka (linear CKA of ICL vs IT across a chunk's queries, >= 3),
+                                 #   query_mean (the three pairs with each arm's states averaged
+                                 #   over the query's tokens instead of its last token)
 
 With ``design: grid`` the cells are all combinations of the factors' values; with
 ``separate`` each factor is varied alone while the others keep their base value (the
@@ -133,6 +136,7 @@ _RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(TuningRecipe)}
 def _recipe_dict(recipe: TuningRecipe) -> dict[str, Any]:
     d = dataclasses.asdict(recipe)
     d["targets"] = list(recipe.targets)
+    d["capture_steps"] = list(recipe.capture_steps)
     return d
 
 
@@ -252,8 +256,9 @@ def _short(v: Any) -> str:
 
 def _as_recipe_kwargs(d: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(d)
-    if "targets" in out and out["targets"] is not None:
-        out["targets"] = tuple(out["targets"])
+    for key in ("targets", "capture_steps"):
+        if key in out and out[key] is not None:
+            out[key] = tuple(out[key])
     return out
 
 
@@ -418,6 +423,13 @@ def _recipe_problems(p: _Problems, path: str, d: Any, *, partial: bool) -> dict[
                 out[key] = list(v)
             else:
                 p.add(sub, f"must be a non-empty list of module names, not {v!r}")
+        elif key == "capture_steps":
+            if isinstance(v, int) and not isinstance(v, bool):
+                v = [v]
+            if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v):
+                out[key] = list(v)
+            else:
+                p.add(sub, f"must be a list of optimiser steps (integers >= 1), not {v!r}")
     if len(p.items) > before:
         return None
     if not partial:

@@ -7,13 +7,18 @@ Tables::
              n_wrong, scores (per arm, JSON), outputs (predictions, prompts, losses…, JSON),
              seconds, run_id, written
     cosines  (trial_key, pair, layer) PK → cosine: one row per trial × layer × pair
-    runs     one row per `iclit run` invocation: spec (YAML), plan (JSON), versions, backend
+    runs     one row per `iclit run` invocation: spec (YAML), plan (JSON), versions, backend,
+             trials computed, trials reused from other run directories (and from which)
     meta     schema version
 
 Safety: every chunk of trials is written in one ``BEGIN IMMEDIATE`` transaction with
 ``INSERT OR IGNORE`` on the trial key, so a process killed at any point leaves whole chunks
 or nothing, and two writers never store a trial twice. WAL lets readers (``iclit results``,
 a progress poller) read while a run writes; ``busy_timeout`` makes writers wait their turn.
+
+Reuse: :meth:`Store.stored_trials` reads a chunk's rows from another run's store (opened
+``readonly``) exactly as stored, and :meth:`Store.copy_trials` writes them here in one
+transaction, verbatim (JSON text and REAL values unchanged) under the same keys.
 """
 
 from __future__ import annotations
@@ -26,11 +31,11 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import pandas as pd
 
-__all__ = ["SCHEMA_VERSION", "DB_NAME", "Store", "TrialRecord", "open_store"]
+__all__ = ["SCHEMA_VERSION", "DB_NAME", "Store", "StoredTrials", "TrialRecord", "open_store"]
 
 SCHEMA_VERSION = 1
 DB_NAME = "results.sqlite"
@@ -39,6 +44,28 @@ TrialRecord = dict[str, Any]
 """What a worker returns per trial: trial_key, cell_key, seed, resample, query_id,
 cosines ({pair: [L+1 floats]}), scores ({arm: float}), outputs (JSON-ready dict),
 demo_similarity (float or None), n_wrong (int), seconds (float)."""
+
+_TRIAL_COLUMNS = ("trial_key", "cell_key", "seed", "resample", "query_id", "n_layers", "demo_similarity", "n_wrong",
+                  "scores_json", "outputs_json", "seconds", "run_id", "written")
+_RUN_COLUMNS_ADDED = (("reused", "INTEGER"), ("reused_from_json", "TEXT"))
+"""Columns of ``runs`` added after schema version 1 was released (added to older stores on open)."""
+
+
+class StoredTrials(NamedTuple):  # not a dataclass: tests load this module on its own, outside sys.modules
+    """Rows of some trials exactly as a store holds them (see :meth:`Store.stored_trials`).
+
+    trials: one dict per trial (the ``trials`` columns), in the order asked for; cosines:
+    ``(trial_key, pair, layer, cosine)`` rows; cells: ``(cell_key, labels_json, settings_json)``.
+    """
+
+    trials: list[dict[str, Any]]
+    cosines: list[tuple[str, str, int, float]]
+    cells: list[tuple[str, str, str]]
+
+    @property
+    def keys(self) -> list[str]:
+        return [t["trial_key"] for t in self.trials]
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -88,14 +115,18 @@ class Store:
     >>> store.frame()                          # tidy: trial × layer × pair, with factor columns
     """
 
-    def __init__(self, path: str | Path, *, timeout: float = 120.0, create: bool = True) -> None:
+    def __init__(self, path: str | Path, *, timeout: float = 120.0, create: bool = True, readonly: bool = False) -> None:
         path = Path(path)
         if path.suffix not in (".sqlite", ".db"):
             path = path / DB_NAME
-        if not create and not path.exists():
+        if (readonly or not create) and not path.exists():
             raise FileNotFoundError(f"{path}: no results store here (run `iclit run SPEC --out DIR` first)")
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.readonly = readonly
+        if readonly:
+            self._open_readonly(timeout)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None, check_same_thread=False)
         self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         self._retry(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
@@ -105,9 +136,33 @@ class Store:
                 if statement.strip():
                     c.execute(statement)
             c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        version = int(self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+            have = {row[1] for row in c.execute("PRAGMA table_info(runs)")}
+            for name, kind in _RUN_COLUMNS_ADDED:
+                if name not in have:
+                    c.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+        self._check_version()
+
+    def _open_readonly(self, timeout: float) -> None:
+        """Open for reading only (``mode=ro``): no schema created, nothing written to the store."""
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        try:
+            self.conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+            self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as e:
+            raise RuntimeError(f"{self.path}: cannot read it as a results store ({e})") from e
+        missing = {"meta", "cells", "trials", "cosines", "runs"} - tables
+        if missing:
+            self.conn.close()
+            raise RuntimeError(f"{self.path}: not a results store (no {', '.join(sorted(missing))} table)")
+        self._check_version()
+
+    def _check_version(self) -> None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else None
         if version != SCHEMA_VERSION:
-            raise RuntimeError(f"{path}: store schema version {version}, this iclit reads version {SCHEMA_VERSION}")
+            self.conn.close()
+            raise RuntimeError(f"{self.path}: store schema version {version}, this iclit reads version {SCHEMA_VERSION}")
 
     @staticmethod
     def _retry(fn, attempts: int = 50):
@@ -161,22 +216,31 @@ class Store:
             )
             return int(cur.lastrowid)
 
-    def finish_run(self, run_id: int, computed: int) -> None:
+    def finish_run(self, run_id: int, computed: int, reused: int | None = None,
+                   reused_from: Mapping[str, int] | None = None) -> None:
+        """Record the end of a run: trials computed, and trials reused per source run directory."""
         with self.transaction() as c:
-            c.execute("UPDATE runs SET finished = ?, computed = ? WHERE id = ?", (_now(), computed, run_id))
+            c.execute("UPDATE runs SET finished = ?, computed = ?, reused = ?, reused_from_json = ? WHERE id = ?",
+                      (_now(), computed, reused, None if reused_from is None else json.dumps(dict(reused_from)), run_id))
 
     def latest_run(self) -> dict[str, Any] | None:
-        """The last invocation: spec_yaml, plan (dict), versions (dict), started, finished, …"""
+        """The last invocation: spec_yaml, plan (dict), versions (dict), started, finished,
+        planned, computed, reused (None: no reuse asked for), reused_from ({source: trials})."""
+        have = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}  # a read-only older store may lack some
+        added = [name for name, _ in _RUN_COLUMNS_ADDED if name in have]
         row = self.conn.execute(
-            "SELECT id, started, finished, backend, host, spec_yaml, plan_json, versions_json, planned, computed "
-            "FROM runs ORDER BY id DESC LIMIT 1"
+            "SELECT id, started, finished, backend, host, spec_yaml, plan_json, versions_json, planned, computed"
+            + "".join(f", {name}" for name in added) + " FROM runs ORDER BY id DESC LIMIT 1"
         ).fetchone()
         if row is None:
             return None
-        keys = ("id", "started", "finished", "backend", "host", "spec_yaml", "plan", "versions", "planned", "computed")
-        out = dict(zip(keys, row))
+        keys = ("id", "started", "finished", "backend", "host", "spec_yaml", "plan", "versions", "planned", "computed",
+                *added)
+        out = {"reused": None, "reused_from_json": None, **dict(zip(keys, row))}
         out["plan"] = json.loads(out["plan"])
         out["versions"] = json.loads(out["versions"] or "{}")
+        reused_from = out.pop("reused_from_json")
+        out["reused_from"] = json.loads(reused_from) if reused_from else {}
         return out
 
     # --- trials ---------------------------------------------------------------------------
@@ -217,6 +281,53 @@ class Store:
                         "INSERT OR IGNORE INTO cosines (trial_key, pair, layer, cosine) VALUES (?, ?, ?, ?)",
                         [(r["trial_key"], pair, layer, float(v)) for pair, values in cos.items() for layer, v in enumerate(values)],
                     )
+        return new
+
+    def stored_trials(self, keys: Sequence[str]) -> StoredTrials | None:
+        """The rows of the trials ``keys`` as stored (one read snapshot), with their cosines
+        and cells; None unless every one of them is stored here."""
+        keys = list(keys)
+        if not keys:
+            return None
+        marks = ",".join("?" * len(keys))
+        self.conn.execute("BEGIN")  # one snapshot for the three reads
+        try:
+            rows = self.conn.execute(f"SELECT {', '.join(_TRIAL_COLUMNS)} FROM trials WHERE trial_key IN ({marks})",
+                                     keys).fetchall()
+            if len(rows) != len(set(keys)):
+                return None
+            cosines = self.conn.execute(
+                f"SELECT trial_key, pair, layer, cosine FROM cosines WHERE trial_key IN ({marks}) "
+                "ORDER BY trial_key, pair, layer", keys).fetchall()
+            cell_keys = sorted({r[1] for r in rows})
+            cells = self.conn.execute(
+                f"SELECT cell_key, labels_json, settings_json FROM cells WHERE cell_key IN ({','.join('?' * len(cell_keys))})",
+                cell_keys).fetchall()
+        finally:
+            self.conn.execute("COMMIT")
+        by_key = {r[0]: dict(zip(_TRIAL_COLUMNS, r)) for r in rows}
+        return StoredTrials([by_key[k] for k in dict.fromkeys(keys)], cosines, cells)
+
+    def copy_trials(self, stored: StoredTrials, run_id: int | None = None) -> int:
+        """Store trials read from another store (:meth:`stored_trials`) in one transaction,
+        verbatim: same keys, cell, scores, outputs, seconds and cosines (``run_id``: this store's
+        run that copied them). Trials already stored here are left as they are; their cells are
+        added when missing. Returns how many trials were new."""
+        cosines: dict[str, list[tuple[str, str, int, float]]] = {}
+        for row in stored.cosines:
+            cosines.setdefault(row[0], []).append(row)
+        new = 0
+        with self.transaction() as c:
+            c.executemany("INSERT OR IGNORE INTO cells (cell_key, labels_json, settings_json) VALUES (?, ?, ?)", stored.cells)
+            for t in stored.trials:
+                cur = c.execute(
+                    f"INSERT OR IGNORE INTO trials ({', '.join(_TRIAL_COLUMNS)}) VALUES ({','.join('?' * len(_TRIAL_COLUMNS))})",
+                    [run_id if col == "run_id" else t[col] for col in _TRIAL_COLUMNS],
+                )
+                if cur.rowcount == 1:
+                    new += 1
+                    c.executemany("INSERT OR IGNORE INTO cosines (trial_key, pair, layer, cosine) VALUES (?, ?, ?, ?)",
+                                  cosines.get(t["trial_key"], []))
         return new
 
     def count(self) -> dict[str, int]:
@@ -315,6 +426,7 @@ class _Cursor:
         return self._conn.executemany(sql, rows)
 
 
-def open_store(run_dir: str | Path) -> Store:
-    """An existing run's store (FileNotFoundError if the directory holds none)."""
-    return Store(run_dir, create=False)
+def open_store(run_dir: str | Path, *, readonly: bool = False) -> Store:
+    """An existing run's store (FileNotFoundError if the directory holds none); ``readonly``:
+    opened for reading only (nothing is written to it, not even the schema)."""
+    return Store(run_dir, create=False, readonly=readonly)

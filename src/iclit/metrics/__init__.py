@@ -16,9 +16,11 @@ from iclit.metrics.similarity import (
     centered_cosine_per_layer,
     cka_per_layer,
     cosine_per_layer,
+    dose_cosines,
     linear_cka,
     pairwise_cosines,
     shuffled_partner,
+    step_pair,
     update_cosine_per_layer,
 )
 from iclit.metrics.stats import (
@@ -47,6 +49,7 @@ __all__ = [
     "cohens_d",
     "corpus_chrf",
     "cosine_per_layer",
+    "dose_cosines",
     "kl_divergence",
     "label_probabilities",
     "linear_cka",
@@ -54,6 +57,7 @@ __all__ = [
     "pairwise_cosines",
     "permutation_test",
     "summarize",
+    "step_pair",
     "summarize_layers",
     "update_cosine_per_layer",
 ]

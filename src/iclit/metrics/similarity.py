@@ -16,7 +16,7 @@ EPS: float = 1e-12
 PAIRS: tuple[str, str, str] = ("anchor_icl", "anchor_it", "icl_it")
 """Arm pairs compared by :func:`pairwise_cosines`, named ``<arm>_<arm>``."""
 
-BASELINES: tuple[str, ...] = ("centered", "shuffled", "update", "noise_ceiling", "cka")
+BASELINES: tuple[str, ...] = ("centered", "shuffled", "update", "noise_ceiling", "cka", "query_mean")
 """What :func:`baseline_cosines` can add beside the three pairs (the spec's ``baselines``)."""
 
 BASELINE_PAIRS: dict[str, tuple[str, ...]] = {
@@ -25,6 +25,7 @@ BASELINE_PAIRS: dict[str, tuple[str, ...]] = {
     "update": ("update_cosine",),
     "noise_ceiling": ("it_it_seed",),
     "cka": (),  # across queries, not per trial: see iclit.experiments.compare.evaluate
+    "query_mean": ("anchor_icl_qmean", "anchor_it_qmean", "icl_it_qmean"),
 }
 """The extra "pairs" each baseline stores per trial × layer, like the three of :data:`PAIRS`:
 
@@ -34,7 +35,9 @@ BASELINE_PAIRS: dict[str, tuple[str, ...]] = {
   evaluated batch (a chunk of the run): the similarity of mismatched queries, a null;
 * ``update_cosine``: cos(h_ICL − h_anchor, h_IT − h_anchor), whether ICL and IT move the
   query's state in the same direction (the residual-stream version of SimAOU);
-* ``it_it_seed``: IT against IT tuned with another seed (arm ``it_seed2``), the noise ceiling.
+* ``it_it_seed``: IT against IT tuned with another seed (arm ``it_seed2``), the noise ceiling;
+* ``*_qmean``: the three pairs at another position than the last token: each arm's states
+  averaged over the query's tokens (the query block that ends every arm's prompt).
 
 ``cka`` stores no per-trial pair: linear CKA between the ICL and IT states is across queries,
 so :func:`~iclit.experiments.compare.evaluate` computes it per layer over the trials it
@@ -152,13 +155,15 @@ def baseline_cosines(
     baselines: "tuple[str, ...] | list[str]",
     *,
     reference_mean: Tensor | None = None,
+    pooled: dict[str, Tensor] | None = None,
     eps: float = EPS,
 ) -> dict[str, Tensor]:
     """The extra per-trial, per-layer similarities of :data:`BASELINE_PAIRS`, ``{name: [n, L]}``.
 
     states: ``{"anchor", "icl", "it"[, "it_seed2"]: [n, L, d]}``; reference_mean: ``[L, d]``
     (needed by ``centered``). ``shuffled`` needs n >= 2 and is left out otherwise;
-    ``noise_ceiling`` needs the ``it_seed2`` states.
+    ``noise_ceiling`` needs the ``it_seed2`` states; ``query_mean`` needs ``pooled``, the
+    arms' states averaged over the query's tokens (same keys and shapes as ``states``).
     """
     unknown = [b for b in baselines if b not in BASELINE_PAIRS]
     if unknown:
@@ -180,4 +185,26 @@ def baseline_cosines(
         if "it_seed2" not in states:
             raise KeyError("the noise_ceiling baseline needs the it_seed2 arm's states")
         out["it_it_seed"] = cosine_per_layer(states["it"], states["it_seed2"], eps=eps)
+    if "query_mean" in baselines:
+        if pooled is None:
+            raise ValueError("the query_mean baseline needs the states averaged over the query (pooled)")
+        out.update({f"{pair}_qmean": c for pair, c in pairwise_cosines(pooled, eps=eps).items()})
+    return out
+
+
+def step_pair(pair: str, step: int) -> str:
+    """Name of a pair measured after tuning step ``step`` (the dose curve): ``icl_it_step4``."""
+    return f"{pair}_step{step}"
+
+
+def dose_cosines(states: dict[str, Tensor], it_by_step: dict[int, Tensor], *, eps: float = EPS) -> dict[str, Tensor]:
+    """ICL–IT and anchor–IT cosines of the IT states read after each captured tuning step.
+
+    states: ``{"anchor", "icl": [n, L, d]}``; it_by_step: ``{step: [n, L, d]}``.
+    Returns ``{step_pair("icl_it", s), step_pair("anchor_it", s): [n, L]}`` for every step.
+    """
+    out: dict[str, Tensor] = {}
+    for step, it in sorted(it_by_step.items()):
+        out[step_pair("icl_it", step)] = cosine_per_layer(states["icl"], it, eps=eps)
+        out[step_pair("anchor_it", step)] = cosine_per_layer(states["anchor"], it, eps=eps)
     return out

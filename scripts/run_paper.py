@@ -1,0 +1,70 @@
+"""Run the whole paper suite (configs/paper) into one folder, timed, with every report.
+
+    python scripts/run_paper.py                    # → runs/paper/<spec>/, runs/paper/suite.json
+    python scripts/run_paper.py --only main dose   # some specs only
+    make paper                                     # the same
+
+Each spec is ``iclit run configs/paper/<spec>.yaml --out runs/paper/<spec>`` with ``--reuse``
+of every run directory before it, so a cell that several specs share (the base cell of the
+one-factor experiments) is computed once; then ``iclit report`` and ``iclit results
+--effects``. Everything runs in one process, so each model is loaded once. Rerunning
+resumes: finished trials are never recomputed. ``suite.json`` records, per spec, the trials
+computed and reused and the seconds taken, and the total wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from iclit.experiments import load_spec, run_experiment
+from iclit.experiments.runner import experiment_versions
+from iclit.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ["main", "layers", "cross_task", "similarity", "n_demos", "wrong_labels", "instruction",
+         "lora_vs_full", "dose", "translation", "models"]
+RUN_DIR = {"layers": "main"}  # layers.yaml plans exactly the main cell: same run directory
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "paper")
+    ap.add_argument("--only", nargs="*", choices=ORDER, help="run only these specs (in suite order)")
+    args = ap.parse_args()
+    names = [n for n in ORDER if not args.only or n in args.only]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / "suite.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() else {"specs": {}}
+    started = time.perf_counter()
+    done: list[Path] = [args.out / RUN_DIR.get(n, n) for n in ORDER if (args.out / RUN_DIR.get(n, n) / "results.sqlite").exists()]
+    for name in names:
+        out = args.out / RUN_DIR.get(name, name)
+        t0 = time.perf_counter()
+        summary = run_experiment(load_spec(ROOT / "configs" / "paper" / f"{name}.yaml"), out,
+                                 progress=True, reuse=[d for d in dict.fromkeys(done) if d != out])
+        write_report(out)
+        seconds = time.perf_counter() - t0
+        print(summary, flush=True)
+        log["specs"][name] = {"out": str(out.relative_to(args.out)), "planned": summary.planned,
+                              "already_stored": summary.already_done, "computed": summary.computed,
+                              "reused": summary.reused, "seconds": round(seconds, 1)}
+        if out not in done:
+            done.append(out)
+    total = time.perf_counter() - started
+    log["last_invocation"] = {
+        "specs": names, "seconds": round(total, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "versions": experiment_versions(),
+    }
+    log_path.write_text(json.dumps(log, indent=2) + "\n")
+    print(f"paper suite: {len(names)} specs in {total / 60:.1f} min → {args.out}")
+
+
+if __name__ == "__main__":
+    main()
