@@ -121,7 +121,11 @@ def read_out(
     if ctx.query_mean:
         if queries is None:
             raise ValueError("query_mean needs the query of each prompt")
-        span_from = [len(p) - len(ctx.query_block(q)) for p, q in zip(prompts, queries)]
+        blocks = [ctx.query_block(q) for q in queries]
+        bad = next((p for p, b in zip(prompts, blocks) if not p.endswith(b)), None)
+        if bad is not None:
+            raise ValueError(f"query_mean: the prompt does not end with its query block: {bad[-200:]!r}")
+        span_from = [len(p) - len(b) for p, b in zip(prompts, blocks)]
     cap = capture(
         model, tok, prompts, label_ids=label_ids, batch_size=ctx.batch_size,
         prefixes=prefixes if ctx.fast else None, before_batch=before_batch, reference=not ctx.fast,
@@ -149,7 +153,7 @@ def _concat(outputs: list[ArmOutput]) -> ArmOutput:
         label_probs=torch.cat(probs) if probs[0] is not None else None,
         tuning=[t for o in outputs for t in o.tuning],
         pooled=torch.cat(pooled) if pooled[0] is not None else None,
-        by_step={s: _concat([o.by_step.get(s, o) for o in outputs]) for s in steps},
+        by_step={s: _concat([o.by_step[s] for o in outputs]) for s in steps},
     )
 
 
@@ -214,9 +218,8 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
     todo = []
     for i, r in enumerate(ctx.resamples):
         if not r.demonstrations:  # k = 0: nothing to tune on, IT is the base model
-            outputs[i] = read_out(ctx, ctx.lm.model, [prompts[i]], queries=[queries[i]])
-            outputs[i].tuning = [TuningResult()]
-            outputs[i].by_step = {s: outputs[i] for s in ctx.recipe.capture_steps}
+            base = read_out(ctx, ctx.lm.model, [prompts[i]], queries=[queries[i]])
+            outputs[i] = replace(base, tuning=[TuningResult()], by_step={s: base for s in ctx.recipe.capture_steps})
             ctx.advance(1)
         else:
             todo.append(i)
@@ -268,7 +271,7 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
 def it_seed2_arm(ctx: ArmContext) -> ArmOutput:
     """The ``it`` arm with another tuning seed (LoRA initialisation, data order, dropout):
     ``it`` vs ``it_seed2`` is the noise ceiling of ICL–IT similarity."""
-    return it_arm(replace(ctx, seed_offset=ctx.seed_offset + 1))
+    return it_arm(replace(ctx, seed_offset=ctx.seed_offset + 1, recipe=replace(ctx.recipe, capture_steps=())))
 
 
 ARMS: dict[str, Callable[[ArmContext], ArmOutput]] = {}

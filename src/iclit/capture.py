@@ -47,8 +47,9 @@ class Capture:
 
 
 def _pool(h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[b, s, d] states, [b, s] weights (rows summing to 1) → [b, d] weighted means."""
-    return torch.einsum("bs,bsd->bd", weights.to(h.dtype), h)
+    """[b, s, d] states, [b, s] weights (rows summing to 1) → [b, d] weighted means (float32,
+    whatever the model's dtype)."""
+    return torch.einsum("bs,bsd->bd", weights.float(), h.float())
 
 
 @contextmanager

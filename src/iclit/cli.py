@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -74,6 +75,8 @@ def compare(
     dropout: float = typer.Option(TuningRecipe.dropout, help="LoRA dropout"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default 1e-3 LoRA, 1e-5 full)"),
     epochs: int = typer.Option(TuningRecipe.epochs, help="tuning epochs over the k demonstrations"),
+    capture_steps: Optional[str] = typer.Option(None, help="also read IT after these optimiser steps, e.g. 1,2,4,8 (the dose curve)"),
+    baselines: Optional[str] = typer.Option(None, help="comma-separated: centered, shuffled, update, noise_ceiling, cka, query_mean"),
     batch_size: int = typer.Option(16, help="prompts per forward pass"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)"),
@@ -85,8 +88,19 @@ def compare(
     from iclit.experiments import run_comparison
     from iclit.models import ModelNotFoundError
     from iclit.tasks import TaskDataError, get_task
+    from iclit.metrics import BASELINES
+
+    chosen = [b.strip() for b in (baselines or "").split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in BASELINES]
+    if unknown:
+        _fail(f"--baselines: unknown {', '.join(unknown)} (known: {', '.join(BASELINES)})")
     try:
-        recipe = TuningRecipe(method=method, rank=rank, alpha=alpha, dropout=dropout, lr=lr, epochs=epochs)  # type: ignore[arg-type]
+        steps = tuple(int(x) for x in capture_steps.split(",") if x.strip()) if capture_steps else ()
+    except ValueError:
+        _fail(f"--capture-steps must be comma-separated integers, not {capture_steps!r}")
+    try:
+        recipe = TuningRecipe(method=method, rank=rank, alpha=alpha, dropout=dropout, lr=lr, epochs=epochs,  # type: ignore[arg-type]
+                              capture_steps=steps)
     except ValueError as e:
         _fail(str(e))
     columns = (TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
@@ -102,6 +116,7 @@ def compare(
             result = run_comparison(
                 model, task_arg, k=k, resamples=resamples, seed=seed, recipe=recipe, template=template,
                 instruction=not no_instruction, sampler=sampler, batch_size=batch_size, fast=not slow, device=device, dtype=dtype, progress=progress,
+                baselines=chosen,
             )
         except (TaskDataError, ModelNotFoundError, ValueError, KeyError) as e:
             _fail(_message(e))
@@ -119,10 +134,11 @@ def print_summary(result) -> None:
     table.add_column("pair")
     table.add_column("last layer: mean ± std [95% CI]")
     table.add_column("mean over layers [95% CI]")
-    for pair in PAIRS:
+    pairs = [*PAIRS, *(p for p in m["last_layer"] if p not in PAIRS and "_step" not in p)]  # dose steps: trials.jsonl
+    for pair in pairs:
         a, b = m["last_layer"][pair], m["mean_over_layers"][pair]
         table.add_row(
-            pair.replace("_", "–"),
+            pair.replace("_", "–") if pair in PAIRS else pair,
             f"{a['mean']:.3f} ± {a['std']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
             f"{b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]",
         )
@@ -252,6 +268,9 @@ def results(
         df = per_trial.groupby([*keys, "pair"], sort=False).agg(
             trials=("trial_key", "nunique"), last_layer=("last_layer", "mean"),
             mean_over_layers=("mean_over_layers", "mean")).reset_index()
+    nested = [c for c in df.columns if df[c].dtype == object and df[c].map(lambda v: isinstance(v, (list, dict))).any()]
+    if format in ("csv", "parquet") and nested:  # per-step losses, dose records, chunk CKA: as JSON text
+        df = df.assign(**{c: df[c].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v) for c in nested})
     if format == "csv":
         if out is None:
             df.to_csv(typer.get_text_stream("stdout"), index=False)
@@ -268,7 +287,7 @@ def results(
     if df.empty:
         console.print("no trials stored yet")
         return
-    show = df.drop(columns=[c for c in ("trial_key", "cell_key") if c in df.columns])
+    show = df.drop(columns=[c for c in ("trial_key", "cell_key", *nested) if c in df.columns])  # nested: -f csv/parquet
     constant = [c for c in show.columns if show[c].nunique(dropna=False) == 1 and c not in ("pair", "layer")]
     table = Table(title=("fixed: " + ", ".join(f"{c}={show[c].iloc[0]}" for c in constant)) if constant else None)
     for c in show.columns:

@@ -195,7 +195,7 @@ def test_factor_effects_pair_trials_and_match_a_direct_computation(run_dir: Path
     assert row["mean_diff"] == pytest.approx(d.mean())
     assert row["ci_low"] <= row["mean_diff"] <= row["ci_high"]
     assert 0 < row["p_value"] <= 1
-    assert set(eff["pair"]) == {"icl_it", "icl_it_centered", "update_cosine"}
+    assert set(eff["pair"]) == {"icl_it", "icl_it_centered", "update_cosine", "icl_it_qmean"}
 
 
 def test_factor_effects_known_difference():
@@ -223,8 +223,9 @@ def test_cli_results_effects(run_dir: Path):
     assert res.exit_code == 0, res.output
     lines = res.output.strip().splitlines()
     assert lines[0].startswith("factor,value,reference,pair,what,n,")
-    # 2 factors x 1 non-reference value x 3 similarities x 2 (last layer, mean over layers)
-    assert len(lines) == 1 + 2 * 3 * 2
+    # 2 factors x 1 non-reference value x 4 similarities (ICL–IT raw, centred, update, query-mean)
+    # x 2 (last layer, mean over layers)
+    assert len(lines) == 1 + 2 * 4 * 2
     bad = runner.invoke(app, ["results", str(run_dir), "--effects", "--outputs"])
     assert bad.exit_code != 0 and "--effects goes alone" in bad.output
     table = runner.invoke(app, ["results", str(run_dir), "--effects"])

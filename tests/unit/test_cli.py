@@ -116,6 +116,9 @@ def test_unknown_model_path(runner, tmp_path, monkeypatch, no_loading):
         (["--method", "prefix"], "tuning method must be 'lora' or 'full'"),
         (["--epochs", "0"], "tuning epochs must be >= 1"),
         (["--k", "100000"], "needs at least k+1"),
+        (["--baselines", "centred"], "--baselines: unknown centred"),
+        (["--capture-steps", "1,x"], "--capture-steps must be comma-separated integers"),
+        (["--epochs", "4", "--capture-steps", "2,8"], "go past the last step"),
     ],
 )
 def test_bad_options(runner, tmp_path, no_loading, args, message):
@@ -152,3 +155,18 @@ def test_compare_success(runner, tmp_path, tiny, monkeypatch):
     assert "per-arm accuracy" in text
     assert "ICL–IT prediction agreement" in text
     assert f"wrote {out}" in flat(text)
+
+
+def test_compare_with_baselines_and_dose(runner, tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(cmp, "load_model", lambda *a, **k: tiny)
+    out = tmp_path / "run"
+    args = ["compare", "--model", "some-org/tiny", "--task", "sentiment", "--k", "2", "--resamples", "3",
+            "--epochs", "3", "--capture-steps", "1,3", "--baselines", "centered,query_mean", "--out", str(out)]
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 0, result.output
+    trial = json.loads((out / "trials.jsonl").read_text().splitlines()[0])
+    assert trial["dose"]["steps"] == [1, 3] and "icl_it_qmean" in trial and "icl_it_centered" in trial
+    assert trial["icl_it_step3"] == trial["icl_it"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"icl_it_qmean", "icl_it_step1"} <= set(metrics["last_layer"])
+    assert "icl_it_qmean" in result.output and "icl_it_step1" not in result.output

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -148,3 +149,65 @@ def test_capture_steps_validation():
         loads_spec(base + "recipe: {capture_steps: [a]}\n")
     with pytest.raises(SpecError, match="go past the last step"):
         loads_spec(base + "recipe: {epochs: 4, capture_steps: [8]}\n")
+
+
+def test_dose_and_query_mean_through_the_runner_and_report(tmp_path):
+    """A spec with capture_steps and query_mean: the store holds the step pairs and the dose
+    record; the report's dose table is computed from them and its peak is the argmax."""
+    from iclit.experiments import run_experiment
+    from iclit.experiments.store import open_store
+    from iclit.report import dose_summary, render_report
+
+    spec = loads_spec(
+        "name: dose\nmodel: tiny-random-llama\ntask: sentiment\nk: 2\nresamples: 4\nchunk_size: 2\n"
+        "baselines: [query_mean]\nrecipe: {epochs: 4, capture_steps: [1, 2, 4]}\n"
+        "factors:\n  recipe: [{lr: 1.0e-3}, {lr: 1.0e-2}]\n"
+    )
+    run_experiment(spec, tmp_path / "run")
+    with open_store(tmp_path / "run") as store:
+        plan = store.latest_run()["plan"]
+        frame, outputs = store.frame(plan), store.outputs(plan)
+    pairs = set(frame["pair"])
+    assert {step_pair("icl_it", s) for s in (1, 2, 4)} <= pairs and "icl_it_qmean" in pairs
+    dose = dose_summary(frame, outputs, plan, "recipe")
+    assert len(dose) == 2 * 3 and set(dose["step"]) == {1, 2, 4}
+    row = dose[(dose["step"] == 2)].iloc[1]  # the second recipe, step 2
+    keys = outputs[outputs["recipe"].astype(str) == str(row["value"])]["trial_key"]
+    last = frame[(frame["pair"] == "icl_it_step2") & frame["trial_key"].isin(keys)]
+    last = last[last["layer"] == last["layer"].max()]
+    assert row["icl_it:last_layer"]["mean"] == pytest.approx(last["cosine"].mean())
+    want_loss = np.mean([l[2] for l in outputs[outputs["trial_key"].isin(keys)]["it_losses"]])  # after 2 updates
+    assert row["train_loss"]["mean"] == pytest.approx(want_loss)
+    # step 4 is the end of training: its pair equals the plain icl_it pair
+    end = frame[frame["pair"] == "icl_it_step4"].set_index(["trial_key", "layer"])["cosine"]
+    plain = frame[frame["pair"] == "icl_it"].set_index(["trial_key", "layer"])["cosine"]
+    np.testing.assert_allclose(end.sort_index().to_numpy(), plain.sort_index().to_numpy())
+    final = dose[dose["step"] == 4].iloc[0]["train_loss"]["mean"]  # after the last update: the final loss
+    first = outputs[outputs["recipe"].astype(str) == str(dose.iloc[0]["value"])]["it_final_loss"].mean()
+    assert final == pytest.approx(first)
+    page = render_report(tmp_path / "run")
+    assert "id=dose" in page and "ICL – IT, mean over the query" in page
+    # the nested per-trial columns (losses per step, dose record) export as JSON text
+    from typer.testing import CliRunner
+
+    from iclit.cli import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["results", str(tmp_path / "run"), "--outputs"], env={"COLUMNS": "250"})
+    assert shown.exit_code == 0, shown.output
+    table = tmp_path / "outputs.parquet"
+    done = runner.invoke(app, ["results", str(tmp_path / "run"), "--outputs", "-f", "parquet", "-o", str(table)])
+    assert done.exit_code == 0, done.output
+    import json as _json
+
+    back = pd.read_parquet(table)
+    assert _json.loads(back["dose"].iloc[0])["steps"] == [1, 2, 4]
+
+
+def test_dose_with_k_zero_resamples(lm, task):
+    """k = 0: nothing to tune, every step reads the base model (no self-reference)."""
+    draws = draw_resamples(task, 0, 2, 0)
+    out = get_arm("it")(ArmContext(lm, task, draws, TuningRecipe(epochs=2, capture_steps=(1, 2)), seed=0))
+    assert sorted(out.by_step) == [1, 2]
+    torch.testing.assert_close(out.by_step[1].states, out.states, atol=0, rtol=0)
+    assert not out.by_step[1].by_step

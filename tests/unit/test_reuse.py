@@ -114,6 +114,11 @@ def test_only_whole_chunks_are_reused(tmp_path: Path) -> None:
     mixed = run_experiment(_spec(BASE, resamples=8, chunk_size=4), tmp_path / "mixed", reuse=[short])
     assert (mixed.reused, mixed.computed) == (4, 4)
 
+    # a shorter run's last chunk [4-5] is part of the source's chunk [4-7]: computed there with
+    # 4 queries (other shuffled pairs and CKA), so not reused; [0-3] is
+    part = run_experiment(_spec(BASE, resamples=6, chunk_size=4), tmp_path / "part", reuse=[tmp_path / "long"])
+    assert (part.reused, part.chunks_reused, part.computed) == (4, 1, 2)
+
     # several sources: tried in order, each chunk from the one that holds it whole
     both = run_experiment(_spec(BASE, resamples=8, chunk_size=4), tmp_path / "both",
                           reuse=[short, tmp_path / "long"])

@@ -70,7 +70,8 @@ class Comparison:
             (t / "config.json").write_text(to_json(self.config, indent=2))
             cfg = self.config
             title = f"{cfg['model']} · {cfg['task']} · k={cfg['k']} · {cfg['resamples']} resamples"
-            plot_layers(self.summary, t / "layers.png", title=title)
+            steps = self.summary["pair"].str.contains("_step")  # the dose pairs: in summary.csv, not drawn
+            plot_layers(self.summary[~steps], t / "layers.png", title=title)
             for name in ("trials.jsonl", "summary.csv", "metrics.json", "config.json", "layers.png"):
                 os.replace(t / name, out / name)
         return out
@@ -240,7 +241,7 @@ def evaluate(
             "predictions": {arm: o.predictions[i] for arm, o in outputs.items()},
             ("correct" if t.kind == "classification" else "chrf"): {arm: scores[arm][i] for arm in outputs},
             "it_final_loss": outputs["it"].tuning[i].final_loss,
-            "it_losses": [round(x, 6) for x in outputs["it"].tuning[i].losses],
+            "it_losses": [float(f"{x:.6g}") for x in outputs["it"].tuning[i].losses],
         }
         if t.kind == "classification":
             trial["label_probs"] = {
@@ -277,6 +278,7 @@ def run_comparison(
     device: str | None = None,
     dtype: str | None = None,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    baselines: Sequence[str] = (),
 ) -> Comparison:
     """Run anchor, ICL and IT on ``resamples`` seeded (query, k demonstrations) draws.
 
@@ -285,6 +287,8 @@ def run_comparison(
     a callback that is called with the number of resamples each arm finishes. ``fast=False``
     forces the straightforward path (full forward per prompt, one PEFT adapter at a time).
     ``device``/``dtype`` override the defaults (CUDA in bf16 when present, else CPU fp32).
+    ``baselines``: extra similarities (see :func:`evaluate`), stored per trial and summarised
+    per layer beside the three pairs; with ``recipe.capture_steps``, the dose pairs too.
     """
     recipe = recipe or TuningRecipe()
     started = time.time()
@@ -296,7 +300,7 @@ def run_comparison(
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
 
     cell = evaluate(lm, t, draws, recipe=recipe, seed=seed, batch_size=batch_size,
-                    max_new_tokens=max_new_tokens, fast=fast, progress=progress)
+                    max_new_tokens=max_new_tokens, fast=fast, progress=progress, baselines=baselines)
     outputs, cosines, scores, trials = cell.outputs, cell.cosines, cell.scores, cell.trials
 
     summary = summarize_layers(cosines, seed=seed)
@@ -324,8 +328,8 @@ def run_comparison(
         "anchor_it_agreement": agreement(outputs["anchor"].predictions, outputs["it"].predictions),
         "it_final_loss": summarize(np.asarray(final_losses, dtype=float), seed=seed)
         | {"max": float(np.nanmax(final_losses)) if final_losses and not np.all(np.isnan(final_losses)) else float("nan")},
-        "last_layer": {pair: summarize(cosines[pair][:, -1], seed=seed) for pair in PAIRS},
-        "mean_over_layers": {pair: summarize(cosines[pair].mean(axis=1), seed=seed) for pair in PAIRS},
+        "last_layer": {pair: summarize(cosines[pair][:, -1], seed=seed) for pair in cosines},
+        "mean_over_layers": {pair: summarize(cosines[pair].mean(axis=1), seed=seed) for pair in cosines},
     }
     config = {
         "command": "compare",
@@ -341,6 +345,7 @@ def run_comparison(
         "template_name": template or "default",
         "instruction": instruction,
         "recipe": recipe.to_dict(),
+        "baselines": list(baselines),
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "fast": fast,

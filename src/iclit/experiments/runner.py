@@ -295,7 +295,7 @@ def _reuse_chunks(todo: Sequence[Chunk], sources: Sequence[tuple[str, Store]], s
             if not all(k in keys for k in chunk.keys):
                 continue
             rows = src.stored_trials(chunk.keys)
-            if rows is None or not _whole_chunk(rows, chunk):
+            if rows is None or not _whole_chunk(rows, chunk) or _part_of_larger_chunk(src, chunk):
                 continue
             new = store.copy_trials(rows, run_id)
             reused_from[name] += new
@@ -315,6 +315,16 @@ def _whole_chunk(rows: StoredTrials, chunk: Chunk) -> bool:
     not a mix of trials computed in differently composed chunks."""
     return (all(t["cell_key"] == chunk.cell.key and t["seed"] == chunk.seed for t in rows.trials)
             and len({(t["run_id"], t["written"]) for t in rows.trials}) == 1)
+
+
+def _part_of_larger_chunk(src: Store, chunk: Chunk) -> bool:
+    """The source also holds resamples of the chunk's window ``[n·c, (n+1)·c)`` that the chunk
+    lacks: there the chunk was computed with more trials (a source run with more resamples,
+    so a longer last chunk), and its chunk-level baselines (shuffled pairs, CKA) differ."""
+    size = int(chunk.cell.settings.get("chunk_size") or len(chunk.resamples))
+    lo = chunk.number * size
+    held = src.resamples_of(chunk.cell.key, chunk.seed, lo, lo + size)
+    return bool(held - set(chunk.resamples))
 
 
 def experiment_versions() -> dict[str, str]:

@@ -308,6 +308,12 @@ class Store:
         by_key = {r[0]: dict(zip(_TRIAL_COLUMNS, r)) for r in rows}
         return StoredTrials([by_key[k] for k in dict.fromkeys(keys)], cosines, cells)
 
+    def resamples_of(self, cell_key: str, seed: int, lo: int, hi: int) -> set[int]:
+        """Resample indices in ``[lo, hi)`` stored for (cell, seed)."""
+        rows = self.conn.execute("SELECT resample FROM trials WHERE cell_key = ? AND seed = ? AND resample >= ? "
+                                 "AND resample < ?", (cell_key, int(seed), int(lo), int(hi))).fetchall()
+        return {int(r[0]) for r in rows}
+
     def copy_trials(self, stored: StoredTrials, run_id: int | None = None) -> int:
         """Store trials read from another store (:meth:`stored_trials`) in one transaction,
         verbatim: same keys, cell, scores, outputs, seconds and cosines (``run_id``: this store's
@@ -378,7 +384,8 @@ class Store:
 
     def outputs(self, plan: Mapping[str, Any] | None = None) -> pd.DataFrame:
         """One row per trial: factor values, seed, resample, query, gold, per-arm prediction
-        and score (``score_<arm>``), IT final loss, demo similarity, wrong labels."""
+        and score (``score_<arm>``), IT final loss and per-step losses, demo similarity, wrong
+        labels; the chunk's CKA and the dose record (``dose``) when stored."""
         cond, args = self._selection(plan)
         rows = self.conn.execute(
             "SELECT t.trial_key, t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, "
@@ -401,6 +408,9 @@ class Store:
             row["it_final_loss"] = outputs.get("it_final_loss")
             if "chunk_cka_icl_it" in outputs:  # baseline cka: linear CKA of ICL vs IT over the trial's chunk
                 row["chunk_cka_icl_it"] = outputs["chunk_cka_icl_it"]
+            row["it_losses"] = outputs.get("it_losses")
+            if "dose" in outputs:  # recipe capture_steps: IT steps read, answers and scores after each
+                row["dose"] = outputs["dose"]
             row["seconds"] = seconds
             row["trial_key"] = key
             out.append(row)

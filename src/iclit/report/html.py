@@ -14,7 +14,10 @@ For each factor of the spec:
 * effect sizes: each value of the factor against its base value, paired over (seed,
   resample) — and the other factors' values in a grid — on the ICL–IT cosine (last layer and
   mean over layers): mean difference with a paired bootstrap 95% CI, Cohen's d and a
-  sign-flip permutation p-value; and the value where ICL–IT similarity peaks.
+  sign-flip permutation p-value; and the value where ICL–IT similarity peaks;
+* when the recipe reads IT after several steps (``capture_steps``): the dose curves, ICL–IT
+  and anchor–IT cosine, IT accuracy and training loss against the optimiser step, one line
+  per factor value, with the step where ICL–IT peaks.
 
 With ``design: grid`` a factor's figure pools the other factors' values; with ``separate``
 it shows the cells where the other factors keep their base values. Figures are PNGs embedded
@@ -29,6 +32,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -41,7 +45,7 @@ from matplotlib.ticker import MaxNLocator
 from iclit.metrics import BASELINE_PAIRS, cohens_d, paired_bootstrap_diff, permutation_test, summarize
 from iclit.report.plots import PAIR_STYLE
 
-__all__ = ["write_report", "render_report", "factor_summary", "factor_effects", "EFFECT_PAIRS"]
+__all__ = ["write_report", "render_report", "factor_summary", "factor_effects", "dose_summary", "EFFECT_PAIRS"]
 
 _PAIRS = tuple(PAIR_STYLE)
 _EXTRA_PAIRS = tuple(p for pairs in BASELINE_PAIRS.values() for p in pairs)
@@ -54,8 +58,11 @@ _EXTRA_STYLE: dict[str, tuple[str, str, str]] = {
     "it_it_seed": ("IT – IT, other seed (noise ceiling)", "tab:red", "-."),
     "update_cosine": ("update direction cos(ICL−anchor, IT−anchor)", "tab:purple", "-"),
     "cka_icl_it": ("linear CKA ICL vs IT across a chunk's queries", "black", "-"),
+    "icl_it_qmean": ("ICL – IT, mean over the query", "tab:olive", "-"),
+    "anchor_icl_qmean": ("anchor – ICL, mean over the query", "tab:cyan", "-"),
+    "anchor_it_qmean": ("anchor – IT, mean over the query", "tab:brown", "-"),
 }
-EFFECT_PAIRS: tuple[str, ...] = ("icl_it", "icl_it_centered", "update_cosine")
+EFFECT_PAIRS: tuple[str, ...] = ("icl_it", "icl_it_centered", "update_cosine", "icl_it_qmean")
 """The similarities whose factor effects the report tests (those present in the run)."""
 
 
@@ -365,6 +372,117 @@ def _peak(summary: pd.DataFrame, factor: str) -> str:
     return ("<p class=note>ICL–IT similarity peaks at " + "; ".join(parts) + "</p>") if parts else ""
 
 
+_STEP = re.compile(r"^(icl_it|anchor_it)_step(\d+)$")
+
+
+def dose_summary(frame: pd.DataFrame, outputs: pd.DataFrame, plan: Mapping[str, Any], factor: str | None) -> pd.DataFrame:
+    """The dose curves: per factor value (or one group) and captured step, the ICL–IT and
+    anchor–IT cosine (last layer, mean over layers), the IT score and the training loss of
+    the model read at that step (after that many updates), each summarised over trials
+    (mean with a 95% bootstrap CI)."""
+    dose = frame[frame["pair"].str.match(_STEP.pattern)]
+    if dose.empty:
+        return pd.DataFrame()
+    if factor is not None:
+        dose, outputs = _subset(dose, factor, plan), _subset(outputs, factor, plan)
+    per = _per_trial(dose)
+    parsed = per["pair"].str.extract(_STEP.pattern)
+    per = per.assign(base_pair=parsed[0], step=parsed[1].astype(int))
+    if factor is not None:
+        per = per.merge(dose.drop_duplicates("trial_key")[["trial_key", factor]], on="trial_key")
+    values = _values(plan, factor) if factor is not None else [None]
+    rows = []
+    for value in values:
+        p = per if value is None else per[_match(per[factor], value)]
+        o = outputs if value is None else outputs[_match(outputs[factor], value)]
+        for step in sorted(p["step"].unique()):
+            row: dict[str, Any] = {"value": value, "step": int(step)}
+            for pair in ("icl_it", "anchor_it"):
+                q = p[(p["step"] == step) & (p["base_pair"] == pair)]
+                for what in ("last_layer", "mean_over_layers"):
+                    row[f"{pair}:{what}"] = summarize(q[what].to_numpy())
+            scores, losses = [], []
+            for _, trial in o.iterrows():
+                d, l = trial.get("dose"), trial.get("it_losses")
+                if isinstance(d, Mapping) and step in d.get("steps", []):
+                    scores.append(d["score"][d["steps"].index(step)])
+                # losses[j] is the loss of the forward pass before update j + 1, so the model
+                # read after ``step`` updates has losses[step]; after the last, the final loss
+                if isinstance(l, list) and step < len(l):
+                    losses.append(l[step])
+                elif isinstance(l, list) and step == len(l):
+                    losses.append(trial.get("it_final_loss"))
+            row["it_score"] = summarize(np.asarray(scores, dtype=float))
+            row["train_loss"] = summarize(np.asarray(losses, dtype=float))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _dose_figure(dose: pd.DataFrame, factor: str | None, score_name: str) -> str:
+    fig = Figure(figsize=(13.0, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    panels = [("icl_it:last_layer", "ICL – IT cosine, last layer"), ("anchor_it:last_layer", "anchor – IT cosine, last layer"),
+              ("it_score", f"IT {score_name}"), ("train_loss", "training loss at the step (log)")]
+    colours = ["tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange", "tab:brown"]
+    for col, (key, heading) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), col + 1)
+        for j, (value, grp) in enumerate(dose.groupby("value", sort=False, dropna=False)):
+            stats = grp[key].tolist()
+            mean = np.array([s["mean"] for s in stats], dtype=float)
+            lo = np.array([s["ci_low"] for s in stats], dtype=float)
+            hi = np.array([s["ci_high"] for s in stats], dtype=float)
+            label = f"{factor} = {value}" if factor else "all trials"
+            ax.plot(grp["step"], mean, marker="o", markersize=3, color=colours[j % len(colours)], label=label)
+            ax.fill_between(grp["step"], lo, hi, color=colours[j % len(colours)], alpha=0.15, linewidth=0)
+        ax.set_xscale("log", base=2)
+        if key == "train_loss":
+            ax.set_yscale("log")
+        ax.set_xlabel("optimiser step")
+        ax.set_title(heading, fontsize="small")
+        ax.grid(True, alpha=0.3)
+        if col == 0:
+            ax.legend(fontsize="x-small", frameon=False, loc="best")
+    fig.suptitle("IT dose: the tuned model read after each captured step (mean, 95% CI over trials)", fontsize="medium")
+    return _png(fig)
+
+
+def _dose_table(dose: pd.DataFrame, factor: str | None, score_name: str) -> str:
+    """Per factor value: the step where ICL–IT peaks (last layer; mean over layers), the value
+    there, and the IT score and training loss at that step and at the last step."""
+    head = [factor or "", "peak step (last layer)", "ICL–IT there", f"IT {score_name} there", "loss there",
+            "peak step (mean over layers)", "ICL–IT there", "last step", "ICL–IT at last step", f"IT {score_name} at last step"]
+    out = ["<table class=dose><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for value, grp in dose.groupby("value", sort=False, dropna=False):
+        grp = grp.reset_index(drop=True)
+        means = [s["mean"] for s in grp["icl_it:last_layer"]]
+        means_all = [s["mean"] for s in grp["icl_it:mean_over_layers"]]
+        i, k, last = int(np.nanargmax(means)), int(np.nanargmax(means_all)), len(grp) - 1
+        cells = [html.escape(str(value if factor else "all")), str(grp["step"][i]), _ci(grp["icl_it:last_layer"][i]),
+                 _ci(grp["it_score"][i]), _ci(grp["train_loss"][i], 4), str(grp["step"][k]),
+                 _ci(grp["icl_it:mean_over_layers"][k]), str(grp["step"][last]), _ci(grp["icl_it:last_layer"][last]),
+                 _ci(grp["it_score"][last])]
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _dose_section(frame: pd.DataFrame, outputs: pd.DataFrame, plan: Mapping[str, Any], score_name: str) -> list[str]:
+    factors = list(plan["factors"])
+    factor = "recipe" if "recipe" in factors else (factors[0] if len(factors) == 1 else None)
+    dose = dose_summary(frame, outputs, plan, factor)
+    if dose.empty:
+        return []
+    pooled = [f for f in factors if f != factor]
+    note = f"; pooled over {', '.join(pooled)}" if pooled and plan.get("design") != "separate" else ""
+    return [
+        "<h2 id=dose>IT dose</h2>",
+        "<p class=note>one training run per trial, read after each captured optimiser step "
+        f"(recipe <code>capture_steps</code>); step 0 would be the anchor{html.escape(note)}</p>",
+        f"<img alt='IT dose curves' src='data:image/png;base64,{_dose_figure(dose, factor, score_name)}'>",
+        _dose_table(dose, factor, score_name),
+    ]
+
+
 _CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2rem auto; max-width: 1150px;
        color: #222; line-height: 1.45; padding: 0 1rem; }
@@ -476,6 +594,8 @@ def render_report(run_dir: str | Path) -> str:
                 parts.append(f"<img alt='baselines per layer' src='data:image/png;base64,"
                              f"{_layer_figure(frame, None, [], 'ICL–IT and its baselines per layer', ('icl_it', *extras))}'>")
             parts.append(_baseline_table(one, "task", score_name))
+    if not frame.empty:
+        parts.extend(_dose_section(frame, outputs, plan, score_name))
     parts.append("<h2>Spec</h2>")
     parts.append(f"<pre>{html.escape(spec_yaml)}</pre>")
     parts.append("<h2>Versions</h2><table><tbody>")
