@@ -546,6 +546,9 @@ def fit_many(
     sizes = [recipe.batch_size or len(m) for m in members]
     steps = max(math.ceil(len(m) / s) for m, s in zip(members, sizes))
     _check_capture_steps(recipe, recipe.epochs * steps)
+    if recipe.capture_steps and len({math.ceil(len(m) / s) for m, s in zip(members, sizes)}) > 1:
+        raise ValueError("capture_steps need every adapter to take the same number of steps per epoch "
+                         "(the same number of demonstrations, or full batches)")
     lengths = batch.attention_mask.sum(dim=1).tolist()
     prefix = shared_prefix_length(batch) if share_prefix else 0
     if prefix < 8:  # too short to be worth a second pass

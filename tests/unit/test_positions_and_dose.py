@@ -149,6 +149,10 @@ def test_capture_steps_validation():
         loads_spec(base + "recipe: {capture_steps: [a]}\n")
     with pytest.raises(SpecError, match="go past the last step"):
         loads_spec(base + "recipe: {epochs: 4, capture_steps: [8]}\n")
+    # minibatches: the number of steps depends on k, checked per k before anything runs
+    with pytest.raises(SpecError, match=r"k=2 demonstrations in batches of 2 make in 3 epochs"):
+        loads_spec(base + "recipe: {epochs: 3, batch_size: 2, capture_steps: [6]}\nfactors: {k: [2, 4]}\n")
+    assert loads_spec(base + "k: 4\nrecipe: {epochs: 3, batch_size: 2, capture_steps: [6]}\n").recipe.batch_size == 2
 
 
 def test_dose_and_query_mean_through_the_runner_and_report(tmp_path):

@@ -679,6 +679,15 @@ def _check_resources(spec: ExperimentSpec, p: _Problems) -> None:
         for _, pool in pools:
             if k + 1 > len(pool):
                 p.add(path, f"k={k} is too large for task {pool.name!r}: it has {len(pool)} examples, so k can be at most {len(pool) - 1}")
+    for rpath, value in _values_with_paths(spec, "recipe"):  # minibatches: steps depend on k
+        recipe = spec.resolve_recipe(value)[1]
+        if recipe.capture_steps and recipe.batch_size:
+            for _, k in _values_with_paths(spec, "k"):
+                steps = recipe.epochs * math.ceil(k / recipe.batch_size) if k else 0
+                if k and recipe.capture_steps[-1] > steps:
+                    p.add(rpath, f"capture_steps {list(recipe.capture_steps)} go past the last of the {steps} "
+                                 f"optimiser steps that k={k} demonstrations in batches of {recipe.batch_size} "
+                                 f"make in {recipe.epochs} epochs")
     for path, w in _values_with_paths(spec, "wrong_labels"):
         if w > 0:
             for _, pool in pools:
