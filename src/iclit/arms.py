@@ -243,8 +243,9 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                 ctx.lm.model, ctx.lm.tokenizer, pair_sets, ctx.recipe, seeds=seeds, max_tokens=ctx.train_tokens(),
                 on_step=on_step,
             ) as (model, router, results):
-                out = read(model, router)
-            out.by_step = by_step
+                last = len(results[0].losses)  # the end of training, already read when captured
+                final = by_step[last] if last in by_step else read(model, router)
+            out = replace(final, by_step=by_step)
             for j, i in enumerate(chunk):
                 outputs[i] = _pick(out, [j])
                 outputs[i].tuning = [results[j]]
@@ -261,9 +262,9 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                 ctx.lm.model, ctx.lm.tokenizer, ctx.training_pairs(r), ctx.recipe,
                 seed=ctx.tuning_seed(r), reference=not ctx.fast, on_step=on_step,
             ) as (model, result):
-                outputs[i] = read_out(ctx, model, [prompts[i]], queries=[queries[i]])
-            outputs[i].tuning = [result]
-            outputs[i].by_step = by_step
+                last = len(result.losses)  # the end of training, already read when captured
+                final = by_step[last] if last in by_step else read_out(ctx, model, [prompts[i]], queries=[queries[i]])
+            outputs[i] = replace(final, tuning=[result], by_step=by_step)
             ctx.advance(1)
     return _concat(outputs)
 

@@ -241,8 +241,11 @@ def capture(
     ``Capture.pooled``. A cached prefix never reaches into a span.
     """
     device = next(model.parameters()).device
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    starts = None if span_from is None else [span_start_token(tokenizer, p, c) for p, c in zip(prompts, span_from)]
+    if span_from is None:
+        encoded, starts = [tokenizer(p)["input_ids"] for p in prompts], None
+    else:
+        pairs = [encode_with_span(tokenizer, p, c) for p, c in zip(prompts, span_from)]
+        encoded, starts = [ids for ids, _ in pairs], [t for _, t in pairs]
     pad = tokenizer.pad_token_id
     states: list[torch.Tensor | None] = [None] * len(prompts)
     pooled: list[torch.Tensor | None] = [None] * len(prompts)
@@ -304,20 +307,29 @@ def capture(
     )
 
 
-def span_start_token(tokenizer: PreTrainedTokenizerBase, prompt: str, char: int) -> int:
-    """Index of the first token of ``prompt`` that ends after character ``char`` (the first
-    token of a span starting there); special tokens (BOS) never count. Uses the fast
-    tokenizer's offsets, else the length of the tokenised text before ``char``."""
+def encode_with_span(tokenizer: PreTrainedTokenizerBase, prompt: str, char: int) -> tuple[list[int], int]:
+    """The prompt's token ids, and the index of its first token that ends after character
+    ``char`` (the first token of a span starting there); special tokens (BOS) never count.
+    One tokenisation with the fast tokenizer's offsets; a slow tokenizer uses the length of
+    the tokenised text before ``char``."""
     if not 0 <= char < len(prompt):
         raise ValueError(f"span start {char} outside the prompt ({len(prompt)} characters)")
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
+        ids = enc["input_ids"]
         for t, ((_, end), special) in enumerate(zip(enc["offset_mapping"], enc["special_tokens_mask"])):
             if not special and end > char:
-                return t
-        return len(enc["input_ids"]) - 1
+                return ids, t
+        return ids, len(ids) - 1
+    ids = tokenizer(prompt)["input_ids"]
     before = len(tokenizer(prompt[:char])["input_ids"]) if char else len(tokenizer("")["input_ids"])
-    return min(before, len(tokenizer(prompt)["input_ids"]) - 1)
+    return ids, min(before, len(ids) - 1)
+
+
+def span_start_token(tokenizer: PreTrainedTokenizerBase, prompt: str, char: int) -> int:
+    """Index of the first token of ``prompt`` that ends after character ``char``
+    (see :func:`encode_with_span`)."""
+    return encode_with_span(tokenizer, prompt, char)[1]
 
 
 def _span_weights(starts: Sequence[int], mask: torch.Tensor) -> torch.Tensor:

@@ -268,7 +268,8 @@ def results(
         df = per_trial.groupby([*keys, "pair"], sort=False).agg(
             trials=("trial_key", "nunique"), last_layer=("last_layer", "mean"),
             mean_over_layers=("mean_over_layers", "mean")).reset_index()
-    nested = [c for c in df.columns if df[c].dtype == object and df[c].map(lambda v: isinstance(v, (list, dict))).any()]
+    nested = [c for c in df.columns  # only per-trial outputs hold lists/dicts; the long frames never do
+              if df[c].dtype == object and df[c].map(lambda v: isinstance(v, (list, dict))).any()] if outputs else []
     if format in ("csv", "parquet") and nested:  # per-step losses, dose records, chunk CKA: as JSON text
         df = df.assign(**{c: df[c].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v) for c in nested})
     if format == "csv":

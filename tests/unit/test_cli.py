@@ -86,18 +86,9 @@ def test_bad_data_file(runner, tmp_path, monkeypatch, no_loading):
     result = runner.invoke(app, ["compare", "--task", "bad.jsonl", "--out", "out"], env=WIDE)
     assert result.exit_code == 2, result.output
     assert "bad.jsonl line 2: missing field 'output" in flat(result.output)
+    assert "bad.jsonl line 2: missing field 'output'" in flat(result.output)  # the message is intact
     assert "Traceback" not in result.output
     assert not Path("out").exists() or not any(Path("out").iterdir())
-
-
-def test_bad_data_file_message_is_intact(runner, tmp_path, monkeypatch, no_loading):
-    monkeypatch.chdir(tmp_path)
-    rows = [{"input": f"text {i}", "output": ["negative", "positive"][i % 2]} for i in range(6)]
-    del rows[1]["output"]  # line 2
-    Path("bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    result = runner.invoke(app, ["compare", "--task", "bad.jsonl", "--out", "out"], env=WIDE)
-    assert result.exit_code == 2
-    assert "bad.jsonl line 2: missing field 'output'" in flat(result.output)
 
 
 def test_unknown_model_path(runner, tmp_path, monkeypatch, no_loading):
