@@ -9,6 +9,14 @@ tuning on those k demonstrations (IT).
     >>> df = iclit.compare(model="gemma-3-270m", task="sentiment", k=4, resamples=30)
 """
 
+import os
+
+# Large CPU tensors on transparent huge pages (PyTorch's allocator reads this once, at its
+# first large allocation). Full fine-tuning allocates [V, d] gradients every step, and fresh
+# 4 KiB pages cost more than the arithmetic there (about a quarter of its step time on the
+# 2-core reference machine). Set THP_MEM_ALLOC_ENABLE=0 before importing iclit to opt out.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from iclit.experiments.compare import Comparison, compare, run_comparison
 from iclit.models import LoadedModel, load_model
 from iclit.tasks import Example, Task, Template, get_task

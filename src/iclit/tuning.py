@@ -1,9 +1,12 @@
 """Instruction tuning on the demonstrations: LoRA (PEFT) or full fine-tuning.
 
 The loss is the mean cross-entropy of the answer tokens only. It is computed from the
-decoder's hidden states at the answer positions, through the rows of the LM head that those
-positions need — the full-vocabulary logits of the prompt tokens are never built (Gemma-3 has
-a 262k vocabulary).
+decoder's hidden states at the answer positions only — the full-vocabulary logits of the
+prompt tokens are never built (Gemma-3 has a 262k vocabulary) — and the last block's
+feed-forward part runs only at those positions (nothing after it mixes positions). With a
+frozen LM head (LoRA), the answer positions' cross-entropy and its gradient come from one
+sweep over the head's vocabulary in chunks (:func:`head_cross_entropy`), not a logits
+tensor built, soft-maxed and multiplied back through the head.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from iclit.capture import answer_token_ids
-from iclit.models.arch import decoder_of, lm_head_logits
+from iclit.models.arch import arch_for, decoder_of, layers_of, lm_head_logits, output_head
 
 
 @dataclass(frozen=True)
@@ -145,14 +148,106 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, 
     return AnswerBatch(ids, mask, as_long(predict_at), as_long(targets), as_long(example))
 
 
+def head_chunk(device: torch.device) -> int:
+    """Vocabulary rows per chunk of :func:`head_cross_entropy`: 1024 on CPU (the chunk of the
+    head stays in cache between its two products), 32768 elsewhere (fewer kernel launches)."""
+    return 1024 if device.type == "cpu" else 32768
+
+
+class _ChunkedHeadCE(torch.autograd.Function):
+    """Cross-entropy of ``x @ weight.T`` against ``targets`` and its gradient with respect to
+    ``x``, in one pass over the vocabulary with an online softmax (running maximum and
+    normaliser, the gradient's numerator rescaled as the maximum grows)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        m = x.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        run_max = torch.full((m, 1), -math.inf, device=x.device)
+        norm = torch.zeros(m, 1, device=x.device)
+        numer = torch.zeros(m, weight.shape[1], device=x.device) if want_grad else None
+        for start in range(0, weight.shape[0], chunk):
+            w = weight[start : start + chunk]
+            logits = (x @ w.T).float()  # [m, c]
+            new_max = torch.maximum(run_max, logits.amax(dim=1, keepdim=True))
+            rescale = torch.exp(run_max - new_max)
+            probs = torch.exp(logits - new_max)  # unnormalised
+            norm = norm * rescale + probs.sum(dim=1, keepdim=True)
+            if want_grad:
+                numer.mul_(rescale).addmm_(probs, w.float())
+            run_max = new_max
+        w_target = weight[targets].float()
+        loss = (run_max + norm.log()).squeeze(1) - (x.float() * w_target).sum(dim=1)
+        if want_grad:
+            ctx.save_for_backward(numer / norm - w_target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad_x,) = ctx.saved_tensors
+        return grad_loss[:, None] * grad_x, None, None, None
+
+
+def head_cross_entropy(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Cross-entropy of the next token ``targets`` [m] from final hidden states ``rows``
+    [m, d]: [m] (float32).
+
+    A frozen head without bias or soft-capping (or no gradient wanted) takes the chunked
+    one-pass path (``chunk`` vocabulary rows at a time, :func:`head_chunk` by default; the
+    [m, V] logits are never held); otherwise, e.g. full fine-tuning, whose head is trained,
+    the library path (logits, then ``cross_entropy``). Both agree to float rounding (tested).
+    """
+    weight, bias, cap = output_head(model)
+    if bias is None and not cap and not (torch.is_grad_enabled() and weight.requires_grad):
+        x = rows.to(weight.dtype)
+        return _ChunkedHeadCE.apply(x, weight, targets, chunk or head_chunk(x.device)).to(rows.dtype)
+    return nn.functional.cross_entropy(lm_head_logits(model, rows).float(), targets, reduction="none")
+
+
+class _SomeRows(nn.Module):
+    """A position-wise module run on some positions only: output [b, s, d] with ``inner``'s
+    output at the flat positions ``index`` (into b*s) and zeros elsewhere."""
+
+    def __init__(self, inner: nn.Module, index: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.inner(flat[self.index].unsqueeze(0)).squeeze(0)
+        return flat.new_zeros(flat.shape[0], out.shape[-1]).index_copy(0, self.index, out).view(*x.shape[:-1], -1)
+
+
+@contextmanager
+def last_block_rows(model: nn.Module, index: torch.Tensor) -> Iterator[None]:
+    """Within the context, the last block's feed-forward part runs only at the flat positions
+    ``index`` (into the b*s positions of the next forward): the ones whose final state is read.
+    Every other position's last-block output is then wrong, and unused: nothing after the last
+    block mixes positions, and every block's keys and values are computed as before. Skipped
+    where that feed-forward part holds batched adapters (they route whole batch rows)."""
+    layer = layers_of(model)[-1]
+    name = arch_for(model).mlp
+    inner = getattr(layer, name, None)
+    if inner is None or any(isinstance(m, MultiLoRALinear) for m in inner.modules()):
+        yield
+        return
+    setattr(layer, name, _SomeRows(inner, index))
+    try:
+        yield
+    finally:
+        setattr(layer, name, inner)
+
+
 def answer_token_losses(model: nn.Module, batch: AnswerBatch) -> torch.Tensor:
-    """Cross-entropy of each answer token: [m]. Only the m needed LM-head rows are computed."""
-    hidden = decoder_of(model)(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).last_hidden_state
+    """Cross-entropy of each answer token: [m]. The last block's feed-forward part and the LM
+    head run for the m answer positions only."""
+    with last_block_rows(model, batch.predict_at):
+        hidden = decoder_of(model)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
     rows = hidden.flatten(0, 1)[batch.predict_at]
-    logits = lm_head_logits(model, rows).float()
-    return nn.functional.cross_entropy(logits, batch.targets, reduction="none")
+    return head_cross_entropy(model, rows, batch.targets)
 
 
 class SharedPrefix:
@@ -199,14 +294,14 @@ def shared_prefix_token_losses(
     shared prefix: only the rest of each sequence runs, on top of the prefix's cache."""
     p = prefix.length
     router.set(row_adapter)
-    hidden = decoder_of(model)(
-        input_ids=batch.input_ids[:, p:], attention_mask=batch.attention_mask,
-        past_key_values=prefix.for_rows(row_adapter), use_cache=True,
-    ).last_hidden_state  # [b, s - p, d]
     width = batch.input_ids.shape[1]
-    rows = hidden[batch.predict_at // width, batch.predict_at % width - p]
-    logits = lm_head_logits(model, rows).float()
-    return nn.functional.cross_entropy(logits, batch.targets, reduction="none")
+    at = (batch.predict_at // width) * (width - p) + batch.predict_at % width - p  # into b*(s - p)
+    with last_block_rows(model, at):
+        hidden = decoder_of(model)(
+            input_ids=batch.input_ids[:, p:], attention_mask=batch.attention_mask,
+            past_key_values=prefix.for_rows(row_adapter), use_cache=True,
+        ).last_hidden_state  # [b, s - p, d]
+    return head_cross_entropy(model, hidden.flatten(0, 1)[at], batch.targets)
 
 
 def shared_prefix_length(batch: AnswerBatch) -> int:
@@ -288,7 +383,10 @@ def fit(
     ``recipe.capture_steps``."""
     loss_fn = reference_answer_loss if reference else answer_loss
     start = time.perf_counter()
-    opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    # Full fine-tuning updates every weight: the fused AdamW kernel does that step several
+    # times faster than the per-tensor loop (same algorithm; float rounding differs).
+    fused = recipe.method == "full" and not reference
+    opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay, fused=fused or None)
     n = batch.input_ids.shape[0]
     size = recipe.batch_size or n
     gen = torch.Generator().manual_seed(seed)

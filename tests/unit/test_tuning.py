@@ -3,16 +3,23 @@ untouched, full fine-tuning on a copy, and seeded determinism."""
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
 from iclit.capture import capture
+from iclit.models.arch import decoder_of, layers_of, lm_head_logits
 from iclit.tuning import (
     TuningRecipe,
     _subset,
     answer_loss,
     answer_token_losses,
     encode_pairs,
+    head_cross_entropy,
+    last_block_rows,
+    lora_config,
     tuned,
 )
 
@@ -279,3 +286,100 @@ def test_full_finetuning_tunes_a_copy(tiny):
     assert result.losses[0] == pytest.approx(initial, abs=1e-5)
     assert result.final_loss < initial - 0.5, (initial, result.final_loss)
     assert not any(p.requires_grad for p in base.parameters())
+
+
+# --- the fast loss: chunked head cross-entropy, last block at answer positions only --------
+
+
+def library_token_losses(model: torch.nn.Module, batch) -> torch.Tensor:
+    """answer_token_losses the library way: the whole decoder, then logits and cross_entropy."""
+    hidden = decoder_of(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    rows = hidden.flatten(0, 1)[batch.predict_at]
+    return torch.nn.functional.cross_entropy(lm_head_logits(model, rows).float(), batch.targets, reduction="none")
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 100_000])  # 600-token vocabulary: ragged chunks, one chunk
+def test_head_cross_entropy_equals_library_loss_and_gradient(tiny, chunk):
+    model = tiny.model
+    assert not model.lm_head.weight.requires_grad  # frozen head: the chunked path
+    gen = torch.Generator().manual_seed(0)
+    rows = (3 * torch.randn(6, model.config.hidden_size, generator=gen)).requires_grad_()
+    targets = torch.randint(0, model.config.vocab_size, (6,), generator=gen)
+    weights = torch.rand(6, generator=gen)
+    ref = torch.nn.functional.cross_entropy(lm_head_logits(model, rows).float(), targets, reduction="none")
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), rows)
+    got = head_cross_entropy(model, rows, targets, chunk=chunk)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), rows)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, ref_grad, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(head_cross_entropy(model, rows, targets, chunk=chunk), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_head_cross_entropy_trains_a_trainable_head_and_soft_caps(tiny):
+    """A head that is being trained (full fine-tuning) gets its gradient: the library path.
+    So does a soft-capped head (Gemma-2)."""
+    model = copy.deepcopy(tiny.model).requires_grad_(True)
+    rows = torch.randn(3, model.config.hidden_size)
+    targets = torch.tensor([5, 17, 300])
+    head_cross_entropy(model, rows, targets).sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    model.requires_grad_(False)
+    model.config.final_logit_softcapping = 2.0
+    capped = torch.nn.functional.cross_entropy(torch.tanh(model.lm_head(rows) / 2.0) * 2.0, targets, reduction="none")
+    torch.testing.assert_close(head_cross_entropy(model, rows, targets), capped)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_answer_loss_and_gradients_equal_the_library_path(tiny, method):
+    """Last block's feed-forward at answer positions only + chunked head: the same losses and
+    the same gradient for every trained weight as the whole forward with logits."""
+    from peft import get_peft_model
+
+    batch = encode_pairs(tiny.tokenizer, PAIRS)
+    if method == "full":
+        model = copy.deepcopy(tiny.model).requires_grad_(True)
+    else:
+        torch.manual_seed(0)
+        model = get_peft_model(copy.deepcopy(tiny.model), lora_config(TuningRecipe()))
+        for n, p in model.named_parameters():  # B starts at zero: move it so A's gradient is not zero
+            if "lora_B" in n:
+                p.data.normal_()
+    params = [p for p in model.parameters() if p.requires_grad]
+    mlp = type(layers_of(model)[-1].mlp)
+    ref = library_token_losses(model, batch)
+    ref_grads = torch.autograd.grad(ref.mean(), params)
+    got = answer_token_losses(model, batch)
+    got_grads = torch.autograd.grad(got.mean(), params)
+    assert type(layers_of(model)[-1].mlp) is mlp  # the block's own module is back
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert len(got_grads) == len(params) > 0
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
+def test_last_block_rows_restores_the_block_after_an_error(tiny):
+    layer = layers_of(tiny.model)[-1]
+    mlp = layer.mlp
+    with pytest.raises(RuntimeError, match="boom"):
+        with last_block_rows(tiny.model, torch.tensor([0])):
+            assert layer.mlp is not mlp
+            raise RuntimeError("boom")
+    assert layer.mlp is mlp
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fast_loss_tunes_like_transformers_loss(tiny, method):
+    """Whole training runs: the fast loss (and fused AdamW for full fine-tuning) against
+    transformers' ``labels=`` loss and the default AdamW end at the same weights."""
+    recipe = TuningRecipe(method=method, lr=1e-2 if method == "lora" else 1e-3, epochs=5)
+    states = {}
+    for reference in (True, False):
+        with tuned(tiny.model, tiny.tokenizer, PAIRS, recipe, seed=3, reference=reference) as (m, result):
+            states[reference] = ({n: p.detach().clone() for n, p in m.named_parameters()}, result)
+    (ref, ref_result), (got, got_result) = states[True], states[False]
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(got_result.losses, ref_result.losses, rtol=1e-4, atol=1e-5)
+    assert ref_result.losses[-1] < ref_result.losses[0] - 0.1  # the weights moved

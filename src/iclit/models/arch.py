@@ -19,13 +19,15 @@ class ArchSpec:
 
     ``layers``: the ``nn.ModuleList`` of transformer blocks; ``final_norm``: the norm applied
     to the last block's output before the LM head; ``query``/``value``: the leaf names of the
-    attention query and value projections (PEFT ``target_modules``).
+    attention query and value projections (PEFT ``target_modules``); ``mlp``: the attribute of
+    a block holding its position-wise feed-forward part.
     """
 
     layers: str = "layers"
     final_norm: str = "norm"
     query: str = "q_proj"
     value: str = "v_proj"
+    mlp: str = "mlp"
 
 
 _LLAMA_LIKE = ArchSpec()
@@ -92,17 +94,21 @@ def lm_head_logits(model: nn.Module, hidden: torch.Tensor, token_ids: torch.Tens
     hidden: [..., d]; token_ids: [V'] or None for the whole vocabulary → [..., V'].
     Applies the final-logit soft-capping of architectures that have it (Gemma-2).
     """
-    hf = _hf(model)
-    weight = hf.get_output_embeddings().weight
-    bias = getattr(hf.get_output_embeddings(), "bias", None)
+    weight, bias, cap = output_head(model)
     if token_ids is not None:
         weight = weight[token_ids]
         bias = bias[token_ids] if bias is not None else None
     logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
-    cap = getattr(hf.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+    """(weight [V, d], bias [V] or None, final-logit soft-cap or None) of the LM head."""
+    hf = _hf(model)
+    head = hf.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None), getattr(hf.config, "final_logit_softcapping", None) or None
 
 
 def _hf(model: nn.Module) -> nn.Module:
