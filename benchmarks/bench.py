@@ -24,6 +24,10 @@ and one machine-readable line per comparison:
   >= 0.9999 at every layer.
 * ``--e2e``: ``iclit compare --task sentiment --k 4 --resamples 30`` in a subprocess, model
   already cached: wall time and peak RSS (targets: < 180 s, < 4 GB on a 2-core CPU).
+
+The in-process comparisons run with PyTorch's default CPU allocator setting (transparent huge
+pages off; set ``THP_MEM_ALLOC_ENABLE=1`` to run both sides with them on); the e2e run gets
+iclit's default (on).
 """
 
 from __future__ import annotations
@@ -40,10 +44,17 @@ from pathlib import Path
 
 import torch
 
-from iclit.capture import capture, reference_last_states
-from iclit.models import load_model
-from iclit.tasks import get_task
-from iclit.tuning import TuningRecipe, default_train_tokens, encode_pairs, fit, lora_config, tuned_many
+# Both sides of an in-process comparison share one allocator setting, read once per process.
+# iclit turns transparent huge pages on for large CPU tensors (it helps full fine-tuning);
+# here they stay at PyTorch's default (off) unless THP_MEM_ALLOC_ENABLE is set, so the
+# straightforward side runs as plain PyTorch would. The e2e run gets iclit's own default.
+THP_SETTING = os.environ.get("THP_MEM_ALLOC_ENABLE")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
+
+from iclit.capture import capture, reference_last_states  # noqa: E402
+from iclit.models import load_model  # noqa: E402
+from iclit.tasks import get_task  # noqa: E402
+from iclit.tuning import TuningRecipe, default_train_tokens, encode_pairs, fit, lora_config, tuned_many  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -162,7 +173,10 @@ def bench_e2e(model: str, resamples: int, out: Path) -> tuple[float, int, str]:
     wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if THP_SETTING is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = THP_SETTING
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"e2e compare failed:\n{proc.stderr[-3000:]}")
@@ -190,7 +204,8 @@ def main() -> None:
     torch.manual_seed(0)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     task = get_task("sentiment")
-    print(f"model {args.model} on {lm.device} ({str(lm.dtype).replace('torch.', '')}), torch threads {torch.get_num_threads()}")
+    print(f"model {args.model} on {lm.device} ({str(lm.dtype).replace('torch.', '')}), torch threads {torch.get_num_threads()}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}")
     rows = []
     if "icl" not in args.skip:
         rows.append(("icl_capture", f"k={args.icl_k}, {args.queries} queries", *bench_icl(lm, task, args.icl_k, args.queries, args.batch_size)))

@@ -13,8 +13,8 @@ import os
 
 # Large CPU tensors on transparent huge pages (PyTorch's allocator reads this once, at its
 # first large allocation). Full fine-tuning allocates [V, d] gradients every step, and fresh
-# 4 KiB pages cost more than the arithmetic there (about a quarter of its step time on the
-# 2-core reference machine). Set THP_MEM_ALLOC_ENABLE=0 before importing iclit to opt out.
+# 4 KiB pages cost about a third of its step time on the 2-core reference machine
+# (benchmarks/full_ft_pages.py). Set THP_MEM_ALLOC_ENABLE=0 before importing iclit to opt out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from iclit.experiments.compare import Comparison, compare, run_comparison

@@ -174,7 +174,11 @@ class _ChunkedHeadCE(torch.autograd.Function):
             probs = torch.exp(logits - new_max)  # unnormalised
             norm = norm * rescale + probs.sum(dim=1, keepdim=True)
             if want_grad:
-                numer.mul_(rescale).addmm_(probs, w.float())
+                numer.mul_(rescale)
+                if w.dtype == torch.float32:
+                    numer.addmm_(probs, w)
+                else:  # bf16/fp16 head: the product in its dtype, as the library backward does
+                    numer.add_((probs.to(w.dtype) @ w).float())
             run_max = new_max
         w_target = weight[targets].float()
         loss = (run_max + norm.log()).squeeze(1) - (x.float() * w_target).sum(dim=1)
@@ -184,8 +188,8 @@ class _ChunkedHeadCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        (grad_x,) = ctx.saved_tensors
-        return grad_loss[:, None] * grad_x, None, None, None
+        (grad_x,) = ctx.saved_tensors  # float32 [m, d]
+        return grad_loss[:, None] * grad_x, None, None, None  # autograd casts to x's dtype
 
 
 def head_cross_entropy(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -200,7 +204,7 @@ def head_cross_entropy(model: nn.Module, rows: torch.Tensor, targets: torch.Tens
     weight, bias, cap = output_head(model)
     if bias is None and not cap and not (torch.is_grad_enabled() and weight.requires_grad):
         x = rows.to(weight.dtype)
-        return _ChunkedHeadCE.apply(x, weight, targets, chunk or head_chunk(x.device)).to(rows.dtype)
+        return _ChunkedHeadCE.apply(x, weight, targets, chunk or head_chunk(x.device))
     return nn.functional.cross_entropy(lm_head_logits(model, rows).float(), targets, reduction="none")
 
 

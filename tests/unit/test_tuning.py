@@ -316,6 +316,20 @@ def test_head_cross_entropy_equals_library_loss_and_gradient(tiny, chunk):
         torch.testing.assert_close(head_cross_entropy(model, rows, targets, chunk=chunk), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_head_cross_entropy_in_bfloat16(tiny):
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(4, model.config.hidden_size, generator=gen).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, model.config.vocab_size, (4,), generator=gen)
+    ref = torch.nn.functional.cross_entropy(lm_head_logits(model, rows).float(), targets, reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), rows)
+    got = head_cross_entropy(model, rows, targets, chunk=64)
+    (got_grad,) = torch.autograd.grad(got.sum(), rows)
+    assert got_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got_grad.float(), ref_grad.float(), atol=2e-3, rtol=2e-2)
+
+
 def test_head_cross_entropy_trains_a_trainable_head_and_soft_caps(tiny):
     """A head that is being trained (full fine-tuning) gets its gradient: the library path.
     So does a soft-capped head (Gemma-2)."""
