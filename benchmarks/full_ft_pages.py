@@ -22,7 +22,6 @@ import sys
 
 CHILD = """
 import json, sys, time
-import iclit
 from iclit.models import load_model
 from iclit.tasks import get_task
 from iclit.tuning import TuningRecipe, tuned

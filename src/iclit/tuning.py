@@ -246,12 +246,16 @@ def last_block_rows(model: nn.Module, index: torch.Tensor) -> Iterator[None]:
 def answer_token_losses(model: nn.Module, batch: AnswerBatch) -> torch.Tensor:
     """Cross-entropy of each answer token: [m]. The last block's feed-forward part and the LM
     head run for the m answer positions only."""
-    with last_block_rows(model, batch.predict_at):
-        hidden = decoder_of(model)(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
-    rows = hidden.flatten(0, 1)[batch.predict_at]
-    return head_cross_entropy(model, rows, batch.targets)
+    return _losses_at(model, batch.predict_at, batch.targets, input_ids=batch.input_ids,
+                      attention_mask=batch.attention_mask, use_cache=False)
+
+
+def _losses_at(model: nn.Module, at: torch.Tensor, targets: torch.Tensor, **inputs) -> torch.Tensor:
+    """Run the decoder on ``inputs``; the cross-entropy of ``targets`` [m] from the final states
+    at the flat positions ``at`` [m] (into its b*s outputs): [m]."""
+    with last_block_rows(model, at):
+        hidden = decoder_of(model)(**inputs).last_hidden_state  # [b, s, d]
+    return head_cross_entropy(model, hidden.flatten(0, 1)[at], targets)
 
 
 class SharedPrefix:
@@ -291,21 +295,15 @@ class SharedPrefix:
             torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
 
 
-def shared_prefix_token_losses(
-    model: nn.Module, batch: AnswerBatch, prefix: SharedPrefix, row_adapter: torch.Tensor, router: "AdapterRouter"
-) -> torch.Tensor:
+def shared_prefix_token_losses(model: nn.Module, batch: AnswerBatch, prefix: SharedPrefix, row_adapter: torch.Tensor) -> torch.Tensor:
     """:func:`answer_token_losses` for sequences whose first ``prefix.length`` tokens are the
-    shared prefix: only the rest of each sequence runs, on top of the prefix's cache."""
+    shared prefix: only the rest of each sequence runs, on top of the prefix's cache (row r
+    reads adapter ``row_adapter[r]``'s prefix; the caller routes the rows themselves)."""
     p = prefix.length
-    router.set(row_adapter)
     width = batch.input_ids.shape[1]
     at = (batch.predict_at // width) * (width - p) + batch.predict_at % width - p  # into b*(s - p)
-    with last_block_rows(model, at):
-        hidden = decoder_of(model)(
-            input_ids=batch.input_ids[:, p:], attention_mask=batch.attention_mask,
-            past_key_values=prefix.for_rows(row_adapter), use_cache=True,
-        ).last_hidden_state  # [b, s - p, d]
-    return head_cross_entropy(model, hidden.flatten(0, 1)[at], batch.targets)
+    return _losses_at(model, at, batch.targets, input_ids=batch.input_ids[:, p:], attention_mask=batch.attention_mask,
+                      past_key_values=prefix.for_rows(row_adapter), use_cache=True)
 
 
 def shared_prefix_length(batch: AnswerBatch) -> int:
@@ -672,7 +670,7 @@ def fit_many(
                 row_adapter = adapter_of[mb_rows]
                 router.set(row_adapter, device)
                 if shared is not None:
-                    per_token = shared_prefix_token_losses(model, mb, shared, row_adapter, router)
+                    per_token = shared_prefix_token_losses(model, mb, shared, row_adapter)
                 else:
                     per_token = answer_token_losses(model, mb)
                 contrib = torch.zeros(n, device=device).index_add(0, row_adapter[mb.example], per_token) / counts
