@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from iclit.experiments.store import open_store
-from iclit.metrics import paired_bootstrap_diff, permutation_test
+from iclit.analysis import paired_bootstrap_diff, permutation_test
 from iclit.report.html import _dose_figure, _factor_figure, _subset, dose_summary, factor_effects, factor_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def layer_panels(frame: pd.DataFrame, title: str, fig_name: str) -> str:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from iclit.metrics import summarize_layers
+    from iclit.analysis import summarize_layers
     from iclit.report.html import _pair_style
 
     present = set(frame["pair"])

@@ -17,22 +17,35 @@ import os
 # (benchmarks/full_ft_pages.py). Set THP_MEM_ALLOC_ENABLE=0 before importing iclit to opt out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from iclit.experiments.compare import Comparison, compare, run_comparison
-from iclit.models import LoadedModel, load_model
-from iclit.tasks import Example, Task, Template, get_task
-from iclit.tuning import TuningRecipe
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Comparison",
-    "Example",
-    "LoadedModel",
-    "Task",
-    "Template",
-    "TuningRecipe",
-    "compare",
-    "get_task",
-    "load_model",
-    "run_comparison",
-]
+# name -> module: imported on first use, so `import iclit` (and `iclit --help`) loads no torch
+_EXPORTS = {
+    "Comparison": "iclit.experiments.compare",
+    "compare": "iclit.experiments.compare",
+    "run_comparison": "iclit.experiments.compare",
+    "LoadedModel": "iclit.models",
+    "load_model": "iclit.models",
+    "Example": "iclit.tasks",
+    "Task": "iclit.tasks",
+    "Template": "iclit.tasks",
+    "get_task": "iclit.tasks",
+    "TuningRecipe": "iclit.tuning.recipe",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'iclit' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -88,7 +88,7 @@ def compare(
     from iclit.experiments import run_comparison
     from iclit.models import ModelNotFoundError
     from iclit.tasks import TaskDataError, get_task
-    from iclit.metrics import BASELINES
+    from iclit.analysis import BASELINES
 
     chosen = [b.strip() for b in (baselines or "").split(",") if b.strip()]
     unknown = [b for b in chosen if b not in BASELINES]
@@ -126,7 +126,7 @@ def compare(
 
 
 def print_summary(result) -> None:
-    from iclit.metrics import PAIRS
+    from iclit.analysis import PAIRS
 
     m = result.metrics
     cfg = result.config

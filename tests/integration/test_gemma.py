@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from iclit.capture import capture
+from iclit.engine.capture import capture
 from iclit.experiments import Comparison, run_comparison
-from iclit.metrics import PAIRS
+from iclit.analysis import PAIRS
 from iclit.models import LoadedModel, ModelNotFoundError, load_model
 from iclit.models.loading import resolve
 from iclit.tuning import TuningRecipe

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from exp_helpers import TINY_SPEC
-from iclit.capture import capture
+from iclit.engine.capture import capture
 from iclit.experiments import make_plan, parse_spec, run_experiment
 from iclit.experiments.compare import evaluate, reference_mean, run_arms
 from iclit.experiments.spec import SpecError
 from iclit.experiments.store import open_store
-from iclit.metrics import (BASELINE_PAIRS, BASELINES, PAIRS, baseline_cosines, centered_cosine_per_layer,
+from iclit.analysis import (BASELINE_PAIRS, BASELINES, PAIRS, baseline_cosines, centered_cosine_per_layer,
                            cosine_per_layer, shuffled_partner, update_cosine_per_layer)
 from iclit.models import prepare
 from iclit.models.tiny import build_tiny_llama
@@ -109,7 +109,7 @@ def test_update_cosine_is_the_metrics_function(cell):
 
 
 def test_cka_across_the_chunk(cell, lm):
-    from iclit.metrics import cka_per_layer
+    from iclit.analysis import cka_per_layer
 
     s = _states(cell)
     want = cka_per_layer(s["icl"], s["it"]).numpy()

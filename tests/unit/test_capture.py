@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iclit.capture import capture, forward_last_states, greedy_continuations, label_token_ids
+from iclit.engine.capture import capture, forward_last_states, greedy_continuations, label_token_ids
 from iclit.models.arch import layers_of
 
 ATOL = 1e-5

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from iclit.arms import ArmContext
-from iclit.capture import capture
+from iclit.engine.arms import ArmContext
+from iclit.engine.capture import capture
 from iclit.experiments.compare import Comparison, compare, run_comparison
-from iclit.metrics import PAIRS
+from iclit.analysis import PAIRS
 from iclit.models import prepare
 from iclit.models.tiny import build_tiny_llama
 from iclit.tasks import TaskDataError, draw_resamples, get_task, load_task

@@ -1,4 +1,4 @@
-"""Unit tests for iclit.metrics and iclit.report.plots."""
+"""Unit tests for iclit.analysis and iclit.report.plots."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iclit.metrics import (
+from iclit.analysis import (
     PAIRS,
     SUMMARY_COLUMNS,
     accuracy,
@@ -108,7 +108,7 @@ def test_cka_invariances() -> None:
 def test_cka_gram_and_feature_forms_agree() -> None:
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(20, 6, generator=g), torch.randn(20, 5, generator=g)  # feature form
-    from iclit.metrics.similarity import _cka_batched
+    from iclit.analysis.similarity import _cka_batched
 
     k = (x - x.mean(0)) @ (x - x.mean(0)).T
     m = (y - y.mean(0)) @ (y - y.mean(0)).T

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from iclit.capture import capture
+from iclit.engine.capture import capture
 from iclit.models import (
     DEFAULT_MODEL,
     EMBEDDED,

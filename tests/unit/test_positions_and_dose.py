@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from iclit.arms import ArmContext, get_arm
-from iclit.capture import capture, span_start_token
+from iclit.engine.arms import ArmContext, get_arm
+from iclit.engine.capture import capture, span_start_token
 from iclit.experiments.compare import evaluate
 from iclit.experiments.spec import SpecError, loads_spec
-from iclit.metrics import PAIRS, cosine_per_layer, step_pair
+from iclit.analysis import PAIRS, cosine_per_layer, step_pair
 from iclit.models import prepare
 from iclit.models.tiny import build_tiny_llama
 from iclit.tasks import draw_resamples, get_task

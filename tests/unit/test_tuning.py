@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from iclit.capture import capture
+from iclit.engine.capture import capture
 from iclit.models.arch import decoder_of, layers_of, lm_head_logits
 from iclit.tuning import (
     TuningRecipe,

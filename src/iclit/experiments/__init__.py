@@ -1,32 +1,41 @@
-"""Experiments: the main comparison and declarative factor sweeps (spec → plan → run → store)."""
+"""Experiments: the typed spec, the plan, the runner (local, Ray) and the store.
 
-# ``compare`` (the function) is exported from the top-level package; here the name stays the
-# module's, so ``iclit.experiments.compare`` is always the module.
-from iclit.experiments.compare import ARM_NAMES, Cell, Comparison, evaluate, run_comparison
-from iclit.experiments.plan import Chunk, Plan, PlannedCell, make_plan, trial_key
-from iclit.experiments.runner import RunSummary, run_experiment
-from iclit.experiments.spec import ExperimentSpec, SpecError, SpecProblem, load_spec, loads_spec, parse_spec
-from iclit.experiments.store import Store, open_store
+Names load on first use, so reading a spec imports neither torch nor transformers."""
 
-__all__ = [
-    "ARM_NAMES",
-    "Cell",
-    "Comparison",
-    "evaluate",
-    "run_comparison",
-    "ExperimentSpec",
-    "SpecError",
-    "SpecProblem",
-    "load_spec",
-    "loads_spec",
-    "parse_spec",
-    "Plan",
-    "PlannedCell",
-    "Chunk",
-    "make_plan",
-    "trial_key",
-    "RunSummary",
-    "run_experiment",
-    "Store",
-    "open_store",
-]
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "ARM_NAMES": "iclit.experiments.compare",
+    "Cell": "iclit.experiments.compare",
+    "Comparison": "iclit.experiments.compare",
+    "evaluate": "iclit.experiments.compare",
+    "run_comparison": "iclit.experiments.compare",
+    "ExperimentSpec": "iclit.experiments.spec",
+    "SpecError": "iclit.experiments.spec",
+    "SpecProblem": "iclit.experiments.spec",
+    "load_spec": "iclit.experiments.spec",
+    "loads_spec": "iclit.experiments.spec",
+    "parse_spec": "iclit.experiments.spec",
+    "Plan": "iclit.experiments.plan",
+    "PlannedCell": "iclit.experiments.plan",
+    "Chunk": "iclit.experiments.plan",
+    "make_plan": "iclit.experiments.plan",
+    "trial_key": "iclit.experiments.plan",
+    "RunSummary": "iclit.experiments.runner",
+    "run_experiment": "iclit.experiments.runner",
+    "Store": "iclit.experiments.store",
+    "open_store": "iclit.experiments.store",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'iclit.experiments' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from iclit.arms import ArmContext, ArmOutput, get_arm
-from iclit.metrics import (PAIRS, accuracy, agreement, baseline_cosines, chrf, cka_per_layer, dose_cosines,
+from iclit.engine.arms import ArmContext, ArmOutput, get_arm
+from iclit.analysis import (PAIRS, accuracy, agreement, baseline_cosines, chrf, cka_per_layer, dose_cosines,
                            pairwise_cosines, summarize, summarize_layers)
 from iclit.models import LoadedModel, load_model
 from iclit.models.loading import resolve
@@ -140,7 +140,7 @@ def reference_mean(lm: LoadedModel, batch_size: int = 16) -> torch.Tensor:
     model and memoised in ``lm.memo``."""
     key = ("reference_mean",)
     if key not in lm.memo:
-        from iclit.capture import capture
+        from iclit.engine.capture import capture
 
         states = capture(lm.model, lm.tokenizer, reference_prompts(), batch_size=batch_size).states
         lm.memo[key] = states.double().mean(dim=0).float()
@@ -160,7 +160,7 @@ class Cell:
     """The arms' outputs on one list of resamples, and what is derived from them.
 
     outputs: per arm; cosines: per pair, [n, L+1] numpy (the three of ``PAIRS``, then those
-    of the baselines asked for, see :data:`iclit.metrics.BASELINE_PAIRS`); scores: per arm, n
+    of the baselines asked for, see :data:`iclit.analysis.BASELINE_PAIRS`); scores: per arm, n
     per-trial scores (correct 0/1 or chrF); trials: one JSON-ready record per resample.
     """
 
@@ -190,7 +190,7 @@ def evaluate(
     ``demo_template`` formats demonstrations that come from another task than the query;
     ``fast=False`` forces the straightforward path (for checking the fast engine).
     ``baselines``: extra similarities stored beside the three pairs (any of
-    :data:`iclit.metrics.BASELINES`); ``noise_ceiling`` adds the ``it_seed2`` arm, and the
+    :data:`iclit.analysis.BASELINES`); ``noise_ceiling`` adds the ``it_seed2`` arm, and the
     ``shuffled`` null pairs trials within ``draws`` (one chunk of a run), so it needs two;
     ``query_mean`` also captures every arm's states averaged over the query's tokens.
     A recipe with ``capture_steps`` adds the dose curve: ``icl_it_stepS`` and

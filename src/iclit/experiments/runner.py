@@ -150,7 +150,7 @@ def make_job(chunk: Chunk, spec: ExperimentSpec) -> ChunkJob:
 def execute(job: ChunkJob, lm: LoadedModel, progress: Callable[[str, int], Any] | None = None) -> list[TrialRecord]:
     """Run the arms on the chunk's draws (:func:`~iclit.experiments.compare.evaluate`) → trial records."""
     from iclit.experiments.compare import evaluate
-    from iclit.metrics import PAIRS
+    from iclit.analysis import PAIRS
 
     start = time.perf_counter()
     cell = evaluate(

@@ -474,7 +474,7 @@ def parse_spec(
 
     arms = get("arms")
     if isinstance(arms, (list, tuple)) and all(isinstance(a, str) for a in arms):
-        from iclit.arms import ARMS
+        from iclit.engine.arms import ARMS
 
         for i, a in enumerate(arms):
             if a not in ARMS:
@@ -548,7 +548,7 @@ def parse_spec(
     kw["record_similarity"] = _bool(p, "record_similarity", get("record_similarity"), nullable=True)
     kw["fast"] = _bool(p, "fast", get("fast"))
 
-    from iclit.metrics import BASELINES
+    from iclit.analysis import BASELINES
 
     baselines = get("baselines")
     if baselines is None:

@@ -42,7 +42,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from iclit.metrics import BASELINE_PAIRS, cohens_d, paired_bootstrap_diff, permutation_test, summarize
+from iclit.analysis import BASELINE_PAIRS, cohens_d, paired_bootstrap_diff, permutation_test, summarize
 from iclit.report.plots import PAIR_STYLE
 
 __all__ = ["write_report", "render_report", "factor_summary", "factor_effects", "dose_summary", "EFFECT_PAIRS"]
@@ -186,7 +186,7 @@ def _factor_figure(summary: pd.DataFrame, factor: str, title: str) -> str:
 
 def _layer_figure(frame: pd.DataFrame, factor: str | None, values: Sequence[Any], title: str,
                   pairs: Sequence[str] = _PAIRS) -> str:
-    from iclit.metrics import summarize_layers
+    from iclit.analysis import summarize_layers
 
     n = max(1, len(values))
     cols = min(n, 4)

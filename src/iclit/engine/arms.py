@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from iclit.capture import capture, greedy_continuations, label_token_ids
+from iclit.engine.capture import capture, greedy_continuations, label_token_ids
 from iclit.models import LoadedModel
 from iclit.tasks import Resample, Task, Template
 from iclit.tuning import TuningRecipe, TuningResult, default_train_tokens, tuned, tuned_many

@@ -1,6 +1,6 @@
 """Metrics: hidden-state similarity, output metrics, statistics over resamples."""
 
-from iclit.metrics.outputs import (
+from iclit.analysis.outputs import (
     accuracy,
     agreement,
     chrf,
@@ -8,7 +8,7 @@ from iclit.metrics.outputs import (
     kl_divergence,
     label_probabilities,
 )
-from iclit.metrics.similarity import (
+from iclit.analysis.similarity import (
     BASELINE_PAIRS,
     BASELINES,
     PAIRS,
@@ -23,7 +23,7 @@ from iclit.metrics.similarity import (
     step_pair,
     update_cosine_per_layer,
 )
-from iclit.metrics.stats import (
+from iclit.analysis.stats import (
     SUMMARY_COLUMNS,
     bootstrap_ci,
     cohens_d,
