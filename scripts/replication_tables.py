@@ -22,7 +22,8 @@ import pandas as pd
 
 from iclit.experiments.store import open_store
 from iclit.analysis import paired_bootstrap_diff, permutation_test
-from iclit.report.html import _dose_figure, _factor_figure, _subset, dose_summary, factor_effects, factor_summary
+from iclit.analysis.factors import design_subset as _subset, dose_summary, factor_effects, factor_summary
+from iclit.report.figures import dose_figure as _dose_figure, factor_figure as _factor_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"
@@ -144,7 +145,7 @@ def layer_panels(frame: pd.DataFrame, title: str, fig_name: str) -> str:
     from matplotlib.ticker import MaxNLocator
 
     from iclit.analysis import summarize_layers
-    from iclit.report.html import _pair_style
+    from iclit.report.figures import pair_style
 
     present = set(frame["pair"])
     panels = [("raw cosine, last prompt token", ("anchor_icl", "anchor_it", "icl_it", "icl_it_shuffled", "it_it_seed")),
@@ -156,7 +157,7 @@ def layer_panels(frame: pd.DataFrame, title: str, fig_name: str) -> str:
         for pair in (p for p in pairs if p in present):
             sub = frame[frame["pair"] == pair].pivot_table(index="trial_key", columns="layer", values="cosine")
             summ = summarize_layers({pair: sub.to_numpy()})
-            label, colour = _pair_style(pair)
+            label, colour, _ = pair_style(pair)
             style = "--" if pair.endswith("_centered") else (":" if pair in ("icl_it_shuffled", "icl_it_qmean") else "-")
             ax.plot(summ["layer"], summ["mean"], color=colour, linestyle=style, marker="o", markersize=2.5, label=label)
             ax.fill_between(summ["layer"], summ["ci_low"], summ["ci_high"], color=colour, alpha=0.15, linewidth=0)

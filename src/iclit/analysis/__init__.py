@@ -32,6 +32,14 @@ from iclit.analysis.stats import (
     summarize,
     summarize_layers,
 )
+from iclit.analysis.factors import (
+    EFFECT_PAIRS,
+    design_subset,
+    dose_summary,
+    factor_effects,
+    factor_summary,
+    per_trial,
+)
 
 __all__ = [
     "BASELINES",
@@ -60,4 +68,10 @@ __all__ = [
     "step_pair",
     "summarize_layers",
     "update_cosine_per_layer",
+    "EFFECT_PAIRS",
+    "design_subset",
+    "dose_summary",
+    "factor_effects",
+    "factor_summary",
+    "per_trial",
 ]
