@@ -8,7 +8,8 @@ the last real token of each prompt are kept: forward hooks gather them layer by 
 
 Batches are right-padded and the last-token index comes from the attention mask, so padding
 never changes a state (positions of real tokens are unaffected by trailing pads under a
-causal mask).
+causal mask). Padding, length bucketing and the reused prefix cache are
+:mod:`iclit.engine.batching`'s (shared with tuning).
 
 Another position, for the reviewers' question whether the finding is a last-token effect:
 given where each prompt's query starts (``span_from``, a character offset), the same hooks
@@ -18,7 +19,6 @@ forward pass.
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -27,7 +27,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from iclit.models.arch import decoder_of, layers_of, lm_head_logits, n_states
+from iclit.engine.batching import (
+    common_prefix_length,
+    expand_cache,
+    length_batches,
+    pad_right,
+    prefix_cache,
+    run_decoder,
+    with_prefix_mask,
+)
+from iclit.models.arch import layers_of, lm_head_logits, n_states
 
 
 @dataclass
@@ -92,13 +101,13 @@ def forward_last_states(
     attention_mask: torch.Tensor,
     *,
     index: torch.Tensor | None = None,
-    past_key_values=None,
+    cache=None,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One padded batch → last-real-token states [b, L+1, d] (on the model's device).
 
-    input_ids: [b, s] right-padded; attention_mask: [b, s], or [b, p + s] when
-    ``past_key_values`` holds a cached prefix of p tokens (then positions continue from p).
+    input_ids: [b, s] right-padded; attention_mask: [b, s], or [b, p + s] when ``cache``
+    holds a cached prefix of p tokens, copied for this batch (then positions continue from p).
     index: [b] position of the last real token within ``input_ids`` (default: from the mask).
     weights: [b, s] averaging weights over ``input_ids``' positions (rows summing to 1); when
     given, returns (last-token states, weighted-mean states), both [b, L+1, d].
@@ -111,12 +120,7 @@ def forward_last_states(
         ctx["index"] = index
         if weights is not None:
             ctx["weights"] = weights
-        out = decoder_of(model)(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
-        )
+        out = run_decoder(model, input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=cache is not None)
     last = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), index]
     rows.append(last)
     assert len(rows) == n_states(model), (len(rows), n_states(model))
@@ -141,69 +145,6 @@ def reference_last_states(
     if weights is None:
         return last
     return last, torch.stack([_pool(h, weights) for h in out.hidden_states], dim=1)
-
-
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), to limit padding."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _pad_right(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
-def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common token prefix, leaving at least one token to each sequence.
-
-    The prefix is cut where the *tokenised full prompts* agree, so a tokenizer that merges
-    across the text boundary between demonstrations and query can never make the cached and
-    the uncached inputs differ.
-    """
-    first = seqs[0]
-    n = min(len(s) for s in seqs) - 1
-    for i in range(max(n, 0)):
-        t = first[i]
-        if any(s[i] != t for s in seqs):
-            return i
-    return max(n, 0)
-
-
-@torch.no_grad()
-def prefix_cache(model: nn.Module, prefix_ids: Sequence[int]):
-    """The key/value cache of one token prefix (batch 1)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
-    out = decoder_of(model)(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    return out.past_key_values
-
-
-def _expand_cache(cache, batch: int):
-    """A cache that starts from the batch-1 prefix cache, broadcast to ``batch`` rows.
-
-    A forward pass appends to its cache, so the shared prefix cache is never handed to the
-    model itself: the cache object and its layers are shallow-copied and their key/value
-    tensors expanded (views, no copy); appending concatenates into new tensors, so the
-    prefix tensors are never written. Caches without per-layer tensors are deep-copied.
-    """
-    layers = getattr(cache, "layers", None)
-    if layers is None or not all(hasattr(layer, "keys") for layer in layers):
-        fresh = copy.deepcopy(cache)
-        fresh.batch_repeat_interleave(batch)
-        return fresh
-    fresh = copy.copy(cache)
-    fresh.layers = [copy.copy(layer) for layer in layers]
-    for layer in fresh.layers:
-        if isinstance(layer.keys, torch.Tensor) and layer.keys.numel():
-            layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
-            layer.values = layer.values.expand(batch, *layer.values.shape[1:])
-    return fresh
 
 
 def capture(
@@ -278,11 +219,11 @@ def capture(
         if starts is not None:
             p = min([p] + [starts[i] for i in members])
         cache = prefix_cache(model, encoded[members[0]][:p]) if p > 0 else None
-        for part in _batches([len(encoded[i]) for i in members], batch_size):
+        for part in length_batches([len(encoded[i]) for i in members], batch_size):
             batch = [members[j] for j in part]
             if before_batch is not None:
                 before_batch(batch)
-            ids, mask = _pad_right([encoded[i][p:] for i in batch], pad)
+            ids, mask = pad_right([encoded[i][p:] for i in batch], pad)
             ids, mask = ids.to(device), mask.to(device)
             weights = None
             if starts is not None:
@@ -292,10 +233,9 @@ def capture(
             elif cache is None:
                 out = forward_last_states(model, ids, mask, weights=weights)
             else:
-                full_mask = torch.cat([torch.ones(len(batch), p, dtype=mask.dtype, device=device), mask], dim=1)
                 out = forward_last_states(
-                    model, ids, full_mask, index=mask.sum(dim=1) - 1, past_key_values=_expand_cache(cache, len(batch)),
-                    weights=weights,
+                    model, ids, with_prefix_mask(mask, p), index=mask.sum(dim=1) - 1,
+                    cache=expand_cache(cache, len(batch)), weights=weights,
                 )
             h, pool = out if weights is not None else (out, None)
             finish(batch, h, pool)
@@ -387,7 +327,7 @@ def greedy_continuations(
     out: list[str] = [""] * len(prompts)
     try:
         encoded = [len(tokenizer(p)["input_ids"]) for p in prompts]
-        for batch in _batches(encoded, batch_size):
+        for batch in length_batches(encoded, batch_size):
             if before_batch is not None:
                 before_batch(batch)
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)

@@ -1,5 +1,18 @@
 """Tuning: the IT recipe, the answer-only loss, the single-adapter (PEFT) and batched
-multi-adapter paths. ``TuningRecipe`` imports no torch; everything else loads on first use."""
+multi-adapter paths, and the one training loop they share. ``TuningRecipe`` imports no torch;
+every other name loads its module (and torch) on first use.
+
+| module | owns |
+| --- | --- |
+| ``recipe`` | ``TuningRecipe``, ``TuningResult`` (plain data) |
+| ``loss`` | (prompt, answer) encoding, the chunked head cross-entropy, last-block trimming, answer losses (also on a shared prefix) |
+| ``loop`` | the training loop: epochs, data order, clipping hook, optimiser steps, capture steps, losses |
+| ``peft_path`` | one PEFT LoRA adapter, or full fine-tuning of a copy (``fit``, ``tuned``) |
+| ``batched`` | N stacked LoRA adapters trained together (``fit_many``, ``tuned_many``) |
+
+Padding, length bucketing and the shared prefix's key/value cache are
+:mod:`iclit.engine.batching`'s, used by capture too.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +20,33 @@ from typing import Any
 
 from iclit.tuning.recipe import TuningRecipe, TuningResult
 
-__all__ = ["TuningRecipe", "TuningResult"]
+_LAZY = {
+    "iclit.tuning.loss": (
+        "AnswerBatch", "encode_pairs", "head_chunk", "head_cross_entropy", "last_block_rows",
+        "answer_token_losses", "answer_loss", "reference_answer_loss", "shared_prefix_length",
+        "shared_prefix_token_losses", "_subset",
+    ),
+    "iclit.tuning.loop": ("train", "check_capture_steps", "after_step", "epoch_order"),
+    "iclit.tuning.peft_path": ("fit", "lora_config", "tuned"),
+    "iclit.tuning.batched": (
+        "AdapterRouter", "MultiLoRALinear", "clip_per_adapter", "default_train_tokens", "fit_many",
+        "multi_lora", "peft_like_init", "tuned_many",
+    ),
+    "iclit.engine.batching": ("SharedPrefix", "micro_batches"),
+}
+_HOME = {name: module for module, names in _LAZY.items() for name in names}
+
+__all__ = ["TuningRecipe", "TuningResult", *(n for n in _HOME if not n.startswith("_"))]
 
 
 def __getattr__(name: str) -> Any:  # the torch-backed names, imported when first asked for
     import importlib
 
-    core = importlib.import_module("iclit.tuning.core")
-    try:
-        return getattr(core, name)
-    except AttributeError:
-        raise AttributeError(f"module 'iclit.tuning' has no attribute {name!r}") from None
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'iclit.tuning' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))

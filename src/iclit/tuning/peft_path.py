@@ -1,0 +1,121 @@
+"""The single-model tuning path: one PEFT LoRA adapter injected into the base model, or full
+fine-tuning of a copy (:func:`tuned`), trained by :func:`fit` on the shared loop."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from iclit.tuning.loop import train
+from iclit.tuning.loss import AnswerBatch, _subset, answer_loss, encode_pairs, reference_answer_loss
+from iclit.tuning.recipe import TuningRecipe, TuningResult
+
+
+def fit(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batch: AnswerBatch,
+    recipe: TuningRecipe,
+    seed: int,
+    *,
+    reference: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> TuningResult:
+    """Train ``params`` of ``model`` on ``batch`` with AdamW, constant learning rate
+    (:func:`iclit.tuning.loop.train`, one group of rows drawn with ``seed``).
+
+    A step's loss is the mean answer-token loss of its sequences; gradients are clipped by
+    their global norm over ``params``; the final loss is :func:`answer_loss` on all of
+    ``batch``.
+
+    reference: compute the training loss with :func:`reference_answer_loss` (for checking).
+    on_step: called (model in eval mode) with the step number after each optimiser step in
+    ``recipe.capture_steps``."""
+    loss_fn = reference_answer_loss if reference else answer_loss
+    n = batch.input_ids.shape[0]
+
+    def step_loss(rows: list[int]) -> torch.Tensor:
+        loss = loss_fn(model, batch if len(rows) == n else _subset(batch, rows))
+        loss.backward()
+        return loss.detach().reshape(1)
+
+    def clip(max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    # Full fine-tuning updates every weight: the fused AdamW kernel does that step several
+    # times faster than the per-tensor loop (same algorithm; float rounding differs).
+    (result,) = train(
+        model, recipe, params, [list(range(n))], [seed],
+        step_loss=step_loss, clip=clip, final_loss=lambda: answer_loss(model, batch).reshape(1),
+        fused=recipe.method == "full" and not reference, on_step=on_step,
+    )
+    return result
+
+
+def lora_config(recipe: TuningRecipe):
+    """The PEFT ``LoraConfig`` of a recipe (rank, alpha, dropout, target modules, no bias)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=recipe.rank,
+        lora_alpha=recipe.alpha,
+        lora_dropout=recipe.dropout,
+        target_modules=list(recipe.targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+@contextmanager
+def tuned(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    recipe: TuningRecipe,
+    *,
+    seed: int = 0,
+    reference: bool = False,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> Iterator[tuple[nn.Module, TuningResult]]:
+    """Tune on ``pairs`` and yield (tuned model, result); the base model is restored after.
+
+    reference: use transformers' own ``labels=`` loss (the straightforward path).
+    on_step: called as ``on_step(step, model)`` after each step of ``recipe.capture_steps``.
+
+    LoRA: a fresh PEFT adapter is injected into ``model`` and removed (unmerged) on exit, so
+    the base weights are never changed. Full: a deep copy is tuned and dropped on exit.
+    """
+    device = next(model.parameters()).device
+    batch = encode_pairs(tokenizer, pairs).to(device)
+    torch.manual_seed(seed)
+    if recipe.method == "lora":
+        from peft import get_peft_model
+
+        with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, lora_config(recipe))
+        try:
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            hook = (lambda s: on_step(s, peft_model)) if on_step else None
+            result = fit(peft_model, params, batch, recipe, seed, reference=reference, on_step=hook)
+            yield peft_model, result
+        finally:
+            peft_model.unload()
+            vars(model).pop("peft_config", None)
+            model.requires_grad_(False)
+    else:
+        clone = copy.deepcopy(model)
+        clone.requires_grad_(True)
+        try:
+            hook = (lambda s: on_step(s, clone)) if on_step else None
+            result = fit(clone, list(clone.parameters()), batch, recipe, seed, reference=reference, on_step=hook)
+            clone.requires_grad_(False)
+            yield clone, result
+        finally:
+            del clone
