@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from iclit.experiments.store import open_store
+from iclit.analysis import load_run
 from iclit.analysis import paired_bootstrap_diff, permutation_test
 from iclit.analysis.factors import design_subset as _subset, dose_summary, factor_effects, factor_summary
 from iclit.report.figures import dose_figure as _dose_figure, factor_figure as _factor_figure
@@ -41,10 +41,10 @@ def ci(s: Any, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} [{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}]"
 
 
-def load(run: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    with open_store(run) as store:
-        plan = store.latest_run()["plan"]
-        return plan, store.frame(plan), store.outputs(plan)
+def load(run: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """plan, similarity frame, per-trial outputs and per-cell CKA, computed from the run's stored states."""
+    data = load_run(run)
+    return data.plan, data.frame, data.outputs, data.cka
 
 
 def save_png(b64: str, name: str) -> str:
@@ -120,10 +120,10 @@ def effects_table(frame: pd.DataFrame, plan: dict, factor: str) -> None:
 
 
 def single_cell(run: Path, title: str, fig_name: str) -> None:
-    plan, frame, outputs = load(run)
+    plan, frame, outputs, cka = load(run)
     task = str(frame["task"].iloc[0])
     single = dict(plan, factors={"task": [task]}, design="grid")
-    summary = factor_summary(frame, outputs, single, "task")
+    summary = factor_summary(frame, outputs, single, "task", cka=cka)
     print(f"### {title}\n")
     cell_table(summary, "task", score_label(outputs))
     contrasts(frame, plan, None)
@@ -174,7 +174,7 @@ def layer_panels(frame: pd.DataFrame, title: str, fig_name: str) -> str:
 
 
 def layers(run: Path) -> None:
-    plan, frame, _ = load(run)
+    plan, frame, _, _ = load(run)
     f = frame[frame["pair"].isin(["anchor_icl", "anchor_it", "icl_it", "icl_it_centered", "update_cosine", "it_it_seed"])]
     wide = f.groupby(["layer", "pair"])["cosine"].mean().unstack("pair")
     print("### Layer by layer (main cell, mean over 30 trials)\n")
@@ -214,8 +214,8 @@ def label_share(run: Path, outputs: pd.DataFrame, plan: dict, factor: str) -> No
 
 
 def factor_spec(run: Path, name: str, factor: str) -> None:
-    plan, frame, outputs = load(run)
-    summary = factor_summary(frame, outputs, plan, factor)
+    plan, frame, outputs, cka = load(run)
+    summary = factor_summary(frame, outputs, plan, factor, cka=cka)
     print(f"### {name} (factor `{factor}`)\n")
     cell_table(summary, factor, score_label(outputs))
     label_share(run, outputs, plan, factor)
@@ -227,7 +227,7 @@ def factor_spec(run: Path, name: str, factor: str) -> None:
 
 
 def dose(run: Path) -> None:
-    plan, frame, outputs = load(run)
+    plan, frame, outputs, _ = load(run)
     d = dose_summary(frame, outputs, plan, "recipe")
     score = score_label(outputs)
     print("### dose (factor `recipe`: learning rate; IT read after each step of one run)\n")

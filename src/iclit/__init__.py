@@ -23,9 +23,9 @@ __version__ = "0.1.0"
 
 # name -> module: imported on first use, so `import iclit` (and `iclit --help`) loads no torch
 _EXPORTS = {
-    "Comparison": "iclit.experiments.compare",
-    "compare": "iclit.experiments.compare",
-    "run_comparison": "iclit.experiments.compare",
+    "Comparison": "iclit.api",
+    "compare": "iclit.api",
+    "run_comparison": "iclit.api",
     "LoadedModel": "iclit.models",
     "load_model": "iclit.models",
     "Example": "iclit.tasks",
@@ -33,6 +33,9 @@ _EXPORTS = {
     "Template": "iclit.tasks",
     "get_task": "iclit.tasks",
     "TuningRecipe": "iclit.tuning.recipe",
+    "load_states": "iclit.analysis.states",
+    "load_run": "iclit.analysis.rundata",
+    "compute_metric": "iclit.analysis.registry",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -55,6 +55,33 @@ def tasks() -> None:
     console.print(table)
 
 
+_RECIPE = TuningRecipe()  # the defaults shown by `iclit compare --help`
+
+
+def _parse_settings(items: list[str] | None) -> dict:
+    """``--set key=value`` (value read as YAML: 8, 0.5, null, [1, 2], {a: 1}); repeatable."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            _fail(f"--set takes KEY=VALUE (a spec key, e.g. similarity=most or recipe.rank=4), not {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            _fail(f"--set {key.strip()}: the value is not valid YAML ({e})")
+    return out
+
+
+def _spec_failure(source: str, e) -> None:
+    n = len(e.problems)
+    err.print(f"[bold red]error:[/] {source}: {n} problem{'s' if n != 1 else ''} in the spec", highlight=False, soft_wrap=True)
+    for problem in e.problems:
+        err.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
 @app.command()
 def compare(
     model: str = typer.Option("gemma-3-270m", help="embedded name, local directory, .gguf file or hub id"),
@@ -62,33 +89,43 @@ def compare(
     k: int = typer.Option(4, help="number of demonstrations"),
     resamples: int = typer.Option(30, help="number of (query, demonstrations) draws"),
     seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("runs/compare"), help="output directory"),
+    out: Path = typer.Option(Path("runs/compare"), help="run directory (an ordinary one: `iclit results`, `iclit report`; "
+                             "the same command again resumes)"),
     input_field: Optional[str] = typer.Option(None, help="data file: field holding the input (default: input)"),
     output_field: Optional[str] = typer.Option(None, help="data file: field holding the output (default: output)"),
     kind: Optional[str] = typer.Option(None, help="data file: classification (default) or generation"),
+    instruction_text: Optional[str] = typer.Option(None, "--instruction-text", help="data file: the instruction that heads every prompt"),
+    input_prefix: Optional[str] = typer.Option(None, help="data file: text before each input (default 'Input: ')"),
+    output_prefix: Optional[str] = typer.Option(None, help="data file: text before each answer (default 'Output:')"),
+    separator: Optional[str] = typer.Option(None, help="data file: text between demonstrations (default a blank line)"),
     template: Optional[str] = typer.Option(None, help="named alternative template of the task"),
     no_instruction: bool = typer.Option(False, "--no-instruction", help="drop the task instruction"),
     sampler: Optional[str] = typer.Option(None, help="demonstration sampler: balanced, random"),
+    similarity: Optional[str] = typer.Option(None, help="demonstrations: random (default), most or least similar to the query"),
+    wrong_labels: Optional[float] = typer.Option(None, help="fraction of demonstrations given a wrong label"),
+    demo_task: Optional[str] = typer.Option(None, help="demonstrations from another task"),
     method: str = typer.Option("lora", help="IT method: lora or full"),
-    rank: int = typer.Option(TuningRecipe.rank, help="LoRA rank"),
-    alpha: float = typer.Option(TuningRecipe.alpha, help="LoRA alpha"),
-    dropout: float = typer.Option(TuningRecipe.dropout, help="LoRA dropout"),
+    rank: int = typer.Option(_RECIPE.rank, help="LoRA rank"),
+    alpha: float = typer.Option(_RECIPE.alpha, help="LoRA alpha"),
+    dropout: float = typer.Option(_RECIPE.dropout, help="LoRA dropout"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default 1e-3 LoRA, 1e-5 full)"),
-    epochs: int = typer.Option(TuningRecipe.epochs, help="tuning epochs over the k demonstrations"),
+    epochs: int = typer.Option(_RECIPE.epochs, help="tuning epochs over the k demonstrations"),
     capture_steps: Optional[str] = typer.Option(None, help="also read IT after these optimiser steps, e.g. 1,2,4,8 (the dose curve)"),
     baselines: Optional[str] = typer.Option(None, help="comma-separated: centered, shuffled, update, noise_ceiling, cka, query_mean"),
     batch_size: int = typer.Option(16, help="prompts per forward pass"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)"),
     slow: bool = typer.Option(False, "--slow", help="force the straightforward path (no prefix cache, one PEFT adapter at a time), for checking"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="any other spec key, KEY=VALUE (e.g. chunk_size=5, "
+                                             "recipe.weight_decay=0.01, store_states=false); repeatable"),
+    show_spec: bool = typer.Option(False, "--show-spec", help="print the one-cell spec this command runs, and stop"),
 ) -> None:
-    """Compare anchor, ICL and IT hidden states; write trials.jsonl, summary.csv, layers.png, config.json."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from iclit.experiments import run_comparison
-    from iclit.models import ModelNotFoundError
+    """Compare anchor, ICL and IT hidden states: a one-cell experiment run into --out, then
+    trials.jsonl, summary.csv, metrics.json, config.json and layers.png written there."""
+    from iclit.analysis.similarity import BASELINES
+    from iclit.experiments.compare import check_comparison, comparison_spec, resolve_task, spec_of
+    from iclit.experiments.spec import SpecError
     from iclit.tasks import TaskDataError, get_task
-    from iclit.analysis import BASELINES
 
     chosen = [b.strip() for b in (baselines or "").split(",") if b.strip()]
     unknown = [b for b in chosen if b not in BASELINES]
@@ -103,33 +140,55 @@ def compare(
                               capture_steps=steps)
     except ValueError as e:
         _fail(str(e))
-    columns = (TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=False) as bar:
+    settings = {key: value for key, value in (("similarity", similarity), ("wrong_labels", wrong_labels),
+                                              ("demo_task", demo_task)) if value is not None}
+    options = {key: value for key, value in (("input_field", input_field), ("output_field", output_field),
+                                             ("kind", kind)) if value is not None}
+    layout = {key: value for key, value in (("instruction", instruction_text), ("input_prefix", input_prefix),
+                                            ("output_prefix", output_prefix), ("demo_sep", separator)) if value is not None}
+    try:  # the same checks, and messages, as iclit.run_comparison, before the spec's
+        check_comparison(k, resamples, resolve_task(get_task(task, template=layout or None, **options), template,
+                                                    not no_instruction))
+    except (TaskDataError, ValueError, KeyError) as e:
+        _fail(_message(e))
+    if layout:
+        options["template"] = layout
+    if options:
+        settings["task_options"] = options
+    settings.update(_parse_settings(set_))
+    data = comparison_spec(model, task, k=k, resamples=resamples, seed=seed, recipe=recipe, template=template,
+                           instruction=not no_instruction, sampler=sampler, batch_size=batch_size, fast=not slow,
+                           device=device, dtype=dtype, baselines=chosen, settings=settings)
+    try:
+        spec = spec_of(data)
+    except SpecError as e:
+        _spec_failure("compare", e)
+    if show_spec:
+        console.print(spec.to_yaml(), highlight=False, markup=False, soft_wrap=True)
+        return
+    _run_comparison(spec, out)
 
-        def progress(arm: str, total: int):
-            job = bar.add_task(arm, total=total)
-            return lambda n: bar.advance(job, n)
 
-        try:
-            options = {k: v for k, v in (("input_field", input_field), ("output_field", output_field), ("kind", kind)) if v}
-            task_arg = get_task(task, **options) if options else task
-            result = run_comparison(
-                model, task_arg, k=k, resamples=resamples, seed=seed, recipe=recipe, template=template,
-                instruction=not no_instruction, sampler=sampler, batch_size=batch_size, fast=not slow, device=device, dtype=dtype, progress=progress,
-                baselines=chosen,
-            )
-        except (TaskDataError, ModelNotFoundError, ValueError, KeyError) as e:
-            _fail(_message(e))
-    result.write(out)
-    print_summary(result)
-    console.print(f"wrote {out}/trials.jsonl, summary.csv, metrics.json, config.json, layers.png")
+def _run_comparison(spec, out: Path) -> None:
+    from iclit.experiments.runner import run_experiment
+    from iclit.models import ModelNotFoundError
+    from iclit.report.exports import EXPORTS, write_exports
+    from iclit.tasks import TaskDataError
+
+    try:
+        run_experiment(spec, out, progress=True)
+    except (TaskDataError, ModelNotFoundError, ValueError, KeyError) as e:
+        _fail(_message(e))
+    write_exports(out)
+    print_summary(json.loads((out / "metrics.json").read_text()), json.loads((out / "config.json").read_text()))
+    console.print(f"wrote {out}/{', '.join(EXPORTS)} (run directory: `iclit results {out}`, `iclit report {out}`)",
+                  highlight=False, soft_wrap=True)
 
 
-def print_summary(result) -> None:
-    from iclit.analysis import PAIRS
+def print_summary(m: dict, cfg: dict) -> None:
+    """The comparison's tables: each pair's cosine (last layer, mean over layers), accuracy per arm."""
+    from iclit.analysis.similarity import PAIRS
 
-    m = result.metrics
-    cfg = result.config
     table = Table(title=f"{cfg['model']} · {cfg['task']} · k={cfg['k']} · n={cfg['resamples']} · seed={cfg['seed']}")
     table.add_column("pair")
     table.add_column("last layer: mean ± std [95% CI]")
@@ -188,11 +247,7 @@ def run_spec(
     try:
         parsed = load_spec(source)
     except SpecError as e:
-        n = len(e.problems)
-        err.print(f"[bold red]error:[/] {source}: {n} problem{'s' if n != 1 else ''} in the spec", highlight=False, soft_wrap=True)
-        for problem in e.problems:
-            err.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(2)
+        _spec_failure(str(source), e)
     reuse = list(reuse or [])
     try:  # every --reuse source readable before anything is planned or written
         for _, store in open_reuse_stores(reuse, out):
@@ -222,56 +277,67 @@ def results(
     run: Path = typer.Argument(..., help="run directory"),
     format: str = typer.Option("table", "--format", "-f", help="table, csv or parquet"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="file to write (csv: default stdout)"),
+    metric: Optional[str] = typer.Option(None, "--metric", "-m", help="a registered metric, computed from the stored "
+                                         "states and outputs (no model): see --list-metrics"),
+    list_metrics: bool = typer.Option(False, "--list-metrics", help="list the metrics and stop"),
     outputs: bool = typer.Option(False, "--outputs", help="one row per trial (predictions, scores, …) instead of per trial × layer × pair"),
-    summary: bool = typer.Option(False, "--summary", help="per cell × pair: last-layer and mean-over-layers cosine"),
+    summary: bool = typer.Option(False, "--summary", help="= --metric summary: per cell × pair, last-layer and mean-over-layers cosine"),
     all_trials: bool = typer.Option(False, "--all", help="every stored trial, not only those of the last spec run here"),
-    effects: bool = typer.Option(False, "--effects", help="per factor: each value vs the base value on the ICL–IT cosine "
-                                 "(paired bootstrap CI, Cohen's d, permutation p)"),
+    effects: bool = typer.Option(False, "--effects", help="= --metric effects: per factor, each value vs the base value on "
+                                 "the ICL–IT cosine (paired bootstrap CI, Cohen's d, permutation p)"),
     limit: int = typer.Option(30, help="rows shown by --format table"),
 ) -> None:
-    """Print or export the results of a run as a tidy table."""
-    from iclit.experiments.store import open_store
+    """Print or export the results of a run as a tidy table (default: the cosines, trial × layer × pair)."""
+    from iclit.analysis import compute_metric, get_metric, list_metrics as metrics, load_run
 
+    if list_metrics:
+        table = Table("metric", "what")
+        for m in metrics():
+            table.add_row(m.name, m.help)
+        console.print(table)
+        return
     if format not in ("table", "csv", "parquet"):
         _fail(f"--format must be table, csv or parquet, not {format!r}")
     if format == "parquet" and out is None:
         _fail("--format parquet needs --out FILE")
+    if format == "table" and out is not None:
+        _fail("--out needs --format csv or parquet")
+    chosen = [name for name, on in (("summary", summary), ("effects", effects)) if on]
+    if metric:
+        chosen.append(metric)
+    if len(chosen) + outputs > 1:
+        _fail("give one of --metric, --summary, --effects, --outputs")
+    name = chosen[0] if chosen else ("cosines" if not outputs else None)
+    if name is not None:
+        try:
+            get_metric(name)
+        except KeyError as e:
+            _fail(_message(e))
     try:
-        store = open_store(run)
+        data = load_run(run, all_trials=all_trials, cka=True if name and get_metric(name).needs_cka else None)
     except FileNotFoundError as e:
         _fail(str(e))
-    with store:
-        last = store.latest_run()
-        plan = None if all_trials or last is None else last["plan"]
-        df = store.outputs(plan) if outputs else store.frame(plan)
-    if effects:
-        import pandas as pd
+    except (RuntimeError, ValueError) as e:
+        _fail(f"{run}: {e}")
+    for note in data.notes:
+        err.print(f"note: {note}", highlight=False, soft_wrap=True)
+    df = data.outputs if name is None else compute_metric(data, name)
+    if name == "effects" and df.empty and not data.outputs.empty:
+        console.print("no factor with two or more values: no effects to show")
+        return
+    _show(df, format, out, limit, nested=name is None)
 
-        if outputs or summary:
-            _fail("--effects goes alone, without --outputs or --summary")
-        if last is None or df.empty:
-            df = pd.DataFrame()
-        else:
-            from iclit.report.html import factor_effects
 
-            found = [factor_effects(df, last["plan"], f) for f, vs in last["plan"]["factors"].items() if len(vs) > 1]
-            df = pd.concat(found, ignore_index=True) if found else pd.DataFrame()
-            if df.empty:
-                console.print("no factor with two or more values: no effects to show")
-                return
-    if summary and not df.empty and not outputs:
-        from iclit.experiments.spec import FACTORS
+_PRECISE = {"cosine", "value", "last_layer", "mean_over_layers", "demo_similarity", "it_final_loss", "mean", "std",
+            "max", "agreement", "mean_value", "mean_reference", "mean_diff", "ci_low", "ci_high", "cohens_d", "p_value"}
 
-        keys = [c for c in ("task", *FACTORS) if c in df.columns]
-        per_trial = df.groupby([*keys, "trial_key", "pair"], sort=False).agg(
-            last_layer=("cosine", "last"), mean_over_layers=("cosine", "mean")).reset_index()
-        df = per_trial.groupby([*keys, "pair"], sort=False).agg(
-            trials=("trial_key", "nunique"), last_layer=("last_layer", "mean"),
-            mean_over_layers=("mean_over_layers", "mean")).reset_index()
-    nested = [c for c in df.columns  # only per-trial outputs hold lists/dicts; the long frames never do
-              if df[c].dtype == object and df[c].map(lambda v: isinstance(v, (list, dict))).any()] if outputs else []
-    if format in ("csv", "parquet") and nested:  # per-step losses, dose records, chunk CKA: as JSON text
-        df = df.assign(**{c: df[c].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v) for c in nested})
+
+def _show(df, format: str, out: Optional[Path], limit: int, nested: bool) -> None:
+    """A table on the terminal, or CSV / Parquet (lists and dicts as JSON text)."""
+    columns = [c for c in df.columns  # only per-trial outputs hold lists/dicts; the long frames never do
+               if df[c].dtype == object and df[c].map(lambda v: isinstance(v, (list, dict))).any()] if nested else []
+    if format in ("csv", "parquet") and columns:  # per-step losses, dose records: as JSON text
+        df = df.assign(**{c: df[c].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v) for c in columns})
     if format == "csv":
         if out is None:
             df.to_csv(typer.get_text_stream("stdout"), index=False)
@@ -283,22 +349,18 @@ def results(
         df.to_parquet(out, index=False)
         console.print(f"wrote {len(df)} rows to {out}")
         return
-    if out is not None:
-        _fail("--out needs --format csv or parquet")
     if df.empty:
         console.print("no trials stored yet")
         return
-    show = df.drop(columns=[c for c in ("trial_key", "cell_key", *nested) if c in df.columns])  # nested: -f csv/parquet
+    show = df.drop(columns=[c for c in ("trial_key", "cell_key", *columns) if c in df.columns])  # nested: -f csv/parquet
     constant = [c for c in show.columns if show[c].nunique(dropna=False) == 1 and c not in ("pair", "layer")]
     table = Table(title=("fixed: " + ", ".join(f"{c}={show[c].iloc[0]}" for c in constant)) if constant else None)
     for c in show.columns:
         if c not in constant:
             table.add_column(c, overflow="fold")
     shown = show.drop(columns=constant)
-    precise = {"cosine", "last_layer", "mean_over_layers", "demo_similarity", "it_final_loss", "mean_value",
-               "mean_reference", "mean_diff", "ci_low", "ci_high", "cohens_d", "p_value"}
     for row in shown.head(limit).itertuples(index=False):
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) and c in precise else (f"{v:g}" if isinstance(v, float) else str(v))
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) and c in _PRECISE else (f"{v:g}" if isinstance(v, float) else str(v))
                         for c, v in zip(shown.columns, row)])
     console.print(table)
     if len(df) > limit:

@@ -1,4 +1,8 @@
-"""Metrics: hidden-state similarity, output metrics, statistics over resamples."""
+"""Analysis: every number from a run directory's stored states and outputs, with no model.
+
+Similarities per layer (:mod:`.similarity`), behaviour (:mod:`.outputs`), statistics
+(:mod:`.stats`), the run read back (:func:`load_run`, :func:`load_states`), and the metric
+registry (:func:`compute_metric`, :func:`register_metric`)."""
 
 from iclit.analysis.outputs import (
     accuracy,
@@ -41,7 +45,21 @@ from iclit.analysis.factors import (
     per_trial,
 )
 
+from iclit.analysis.registry import METRICS, Metric, compute_metric, get_metric, list_metrics, register_metric
+from iclit.analysis.rundata import RunData, load_run
+from iclit.analysis.states import States, load_states
+
 __all__ = [
+    "METRICS",
+    "Metric",
+    "RunData",
+    "States",
+    "compute_metric",
+    "get_metric",
+    "list_metrics",
+    "load_run",
+    "load_states",
+    "register_metric",
     "BASELINES",
     "BASELINE_PAIRS",
     "PAIRS",

@@ -1,7 +1,12 @@
-"""A run directory read for analysis: the plan, per-trial outputs and the similarity frame.
+"""A run directory read for analysis: the plan, per-trial outputs, and similarities from the states.
 
-Nothing here loads a model. (Interim: the similarity frame is read from the store's
-cosines table; it moves to states computed post hoc.)
+Nothing here loads a model: every similarity is computed from the hidden states stored in
+the run directory (:mod:`iclit.analysis.frames`), every behavioural number from the stored
+outputs.
+
+    >>> run = load_run("runs/main")
+    >>> run.frame        # trial × layer × pair cosines
+    >>> run.outputs      # one row per trial: predictions, scores, losses
 """
 
 from __future__ import annotations
@@ -14,17 +19,22 @@ import pandas as pd
 
 __all__ = ["RunData", "load_run"]
 
+_CKA_COLUMNS = ["cell_key", "seed", "layer", "pair", "value"]
+
 
 @dataclass
 class RunData:
     """What analysis reads of a run directory.
 
-    latest: the last invocation's row (``plan``, ``spec_yaml``, ``versions``…) or None;
-    plan: ``latest["plan"]`` unless every trial was asked for; frame: one row per trial ×
-    layer × pair (factor columns, cell_key, seed, resample, query_id, demo_similarity,
-    n_wrong, layer, pair, cosine, trial_key); outputs: one row per trial (factor columns,
-    predictions, ``score_<arm>``, losses…); cka: per cell × seed × layer × pair
-    (columns cell_key, seed, layer, pair, value), empty when not asked for.
+    latest: the last invocation's row (``plan``, ``spec_yaml``, ``versions``, ``models``…)
+    or None; plan: ``latest["plan"]`` unless every trial was asked for; frame: one row per
+    trial × layer × pair (factor columns, cell_key, seed, resample, query_id,
+    demo_similarity, n_wrong, layer, pair, cosine, trial_key); outputs: one row per trial
+    (factor columns, predictions, ``score_<arm>``, losses…); cka: linear CKA across all
+    queries of a cell, per cell × seed × layer × pair (columns cell_key, seed, layer, pair,
+    value), for the cells that ask for the ``cka`` baseline; trials: one row per trial with
+    where its states are; settings: cell_key → the cell's settings; notes: what could not be
+    computed and why.
     """
 
     path: Path
@@ -32,14 +42,31 @@ class RunData:
     plan: dict[str, Any] | None
     frame: pd.DataFrame
     outputs: pd.DataFrame
-    cka: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["cell_key", "seed", "layer", "pair", "value"]))
+    cka: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=_CKA_COLUMNS))
+    trials: pd.DataFrame = field(default_factory=pd.DataFrame)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
-def load_run(run_dir: str | Path, *, all_trials: bool = False) -> RunData:
-    """Read a run directory (FileNotFoundError if it holds no results store)."""
+def load_run(run_dir: str | Path, *, all_trials: bool = False, cka: bool | None = None) -> RunData:
+    """Read a run directory (FileNotFoundError if it holds no results store).
+
+    ``all_trials``: every stored trial, not only those of the last spec run there; ``cka``:
+    CKA for every cell (True), none (False), or those whose baselines ask for it (None).
+    """
+    from iclit.analysis.frames import state_tables
     from iclit.experiments.store import open_store
 
     with open_store(run_dir, readonly=True) as store:
         latest = store.latest_run()
         plan = None if all_trials or latest is None else latest["plan"]
-        return RunData(Path(run_dir), latest, plan, store.frame(plan), store.outputs(plan))
+        trials = store.trials(plan)
+        outputs = store.outputs(plan)
+        settings = store.cell_settings()
+    notes: list[str] = []
+    missing = trials["states_file"].isna() if len(trials) else pd.Series(dtype=bool)
+    if missing.any():
+        notes.append(f"{int(missing.sum())} of {len(trials)} trials have no stored states (store_states: false): "
+                     "their similarities cannot be computed")
+    frame, cka_df = state_tables(run_dir, trials[~missing] if len(trials) else trials, settings, cka=cka)
+    return RunData(Path(run_dir), latest, plan, frame, outputs, cka_df, trials, settings, notes)

