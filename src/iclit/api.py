@@ -141,7 +141,11 @@ def run_comparison(
     temporary = out is None
     run_dir = Path(tempfile.mkdtemp(prefix="iclit-compare-")) if temporary else Path(out)
     try:
-        run_experiment(spec, run_dir, models={model.name: model} if given else None, progress=progress)
+        summary = run_experiment(spec, run_dir, models={model.name: model} if given else None, progress=progress)
+        if summary.fit_warning():
+            import warnings
+
+            warnings.warn(summary.fit_warning(), stacklevel=2)
         result = comparison_from_run(run_dir)
     finally:
         if temporary:

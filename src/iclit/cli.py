@@ -176,11 +176,12 @@ def _run_comparison(spec, out: Path) -> None:
     from iclit.tasks import TaskDataError
 
     try:
-        run_experiment(spec, out, progress=True)
+        summary = run_experiment(spec, out, progress=True)
     except (TaskDataError, ModelNotFoundError, ValueError, KeyError) as e:
         _fail(_message(e))
     write_exports(out)
     print_summary(json.loads((out / "metrics.json").read_text()), json.loads((out / "config.json").read_text()))
+    _warn_fit(summary)
     console.print(f"wrote {out}/{', '.join(EXPORTS)} (run directory: `iclit results {out}`, `iclit report {out}`)",
                   highlight=False, soft_wrap=True)
 
@@ -217,6 +218,16 @@ def print_summary(m: dict, cfg: dict) -> None:
 
 
 # --- declarative experiments: iclit run / results / report ------------------------------------
+
+
+@app.command("spec-schema")
+def spec_schema(
+    markdown: bool = typer.Option(False, "--markdown", help="the keys as Markdown tables (configs/README.md) instead"),
+) -> None:
+    """Print the JSON Schema of an experiment spec (every key: type, default, allowed values, meaning)."""
+    from iclit.experiments.spec.docs import keys_markdown, spec_schema as schema
+
+    typer.echo(keys_markdown().rstrip("\n") if markdown else json.dumps(schema(), indent=2, ensure_ascii=False))
 
 
 @app.command("run")
@@ -267,9 +278,16 @@ def run_spec(
     try:
         summary = run_experiment(parsed, out, backend=backend, address=address, workers=workers,  # type: ignore[arg-type]
                                  progress=progress, max_chunks=max_chunks, reuse=reuse)
-    except ReuseError as e:  # a source removed since the check above
-        _fail(str(e))
+    except (ReuseError, ValueError) as e:  # a source removed since the check above; a run dir, prompt or recipe that does not fit
+        _fail(_message(e))
     console.print(str(summary), highlight=False, soft_wrap=True)
+    _warn_fit(summary)
+
+
+def _warn_fit(summary) -> None:
+    warning = summary.fit_warning()
+    if warning:
+        err.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -306,6 +324,8 @@ def results(
     if metric:
         chosen.append(metric)
     if len(chosen) + outputs > 1:
+        if effects:
+            _fail("--effects goes alone, without --outputs, --summary or --metric")
         _fail("give one of --metric, --summary, --effects, --outputs")
     name = chosen[0] if chosen else ("cosines" if not outputs else None)
     if name is not None:

@@ -198,6 +198,8 @@ def factor_summary(frame: pd.DataFrame, outputs: pd.DataFrame, plan: Mapping[str
             row["demo_similarity"] = summarize(pd.to_numeric(ov["demo_similarity"], errors="coerce").to_numpy())
         if len(ov) and "n_wrong" in ov:
             row["n_wrong"] = float(pd.to_numeric(ov["n_wrong"], errors="coerce").mean())
+        if len(ov) and "it_fitted" in ov and ov["it_fitted"].notna().any():  # IT arms that did not learn their demos
+            row["it_not_fitted"] = int((ov["it_fitted"] == False).sum())  # noqa: E712 - a column of True/False/None
         rows.append(row)
     return pd.DataFrame(rows)
 

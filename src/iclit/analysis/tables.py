@@ -133,6 +133,18 @@ def summary(run: RunData) -> pd.DataFrame:
     return out.drop(columns="cell_key")
 
 
+@register_metric("effects", "per factor: each value vs the base value on the ICL–IT similarities (paired bootstrap CI, "
+                            "Cohen's d, permutation p)")
+def effects(run: RunData) -> pd.DataFrame:
+    from iclit.analysis.factors import factor_effects
+
+    plan = run.plan or (run.latest or {}).get("plan")  # --all: the factors of the last spec run here
+    if plan is None or run.frame.empty:
+        return pd.DataFrame()
+    found = [factor_effects(run.frame, plan, f) for f, values in plan.get("factors", {}).items() if len(values) > 1]
+    return pd.concat(found, ignore_index=True) if found else pd.DataFrame()
+
+
 @register_metric("cka", "per cell × layer × pair: linear CKA across all queries of the cell", needs_cka=True)
 def cka(run: RunData) -> pd.DataFrame:
     return _with_labels(run.cka, run)

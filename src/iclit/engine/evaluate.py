@@ -22,11 +22,51 @@ from iclit.tasks import Resample, Task, Template, reference_prompts
 from iclit.tuning.recipe import TuningRecipe
 
 __all__ = ["ARM_NAMES", "Evaluated", "evaluate", "reference_mean", "run_arms", "score", "versions",
-           "state_name", "QMEAN", "STEP"]
+           "state_name", "QMEAN", "STEP", "FIT_LOSS", "ContextLengthError", "check_context"]
 
 ARM_NAMES = ("anchor", "icl", "it")
 QMEAN = "qmean"
 STEP = "step"
+
+
+FIT_LOSS = 0.1
+"""A trial's IT arm is "fitted" when its final mean answer-token loss on its own
+demonstrations is below this (0.1 nats: the answer tokens get ≈ 0.9 probability on average).
+The default recipe reaches ≤ 1.1e-3 on every trial of the main cell; a trial above it tuned a
+model that has not learnt its demonstrations, so its IT state is not what the paper compares."""
+
+
+class ContextLengthError(ValueError):
+    """A prompt longer than the model's context window."""
+
+
+def context_window(lm: LoadedModel) -> int | None:
+    """The number of positions the model was trained for (``max_position_embeddings``), if known."""
+    config = getattr(lm.model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None) if config is not None else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(lm: LoadedModel, t: Task, draws: Sequence[Resample], demo_template: Template | None = None,
+                  max_new_tokens: int = 48) -> None:
+    """Every ICL prompt (plus the answer to generate) fits the model's context window;
+    :class:`ContextLengthError` naming the longest resample otherwise. Tokenises only."""
+    limit = context_window(lm)
+    if limit is None or not draws:
+        return
+    extra = max_new_tokens if t.kind == "generation" else 1
+    prompts = [t.template.icl_prompt(r.demonstrations, r.query, demo_template) for r in draws]
+    lengths = [len(ids) for ids in lm.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    worst = max(range(len(draws)), key=lengths.__getitem__)
+    if lengths[worst] + extra > limit:
+        r = draws[worst]
+        raise ContextLengthError(
+            f"the ICL prompt of resample {r.index} (query {r.query.id!r}, k={len(r.demonstrations)}) is "
+            f"{lengths[worst]} tokens{f' + {extra} to generate' if extra > 1 else ''}, more than the "
+            f"{limit} positions {lm.name} was trained for: use fewer demonstrations (k) or shorter examples")
 
 
 def state_name(arm: str, *, qmean: bool = False, step: int | None = None) -> str:
@@ -97,6 +137,11 @@ class Evaluated:
     outputs: dict[str, ArmOutput]
 
 
+def _fitted(loss: float, r: Resample) -> bool:
+    """The IT arm learnt its demonstrations (:data:`FIT_LOSS`); k = 0 has nothing to fit."""
+    return not r.demonstrations or bool(loss < FIT_LOSS)
+
+
 def _cpu(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to("cpu", torch.float32).contiguous()
 
@@ -125,6 +170,7 @@ def evaluate(
     query's tokens, ``centered`` the reference mean. A recipe with ``capture_steps`` adds the
     IT states and answers after each of those steps (``it:stepS``; trial key ``dose``).
     """
+    check_context(lm, t, draws, demo_template, max_new_tokens)
     torch.manual_seed(seed)
     ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template, fast=fast,
                      query_mean="query_mean" in baselines)
@@ -162,6 +208,7 @@ def evaluate(
             "predictions": {arm: o.predictions[i] for arm, o in outputs.items()},
             ("correct" if t.kind == "classification" else "chrf"): {arm: scores[arm][i] for arm in outputs},
             "it_final_loss": outputs["it"].tuning[i].final_loss,
+            "it_fitted": _fitted(outputs["it"].tuning[i].final_loss, r),
             "it_losses": [float(f"{x:.6g}") for x in outputs["it"].tuning[i].losses],
         }
         if t.kind == "classification":

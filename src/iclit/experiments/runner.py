@@ -36,7 +36,7 @@ from iclit.experiments.statefiles import write_chunk_states
 from iclit.experiments.store import Store
 from iclit.experiments.workers import ChunkOutput, execute, loaded_model, make_job, run_ray, use_models
 
-__all__ = ["Backend", "ReuseError", "RunSummary", "SPEC_NAME", "open_reuse_stores", "run_experiment",
+__all__ = ["Backend", "ReuseError", "RunDirError", "RunSummary", "check_run_dir", "SPEC_NAME", "open_reuse_stores", "run_experiment",
            "experiment_versions"]
 
 Backend = Literal["local", "ray"]
@@ -67,6 +67,18 @@ class RunSummary:
     reused: int = 0
     chunks_reused: int = 0
     reused_from: dict[str, int] = field(default_factory=dict)
+    not_fitted: list[tuple[str, float]] = field(default_factory=list)
+    """(trial key, final IT answer loss) of the trials computed here whose IT arm did not fit
+    its demonstrations (:data:`iclit.engine.evaluate.FIT_LOSS`)."""
+
+    def fit_warning(self) -> str | None:
+        """One line naming how many computed trials' IT arm did not fit, with their losses."""
+        if not self.not_fitted:
+            return None
+        losses = ", ".join(f"{loss:.3g}" for _, loss in self.not_fitted[:10]) + (", …" if len(self.not_fitted) > 10 else "")
+        return (f"the IT arm did not fit its demonstrations in {len(self.not_fitted)} of {self.computed} computed "
+                f"trials (final answer loss ≥ 0.1: {losses}); their IT states are of a model that has not learnt "
+                "the demonstrations (see `iclit results RUN --metric it_loss`)")
 
     def __str__(self) -> str:
         text = (f"{self.out}: {self.planned} trials planned, {self.already_done} already stored, "
@@ -184,6 +196,7 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
     started = time.perf_counter()
     plan: Plan = make_plan(spec)
     out = Path(out)
+    check_run_dir(out)
     sources = open_reuse_stores(reuse, out)  # before anything is written
     reused_from = {name: 0 for name, _ in sources}
     try:
@@ -201,17 +214,18 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
             todo = [c for c in plan.chunks if not all(k in stored for k in c.keys)]
             todo, reused, chunks_reused = reuse_chunks(todo, sources, store, run_id, reused_from)
             models: dict[str, Any] = {}
+            not_fitted: list[tuple[str, float]] = []
             if max_chunks is not None:
                 todo = todo[:max_chunks]
             bar = _Progress(progress, plan.n_trials, already + reused, spec.name)
             computed = 0
             try:
                 if backend == "local":
-                    computed = _run_local(todo, spec, out, store, run_id, bar, models)
+                    computed = _run_local(todo, spec, out, store, run_id, bar, models, not_fitted)
                 else:
                     jobs = [make_job(c, spec) for c in todo]
                     for job, output in run_ray(jobs, spec, address=address, workers=workers):
-                        computed += _store_chunk(out, store, output, run_id, getattr(spec, "store_states", True), models, job.model)
+                        computed += _store_chunk(out, store, output, run_id, spec, models, job.model, not_fitted)
                         bar.chunk_done(len(output.records))
             finally:
                 bar.close()
@@ -223,31 +237,61 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
         for _, source in sources:
             source.close()
     return RunSummary(out, backend, plan.n_trials, already, computed, len(todo), time.perf_counter() - started, run_id,
-                      reused, chunks_reused, reused_from)
+                      reused, chunks_reused, reused_from, not_fitted)
 
 
-def _store_chunk(out: Path, store: Store, output: ChunkOutput, run_id: int, store_states: bool,
-                 models: dict[str, Any], model: str) -> int:
+class RunDirError(ValueError):
+    """A run directory that is a file, or cannot be created or written."""
+
+
+def check_run_dir(out: Path) -> None:
+    """``out`` is a writable directory, or can be created as one (nothing is created here);
+    :class:`RunDirError` naming the path otherwise."""
+    if out.exists():
+        if not out.is_dir():
+            raise RunDirError(f"{out}: exists and is not a directory (a run directory is a folder; choose another --out)")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise RunDirError(f"{out}: the run directory is not writable")
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunDirError(f"{out}: cannot be created: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"{out}: cannot be created: {parent} is not writable")
+
+
+def _store_chunk(out: Path, store: Store, output: ChunkOutput, run_id: int, spec: ExperimentSpec,
+                 models: dict[str, Any], model: str, not_fitted: list[tuple[str, float]]) -> int:
     """States file first (atomically), then the chunk's rows in one transaction."""
     records = output.records
-    if store_states:
+    if getattr(spec, "store_states", True):
         keys = [r["trial_key"] for r in records]
         rel = write_chunk_states(out, keys, output.states)
         records = [{**r, "states_file": rel, "states_row": i} for i, r in enumerate(records)]
     models.setdefault(model, output.model)
-    return store.write_trials(records, run_id)
+    new = store.write_trials(records, run_id)
+    not_fitted += [(r["trial_key"], r["outputs"]["it_final_loss"]) for r in records
+                   if r["outputs"].get("it_fitted") is False]
+    return new
 
 
 def _run_local(todo: Sequence[Chunk], spec: ExperimentSpec, out: Path, store: Store, run_id: int, bar: _Progress,
-               models: dict[str, Any]) -> int:
+               models: dict[str, Any], not_fitted: list[tuple[str, float]]) -> int:
+    from iclit.engine.evaluate import check_context
+
+    jobs = [make_job(chunk, spec) for chunk in todo]
+    for job in jobs:  # every prompt fits its model's context window, before any chunk is computed
+        check_context(loaded_model(job.model, job.device, job.dtype), job.task, job.draws, job.demo_template,
+                      job.max_new_tokens)
     computed = 0
-    for chunk in todo:
+    for chunk, job in zip(todo, jobs):
         if store.has_all(chunk.keys):  # another process finished it meanwhile
             bar.chunk_done(0)
             continue
-        job = make_job(chunk, spec)
         lm = loaded_model(job.model, job.device, job.dtype)
         output = execute(job, lm, progress=bar.arm_callback(chunk.size, len(job.arms)))
-        computed += _store_chunk(out, store, output, run_id, getattr(spec, "store_states", True), models, job.model)
+        computed += _store_chunk(out, store, output, run_id, spec, models, job.model, not_fitted)
         bar.chunk_done(chunk.size)
     return computed

@@ -403,6 +403,7 @@ class Store:
                 row[f"score_{arm}"] = s
             row["score_name"] = outputs.get("score_name")
             row["it_final_loss"] = outputs.get("it_final_loss")
+            row["it_fitted"] = outputs.get("it_fitted")  # final IT answer loss under the engine's FIT_LOSS
             row["it_losses"] = outputs.get("it_losses")
             if "dose" in outputs:  # recipe capture_steps: IT steps read, answers and scores after each
                 row["dose"] = outputs["dose"]

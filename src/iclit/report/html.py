@@ -100,9 +100,11 @@ def _text(value: Any) -> dict[str, Any]:
 def _table(summary: pd.DataFrame, factor: str, score_name: str) -> dict[str, Any]:
     arms = [c.split(":", 1)[1] for c in summary.columns if c.startswith("score:")]
     has_sim, has_wrong = "demo_similarity" in summary.columns, "n_wrong" in summary.columns
+    has_unfit = "it_not_fitted" in summary.columns and bool((summary["it_not_fitted"].fillna(0) > 0).any())
     head = [factor, "trials", *(f"{score_name}: {a}" for a in arms)]
     head += [f"{figures.pair_style(p).label} (last layer)" for p in _MAIN]
     head += ["demo–query similarity"] * has_sim + ["wrong labels (mean)"] * has_wrong
+    head += ["⚠ IT did not fit (trials; final answer loss ≥ 0.1)"] * has_unfit
     rows = []
     for _, row in summary.iterrows():
         cells = [_text(row[factor]), _text(row["trials"])]
@@ -113,6 +115,9 @@ def _table(summary: pd.DataFrame, factor: str, score_name: str) -> dict[str, Any
             cells.append(_cell(sim if isinstance(sim, Mapping) else None))
         if has_wrong:
             cells.append(_cell(row.get("n_wrong"), 2))
+        if has_unfit:
+            n = row.get("it_not_fitted")
+            cells.append(_text(f"⚠ {int(n)}" if n and n == n else "0"))
         rows.append(cells)
     return {"cls": None, "head": head, "rows": rows}
 

@@ -26,7 +26,7 @@ _LAZY = {
         "answer_token_losses", "answer_loss", "reference_answer_loss", "shared_prefix_length",
         "shared_prefix_token_losses", "_subset",
     ),
-    "iclit.tuning.loop": ("train", "check_capture_steps", "after_step", "epoch_order"),
+    "iclit.tuning.loop": ("train", "check_capture_steps", "after_step", "epoch_order", "TuningDivergedError"),
     "iclit.tuning.peft_path": ("fit", "lora_config", "tuned"),
     "iclit.tuning.batched": (
         "AdapterRouter", "MultiLoRALinear", "clip_per_adapter", "default_train_tokens", "fit_many",

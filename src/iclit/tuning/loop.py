@@ -20,6 +20,20 @@ from torch import nn
 
 from iclit.tuning.recipe import TuningRecipe, TuningResult
 
+class TuningDivergedError(ValueError):
+    """The IT loss became NaN or infinite: the recipe does not fit these demonstrations."""
+
+
+def _check_finite(recipe: TuningRecipe, losses: Sequence[float], step: int | None) -> None:
+    bad = [(g, x) for g, x in enumerate(losses) if not math.isfinite(x)]
+    if bad:
+        g, x = bad[0]
+        when = f"at optimiser step {step}" if step is not None else "after training"
+        raise TuningDivergedError(
+            f"the IT answer loss became {x} {when} (adapter {g + 1} of {len(losses)}, lr {recipe.learning_rate:g}, "
+            f"method {recipe.method}): the recipe diverged on these demonstrations; lower recipe.lr or the epochs")
+
+
 StepLoss = Callable[[list[int]], torch.Tensor]
 """Forward and backward on the rows of one optimiser step; returns each group's loss [G]
 (detached; entries of groups without rows in the step are ignored)."""
@@ -92,6 +106,7 @@ def train(
             for step in range(steps):
                 slices = [order[step * size : (step + 1) * size] for order, size in zip(orders, sizes)]
                 losses = step_loss([r for part in slices for r in part])
+                _check_finite(recipe, [x for part, x in zip(slices, losses.tolist()) if part], done + 1)
                 clip(recipe.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -104,6 +119,7 @@ def train(
         model.eval()
     with torch.no_grad():
         final = final_loss().tolist()
+    _check_finite(recipe, final, None)
     seconds = time.perf_counter() - start
     for result, loss in zip(results, final):
         result.final_loss = float(loss)
