@@ -26,7 +26,8 @@ from torch import nn
 from iclit.engine.capture import capture, greedy_continuations, label_token_ids
 from iclit.models import LoadedModel
 from iclit.tasks import Resample, Task, Template
-from iclit.tuning import TuningRecipe, TuningResult, default_train_tokens, tuned, tuned_many
+from iclit.engine.memory import MemoryPlan, plan_memory
+from iclit.tuning import TuningRecipe, TuningResult, tuned, tuned_many
 
 
 @dataclass
@@ -46,21 +47,32 @@ class ArmContext:
     fast: bool = True
     """Use the fast engine (prefix-cached ICL, batched multi-adapter LoRA, memoised anchor
     states); False runs the straightforward path, for checking."""
-    adapters_per_pass: int = 64
-    """How many LoRA adapters the fast IT path trains together."""
+    adapters_per_pass: int | None = None
+    """How many LoRA adapters the fast IT path trains together; None: planned from the free
+    memory (:func:`iclit.engine.memory.plan_memory`, at most 64)."""
     max_train_tokens: int | None = None
-    """Padded tokens per training micro-batch of the fast IT path (memory bound); default:
-    :func:`iclit.tuning.default_train_tokens`."""
+    """Padded tokens per training micro-batch of the fast IT path (memory bound); None:
+    planned (at most 768 on the CPU, 32768 on a GPU)."""
+    memory_budget: int | str | None = None
+    """Bytes the plan may use ("8GiB"); None: half the free memory."""
 
     seed_offset: int = 0
     """Added (times a large prime) to every tuning seed: 0 for ``it``, 1 for ``it_seed2``."""
     query_mean: bool = False
     """Also capture the states averaged over the query's tokens (``ArmOutput.pooled``)."""
 
+    def memory_plan(self) -> MemoryPlan:
+        """How the batched IT path splits its work (memoised per model and settings)."""
+        key = ("memory_plan", self.recipe.rank, tuple(self.recipe.targets), self.memory_budget,
+               self.max_train_tokens, self.adapters_per_pass)
+        if key not in self.lm.memo:
+            self.lm.memo[key] = plan_memory(
+                self.lm.model, self.lm.device, rank=self.recipe.rank, targets=tuple(self.recipe.targets),
+                budget=self.memory_budget, train_tokens=self.max_train_tokens, adapters_per_pass=self.adapters_per_pass)
+        return self.lm.memo[key]
+
     def train_tokens(self) -> int:
-        if self.max_train_tokens is not None:
-            return self.max_train_tokens
-        return default_train_tokens(self.lm.device)
+        return self.memory_plan().train_tokens
 
     @property
     def label_ids(self) -> torch.Tensor | None:
@@ -203,7 +215,7 @@ def icl_arm(ctx: ArmContext) -> ArmOutput:
 def it_arm(ctx: ArmContext) -> ArmOutput:
     """The query alone on the model tuned on the resample's demonstrations.
 
-    Fast path (LoRA): up to ``adapters_per_pass`` adapters — one per resample — train together
+    Fast path (LoRA): up to the memory plan's adapters per pass — one per resample — train together
     in one batched forward/backward, and their states are captured in batched passes with each
     row routed to its own adapter. Otherwise (full fine-tuning, or ``fast=False``): one PEFT
     adapter or one model copy per resample, one after another.
@@ -225,8 +237,9 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
             todo.append(i)
     if ctx.fast and ctx.recipe.method == "lora":
         device = ctx.lm.device
-        for start in range(0, len(todo), ctx.adapters_per_pass):
-            chunk = todo[start : start + ctx.adapters_per_pass]
+        per_pass = ctx.memory_plan().adapters_per_pass
+        for start in range(0, len(todo), per_pass):
+            chunk = todo[start : start + per_pass]
             pair_sets = [ctx.training_pairs(ctx.resamples[i]) for i in chunk]
             seeds = [ctx.tuning_seed(ctx.resamples[i]) for i in chunk]
             chunk_prompts, chunk_queries = [prompts[i] for i in chunk], [queries[i] for i in chunk]

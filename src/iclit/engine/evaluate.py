@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import platform
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -160,6 +160,7 @@ def evaluate(
     fast: bool = True,
     progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
     baselines: Sequence[str] = (),
+    memory: Mapping[str, Any] | None = None,
 ) -> Evaluated:
     """Run the arms on ``draws``: the states and outputs of one chunk of trials.
 
@@ -169,11 +170,13 @@ def evaluate(
     ``noise_ceiling`` adds the ``it_seed2`` arm, ``query_mean`` the states averaged over the
     query's tokens, ``centered`` the reference mean. A recipe with ``capture_steps`` adds the
     IT states and answers after each of those steps (``it:stepS``; trial key ``dose``).
+    ``memory``: overrides of the batched IT path's memory plan — ``memory_budget`` ("8GiB"),
+    ``adapters_per_pass``, ``max_train_tokens`` (see :mod:`iclit.engine.memory`).
     """
     check_context(lm, t, draws, demo_template, max_new_tokens)
     torch.manual_seed(seed)
     ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template, fast=fast,
-                     query_mean="query_mean" in baselines)
+                     query_mean="query_mean" in baselines, **dict(memory or {}))
     outputs: dict[str, ArmOutput] = {}
     for arm in run_arms(arms, baselines):
         advance = progress(arm, len(draws)) if progress else None
