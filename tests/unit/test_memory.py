@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from iclit.engine.evaluate import evaluate
-from iclit.engine.memory import CPU_TOKENS, MAX_ADAPTERS, parse_bytes, plan_memory
+from iclit.engine.memory import CPU_TOKENS, CUDA_TOKENS, MAX_ADAPTERS, parse_bytes, plan_memory
 from iclit.tasks import draw_resamples, get_task
 from iclit.tuning import TuningRecipe
 
@@ -20,7 +20,8 @@ def test_parse_bytes() -> None:
 
 def test_plenty_of_memory_gives_the_caps(tiny) -> None:
     plan = plan_memory(tiny.model, tiny.device, budget="16GiB")
-    assert plan.train_tokens == CPU_TOKENS and plan.adapters_per_pass == MAX_ADAPTERS
+    cap = CUDA_TOKENS if tiny.device.type == "cuda" else CPU_TOKENS
+    assert plan.train_tokens == cap and plan.adapters_per_pass == MAX_ADAPTERS
     assert "16.00 GiB" in plan.describe()
 
 
