@@ -72,3 +72,28 @@ def test_one_factor_specs_share_their_base_cell():
         assert _base_keys(name) == shared, name
     lora = _base_keys("lora_vs_full.yaml")  # its 10 resamples are the first chunk of the base cell
     assert len(lora) == 10 and lora <= shared
+
+
+KEYS = {  # sha256 of each spec's trial keys, one a line in plan order: a changed key means stored trials are recomputed
+    "cross_task.yaml": "196bceecc3a389a8",
+    "dose.yaml": "fa6ecd18d4ce3250",
+    "instruction.yaml": "fcf1a55817607bdd",
+    "layers.yaml": "a229c43f7ae344a9",
+    "lora_vs_full.yaml": "7f695cc38974fc38",
+    "main.yaml": "a229c43f7ae344a9",
+    "models.yaml": "859cf49960944815",
+    "n_demos.yaml": "723d58968e23b0bd",
+    "similarity.yaml": "9834963cf4412c85",
+    "translation.yaml": "7742b07352f953db",
+    "wrong_labels.yaml": "9d876ef58ef64063",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRIALS))
+def test_trial_keys_stay_as_they_were(name):
+    """The keys of runs already stored: unchanged by a new spec key or a new schema (bump
+    KEY_VERSION and these digests only when what a trial computes changes)."""
+    import hashlib
+
+    keys = make_plan(load_spec(PAPER / name)).trial_keys()
+    assert hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] == KEYS[name]

@@ -232,3 +232,67 @@ def test_the_documented_example_spec_parses() -> None:
     spec = loads_spec(textwrap.dedent(block), check_resources=False)
     assert set(spec.factors) == {"k", "similarity", "wrong_labels", "demo_task", "template", "instruction", "model", "recipe"}
     assert spec.resolve_recipe("full")[1].method == "full"
+
+
+# --- a data file as the task: task_options ----------------------------------------------------
+
+
+def _reviews(tmp_path: Path) -> Path:
+    rows = ["text,label"] + [f"review number {i},{i % 2}" for i in range(12)]
+    path = tmp_path / "reviews.csv"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_task_options_load_a_data_file_as_compare_does(tmp_path: Path) -> None:
+    from iclit.tasks import get_task
+
+    path = _reviews(tmp_path)
+    text = f"""model: tiny-random-llama
+task: {path}
+task_options:
+  input_field: text
+  output_field: label
+  kind: classification
+  verbalizer: {{0: negative, 1: positive}}
+  template:
+    instruction: Is the review positive or negative?
+    input_prefix: "Review: "
+    output_prefix: "Sentiment:"
+    demo_sep: "\\n---\\n"
+k: 2
+resamples: 4
+chunk_size: 2
+factors:
+  instruction: [true, false]
+"""
+    spec = loads_spec(text)
+    assert spec.task_options.verbalizer == {"0": "negative", "1": "positive"}
+    assert parse_spec(yaml.safe_load(spec.to_yaml())) == spec
+    plan = make_plan(spec)
+    with_instruction, without = plan.cells
+    flags = get_task(path, input_field="text", output_field="label", kind="classification",
+                     verbalizer={0: "negative", 1: "positive"})  # what `iclit compare --input-field …` loads
+    assert [e.output for e in with_instruction.task.examples] == [e.output for e in flags.examples]
+    assert with_instruction.task.template.instruction == "Is the review positive or negative?"
+    assert with_instruction.task.template.demo_sep == "\n---\n" and with_instruction.task.template.input_prefix == "Review: "
+    assert without.task.template.instruction is None and without.task.template.output_prefix == "Sentiment:"
+    assert with_instruction.settings["task_options"] == spec.task_options.to_dict()
+    # the options are part of the keys; a spec without them has no such setting
+    other = make_plan(spec.replace(task_options={**spec.task_options.to_dict(), "template": {"input_prefix": "R: "}}))
+    assert set(other.trial_keys()).isdisjoint(plan.trial_keys())
+    assert "task_options" not in make_plan(tiny()).cells[0].settings
+
+
+def test_task_options_problems(tmp_path: Path) -> None:
+    path = _reviews(tmp_path)
+    found = problems("model: tiny-random-llama\ntask: sentiment\ntask_options:\n  input_field: text\n")
+    assert found[0].startswith("task_options: task 'sentiment' is built in; loader options ['input_field'] apply only to files")
+    found = problems(f"model: tiny-random-llama\ntask: {path}\ntask_options:\n  input_field: body\n  colour: red\n"
+                     "  kind: ranking\n  template: {prefix: x, instruction: 3}\n")
+    assert any(f.startswith("task_options.colour: unknown task option") for f in found)
+    assert "task_options.kind: must be one of classification, generation, not 'ranking' (line 6)" in found
+    assert any(f.startswith("task_options.template.prefix: unknown template field (fields: instruction, input_prefix") for f in found)
+    assert "task_options.template.instruction: must be a string or null, not 3 (line 7)" in found
+    found = problems(f"model: tiny-random-llama\ntask: {path}\ntask_options: {{input_field: body, output_field: label}}\n")
+    assert found[0].startswith("task: ") and "header has no column 'body'" in found[0]

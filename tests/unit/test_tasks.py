@@ -313,6 +313,34 @@ def test_error_loader_options_on_builtin() -> None:
         get_task("sentiment", input_field="x")
 
 
+def test_get_task_lays_a_template_mapping_over_the_tasks_own(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "rev.csv", ["text", "label"], [[f"review {i}", i % 2] for i in range(6)])
+    task = get_task(path, input_field="text", output_field="label", verbalizer={0: "bad", 1: "good"},
+                    template={"instruction": "Good or bad?", "input_prefix": "Review: ", "demo_sep": "\n---\n"})
+    assert task.labels == ("bad", "good") and task.examples[0].output == "bad"
+    assert task.template == Template(instruction="Good or bad?", input_prefix="Review: ", output_prefix="Output:", demo_sep="\n---\n")
+    assert task.template.query("x").startswith("Good or bad?\n\nReview: x\nOutput:")
+    plain = get_task(path, input_field="text", output_field="label")
+    assert plain.template == Template(input_prefix="Input: ", output_prefix="Output:")  # the file's own default
+    builtin = get_task("sentiment", template={"output_prefix": "Label:"})  # a template applies to built-ins too
+    assert builtin.template == get_template("sentiment").replace(output_prefix="Label:")
+    assert get_task("sentiment").template == get_template("sentiment")  # the cached task is untouched
+    assert get_task("sentiment", template=Template(name="mine")).template.name == "mine"
+    with pytest.raises(TaskDataError, match="unknown template field 'prefix'"):
+        get_task("sentiment", template={"prefix": "x"})
+
+
+def test_resolve_task_applies_the_named_template_and_the_instruction(tmp_path: Path) -> None:
+    from iclit.tasks import is_builtin, resolve_task
+
+    assert resolve_task("sentiment", "qa").template == get_template("sentiment", "qa")
+    assert resolve_task("sentiment", instruction=False).template.instruction is None
+    path = write_jsonl(tmp_path / "t.jsonl", [{"input": f"q{i}", "output": f"a{i}"} for i in range(4)])
+    t = resolve_task(str(path), "default", False, options={"kind": "generation", "template": {"instruction": "Answer."}})
+    assert t.kind == "generation" and t.template.instruction is None
+    assert is_builtin("sentiment") and not is_builtin(str(path))
+
+
 def test_error_too_few_examples(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "x.jsonl", [{"input": f"t{i}", "output": "ab"[i % 2]} for i in range(3)])
     task = load_task(path)

@@ -5,7 +5,9 @@ canonical JSON of everything that determines it (:meth:`PlannedCell.settings` pl
 and the resample index): the model name, the task and a hash of its data, the query
 template (instruction included), the demonstrations' task and template, k, how the
 demonstrations are chosen (sampler or similarity mode), the wrong-label fraction, the IT
-recipe, the arms, the batch settings and the chunking. A finished trial is never recomputed.
+recipe, the arms, the batch settings and the chunking; the baselines and a data file's
+``task_options`` only when given, so the keys of specs without them stay as they were. A
+finished trial is never recomputed.
 
 Trials run in **chunks**: resample indices ``[0, c)``, ``[c, 2c)``, … of a (cell, seed), with
 ``c = spec.chunk_size``. The chunks are fixed by the spec (not by what is already done), so
@@ -22,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 from iclit.experiments.spec import FACTORS, ExperimentSpec, factor_label
-from iclit.tasks import Resample, Sampler, Task, Template, draw_resamples, get_sampler, get_task
+from iclit.tasks import Resample, Sampler, Task, Template, draw_resamples, get_sampler, resolve_task
 from iclit.tasks.samplers import MostSimilarSampler, LeastSimilarSampler, WrongLabelSampler, default_sampler_name
 from iclit.tuning import TuningRecipe
 
@@ -178,17 +180,20 @@ def _combinations(spec: ExperimentSpec) -> Iterator[dict[str, Any]]:
                 yield {**base, name: v}
 
 
-def _resolve_task(name: str, template: str, instruction: bool) -> Task:
-    from iclit.experiments.compare import resolve_task
+def _cell(spec: ExperimentSpec, values: dict[str, Any], tasks: dict[Any, Task]) -> PlannedCell:
+    """``tasks``: the plan's tasks by (name, template, instruction), each loaded once."""
 
-    return resolve_task(name, template, instruction)
+    def load(name: str, template: str | None = None, instruction: bool = True) -> Task:
+        key = (name, template, instruction)
+        if key not in tasks:
+            options = spec.task_loader_options() if name == spec.task else {}
+            tasks[key] = resolve_task(name, template, instruction, options=options)
+        return tasks[key]
 
-
-def _cell(spec: ExperimentSpec, values: dict[str, Any]) -> PlannedCell:
-    task = _resolve_task(spec.task, values["template"], values["instruction"])
+    task = load(spec.task, values["template"], values["instruction"])
     demo_task = demo_template = None
     if values["demo_task"] is not None and values["demo_task"] != spec.task:
-        demo_task = get_task(values["demo_task"])
+        demo_task = load(values["demo_task"])
         demo_template = demo_task.template
         if not values["instruction"]:
             demo_template = demo_template.replace(instruction=None)
@@ -221,6 +226,8 @@ def _cell(spec: ExperimentSpec, values: dict[str, Any]) -> PlannedCell:
     }
     if spec.baselines:  # only when asked for, so the keys of runs without baselines stay as they were
         settings["baselines"] = sorted(spec.baselines)
+    if spec.task_options is not None:  # likewise: how a data file became the task
+        settings["task_options"] = spec.task_options.to_dict()
     labels = {n: _label(spec, n, values[n]) for n in FACTORS}
     labels["task"] = spec.task
     return PlannedCell(
@@ -241,8 +248,9 @@ def make_plan(spec: ExperimentSpec) -> Plan:
     once) and their chunks, grouped by model so each model is needed in one stretch."""
     cells: list[PlannedCell] = []
     seen: set[str] = set()
+    tasks: dict[Any, Task] = {}
     for values in _combinations(spec):
-        cell = _cell(spec, values)
+        cell = _cell(spec, values, tasks)
         if cell.key not in seen:
             seen.add(cell.key)
             cells.append(cell)

@@ -1,40 +1,45 @@
-"""Model access: names → (model, tokenizer), caching, and the per-architecture table."""
+"""Model access: names → (model, tokenizer), caching, and the per-architecture table.
 
-from iclit.models.arch import ArchSpec, arch_for, decoder_of, layers_of, lm_head_logits, register_architecture
-from iclit.models.loading import (
-    DEFAULT_MODEL,
-    EMBEDDED,
-    EmbeddedModel,
-    FACTORIES,
-    ModelFactory,
-    register_model_factory,
-    LoadedModel,
-    ModelNotFoundError,
-    cache_dir,
-    list_models,
-    load_model,
-    prepare,
-    register_embedded,
-)
+Names load on first use: the name registry (``iclit.models.names``: ``EMBEDDED``,
+``resolve``, …) imports no torch, so a spec checks its model names without loading torch."""
 
-__all__ = [
-    "ArchSpec",
-    "DEFAULT_MODEL",
-    "EMBEDDED",
-    "EmbeddedModel",
-    "FACTORIES",
-    "ModelFactory",
-    "register_model_factory",
-    "LoadedModel",
-    "ModelNotFoundError",
-    "arch_for",
-    "cache_dir",
-    "decoder_of",
-    "layers_of",
-    "list_models",
-    "lm_head_logits",
-    "load_model",
-    "prepare",
-    "register_architecture",
-    "register_embedded",
-]
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "ArchSpec": "iclit.models.arch",
+    "arch_for": "iclit.models.arch",
+    "decoder_of": "iclit.models.arch",
+    "layers_of": "iclit.models.arch",
+    "lm_head_logits": "iclit.models.arch",
+    "register_architecture": "iclit.models.arch",
+    "DEFAULT_MODEL": "iclit.models.names",
+    "EMBEDDED": "iclit.models.names",
+    "EmbeddedModel": "iclit.models.names",
+    "FACTORIES": "iclit.models.names",
+    "ModelFactory": "iclit.models.names",
+    "register_model_factory": "iclit.models.names",
+    "ModelNotFoundError": "iclit.models.names",
+    "list_models": "iclit.models.names",
+    "register_embedded": "iclit.models.names",
+    "LoadedModel": "iclit.models.loading",
+    "cache_dir": "iclit.models.loading",
+    "load_model": "iclit.models.loading",
+    "prepare": "iclit.models.loading",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'iclit.models' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

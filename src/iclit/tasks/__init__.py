@@ -1,7 +1,17 @@
 """Tasks: examples, templates, built-in data, file loaders and demonstration samplers."""
 
 from .base import Example, Task, TaskKind, Template
-from .builtin import TEMPLATES, get_task, get_template, list_tasks, reference_prompts, register_task
+from .builtin import (
+    TEMPLATES,
+    get_task,
+    get_template,
+    is_builtin,
+    laid_over,
+    list_tasks,
+    reference_prompts,
+    register_task,
+    resolve_task,
+)
 from .loaders import TaskDataError, check_enough, load_examples, load_hf_dataset, load_task
 from .samplers import (
     SAMPLERS,
@@ -29,6 +39,9 @@ __all__ = [
     "load_hf_dataset",
     "check_enough",
     "get_task",
+    "is_builtin",
+    "laid_over",
+    "resolve_task",
     "list_tasks",
     "register_task",
     "get_template",

@@ -4,15 +4,18 @@
 >>> task = get_task("my_data.csv", input_field="review", output_field="label")  # a file
 >>> plain = task.with_template(task.template.replace(instruction=None))        # no instruction
 >>> qa = task.with_template(get_template("sentiment", "qa"))                   # another template
+>>> own = get_task("my_data.csv", template={"instruction": "Positive or negative?", "input_prefix": "Review: "})
+>>> task = resolve_task("sentiment", "qa", instruction=False)                    # what a spec's cell uses
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .base import Example, Task, Template
 from .loaders import SUPPORTED_EXTENSIONS, TaskDataError, load_examples, load_task
@@ -22,6 +25,9 @@ __all__ = [
     "register_task",
     "list_tasks",
     "get_task",
+    "is_builtin",
+    "resolve_task",
+    "laid_over",
     "get_template",
     "reference_prompts",
 ]
@@ -148,10 +154,29 @@ def list_tasks() -> list[tuple[str, str, int, str]]:
     return rows
 
 
-def get_task(name_or_path: str | Path, **loader_kwargs: Any) -> Task:
+def is_builtin(name: str | Path) -> bool:
+    """Whether ``name`` is a registered task (not a file)."""
+    return str(name) in _TASKS
+
+
+def laid_over(template: Template, fields: Template | Mapping[str, Any]) -> Template:
+    """``fields`` (a mapping of :class:`Template` fields) laid over ``template``; a Template replaces it."""
+    if isinstance(fields, Template):
+        return fields
+    known = [f.name for f in dataclasses.fields(Template)]
+    unknown = [k for k in fields if k not in known]
+    if unknown:
+        raise TaskDataError(f"unknown template field {unknown[0]!r} (fields: {', '.join(known)})")
+    return template.replace(**fields)
+
+
+def get_task(name_or_path: str | Path, *, template: Template | Mapping[str, Any] | None = None,
+             **loader_kwargs: Any) -> Task:
     """A registered task by name, or a task file (``.jsonl``/``.csv``/``.parquet``, …).
 
     ``loader_kwargs`` go to :func:`~iclit.tasks.loaders.load_task` and apply to files only.
+    ``template``: the task's template, a :class:`Template` or a mapping of its fields laid
+    over the task's own (a file's own is :data:`~iclit.tasks.loaders.DEFAULT_TEMPLATE`).
     """
     key = str(name_or_path)
     if key in _TASKS:
@@ -159,14 +184,29 @@ def get_task(name_or_path: str | Path, **loader_kwargs: Any) -> Task:
             raise TaskDataError(
                 f"task {key!r} is built in; loader options {sorted(loader_kwargs)} apply only to files"
             )
-        return _builtin(key)
-    path = Path(key)
-    if path.is_file() or path.suffix.lower() in SUPPORTED_EXTENSIONS:
-        return load_task(path, **loader_kwargs)
-    raise TaskDataError(
-        f"unknown task {key!r}: not a built-in task ({', '.join(sorted(_TASKS))}) and not an existing file; "
-        f"a path to a {'/'.join(SUPPORTED_EXTENSIONS)} file works too"
-    )
+        task = _builtin(key)
+    else:
+        path = Path(key)
+        if not (path.is_file() or path.suffix.lower() in SUPPORTED_EXTENSIONS):
+            raise TaskDataError(
+                f"unknown task {key!r}: not a built-in task ({', '.join(sorted(_TASKS))}) and not an existing file; "
+                f"a path to a {'/'.join(SUPPORTED_EXTENSIONS)} file works too"
+            )
+        task = load_task(path, **loader_kwargs)
+    return task if template is None else task.with_template(laid_over(task.template, template))
+
+
+def resolve_task(task: str | Path | Task, template: str | None = None, instruction: bool = True, *,
+                 options: Mapping[str, Any] | None = None) -> Task:
+    """A task by name, path or object (``options``: :func:`get_task`'s keyword arguments, a
+    spec's ``task_options``) with a named template (``None``/``"default"``: its own) and
+    without its instruction if ``instruction`` is false."""
+    t = task if isinstance(task, Task) else get_task(task, **(options or {}))
+    if template not in (None, "default"):
+        t = t.with_template(get_template(t.name, template))
+    if not instruction:
+        t = t.with_template(t.template.replace(instruction=None))
+    return t
 
 
 @functools.cache

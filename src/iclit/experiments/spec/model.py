@@ -1,0 +1,259 @@
+"""The typed spec: :class:`ExperimentSpec`, a pydantic model.
+
+With the models of its values (:mod:`~iclit.experiments.spec.values`) and the recipe
+(:class:`~iclit.tuning.TuningRecipe`) it is the single source of a spec's keys, types,
+defaults, allowed values and documentation: the Field descriptions are the user docs
+(``iclit spec-schema``, configs/README.md). Checks that span keys run in validators that see
+the keys validated before them, so they are reported beside every other problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Annotated, Any, Mapping
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, Field, PlainValidator, PrivateAttr, Strict, ValidationError, ValidationInfo, \
+    field_validator, model_validator
+
+from iclit.experiments.spec.problems import SpecError, problems_of
+from iclit.experiments.spec.values import (
+    BASELINE_NAMES, DESIGNS, DTYPES, REQUIRED_ARMS, SAMPLER_NAMES, Design, DType, FactorValue, SamplerName, TaskOptions,
+    _DemoTask, _FROZEN, _Overrides, _RecipeName, _Similarity, _Str, _Text, _Arm, _Baseline, _factors, _listed, _none_is, _one_of,
+    _plain, _values, Factors, recipe_label,
+)
+from iclit.schema import Fraction, NonEmptyStr, NonNegInt, PosInt, StrictBool, distinct, expect, problem, raise_problems
+from iclit.tuning.recipe import RecipeError, RecipeOverrides, TuningRecipe, recipe_overrides
+
+__all__ = ["ExperimentSpec"]
+
+
+class _Both:
+    """`seed` and `seeds` both given (the `seed` field reports it)."""
+
+
+def _no_both(v: Any) -> Any:
+    if isinstance(v, _Both):
+        raise problem("give `seed` or `seeds`, not both")
+    return v
+
+
+class ExperimentSpec(BaseModel):
+    """A validated experiment: what is fixed, what varies, how to run it.
+
+    Build it from YAML with :func:`load_spec` / :func:`parse_spec`, or in Python (the schema
+    is checked at once, :class:`SpecError`) and call :meth:`validate` to also check that the
+    models, tasks and templates exist (the runner does). Fields: ``iclit spec-schema``.
+    """
+
+    model_config = _FROZEN
+
+    name: NonEmptyStr = Field("experiment", description="the experiment's name (run directories, reports)")
+    description: _Text = Field("", description="what the experiment asks, for the report")
+    model: NonEmptyStr = Field("gemma-3-270m", description="embedded alias, local directory, .gguf file or hub id")
+    task: NonEmptyStr = Field("sentiment", description="built-in task name or a data file (.jsonl, .json, .csv, .parquet)")
+    task_options: TaskOptions | None = Field(None, description="a data file's fields and kind, and the task's template")
+    template: NonEmptyStr = Field("default", description="a named template of the task")
+    instruction: StrictBool = Field(True, description="keep the template's instruction")
+    arms: Annotated[tuple[_Arm, ...], distinct("an arm"), BeforeValidator(_listed), expect("a list of arm names", as_kind=True),
+                    _none_is(REQUIRED_ARMS)] = Field(
+        REQUIRED_ARMS, description="arms to run; must include anchor, icl and it (it_seed2: IT with another seed)")
+    k: PosInt = Field(4, description="demonstrations per resample")
+    resamples: PosInt = Field(8, description="(query, demonstrations) draws per cell and seed")
+    seed: Annotated[NonNegInt | None, BeforeValidator(_no_both), expect("an integer >= 0")] = Field(
+        None, description="one seed: the same as `seeds: [seed]`", exclude=True)
+    seeds: _values(NonNegInt, "a seed", "a non-empty list of integers >= 0") = Field((0,), description="seeds of the draws and the tuning")
+    sampler: Annotated[SamplerName | None, _one_of(tuple(sorted(SAMPLER_NAMES)), null=True)] = Field(
+        None, description="base demonstration sampler; null: balanced for classification, random otherwise")
+    similarity: _Similarity = Field("random", description="random (the base sampler), most or least similar demonstrations "
+                                                          "(all-MiniLM-L6-v2 embeddings)")
+    wrong_labels: Fraction = Field(0.0, description="fraction of demonstrations given a wrong label")
+    demo_task: _DemoTask = Field(None, description="demonstrations from another task; null or 'same': the query's task")
+    recipe: Annotated[TuningRecipe, _none_is({}),
+                      expect(f"a mapping of recipe fields ({', '.join(RecipeOverrides.model_fields)})", as_kind=True)] = Field(
+        default_factory=TuningRecipe, description="the IT recipe (see TuningRecipe)")
+    recipes: Annotated[dict[_RecipeName, _Overrides], _none_is({}), expect("a mapping of name -> recipe fields", as_kind=True)] = Field(
+        default_factory=dict, description="named recipes for the `recipe` factor, each laid over `recipe`")
+    design: Annotated[Design, _one_of(DESIGNS)] = Field(
+        "grid", description="grid: every combination of the factors' values; separate: one factor at a time around the base values")
+    factors: Annotated[dict[str, tuple[Any, ...]], PlainValidator(_factors, json_schema_input_type=Factors | None)] = Field(
+        default_factory=dict, description="factor -> list of values (see Factors)")
+    chunk_size: PosInt = Field(8, description="resamples run and stored together; fixed by the spec, so a resumed run "
+                                              "computes what an uninterrupted one would")
+    batch_size: PosInt = Field(16, description="prompts per forward pass")
+    max_new_tokens: PosInt = Field(48, description="tokens generated per answer (generation tasks)")
+    device: Annotated[_Str | None, expect("a non-empty string or null")] = Field(
+        None, description="cpu, cuda, cuda:1 …; null: cuda if available, else cpu")
+    dtype: Annotated[DType | None, _one_of(DTYPES, null=True)] = Field(None, description="null: bfloat16 on cuda, float32 on cpu")
+    record_similarity: Annotated[Annotated[bool, Strict()] | None, expect(message="must be true or false or null, not {got}")] = Field(
+        None, description="record the demonstration–query similarity per trial; null: when `similarity` is varied or set")
+    fast: StrictBool = Field(True, description="the fast engine (prefix cache, batched adapters); false: the reference path")
+    store_states: StrictBool = Field(True, description="keep the hidden states (states/*.safetensors); false: outputs and "
+                                                       "similarities only")
+    baselines: Annotated[tuple[_Baseline, ...], distinct("a baseline"), BeforeValidator(_listed),
+                         expect("a list of baselines (" + ", ".join(BASELINE_NAMES) + ")", as_kind=True), _none_is(())] = Field(
+        (), description="extra similarities per trial x layer: centered (anisotropy-corrected cosines), shuffled (ICL of "
+                        "trial i vs IT of trial i+1 in a chunk), update (cosine of the ICL and IT updates from the anchor), "
+                        "noise_ceiling (IT vs IT with another seed: one more tuning), cka (linear CKA of ICL vs IT across a "
+                        "chunk's queries, >= 3), query_mean (the three pairs over the query's mean state)")
+
+    _recipes: dict[str, tuple[str, TuningRecipe]] = PrivateAttr(default_factory=dict)
+
+    # --- checks that span keys (each at its key's path, beside every other problem) -----
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_or_seeds(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "seed" in data and "seeds" in data:
+            return {**data, "seed": _Both()}
+        return data
+
+    @field_validator("arms", mode="after")
+    @classmethod
+    def _required_arms(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        missing = [a for a in REQUIRED_ARMS if a not in v]
+        if missing:
+            raise problem(f"must include {', '.join(REQUIRED_ARMS)} (missing: {', '.join(missing)})")
+        return v
+
+    @field_validator("recipes", mode="after")
+    @classmethod
+    def _recipes_fit(cls, v: dict[str, dict[str, Any]], info: ValidationInfo) -> dict[str, dict[str, Any]]:
+        base = info.data.get("recipe")
+        if base is not None:
+            raise_problems("recipes", [((name,), m, r) for name, r in v.items() for m in _misfits(base, r)])
+        return v
+
+    @field_validator("factors", mode="wrap")
+    @classmethod
+    def _recipe_values(cls, v: Any, handler: Any, info: ValidationInfo) -> dict[str, tuple[Any, ...]]:
+        """Names of the ``recipe`` factor defined; inline recipes fit over ``recipe`` (also
+        when other factor values have problems)."""
+        base, named = info.data.get("recipe"), info.data.get("recipes")
+        try:
+            out, failed = handler(v), None
+        except ValidationError as e:
+            out, failed = None, e
+        values = out.get("recipe") if out is not None else (v.get("recipe") if isinstance(v, Mapping) else None)
+        found = []
+        for i, value in enumerate(values if isinstance(values, (list, tuple)) else ()):
+            if isinstance(value, str):
+                if value != "base" and named is not None and value not in named:
+                    found.append((("recipe", i), f"must be 'base', a name in `recipes` ({', '.join(named) or 'none defined'}) "
+                                                 f"or a mapping of recipe fields, not {value!r}", value))
+            elif out is not None and base is not None:
+                found += [(("recipe", i), m, value) for m in _misfits(base, value)]
+        raise_problems("factors", found, along=failed)
+        return out
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "ExperimentSpec":
+        """``seed`` folded into ``seeds``; each recipe factor value resolved to its recipe, once."""
+        if self.seed is not None:
+            object.__setattr__(self, "seeds", (self.seed,))
+            object.__setattr__(self, "seed", None)
+        resolved = {"base": ("base", self.recipe)}
+        resolved.update({name: (name, self.recipe.replace(**r)) for name, r in self.recipes.items()})
+        for value in self.factors.get("recipe", ()):
+            if isinstance(value, Mapping):
+                resolved[_recipe_key(value)] = (recipe_label(value), self.recipe.replace(**value))
+        self._recipes = resolved
+        return self
+
+    # --- conversions --------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that :func:`parse_spec` turns back into an equal spec."""
+        out: dict[str, Any] = {"name": self.name, "description": self.description, "model": self.model, "task": self.task}
+        if self.task_options is not None:  # only when given: spec files of other runs stay as they were
+            out["task_options"] = self.task_options.to_dict()
+        for name in type(self).model_fields:
+            if name not in out and name not in ("seed", "task_options"):
+                out[name] = _plain(getattr(self, name))
+        out["recipe"] = _plain(_recipe_fields(self.recipe))
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def validate(self, *, check_resources: bool = True) -> "ExperimentSpec":  # type: ignore[override]
+        """Check everything (also that models, tasks and templates exist); raise :class:`SpecError`."""
+        from iclit.experiments.spec.parse import parse_spec
+
+        return parse_spec(self.to_dict(), check_resources=check_resources)
+
+    def replace(self, **changes: Any) -> "ExperimentSpec":
+        """A copy with ``changes``, validated (:class:`SpecError`)."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields if name != "seed"}
+        return type(self)(**{**fields, **changes})
+
+    # --- what the plan needs ------------------------------------------------------------
+
+    def factor_values(self, name: str) -> tuple[FactorValue, ...]:
+        """The values of a factor: its list if it is varied, else its base value alone."""
+        if name in self.factors:
+            return tuple(self.factors[name])
+        return (self.base_value(name),)
+
+    def base_value(self, name: str) -> FactorValue:
+        return "base" if name == "recipe" else getattr(self, name)
+
+    def resolve_recipe(self, value: FactorValue) -> tuple[str, TuningRecipe]:
+        """(label, recipe) of a ``recipe`` factor value: ``base``, a name in ``recipes`` or an
+        inline mapping. The spec's own values were resolved when it was validated."""
+        key = _recipe_key(value) if isinstance(value, Mapping) else value
+        hit = self._recipes.get(key)
+        if hit is not None:
+            return hit
+        if isinstance(value, Mapping):
+            return recipe_label(value), self.recipe.replace(**recipe_overrides(value))
+        return str(value), self.recipe.replace(**self.recipes[value])  # KeyError: not a named recipe
+
+    @property
+    def resolved_recipes(self) -> tuple[tuple[str, TuningRecipe], ...]:
+        """(label, recipe) of each value of the ``recipe`` factor (the base recipe alone if not varied)."""
+        return tuple(self.resolve_recipe(v) for v in self.factor_values("recipe"))
+
+    def task_loader_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`iclit.tasks.get_task` for ``task`` (none without ``task_options``)."""
+        return self.task_options.loader_options() if self.task_options is not None else {}
+
+    @property
+    def uses_similarity(self) -> bool:
+        return any(v != "random" for v in self.factor_values("similarity"))
+
+    @property
+    def records_similarity(self) -> bool:
+        return self.uses_similarity if self.record_similarity is None else self.record_similarity
+
+
+_validating_init = ExperimentSpec.__init__
+
+
+def __init__(self: ExperimentSpec, /, **data: Any) -> None:
+    try:
+        _validating_init(self, **data)
+    except ValidationError as e:
+        raise SpecError(problems_of(e, data)) from None
+
+
+# Set after the class, so that pydantic's own validation (model_validate) does not go through it.
+ExperimentSpec.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _recipe_key(value: Mapping[str, Any]) -> str:
+    return json.dumps(_plain(value), sort_keys=True)
+
+
+def _recipe_fields(recipe: TuningRecipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def _misfits(base: TuningRecipe, overrides: Mapping[str, Any]) -> list[str]:
+    """What is wrong with ``overrides`` laid over ``base`` (its fields are valid alone)."""
+    try:
+        base.replace(**overrides)
+    except RecipeError as e:
+        return e.messages
+    return []

@@ -1,0 +1,204 @@
+"""The value types of a spec's keys: the allowed names, the constrained types, the factors,
+the task options and the template fields (pydantic models).
+
+The allowed arms, baselines and samplers are written out here, so reading a spec imports no
+torch; tests/unit/test_spec_schema.py keeps them equal to the registries.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Mapping, Union, get_args
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, Strict
+
+from iclit.schema import Fraction, NonEmptyStr, PosInt, StrictBool, distinct, expect, kind, problem, shown, unset_defaults
+from iclit.tuning.recipe import RecipeOverrides, recipe_overrides
+
+__all__ = [
+    "FACTORS", "SIMILARITY_MODES", "DESIGNS", "DTYPES", "ARM_NAMES", "REQUIRED_ARMS", "BASELINE_NAMES", "SAMPLER_NAMES",
+    "TASK_KINDS", "Factors", "TaskOptions", "TemplateFields", "factor_label", "recipe_label",
+]
+
+FactorName = Literal["k", "similarity", "wrong_labels", "demo_task", "template", "instruction", "model", "recipe"]
+Similarity = Literal["random", "most", "least"]
+Design = Literal["grid", "separate"]
+DType = Literal["float32", "bfloat16", "float16"]
+ArmName = Literal["anchor", "icl", "it", "it_seed2"]  # iclit.engine.arms.ARMS
+Baseline = Literal["centered", "shuffled", "update", "noise_ceiling", "cka", "query_mean"]  # iclit.analysis.BASELINES
+SamplerName = Literal["random", "balanced", "most-similar", "least-similar"]  # iclit.tasks.SAMPLERS
+TaskKind = Literal["classification", "generation"]
+
+FACTORS: tuple[str, ...] = get_args(FactorName)
+"""The factors a spec can vary, in the order cells are enumerated."""
+SIMILARITY_MODES: tuple[str, ...] = get_args(Similarity)
+DESIGNS: tuple[str, ...] = get_args(Design)
+DTYPES: tuple[str, ...] = get_args(DType)
+ARM_NAMES: tuple[str, ...] = get_args(ArmName)
+REQUIRED_ARMS: tuple[str, ...] = ("anchor", "icl", "it")
+BASELINE_NAMES: tuple[str, ...] = get_args(Baseline)
+SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
+TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
+FactorValue = Any  # int | float | bool | str | None | Mapping (inline recipe)
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+_PARTIAL = ConfigDict(extra="forbid", frozen=True, json_schema_extra=unset_defaults)  # fields unset unless given
+
+
+def _one_of(options: tuple[str, ...], *, null: bool = False) -> Any:
+    return expect(("null or " if null else "") + "one of " + ", ".join(options))
+
+
+def _none_is(empty: Any) -> BeforeValidator:
+    return BeforeValidator(lambda v: empty if v is None else v)
+
+
+def _listed(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+def _values(item: Any, what: str = "a value", listed: str = "a non-empty list of values") -> Any:
+    """A non-empty list of ``item`` (a tuple), each value once."""
+    return Annotated[tuple[item, ...], Field(min_length=1), distinct(what), expect(listed, as_kind=True)]
+
+
+_Similarity = Annotated[Similarity, _one_of(SIMILARITY_MODES)]
+_Str = Annotated[str, Strict(), Field(min_length=1, pattern=r"\S")]  # NonEmptyStr, worded by the caller
+_DemoTask = Annotated[_Str | None, BeforeValidator(lambda v: None if v == "same" else v, json_schema_input_type=str | None),
+                      expect("a task name, 'same' or null")]
+_Arm = Annotated[ArmName, expect(message="unknown arm {got} (arms: " + ", ".join(sorted(ARM_NAMES)) + ")")]
+_Baseline = Annotated[Baseline, _one_of(BASELINE_NAMES)]
+_Text = Annotated[str, Strict(), expect("a string")]
+_Overrides = Annotated[dict[str, Any], PlainValidator(recipe_overrides, json_schema_input_type=RecipeOverrides)]
+
+
+def _not_base(v: str) -> str:
+    if v == "base":
+        raise ValueError("'base'")
+    return v
+
+
+_RecipeName = Annotated[str, Strict(), Field(min_length=1), AfterValidator(_not_base),
+                        expect(message="a recipe name must be a non-empty string other than 'base'")]
+
+
+def _recipe_value(v: Any) -> str | dict[str, Any]:
+    if isinstance(v, str) and v.strip():
+        return v
+    if isinstance(v, Mapping):
+        return recipe_overrides(v)
+    raise problem(f"must be 'base', a name in `recipes` or a mapping of recipe fields, not {shown(v)}")
+
+
+_RecipeValue = Annotated[Union[str, dict[str, Any]],
+                         PlainValidator(_recipe_value, json_schema_input_type=Union[str, RecipeOverrides])]
+
+
+def _short(v: Any) -> str:
+    return "+".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def recipe_label(value: Mapping[str, Any]) -> str:
+    """The label of an inline recipe: ``epochs=4,lr=0.001`` (``base`` when empty)."""
+    return ",".join(f"{k}={_short(v)}" for k, v in value.items()) or "base"
+
+
+def factor_label(name: str, value: FactorValue) -> Any:
+    """How a factor value is shown and stored: ``demo_task: null`` is ``"same"``, etc."""
+    if name == "demo_task":
+        return "same" if value is None else str(value)
+    if name == "recipe" and isinstance(value, Mapping):
+        return recipe_label(value)
+    if name == "wrong_labels":
+        return float(value)
+    return value
+
+
+def _plain(v: Any) -> Any:
+    """Tuples as lists, mappings as dicts, all the way down (for YAML)."""
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+class Factors(BaseModel):
+    """factor -> the list of its values; a factor not listed keeps its base value (the
+    top-level key of the same name)."""
+
+    model_config = _PARTIAL
+
+    k: _values(PosInt) = Field(None, description="demonstrations per resample")
+    similarity: _values(_Similarity) = Field(None, description="random, most or least similar demonstrations")
+    wrong_labels: _values(Fraction) = Field(None, description="fractions of demonstrations given a wrong label")
+    demo_task: _values(_DemoTask) = Field(None, description="task of the demonstrations; null or 'same': the query's")
+    template: _values(NonEmptyStr) = Field(None, description="named templates of the task")
+    instruction: _values(StrictBool) = Field(None, description="keep the template's instruction or not")
+    model: _values(NonEmptyStr) = Field(None, description="models (each runs its cells in one stretch)")
+    recipe: _values(_RecipeValue) = Field(
+        None, description="IT recipes: 'base' (= `recipe`), a name in `recipes`, or a mapping of recipe fields laid over `recipe`")
+
+
+def _factors(v: Any) -> dict[str, tuple[Any, ...]]:
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise problem(f"must be a mapping of factor -> list of values, not {kind(v)}")
+    parsed = Factors.model_validate(v)
+    return {name: getattr(parsed, name) for name in v}  # in the order given
+
+
+class TemplateFields(BaseModel):
+    """Fields of the query template (``iclit.tasks.Template``) laid over the task's own; a
+    data file's own is ``Input: {input}`` / ``Output: {answer}`` with no instruction. One
+    demonstration renders as
+    ``{instruction}{instruction_sep}{input_prefix}{input}{io_sep}{output_prefix}{answer_sep}{output}``."""
+
+    model_config = _PARTIAL
+
+    instruction: Annotated[Annotated[str, Strict()] | None, expect("a string or null")] = Field(
+        None, description="the instruction that heads every prompt; null: none")
+    input_prefix: _Text = Field(None, description="text before each input (a data file's: 'Input: ')")
+    output_prefix: _Text = Field(None, description="text after the input that ends the prompt (a data file's: 'Output:')")
+    io_sep: _Text = Field(None, description="between the input and the output prefix (default: a newline)")
+    answer_sep: _Text = Field(None, description="between the output prefix and the answer (default: a space)")
+    demo_sep: _Text = Field(None, description="between demonstrations (default: a blank line)")
+    instruction_sep: _Text = Field(None, description="after the instruction (default: a blank line)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in type(self).model_fields if k in self.model_fields_set}
+
+
+class TaskOptions(BaseModel):
+    """How a data file becomes a task (``iclit compare --input-field …``), and its template.
+    The file's fields and kind apply only to a data file; ``template`` to any task."""
+
+    model_config = _PARTIAL
+
+    input_field: NonEmptyStr = Field(None, description="the field holding the input (default: input)")
+    output_field: NonEmptyStr = Field(None, description="the field holding the output (default: output)")
+    id_field: NonEmptyStr = Field(None, description="the field holding example ids (default: FILE_STEM-N)")
+    kind: Annotated[TaskKind, _one_of(TASK_KINDS)] = Field(None, description="classification (default) or generation")
+    labels: Annotated[tuple[NonEmptyStr, ...], Field(min_length=2), BeforeValidator(_listed),
+                      expect("a list of at least two label words", as_kind=True)] = Field(
+        None, description="classification: the label words, in order (default: the verbalizer's words, else the sorted outputs)")
+    verbalizer: Annotated[dict[str, NonEmptyStr], BeforeValidator(lambda v: {str(k): x for k, x in v.items()} if isinstance(v, Mapping) else v),
+                          expect("a mapping of raw output -> label word", as_kind=True)] = Field(
+        None, description="raw output (compared as text) -> label word, e.g. {0: negative, 1: positive}")
+    template: TemplateFields = Field(None, description="the task's template, laid over its own (selected by `template: default`)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options given, as plain data (what the cell's settings and the spec file hold)."""
+        out = {k: _plain(getattr(self, k)) for k in type(self).model_fields if k in self.model_fields_set}
+        if self.template is not None:
+            out["template"] = self.template.to_dict()
+        return out
+
+    def loader_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`iclit.tasks.get_task`."""
+        out = {k: getattr(self, k) for k in type(self).model_fields if k in self.model_fields_set}
+        if self.template is not None:
+            out["template"] = self.template.to_dict()
+        return out
+
+
