@@ -13,6 +13,7 @@ a wording of its own (the recipe's ``tuning epochs must be >= 1, not 0``): a spe
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Callable, Iterable, Sequence
 
 from pydantic import Field, Strict, ValidationError, WrapValidator
@@ -28,6 +29,7 @@ __all__ = [
     "distinct",
     "unset_defaults",
     "PosInt",
+    "parse_bytes",
     "NonNegInt",
     "Fraction",
     "NonEmptyStr",
@@ -152,3 +154,17 @@ NonNegInt = Annotated[int, Strict(), Field(ge=0), expect("an integer >= 0")]
 Fraction = Annotated[float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False), expect("a number in [0, 1]")]
 NonEmptyStr = Annotated[str, Strict(), Field(min_length=1, pattern=r"\S"), expect("a non-empty string")]
 StrictBool = Annotated[bool, Strict(), expect(message="must be true or false, not {got}")]
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_bytes(value: str | int | float) -> int:
+    """``"8GiB"``, ``"512 MB"``, ``2e9`` → bytes (binary units for K/M/G/T)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"a memory size is a number with an optional unit (e.g. 8GiB, 512MB), not {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -71,8 +71,8 @@ chunk_size: 4
 def test_python_built_spec_validates() -> None:
     spec = ExperimentSpec(model="tiny-random-llama", resamples=2, factors={"k": (1, 2)})
     assert spec.validate() is not spec and spec.validate() == spec
-    with pytest.raises(SpecError, match=r"factors.k\[1\]: must be a positive integer"):
-        ExperimentSpec(model="tiny-random-llama", factors={"k": (1, 0)}).validate()
+    with pytest.raises(SpecError, match=r"factors.k\[1\]: must be an integer >= 0"):
+        ExperimentSpec(model="tiny-random-llama", factors={"k": (1, -1)}).validate()
 
 
 def test_every_problem_is_reported_with_path_and_line() -> None:
@@ -105,7 +105,7 @@ extra: 1
         "wrong_labels: must be a number in [0, 1], not 1.5 (line 6)",
         "recipe.method: must be one of lora, full, not 'qlora' (line 8)",
         "recipe.rank: must be a positive integer, not 0 (line 9)",
-        "factors.k[2]: must be a positive integer, not -3 (line 12)",
+        "factors.k[2]: must be an integer >= 0, not -3 (line 12)",
         "factors.similarity[2]: must be one of random, most, least, not 'nearest' (line 13)",
         "factors.wrong_labels[1]: must be a number in [0, 1], not 2 (line 14)",
         "factors.recipe[2].epochs: must be a positive integer, not 0 (line 18)",
@@ -149,20 +149,20 @@ def test_structural_problems() -> None:
     assert "factors.similarity: must be a non-empty list of values, not an empty list (line 4)" in found
     found = problems("model: tiny-random-llama\nfactors:\n  k: [2, 2]\n")
     assert "factors.k: lists a value twice (line 3)" in found
-    assert problems("model: tiny-random-llama\nk: true\n") == ["k: must be a positive integer, not True (line 2)"]
+    assert problems("model: tiny-random-llama\nk: true\n") == ["k: must be an integer >= 0, not True (line 2)"]
 
 
 def test_cli_run_rejects_an_invalid_spec_and_writes_nothing(tmp_path: Path) -> None:
     from iclit.cli import app
 
     spec = tmp_path / "bad.yaml"
-    spec.write_text("model: tiny-random-llama\nfactors:\n  k: [2, 4, 0]\n  wrong_labels: [0, 3]\n")
+    spec.write_text("model: tiny-random-llama\nfactors:\n  k: [2, 4, -1]\n  wrong_labels: [0, 3]\n")
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["run", str(spec), "--out", str(out)])
     assert result.exit_code == 2
     text = result.output
     assert "2 problems in the spec" in text
-    assert "factors.k[2]: must be a positive integer, not 0 (line 3)" in text
+    assert "factors.k[2]: must be an integer >= 0, not -1 (line 3)" in text
     assert "factors.wrong_labels[1]: must be a number in [0, 1], not 3 (line 4)" in text
     assert not out.exists()
 

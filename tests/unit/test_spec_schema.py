@@ -76,7 +76,7 @@ def test_every_config_is_valid_under_the_json_schema(path: Path) -> None:
 
 def test_the_json_schema_rejects_what_the_models_reject() -> None:
     schema = spec_schema()
-    for bad in ({"k": 0}, {"extra": 1}, {"recipe": {"method": "qlora"}}, {"factors": {"colour": ["red"]}},
+    for bad in ({"k": -1}, {"extra": 1}, {"recipe": {"method": "qlora"}}, {"factors": {"colour": ["red"]}},
                 {"factors": {"k": []}}, {"task_options": {"template": {"prefix": "x"}}}, {"baselines": ["centred"]}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
@@ -159,10 +159,10 @@ def test_recipe_factor_values_resolve_once() -> None:
 
 def test_python_construction_raises_spec_error_with_paths() -> None:
     with pytest.raises(SpecError) as info:
-        ExperimentSpec(k=0, factors={"k": (1, -1)}, recipe={"rank": 0})
+        ExperimentSpec(k=-1, factors={"k": (1, -1)}, recipe={"rank": 0})
     assert [str(p) for p in info.value.problems] == [
-        "k: must be a positive integer, not 0", "recipe.rank: must be a positive integer, not 0",
-        "factors.k[1]: must be a positive integer, not -1"]
+        "k: must be an integer >= 0, not -1", "recipe.rank: must be a positive integer, not 0",
+        "factors.k[1]: must be an integer >= 0, not -1"]
     spec = ExperimentSpec(model="tiny-random-llama")
     assert spec.replace(k=2).k == 2
     with pytest.raises(SpecError, match="resamples: must be a positive integer"):
@@ -171,11 +171,11 @@ def test_python_construction_raises_spec_error_with_paths() -> None:
 
 def test_cross_key_problems_come_with_the_others() -> None:
     found = [str(p) for p in pytest.raises(SpecError, loads_spec,
-                                           "seed: 1\nseeds: [2]\nk: 0\narms: [anchor, icl, anchor]\n"
+                                           "seed: 1\nseeds: [2]\nk: -1\narms: [anchor, icl, anchor]\n"
                                            "recipe: {epochs: 4, capture_steps: [8]}\nfactors: {wrong_labels: [0, 0.0]}\n",
                                            check_resources=False).value.problems]
     assert "seed: give `seed` or `seeds`, not both (line 1)" in found
-    assert "k: must be a positive integer, not 0 (line 3)" in found
+    assert "k: must be an integer >= 0, not -1 (line 3)" in found
     assert any(f.startswith("arms: lists an arm twice (line 4)") for f in found)
     assert any(f.startswith("recipe: tuning capture_steps [8] go past the last step") for f in found)
     assert "factors.wrong_labels: lists a value twice (line 6)" in found

@@ -13,12 +13,13 @@ target module, held four times (weights, gradients, AdamW's two moments) in fp32
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from iclit.schema import parse_bytes
 
 __all__ = ["MemoryPlan", "plan_memory", "available_memory", "parse_bytes", "CPU_TOKENS", "CUDA_TOKENS", "MAX_ADAPTERS"]
 
@@ -30,20 +31,6 @@ CUDA_TOKENS = 32768
 MAX_ADAPTERS = 64
 """Most adapters trained in one pass."""
 MIN_TOKENS = 64
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
-
-
-def parse_bytes(value: str | int | float) -> int:
-    """``"8GiB"``, ``"512 MB"``, ``2e9`` → bytes (binary units for K/M/G/T)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"a memory size is a number with an optional unit (e.g. 8GiB, 512MB), not {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
 def available_memory(device: torch.device) -> tuple[int, str]:
     """(free bytes, where the number comes from) on ``device``."""
     if device.type == "cuda":

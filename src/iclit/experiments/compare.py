@@ -9,23 +9,13 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from iclit.experiments.spec import ExperimentSpec
-from iclit.tasks import Task, TaskDataError, check_enough, get_task, get_template
+from iclit.tasks import Task, TaskDataError, check_enough, resolve_task
 from iclit.tuning.recipe import TuningRecipe
 
 __all__ = ["COMPARE_CHUNK_SIZE", "comparison_spec", "resolve_task", "check_comparison", "apply_settings"]
 
 COMPARE_CHUNK_SIZE = 10
 """Resamples per chunk of a comparison (the unit that is stored, and resumed after a kill)."""
-
-
-def resolve_task(task: str | Task, template: str | None = None, instruction: bool = True) -> Task:
-    """A task by name, path or object, with a named template and without its instruction."""
-    t = task if isinstance(task, Task) else get_task(task)
-    if template not in (None, "default"):
-        t = t.with_template(get_template(t.name, template))
-    if not instruction:
-        t = t.with_template(t.template.replace(instruction=None))
-    return t
 
 
 def check_comparison(k: int, resamples: int, task: Task) -> None:

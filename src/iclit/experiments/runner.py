@@ -266,7 +266,7 @@ def _store_chunk(out: Path, store: Store, output: ChunkOutput, run_id: int, spec
                  models: dict[str, Any], model: str, not_fitted: list[tuple[str, float]]) -> int:
     """States file first (atomically), then the chunk's rows in one transaction."""
     records = output.records
-    if getattr(spec, "store_states", True):
+    if spec.store_states:
         keys = [r["trial_key"] for r in records]
         rel = write_chunk_states(out, keys, output.states)
         records = [{**r, "states_file": rel, "states_row": i} for i, r in enumerate(records)]

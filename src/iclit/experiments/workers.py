@@ -104,6 +104,8 @@ class ChunkJob:
     extras: list[dict[str, Any]] = field(default_factory=list)
     fast: bool = True
     baselines: tuple[str, ...] = ()
+    memory: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the IT path's memory plan (memory_budget, adapters_per_pass, max_train_tokens)."""
 
 
 @dataclass
@@ -146,6 +148,8 @@ def make_job(chunk: Chunk, spec: ExperimentSpec) -> ChunkJob:
         draws=draws, recipe=cell.recipe, seed=chunk.seed, arms=run_arms(spec.arms, spec.baselines), batch_size=spec.batch_size,
         max_new_tokens=spec.max_new_tokens, cell_key=cell.key, keys=chunk.keys,
         extras=[_extras(d, record) for d in draws], fast=spec.fast, baselines=tuple(spec.baselines),
+        memory={k: getattr(spec, k) for k in ("memory_budget", "adapters_per_pass", "max_train_tokens")
+                if getattr(spec, k) is not None},
     )
 
 
@@ -157,7 +161,7 @@ def execute(job: ChunkJob, lm: Any, progress: Callable[[str, int], Any] | None =
     result = evaluate(
         lm, job.task, job.draws, recipe=job.recipe, seed=job.seed, batch_size=job.batch_size,
         max_new_tokens=job.max_new_tokens, arms=job.arms, demo_template=job.demo_template, fast=job.fast,
-        progress=progress, baselines=job.baselines,
+        progress=progress, baselines=job.baselines, memory=job.memory,
     )
     seconds = (time.perf_counter() - start) / max(1, len(job.draws))
     score_name = "correct" if job.task.kind == "classification" else "chrf"

@@ -73,7 +73,7 @@ Every key, its type, default and meaning: ``iclit spec-schema`` (the JSON Schema
 
 Validation collects every problem, each with its path in the file and its line::
 
-    factors.k[2]: must be a positive integer, not -3 (line 14)
+    factors.k[2]: must be an integer >= 0, not -3 (line 14)
     recipe.method: must be one of lora, full, not 'qlora' (line 9)
 
 >>> spec = load_spec("configs/examples/smoke.yaml")

@@ -23,7 +23,8 @@ from iclit.experiments.spec.values import (
     _DemoTask, _FROZEN, _Overrides, _RecipeName, _Similarity, _Str, _Text, _Arm, _Baseline, _factors, _listed, _none_is, _one_of,
     _plain, _values, Factors, recipe_label,
 )
-from iclit.schema import Fraction, NonEmptyStr, NonNegInt, PosInt, StrictBool, distinct, expect, problem, raise_problems
+from iclit.schema import (Fraction, NonEmptyStr, NonNegInt, PosInt, StrictBool, distinct, expect, parse_bytes, problem,
+                          raise_problems)
 from iclit.tuning.recipe import RecipeError, RecipeOverrides, TuningRecipe, recipe_overrides
 
 __all__ = ["ExperimentSpec"]
@@ -59,7 +60,7 @@ class ExperimentSpec(BaseModel):
     arms: Annotated[tuple[_Arm, ...], distinct("an arm"), BeforeValidator(_listed), expect("a list of arm names", as_kind=True),
                     _none_is(REQUIRED_ARMS)] = Field(
         REQUIRED_ARMS, description="arms to run; must include anchor, icl and it (it_seed2: IT with another seed)")
-    k: PosInt = Field(4, description="demonstrations per resample")
+    k: NonNegInt = Field(4, description="demonstrations per resample (0: zero-shot, every arm reads the query alone)")
     resamples: PosInt = Field(8, description="(query, demonstrations) draws per cell and seed")
     seed: Annotated[NonNegInt | None, BeforeValidator(_no_both), expect("an integer >= 0")] = Field(
         None, description="one seed: the same as `seeds: [seed]`", exclude=True)
@@ -89,14 +90,25 @@ class ExperimentSpec(BaseModel):
     record_similarity: Annotated[Annotated[bool, Strict()] | None, expect(message="must be true or false or null, not {got}")] = Field(
         None, description="record the demonstration–query similarity per trial; null: when `similarity` is varied or set")
     fast: StrictBool = Field(True, description="the fast engine (prefix cache, batched adapters); false: the reference path")
-    store_states: StrictBool = Field(True, description="keep the hidden states (states/*.safetensors); false: outputs and "
-                                                       "similarities only")
+    store_states: StrictBool = Field(True, description="keep the hidden states (states/*.safetensors), from which every "
+                                                       "similarity is computed; false: behaviour only (predictions, scores, "
+                                                       "losses), for very large runs")
+    memory_budget: Annotated[_Str | None, expect("a memory size such as 8GiB, or null")] = Field(
+        None, description="memory the batched IT path may plan for (e.g. 8GiB); null: half the free memory (RAM on the "
+                          "CPU, CUDA memory on a GPU). Changes speed and peak memory, not results")
+    adapters_per_pass: Annotated[Annotated[int, Strict(), Field(ge=1)] | None, expect(
+        message="must be a positive integer or null, not {got}")] = Field(
+        None, description="LoRA adapters trained together in one pass; null: planned from memory_budget (at most 64)")
+    max_train_tokens: Annotated[Annotated[int, Strict(), Field(ge=1)] | None, expect(
+        message="must be a positive integer or null, not {got}")] = Field(
+        None, description="padded tokens per training micro-batch; null: planned (at most 768 on the CPU, 32768 on a GPU)")
     baselines: Annotated[tuple[_Baseline, ...], distinct("a baseline"), BeforeValidator(_listed),
                          expect("a list of baselines (" + ", ".join(BASELINE_NAMES) + ")", as_kind=True), _none_is(())] = Field(
-        (), description="extra similarities per trial x layer: centered (anisotropy-corrected cosines), shuffled (ICL of "
-                        "trial i vs IT of trial i+1 in a chunk), update (cosine of the ICL and IT updates from the anchor), "
-                        "noise_ceiling (IT vs IT with another seed: one more tuning), cka (linear CKA of ICL vs IT across a "
-                        "chunk's queries, >= 3), query_mean (the three pairs over the query's mean state)")
+        (), description="extra similarities per trial x layer, computed from the stored states: centered "
+                        "(anisotropy-corrected cosines), shuffled (ICL of trial i vs IT of trial i+1 among a cell's trials), "
+                        "update (cosine of the ICL and IT updates from the anchor), noise_ceiling (IT vs IT with another "
+                        "seed: one more tuning), cka (linear CKA of each arm pair across all of a cell's queries, >= 3), "
+                        "query_mean (the three pairs over the query's mean state)")
 
     _recipes: dict[str, tuple[str, TuningRecipe]] = PrivateAttr(default_factory=dict)
 
@@ -108,6 +120,16 @@ class ExperimentSpec(BaseModel):
         if isinstance(data, Mapping) and "seed" in data and "seeds" in data:
             return {**data, "seed": _Both()}
         return data
+
+    @field_validator("memory_budget", mode="after")
+    @classmethod
+    def _memory_size(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_bytes(v)
+            except ValueError as e:
+                raise problem(str(e)) from None
+        return v
 
     @field_validator("arms", mode="after")
     @classmethod

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Mapping, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, Strict
 
-from iclit.schema import Fraction, NonEmptyStr, PosInt, StrictBool, distinct, expect, kind, problem, shown, unset_defaults
+from iclit.schema import Fraction, NonEmptyStr, NonNegInt, PosInt, StrictBool, distinct, expect, kind, problem, shown, unset_defaults
 from iclit.tuning.recipe import RecipeOverrides, recipe_overrides
 
 __all__ = [
@@ -128,7 +128,7 @@ class Factors(BaseModel):
 
     model_config = _PARTIAL
 
-    k: _values(PosInt) = Field(None, description="demonstrations per resample")
+    k: _values(NonNegInt) = Field(None, description="demonstrations per resample")
     similarity: _values(_Similarity) = Field(None, description="random, most or least similar demonstrations")
     wrong_labels: _values(Fraction) = Field(None, description="fractions of demonstrations given a wrong label")
     demo_task: _values(_DemoTask) = Field(None, description="task of the demonstrations; null or 'same': the query's")
