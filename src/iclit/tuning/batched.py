@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from iclit.engine.batching import SharedPrefix, micro_batches
+from iclit.models.arch import linear_shape, target_linears
 from iclit.tuning.loop import train
 from iclit.tuning.loss import (
     AnswerBatch,
@@ -44,27 +45,31 @@ class AdapterRouter:
 
 
 class MultiLoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus N stacked LoRA adapters; row i of the batch goes through
+    """A frozen linear layer plus N stacked LoRA adapters; row i of the batch goes through
     adapter ``router.rows[i]``.
 
     y = base(x) + (alpha / r) · B[a] (A[a] dropout(x)),   A: [N, r, in], B: [N, out, r]
 
-    Same parametrisation and scaling as PEFT's LoRA ``Linear`` (``lora_alpha / r``).
-    ``routes_rows``: it needs whole batch rows (so :func:`iclit.tuning.last_block_rows`
-    leaves a feed-forward part holding it alone).
+    ``base`` is an ``nn.Linear`` (y = x Wᵀ + b) or transformers' ``Conv1D`` (GPT-2: weight
+    [in, out], y = x W + b); the adapter is the same on both, as PEFT's LoRA ``Linear`` (which
+    takes ``Conv1D`` with ``fan_in_fan_out``, a flag that matters only when merging). Same
+    parametrisation and scaling as PEFT (``lora_alpha / r``). ``routes_rows``: it needs whole
+    batch rows (so :func:`iclit.tuning.last_block_rows` leaves a feed-forward part holding it
+    alone).
     """
 
     routes_rows = True
 
-    def __init__(self, base: nn.Linear, n: int, rank: int, alpha: float, dropout: float, router: AdapterRouter) -> None:
+    def __init__(self, base: nn.Module, n: int, rank: int, alpha: float, dropout: float, router: AdapterRouter) -> None:
         super().__init__()
         self.base = base
         self.router = router
         self.scaling = alpha / rank
         self.dropout = dropout
+        self.in_features, self.out_features = linear_shape(base)
         dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.zeros(n, rank, base.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(n, base.out_features, rank, device=dev))
+        self.lora_A = nn.Parameter(torch.zeros(n, rank, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(n, self.out_features, rank, device=dev))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [b, s, in] → [b, s, out]."""
@@ -79,17 +84,11 @@ class MultiLoRALinear(nn.Module):
         return result + (delta * self.scaling).to(result.dtype)
 
 
-def _target_linears(model: nn.Module, targets: Sequence[str]) -> list[tuple[str, nn.Linear]]:
-    """The ``nn.Linear`` modules whose leaf name is in ``targets``, in module order (the
-    order PEFT creates its adapters in)."""
-    found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
-    ]
-    if not found:
-        raise ValueError(f"no nn.Linear named {list(targets)} in the model")
-    return found
+def _target_linears(model: nn.Module, targets: Sequence[str] | str | None) -> list[tuple[str, nn.Module]]:
+    """The linear layers (``nn.Linear`` or ``Conv1D``) a recipe's ``targets`` name, in module
+    order (the order PEFT creates its adapters in): :func:`iclit.models.arch.target_linears`
+    (the default means the architecture's query and value projections; ``"all-linear"``)."""
+    return target_linears(model, targets)
 
 
 def peft_like_init(shapes: Sequence[tuple[int, int]], rank: int, seed: int) -> list[torch.Tensor]:
@@ -113,7 +112,8 @@ def peft_like_init(shapes: Sequence[tuple[int, int]], rank: int, seed: int) -> l
 
 @contextmanager
 def multi_lora(model: nn.Module, recipe: TuningRecipe, seeds: Sequence[int]) -> Iterator[tuple[AdapterRouter, list[MultiLoRALinear]]]:
-    """Inject ``len(seeds)`` fresh LoRA adapters into every target linear of ``model``.
+    """Inject ``len(seeds)`` fresh LoRA adapters into every target linear of ``model``
+    (``recipe.targets`` resolved for its architecture, :func:`_target_linears`).
 
     Adapter j starts where a PEFT adapter with ``torch.manual_seed(seeds[j])`` would. The
     original modules are put back on exit.
@@ -123,7 +123,7 @@ def multi_lora(model: nn.Module, recipe: TuningRecipe, seeds: Sequence[int]) -> 
     wrapped: list[MultiLoRALinear] = []
     for _, base in targets:
         wrapped.append(MultiLoRALinear(base, len(seeds), recipe.rank, recipe.alpha, recipe.dropout, router))
-    shapes = [(base.in_features, base.out_features) for _, base in targets]
+    shapes = [linear_shape(base) for _, base in targets]
     with torch.no_grad():
         for j, seed in enumerate(seeds):
             for module, a in zip(wrapped, peft_like_init(shapes, recipe.rank, seed)):

@@ -11,7 +11,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
+from iclit.models.arch import ALL_LINEAR, resolve_targets, target_linears
 from iclit.tuning.loop import train
 from iclit.tuning.loss import AnswerBatch, _subset, answer_loss, encode_pairs, reference_answer_loss
 from iclit.tuning.recipe import TuningRecipe, TuningResult
@@ -58,15 +60,32 @@ def fit(
     return result
 
 
-def lora_config(recipe: TuningRecipe):
-    """The PEFT ``LoraConfig`` of a recipe (rank, alpha, dropout, target modules, no bias)."""
+def lora_config(recipe: TuningRecipe, model: nn.Module | None = None):
+    """The PEFT ``LoraConfig`` of a recipe (rank, alpha, dropout, target modules, no bias).
+
+    With ``model``, the recipe's targets are resolved for its architecture
+    (:func:`iclit.models.arch.resolve_targets`: the default means the query and value
+    projections, ``"all-linear"`` every linear layer but the head; a target that matches no
+    linear layer is a ValueError), and ``fan_in_fan_out`` is set when every target is a
+    ``Conv1D`` (GPT-2), as PEFT would set it itself, with a warning. Without ``model`` the
+    targets go to PEFT as written (``"all-linear"`` as its shorthand, ``None`` as "PEFT's own
+    default for the model type").
+    """
     from peft import LoraConfig
 
+    targets: list[str] | str | None = None if recipe.targets is None else list(recipe.targets)
+    if targets == [ALL_LINEAR]:
+        targets = ALL_LINEAR
+    fan_in_fan_out = False
+    if model is not None:
+        targets = list(resolve_targets(model, recipe.targets))
+        fan_in_fan_out = all(isinstance(m, Conv1D) for _, m in target_linears(model, targets))
     return LoraConfig(
         r=recipe.rank,
         lora_alpha=recipe.alpha,
         lora_dropout=recipe.dropout,
-        target_modules=list(recipe.targets),
+        target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -99,7 +118,7 @@ def tuned(
 
         with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in v5
             warnings.simplefilter("ignore", FutureWarning)
-            peft_model = get_peft_model(model, lora_config(recipe))
+            peft_model = get_peft_model(model, lora_config(recipe, model))
         try:
             params = [p for p in peft_model.parameters() if p.requires_grad]
             hook = (lambda s: on_step(s, peft_model)) if on_step else None
