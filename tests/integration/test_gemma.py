@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from iclit.engine.capture import capture
-from iclit.experiments import Comparison, run_comparison
+from iclit.api import Comparison, run_comparison
 from iclit.analysis import PAIRS
 from iclit.models import LoadedModel, ModelNotFoundError, load_model
 from iclit.models.loading import resolve

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from iclit.analysis import load_run
 from iclit.experiments import Store, load_spec, make_plan, run_experiment
 from iclit.report import write_report
 
@@ -24,8 +25,8 @@ def test_smoke_experiment_on_gemma(tmp_path: Path) -> None:
     assert (again.already_done, again.computed) == (9, 0)
     with Store(tmp_path) as store:
         assert store.integrity() == "ok"
-        frame = store.frame(store.latest_run()["plan"])
         outputs = store.outputs()
+    frame = load_run(tmp_path).frame
     assert frame["trial_key"].nunique() == 9
     assert frame["layer"].max() == 18  # Gemma-3-270M: 18 layers + embeddings
     assert outputs["demo_similarity"].notna().all()

@@ -75,31 +75,50 @@ def stored_trials(out: Path) -> int:
 
 
 def cosine_table(out: Path) -> pd.DataFrame:
-    con = sqlite3.connect(out / "results.sqlite")
-    try:
-        return pd.read_sql_query("SELECT trial_key, pair, layer, cosine FROM cosines ORDER BY trial_key, pair, layer", con)
-    finally:
-        con.close()
+    """Every stored trial's cosines (the three pairs and any baseline pair), computed from its
+    stored states: trial_key, pair, layer, cosine, sorted by those keys."""
+    from iclit.analysis import load_run
+
+    frame = load_run(out, all_trials=True).frame
+    cols = ["trial_key", "pair", "layer", "cosine"]
+    if frame.empty:
+        return pd.DataFrame(columns=cols)
+    return frame[cols].sort_values(cols[:3], kind="stable", ignore_index=True)
 
 
 def check_store(out: Path) -> tuple[int, int]:
-    """integrity_check passes, no trial or cosine row twice, every trial has all its rows;
-    returns (trials, cosine rows)."""
+    """integrity_check passes, no trial twice, every trial names a states file that exists,
+    holds its key at its row, and no two trials share a (file, row); every trial has all its
+    cosine rows (3 pairs x n_layers, computed from the states); returns (trials, cosine rows
+    of the three pairs)."""
+    from iclit.analysis.similarity import PAIRS
+    from iclit.experiments.statefiles import read_chunk_states
+
     con = sqlite3.connect(out / "results.sqlite")
     try:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         n_trials = con.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
         assert n_trials == con.execute("SELECT COUNT(DISTINCT trial_key) FROM trials").fetchone()[0]
-        n_cos = con.execute("SELECT COUNT(*) FROM cosines").fetchone()[0]
-        assert n_cos == con.execute("SELECT COUNT(*) FROM (SELECT DISTINCT trial_key, pair, layer FROM cosines)").fetchone()[0]
-        per_trial = con.execute(
-            "SELECT t.trial_key, t.n_layers, COUNT(c.cosine) FROM trials t LEFT JOIN cosines c USING (trial_key) GROUP BY t.trial_key"
-        ).fetchall()
-        for key, n_layers, rows in per_trial:
-            assert rows == 3 * n_layers, f"trial {key}: {rows} cosine rows, expected {3 * n_layers}"
-        return n_trials, n_cos
+        refs = con.execute("SELECT trial_key, n_layers, states_file, states_row FROM trials").fetchall()
     finally:
         con.close()
+    assert all(f is not None and r is not None for _, _, f, r in refs), "a trial without stored states"
+    assert len({(f, r) for _, _, f, r in refs}) == len(refs), "two trials share one states row"
+    keys_in: dict[str, list[str]] = {}
+    for key, n_layers, f, r in refs:
+        assert (out / f).is_file(), f"trial {key}: states file {f} missing"
+        if f not in keys_in:
+            keys_in[f] = read_chunk_states(out / f, names=[])[0]
+        assert keys_in[f][r] == key, f"trial {key}: row {r} of {f} belongs to {keys_in[f][r]}"
+    table = cosine_table(out)
+    three = table[table["pair"].isin(PAIRS)]
+    assert len(three) == len(three.drop_duplicates(["trial_key", "pair", "layer"]))
+    per_trial = three.groupby("trial_key").size()
+    for key, n_layers, _, _ in refs:
+        rows = int(per_trial.get(key, 0))
+        assert rows == 3 * n_layers, f"trial {key}: {rows} cosine rows, expected {3 * n_layers}"
+    assert np.isfinite(three["cosine"].to_numpy(dtype=float)).all()
+    return n_trials, len(three)
 
 
 def assert_same_numbers(a: Path, b: Path, atol: float = 1e-6) -> None:

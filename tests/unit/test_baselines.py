@@ -1,5 +1,6 @@
 """Reviewer baselines beside the cosines: centred cosine, shuffled-pair null, noise ceiling
-(arm it_seed2), update-direction cosine; stored by the runner, shown and tested in the report."""
+(arm it_seed2), update-direction cosine, CKA per cell; the engine stores the states they need,
+analysis computes them (iclit.analysis.frames), the report shows and tests them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 from exp_helpers import TINY_SPEC
 from iclit.engine.capture import capture
 from iclit.experiments import make_plan, parse_spec, run_experiment
-from iclit.experiments.compare import evaluate, reference_mean, run_arms
+from iclit.analysis import load_run, load_states
+from iclit.analysis.frames import similarities
+from iclit.engine.evaluate import evaluate, reference_mean, run_arms
 from iclit.experiments.spec import SpecError
 from iclit.experiments.store import open_store
 from iclit.analysis import (BASELINE_PAIRS, BASELINES, PAIRS, baseline_cosines, centered_cosine_per_layer,
@@ -40,21 +43,30 @@ def cell(lm):
     return evaluate(lm, task, draws, recipe=TuningRecipe(epochs=3), seed=0, baselines=BASELINES)
 
 
+@pytest.fixture(scope="module")
+def cos(cell):
+    """pair → [N, L+1]: the cosines analysis computes from the cell's states."""
+    return similarities(cell.states, BASELINES)
+
+
 def _states(cell):
     return {arm: o.states for arm, o in cell.outputs.items()}
 
 
-def test_every_baseline_is_stored_per_trial_and_layer(cell, lm):
-    assert set(cell.cosines) == set(PAIRS) | set(EXTRA)
-    for pair, values in cell.cosines.items():
+def test_every_baseline_is_stored_per_trial_and_layer(cell, cos, lm):
+    assert set(cos) == set(PAIRS) | set(EXTRA)
+    for pair, values in cos.items():
         assert values.shape == (N, lm.n_layers + 1), pair
         assert np.all(np.isfinite(values))
-    for trial in cell.trials:
-        assert all(len(trial[p]) == lm.n_layers + 1 for p in EXTRA)
+    # the states every baseline needs, per trial and layer (the reference mean per layer)
+    L1, d = lm.n_layers + 1, lm.hidden_size
+    for name in ("anchor", "icl", "it", "it_seed2", "anchor:qmean", "icl:qmean", "it:qmean"):
+        assert tuple(cell.states[name].shape) == (N, L1, d), name
+    assert tuple(cell.states["reference_mean"].shape) == (L1, d)
     assert set(cell.scores) == {"anchor", "icl", "it", "it_seed2"}  # accuracy of the extra arm too
 
 
-def test_centered_cosine_subtracts_the_reference_mean(cell, lm):
+def test_centered_cosine_subtracts_the_reference_mean(cell, cos, lm):
     mean = capture(lm.model, lm.tokenizer, reference_prompts()).states.double().mean(0)
     assert torch.allclose(reference_mean(lm).double(), mean, atol=1e-5)
     assert reference_mean(lm) is reference_mean(lm)  # memoised per loaded model
@@ -62,7 +74,7 @@ def test_centered_cosine_subtracts_the_reference_mean(cell, lm):
     for pair in PAIRS:
         left, right = pair.split("_")
         want = centered_cosine_per_layer(s[left], s[right], mean).numpy()
-        np.testing.assert_allclose(cell.cosines[f"{pair}_centered"], want, atol=1e-5)
+        np.testing.assert_allclose(cos[f"{pair}_centered"], want, atol=1e-5)
 
 
 def test_centered_cosine_with_a_known_mean():
@@ -81,57 +93,79 @@ def test_centered_cosine_with_a_known_mean():
         baseline_cosines(states, ["nope"])
 
 
-def test_shuffled_pairs_icl_i_with_it_of_the_next_trial(cell):
+def test_shuffled_pairs_icl_i_with_it_of_the_next_trial(cell, cos):
     assert shuffled_partner(3) == [1, 2, 0]
     assert shuffled_partner(1) == [0]
     s = _states(cell)
     for i, j in enumerate(shuffled_partner(N)):
         want = cosine_per_layer(s["icl"][i], s["it"][j]).numpy()
-        np.testing.assert_allclose(cell.cosines["icl_it_shuffled"][i], want, atol=1e-12)
+        np.testing.assert_allclose(cos["icl_it_shuffled"][i], want, atol=1e-12)
     one = {k: v[:1] for k, v in s.items()}
     assert "icl_it_shuffled" not in baseline_cosines(one, ["shuffled"])  # no partner in a batch of one
 
 
-def test_noise_ceiling_arm_is_it_with_another_seed(cell):
+def test_noise_ceiling_arm_is_it_with_another_seed(cell, cos):
     assert run_arms(("anchor", "icl", "it"), ["noise_ceiling"]) == ("anchor", "icl", "it", "it_seed2")
     assert run_arms(("anchor", "icl", "it"), ["centered"]) == ("anchor", "icl", "it")
     it, it2 = cell.outputs["it"].states, cell.outputs["it_seed2"].states
     assert not torch.allclose(it[:, 1:], it2[:, 1:])  # another LoRA init: other states
     torch.testing.assert_close(it[:, 0], it2[:, 0])  # the embeddings are not tuned
-    np.testing.assert_allclose(cell.cosines["it_it_seed"], cosine_per_layer(it, it2).numpy(), atol=1e-12)
+    np.testing.assert_allclose(cos["it_it_seed"], cosine_per_layer(it, it2).numpy(), atol=1e-12)
     assert len(cell.outputs["it_seed2"].tuning) == N
 
 
-def test_update_cosine_is_the_metrics_function(cell):
+def test_update_cosine_is_the_metrics_function(cell, cos):
     s = _states(cell)
     want = update_cosine_per_layer(s["anchor"], s["icl"], s["it"]).numpy()
-    np.testing.assert_allclose(cell.cosines["update_cosine"], want, atol=1e-12)
+    np.testing.assert_allclose(cos["update_cosine"], want, atol=1e-12)
 
 
-def test_cka_across_the_chunk(cell, lm):
+def test_cka_across_the_cell(run_dir: Path):
+    """Linear CKA over all queries of a (cell, seed) — across its chunks — per layer and pair,
+    equal to cka_per_layer over the cell's stored states; no per-trial pair."""
     from iclit.analysis import cka_per_layer
 
-    s = _states(cell)
-    want = cka_per_layer(s["icl"], s["it"]).numpy()
-    got = np.array([np.nan if v is None else v for v in cell.trials[0]["chunk_cka_icl_it"]], dtype=float)
-    assert got.shape == (lm.n_layers + 1,)
-    np.testing.assert_allclose(got, want, atol=1e-6)
-    assert all(t["chunk_cka_icl_it"] == cell.trials[0]["chunk_cka_icl_it"] for t in cell.trials)
+    run = load_run(run_dir)
+    states = load_states(run_dir)
+    rows = states.frame().merge(run.trials[["trial_key", "cell_key", "seed", "resample", "states_file"]], on="trial_key")
+    L1 = int(run.trials["n_layers"].iloc[0])
+    assert len(run.cka) == 4 * 3 * L1  # 4 cells x 3 pairs x layers
+    assert not run.cka.duplicated(["cell_key", "seed", "layer", "pair"]).any()  # one value per cell, not per trial
+    for (cell, seed), grp in rows.groupby(["cell_key", "seed"]):
+        assert len(grp) == 4 and grp["states_file"].nunique() == 2  # the cell's 4 queries, from its 2 chunks
+        idx = grp.sort_values("resample")["row"].to_numpy()
+        for pair, (a, b) in {"cka_anchor_icl": ("anchor", "icl"), "cka_anchor_it": ("anchor", "it"),
+                             "cka_icl_it": ("icl", "it")}.items():
+            want = cka_per_layer(torch.from_numpy(states[a][idx]), torch.from_numpy(states[b][idx])).numpy()
+            got = run.cka[(run.cka["cell_key"] == cell) & (run.cka["seed"] == seed) & (run.cka["pair"] == pair)]
+            got = got.sort_values("layer")
+            assert list(got["layer"]) == list(range(L1)) and (got["n"] == 4).all()
+            np.testing.assert_allclose(got["value"].to_numpy(dtype=float), want, atol=1e-6, equal_nan=True)
     assert "cka" not in BASELINE_PAIRS or BASELINE_PAIRS["cka"] == ()  # no per-trial pair
+    assert not run.frame["pair"].str.contains("cka").any()
 
 
-def test_cka_needs_three_queries(lm):
+def test_cka_needs_three_queries(lm, tmp_path: Path):
+    from iclit.analysis import compute_metric
+    from iclit.api import run_comparison
+
     task = get_task("sentiment")
     draws = draw_resamples(task, 2, 2, 0)
     two = evaluate(lm, task, draws, recipe=TuningRecipe(epochs=2), seed=0, baselines=["cka"])
-    assert "chunk_cka_icl_it" not in two.trials[0] and set(two.cosines) == set(PAIRS)
+    assert set(similarities(two.states, ["cka"])) == set(PAIRS)
+    run_comparison(lm, "sentiment", k=2, resamples=2, recipe=TuningRecipe(epochs=2), baselines=["cka"],
+                   out=tmp_path / "two")
+    run = load_run(tmp_path / "two")
+    assert run.cka.empty and set(run.frame["pair"]) == set(PAIRS)
+    assert compute_metric(tmp_path / "two", "cka").empty  # not even when asked for every cell
 
 
 def test_default_evaluate_adds_nothing(lm):
     task = get_task("sentiment")
     draws = draw_resamples(task, 2, 2, 0)
     plain = evaluate(lm, task, draws, recipe=TuningRecipe(epochs=2), seed=0)
-    assert set(plain.cosines) == set(PAIRS) and set(plain.outputs) == {"anchor", "icl", "it"}
+    assert set(similarities(plain.states)) == set(PAIRS) and set(plain.outputs) == {"anchor", "icl", "it"}
+    assert set(plain.states) == {"anchor", "icl", "it"}
 
 
 # --- spec, plan, store, report -------------------------------------------------------------
@@ -155,19 +189,23 @@ def test_spec_baselines_validate_and_change_keys_only_when_set():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("baselines-run")
-    spec = parse_spec({**TINY_SPEC, "resamples": 4, "chunk_size": 4, "baselines": list(BASELINES)})
+    # two chunks per cell: the shuffled null and CKA are over all of a cell's queries, not per chunk
+    spec = parse_spec({**TINY_SPEC, "resamples": 4, "chunk_size": 2, "baselines": list(BASELINES)})
     run_experiment(spec, out)
     return out
 
 
 def test_runner_stores_the_baselines(run_dir: Path):
+    run = load_run(run_dir, all_trials=True)
+    frame = run.frame
     with open_store(run_dir) as store:
-        frame = store.frame()
         outputs = store.outputs()
     assert set(frame["pair"]) == set(PAIRS) | set(EXTRA)
     assert frame.groupby("trial_key")["pair"].nunique().eq(len(PAIRS) + len(EXTRA)).all()
     assert "score_it_seed2" in outputs.columns and outputs["score_it_seed2"].notna().all()
-    assert outputs["chunk_cka_icl_it"].map(len).eq(frame["layer"].max() + 1).all()
+    # CKA per cell (the spec asks for it): every layer of each of the 3 pairs, for each of the 4 cells
+    per_cell = run.cka.groupby(["cell_key", "seed", "pair"])["layer"].nunique()
+    assert len(per_cell) == 4 * 3 and per_cell.eq(frame["layer"].max() + 1).all()
 
 
 def test_report_shows_baselines_and_effects(run_dir: Path):
@@ -180,9 +218,8 @@ def test_report_shows_baselines_and_effects(run_dir: Path):
 
 
 def test_factor_effects_pair_trials_and_match_a_direct_computation(run_dir: Path):
-    with open_store(run_dir) as store:
-        plan = store.latest_run()["plan"]
-        frame = store.frame(plan)
+    run = load_run(run_dir)
+    plan, frame = run.plan, run.frame
     eff = factor_effects(frame, plan, "k", n_perm=2000)
     row = eff[(eff["pair"] == "icl_it") & (eff["what"] == "last_layer")].iloc[0]
     assert row["value"] == 1 and row["reference"] == 2  # the base value k = 2 is the reference

@@ -10,11 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import iclit.models
 from iclit.cli import app
 from iclit.models import EMBEDDED
-
-# the module, not the function of the same name that iclit.experiments re-exports
-import iclit.experiments.compare as cmp
 
 WIDE = {"COLUMNS": "200"}  # rich wraps tables at 80 columns otherwise
 
@@ -24,14 +22,26 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_model_cache():
+    """The runner keeps one model per name in the process (iclit.experiments.workers): each
+    test here starts and ends without any."""
+    from iclit.experiments.workers import clear_model_cache
+
+    clear_model_cache()
+    yield
+    clear_model_cache()
+
+
 @pytest.fixture()
 def no_loading(monkeypatch):
-    """Fail the test if the command gets as far as loading a model."""
+    """Fail the test if the command gets as far as loading a model (``iclit.models.load_model``
+    is what the runner's model cache calls)."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(cmp, "load_model", refuse)
+    monkeypatch.setattr(iclit.models, "load_model", refuse)
 
 
 def flat(text: str) -> str:
@@ -127,7 +137,7 @@ def test_compare_success(runner, tmp_path, tiny, monkeypatch):
         loaded.append(name)
         return tiny
 
-    monkeypatch.setattr(cmp, "load_model", fake_load)
+    monkeypatch.setattr(iclit.models, "load_model", fake_load)
     out = tmp_path / "run"
     args = ["compare", "--model", "some-org/tiny", "--task", "sentiment", "--k", "2", "--resamples", "3",
             "--epochs", "2", "--seed", "5", "--out", str(out)]
@@ -149,7 +159,7 @@ def test_compare_success(runner, tmp_path, tiny, monkeypatch):
 
 
 def test_compare_with_baselines_and_dose(runner, tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr(cmp, "load_model", lambda *a, **k: tiny)
+    monkeypatch.setattr(iclit.models, "load_model", lambda *a, **k: tiny)
     out = tmp_path / "run"
     args = ["compare", "--model", "some-org/tiny", "--task", "sentiment", "--k", "2", "--resamples", "3",
             "--epochs", "3", "--capture-steps", "1,3", "--baselines", "centered,query_mean", "--out", str(out)]

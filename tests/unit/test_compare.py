@@ -1,4 +1,5 @@
-"""experiments/compare.py: the anchor / ICL / IT comparison end to end on the tiny model."""
+"""iclit.api.run_comparison: the anchor / ICL / IT comparison end to end on the tiny model
+(a one-cell spec run through the runner into a run directory, read back by iclit.analysis)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,12 @@ import torch
 
 from iclit.engine.arms import ArmContext
 from iclit.engine.capture import capture
-from iclit.experiments.compare import Comparison, compare, run_comparison
+from iclit.api import Comparison, compare, run_comparison
 from iclit.analysis import PAIRS
 from iclit.models import prepare
 from iclit.models.tiny import build_tiny_llama
 from iclit.tasks import TaskDataError, draw_resamples, get_task, load_task
 from iclit.tuning import TuningRecipe, tuned
-
-# the module, not the function of the same name that iclit.experiments re-exports
-import iclit.experiments.compare as cmp
 
 RECIPE = TuningRecipe(epochs=3)
 K = 2
@@ -297,31 +295,40 @@ def _must_not_load(*args, **kwargs):
     raise AssertionError("the model was loaded although the input is invalid")
 
 
-def test_k_larger_than_task(monkeypatch):
-    monkeypatch.setattr(cmp, "load_model", _must_not_load)
+@pytest.fixture()
+def no_loading(monkeypatch):
+    """Fail the test if a model is loaded: ``iclit.models.load_model`` is what the runner's
+    model cache (``iclit.experiments.workers.loaded_model``) calls."""
+    import iclit.experiments.runner as runner
+    import iclit.experiments.workers as workers
+    import iclit.models
+
+    monkeypatch.setattr(iclit.models, "load_model", _must_not_load)
+    monkeypatch.setattr(workers, "loaded_model", _must_not_load)
+    monkeypatch.setattr(runner, "loaded_model", _must_not_load)
+
+
+def test_k_larger_than_task(no_loading):
     n = len(get_task("sentiment"))
     with pytest.raises(TaskDataError, match=rf"needs at least k\+1 = {n + 1} examples"):
         run_comparison("some-org/some-model", "sentiment", k=n, resamples=1)
 
 
-def test_too_many_resamples(monkeypatch):
-    monkeypatch.setattr(cmp, "load_model", _must_not_load)
+def test_too_many_resamples(no_loading):
     n = len(get_task("translation-en-cs"))
     with pytest.raises(TaskDataError, match=rf"{n + 1} resamples need {n + 1} distinct queries"):
         run_comparison("some-org/some-model", "translation-en-cs", k=1, resamples=n + 1)
 
 
 @pytest.mark.parametrize(("k", "resamples", "match"), [(-1, 2, "k must be >= 0"), (2, 0, "resamples must be >= 1")])
-def test_negative_k_or_no_resamples(k, resamples, match, monkeypatch):
-    monkeypatch.setattr(cmp, "load_model", _must_not_load)
+def test_negative_k_or_no_resamples(k, resamples, match, no_loading):
     with pytest.raises(ValueError, match=match):
         run_comparison("some-org/some-model", "sentiment", k=k, resamples=resamples)
 
 
-def test_unknown_model_fails_before_loading(monkeypatch):
+def test_unknown_model_fails_before_loading(no_loading):
     from iclit.models import ModelNotFoundError
 
-    monkeypatch.setattr(cmp, "load_model", _must_not_load)
     with pytest.raises(ModelNotFoundError, match="nope.gguf"):
         run_comparison("./nope.gguf", "sentiment", k=1, resamples=1)
 

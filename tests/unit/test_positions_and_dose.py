@@ -14,7 +14,8 @@ import torch
 
 from iclit.engine.arms import ArmContext, get_arm
 from iclit.engine.capture import capture, span_start_token
-from iclit.experiments.compare import evaluate
+from iclit.analysis.frames import similarities
+from iclit.engine.evaluate import evaluate
 from iclit.experiments.spec import SpecError, loads_spec
 from iclit.analysis import PAIRS, cosine_per_layer, step_pair
 from iclit.models import prepare
@@ -81,15 +82,17 @@ def test_query_mean_matches_a_plain_forward_with_and_without_prefix_cache(lm, ta
 def test_query_mean_pairs_in_evaluate(lm, task):
     draws = draw_resamples(task, 2, 3, 0)
     cell = evaluate(lm, task, draws, recipe=TuningRecipe(epochs=2), seed=0, baselines=["query_mean"])
+    cos = similarities(cell.states, ["query_mean"])
     pooled = {arm: o.pooled for arm, o in cell.outputs.items()}
     for pair in PAIRS:
         left, right = pair.split("_")
-        np.testing.assert_allclose(cell.cosines[f"{pair}_qmean"], cosine_per_layer(pooled[left], pooled[right]).numpy())
+        np.testing.assert_allclose(cos[f"{pair}_qmean"], cosine_per_layer(pooled[left], pooled[right]).numpy())
     # IT and anchor read the same query prompt: their pooled states differ only through tuning
-    assert np.all(cell.cosines["anchor_it_qmean"][:, 0] > 1 - 1e-6)  # embeddings: no tuning there
+    assert np.all(cos["anchor_it_qmean"][:, 0] > 1 - 1e-6)  # embeddings: no tuning there
     slow = evaluate(lm, task, draws, recipe=TuningRecipe(epochs=2), seed=0, baselines=["query_mean"], fast=False)
+    slow_cos = similarities(slow.states, ["query_mean"])
     for pair in PAIRS:
-        np.testing.assert_allclose(slow.cosines[f"{pair}_qmean"], cell.cosines[f"{pair}_qmean"], atol=1e-4)
+        np.testing.assert_allclose(slow_cos[f"{pair}_qmean"], cos[f"{pair}_qmean"], atol=1e-4)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["batched", "peft"])
@@ -121,18 +124,20 @@ def test_dose_batched_equals_sequential_peft(lm, task):
 def test_dose_cosines_and_scores_in_trials(lm, task):
     draws = draw_resamples(task, 2, 3, 0)
     cell = evaluate(lm, task, draws, recipe=TuningRecipe(epochs=3, capture_steps=(1, 3)), seed=0)
+    cos = similarities(cell.states)
     states = {arm: o.states for arm, o in cell.outputs.items()}
     last = cell.outputs["it"].by_step[3]
     torch.testing.assert_close(last.states, states["it"], atol=0, rtol=0)  # step 3 is the end of training
-    np.testing.assert_allclose(cell.cosines[step_pair("icl_it", 3)], cell.cosines["icl_it"])
+    torch.testing.assert_close(cell.states["it:step1"], cell.outputs["it"].by_step[1].states.float(), atol=0, rtol=0)
+    np.testing.assert_allclose(cos[step_pair("icl_it", 3)], cos["icl_it"])
     np.testing.assert_allclose(
-        cell.cosines[step_pair("anchor_it", 1)],
+        cos[step_pair("anchor_it", 1)],
         cosine_per_layer(states["anchor"], cell.outputs["it"].by_step[1].states).numpy(),
     )
     for i, trial in enumerate(cell.trials):
         assert trial["dose"]["steps"] == [1, 3]
         assert trial["dose"]["score"][1] == cell.scores["it"][i]
-        assert len(trial[step_pair("icl_it", 1)]) == lm.n_layers + 1
+    assert cos[step_pair("icl_it", 1)].shape == (len(draws), lm.n_layers + 1)  # per trial and layer
 
 
 def test_capture_steps_validation():
@@ -158,8 +163,8 @@ def test_capture_steps_validation():
 def test_dose_and_query_mean_through_the_runner_and_report(tmp_path):
     """A spec with capture_steps and query_mean: the store holds the step pairs and the dose
     record; the report's dose table is computed from them and its peak is the argmax."""
+    from iclit.analysis import load_run
     from iclit.experiments import run_experiment
-    from iclit.experiments.store import open_store
     from iclit.report import dose_summary, render_report
 
     spec = loads_spec(
@@ -168,9 +173,8 @@ def test_dose_and_query_mean_through_the_runner_and_report(tmp_path):
         "factors:\n  recipe: [{lr: 1.0e-3}, {lr: 1.0e-2}]\n"
     )
     run_experiment(spec, tmp_path / "run")
-    with open_store(tmp_path / "run") as store:
-        plan = store.latest_run()["plan"]
-        frame, outputs = store.frame(plan), store.outputs(plan)
+    run = load_run(tmp_path / "run")
+    plan, frame, outputs = run.plan, run.frame, run.outputs
     pairs = set(frame["pair"])
     assert {step_pair("icl_it", s) for s in (1, 2, 4)} <= pairs and "icl_it_qmean" in pairs
     dose = dose_summary(frame, outputs, plan, "recipe")

@@ -55,7 +55,7 @@ def test_ray_run_matches_local(cluster: str, local_run: Path, tmp_path: Path) ->
 
 def test_workers_load_the_model_once(cluster: str) -> None:
     from iclit.experiments.plan import make_plan
-    from iclit.experiments.runner import ChunkWorker, make_job
+    from iclit.experiments.workers import ChunkWorker, make_job
 
     spec = parse_spec(TINY_SPEC)
     plan = make_plan(spec)
@@ -64,7 +64,8 @@ def test_workers_load_the_model_once(cluster: str) -> None:
     try:
         jobs = [make_job(c, spec) for c in plan.chunks[:3]]
         results = ray.get([actor.run.remote(j) for j in jobs])
-        assert [len(r) for r in results] == [2, 2, 2]
+        assert [len(r.records) for r in results] == [2, 2, 2]
+        assert all(r.states["icl"].shape[0] == 2 for r in results)  # the chunk's states come back too
         assert ray.get(actor.models.remote()) == [("tiny-random-llama", None, None)]
         assert ray.get(actor.loads.remote()) == 1
     finally:

@@ -50,9 +50,11 @@ def reference(tmp_path_factory) -> Path:
 
 
 def test_run_stores_every_trial_once(reference: Path) -> None:
+    from iclit.analysis import load_run
+
     assert check_store(reference) == (N_TRIALS, N_TRIALS * LAYERS * 3)
+    frame = load_run(reference).frame
     with Store(reference) as store:
-        frame = store.frame(store.latest_run()["plan"])
         outputs = store.outputs()
     assert len(frame) == N_TRIALS * LAYERS * 3
     assert set(frame["k"]) == {1, 2} and set(frame["wrong_labels"]) == {0.0, 1.0}
@@ -85,7 +87,7 @@ def test_rerun_skips_finished_trials(reference: Path, tmp_path: Path, one_thread
 
 def test_model_is_loaded_once_per_process(tmp_path: Path, monkeypatch, one_thread) -> None:
     import iclit.models
-    from iclit.experiments import runner
+    from iclit.experiments import workers
 
     calls = []
     real = iclit.models.load_model
@@ -95,11 +97,11 @@ def test_model_is_loaded_once_per_process(tmp_path: Path, monkeypatch, one_threa
         return real(name, **kw)
 
     monkeypatch.setattr(iclit.models, "load_model", counting)
-    runner.clear_model_cache()
+    workers.clear_model_cache()
     summary = run_experiment(parse_spec(TINY_SPEC), tmp_path)
     assert summary.chunks_run == 12
     assert calls == ["tiny-random-llama"]
-    runner.clear_model_cache()
+    workers.clear_model_cache()
 
 
 def test_sigkill_and_resume_loses_and_duplicates_nothing(reference: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from iclit.experiments.store import Store
-from store_records import PAIRS, record
+from store_records import record
 
 # Subprocesses load store.py on its own (stdlib + pandas), not the iclit package (torch,
 # transformers): the same code, seconds faster to start.
@@ -28,29 +28,53 @@ LOAD_STORE = textwrap.dedent(f"""
 def check(store: Store, n: int, layers: int = 4) -> None:
     assert store.integrity() == "ok"
     counts = store.count()
-    assert counts["trials"] == n and counts["cosines"] == n * layers * len(PAIRS)
+    assert counts["trials"] == n
     dup = store.conn.execute("SELECT COUNT(*) - COUNT(DISTINCT trial_key) FROM trials").fetchone()[0]
     assert dup == 0
+    # every trial names where its states are, each at a row of its own, with all its layers
+    refs = store.conn.execute("SELECT states_file, states_row, n_layers FROM trials").fetchall()
+    assert all(f is not None and r is not None for f, r, _ in refs)
+    assert len({(f, r) for f, r, _ in refs}) == n
+    assert all(nl == layers for _, _, nl in refs)
 
 
 def test_round_trip_and_tidy_frames(tmp_path: Path) -> None:
+    import numpy as np
+
+    from iclit.analysis import load_run, load_states
+    from iclit.experiments.statefiles import write_chunk_states
+
+    rng = np.random.default_rng(0)
+    states = {arm: rng.standard_normal((3, 4, 8)).astype(np.float32) for arm in ("anchor", "icl", "it")}
+    keys = [record(i)["trial_key"] for i in range(3)]
+    rel = write_chunk_states(tmp_path, keys, states)
+    records = [record(i, states_file=rel) for i in range(3)]
     with Store(tmp_path) as store:
         assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         store.begin_run("name: x\n", {"n_trials": 3, "cells": [{"key": "cell-a"}], "seeds": [0], "resamples": 3},
                         [("cell-a", {"k": 2, "model": "m"}, {"k": 2})], backend="local", versions={"iclit": "0"})
-        assert store.write_trials([record(i) for i in range(3)]) == 3
-        assert store.write_trials([record(i) for i in range(3)]) == 0  # already there: ignored
+        assert store.write_trials(records) == 3
+        assert store.write_trials(records) == 0  # already there: ignored
         check(store, 3)
-        frame = store.frame()
-        assert len(frame) == 3 * 4 * 3
-        assert list(frame.columns[:2]) == ["k", "model"]
-        row = frame[(frame["resample"] == 1) & (frame["pair"] == "anchor_it") & (frame["layer"] == 2)].iloc[0]
-        assert row.cosine == pytest.approx(1.0 - 0.01 * (1 + 1 + 2))
+        trials = store.trials()
+        assert list(trials.columns[:2]) == ["k", "model"]
+        assert list(trials["states_file"]) == [rel] * 3 and list(trials["states_row"]) == [0, 1, 2]
         out = store.outputs()
         assert len(out) == 3 and set(out["score_icl"]) == {0.0, 1.0} and out["prediction_icl"].iloc[0] == "neg"
         assert store.has_all(["trial-0000", "trial-0002"]) and not store.has_all(["trial-0000", "nope"])
         plan = store.latest_run()["plan"]
-        assert len(store.frame(dict(plan, resamples=2))) == 2 * 4 * 3
+        assert len(store.trials(dict(plan, resamples=2))) == 2
+    # the tidy frame: the cosines of exactly the stored states
+    frame = load_run(tmp_path).frame
+    assert len(frame) == 3 * 4 * 3
+    assert list(frame.columns[:2]) == ["k", "model"]
+    row = frame[(frame["resample"] == 1) & (frame["pair"] == "anchor_it") & (frame["layer"] == 2)].iloc[0]
+    a, b = states["anchor"][1, 2].astype(np.float64), states["it"][1, 2].astype(np.float64)
+    assert row.cosine == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), abs=1e-12)
+    back = load_states(tmp_path)
+    assert back.keys == keys
+    for arm, want in states.items():
+        np.testing.assert_array_equal(back[arm], want)
 
 
 def test_a_failed_chunk_leaves_nothing(tmp_path: Path) -> None:
