@@ -13,6 +13,11 @@ install:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		(DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "warning: could not install chromium (apt-get install chromium); the report's browser test will be skipped"
+	@# Debian's WordNet and FreeDict English-Czech: the antonyms and translation-en-cs-words tasks read them at run time
+	@[ -f /usr/share/wordnet/data.adj ] && [ -f /usr/share/dictd/freedict-eng-ces.index ] || \
+		(command -v apt-get >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wordnet-base dict-freedict-eng-ces >/dev/null) || \
+		echo "warning: could not install wordnet-base dict-freedict-eng-ces (apt-get install wordnet-base dict-freedict-eng-ces); the antonyms and translation-en-cs-words tasks will be missing"
 
 run: install
 	iclit compare --model gemma-3-270m --task sentiment --k 4 --resamples 30 --seed 0 --out $(OUT)

@@ -46,12 +46,13 @@ def models() -> None:
 
 @app.command()
 def tasks() -> None:
-    """List the built-in tasks (other names: a .jsonl, .csv or .parquet file)."""
-    from iclit.tasks import list_tasks
+    """List the built-in tasks and where their data comes from (other names: a .jsonl, .csv or .parquet file)."""
+    from iclit.tasks import task_table
 
-    table = Table("name", "kind", "examples", "description")
-    for name, kind, n, desc in list_tasks():
-        table.add_row(name, kind, str(n), desc)
+    table = Table("name", "kind", "examples", "source", "description")
+    for t in task_table():
+        table.add_row(t.name, t.kind, f"missing: {t.missing}" if t.examples is None else str(t.examples), t.source,
+                      t.description)
     console.print(table)
 
 
@@ -110,6 +111,8 @@ def compare(
     dropout: float = typer.Option(_RECIPE.dropout, help="LoRA dropout"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default 1e-3 LoRA, 1e-5 full)"),
     epochs: int = typer.Option(_RECIPE.epochs, help="tuning epochs over the k demonstrations"),
+    targets: Optional[str] = typer.Option(None, help="LoRA target modules, comma-separated (default: the architecture's "
+                                          "query and value projections; all-linear: every linear layer)"),
     capture_steps: Optional[str] = typer.Option(None, help="also read IT after these optimiser steps, e.g. 1,2,4,8 (the dose curve)"),
     baselines: Optional[str] = typer.Option(None, help="comma-separated: centered, shuffled, update, noise_ceiling, cka, query_mean"),
     batch_size: int = typer.Option(16, help="prompts per forward pass"),
@@ -136,8 +139,9 @@ def compare(
     except ValueError:
         _fail(f"--capture-steps must be comma-separated integers, not {capture_steps!r}")
     try:
+        chosen_targets = tuple(x.strip() for x in targets.split(",") if x.strip()) if targets else _RECIPE.targets
         recipe = TuningRecipe(method=method, rank=rank, alpha=alpha, dropout=dropout, lr=lr, epochs=epochs,  # type: ignore[arg-type]
-                              capture_steps=steps)
+                              capture_steps=steps, targets=chosen_targets)
     except ValueError as e:
         _fail(str(e))
     settings = {key: value for key, value in (("similarity", similarity), ("wrong_labels", wrong_labels),
@@ -194,7 +198,8 @@ def print_summary(m: dict, cfg: dict) -> None:
     table.add_column("pair")
     table.add_column("last layer: mean ± std [95% CI]")
     table.add_column("mean over layers [95% CI]")
-    pairs = [*PAIRS, *(p for p in m["last_layer"] if p not in PAIRS and "_step" not in p)]  # dose steps: trials.jsonl
+    pairs = [*(p for p in PAIRS if p in m["last_layer"]),  # none without stored states (store_states: false)
+             *(p for p in m["last_layer"] if p not in PAIRS and "_step" not in p)]  # dose steps: trials.jsonl
     for pair in pairs:
         a, b = m["last_layer"][pair], m["mean_over_layers"][pair]
         table.add_row(
@@ -202,8 +207,11 @@ def print_summary(m: dict, cfg: dict) -> None:
             f"{a['mean']:.3f} ± {a['std']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
             f"{b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]",
         )
-    console.print(table)
-    score = "accuracy" if "accuracy" in m else "chrf"
+    if pairs:
+        console.print(table)
+    else:
+        console.print("no similarities: the run stored no hidden states (store_states: false)", highlight=False)
+    score = next(k for k in ("accuracy", "exact_match", "chrf") if k in m)
     arms = Table(title=f"per-arm {score}")
     arms.add_column("arm")
     arms.add_column(f"{score} [95% CI]")
@@ -339,9 +347,12 @@ def results(
         _fail(str(e))
     except (RuntimeError, ValueError) as e:
         _fail(f"{run}: {e}")
-    for note in data.notes:
+    for note in data.notes if name is not None else ():  # what similarities could not be computed
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
     df = data.outputs if name is None else compute_metric(data, name)
+    if name is not None and df.empty and data.frame.empty and data.notes and not data.outputs.empty:
+        _fail(f"{run}: --metric {name} is computed from stored hidden states, and {data.notes[0]} "
+              "(--outputs and --metric scores, agreement, it_loss need none)")
     if name == "effects" and df.empty and not data.outputs.empty:
         console.print("no factor with two or more values: no effects to show")
         return

@@ -123,3 +123,30 @@ def test_non_finite_loss_stops_the_trial(tiny, tmp_path: Path) -> None:
     with pytest.raises(TuningDivergedError, match=r"the IT answer loss became nan at optimiser step 1"):
         iclit.run_comparison(tiny, "sentiment", k=2, resamples=2, recipe=TuningRecipe(epochs=3), out=tmp_path / "run")
     assert not list((tmp_path / "run").glob("states/*.safetensors"))
+
+
+def test_lora_targets_are_checked_against_the_model_before_any_chunk(tiny, tmp_path: Path, monkeypatch) -> None:
+    import iclit
+    from iclit.experiments import runner
+
+    ran = []
+    monkeypatch.setattr(runner, "execute", lambda *a, **k: ran.append(1))
+    with pytest.raises(ValueError, match=r"LoRA targets \['q_prj'\].*'q_prj' \(matches no module\).*linear layers"):
+        iclit.run_comparison(tiny, "sentiment", k=1, resamples=2, recipe=TuningRecipe(epochs=1, targets=("q_prj",)),
+                             out=tmp_path / "run")
+    assert ran == []
+
+
+def test_cli_targets_option(tmp_path: Path) -> None:
+    from iclit.cli import app
+
+    result = CliRunner().invoke(app, ["compare", "--model", "tiny-random-llama", "--k", "1", "--resamples", "2",
+                                      "--epochs", "1", "--targets", "q_proj,k_proj,v_proj", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    import json
+
+    trials = [json.loads(line) for line in (tmp_path / "r" / "trials.jsonl").read_text().splitlines()]
+    assert trials[0]["it_targets"] == ["q_proj", "k_proj", "v_proj"]
+    bad = CliRunner().invoke(app, ["compare", "--model", "tiny-random-llama", "--k", "1", "--resamples", "2",
+                                   "--targets", "nope", "--out", str(tmp_path / "r2")])
+    assert bad.exit_code == 2 and "matches no module" in _flat(bad.output)

@@ -61,12 +61,13 @@ def comparison_summary(run: RunData) -> pd.DataFrame:
 
 
 def comparison_metrics(run: RunData) -> dict[str, Any]:
-    """metrics.json of a one-cell run: per-arm accuracy (or chrF) with CI, prediction agreement
+    """metrics.json of a one-cell run: per-arm accuracy (or exact_match, chrF) with CI, prediction agreement
     between arms, IT final-loss statistics, last-layer and mean-over-layers summaries."""
     cell, seed = single_cell(run)
     o = run.outputs[(run.outputs["cell_key"] == cell) & (run.outputs["seed"] == seed)].sort_values("resample")
     cos = cell_cosines(run, cell, seed)
-    score_name = "accuracy" if (o["score_name"] == "correct").all() else "chrf"
+    keys = {"correct": "accuracy", "exact_match": "exact_match"}  # outputs' score_name -> metrics.json key
+    score_name = next((key for name, key in keys.items() if (o["score_name"] == name).all()), "chrf")
     losses = pd.to_numeric(o["it_final_loss"], errors="coerce").to_numpy(dtype=float)
     pred = {arm: o[f"prediction_{arm}"].tolist() for arm in arms_of(o)}
     return {

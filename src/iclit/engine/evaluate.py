@@ -22,7 +22,7 @@ from iclit.tasks import Resample, Task, Template, reference_prompts
 from iclit.tuning.recipe import TuningRecipe
 
 __all__ = ["ARM_NAMES", "Evaluated", "evaluate", "reference_mean", "run_arms", "score", "versions",
-           "state_name", "QMEAN", "STEP", "FIT_LOSS", "ContextLengthError", "check_context"]
+           "state_name", "QMEAN", "STEP", "FIT_LOSS", "ContextLengthError", "check_context", "preflight"]
 
 ARM_NAMES = ("anchor", "icl", "it")
 QMEAN = "qmean"
@@ -57,7 +57,7 @@ def check_context(lm: LoadedModel, t: Task, draws: Sequence[Resample], demo_temp
     limit = context_window(lm)
     if limit is None or not draws:
         return
-    extra = max_new_tokens if t.kind == "generation" else 1
+    extra = min(max_new_tokens, t.max_new_tokens or max_new_tokens) if t.kind == "generation" else 1
     prompts = [t.template.icl_prompt(r.demonstrations, r.query, demo_template) for r in draws]
     lengths = [len(ids) for ids in lm.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
     worst = max(range(len(draws)), key=lengths.__getitem__)
@@ -67,6 +67,18 @@ def check_context(lm: LoadedModel, t: Task, draws: Sequence[Resample], demo_temp
             f"the ICL prompt of resample {r.index} (query {r.query.id!r}, k={len(r.demonstrations)}) is "
             f"{lengths[worst]} tokens{f' + {extra} to generate' if extra > 1 else ''}, more than the "
             f"{limit} positions {lm.name} was trained for: use fewer demonstrations (k) or shorter examples")
+
+
+def preflight(lm: LoadedModel, t: Task, draws: Sequence[Resample], recipe: TuningRecipe,
+              demo_template: Template | None = None, max_new_tokens: int = 48) -> None:
+    """What can be checked with the loaded model before any forward pass: every prompt fits
+    the context window (:func:`check_context`), and the recipe's LoRA targets name modules of
+    this model (ValueError naming the targets and the model's linear layers otherwise)."""
+    check_context(lm, t, draws, demo_template, max_new_tokens)
+    if recipe.method == "lora":
+        from iclit.models.arch import resolve_targets
+
+        resolve_targets(lm.model, recipe.targets)
 
 
 def state_name(arm: str, *, qmean: bool = False, step: int | None = None) -> str:
@@ -92,9 +104,12 @@ def versions() -> dict[str, str]:
 
 
 def score(task: Task, preds: Sequence[str], golds: Sequence[str]) -> list[float]:
-    """Per-trial score: exact label match (classification) or sentence chrF (generation)."""
+    """Per-trial score: exact label match (classification), else by ``task.metric``: exact
+    match after whitespace normalisation (``"exact"``, 0/1) or sentence chrF (``"chrf"``)."""
     if task.kind == "classification":
         return [float(p == g) for p, g in zip(preds, golds)]
+    if task.metric == "exact":
+        return [float(" ".join(p.split()) == " ".join(g.split())) for p, g in zip(preds, golds)]
     from iclit.analysis.outputs import chrf
 
     return [chrf(p, g) for p, g in zip(preds, golds)]
@@ -173,7 +188,8 @@ def evaluate(
     ``memory``: overrides of the batched IT path's memory plan — ``memory_budget`` ("8GiB"),
     ``adapters_per_pass``, ``max_train_tokens`` (see :mod:`iclit.engine.memory`).
     """
-    check_context(lm, t, draws, demo_template, max_new_tokens)
+    max_new_tokens = min(max_new_tokens, t.max_new_tokens or max_new_tokens)  # the task's own cap
+    preflight(lm, t, draws, recipe, demo_template, max_new_tokens)
     torch.manual_seed(seed)
     ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template, fast=fast,
                      query_mean="query_mean" in baselines, **dict(memory or {}))
@@ -195,6 +211,11 @@ def evaluate(
 
     golds = [r.query.output for r in draws]
     scores = {arm: score(t, o.predictions, golds) for arm, o in outputs.items()}
+    targets = None
+    if recipe.method == "lora":  # what was adapted (a fused projection, all-linear…): as resolved on this model
+        from iclit.models.arch import resolve_targets
+
+        targets = list(resolve_targets(lm.model, recipe.targets))
     template_ = t.template
     trials = []
     for i, r in enumerate(draws):
@@ -209,9 +230,10 @@ def evaluate(
             "icl_prompt": template_.icl_prompt(r.demonstrations, r.query, demo_template),
             "it_training_texts": [p + a for p, a in ctx.training_pairs(r)],
             "predictions": {arm: o.predictions[i] for arm, o in outputs.items()},
-            ("correct" if t.kind == "classification" else "chrf"): {arm: scores[arm][i] for arm in outputs},
+            t.score_name: {arm: scores[arm][i] for arm in outputs},
             "it_final_loss": outputs["it"].tuning[i].final_loss,
             "it_fitted": _fitted(outputs["it"].tuning[i].final_loss, r),
+            "it_targets": targets,
             "it_losses": [float(f"{x:.6g}") for x in outputs["it"].tuning[i].losses],
         }
         if t.kind == "classification":

@@ -279,12 +279,12 @@ def _store_chunk(out: Path, store: Store, output: ChunkOutput, run_id: int, spec
 
 def _run_local(todo: Sequence[Chunk], spec: ExperimentSpec, out: Path, store: Store, run_id: int, bar: _Progress,
                models: dict[str, Any], not_fitted: list[tuple[str, float]]) -> int:
-    from iclit.engine.evaluate import check_context
+    from iclit.engine.evaluate import preflight
 
     jobs = [make_job(chunk, spec) for chunk in todo]
-    for job in jobs:  # every prompt fits its model's context window, before any chunk is computed
-        check_context(loaded_model(job.model, job.device, job.dtype), job.task, job.draws, job.demo_template,
-                      job.max_new_tokens)
+    for job in jobs:  # prompts fit the context window, LoRA targets exist: before any chunk is computed
+        preflight(loaded_model(job.model, job.device, job.dtype), job.task, job.draws, job.recipe, job.demo_template,
+                  job.max_new_tokens)
     computed = 0
     for chunk, job in zip(todo, jobs):
         if store.has_all(chunk.keys):  # another process finished it meanwhile

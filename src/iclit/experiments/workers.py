@@ -164,7 +164,7 @@ def execute(job: ChunkJob, lm: Any, progress: Callable[[str, int], Any] | None =
         progress=progress, baselines=job.baselines, memory=job.memory,
     )
     seconds = (time.perf_counter() - start) / max(1, len(job.draws))
-    score_name = "correct" if job.task.kind == "classification" else "chrf"
+    score_name = job.task.score_name  # correct, exact_match or chrf
     n_layers = int(result.states["anchor"].shape[1])
     records = []
     for i, (draw, key) in enumerate(zip(job.draws, job.keys)):

@@ -1,8 +1,10 @@
-"""Tasks: examples, templates, built-in data, file loaders and demonstration samplers."""
+"""Tasks: examples, templates, built-in data, resource-backed and generated tasks, file loaders and
+demonstration samplers."""
 
-from .base import Example, Task, TaskKind, Template
+from .base import METRICS, Example, Metric, Task, TaskKind, Template
 from .builtin import (
     TEMPLATES,
+    TaskInfo,
     get_task,
     get_template,
     is_builtin,
@@ -11,8 +13,10 @@ from .builtin import (
     reference_prompts,
     register_task,
     resolve_task,
+    task_table,
 )
 from .loaders import TaskDataError, check_enough, load_examples, load_hf_dataset, load_task
+from .resources import MissingResourceError
 from .samplers import (
     SAMPLERS,
     BalancedSampler,
@@ -33,7 +37,10 @@ __all__ = [
     "Template",
     "Task",
     "TaskKind",
+    "Metric",
+    "METRICS",
     "TaskDataError",
+    "MissingResourceError",
     "load_task",
     "load_examples",
     "load_hf_dataset",
@@ -43,6 +50,8 @@ __all__ = [
     "laid_over",
     "resolve_task",
     "list_tasks",
+    "task_table",
+    "TaskInfo",
     "register_task",
     "get_template",
     "TEMPLATES",

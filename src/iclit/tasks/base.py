@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 TaskKind = Literal["classification", "generation"]
+Metric = Literal["chrf", "exact"]
+METRICS: tuple[str, ...] = ("chrf", "exact")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,13 @@ class Task:
 
     ``labels`` is the verbaliser of a classification task (the label words the model
     scores); it is ``None`` for generation tasks.
+
+    ``metric`` scores a generation task's answers: ``"chrf"`` (sentence chrF, 0..100, the
+    default) or ``"exact"`` (1.0 when the answer equals the gold output once leading,
+    trailing and repeated whitespace is removed, else 0.0; case and punctuation count). A
+    classification task is scored by label match whatever ``metric`` says.
+    ``max_new_tokens``: the most tokens an answer of this task needs (``None``: no cap of
+    its own); the engine generates ``min(max_new_tokens, spec's max_new_tokens)``.
     """
 
     name: str
@@ -116,10 +125,23 @@ class Task:
     labels: tuple[str, ...] | None = None
     description: str = ""
     source: str = "builtin"
+    metric: Metric = "chrf"
+    max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind == "classification" and not self.labels:
             raise ValueError(f"task {self.name!r}: a classification task needs labels")
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name!r}: unknown metric {self.metric!r} (use one of {list(METRICS)})")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"task {self.name!r}: max_new_tokens must be at least 1, not {self.max_new_tokens}")
+
+    @property
+    def score_name(self) -> str:
+        """What a trial's score is: ``correct`` (label match), ``exact_match`` or ``chrf``."""
+        if self.kind == "classification":
+            return "correct"
+        return "exact_match" if self.metric == "exact" else "chrf"
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -1,4 +1,10 @@
-"""Built-in tasks (project-written data shipped in ``iclit/tasks/data``) and the task registry.
+"""Built-in tasks and the task registry.
+
+Three kinds of built-in task: project-written data shipped in ``iclit/tasks/data``
+(``sentiment``, ``translation-en-cs``), tasks read at run time from installed public
+resources (:mod:`iclit.tasks.resources`: ``antonyms`` from WordNet,
+``translation-en-cs-words`` from FreeDict) and tasks generated from a fixed seed
+(:mod:`iclit.tasks.generated`: ``addition``, ``reverse-words``).
 
 >>> task = get_task("sentiment")                      # a built-in, by name
 >>> task = get_task("my_data.csv", input_field="review", output_field="label")  # a file
@@ -15,8 +21,11 @@ import functools
 import json
 from importlib import resources
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from . import generated
+from . import resources as res
 from .base import Example, Task, Template
 from .loaders import SUPPORTED_EXTENSIONS, TaskDataError, load_examples, load_task
 
@@ -24,6 +33,8 @@ __all__ = [
     "TEMPLATES",
     "register_task",
     "list_tasks",
+    "TaskInfo",
+    "task_table",
     "get_task",
     "is_builtin",
     "resolve_task",
@@ -64,19 +75,72 @@ TEMPLATES: dict[str, dict[str, Template]] = {
     },
 }
 
-# name -> (factory, description); filled by register_task.
-_TASKS: dict[str, tuple[TaskFactory, str]] = {}
+TEMPLATES.update({
+    "antonyms": {
+        "default": Template(
+            name="default",
+            instruction="Give the antonym (the word of opposite meaning) of the English adjective.",
+            input_prefix="Word: ",
+            output_prefix="Antonym:",
+        ),
+        "short": Template(name="short", input_prefix="Word: ", output_prefix="Opposite:"),
+    },
+    "translation-en-cs-words": {
+        "default": Template(
+            name="default",
+            instruction="Translate the English word into Czech.",
+            input_prefix="English: ",
+            output_prefix="Czech:",
+        ),
+        "short": Template(name="short", input_prefix="EN: ", output_prefix="CS:"),
+    },
+    "addition": {
+        "default": Template(
+            name="default",
+            instruction="Add the two numbers.",
+            input_prefix="Question: ",
+            output_prefix="Answer:",
+        ),
+        "short": Template(name="short", input_prefix="", output_prefix="="),
+    },
+    "reverse-words": {
+        "default": Template(
+            name="default",
+            instruction="Write the words in reverse order.",
+            input_prefix="Words: ",
+            output_prefix="Reversed:",
+        ),
+        "short": Template(name="short", input_prefix="Input: ", output_prefix="Output:"),
+    },
+})
+
+
+@dataclass(frozen=True)
+class _Registered:
+    factory: TaskFactory
+    description: str
+    kind: str | None  # known without building the task (shown when its resource is missing)
+    source: str
+
+
+# name -> registration; filled by register_task.
+_TASKS: dict[str, _Registered] = {}
 
 
 @functools.cache
 def _builtin(name: str) -> Task:
     """Build a registered task once; tasks are frozen, so sharing is safe."""
-    return _TASKS[name][0]()
+    return _TASKS[name].factory()
 
 
-def register_task(name: str, factory: TaskFactory, description: str = "") -> None:
-    """Add (or replace) a named task; ``factory()`` builds it on first use."""
-    _TASKS[name] = (factory, description)
+def register_task(name: str, factory: TaskFactory, description: str = "", *, kind: str | None = None,
+                  source: str = "") -> None:
+    """Add (or replace) a named task; ``factory()`` builds it on first use.
+
+    ``kind`` (``classification``/``generation``) and ``source`` (where the data comes from)
+    are shown by :func:`task_table` even when the task cannot be built.
+    """
+    _TASKS[name] = _Registered(factory, description, kind, source)
     _builtin.cache_clear()
 
 
@@ -115,7 +179,7 @@ def _sentiment() -> Task:
         examples=tuple(examples),
         template=TEMPLATES["sentiment"]["default"],
         labels=labels,
-        description=_TASKS["sentiment"][1],
+        description=_TASKS["sentiment"].description,
     )
 
 
@@ -129,29 +193,119 @@ def _translation_en_cs() -> Task:
         examples=tuple(examples),
         template=TEMPLATES["translation-en-cs"]["default"],
         labels=None,
-        description=_TASKS["translation-en-cs"][1],
+        description=_TASKS["translation-en-cs"].description,
     )
+
+
+def _exact(name: str, examples: list[Example], max_new_tokens: int) -> Task:
+    """A generation task scored by exact match, with its default template."""
+    return Task(
+        name=name,
+        kind="generation",
+        examples=tuple(examples),
+        template=TEMPLATES[name]["default"],
+        description=_TASKS[name].description,
+        metric="exact",
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def _antonyms() -> Task:
+    return _exact("antonyms", res.antonym_examples(task="antonyms"), max_new_tokens=10)
+
+
+def _translation_words() -> Task:
+    return _exact("translation-en-cs-words", res.translation_examples(task="translation-en-cs-words"),
+                  max_new_tokens=16)
+
+
+def _addition() -> Task:
+    return _exact("addition", generated.addition_examples(), max_new_tokens=6)
+
+
+def _reverse_words() -> Task:
+    return _exact("reverse-words", generated.reverse_words_examples(), max_new_tokens=24)
 
 
 register_task(
     "sentiment",
     _sentiment,
     "binary sentiment of short movie and product reviews (positive / negative, balanced)",
+    kind="classification",
+    source="iclit (written for it)",
 )
 register_task(
     "translation-en-cs",
     _translation_en_cs,
     "English to Czech translation of everyday sentences",
+    kind="generation",
+    source="iclit (written for it)",
+)
+register_task(
+    "antonyms",
+    _antonyms,
+    "antonym of an English adjective, exact match; one-to-one WordNet antonym pairs of plain "
+    "2-12 letter words, both SemCor-tagged (see iclit/tasks/data/README.md)",
+    kind="generation",
+    source=f"WordNet 3.0 (Debian {res.WORDNET_PACKAGE})",
+)
+register_task(
+    "translation-en-cs-words",
+    _translation_words,
+    "English word to Czech word, exact match; headwords with one single-word translation, "
+    "WordNet lemmas with a SemCor-tagged sense (see iclit/tasks/data/README.md)",
+    kind="generation",
+    source=f"FreeDict eng-ces (Debian {res.FREEDICT_PACKAGE}), WordNet filter",
+)
+register_task(
+    "addition",
+    _addition,
+    "sum of two two-digit numbers ('37 + 48' -> '85'), exact match; 400 distinct pairs",
+    kind="generation",
+    source=f"generated (seed {generated.SEED})",
+)
+register_task(
+    "reverse-words",
+    _reverse_words,
+    "a list of 3-5 common nouns in reverse order ('cat dog sun' -> 'sun dog cat'), exact match; 400 lists",
+    kind="generation",
+    source=f"generated (seed {generated.SEED + 1})",
 )
 
 
-def list_tasks() -> list[tuple[str, str, int, str]]:
-    """``(name, kind, number of examples, description)`` for each registered task."""
+@dataclass(frozen=True)
+class TaskInfo:
+    """One row of :func:`task_table`: ``examples`` is ``None`` and ``missing`` says what to
+    install (``apt-get install …``) or what failed when the task cannot be built."""
+
+    name: str
+    kind: str
+    examples: int | None
+    description: str
+    source: str
+    missing: str | None = None
+
+
+def task_table() -> list[TaskInfo]:
+    """Every registered task, also those whose resource is not installed (``iclit tasks``)."""
     rows = []
-    for name, (_, description) in _TASKS.items():
-        task = _builtin(name)
-        rows.append((name, task.kind, len(task.examples), description))
+    for name, reg in _TASKS.items():
+        try:
+            task = _builtin(name)
+        except res.MissingResourceError as e:
+            rows.append(TaskInfo(name, reg.kind or "?", None, reg.description, reg.source, e.install))
+            continue
+        except TaskDataError as e:
+            rows.append(TaskInfo(name, reg.kind or "?", None, reg.description, reg.source, str(e)))
+            continue
+        rows.append(TaskInfo(name, task.kind, len(task.examples), reg.description, reg.source or task.source))
     return rows
+
+
+def list_tasks() -> list[tuple[str, str, int | None, str]]:
+    """``(name, kind, number of examples, description)`` for each registered task; the number
+    is ``None`` for a task whose resource is missing (:func:`task_table` says which)."""
+    return [(r.name, r.kind, r.examples, r.description) for r in task_table()]
 
 
 def is_builtin(name: str | Path) -> bool:
