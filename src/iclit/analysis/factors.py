@@ -95,9 +95,12 @@ def reference_value(plan: Mapping[str, Any], factor: str) -> Any:
 
 
 def score_label(outputs: pd.DataFrame) -> str:
-    """``"chrF"`` when the run scores with chrF, else ``"accuracy"``."""
-    if len(outputs) and "score_name" in outputs and outputs["score_name"].dropna().eq("chrf").any():
+    """``"chrF"`` or ``"exact match"`` when the run scores generations that way, else ``"accuracy"``."""
+    names = set(outputs["score_name"].dropna()) if len(outputs) and "score_name" in outputs else set()
+    if "chrf" in names:
         return "chrF"
+    if "exact_match" in names:
+        return "exact match"
     return "accuracy"
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any, TypeVar
 
 import numpy as np
+
+from iclit.tasks.scoring import chrf, corpus_chrf  # noqa: F401 - part of this module's API
 
 T = TypeVar("T")
 
@@ -27,25 +28,6 @@ def accuracy(predictions: Sequence[Any], references: Sequence[Any]) -> float:
 def agreement(pred_a: Sequence[Any], pred_b: Sequence[Any]) -> float:
     """Fraction of items on which two arms predict the same output; NaN when empty."""
     return _fraction_equal(pred_a, pred_b, "agreement")
-
-
-@lru_cache(maxsize=1)
-def _chrf_metric() -> Any:
-    from sacrebleu.metrics import CHRF  # imported lazily: only translation tasks need it
-
-    return CHRF()
-
-
-def chrf(hypothesis: str, reference: str) -> float:
-    """Sentence-level chrF (sacrebleu ``CHRF()`` defaults), 0..100."""
-    return float(_chrf_metric().sentence_score(hypothesis, [reference]).score)
-
-
-def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus-level chrF over paired hypotheses and references, 0..100."""
-    if len(hypotheses) != len(references):
-        raise ValueError(f"corpus_chrf: lengths differ ({len(hypotheses)} vs {len(references)})")
-    return float(_chrf_metric().corpus_score(list(hypotheses), [list(references)]).score)
 
 
 def _is_torch(x: Any) -> bool:

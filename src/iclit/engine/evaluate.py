@@ -19,6 +19,7 @@ import torch
 from iclit.engine.arms import ArmContext, ArmOutput, get_arm
 from iclit.models import LoadedModel
 from iclit.tasks import Resample, Task, Template, reference_prompts
+from iclit.tasks.scoring import score
 from iclit.tuning.recipe import TuningRecipe
 
 __all__ = ["ARM_NAMES", "Evaluated", "evaluate", "reference_mean", "run_arms", "score", "versions",
@@ -101,18 +102,6 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return found
-
-
-def score(task: Task, preds: Sequence[str], golds: Sequence[str]) -> list[float]:
-    """Per-trial score: exact label match (classification), else by ``task.metric``: exact
-    match after whitespace normalisation (``"exact"``, 0/1) or sentence chrF (``"chrf"``)."""
-    if task.kind == "classification":
-        return [float(p == g) for p, g in zip(preds, golds)]
-    if task.metric == "exact":
-        return [float(" ".join(p.split()) == " ".join(g.split())) for p, g in zip(preds, golds)]
-    from iclit.analysis.outputs import chrf
-
-    return [chrf(p, g) for p, g in zip(preds, golds)]
 
 
 def reference_mean(lm: LoadedModel, batch_size: int = 16) -> torch.Tensor:
