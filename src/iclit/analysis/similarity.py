@@ -24,24 +24,25 @@ BASELINE_PAIRS: dict[str, tuple[str, ...]] = {
     "shuffled": ("icl_it_shuffled",),
     "update": ("update_cosine",),
     "noise_ceiling": ("it_it_seed",),
-    "cka": (),  # across queries, not per trial: see iclit.experiments.compare.evaluate
+    "cka": (),  # across queries, not per trial: see iclit.analysis.frames (per cell)
     "query_mean": ("anchor_icl_qmean", "anchor_it_qmean", "icl_it_qmean"),
 }
 """The extra "pairs" each baseline stores per trial × layer, like the three of :data:`PAIRS`:
 
 * ``*_centered``: the cosine after subtracting the per-layer mean last-token state of the
   base model over a reference set of unrelated prompts (anisotropy-corrected);
-* ``icl_it_shuffled``: ICL of trial i against IT of trial (i + 1) mod n of the same
-  evaluated batch (a chunk of the run): the similarity of mismatched queries, a null;
+* ``icl_it_shuffled``: ICL of trial i against IT of trial (i + 1) mod n of the trials given
+  (:mod:`iclit.analysis.frames` gives all trials of a cell and seed, in resample order): the
+  similarity of mismatched queries, a null;
 * ``update_cosine``: cos(h_ICL − h_anchor, h_IT − h_anchor), whether ICL and IT move the
   query's state in the same direction (the residual-stream version of SimAOU);
 * ``it_it_seed``: IT against IT tuned with another seed (arm ``it_seed2``), the noise ceiling;
 * ``*_qmean``: the three pairs at another position than the last token: each arm's states
   averaged over the query's tokens (the query block that ends every arm's prompt).
 
-``cka`` stores no per-trial pair: linear CKA between the ICL and IT states is across queries,
-so :func:`~iclit.experiments.compare.evaluate` computes it per layer over the trials it
-evaluates together (a chunk of a run) and records it with each of them.
+``cka`` adds no per-trial pair: linear CKA between two arms' states is across queries, so
+:func:`iclit.analysis.frames.state_tables` computes it per layer over all the queries of a
+cell (``iclit results RUN --metric cka``).
 """
 
 

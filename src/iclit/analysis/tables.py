@@ -27,7 +27,7 @@ def factor_columns(df: pd.DataFrame) -> list[str]:
 
     skip = {*FRAME_COLUMNS, *_TRIAL_COLUMNS}
     return [c for c in df.columns if c not in skip and not c.startswith(("prediction_", "score_"))
-            and c not in ("query", "gold", "score_name", "it_final_loss", "it_losses", "dose", "seconds")]
+            and c not in ("query", "gold", "score_name", "it_final_loss", "it_fitted", "it_losses", "dose", "seconds")]
 
 
 def arms_of(outputs: pd.DataFrame) -> list[str]:
@@ -132,18 +132,6 @@ def summary(run: RunData) -> pd.DataFrame:
         trials=("trial_key", "nunique"), last_layer=("last_layer", "mean"),
         mean_over_layers=("mean_over_layers", "mean")).reset_index()
     return out.drop(columns="cell_key")
-
-
-@register_metric("effects", "per factor: each value vs the base value on the ICL–IT similarities (paired bootstrap CI, "
-                            "Cohen's d, permutation p)")
-def effects(run: RunData) -> pd.DataFrame:
-    from iclit.analysis.factors import factor_effects
-
-    plan = run.plan or (run.latest or {}).get("plan")  # --all: the factors of the last spec run here
-    if plan is None or run.frame.empty:
-        return pd.DataFrame()
-    found = [factor_effects(run.frame, plan, f) for f, values in plan.get("factors", {}).items() if len(values) > 1]
-    return pd.concat(found, ignore_index=True) if found else pd.DataFrame()
 
 
 @register_metric("cka", "per cell × layer × pair: linear CKA across all queries of the cell", needs_cka=True)
