@@ -17,7 +17,7 @@ import os
 # (benchmarks/full_ft_pages.py). Set THP_MEM_ALLOC_ENABLE=0 before importing iclit to opt out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from typing import Any
+from iclit._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -41,14 +41,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'iclit' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

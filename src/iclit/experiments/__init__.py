@@ -4,7 +4,7 @@ Names load on first use, so reading a spec imports neither torch nor transformer
 
 from __future__ import annotations
 
-from typing import Any
+from iclit._lazy import lazy_exports
 
 _EXPORTS = {
     "comparison_spec": "iclit.experiments.compare",
@@ -28,10 +28,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'iclit.experiments' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,7 +5,7 @@ Names load on first use: the name registry (``iclit.models.names``: ``EMBEDDED``
 
 from __future__ import annotations
 
-from typing import Any
+from iclit._lazy import lazy_exports
 
 _EXPORTS = {
     "ArchSpec": "iclit.models.arch",
@@ -32,14 +32,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'iclit.models' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
