@@ -150,3 +150,15 @@ def test_cli_targets_option(tmp_path: Path) -> None:
     bad = CliRunner().invoke(app, ["compare", "--model", "tiny-random-llama", "--k", "1", "--resamples", "2",
                                    "--targets", "nope", "--out", str(tmp_path / "r2")])
     assert bad.exit_code == 2 and "matches no module" in _flat(bad.output)
+
+
+def test_a_spec_that_is_not_text(tmp_path: Path, refuse_models) -> None:
+    from iclit.cli import app
+
+    spec = tmp_path / "picture.yaml"
+    spec.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(spec), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "not a text file" in _flat(result.output) and str(spec) in _flat(result.output)
+    assert "Traceback" not in result.output and not out.exists()

@@ -97,6 +97,9 @@ def load_spec(path: str | Path, *, check_resources: bool = True) -> ExperimentSp
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError([SpecProblem("", f"cannot read the spec: {e.strerror or e}")], str(path)) from None
+    except UnicodeDecodeError as e:
+        raise SpecError([SpecProblem("", f"not a text file (byte {e.start} is not UTF-8): a spec is a YAML text file")],
+                        str(path)) from None
     return loads_spec(text, source=str(path), check_resources=check_resources)
 
 
