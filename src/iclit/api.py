@@ -24,7 +24,7 @@ from iclit.experiments.compare import check_comparison, comparison_spec, resolve
 from iclit.tasks import Task
 from iclit.tuning.recipe import TuningRecipe
 
-__all__ = ["Comparison", "run_comparison", "compare", "comparison_from_run"]
+__all__ = ["Comparison", "run_comparison", "run_comparison_spec", "compare", "comparison_from_run"]
 
 
 @dataclass
@@ -55,6 +55,18 @@ class Comparison:
         return write_files(out, self.trials, self.summary, self.metrics, self.config)
 
 
+def run_comparison_spec(spec: Any, out: str | Path, *, models: Mapping[str, Any] | None = None,
+                        progress: bool = False) -> Any:
+    """Run a one-cell spec (:func:`iclit.experiments.compare.spec_of`) into ``out`` and write
+    its exports there; returns the :class:`~iclit.experiments.runner.RunSummary`."""
+    from iclit.experiments.runner import run_experiment
+    from iclit.report.exports import write_exports
+
+    summary = run_experiment(spec, out, models=models, progress=progress)
+    write_exports(out)
+    return summary
+
+
 def comparison_from_run(run_dir: str | Path) -> Comparison:
     """A :class:`Comparison` read from a one-cell run directory (no model)."""
     import torch
@@ -64,11 +76,11 @@ def comparison_from_run(run_dir: str | Path) -> Comparison:
     from iclit.report.exports import comparison_config, comparison_trials
 
     run = load_run(run_dir)
-    states = load_states(run_dir)
+    states = load_states(run_dir) if not run.notes else None  # notes: trials without stored states
     return Comparison(
         config=comparison_config(run), trials=comparison_trials(run), summary=comparison_summary(run),
         frame=comparison_frame(run), metrics=comparison_metrics(run),
-        states={name: torch.from_numpy(a) for name, a in states.arrays.items()}, run_dir=Path(run_dir),
+        states={name: torch.from_numpy(a) for name, a in states.arrays.items()} if states else {}, run_dir=Path(run_dir),
     )
 
 
@@ -127,7 +139,10 @@ def run_comparison(
     from iclit.experiments.runner import run_experiment
     from iclit.models import LoadedModel
 
-    check_comparison(k, resamples, resolve_task(task, template, instruction))
+    options = dict((settings or {}).get("task_options") or {})
+    if isinstance(task, Task):
+        options = {}
+    check_comparison(k, resamples, resolve_task(task, template, instruction, options=options or None))
     given = isinstance(model, LoadedModel)
     if not given:
         from iclit.models.loading import resolve
@@ -141,7 +156,7 @@ def run_comparison(
     temporary = out is None
     run_dir = Path(tempfile.mkdtemp(prefix="iclit-compare-")) if temporary else Path(out)
     try:
-        summary = run_experiment(spec, run_dir, models={model.name: model} if given else None, progress=progress)
+        summary = run_comparison_spec(spec, run_dir, models={model.name: model} if given else None, progress=progress)
         if summary.fit_warning():
             import warnings
 

@@ -174,16 +174,15 @@ def compare(
 
 
 def _run_comparison(spec, out: Path) -> None:
-    from iclit.experiments.runner import run_experiment
+    from iclit.api import run_comparison_spec
     from iclit.models import ModelNotFoundError
-    from iclit.report.exports import EXPORTS, write_exports
+    from iclit.report.exports import EXPORTS
     from iclit.tasks import TaskDataError
 
     try:
-        summary = run_experiment(spec, out, progress=True)
-    except (TaskDataError, ModelNotFoundError, ValueError, KeyError) as e:
+        summary = run_comparison_spec(spec, out, progress=True)
+    except (TaskDataError, ModelNotFoundError, ValueError, RuntimeError) as e:
         _fail(_message(e))
-    write_exports(out)
     print_summary(json.loads((out / "metrics.json").read_text()), json.loads((out / "config.json").read_text()))
     _warn_fit(summary)
     console.print(f"wrote {out}/{', '.join(EXPORTS)} (run directory: `iclit results {out}`, `iclit report {out}`)",
@@ -219,9 +218,11 @@ def print_summary(m: dict, cfg: dict) -> None:
         arms.add_row(arm, f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
     console.print(arms)
     loss = m["it_final_loss"]
+    num = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731 - null: nothing tuned (k = 0)
     console.print(
-        f"ICL–IT prediction agreement {m['icl_it_agreement']:.3f}; IT final training loss "
-        f"mean {loss['mean']:.4f}, max {loss['max']:.4f}; {cfg['seconds']:.0f} s on {cfg['device']}"
+        f"ICL–IT prediction agreement {num(m['icl_it_agreement'], '.3f')}; IT final training loss "
+        f"mean {num(loss['mean'], '.4f')}, max {num(loss['max'], '.4f')}; {num(cfg['seconds'], '.0f')} s on "
+        f"{cfg['device'] or 'the stored device'}", highlight=False
     )
 
 
@@ -286,8 +287,8 @@ def run_spec(
     try:
         summary = run_experiment(parsed, out, backend=backend, address=address, workers=workers,  # type: ignore[arg-type]
                                  progress=progress, max_chunks=max_chunks, reuse=reuse)
-    except (ReuseError, ValueError) as e:  # a source removed since the check above; a run dir, prompt or recipe that does not fit
-        _fail(_message(e))
+    except (ReuseError, ValueError, RuntimeError, LookupError) as e:  # a source removed since the check above; a run
+        _fail(_message(e))  # dir, prompt or recipe that does not fit; an old or foreign store; a model not found
     console.print(str(summary), highlight=False, soft_wrap=True)
     _warn_fit(summary)
 
@@ -349,7 +350,10 @@ def results(
         _fail(f"{run}: {e}")
     for note in data.notes if name is not None else ():  # what similarities could not be computed
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
-    df = data.outputs if name is None else compute_metric(data, name)
+    try:
+        df = data.outputs if name is None else compute_metric(data, name)
+    except (ValueError, KeyError) as e:
+        _fail(f"{run}: --metric {name}: {_message(e)}")
     if name is not None and df.empty and data.frame.empty and data.notes and not data.outputs.empty:
         _fail(f"{run}: --metric {name} is computed from stored hidden states, and {data.notes[0]} "
               "(--outputs and --metric scores, agreement, it_loss need none)")
@@ -410,6 +414,8 @@ def report(
         path = write_report(run, out)
     except FileNotFoundError as e:
         _fail(str(e))
+    except (RuntimeError, ValueError) as e:  # an old or foreign store; states a baseline needs are missing
+        _fail(f"{run}: {e}")
     console.print(f"wrote {path}")
 
 

@@ -74,13 +74,24 @@ def test_run_stops_on_a_long_prompt_before_any_chunk(tiny_tokenizer, tmp_path: P
     from iclit.experiments.runner import run_experiment
 
     model = build_tiny_llama(len(tiny_tokenizer))
-    model.config.max_position_embeddings = 60
+    model.config.max_position_embeddings = 130
     lm = prepare(model, tiny_tokenizer, name="tiny-short", device="cpu")
     spec = spec_of(comparison_spec("tiny-short", "sentiment", k=4, resamples=3, recipe=TuningRecipe(epochs=1)),
                    check_resources=False)
     with pytest.raises(ContextLengthError):
         run_experiment(spec, tmp_path / "run", models={"tiny-short": lm})
-    assert not list((tmp_path / "run").glob("states/*.safetensors"))  # no chunk was computed
+    assert not (tmp_path / "run").exists()  # nothing written: no spec, no store, no states
+    ok = spec_of(comparison_spec("tiny-short", "sentiment", k=1, resamples=2, recipe=TuningRecipe(epochs=1)),
+                 check_resources=False)
+    run_experiment(ok, tmp_path / "run", models={"tiny-short": lm})
+    before = (tmp_path / "run" / "spec.yaml").read_text()
+    with pytest.raises(ContextLengthError):  # a failing spec into an existing run leaves it as it was
+        run_experiment(spec, tmp_path / "run", models={"tiny-short": lm})
+    from iclit.experiments.store import open_store
+
+    assert (tmp_path / "run" / "spec.yaml").read_text() == before
+    with open_store(tmp_path / "run", readonly=True) as store:
+        assert store.count()["runs"] == 1 and store.latest_run()["finished"]
 
 
 def test_unfitted_it_is_flagged_and_warned(tiny, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
 from iclit.analysis.stats import summarize, summarize_layers
 
-__all__ = ["cell_cosines", "comparison_frame", "comparison_summary", "comparison_metrics", "arms_of", "factor_columns", "single_cell"]
+__all__ = ["cell_cosines", "cell_cosine_tables", "comparison_frame", "comparison_summary", "comparison_metrics", "arms_of", "factor_columns", "single_cell"]
 
 _TRIAL_COLUMNS = ("cell_key", "seed", "resample", "query_id", "demo_similarity", "n_wrong", "trial_key")
 
@@ -43,15 +43,18 @@ def single_cell(run: RunData) -> tuple[str, int]:
     return groups[0]
 
 
-def cell_cosines(run: RunData, cell_key: str, seed: int) -> dict[str, np.ndarray]:
-    """pair → ``[n, L+1]`` cosines of one (cell, seed), trials in resample order, pairs in
-    :func:`~iclit.analysis.frames.pair_order`."""
+def cell_cosine_tables(run: RunData, cell_key: str, seed: int) -> dict[str, pd.DataFrame]:
+    """pair → cosines of one (cell, seed): rows are resamples (sorted), columns layers;
+    pairs in :func:`~iclit.analysis.frames.pair_order`. Trials without stored states are absent."""
     f = run.frame[(run.frame["cell_key"] == cell_key) & (run.frame["seed"] == seed)]
-    out: dict[str, np.ndarray] = {}
-    for pair in pair_order(f["pair"].unique()):
-        wide = f[f["pair"] == pair].pivot(index="resample", columns="layer", values="cosine").sort_index()
-        out[pair] = wide.to_numpy(dtype=np.float64)
-    return out
+    return {pair: f[f["pair"] == pair].pivot(index="resample", columns="layer", values="cosine").sort_index()
+            for pair in pair_order(f["pair"].unique())}
+
+
+def cell_cosines(run: RunData, cell_key: str, seed: int) -> dict[str, np.ndarray]:
+    """pair → ``[n, L+1]`` cosines of one (cell, seed), trials in resample order (see
+    :func:`cell_cosine_tables`)."""
+    return {pair: t.to_numpy(dtype=np.float64) for pair, t in cell_cosine_tables(run, cell_key, seed).items()}
 
 
 def comparison_summary(run: RunData) -> pd.DataFrame:

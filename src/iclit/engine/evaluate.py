@@ -141,9 +141,9 @@ class Evaluated:
     outputs: dict[str, ArmOutput]
 
 
-def _fitted(loss: float, r: Resample) -> bool:
-    """The IT arm learnt its demonstrations (:data:`FIT_LOSS`); k = 0 has nothing to fit."""
-    return not r.demonstrations or bool(loss < FIT_LOSS)
+def _fitted(loss: float, r: Resample) -> bool | None:
+    """The IT arm learnt its demonstrations (:data:`FIT_LOSS`); None for k = 0 (nothing tuned)."""
+    return None if not r.demonstrations else bool(loss < FIT_LOSS)
 
 
 def _cpu(x: torch.Tensor) -> torch.Tensor:

@@ -80,14 +80,12 @@ def activation_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     return layers * (16 * d + 4 * ff) * torch.finfo(dtype).bits // 8
 
 
-def adapter_bytes(model: nn.Module, rank: int, targets: tuple[str, ...]) -> int:
-    """fp32 bytes of one LoRA adapter's weights, gradients and AdamW moments on ``targets``."""
-    n = 0
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets:
-            weight = getattr(module, "weight", None)
-            if weight is not None and weight.ndim == 2:
-                n += rank * (weight.shape[0] + weight.shape[1])
+def adapter_bytes(model: nn.Module, rank: int, targets: tuple[str, ...] | None) -> int:
+    """fp32 bytes of one LoRA adapter's weights, gradients and AdamW moments on ``targets``
+    (resolved on this model as the tuning path resolves them: fused projections, all-linear)."""
+    from iclit.models.arch import target_linears
+
+    n = sum(rank * sum(module.weight.shape) for _, module in target_linears(model, targets))
     return max(1, n) * 4 * 4
 
 

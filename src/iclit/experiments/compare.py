@@ -88,6 +88,8 @@ def comparison_spec(
         "baselines": list(baselines),
         "chunk_size": COMPARE_CHUNK_SIZE,
     }
+    if settings and "seed" in settings:  # `--set seed=3` means the one seed, not a second key
+        data.pop("seeds")
     return apply_settings(data, settings or {})
 
 
@@ -99,6 +101,11 @@ def _recipe_fields(recipe: TuningRecipe) -> dict[str, Any]:
 
 def spec_of(data: Mapping[str, Any], *, check_resources: bool = True) -> ExperimentSpec:
     """A comparison's spec dict validated (:class:`~iclit.experiments.spec.SpecError` lists every problem)."""
-    from iclit.experiments.spec import parse_spec
+    from iclit.experiments.spec import SpecError, SpecProblem, parse_spec
 
-    return parse_spec(dict(data), source="compare", check_resources=check_resources)
+    spec = parse_spec(dict(data), source="compare", check_resources=check_resources)
+    if spec.factors or len(spec.seeds) != 1:
+        raise SpecError([SpecProblem("factors" if spec.factors else "seeds",
+                                     "a comparison is one cell and one seed; for factors or several seeds write a "
+                                     "spec and use `iclit run`")], "compare")
+    return spec

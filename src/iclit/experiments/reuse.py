@@ -23,7 +23,7 @@ from iclit.experiments.plan import Chunk
 from iclit.experiments.statefiles import read_chunk_states, write_chunk_states
 from iclit.experiments.store import DB_NAME, Store, StoredTrials
 
-__all__ = ["ReuseError", "open_reuse_stores", "reuse_chunks"]
+__all__ = ["ReuseError", "open_reuse_stores", "find_reusable", "copy_reusable"]
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,18 @@ def _db_path(path: Path) -> Path:
     return path if path.suffix in (".sqlite", ".db") else path / DB_NAME
 
 
-def reuse_chunks(todo: Sequence[Chunk], sources: Sequence[tuple[str, Store]], store: Store, run_id: int,
-                  reused_from: dict[str, int]) -> tuple[list[Chunk], int, int]:
-    """Copy every chunk of ``todo`` that one source holds whole; returns the chunks left to
-    compute, the trials copied and the chunks copied (``reused_from`` counts per source)."""
+Reusable = tuple[Chunk, str, Store, StoredTrials]
+"""A chunk that a source holds whole: (chunk, the source as given, its store, its rows)."""
+
+
+def find_reusable(todo: Sequence[Chunk], sources: Sequence[tuple[str, Store]]) -> tuple[list[Reusable], list[Chunk]]:
+    """The chunks of ``todo`` that one source holds whole (the first such source, in order),
+    and the chunks left to compute. Reads only."""
     if not sources or not todo:
-        return list(todo), 0, 0
+        return [], list(todo)
     available = [(name, src, src.done_keys()) for name, src in sources]
+    found: list[Reusable] = []
     left: list[Chunk] = []
-    trials = chunks = 0
     for chunk in todo:
         for name, src, keys in available:
             if not all(k in keys for k in chunk.keys):
@@ -82,17 +85,25 @@ def reuse_chunks(todo: Sequence[Chunk], sources: Sequence[tuple[str, Store]], st
             rows = src.stored_trials(chunk.keys)
             if rows is None or not _whole_chunk(rows, chunk) or _part_of_larger_chunk(src, chunk):
                 continue
-            new = store.copy_trials(rows, run_id, _copy_states(src, rows, store))
-            reused_from[name] += new
-            trials += new
-            chunks += 1
+            found.append((chunk, name, src, rows))
             break
         else:
             left.append(chunk)
+    return found, left
+
+
+def copy_reusable(found: Sequence[Reusable], store: Store, run_id: int, reused_from: dict[str, int]) -> tuple[int, int]:
+    """Copy the chunks :func:`find_reusable` found (states first, then rows); returns the
+    trials copied and the chunks copied (``reused_from`` counts per source)."""
+    trials = 0
+    for chunk, name, src, rows in found:
+        new = store.copy_trials(rows, run_id, _copy_states(src, rows, store))
+        reused_from[name] += new
+        trials += new
     if trials:
-        log.info("reused %d trials in %d chunks from %s", trials, chunks,
+        log.info("reused %d trials in %d chunks from %s", trials, len(found),
                  ", ".join(f"{n} ({c})" for n, c in reused_from.items()))
-    return left, trials, chunks
+    return trials, len(found)
 
 
 def _whole_chunk(rows: StoredTrials, chunk: Chunk) -> bool:

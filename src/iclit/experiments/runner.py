@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 from iclit.experiments.plan import Chunk, Plan, make_plan
-from iclit.experiments.reuse import ReuseError, open_reuse_stores, reuse_chunks
+from iclit.experiments.reuse import ReuseError, copy_reusable, find_reusable, open_reuse_stores
 from iclit.experiments.spec import ExperimentSpec, load_spec
 from iclit.experiments.statefiles import write_chunk_states
-from iclit.experiments.store import Store
-from iclit.experiments.workers import ChunkOutput, execute, loaded_model, make_job, run_ray, use_models
+from iclit.experiments.store import DB_NAME, Store
+from iclit.experiments.workers import ChunkJob, ChunkOutput, execute, loaded_model, make_job, run_ray, use_models
 
 __all__ = ["Backend", "ReuseError", "RunDirError", "RunSummary", "check_run_dir", "SPEC_NAME", "open_reuse_stores", "run_experiment",
            "experiment_versions"]
@@ -76,8 +76,10 @@ class RunSummary:
         if not self.not_fitted:
             return None
         losses = ", ".join(f"{loss:.3g}" for _, loss in self.not_fitted[:10]) + (", …" if len(self.not_fitted) > 10 else "")
+        from iclit.engine.evaluate import FIT_LOSS
+
         return (f"the IT arm did not fit its demonstrations in {len(self.not_fitted)} of {self.computed} computed "
-                f"trials (final answer loss ≥ 0.1: {losses}); their IT states are of a model that has not learnt "
+                f"trials (final answer loss ≥ {FIT_LOSS:g}: {losses}); their IT states are of a model that has not learnt "
                 "the demonstrations (see `iclit results RUN --metric it_loss`)")
 
     def __str__(self) -> str:
@@ -200,6 +202,17 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
     sources = open_reuse_stores(reuse, out)  # before anything is written
     reused_from = {name: 0 for name, _ in sources}
     try:
+        done = _stored_keys(out)
+        found, todo = find_reusable([c for c in plan.chunks if not all(k in done for k in c.keys)], sources)
+        if max_chunks is not None:
+            todo = todo[:max_chunks]
+        jobs = [make_job(c, spec) for c in todo]
+        if backend == "local" and jobs:  # prompts fit the context window, LoRA targets exist: before anything is written
+            from iclit.engine.evaluate import preflight
+
+            for job in jobs:
+                preflight(loaded_model(job.model, job.device, job.dtype), job.task, job.draws, job.recipe,
+                          job.demo_template, job.max_new_tokens)
         out.mkdir(parents=True, exist_ok=True)
         _write_spec(out, spec)
         store = Store(out)
@@ -209,21 +222,16 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
                 backend=backend, versions=experiment_versions(),
             )
             stored = store.done_keys()
-            planned = plan.trial_keys()
-            already = sum(k in stored for k in planned)
-            todo = [c for c in plan.chunks if not all(k in stored for k in c.keys)]
-            todo, reused, chunks_reused = reuse_chunks(todo, sources, store, run_id, reused_from)
+            already = sum(k in stored for k in plan.trial_keys())
+            reused, chunks_reused = copy_reusable(found, store, run_id, reused_from)
             models: dict[str, Any] = {}
             not_fitted: list[tuple[str, float]] = []
-            if max_chunks is not None:
-                todo = todo[:max_chunks]
             bar = _Progress(progress, plan.n_trials, already + reused, spec.name)
             computed = 0
             try:
                 if backend == "local":
-                    computed = _run_local(todo, spec, out, store, run_id, bar, models, not_fitted)
+                    computed = _run_local(jobs, spec, out, store, run_id, bar, models, not_fitted)
                 else:
-                    jobs = [make_job(c, spec) for c in todo]
                     for job, output in run_ray(jobs, spec, address=address, workers=workers):
                         computed += _store_chunk(out, store, output, run_id, spec, models, job.model, not_fitted)
                         bar.chunk_done(len(output.records))
@@ -238,6 +246,14 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
             source.close()
     return RunSummary(out, backend, plan.n_trials, already, computed, len(todo), time.perf_counter() - started, run_id,
                       reused, chunks_reused, reused_from, not_fitted)
+
+
+def _stored_keys(out: Path) -> set[str]:
+    """Keys of the trials already stored in ``out`` (read-only; none when it has no store yet)."""
+    if not (out / DB_NAME).exists():
+        return set()
+    with Store(out, readonly=True) as store:
+        return store.done_keys()
 
 
 class RunDirError(ValueError):
@@ -277,21 +293,15 @@ def _store_chunk(out: Path, store: Store, output: ChunkOutput, run_id: int, spec
     return new
 
 
-def _run_local(todo: Sequence[Chunk], spec: ExperimentSpec, out: Path, store: Store, run_id: int, bar: _Progress,
+def _run_local(jobs: Sequence[ChunkJob], spec: ExperimentSpec, out: Path, store: Store, run_id: int, bar: _Progress,
                models: dict[str, Any], not_fitted: list[tuple[str, float]]) -> int:
-    from iclit.engine.evaluate import preflight
-
-    jobs = [make_job(chunk, spec) for chunk in todo]
-    for job in jobs:  # prompts fit the context window, LoRA targets exist: before any chunk is computed
-        preflight(loaded_model(job.model, job.device, job.dtype), job.task, job.draws, job.recipe, job.demo_template,
-                  job.max_new_tokens)
     computed = 0
-    for chunk, job in zip(todo, jobs):
-        if store.has_all(chunk.keys):  # another process finished it meanwhile
+    for job in jobs:
+        if store.has_all(job.keys):  # another process finished it meanwhile
             bar.chunk_done(0)
             continue
         lm = loaded_model(job.model, job.device, job.dtype)
-        output = execute(job, lm, progress=bar.arm_callback(chunk.size, len(job.arms)))
+        output = execute(job, lm, progress=bar.arm_callback(len(job.keys), len(job.arms)))
         computed += _store_chunk(out, store, output, run_id, spec, models, job.model, not_fitted)
-        bar.chunk_done(chunk.size)
+        bar.chunk_done(len(job.keys))
     return computed

@@ -130,6 +130,8 @@ class Store:
         self.conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         self._retry(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
         self.conn.execute("PRAGMA synchronous = NORMAL")  # durable against a killed process
+        if self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+            self._check_version()  # an older (or newer) store is refused before anything is written to it
         with self.transaction() as c:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -161,7 +163,9 @@ class Store:
         version = int(row[0]) if row else None
         if version != SCHEMA_VERSION:
             self.conn.close()
-            raise RuntimeError(f"{self.path}: store schema version {version}, this iclit reads version {SCHEMA_VERSION}")
+            raise RuntimeError(f"{self.path}: store schema version {version}, this iclit reads version {SCHEMA_VERSION}"
+                               + (" (a run made before hidden states were stored: rerun it into a new directory)"
+                                  if version is not None and version < SCHEMA_VERSION else ""))
 
     @staticmethod
     def _retry(fn, attempts: int = 50):
@@ -247,6 +251,18 @@ class Store:
         models = out.pop("models_json")
         out["models"] = json.loads(models) if models else {}
         return out
+
+    def model_info(self, name: str) -> dict[str, Any]:
+        """What the latest run that loaded model ``name`` recorded of it (source, device, dtype,
+        n_layers, hidden_size); {} if none did."""
+        have = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}
+        if "models_json" not in have:
+            return {}
+        for (text,) in self.conn.execute("SELECT models_json FROM runs WHERE models_json IS NOT NULL ORDER BY id DESC"):
+            found = json.loads(text).get(name)
+            if found:
+                return found
+        return {}
 
     # --- trials ---------------------------------------------------------------------------
 

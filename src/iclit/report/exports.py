@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from iclit.analysis.rundata import RunData, load_run
-from iclit.analysis.tables import cell_cosines, comparison_metrics, comparison_summary, single_cell
+from iclit.analysis.tables import cell_cosine_tables, comparison_metrics, comparison_summary, single_cell
 
 __all__ = ["EXPORTS", "to_json", "comparison_trials", "comparison_config", "write_files", "write_exports"]
 
@@ -49,48 +49,51 @@ def comparison_trials(run: RunData) -> list[dict[str, Any]]:
     from iclit.experiments.store import open_store
 
     cell, seed = single_cell(run)
-    cos = cell_cosines(run, cell, seed)
+    cos = cell_cosine_tables(run, cell, seed)  # by resample: a trial without stored states has none
     o = run.outputs[(run.outputs["cell_key"] == cell) & (run.outputs["seed"] == seed)].sort_values("resample")
     records = []
     with open_store(run.path, readonly=True) as store:
-        for i, key in enumerate(o["trial_key"]):
+        for resample, key in zip(o["resample"], o["trial_key"]):
             stored = store.trial_outputs(key)
             record: dict[str, Any] = {}
             for name, value in stored.items():
                 record[name] = value
                 if name == _COSINES_AFTER:
-                    record.update({pair: [round(float(x), 6) for x in c[i]] for pair, c in cos.items()})
+                    record.update({pair: [round(float(x), 6) for x in c.loc[resample]] for pair, c in cos.items()
+                                   if resample in c.index})
             records.append(record)
     return records
 
 
 def comparison_config(run: RunData) -> dict[str, Any]:
     """Everything needed to rerun the comparison: its arguments, template, recipe, device,
-    dtype, model shape, library versions, the command line and when it ran."""
-    from iclit.experiments.plan import make_plan
+    dtype, model shape, library versions, the command line and when it ran — from the store
+    alone (the task data need not be at hand)."""
     from iclit.experiments.spec import loads_spec
+    from iclit.tasks import is_builtin
 
     latest = run.latest or {}
     spec = loads_spec(latest["spec_yaml"], check_resources=False)
-    cell = make_plan(spec).cells[0]
-    model = (latest.get("models") or {}).get(cell.model, {})
+    cell, _ = single_cell(run)
+    settings = run.settings[cell]
+    model = _model_info(run, settings["model"])
     started, finished = latest.get("started"), latest.get("finished")
     seconds = ((datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
                if started and finished else float("nan"))
     return {
         "command": "compare",
-        "model": cell.model,
+        "model": settings["model"],
         "model_source": model.get("source"),
-        "task": cell.task.name,
-        "task_source": cell.task.source,
-        "k": cell.k,
+        "task": settings["task"]["name"],
+        "task_source": "builtin" if is_builtin(spec.task) else spec.task,
+        "k": settings["k"],
         "resamples": spec.resamples,
         "seed": spec.seeds[0],
         "sampler": spec.sampler,
-        "template": cell.settings["template"],
+        "template": settings["template"],
         "template_name": spec.template,
         "instruction": spec.instruction,
-        "recipe": cell.recipe.to_dict(),
+        "recipe": settings["recipe"],
         "baselines": list(spec.baselines),
         "batch_size": spec.batch_size,
         "max_new_tokens": spec.max_new_tokens,
@@ -106,6 +109,14 @@ def comparison_config(run: RunData) -> dict[str, Any]:
         "run_dir": str(run.path),
         "spec": spec.to_dict(),
     }
+
+
+def _model_info(run: RunData, name: str) -> dict[str, Any]:
+    """What the last run that loaded ``name`` recorded of it (a resume that computed nothing loads none)."""
+    from iclit.experiments.store import open_store
+
+    with open_store(run.path, readonly=True) as store:
+        return store.model_info(name)
 
 
 def write_files(out: str | Path, trials: list[dict[str, Any]], summary: Any, metrics: dict[str, Any],
