@@ -173,3 +173,25 @@ def test_a_spec_that_is_not_text(tmp_path: Path, refuse_models) -> None:
     assert result.exit_code == 2
     assert "not a text file" in _flat(result.output) and str(spec) in _flat(result.output)
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_a_long_prompt_fails_before_the_weights_load(tiny_tokenizer, tmp_path: Path, monkeypatch) -> None:
+    import transformers
+
+    from iclit.cli import app
+
+    model = build_tiny_llama(len(tiny_tokenizer))
+    model.config.max_position_embeddings = 100
+    folder = tmp_path / "short-model"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded although the prompts do not fit")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    result = CliRunner().invoke(app, ["compare", "--model", str(folder), "--k", "4", "--resamples", "2",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "more than the 100 positions" in _flat(result.output)
+    assert not (tmp_path / "run").exists()

@@ -34,7 +34,8 @@ from iclit.experiments.reuse import ReuseError, copy_reusable, find_reusable, op
 from iclit.experiments.spec import ExperimentSpec, load_spec
 from iclit.experiments.statefiles import write_chunk_states
 from iclit.experiments.store import DB_NAME, Store
-from iclit.experiments.workers import ChunkJob, ChunkOutput, execute, loaded_model, make_job, run_ray, use_models
+from iclit.experiments.workers import (ChunkJob, ChunkOutput, execute, loaded_model, make_job, model_preview, run_ray,
+                                      use_models)
 
 __all__ = ["Backend", "ReuseError", "RunDirError", "RunSummary", "check_run_dir", "SPEC_NAME", "open_reuse_stores", "run_experiment",
            "experiment_versions"]
@@ -208,8 +209,12 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
             todo = todo[:max_chunks]
         jobs = [make_job(c, spec) for c in todo]
         if backend == "local" and jobs:  # prompts fit the context window, LoRA targets exist: before anything is written
-            from iclit.engine.evaluate import preflight
+            from iclit.engine.evaluate import check_context, preflight
 
+            previews = {name: model_preview(name) for name in dict.fromkeys(job.model for job in jobs)}
+            for job in jobs:  # the prompts, from the tokenizer and config alone: before any weights load
+                if previews[job.model] is not None:
+                    check_context(previews[job.model], job.task, job.draws, job.demo_template, job.max_new_tokens)
             for job in jobs:
                 preflight(loaded_model(job.model, job.device, job.dtype), job.task, job.draws, job.recipe,
                           job.demo_template, job.max_new_tokens)

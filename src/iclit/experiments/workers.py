@@ -71,6 +71,20 @@ class use_models:  # noqa: N801 - used as a context manager, like a function
         _GIVEN.update(self.before)
 
 
+def model_preview(name: str) -> Any:
+    """What the checks before a run can read of a model without loading its weights: a model
+    handed in or already loaded, else its tokenizer and config
+    (:func:`iclit.models.loading.preview_model`), else None."""
+    if name in _GIVEN:
+        return _GIVEN[name]
+    loaded = next((lm for (n, _, _), lm in _MODELS.items() if n == name), None)
+    if loaded is not None:
+        return loaded
+    from iclit.models.loading import preview_model
+
+    return preview_model(name)
+
+
 def clear_model_cache() -> None:
     _MODELS.clear()
 

@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -140,6 +142,41 @@ def load_model(
             f"(hub ids need the network or a filled HF cache)."
         ) from err
     return prepare(model, tokenizer, name=name, source=source, device=dev)
+
+
+@dataclass
+class ModelPreview:
+    """A model's tokenizer and config without its weights (what the checks before a run need)."""
+
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+    config: Any
+
+    @property
+    def model(self) -> Any:  # the ``lm.model.config`` that :func:`iclit.engine.evaluate.context_window` reads
+        return SimpleNamespace(config=self.config)
+
+
+def preview_model(name: str) -> ModelPreview | None:
+    """The tokenizer and config of ``name`` without loading its weights; None where only a
+    full load can tell (a model built in code, a GGUF file not dequantised yet, a hub id not
+    cached)."""
+    from transformers import AutoConfig
+
+    kind, location = resolve(name)
+    if kind == "factory":
+        return None
+    if kind == "gguf":
+        path = _gguf_cache(Path(location))
+        if not (path / "model.safetensors").exists():
+            return None
+        source = str(path)
+    else:
+        source = str(location)
+    try:
+        return ModelPreview(name, AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source))
+    except (OSError, ValueError):
+        return None
 
 
 def prepare(
