@@ -136,7 +136,6 @@ def run_comparison(
     Bad input (unknown model or task, k or resamples that do not fit) raises before any
     model is loaded.
     """
-    from iclit.experiments.runner import run_experiment
     from iclit.models import LoadedModel
 
     options = dict((settings or {}).get("task_options") or {})

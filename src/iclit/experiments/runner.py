@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from iclit.experiments.plan import Chunk, Plan, make_plan
+from iclit.experiments.plan import Plan, make_plan
 from iclit.experiments.reuse import ReuseError, copy_reusable, find_reusable, open_reuse_stores
 from iclit.experiments.spec import ExperimentSpec, load_spec
 from iclit.experiments.statefiles import write_chunk_states

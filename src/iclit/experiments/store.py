@@ -188,11 +188,11 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any error): all or nothing."""
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any error): all or nothing; yields
+        the connection (use its ``execute`` / ``executemany`` only)."""
         self._retry(lambda: self.conn.execute("BEGIN IMMEDIATE"))
-        cursor = _Cursor(self.conn)
         try:
-            yield cursor
+            yield self.conn
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -433,19 +433,6 @@ class Store:
         if row is None:
             raise KeyError(trial_key)
         return json.loads(row[0])
-
-
-class _Cursor:
-    """The connection inside a transaction (execute / executemany only)."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    def execute(self, sql: str, args: Any = ()) -> sqlite3.Cursor:
-        return self._conn.execute(sql, args)
-
-    def executemany(self, sql: str, rows: Iterable[Any]) -> sqlite3.Cursor:
-        return self._conn.executemany(sql, rows)
 
 
 def open_store(run_dir: str | Path, *, readonly: bool = False) -> Store:

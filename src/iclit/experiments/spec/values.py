@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Mapping, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, Strict
 
-from iclit.schema import Fraction, NonEmptyStr, NonNegInt, PosInt, StrictBool, distinct, expect, kind, problem, shown, unset_defaults
+from iclit.schema import Fraction, NonEmptyStr, NonNegInt, StrictBool, distinct, expect, kind, problem, shown, unset_defaults
 from iclit.tuning.recipe import RecipeOverrides, recipe_overrides
 
 __all__ = [
