@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
+from iclit._atomic import atomic_write_text
 from iclit.experiments.plan import Plan, make_plan
 from iclit.experiments.reuse import ReuseError, copy_reusable, find_reusable, open_reuse_stores
 from iclit.experiments.spec import ExperimentSpec, load_spec
@@ -106,11 +106,7 @@ def _write_spec(out: Path, spec: ExperimentSpec) -> None:
     target = out / SPEC_NAME
     if target.exists() and target.read_text(encoding="utf-8") == text:
         return
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".spec-", suffix=".yaml")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
+    atomic_write_text(target, text)
 
 
 class _Progress:

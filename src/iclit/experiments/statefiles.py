@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["STATES_DIR", "FORMAT", "chunk_file_name", "write_chunk_states", "read_chunk_states", "state_file_bytes"]
+from iclit._atomic import atomic_write
+
+__all__ = ["STATES_DIR", "FORMAT", "chunk_file_name", "write_chunk_states", "read_chunk_states"]
 
 STATES_DIR = "states"
 FORMAT = "iclit-states-1"
@@ -52,19 +52,8 @@ def write_chunk_states(run_dir: str | Path, keys: Sequence[str], arrays: Mapping
             raise ValueError(f"states {name!r}: {a.shape[0]} rows for {n} trial keys")
         tensors[name] = a
     rel = chunk_file_name(keys)
-    target = Path(run_dir) / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "trial_keys": json.dumps(list(keys))})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(run_dir) / rel,
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "trial_keys": json.dumps(list(keys))}))
     return rel
 
 
@@ -79,9 +68,3 @@ def read_chunk_states(path: str | Path, names: Sequence[str] | None = None) -> t
         keys = json.loads(meta["trial_keys"])
         wanted = f.keys() if names is None else [n for n in names if n in f.keys()]
         return keys, {name: f.get_tensor(name) for name in wanted}
-
-
-def state_file_bytes(run_dir: str | Path) -> int:
-    """Bytes of every states file of a run directory."""
-    folder = Path(run_dir) / STATES_DIR
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.exists() else 0

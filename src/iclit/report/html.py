@@ -302,20 +302,9 @@ def render_report(run_dir: str | Path | RunData) -> str:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the report of ``run_dir`` (default ``run_dir/report.html``) atomically; returns its path."""
-    import os
-    import tempfile
+    from iclit._atomic import atomic_write_text
 
     run_dir = Path(run_dir)
     target = Path(out) if out is not None else run_dir / "report.html"
     text = render_report(run_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".report-", suffix=".html")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write_text(target, text)

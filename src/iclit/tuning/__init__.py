@@ -16,8 +16,7 @@ Padding, length bucketing and the shared prefix's key/value cache are
 
 from __future__ import annotations
 
-from typing import Any
-
+from iclit._lazy import lazy_exports
 from iclit.tuning.recipe import TuningRecipe, TuningResult
 
 _LAZY = {
@@ -39,14 +38,4 @@ _HOME = {name: module for module, names in _LAZY.items() for name in names}
 __all__ = ["TuningRecipe", "TuningResult", *(n for n in _HOME if not n.startswith("_"))]
 
 
-def __getattr__(name: str) -> Any:  # the torch-backed names, imported when first asked for
-    import importlib
-
-    module = _HOME.get(name)
-    if module is None:
-        raise AttributeError(f"module 'iclit.tuning' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOME))
+__getattr__, __dir__ = lazy_exports(__name__, _HOME)
