@@ -312,6 +312,8 @@ def results(
     all_trials: bool = typer.Option(False, "--all", help="every stored trial, not only those of the last spec run here"),
     effects: bool = typer.Option(False, "--effects", help="= --metric effects: per factor, each value vs the base value on "
                                  "the ICL–IT cosine (paired bootstrap CI, Cohen's d, permutation p)"),
+    tests: bool = typer.Option(False, "--tests", help="= --metric tests: each pair against its query-swap and demo-swap "
+                               "nulls per layer (diff, CI, p, max-T p_adj, Holm, BH, TOST, verdict)"),
     limit: int = typer.Option(30, help="rows shown by --format table"),
 ) -> None:
     """Print or export the results of a run as a tidy table (default: the cosines, trial × layer × pair)."""
@@ -329,13 +331,13 @@ def results(
         _fail("--format parquet needs --out FILE")
     if format == "table" and out is not None:
         _fail("--out needs --format csv or parquet")
-    chosen = [name for name, on in (("summary", summary), ("effects", effects)) if on]
+    chosen = [name for name, on in (("summary", summary), ("effects", effects), ("tests", tests)) if on]
     if metric:
         chosen.append(metric)
     if len(chosen) + outputs > 1:
         if effects:
             _fail("--effects goes alone, without --outputs, --summary or --metric")
-        _fail("give one of --metric, --summary, --effects, --outputs")
+        _fail("give one of --metric, --summary, --effects, --tests, --outputs")
     name = chosen[0] if chosen else ("cosines" if not outputs else None)
     if name is not None:
         try:

@@ -63,7 +63,7 @@ def test_every_baseline_is_stored_per_trial_and_layer(cell, cos, lm):
     for name in ("anchor", "icl", "it", "it_seed2", "anchor:qmean", "icl:qmean", "it:qmean"):
         assert tuple(cell.states[name].shape) == (N, L1, d), name
     assert tuple(cell.states["reference_mean"].shape) == (L1, d)
-    assert set(cell.scores) == {"anchor", "icl", "it", "it_seed2"}  # accuracy of the extra arm too
+    assert set(cell.scores) == {"anchor", "icl", "it", "it_seed2", "icl_reordered"}  # accuracy of the extra arms too
 
 
 def test_centered_cosine_subtracts_the_reference_mean(cell, cos, lm):

@@ -50,7 +50,7 @@ def _torch(states: States, rows: np.ndarray, names: Iterable[str]) -> dict[str, 
 def group_cosines(states: States, rows: np.ndarray, baselines: Iterable[str], reference: np.ndarray | None) -> dict[str, np.ndarray]:
     """pair → ``[n, L+1]`` cosines of the trials ``rows`` of one (cell, seed) group."""
     baselines = tuple(b for b in baselines if b != "cka")
-    arms = _torch(states, rows, ("anchor", "icl", "it", "it_seed2"))
+    arms = _torch(states, rows, ("anchor", "icl", "it", "it_seed2", "icl_reordered"))
     out = {p: c.numpy() for p, c in pairwise_cosines(arms).items()}
     if baselines:
         pooled = None

@@ -12,6 +12,7 @@ outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,36 @@ class RunData:
     trials: pd.DataFrame = field(default_factory=pd.DataFrame)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def margin(self) -> float:
+        """The equivalence margin the spec declared (``equivalence_margin``)."""
+        from iclit.experiments.spec import ExperimentSpec
+
+        default = ExperimentSpec.model_fields["equivalence_margin"].default
+        return float((self.plan or {}).get("equivalence_margin", default))
+
+    @cached_property
+    def cells(self) -> dict[str, pd.DataFrame]:
+        """The whole-cell analyses (:func:`iclit.analysis.cells.cell_tables`), computed on
+        first use: ``tests`` (each pair against its query-swap and demo-swap nulls),
+        ``geometry`` (debiased CKA, RSA) and ``behaviour`` (agreement, KL)."""
+        from iclit.analysis.cells import cell_tables
+
+        with_states = self.trials[self.trials["states_file"].notna()] if len(self.trials) else self.trials
+        return cell_tables(self.path, with_states, self.outputs, self.settings, margin=self.margin)
+
+    @property
+    def tests(self) -> pd.DataFrame:
+        return self.cells["tests"]
+
+    @property
+    def geometry(self) -> pd.DataFrame:
+        return self.cells["geometry"]
+
+    @property
+    def behaviour(self) -> pd.DataFrame:
+        return self.cells["behaviour"]
 
 
 def load_run(run_dir: str | Path, *, all_trials: bool = False, cka: bool | None = None) -> RunData:

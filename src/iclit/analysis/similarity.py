@@ -23,7 +23,7 @@ BASELINE_PAIRS: dict[str, tuple[str, ...]] = {
     "centered": ("anchor_icl_centered", "anchor_it_centered", "icl_it_centered"),
     "shuffled": ("icl_it_shuffled",),
     "update": ("update_cosine",),
-    "noise_ceiling": ("it_it_seed",),
+    "noise_ceiling": ("it_it_seed", "icl_icl_order"),
     "cka": (),  # across queries, not per trial: see iclit.analysis.frames (per cell)
     "query_mean": ("anchor_icl_qmean", "anchor_it_qmean", "icl_it_qmean"),
 }
@@ -37,6 +37,8 @@ BASELINE_PAIRS: dict[str, tuple[str, ...]] = {
 * ``update_cosine``: cos(h_ICL − h_anchor, h_IT − h_anchor), whether ICL and IT move the
   query's state in the same direction (the residual-stream version of SimAOU);
 * ``it_it_seed``: IT against IT tuned with another seed (arm ``it_seed2``), the noise ceiling;
+  ``icl_icl_order``: ICL against ICL with the demonstrations reordered (arm
+  ``icl_reordered``), the ICL arm's ceiling (runs from before that arm lack it);
 * ``*_qmean``: the three pairs at another position than the last token: each arm's states
   averaged over the query's tokens (the query block that ends every arm's prompt).
 
@@ -186,6 +188,8 @@ def baseline_cosines(
         if "it_seed2" not in states:
             raise KeyError("the noise_ceiling baseline needs the it_seed2 arm's states")
         out["it_it_seed"] = cosine_per_layer(states["it"], states["it_seed2"], eps=eps)
+        if "icl_reordered" in states:
+            out["icl_icl_order"] = cosine_per_layer(states["icl"], states["icl_reordered"], eps=eps)
     if "query_mean" in baselines:
         if pooled is None:
             raise ValueError("the query_mean baseline needs the states averaged over the query (pooled)")

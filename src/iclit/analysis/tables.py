@@ -27,7 +27,8 @@ def factor_columns(df: pd.DataFrame) -> list[str]:
 
     skip = {*FRAME_COLUMNS, *_TRIAL_COLUMNS}
     return [c for c in df.columns if c not in skip and not c.startswith(("prediction_", "score_"))
-            and c not in ("query", "gold", "score_name", "it_final_loss", "it_fitted", "it_losses", "dose", "seconds")]
+            and c not in ("query", "gold", "score_name", "it_final_loss", "it_fitted", "it_losses", "dose", "seconds",
+                          "label_probs", "set", "slot")]
 
 
 def arms_of(outputs: pd.DataFrame) -> list[str]:
@@ -196,3 +197,22 @@ def dose(run: RunData) -> pd.DataFrame:
     if plan is None or run.frame.empty:
         return pd.DataFrame()
     return dose_summary(run.frame, run.outputs, plan, dose_factor(plan))
+
+
+@register_metric("tests", "per cell × pair × centring × layer × null: observed cosine, its query-swap / demo-swap "
+                 "null, diff with hierarchical-bootstrap CI, permutation p, max-T p_adj over layers, Holm p and BH q "
+                 "over the cell's tests at that layer, TOST against the spec's margin, verdict")
+def tests(run: RunData) -> pd.DataFrame:
+    return _with_labels(run.tests, run)
+
+
+@register_metric("geometry", "per cell × pair × layer: debiased linear CKA and RSA across all the cell's queries, "
+                 "with permutation nulls (p, max-T p_adj)")
+def geometry(run: RunData) -> pd.DataFrame:
+    return _with_labels(run.geometry, run)
+
+
+@register_metric("behaviour", "per cell × arm pair: prediction agreement and label-distribution KL, alone and "
+                 "against the query-swap / demo-swap nulls (Holm, BH, TOST)")
+def behaviour(run: RunData) -> pd.DataFrame:
+    return _with_labels(run.behaviour, run)

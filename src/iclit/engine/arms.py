@@ -12,7 +12,14 @@ An arm maps an :class:`ArmContext` (model, task, resamples, recipe) to an :class
 * ``it_seed2``: the ``it`` arm tuned with another seed (:attr:`ArmContext.seed_offset` = 1;
   it changes the LoRA initialisation, the data order and dropout, so under full
   fine-tuning with full-batch steps and no dropout it equals ``it``): ``it`` against
-  ``it_seed2`` is the noise ceiling of the ICL–IT similarity.
+  ``it_seed2`` is the noise ceiling of the ICL–IT similarity. With
+  :attr:`ArmContext.it_seeds` ≥ 2 the ``it`` arm trains those seeds in its own batched pass
+  instead (``ArmOutput.seeds``), and ``it_seed2`` … come from there;
+* ``icl_reordered``: the ``icl`` arm with the set's demonstrations in another order (rotated
+  by one): ``icl`` against ``icl_reordered`` is the ICL arm's own ceiling.
+
+Resamples of one demonstration set (:attr:`~iclit.tasks.Resample.set_id`, the crossed design)
+share one ICL prefix and one IT adapter (per seed).
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ class ArmContext:
     """Added (times a large prime) to every tuning seed: 0 for ``it``, 1 for ``it_seed2``."""
     query_mean: bool = False
     """Also capture the states averaged over the query's tokens (``ArmOutput.pooled``)."""
+    it_seeds: int = 1
+    """Tuning seeds per demonstration set, trained in the same batched pass: the ``it`` arm's
+    output is seed 0's, ``ArmOutput.seeds[j]`` seed j's (``it_seed{j+1}``)."""
 
     def memory_plan(self) -> MemoryPlan:
         """How the batched IT path splits its work (memoised per model and settings)."""
@@ -94,8 +104,16 @@ class ArmContext:
         fmt = self.demo_template or self.task.template
         return [fmt.training_pair(d) for d in resample.demonstrations]
 
-    def tuning_seed(self, resample: Resample) -> int:
-        return self.seed * 1_000_003 + resample.index + self.seed_offset * 7_919_993
+    def tuning_seed(self, resample: Resample, offset: int = 0) -> int:
+        """The seed of the set's adapter (one query per set: the resample's index)."""
+        return self.seed * 1_000_003 + resample.set_id + (self.seed_offset + offset) * 7_919_993
+
+    def sets(self) -> list[list[int]]:
+        """Rows of :attr:`resamples` grouped by demonstration set, in order of first appearance."""
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(self.resamples):
+            groups.setdefault(r.set_id, []).append(i)
+        return list(groups.values())
 
 
 @dataclass
@@ -112,6 +130,9 @@ class ArmOutput:
     tuning: list[TuningResult] = field(default_factory=list)
     pooled: torch.Tensor | None = None
     by_step: dict[int, "ArmOutput"] = field(default_factory=dict)
+    seeds: dict[int, "ArmOutput"] = field(default_factory=dict)
+    """IT arms with :attr:`ArmContext.it_seeds` ≥ 2: seed offset j (≥ 1) → the same outputs
+    from the adapter tuned with that seed."""
 
 
 def read_out(
@@ -166,6 +187,7 @@ def _concat(outputs: list[ArmOutput]) -> ArmOutput:
         tuning=[t for o in outputs for t in o.tuning],
         pooled=torch.cat(pooled) if pooled[0] is not None else None,
         by_step={s: _concat([o.by_step[s] for o in outputs]) for s in steps},
+        seeds={j: _concat([o.seeds[j] for o in outputs]) for j in sorted({j for o in outputs for j in o.seeds})},
     )
 
 
@@ -177,6 +199,7 @@ def _pick(out: ArmOutput, rows: Sequence[int]) -> ArmOutput:
         out.label_probs[rows] if out.label_probs is not None else None,
         pooled=out.pooled[rows] if out.pooled is not None else None,
         by_step={s: _pick(o, rows) for s, o in out.by_step.items()},
+        seeds={j: _pick(o, rows) for j, o in out.seeds.items()},
     )
 
 
@@ -215,39 +238,63 @@ def icl_arm(ctx: ArmContext) -> ArmOutput:
 def it_arm(ctx: ArmContext) -> ArmOutput:
     """The query alone on the model tuned on the resample's demonstrations.
 
-    Fast path (LoRA): up to the memory plan's adapters per pass — one per resample — train together
-    in one batched forward/backward, and their states are captured in batched passes with each
-    row routed to its own adapter. Otherwise (full fine-tuning, or ``fast=False``): one PEFT
-    adapter or one model copy per resample, one after another.
+    One adapter (or model copy) per demonstration set and seed (:meth:`ArmContext.sets`,
+    :attr:`ArmContext.it_seeds`); every query of the set is read through it. Fast path
+    (LoRA): up to the memory plan's adapters per pass train together in one batched
+    forward/backward, and the states are captured in batched passes with each row routed to
+    its set's adapter. Otherwise (full fine-tuning, or ``fast=False``): one PEFT adapter or
+    one model copy per set and seed, one after another.
 
-    With ``recipe.capture_steps``, the tuned model is also read after each of those steps of
-    the same training run (``ArmOutput.by_step``); k = 0 resamples, which have nothing to
-    tune on, read the base model there too.
+    With ``recipe.capture_steps``, seed 0's tuned model is also read after each of those steps
+    of the same training run (``ArmOutput.by_step``); k = 0 sets, which have nothing to tune
+    on, read the base model there too.
     """
     prompts = ctx.query_prompts()
     queries = [r.query.input for r in ctx.resamples]
+    n_seeds = max(1, ctx.it_seeds)
     outputs: list[ArmOutput | None] = [None] * len(ctx.resamples)
-    todo = []
-    for i, r in enumerate(ctx.resamples):
-        if not r.demonstrations:  # k = 0: nothing to tune on, IT is the base model
-            base = read_out(ctx, ctx.lm.model, [prompts[i]], queries=[queries[i]])
-            outputs[i] = replace(base, tuning=[TuningResult()], by_step={s: base for s in ctx.recipe.capture_steps})
-            ctx.advance(1)
-        else:
-            todo.append(i)
+    todo: list[list[int]] = []
+    for rows in ctx.sets():
+        if ctx.resamples[rows[0]].demonstrations:
+            todo.append(rows)
+            continue
+        base = read_out(ctx, ctx.lm.model, [prompts[i] for i in rows], queries=[queries[i] for i in rows])
+        steps = {s: base for s in ctx.recipe.capture_steps}
+        out = replace(base, tuning=[TuningResult() for _ in rows], by_step=steps,
+                      seeds={j: replace(base, tuning=[TuningResult() for _ in rows]) for j in range(1, n_seeds)})
+        for j, i in enumerate(rows):  # k = 0: nothing to tune on, IT is the base model
+            outputs[i] = _pick(out, [j])
+            outputs[i].tuning = [out.tuning[j]]
+            for off in outputs[i].seeds:
+                outputs[i].seeds[off].tuning = [TuningResult()]
+        ctx.advance(len(rows))
+
+    def store(rows: list[int], by_seed: list[ArmOutput], results: list[list[TuningResult]],
+              by_step: dict[int, ArmOutput]) -> None:
+        """by_seed[j]: the rows' outputs through seed j's adapters; results[j][row]."""
+        out = replace(by_seed[0], by_step=by_step, seeds={j: by_seed[j] for j in range(1, n_seeds)})
+        for pos, i in enumerate(rows):
+            outputs[i] = _pick(out, [pos])
+            outputs[i].tuning = [results[0][pos]]
+            for j in range(1, n_seeds):
+                outputs[i].seeds[j].tuning = [results[j][pos]]
+
     if ctx.fast and ctx.recipe.method == "lora":
         device = ctx.lm.device
-        per_pass = ctx.memory_plan().adapters_per_pass
+        per_pass = max(1, ctx.memory_plan().adapters_per_pass // n_seeds)
         for start in range(0, len(todo), per_pass):
-            chunk = todo[start : start + per_pass]
-            pair_sets = [ctx.training_pairs(ctx.resamples[i]) for i in chunk]
-            seeds = [ctx.tuning_seed(ctx.resamples[i]) for i in chunk]
-            chunk_prompts, chunk_queries = [prompts[i] for i in chunk], [queries[i] for i in chunk]
+            group = todo[start : start + per_pass]
+            rows = [i for g in group for i in g]
+            first = [ctx.resamples[g[0]] for g in group]
+            pair_sets = [ctx.training_pairs(r) for r in first for _ in range(n_seeds)]
+            seeds = [ctx.tuning_seed(r, j) for r in first for j in range(n_seeds)]
+            set_pos = [p for p, g in enumerate(group) for _ in g]  # row → its set's place in the pass
+            row_prompts, row_queries = [prompts[i] for i in rows], [queries[i] for i in rows]
             by_step: dict[int, ArmOutput] = {}
 
-            def read(model: nn.Module, router) -> ArmOutput:
-                return read_out(ctx, model, chunk_prompts, queries=chunk_queries,
-                                before_batch=lambda rows: router.set(rows, device))
+            def read(model: nn.Module, router, j: int = 0) -> ArmOutput:
+                return read_out(ctx, model, row_prompts, queries=row_queries, before_batch=lambda b: router.set(
+                    [set_pos[x] * n_seeds + j for x in b], device))
 
             def on_step(step: int, model: nn.Module, router) -> None:
                 by_step[step] = read(model, router)
@@ -257,35 +304,53 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                 on_step=on_step,
             ) as (model, router, results):
                 last = len(results[0].losses)  # the end of training, already read when captured
-                final = by_step[last] if last in by_step else read(model, router)
-            out = replace(final, by_step=by_step)
-            for j, i in enumerate(chunk):
-                outputs[i] = _pick(out, [j])
-                outputs[i].tuning = [results[j]]
-            ctx.advance(len(chunk))
+                by_seed = [by_step[last] if j == 0 and last in by_step else read(model, router, j) for j in range(n_seeds)]
+            per_row = [[results[set_pos[x] * n_seeds + j] for x in range(len(rows))] for j in range(n_seeds)]
+            store(rows, by_seed, per_row, by_step)
+            ctx.advance(len(rows))
     else:
-        for i in todo:
-            r = ctx.resamples[i]
-            by_step = {}
+        for rows in todo:
+            r = ctx.resamples[rows[0]]
+            row_prompts, row_queries = [prompts[i] for i in rows], [queries[i] for i in rows]
+            by_seed, results, by_step = [], [], {}
+            for j in range(n_seeds):
+                steps: dict[int, ArmOutput] = {}
 
-            def on_step(step: int, model: nn.Module, i: int = i, by_step: dict = by_step) -> None:
-                by_step[step] = read_out(ctx, model, [prompts[i]], queries=[queries[i]])
+                def on_step(step: int, model: nn.Module, steps: dict = steps) -> None:
+                    steps[step] = read_out(ctx, model, row_prompts, queries=row_queries)
 
-            with tuned(
-                ctx.lm.model, ctx.lm.tokenizer, ctx.training_pairs(r), ctx.recipe,
-                seed=ctx.tuning_seed(r), reference=not ctx.fast, on_step=on_step,
-            ) as (model, result):
-                last = len(result.losses)  # the end of training, already read when captured
-                final = by_step[last] if last in by_step else read_out(ctx, model, [prompts[i]], queries=[queries[i]])
-            outputs[i] = replace(final, tuning=[result], by_step=by_step)
-            ctx.advance(1)
+                recipe = ctx.recipe if j == 0 else replace(ctx.recipe, capture_steps=())
+                with tuned(
+                    ctx.lm.model, ctx.lm.tokenizer, ctx.training_pairs(r), recipe,
+                    seed=ctx.tuning_seed(r, j), reference=not ctx.fast, on_step=on_step if j == 0 else None,
+                ) as (model, result):
+                    last = len(result.losses)  # the end of training, already read when captured
+                    by_seed.append(steps[last] if last in steps else read_out(ctx, model, row_prompts, queries=row_queries))
+                results.append([result] * len(rows))
+                if j == 0:
+                    by_step = steps
+            store(rows, by_seed, results, by_step)
+            ctx.advance(len(rows))
     return _concat(outputs)
 
 
 def it_seed2_arm(ctx: ArmContext) -> ArmOutput:
     """The ``it`` arm with another tuning seed (LoRA initialisation, data order, dropout):
     ``it`` vs ``it_seed2`` is the noise ceiling of ICL–IT similarity."""
-    return it_arm(replace(ctx, seed_offset=ctx.seed_offset + 1, recipe=replace(ctx.recipe, capture_steps=())))
+    return it_arm(replace(ctx, seed_offset=ctx.seed_offset + 1, it_seeds=1, recipe=replace(ctx.recipe, capture_steps=())))
+
+
+def reordered(demonstrations: Sequence) -> tuple:
+    """The demonstrations rotated by one (the first goes last): another order for k ≥ 2."""
+    demos = tuple(demonstrations)
+    return demos[1:] + demos[:1]
+
+
+def icl_reordered_arm(ctx: ArmContext) -> ArmOutput:
+    """The ``icl`` arm with each set's demonstrations rotated by one (:func:`reordered`):
+    ``icl`` vs ``icl_reordered`` is the ICL arm's ceiling (for k ≤ 1 it equals ``icl``)."""
+    return icl_arm(replace(ctx, resamples=[replace(r, demonstrations=reordered(r.demonstrations))
+                                           for r in ctx.resamples]))
 
 
 ARMS: dict[str, Callable[[ArmContext], ArmOutput]] = {}
@@ -305,3 +370,4 @@ register_arm("anchor", anchor_arm)
 register_arm("icl", icl_arm)
 register_arm("it", it_arm)
 register_arm("it_seed2", it_seed2_arm)
+register_arm("icl_reordered", icl_reordered_arm)

@@ -22,7 +22,7 @@ from iclit.tasks import Resample, Task, Template, reference_prompts
 from iclit.tasks.scoring import score
 from iclit.tuning.recipe import TuningRecipe
 
-__all__ = ["ARM_NAMES", "Evaluated", "evaluate", "reference_mean", "run_arms", "score", "versions",
+__all__ = ["ARM_NAMES", "Evaluated", "evaluate", "reference_mean", "run_arms", "seed_arm", "score", "versions",
            "state_name", "QMEAN", "STEP", "FIT_LOSS", "ContextLengthError", "check_context", "preflight"]
 
 ARM_NAMES = ("anchor", "icl", "it")
@@ -117,12 +117,18 @@ def reference_mean(lm: LoadedModel, batch_size: int = 16) -> torch.Tensor:
     return lm.memo[key]
 
 
-def run_arms(arms: Sequence[str], baselines: Sequence[str]) -> tuple[str, ...]:
-    """The arms to run: ``arms`` plus ``it_seed2`` when the noise ceiling is asked for."""
-    arms = tuple(arms)
-    if "noise_ceiling" in baselines and "it_seed2" not in arms:
-        arms += ("it_seed2",)
+def run_arms(arms: Sequence[str], baselines: Sequence[str], it_seeds: int = 1) -> tuple[str, ...]:
+    """The arms to run: ``arms`` plus, for the noise ceilings, ``it_seed2`` (unless the ``it``
+    arm trains several seeds itself: ``it_seeds`` ≥ 2) and ``icl_reordered``."""
+    arms = tuple(a for a in arms if not (it_seeds >= 2 and a == "it_seed2"))
+    if "noise_ceiling" in baselines:
+        arms += tuple(a for a in (("it_seed2",) if it_seeds < 2 else ()) + ("icl_reordered",) if a not in arms)
     return arms
+
+
+def seed_arm(offset: int) -> str:
+    """The arm name of tuning seed ``offset`` ≥ 1 of the ``it`` arm: ``it_seed2``, ``it_seed3`` …"""
+    return f"it_seed{offset + 1}"
 
 
 @dataclass
@@ -165,6 +171,7 @@ def evaluate(
     progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
     baselines: Sequence[str] = (),
     memory: Mapping[str, Any] | None = None,
+    it_seeds: int = 1,
 ) -> Evaluated:
     """Run the arms on ``draws``: the states and outputs of one chunk of trials.
 
@@ -176,16 +183,20 @@ def evaluate(
     IT states and answers after each of those steps (``it:stepS``; trial key ``dose``).
     ``memory``: overrides of the batched IT path's memory plan — ``memory_budget`` ("8GiB"),
     ``adapters_per_pass``, ``max_train_tokens`` (see :mod:`iclit.engine.memory`).
+    ``it_seeds``: tuning seeds per demonstration set, trained in one pass; seed j ≥ 1 is
+    stored as the arm ``it_seed{j+1}`` (:func:`seed_arm`).
     """
     max_new_tokens = min(max_new_tokens, t.max_new_tokens or max_new_tokens)  # the task's own cap
     preflight(lm, t, draws, recipe, demo_template, max_new_tokens)
     torch.manual_seed(seed)
     ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template, fast=fast,
-                     query_mean="query_mean" in baselines, **dict(memory or {}))
+                     query_mean="query_mean" in baselines, it_seeds=it_seeds, **dict(memory or {}))
     outputs: dict[str, ArmOutput] = {}
-    for arm in run_arms(arms, baselines):
+    for arm in run_arms(arms, baselines, it_seeds):
         advance = progress(arm, len(draws)) if progress else None
         outputs[arm] = get_arm(arm)(replace(ctx, advance=advance or (lambda n: None)))
+        if arm == "it":
+            outputs.update({seed_arm(j): o for j, o in sorted(outputs[arm].seeds.items())})
 
     states: dict[str, torch.Tensor] = {}
     for arm, o in outputs.items():
@@ -210,6 +221,8 @@ def evaluate(
     for i, r in enumerate(draws):
         trial: dict[str, Any] = {
             "resample": r.index,
+            "set": r.set_id,
+            "slot": r.slot,
             "query_id": r.query.id,
             "query": r.query.input,
             "gold": r.query.output,
@@ -236,5 +249,7 @@ def evaluate(
                 "predictions": [by_step[s].predictions[i] for s in steps],
                 "score": [score(t, [by_step[s].predictions[i]], [r.query.output])[0] for s in steps],
             }
+            if t.kind == "classification":
+                trial["dose"]["label_probs"] = [[round(float(p), 6) for p in by_step[s].label_probs[i]] for s in steps]
         trials.append(trial)
     return Evaluated(states, trials, scores, outputs)

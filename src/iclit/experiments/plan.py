@@ -1,18 +1,21 @@
 """From a spec to trials: cells (one combination of factor values), trials and chunks.
 
-A **trial** is one resample of one cell under one seed. Its key is the sha256 of the
+A **trial** is one (query, demonstration set) pair of one cell under one seed. A cell draws
+``resamples`` demonstration sets and reads each with ``queries_per_set`` queries (the crossed
+design, :func:`iclit.tasks.draw_sets`): trial ``resample = set * queries_per_set + slot``. Its key is the sha256 of the
 canonical JSON of everything that determines it (:meth:`PlannedCell.settings` plus the seed
 and the resample index): the model name, the task and a hash of its data, the query
 template (instruction included), the demonstrations' task and template, k, how the
 demonstrations are chosen (sampler or similarity mode), the wrong-label fraction, the IT
-recipe, the arms, the batch settings and the chunking; the baselines and a data file's
-``task_options`` only when given, so the keys of specs without them stay as they were. A
-finished trial is never recomputed.
+recipe, the arms, the batch settings and the chunking; the baselines, a data file's
+``task_options`` and the crossed design (``queries_per_set``, ``sets_per_query``) only when
+given, so the keys of one-query-per-set specs without them stay as they were. A finished
+trial is never recomputed.
 
-Trials run in **chunks**: resample indices ``[0, c)``, ``[c, 2c)``, … of a (cell, seed), with
-``c = spec.chunk_size``. The chunks are fixed by the spec (not by what is already done), so
+Trials run in **chunks**: the pairs of sets ``[0, c)``, ``[c, 2c)``, … of a (cell, seed), with
+``c = spec.chunk_size`` (sets; with one query per set, resamples). The chunks are fixed by the spec (not by what is already done), so
 a resumed run feeds the model exactly the batches an uninterrupted one would, and computes
-the same numbers. Draws depend only on (cell, seed, resample index).
+the same numbers. Draws depend only on (cell, seed, set index).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 from iclit.experiments.spec import FACTORS, ExperimentSpec, factor_label
-from iclit.tasks import Resample, Sampler, Task, Template, draw_resamples, get_sampler, resolve_task
+from iclit.tasks import Resample, Sampler, Task, Template, draw_sets, get_sampler, resolve_task
 from iclit.tasks.samplers import MostSimilarSampler, LeastSimilarSampler, WrongLabelSampler, default_sampler_name
 from iclit.tuning import TuningRecipe
 
@@ -83,6 +86,8 @@ class PlannedCell:
     recipe: TuningRecipe
     settings: dict[str, Any] = field(repr=False)
     key: str = ""
+    queries_per_set: int = 1
+    sets_per_query: int = 1
 
     def chooser(self) -> Sampler:
         """The sampler that draws this cell's demonstrations."""
@@ -99,7 +104,7 @@ class PlannedCell:
         return base
 
     def draws(self, seed: int, indices: Sequence[int]) -> list[Resample]:
-        """The resamples ``indices`` of this cell under ``seed`` (the same whatever else is drawn)."""
+        """The resamples (pairs) ``indices`` of this cell under ``seed`` (the same whatever else is drawn)."""
         if not indices:
             return []
         if self.similarity != "random":
@@ -108,7 +113,9 @@ class PlannedCell:
             embed_examples(self.task.examples)  # one batch, cached on disk
             if self.demo_task is not None:
                 embed_examples(self.demo_task.examples)
-        every = draw_resamples(self.task, self.k, max(indices) + 1, seed, self.chooser(), demo_task=self.demo_task)
+        n_sets = max(indices) // self.queries_per_set + 1
+        every = draw_sets(self.task, self.k, n_sets, self.queries_per_set, seed, self.chooser(), demo_task=self.demo_task,
+                          sets_per_query=self.sets_per_query)
         return [every[i] for i in indices]
 
 
@@ -157,6 +164,10 @@ class Plan:
             "design": spec.design,
             "seeds": list(spec.seeds),
             "resamples": spec.resamples,
+            "queries_per_set": spec.queries_per_set,
+            "sets_per_query": spec.query_sharing,
+            "pairs": spec.pairs,
+            "equivalence_margin": spec.equivalence_margin,
             "cells": [{"key": c.key, "labels": c.labels} for c in self.cells],
             "n_trials": self.n_trials,
         }
@@ -228,12 +239,18 @@ def _cell(spec: ExperimentSpec, values: dict[str, Any], tasks: dict[Any, Task]) 
         settings["baselines"] = sorted(spec.baselines)
     if spec.task_options is not None:  # likewise: how a data file became the task
         settings["task_options"] = spec.task_options.to_dict()
+    if spec.queries_per_set > 1 or spec.query_sharing > 1:  # likewise: the crossed design
+        settings["queries_per_set"] = spec.queries_per_set
+        settings["sets_per_query"] = spec.query_sharing
+    if spec.it_seeds > 1:
+        settings["it_seeds"] = spec.it_seeds
     labels = {n: _label(spec, n, values[n]) for n in FACTORS}
     labels["task"] = spec.task
     return PlannedCell(
         labels=labels, model=values["model"], task=task, demo_task=demo_task, demo_template=demo_template,
         k=int(values["k"]), similarity=similarity, wrong_labels=float(values["wrong_labels"]), sampler=sampler,
         recipe_label=recipe_label, recipe=recipe, settings=settings, key=_sha(settings),
+        queries_per_set=spec.queries_per_set, sets_per_query=spec.query_sharing,
     )
 
 
@@ -256,12 +273,12 @@ def make_plan(spec: ExperimentSpec) -> Plan:
             cells.append(cell)
     models = list(dict.fromkeys(c.model for c in cells))
     chunks: list[Chunk] = []
-    size = spec.chunk_size
+    size, q = spec.chunk_size, spec.queries_per_set
     for model in models:
         for cell in (c for c in cells if c.model == model):
             for seed in spec.seeds:
                 for number, start in enumerate(range(0, spec.resamples, size)):
-                    idx = tuple(range(start, min(start + size, spec.resamples)))
+                    idx = tuple(range(start * q, min(start + size, spec.resamples) * q))
                     keys = tuple(trial_key(cell.settings, seed, i) for i in idx)
                     chunks.append(Chunk(cell, seed, number, idx, keys))
     return Plan(spec, cells, chunks)

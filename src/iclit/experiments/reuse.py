@@ -117,7 +117,8 @@ def _part_of_larger_chunk(src: Store, chunk: Chunk) -> bool:
     """The source also holds resamples of the chunk's window ``[n·c, (n+1)·c)`` that the chunk
     lacks: there the chunk was computed with more trials (a source run with more resamples,
     so a longer last chunk), and its batched passes differed."""
-    size = int(chunk.cell.settings.get("chunk_size") or len(chunk.resamples))
+    q = int(chunk.cell.settings.get("queries_per_set", 1))
+    size = int(chunk.cell.settings.get("chunk_size") or len(chunk.resamples) // q) * q  # pairs of chunk_size sets
     lo = chunk.number * size
     held = src.resamples_of(chunk.cell.key, chunk.seed, lo, lo + size)
     return bool(held - set(chunk.resamples))

@@ -366,7 +366,7 @@ class Store:
         seeds = [int(s) for s in plan["seeds"]]
         cond = (f"t.cell_key IN ({','.join('?' * len(cells))}) AND t.seed IN ({','.join('?' * len(seeds))}) "
                 f"AND t.resample < ?")
-        return cond, [*cells, *seeds, int(plan["resamples"])]
+        return cond, [*cells, *seeds, int(plan.get("pairs", plan["resamples"]))]
 
     def _with_labels(self, df: pd.DataFrame) -> pd.DataFrame:
         cells = self._cells()
@@ -398,7 +398,7 @@ class Store:
     def outputs(self, plan: Mapping[str, Any] | None = None) -> pd.DataFrame:
         """One row per trial: factor values, seed, resample, query, gold, per-arm prediction
         and score (``score_<arm>``), IT final loss and per-step losses, demo similarity, wrong
-        labels; the dose record (``dose``) when stored."""
+        labels; the label distributions (``label_probs``) and the dose record (``dose``) when stored."""
         cond, args = self._selection(plan)
         rows = self.conn.execute(
             "SELECT t.trial_key, t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, "
@@ -421,6 +421,8 @@ class Store:
             row["it_final_loss"] = outputs.get("it_final_loss")
             row["it_fitted"] = outputs.get("it_fitted")  # final IT answer loss under the engine's FIT_LOSS
             row["it_losses"] = outputs.get("it_losses")
+            if "label_probs" in outputs:  # classification: arm → {label: probability}
+                row["label_probs"] = outputs["label_probs"]
             if "dose" in outputs:  # recipe capture_steps: IT steps read, answers and scores after each
                 row["dose"] = outputs["dose"]
             row["seconds"] = seconds

@@ -120,6 +120,7 @@ class ChunkJob:
     baselines: tuple[str, ...] = ()
     memory: dict[str, Any] = field(default_factory=dict)
     """Overrides of the IT path's memory plan (memory_budget, adapters_per_pass, max_train_tokens)."""
+    it_seeds: int = 1
 
 
 @dataclass
@@ -159,11 +160,13 @@ def make_job(chunk: Chunk, spec: ExperimentSpec) -> ChunkJob:
     record = spec.records_similarity
     return ChunkJob(
         model=cell.model, device=spec.device, dtype=spec.dtype, task=cell.task, demo_template=cell.demo_template,
-        draws=draws, recipe=cell.recipe, seed=chunk.seed, arms=run_arms(spec.arms, spec.baselines), batch_size=spec.batch_size,
+        draws=draws, recipe=cell.recipe, seed=chunk.seed, arms=run_arms(spec.arms, spec.baselines, spec.it_seeds),
+        batch_size=spec.batch_size,
         max_new_tokens=spec.max_new_tokens, cell_key=cell.key, keys=chunk.keys,
         extras=[_extras(d, record) for d in draws], fast=spec.fast, baselines=tuple(spec.baselines),
         memory={k: getattr(spec, k) for k in ("memory_budget", "adapters_per_pass", "max_train_tokens")
                 if getattr(spec, k) is not None},
+        it_seeds=spec.it_seeds,
     )
 
 
@@ -175,7 +178,7 @@ def execute(job: ChunkJob, lm: Any, progress: Callable[[str, int], Any] | None =
     result = evaluate(
         lm, job.task, job.draws, recipe=job.recipe, seed=job.seed, batch_size=job.batch_size,
         max_new_tokens=job.max_new_tokens, arms=job.arms, demo_template=job.demo_template, fast=job.fast,
-        progress=progress, baselines=job.baselines, memory=job.memory,
+        progress=progress, baselines=job.baselines, memory=job.memory, it_seeds=job.it_seeds,
     )
     seconds = (time.perf_counter() - start) / max(1, len(job.draws))
     score_name = job.task.score_name  # correct, exact_match or chrf

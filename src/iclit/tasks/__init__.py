@@ -28,6 +28,8 @@ from .samplers import (
     SimilaritySampler,
     WrongLabelSampler,
     draw_resamples,
+    draw_sets,
+    set_queries,
     get_sampler,
     register_sampler,
 )
@@ -68,4 +70,6 @@ __all__ = [
     "register_sampler",
     "get_sampler",
     "draw_resamples",
+    "draw_sets",
+    "set_queries",
 ]

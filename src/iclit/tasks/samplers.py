@@ -43,6 +43,8 @@ __all__ = [
     "register_sampler",
     "get_sampler",
     "draw_resamples",
+    "draw_sets",
+    "set_queries",
 ]
 
 
@@ -53,6 +55,16 @@ class Resample:
     index: int
     query: Example
     demonstrations: tuple[Example, ...]
+    set_index: int | None = None
+    """The demonstration set (:func:`draw_sets`): resamples of one set share their
+    demonstrations, one ICL prefix and one IT adapter. None: its own set (``index``)."""
+    slot: int = 0
+    """The query's place among its set's queries."""
+
+    @property
+    def set_id(self) -> int:
+        """The demonstration set this resample belongs to."""
+        return self.index if self.set_index is None else self.set_index
 
 
 class Sampler:
@@ -63,22 +75,30 @@ class Sampler:
 
     name: str = "base"
 
-    def select(self, query: Example, pool: Sequence[Example], k: int, rng: np.random.Generator) -> list[Example]:
-        """``k`` demonstrations from ``pool`` (the query itself is never chosen), in prompt order."""
+    def select(self, query: Example | Sequence[Example], pool: Sequence[Example], k: int,
+               rng: np.random.Generator) -> list[Example]:
+        """``k`` demonstrations from ``pool``, in prompt order. ``query``: one query, or the
+        queries of a crossed set (:func:`draw_sets`), none of which is ever chosen (told apart
+        by ``id`` and by input text)."""
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        candidates = [e for e in pool if e.id != query.id]
+        queries = [query] if isinstance(query, Example) else list(query)
+        ids, texts = {q.id for q in queries}, {q.input for q in queries}
+        candidates = [e for e in pool if e.id not in ids and e.input not in texts]
         if len(candidates) < k:
+            names = ", ".join(repr(q.id) for q in queries[:5])
             raise TaskDataError(
-                f"cannot draw {k} demonstrations for query {query.id!r}: only {len(candidates)} other examples"
+                f"cannot draw {k} demonstrations for {'query' if len(queries) == 1 else 'queries'} {names}: "
+                f"only {len(candidates)} other examples"
             )
         if k == 0:
             return []
-        return self.choose(query, candidates, k, rng)
+        return self.choose(queries[0] if len(queries) == 1 else queries, candidates, k, rng)
 
     def choose(
-        self, query: Example, candidates: list[Example], k: int, rng: np.random.Generator
+        self, query: Example | list[Example], candidates: list[Example], k: int, rng: np.random.Generator
     ) -> list[Example]:
+        """``query``: the query, or the list of a crossed set's queries."""
         raise NotImplementedError
 
 
@@ -88,7 +108,7 @@ class RandomSampler(Sampler):
     name = "random"
 
     def choose(
-        self, query: Example, candidates: list[Example], k: int, rng: np.random.Generator
+        self, query: Example | list[Example], candidates: list[Example], k: int, rng: np.random.Generator
     ) -> list[Example]:
         idx = rng.choice(len(candidates), size=k, replace=False)
         return [candidates[int(i)] for i in idx]
@@ -105,7 +125,7 @@ class BalancedSampler(Sampler):
     name = "balanced"
 
     def choose(
-        self, query: Example, candidates: list[Example], k: int, rng: np.random.Generator
+        self, query: Example | list[Example], candidates: list[Example], k: int, rng: np.random.Generator
     ) -> list[Example]:
         groups: dict[str, list[int]] = {}
         for i, e in enumerate(candidates):
@@ -130,8 +150,9 @@ class BalancedSampler(Sampler):
 class SimilaritySampler(Sampler):
     """The ``k`` candidates most (``mode="most"``) or least (``"least"``) similar to the query.
 
-    Similarity is the cosine of sentence embeddings of the inputs (``all-MiniLM-L6-v2``).
-    Ties go to the earlier candidate. In the prompt the chosen demonstrations are ordered by
+    Similarity is the cosine of sentence embeddings of the inputs (``all-MiniLM-L6-v2``); for
+    the several queries of a crossed set (:func:`draw_sets`) it is the mean cosine to the
+    set's queries, so one set is the most (least) similar to its queries on average. Ties go to the earlier candidate. In the prompt the chosen demonstrations are ordered by
     increasing similarity, so the most similar of them stands next to the query. The ``rng``
     is not used: the choice depends only on the query and the pool.
     """
@@ -144,12 +165,13 @@ class SimilaritySampler(Sampler):
         self.mode = mode
 
     def choose(
-        self, query: Example, candidates: list[Example], k: int, rng: np.random.Generator
+        self, query: Example | list[Example], candidates: list[Example], k: int, rng: np.random.Generator
     ) -> list[Example]:
         from .embed import embed
 
-        vectors = embed([query.input, *(c.input for c in candidates)])
-        sims = vectors[1:] @ vectors[0]
+        queries = [query] if isinstance(query, Example) else list(query)
+        vectors = embed([*(q.input for q in queries), *(c.input for c in candidates)])
+        sims = (vectors[len(queries):] @ vectors[: len(queries)].T).mean(axis=1)
         key = -sims if self.mode == "most" else sims
         chosen = np.argsort(key, kind="stable")[:k]
         ordered = sorted(chosen.tolist(), key=lambda i: (float(sims[i]), i))
@@ -199,7 +221,7 @@ class WrongLabelSampler(Sampler):
         self.labels = tuple(labels) if labels is not None else None
 
     def choose(
-        self, query: Example, candidates: list[Example], k: int, rng: np.random.Generator
+        self, query: Example | list[Example], candidates: list[Example], k: int, rng: np.random.Generator
     ) -> list[Example]:
         demos = self.base.choose(query, candidates, k, rng)
         n_wrong = wrong_count(self.fraction, len(demos))
@@ -285,3 +307,94 @@ def draw_resamples(
         demos = chooser.select(query, source.examples, k, rng)
         resamples.append(Resample(index=i, query=query, demonstrations=tuple(demos)))
     return resamples
+
+
+def set_queries(task: Task, n_blocks: int, per_block: int, seed: int) -> list[list[Example]]:
+    """The queries of ``n_blocks`` query blocks of ``per_block`` distinct queries each.
+
+    The queries come from ``default_rng(seed).permutation(len(task))`` in order (the order
+    of :func:`draw_resamples`), one block after another; where the task has labels, a block
+    takes at most ``ceil(per_block / n_labels)`` queries of one label (label-balanced), and a
+    query skipped for that is the first one offered to the next block. When every example
+    has been used, the permutation starts again (queries then repeat across blocks, never
+    within one). With ``per_block = 1`` block ``b`` is query ``b`` of :func:`draw_resamples`.
+    """
+    examples = task.examples
+    if per_block > len(examples):
+        raise TaskDataError(f"task {task.name!r}: a set of {per_block} distinct queries needs {per_block} examples, "
+                            f"but it has only {len(examples)}")
+    order = [examples[int(i)] for i in np.random.default_rng(seed).permutation(len(examples))]
+    labels = task.labels if task.kind == "classification" and task.labels else None
+    cap = -(-per_block // len(labels)) if labels else per_block
+    stream = iter(())
+    pending: list[Example] = []
+    blocks: list[list[Example]] = []
+
+    def fresh() -> Example:
+        nonlocal stream
+        for e in stream:
+            return e
+        stream = iter(order)
+        return next(stream)
+
+    for _ in range(n_blocks):
+        block: list[Example] = []
+        counts: dict[str, int] = {}
+        tried: list[Example] = []
+        offered = 0
+        while len(block) < per_block:
+            e = pending.pop(0) if pending else fresh()
+            offered += 1
+            if offered > 2 * len(examples) + per_block:
+                raise TaskDataError(f"task {task.name!r}: cannot fill a label-balanced set of {per_block} queries")
+            if any(b.id == e.id or b.input == e.input for b in block) or (labels and counts.get(e.output, 0) >= cap):
+                tried.append(e)
+                continue
+            block.append(e)
+            counts[e.output] = counts.get(e.output, 0) + 1
+        pending = tried + pending
+        blocks.append(block)
+    return blocks
+
+
+def draw_sets(
+    task: Task,
+    k: int,
+    n_sets: int,
+    queries_per_set: int,
+    seed: int,
+    sampler: str | Sampler | None = None,
+    *,
+    demo_task: Task | None = None,
+    sets_per_query: int = 1,
+) -> list[Resample]:
+    """The crossed design: ``n_sets`` demonstration sets of ``k`` demonstrations, each read
+    with ``queries_per_set`` queries; ``n_sets * queries_per_set`` resamples, set by set
+    (resample ``index = set * queries_per_set + slot``).
+
+    Consecutive groups of ``sets_per_query`` sets share their queries (a query block, from
+    :func:`set_queries`), so every query is read under that many demonstration sets — the
+    demo-swap null compares them. Set ``s`` draws its demonstrations with a generator seeded
+    by ``SeedSequence(seed, spawn_key=(s,))``, never among its block's queries (by id or
+    text). With one query per set and ``sets_per_query = 1`` this is exactly
+    :func:`draw_resamples` (the same queries, demonstrations and indices).
+    """
+    if queries_per_set < 1 or sets_per_query < 1:
+        raise ValueError(f"queries_per_set and sets_per_query must be >= 1, got {queries_per_set}, {sets_per_query}")
+    if k < 0 or n_sets < 0:
+        raise ValueError(f"k and n_sets must be >= 0, got k={k}, n_sets={n_sets}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    source = demo_task if demo_task is not None else task
+    check_enough(source, k)
+    chooser = get_sampler(sampler if sampler is not None else default_sampler_name(source))
+    n_blocks = -(-n_sets // sets_per_query)
+    blocks = set_queries(task, n_blocks, queries_per_set, seed)
+    out: list[Resample] = []
+    for s in range(n_sets):
+        queries = blocks[s // sets_per_query]
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(s,)))
+        demos = tuple(chooser.select(queries, source.examples, k, rng))
+        out += [Resample(index=s * queries_per_set + j, query=q, demonstrations=demos, set_index=s, slot=j)
+                for j, q in enumerate(queries)]
+    return out

@@ -61,7 +61,23 @@ class ExperimentSpec(BaseModel):
                     _none_is(REQUIRED_ARMS)] = Field(
         REQUIRED_ARMS, description="arms to run; must include anchor, icl and it (it_seed2: IT with another seed)")
     k: NonNegInt = Field(4, description="demonstrations per resample (0: zero-shot, every arm reads the query alone)")
-    resamples: PosInt = Field(8, description="(query, demonstrations) draws per cell and seed")
+    resamples: PosInt = Field(8, description="demonstration sets drawn per cell and seed (with one query per set: "
+                                             "the (query, demonstrations) draws)")
+    queries_per_set: PosInt = Field(1, description="queries read with each demonstration set (the crossed design): one "
+                                                   "ICL prefix and one IT adapter answer them all; distinct, never among "
+                                                   "the set's demonstrations, label-balanced; 1: one query per set")
+    sets_per_query: Annotated[Annotated[int, Strict(), Field(ge=1)] | None, expect(
+        message="must be a positive integer or null, not {got}")] = Field(
+        None, description="demonstration sets that share the same queries (the demo-swap null compares a query's arms "
+                          "across them); null: 1 with one query per set, else 2")
+    it_seeds: PosInt = Field(1, description="IT adapters per demonstration set, each with its own seed (LoRA init, data "
+                                            "order, dropout), trained in the same batched pass: `it` is seed 1's, "
+                                            "it_seed2 … the others'; their spread is the IT seed noise")
+    equivalence_margin: Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False),
+                                  expect("a number in (0, 1]")] = Field(
+        0.02, description="declared before the run: the largest difference of mean cosines that counts as no effect "
+                          "(the equivalence test, TOST, of each null's excess); an excess whose 90% CI lies inside "
+                          "±margin is 'equivalent', one whose CI excludes 0 is an effect, anything else 'inconclusive'")
     seed: Annotated[NonNegInt | None, BeforeValidator(_no_both), expect("an integer >= 0")] = Field(
         None, description="one seed: the same as `seeds: [seed]`", exclude=True)
     seeds: _values(NonNegInt, "a seed", "a non-empty list of integers >= 0") = Field((0,), description="seeds of the draws and the tuning")
@@ -211,6 +227,18 @@ class ExperimentSpec(BaseModel):
         return type(self)(**{**fields, **changes})
 
     # --- what the plan needs ------------------------------------------------------------
+
+    @property
+    def query_sharing(self) -> int:
+        """Sets per query block (``sets_per_query`` resolved)."""
+        if self.sets_per_query is not None:
+            return self.sets_per_query
+        return 1 if self.queries_per_set == 1 else 2
+
+    @property
+    def pairs(self) -> int:
+        """(query, demonstration set) pairs per cell and seed: ``resamples * queries_per_set``."""
+        return self.resamples * self.queries_per_set
 
     def factor_values(self, name: str) -> tuple[FactorValue, ...]:
         """The values of a factor: its list if it is varied, else its base value alone."""

@@ -1,0 +1,144 @@
+"""Whole-cell analyses from a run's stored states and outputs: the nulls' tests
+(:mod:`iclit.analysis.nulls`), the geometry of each arm pair across all of a cell's queries
+(debiased linear CKA and RSA, each with a permutation null), and behaviour beside every number
+(each arm's score, and prediction agreement and label-distribution KL between arms, also
+under each null).
+
+Every cell is analysed over all its seeds together (units are (seed, set, query); the
+bootstrap's top level is the (seed, query block)).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from iclit.analysis import inference
+from iclit.analysis.nulls import NULLS, TEST_COLUMNS, Units, adjust_family, null_tests, strata, unit_rows
+
+__all__ = ["GEOMETRY_PAIRS", "GEOMETRY_COLUMNS", "BEHAVIOUR_COLUMNS", "cell_tables", "geometry", "behaviour"]
+
+GEOMETRY_PAIRS: dict[str, tuple[str, str]] = {"anchor_icl": ("anchor", "icl"), "anchor_it": ("anchor", "it"),
+                                              "icl_it": ("icl", "it")}
+GEOMETRY_COLUMNS = ("cell_key", "pair", "measure", "layer", "value", "null_mean", "p", "p_adj", "n")
+"""measure: ``cka`` (debiased linear CKA, unbiased HSIC) or ``rsa`` (Spearman between the
+query × query cosine matrices of the two arms); null_mean, p: the permutation null (rows of
+one arm permuted; RSA: Mantel), one-sided (greater); p_adj: max-T over layers."""
+BEHAVIOUR_COLUMNS = ("cell_key", "pair", "measure", "null", "observed", "null_mean", "diff", "ci_low", "ci_high", "p",
+                     "p_holm", "q_bh", "tost_low", "tost_high", "p_tost", "verdict", "n_units")
+"""measure: ``agreement`` (same prediction) or ``kl`` (KL(first ‖ second) of the label
+distributions, classification only); null ``none``: the arms' own value (diff = observed);
+query_swap / demo_swap: as for the cosines (:mod:`iclit.analysis.nulls`), so a negative KL
+diff means the matched arms' answers are closer than swapped ones. Holm/BH over the cell's
+behaviour tests."""
+
+
+def geometry(states: Mapping[str, np.ndarray], *, n_perm: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Debiased CKA and RSA of each arm pair across all the cell's trials, per layer."""
+    rows = []
+    n = len(states["anchor"])
+    for pair, (a, b) in GEOMETRY_PAIRS.items():
+        for measure, fn in (("cka", inference.cka_permutation_test), ("rsa", inference.rsa_per_layer)):
+            res = fn(states[a], states[b], n_perm=n_perm, seed=seed)
+            null = res.get("null_mean", np.full(len(res["value"]), np.nan))
+            rows += [{"pair": pair, "measure": measure, "layer": layer, "value": float(v), "null_mean": float(m),
+                      "p": float(p), "p_adj": float(q), "n": n}
+                     for layer, (v, m, p, q) in enumerate(zip(res["value"], null, res["p"], res["p_maxT"]))]
+    return pd.DataFrame(rows)
+
+
+def _label_probs(outputs: pd.DataFrame, arm: str, labels: list[str]) -> np.ndarray | None:
+    if "label_probs" not in outputs.columns:
+        return None
+    probs = [(row or {}).get(arm) if isinstance(row, Mapping) else None for row in outputs["label_probs"]]
+    if any(p is None for p in probs):
+        return None
+    return np.asarray([[p[label] for label in labels] for p in probs], dtype=np.float64)
+
+
+def behaviour(outputs: pd.DataFrame, units: Units, *, margin: float, n_perm: int = 1000, n_boot: int = 1000,
+              seed: int = 0) -> pd.DataFrame:
+    """Agreement and KL between arms (outputs: the cell's rows in ``units`` order)."""
+    from iclit.analysis.outputs import kl_divergence
+
+    arms = [a for a in ("anchor", "icl", "it") if f"prediction_{a}" in outputs.columns]
+    labels = None
+    if "label_probs" in outputs.columns and isinstance(outputs["label_probs"].iloc[0], Mapping):
+        labels = sorted(next(iter(outputs["label_probs"].iloc[0].values())))
+    blocks = units.block_ids()
+    rows: list[dict[str, Any]] = []
+    for a, b in (("anchor", "icl"), ("anchor", "it"), ("icl", "it")):
+        if a not in arms or b not in arms:
+            continue
+        pa, pb = outputs[f"prediction_{a}"].to_numpy(dtype=object), outputs[f"prediction_{b}"].to_numpy(dtype=object)
+        measures = {"agreement": lambda i, j: (pa[i][:, None] == pb[j][None, :]).astype(np.float64)}
+        qa, qb = (_label_probs(outputs, a, labels), _label_probs(outputs, b, labels)) if labels else (None, None)
+        if qa is not None and qb is not None:
+            measures["kl"] = lambda i, j: kl_divergence(qa[i][:, None, :], qb[j][None, :, :])
+        for measure, fn in measures.items():
+            every = np.arange(len(units))
+            own = np.diag(fn(every, every))
+            lo, hi = inference.hierarchical_bootstrap(own, blocks, n_boot=n_boot, seed=seed)
+            rows.append({"pair": f"{a}_{b}", "measure": measure, "null": "none", "observed": float(own.mean()),
+                         "null_mean": np.nan, "diff": float(own.mean()), "ci_low": lo, "ci_high": hi, "p": np.nan,
+                         "n_units": len(own), "p_tost": np.nan})
+            for null in NULLS:
+                if a == "anchor" and null == "demo_swap":
+                    continue
+                groups = strata(units, null)
+                if not groups:
+                    continue
+                res = inference.pairing_test([fn(g, g)[:, :, None] for g in groups], n_perm=n_perm, seed=seed)
+                order = unit_rows(groups, res)
+                d = res.unit_diff[:, 0]
+                lo, hi = inference.hierarchical_bootstrap(d, blocks[order], n_boot=n_boot, seed=seed)
+                tost = inference.tost(d, blocks[order], margin)
+                rows.append({"pair": f"{a}_{b}", "measure": measure, "null": null, "observed": float(res.observed[0]),
+                             "null_mean": float(res.null[0]), "diff": float(res.diff[0]), "ci_low": lo, "ci_high": hi,
+                             "p": float(res.p[0]), "tost_low": float(tost.ci_low), "tost_high": float(tost.ci_high),
+                             "p_tost": float(tost.p), "n_units": int(res.n_units)})
+    if not rows:
+        return pd.DataFrame(columns=[c for c in BEHAVIOUR_COLUMNS if c != "cell_key"])
+    df = pd.DataFrame(rows)
+    df["ci_low"], df["ci_high"] = df["ci_low"].astype(float), df["ci_high"].astype(float)
+    tested = df["null"] != "none"
+    adjusted = adjust_family(df[tested].assign(_family=0), by=("_family",))
+    for col in ("p_holm", "q_bh", "verdict"):
+        df[col] = adjusted[col] if col != "verdict" else adjusted[col].reindex(df.index).fillna("")
+    return df
+
+
+def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame, settings: Mapping[str, Mapping[str, Any]],
+                *, margin: float, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """``tests`` (:data:`iclit.analysis.nulls.TEST_COLUMNS`), ``geometry``
+    (:data:`GEOMETRY_COLUMNS`) and ``behaviour`` (:data:`BEHAVIOUR_COLUMNS`) of every cell of
+    ``trials`` (rows with stored states), each with a leading ``cell_key`` column."""
+    from iclit.analysis.states import read_states
+
+    parts: dict[str, list[pd.DataFrame]] = {"tests": [], "geometry": [], "behaviour": []}
+    for cell, sub in trials.groupby("cell_key", sort=True):
+        sub = sub.sort_values(["seed", "resample"], kind="stable")
+        cell_settings = settings.get(cell, {})
+        out = outputs.set_index("trial_key").loc[sub["trial_key"]].reset_index()
+        kind = (cell_settings.get("task") or {}).get("kind")
+        units = Units.from_trials(sub, cell_settings, out["gold"].tolist() if kind == "classification" else None)
+        states = read_states(run_dir, sub)
+        arrays = {a: states[a] for a in ("anchor", "icl", "it")}
+        reference = states.reference.get(cell)
+        centrings = ("raw", "anchor", "reference") if reference is not None else ("raw", "anchor")
+        found = {
+            "tests": null_tests(arrays, units, margin=margin, centrings=centrings, reference=reference, n_perm=n_perm,
+                                n_boot=n_boot, seed=seed),
+            "geometry": geometry(arrays, n_perm=n_perm, seed=seed) if len(sub) >= 4 else pd.DataFrame(),
+            "behaviour": behaviour(out, units, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed),
+        }
+        for name, df in found.items():
+            if len(df):
+                parts[name].append(df.assign(cell_key=cell))
+    columns = {"tests": ("cell_key", *TEST_COLUMNS),
+               "geometry": GEOMETRY_COLUMNS, "behaviour": BEHAVIOUR_COLUMNS}
+    return {name: (pd.concat(dfs, ignore_index=True)[list(columns[name])] if dfs else pd.DataFrame(columns=list(columns[name])))
+            for name, dfs in parts.items()}
