@@ -66,15 +66,18 @@ def test_every_baseline_is_stored_per_trial_and_layer(cell, cos, lm):
     assert set(cell.scores) == {"anchor", "icl", "it", "it_seed2", "icl_reordered"}  # accuracy of the extra arms too
 
 
-def test_centered_cosine_subtracts_the_reference_mean(cell, cos, lm):
+def test_centered_cosines_subtract_the_task_anchor_mean_or_the_reference_mean(cell, cos, lm):
     mean = capture(lm.model, lm.tokenizer, reference_prompts()).states.double().mean(0)
     assert torch.allclose(reference_mean(lm).double(), mean, atol=1e-5)
     assert reference_mean(lm) is reference_mean(lm)  # memoised per loaded model
     s = _states(cell)
+    anchor_mean = s["anchor"].double().mean(0)  # the task's own anchor states, over the trials compared
     for pair in PAIRS:
         left, right = pair.split("_")
-        want = centered_cosine_per_layer(s[left], s[right], mean).numpy()
+        want = centered_cosine_per_layer(s[left], s[right], anchor_mean).numpy()
         np.testing.assert_allclose(cos[f"{pair}_centered"], want, atol=1e-5)
+        want = centered_cosine_per_layer(s[left], s[right], mean).numpy()
+        np.testing.assert_allclose(cos[f"{pair}_centered_ref"], want, atol=1e-5)
 
 
 def test_centered_cosine_with_a_known_mean():
@@ -85,10 +88,14 @@ def test_centered_cosine_with_a_known_mean():
     raw = cosine_per_layer(a, b)
     assert float(raw[0, 0]) > 0.99
     out = baseline_cosines(states, ["centered"], reference_mean=m)
+    assert float(out["icl_it_centered_ref"][0, 0]) == pytest.approx(0.0, abs=1e-12)
+    assert float(out["anchor_icl_centered_ref"][0, 0]) == pytest.approx(1.0)
+    # the task-anchor mean of two trials sharing the rogue direction removes it too
+    two = {k: torch.cat([v, v + torch.tensor([0.0, 0.0, 0.0])[None, None]]) for k, v in states.items()}
+    two["anchor"] = torch.cat([m[None] + torch.tensor([[[0.0, 1.0, 0.0]]]), m[None] - torch.tensor([[[0.0, 1.0, 0.0]]])])
+    out = baseline_cosines(two, ["centered"])
+    assert "icl_it_centered_ref" not in out  # no reference mean given
     assert float(out["icl_it_centered"][0, 0]) == pytest.approx(0.0, abs=1e-12)
-    assert float(out["anchor_icl_centered"][0, 0]) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="reference_mean"):
-        baseline_cosines(states, ["centered"])
     with pytest.raises(ValueError, match="unknown"):
         baseline_cosines(states, ["nope"])
 
@@ -105,7 +112,8 @@ def test_shuffled_pairs_icl_i_with_it_of_the_next_trial(cell, cos):
 
 
 def test_noise_ceiling_arm_is_it_with_another_seed(cell, cos):
-    assert run_arms(("anchor", "icl", "it"), ["noise_ceiling"]) == ("anchor", "icl", "it", "it_seed2")
+    assert run_arms(("anchor", "icl", "it"), ["noise_ceiling"]) == ("anchor", "icl", "it", "it_seed2", "icl_reordered")
+    assert run_arms(("anchor", "icl", "it"), ["noise_ceiling"], it_seeds=2) == ("anchor", "icl", "it", "icl_reordered")
     assert run_arms(("anchor", "icl", "it"), ["centered"]) == ("anchor", "icl", "it")
     it, it2 = cell.outputs["it"].states, cell.outputs["it_seed2"].states
     assert not torch.allclose(it[:, 1:], it2[:, 1:])  # another LoRA init: other states

@@ -57,8 +57,6 @@ def group_cosines(states: States, rows: np.ndarray, baselines: Iterable[str], re
         if "query_mean" in baselines:
             pooled = {a: torch.from_numpy(states[f"{a}:qmean"][rows]) for a in ("anchor", "icl", "it")}
         mean = torch.from_numpy(reference) if reference is not None else None
-        if "centered" in baselines and mean is None:
-            raise ValueError("the centred baseline needs the reference mean stored with the cell's states")
         extra = baseline_cosines(arms, baselines, reference_mean=mean, pooled=pooled)
         out.update({p: c.numpy() for p, c in extra.items()})
     steps = sorted(int(n.split(":step")[1]) for n in states if n.startswith("it:step"))

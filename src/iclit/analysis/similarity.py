@@ -20,7 +20,8 @@ BASELINES: tuple[str, ...] = ("centered", "shuffled", "update", "noise_ceiling",
 """What :func:`baseline_cosines` can add beside the three pairs (the spec's ``baselines``)."""
 
 BASELINE_PAIRS: dict[str, tuple[str, ...]] = {
-    "centered": ("anchor_icl_centered", "anchor_it_centered", "icl_it_centered"),
+    "centered": ("anchor_icl_centered", "anchor_it_centered", "icl_it_centered",
+                 "anchor_icl_centered_ref", "anchor_it_centered_ref", "icl_it_centered_ref"),
     "shuffled": ("icl_it_shuffled",),
     "update": ("update_cosine",),
     "noise_ceiling": ("it_it_seed", "icl_icl_order"),
@@ -29,8 +30,11 @@ BASELINE_PAIRS: dict[str, tuple[str, ...]] = {
 }
 """The extra "pairs" each baseline stores per trial × layer, like the three of :data:`PAIRS`:
 
-* ``*_centered``: the cosine after subtracting the per-layer mean last-token state of the
-  base model over a reference set of unrelated prompts (anisotropy-corrected);
+* ``*_centered``: the cosine after subtracting the per-layer mean of the anchor states of
+  the trials compared (a cell's, in :mod:`iclit.analysis.frames`): the component every
+  state at the end of this task's template shares (anisotropy-corrected); ``*_centered_ref``:
+  after subtracting the base model's mean over a reference set of unrelated prompts instead
+  (the named alternative);
 * ``icl_it_shuffled``: ICL of trial i against IT of trial (i + 1) mod n of the trials given
   (:mod:`iclit.analysis.frames` gives all trials of a cell and seed, in resample order): the
   similarity of mismatched queries, a null;
@@ -163,8 +167,9 @@ def baseline_cosines(
 ) -> dict[str, Tensor]:
     """The extra per-trial, per-layer similarities of :data:`BASELINE_PAIRS`, ``{name: [n, L]}``.
 
-    states: ``{"anchor", "icl", "it"[, "it_seed2"]: [n, L, d]}``; reference_mean: ``[L, d]``
-    (needed by ``centered``). ``shuffled`` needs n >= 2 and is left out otherwise;
+    states: ``{"anchor", "icl", "it"[, "it_seed2", "icl_reordered"]: [n, L, d]}``;
+    ``centered`` subtracts the mean of the n anchor states, and the reference_mean ``[L, d]``
+    where given (``*_centered_ref``). ``shuffled`` needs n >= 2 and is left out otherwise;
     ``noise_ceiling`` needs the ``it_seed2`` states; ``query_mean`` needs ``pooled``, the
     arms' states averaged over the query's tokens (same keys and shapes as ``states``).
     """
@@ -173,11 +178,15 @@ def baseline_cosines(
         raise ValueError(f"unknown baselines {unknown}; known: {list(BASELINE_PAIRS)}")
     out: dict[str, Tensor] = {}
     if "centered" in baselines:
-        if reference_mean is None:
-            raise ValueError("the centered baseline needs reference_mean [L, d]")
+        anchor_mean = _f64(states["anchor"]).mean(dim=0)
         for pair in PAIRS:
             left, right = pair.split("_")
-            out[f"{pair}_centered"] = centered_cosine_per_layer(states[left], states[right], reference_mean, eps=eps)
+            out[f"{pair}_centered"] = centered_cosine_per_layer(states[left], states[right], anchor_mean, eps=eps)
+        if reference_mean is not None:
+            for pair in PAIRS:
+                left, right = pair.split("_")
+                out[f"{pair}_centered_ref"] = centered_cosine_per_layer(states[left], states[right], reference_mean,
+                                                                        eps=eps)
     if "shuffled" in baselines:
         n = states["icl"].shape[0]
         if n >= 2:
