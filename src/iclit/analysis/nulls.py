@@ -13,7 +13,10 @@ trial. For a pair of arms (x, y) — anchor–ICL, anchor–IT, ICL–IT, or the
   like tuning on *those* demonstrations.) Anchor pairs have no demo-swap (the anchor does
   not depend on the set).
 
-Each null's effect is the mean over units of (observed − mean over every eligible partner);
+Both arms of a raw pair read the query, so their states share its anchor: a raw pair's
+query-swap excess is expected and says little; the update pair's (ICL − anchor vs
+IT − anchor) removes that shared part and asks whether ICL and IT move *this* query the same
+way. Each null's effect is the mean over units of (observed − mean over every eligible partner);
 its p-value permutes the pairing inside each stratum (a set × label, or a query's sets) with
 the same permutation at every layer, and max-T over layers gives the family-wise p
 (:func:`iclit.analysis.inference.pairing_test`). CIs: a hierarchical bootstrap over query
@@ -160,7 +163,7 @@ def adjust_family(df: pd.DataFrame, by: Sequence[str] = ("layer",)) -> pd.DataFr
     df = df.copy()
     df["p_holm"] = np.nan
     df["q_bh"] = np.nan
-    for _, idx in df.groupby(list(by), sort=False).groups.items():
+    for _, idx in df.groupby(list(by) if len(by) > 1 else by[0], sort=False).groups.items():
         df.loc[idx, "p_holm"] = inference.holm(df.loc[idx, "p"].to_numpy(dtype=float))
         df.loc[idx, "q_bh"] = inference.bh(df.loc[idx, "p"].to_numpy(dtype=float))
     df["verdict"] = [verdict(lo, hi, p, eq) for lo, hi, p, eq in
