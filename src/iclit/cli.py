@@ -33,7 +33,9 @@ def models() -> None:
     from iclit.models import list_models
     from iclit.models.loading import resolve
 
-    table = Table("name", "package", "installed", "description")
+    table = Table("name", "package", "installed", "description",
+                  caption="NAME@random (or NAME@random:SEED): NAME's control model, its architecture and tokenizer "
+                          "with freshly initialised weights")
     for m in list_models():
         try:
             resolve(m.name)

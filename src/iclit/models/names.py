@@ -1,11 +1,18 @@
 """Model names, torch-free: the embedded aliases, the models built in code, and resolving a
 name to where its weights are (``resolve``). ``iclit.models.loading`` loads what a name
 resolves to; a spec checks its model names with this module alone, without torch.
+
+Any name may end in ``@random`` or ``@random:SEED`` (:func:`split_random`): the *control
+model*, the same architecture, config and tokenizer with freshly initialised weights
+(transformers' own initialisation, seeded from SEED; ``@random`` is seed 0). It shows what
+a statistic gives when nothing learnt can explain it. It resolves to the base name's
+location; the base's weights are never read (``iclit.models.loading``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -20,10 +27,12 @@ __all__ = [
     "EmbeddedModel",
     "ModelFactory",
     "ModelNotFoundError",
+    "RANDOM_SUFFIX",
     "list_models",
     "register_embedded",
     "register_model_factory",
     "resolve",
+    "split_random",
 ]
 
 
@@ -120,8 +129,41 @@ def list_models() -> list[EmbeddedModel | ModelFactory]:
     return [*EMBEDDED.values(), *FACTORIES.values()]
 
 
+RANDOM_SUFFIX = "@random"
+"""The name suffix of a control model: ``NAME@random`` (seed 0) or ``NAME@random:SEED``."""
+
+_RANDOM = re.compile(r"random(?::([0-9]+))?", re.ASCII)
+
+
+def split_random(name: str) -> tuple[str, int | None]:
+    """(base name, seed) of ``NAME@random[:SEED]``; (name, None) for a name without the suffix.
+
+    A name that is an existing path is taken whole (a folder may have an ``@`` in its name);
+    otherwise a ``@`` tail without a ``/`` must be ``random`` or ``random:SEED`` (SEED an
+    integer >= 0), else :class:`ModelNotFoundError` names it (hub ids have no ``@``)."""
+    base, at, tail = name.rpartition("@")
+    if not at or "/" in tail or Path(name).expanduser().exists():
+        return name, None
+    match = _RANDOM.fullmatch(tail)
+    seed = int(match.group(1) or 0) if match else None
+    if seed is None:
+        raise ModelNotFoundError(
+            f"the suffix {'@' + tail!r} of the model name {name!r} is not {RANDOM_SUFFIX!r} or '{RANDOM_SUFFIX}:SEED' "
+            f"(SEED an integer >= 0): NAME{RANDOM_SUFFIX} is the control model, NAME's "
+            f"architecture with freshly initialised weights"
+        )
+    if not base:
+        raise ModelNotFoundError(f"{name}: {RANDOM_SUFFIX} follows the name of the model to re-initialise, "
+                                 f"e.g. gemma-3-270m{RANDOM_SUFFIX}")
+    if split_random(base)[1] is not None:
+        raise ModelNotFoundError(f"{name}: one {RANDOM_SUFFIX} suffix at most")
+    return base, seed
+
+
 def resolve(name: str) -> tuple[str, Path | str]:
-    """(kind, location) for a name: kind is 'factory', 'gguf', 'dir' or 'hub'."""
+    """(kind, location) for a name: kind is 'factory', 'gguf', 'dir' or 'hub'. For a control
+    model (``NAME@random[:SEED]``, :func:`split_random`) those of ``NAME``."""
+    name = split_random(name)[0]
     if name in FACTORIES:
         return "factory", name
     if name in EMBEDDED:
