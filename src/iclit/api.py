@@ -108,6 +108,8 @@ def run_comparison(
     *,
     k: int = 4,
     resamples: int = 30,
+    queries_per_set: int = 1,
+    it_seeds: int = 1,
     seed: int = 0,
     recipe: TuningRecipe | None = None,
     template: str | None = None,
@@ -123,7 +125,9 @@ def run_comparison(
     out: str | Path | None = None,
     progress: bool = False,
 ) -> Comparison:
-    """Run anchor, ICL and IT on ``resamples`` seeded (query, k demonstrations) draws.
+    """Run anchor, ICL and IT on ``resamples`` seeded demonstration sets of k, each read with
+    ``queries_per_set`` queries (the crossed design; 1: one (query, demonstrations) draw per
+    set), the IT arm tuned with ``it_seeds`` seeds per set.
 
     ``model`` is a name (see ``iclit models``) or an already loaded
     :class:`~iclit.models.LoadedModel`; ``task`` a name (see ``iclit tasks``), a data file or
@@ -141,13 +145,14 @@ def run_comparison(
     options = dict((settings or {}).get("task_options") or {})
     if isinstance(task, Task):
         options = {}
-    check_comparison(k, resamples, resolve_task(task, template, instruction, options=options or None))
+    check_comparison(k, resamples, resolve_task(task, template, instruction, options=options or None), queries_per_set)
     given = isinstance(model, LoadedModel)
     if not given:
         from iclit.models.loading import resolve
 
         resolve(model)  # an unknown name fails before the slow load
-    data = comparison_spec(model.name if given else model, _task_name(task), k=k, resamples=resamples, seed=seed,
+    data = comparison_spec(model.name if given else model, _task_name(task), k=k, resamples=resamples,
+                           queries_per_set=queries_per_set, it_seeds=it_seeds, seed=seed,
                            recipe=recipe, template=template, instruction=instruction, sampler=sampler,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, fast=fast, device=device,
                            dtype=dtype, baselines=baselines, settings=settings)

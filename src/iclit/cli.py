@@ -90,7 +90,11 @@ def compare(
     model: str = typer.Option("gemma-3-270m", help="embedded name, local directory, .gguf file or hub id"),
     task: str = typer.Option("sentiment", help="built-in task name or a data file"),
     k: int = typer.Option(4, help="number of demonstrations"),
-    resamples: int = typer.Option(30, help="number of (query, demonstrations) draws"),
+    resamples: int = typer.Option(30, help="demonstration sets drawn (with --queries-per-set 1: (query, demonstrations) draws)"),
+    queries_per_set: int = typer.Option(1, help="queries read with each demonstration set (the crossed design; >= 2 "
+                                        "gives the query-swap and demo-swap nulls)"),
+    it_seeds: int = typer.Option(1, help="IT adapters per set, each with its own seed, trained in one pass (the IT "
+                                 "seed noise; >= 2 adds the it_seed2 arm)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/compare"), help="run directory (an ordinary one: `iclit results`, `iclit report`; "
                              "the same command again resumes)"),
@@ -154,7 +158,7 @@ def compare(
                                             ("output_prefix", output_prefix), ("demo_sep", separator)) if value is not None}
     try:  # the same checks, and messages, as iclit.run_comparison, before the spec's
         check_comparison(k, resamples, resolve_task(get_task(task, template=layout or None, **options), template,
-                                                    not no_instruction))
+                                                    not no_instruction), queries_per_set)
     except (TaskDataError, ValueError, KeyError) as e:
         _fail(_message(e))
     if layout:
@@ -162,7 +166,8 @@ def compare(
     if options:
         settings["task_options"] = options
     settings.update(_parse_settings(set_))
-    data = comparison_spec(model, task, k=k, resamples=resamples, seed=seed, recipe=recipe, template=template,
+    data = comparison_spec(model, task, k=k, resamples=resamples, queries_per_set=queries_per_set, it_seeds=it_seeds,
+                           seed=seed, recipe=recipe, template=template,
                            instruction=not no_instruction, sampler=sampler, batch_size=batch_size, fast=not slow,
                            device=device, dtype=dtype, baselines=chosen, settings=settings)
     try:

@@ -18,14 +18,22 @@ COMPARE_CHUNK_SIZE = 10
 """Resamples per chunk of a comparison (the unit that is stored, and resumed after a kill)."""
 
 
-def check_comparison(k: int, resamples: int, task: Task) -> None:
-    """The checks that need no model: k ≥ 0, resamples ≥ 1, enough examples for both."""
+def check_comparison(k: int, resamples: int, task: Task, queries_per_set: int = 1) -> None:
+    """The checks that need no model: k ≥ 0, resamples ≥ 1, enough examples for both (with
+    one query per set, ``resamples`` distinct queries; with several, a set's queries and its
+    k demonstrations all distinct)."""
     if k < 0:
         raise ValueError(f"k must be >= 0, not {k}")
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, not {resamples}")
+    if queries_per_set < 1:
+        raise ValueError(f"queries_per_set must be >= 1, not {queries_per_set}")
     check_enough(task, k)
-    if resamples > len(task):
+    if queries_per_set > 1:
+        if queries_per_set + k > len(task):
+            raise TaskDataError(f"{task.source}: a set of {queries_per_set} queries and {k} demonstrations needs "
+                                f"{queries_per_set + k} distinct examples, the task has {len(task)}")
+    elif resamples > len(task):
         raise TaskDataError(
             f"{task.source}: {resamples} resamples need {resamples} distinct queries, "
             f"the task has {len(task)} examples"
@@ -51,6 +59,8 @@ def comparison_spec(
     *,
     k: int = 4,
     resamples: int = 30,
+    queries_per_set: int = 1,
+    it_seeds: int = 1,
     seed: int = 0,
     recipe: TuningRecipe | None = None,
     template: str | None = None,
@@ -77,6 +87,8 @@ def comparison_spec(
         "instruction": instruction,
         "k": k,
         "resamples": resamples,
+        "queries_per_set": queries_per_set,
+        "it_seeds": it_seeds,
         "seeds": [seed],
         "sampler": sampler,
         "recipe": _recipe_fields(recipe),
