@@ -28,7 +28,7 @@ def factor_columns(df: pd.DataFrame) -> list[str]:
     skip = {*FRAME_COLUMNS, *_TRIAL_COLUMNS}
     return [c for c in df.columns if c not in skip and not c.startswith(("prediction_", "score_"))
             and c not in ("query", "gold", "score_name", "it_final_loss", "it_fitted", "it_losses", "dose", "seconds",
-                          "label_probs", "set", "slot")]
+                          "label_probs", "set", "slot", "causal")]
 
 
 def arms_of(outputs: pd.DataFrame) -> list[str]:

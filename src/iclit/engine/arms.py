@@ -70,6 +70,12 @@ class ArmContext:
     it_seeds: int = 1
     """Tuning seeds per demonstration set, trained in the same batched pass: the ``it`` arm's
     output is seed 0's, ``ArmOutput.seeds[j]`` seed j's (``it_seed{j+1}``)."""
+    on_tuned: Callable[[nn.Module, list[int], Callable[[list[int]], None] | None], None] | None = None
+    """Called by the ``it`` arm while each tuned model (seed 0's) exists, as
+    ``on_tuned(model, rows, route)``: rows, the indices into :attr:`resamples` it was tuned
+    for; ``route(b)`` (or None: no routing needed) points the rows of the next forward pass,
+    positions ``b`` into ``rows``, at their sets' adapters. The causal analyses' reverse patch
+    (:class:`iclit.engine.causal.ReversePatch`)."""
 
     def memory_plan(self) -> MemoryPlan:
         """How the batched IT path splits its work (memoised per model and settings)."""
@@ -259,6 +265,8 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
             todo.append(rows)
             continue
         base = read_out(ctx, ctx.lm.model, [prompts[i] for i in rows], queries=[queries[i] for i in rows])
+        if ctx.on_tuned is not None:
+            ctx.on_tuned(ctx.lm.model, rows, None)
         steps = {s: base for s in ctx.recipe.capture_steps}
         out = replace(base, tuning=[TuningResult() for _ in rows], by_step=steps,
                       seeds={j: replace(base, tuning=[TuningResult() for _ in rows]) for j in range(1, n_seeds)})
@@ -305,6 +313,8 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
             ) as (model, router, results):
                 last = len(results[0].losses)  # the end of training, already read when captured
                 by_seed = [by_step[last] if j == 0 and last in by_step else read(model, router, j) for j in range(n_seeds)]
+                if ctx.on_tuned is not None:
+                    ctx.on_tuned(model, rows, lambda b: router.set([set_pos[x] * n_seeds for x in b], device))
             per_row = [[results[set_pos[x] * n_seeds + j] for x in range(len(rows))] for j in range(n_seeds)]
             store(rows, by_seed, per_row, by_step)
             ctx.advance(len(rows))
@@ -326,6 +336,8 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                 ) as (model, result):
                     last = len(result.losses)  # the end of training, already read when captured
                     by_seed.append(steps[last] if last in steps else read_out(ctx, model, row_prompts, queries=row_queries))
+                    if j == 0 and ctx.on_tuned is not None:
+                        ctx.on_tuned(model, rows, None)
                 results.append([result] * len(rows))
                 if j == 0:
                     by_step = steps
@@ -337,7 +349,8 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
 def it_seed2_arm(ctx: ArmContext) -> ArmOutput:
     """The ``it`` arm with another tuning seed (LoRA initialisation, data order, dropout):
     ``it`` vs ``it_seed2`` is the noise ceiling of ICL–IT similarity."""
-    return it_arm(replace(ctx, seed_offset=ctx.seed_offset + 1, it_seeds=1, recipe=replace(ctx.recipe, capture_steps=())))
+    return it_arm(replace(ctx, seed_offset=ctx.seed_offset + 1, it_seeds=1, recipe=replace(ctx.recipe, capture_steps=()),
+                          on_tuned=None))
 
 
 def reordered(demonstrations: Sequence) -> tuple:

@@ -71,15 +71,40 @@ def check_context(lm: LoadedModel, t: Task, draws: Sequence[Resample], demo_temp
 
 
 def preflight(lm: LoadedModel, t: Task, draws: Sequence[Resample], recipe: TuningRecipe,
-              demo_template: Template | None = None, max_new_tokens: int = 48) -> None:
+              demo_template: Template | None = None, max_new_tokens: int = 48, causal: Any = None) -> None:
     """What can be checked with the loaded model before any forward pass: every prompt fits
-    the context window (:func:`check_context`), and the recipe's LoRA targets name modules of
-    this model (ValueError naming the targets and the model's linear layers otherwise)."""
+    the context window (:func:`check_context`), the recipe's LoRA targets name modules of
+    this model (ValueError naming the targets and the model's linear layers otherwise), and
+    the causal analyses' state indices exist (``causal``: their settings, ValueError naming the key)."""
     check_context(lm, t, draws, demo_template, max_new_tokens)
+    settings = _causal(causal)
+    if settings is not None:
+        from iclit.models.arch import n_states
+
+        settings.check(n_states(lm.model) - 1)
     if recipe.method == "lora":
         from iclit.models.arch import resolve_targets
 
         resolve_targets(lm.model, recipe.targets)
+
+
+def _causal(causal: Any):
+    """The causal analyses' settings as :class:`iclit.engine.causal.CausalSettings`, or None."""
+    if causal is None:
+        return None
+    from iclit.engine.causal import CausalSettings
+
+    return causal if isinstance(causal, CausalSettings) else CausalSettings.from_dict(causal)
+
+
+def _icl_before_it(arms: Sequence[str]) -> tuple[str, ...]:
+    """The arms with ``icl`` run before ``it`` (the reverse patch reads the ICL states)."""
+    arms = tuple(arms)
+    if "icl" in arms and "it" in arms and arms.index("icl") > arms.index("it"):
+        rest = [a for a in arms if a != "icl"]
+        rest.insert(rest.index("it"), "icl")
+        return tuple(rest)
+    return arms
 
 
 def state_name(arm: str, *, qmean: bool = False, step: int | None = None) -> str:
@@ -172,6 +197,7 @@ def evaluate(
     baselines: Sequence[str] = (),
     memory: Mapping[str, Any] | None = None,
     it_seeds: int = 1,
+    causal: Any = None,
 ) -> Evaluated:
     """Run the arms on ``draws``: the states and outputs of one chunk of trials.
 
@@ -185,18 +211,43 @@ def evaluate(
     ``adapters_per_pass``, ``max_train_tokens`` (see :mod:`iclit.engine.memory`).
     ``it_seeds``: tuning seeds per demonstration set, trained in one pass; seed j ≥ 1 is
     stored as the arm ``it_seed{j+1}`` (:func:`seed_arm`).
+    ``causal``: the causal analyses (:class:`iclit.engine.causal.CausalSettings`, or the
+    spec's :meth:`~iclit.experiments.spec.ExperimentSpec.causal_settings`): patching and
+    steering after the arms (the reverse patch inside the ``it`` arm), stored per trial under
+    ``causal`` (:mod:`iclit.engine.causal`).
     """
     max_new_tokens = min(max_new_tokens, t.max_new_tokens or max_new_tokens)  # the task's own cap
-    preflight(lm, t, draws, recipe, demo_template, max_new_tokens)
+    settings = _causal(causal)
+    preflight(lm, t, draws, recipe, demo_template, max_new_tokens, settings)
     torch.manual_seed(seed)
     ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template, fast=fast,
                      query_mean="query_mean" in baselines, it_seeds=it_seeds, **dict(memory or {}))
     outputs: dict[str, ArmOutput] = {}
-    for arm in run_arms(arms, baselines, it_seeds):
+    order = run_arms(arms, baselines, it_seeds)
+    reverse = None
+    if settings is not None:
+        from iclit.engine.causal import Reader, ReversePatch
+
+        missing = [a for a in ARM_NAMES if a not in order]
+        if missing:
+            raise ValueError(f"the causal analyses need the arms {', '.join(ARM_NAMES)} (missing: {', '.join(missing)})")
+        order = _icl_before_it(order)
+        reverse = ReversePatch(settings, Reader(lm.tokenizer, t, draws, ctx.label_ids), lm.tokenizer, draws,
+                               ctx.query_prompts(), lambda: outputs["icl"].states, fast=fast)
+    for arm in order:
         advance = progress(arm, len(draws)) if progress else None
-        outputs[arm] = get_arm(arm)(replace(ctx, advance=advance or (lambda n: None)))
+        hook = reverse if arm == "it" else None
+        outputs[arm] = get_arm(arm)(replace(ctx, advance=advance or (lambda n: None), on_tuned=hook))
         if arm == "it":
             outputs.update({seed_arm(j): o for j, o in sorted(outputs[arm].seeds.items())})
+    records = None
+    if settings is not None:
+        from iclit.engine.causal import causal_records
+
+        if progress:
+            progress("causal", len(draws))
+        records = causal_records(lm, t, draws, {a: outputs[a].states for a in ARM_NAMES}, reverse, settings,
+                                 seed=seed, fast=fast, demo_template=demo_template)
 
     states: dict[str, torch.Tensor] = {}
     for arm, o in outputs.items():
@@ -251,5 +302,7 @@ def evaluate(
             }
             if t.kind == "classification":
                 trial["dose"]["label_probs"] = [[round(float(p), 6) for p in by_step[s].label_probs[i]] for s in steps]
+        if records is not None:
+            trial["causal"] = records[i]
         trials.append(trial)
     return Evaluated(states, trials, scores, outputs)

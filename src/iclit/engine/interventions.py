@@ -31,6 +31,12 @@ question arises there; several prompts' rows are never mixed in one forward on t
 is a full forward of the whole prompt (rows of different prompts right-padded together, the
 last token's position from the attention mask), with forward hooks on block 0's input,
 block ℓ−1's output, or the final norm's output editing the last real token's row only.
+
+Prompts that share a long prefix (an ICL prompt's demonstrations) can share its cache on the
+fast path: ``prefixes`` groups them (as :func:`iclit.engine.capture.capture` does); the
+group's longest common *token* prefix (of the whole prompts' tokenisations, so no boundary
+question) runs once, each prompt's own tokens but the last run on a view of it, then its
+runs as above.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from iclit.engine.batching import expand_cache, length_batches, pad_right, prefix_cache, run_decoder
+from iclit.engine.batching import (common_prefix_length, expand_cache, length_batches, pad_right, prefix_cache,
+                                  returned_cache, run_decoder)
 from iclit.models.arch import decoder_of, final_norm_of, layers_of, lm_head_logits, n_states
 
 
@@ -209,6 +216,7 @@ def intervene(
     before_batch: Callable[[list[int]], None] | None = None,
     reference: bool = False,
     logprobs: bool = False,
+    prefixes: Sequence[str | None] | None = None,
 ) -> torch.Tensor:
     """The output at each prompt's last token under each of its interventions.
 
@@ -234,8 +242,15 @@ def intervene(
     last token; on the reference path the runs' prompt indices.
 
     reference: the straightforward path (a full forward per run), for checking.
+
+    prefixes: per prompt a group key (e.g. its demonstrations' text) or None. On the fast
+    path, prompts with the same key share the key/value cache of their longest common token
+    prefix, run once (``before_batch`` is called with the group's first prompt index before
+    it): they must run through the same model variant (adapter). Ignored by ``reference``.
     """
     _check(model, prompts, interventions, label_ids, logprobs)
+    if prefixes is not None and len(prefixes) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(prefixes)} prefixes")
     runs = [list(r) if len(r) else [None] for r in interventions]
     width = 1 if label_ids is None else len(label_ids)
     out = torch.full((len(prompts), max((len(r) for r in runs), default=1), width), math.nan)
@@ -246,20 +261,59 @@ def intervene(
     if reference:
         _reference(model, encoded, runs, out, tokenizer.pad_token_id, label_ids, batch_size, before_batch, logprobs)
     else:
-        _fast(model, encoded, runs, out, label_ids, batch_size, before_batch, logprobs)
+        _fast(model, encoded, runs, out, label_ids, batch_size, before_batch, logprobs, prefixes)
     return out
 
 
-def _fast(model, encoded, runs, out, label_ids, batch_size, before_batch, logprobs) -> None:
+def _shared_prefixes(model, encoded, prefixes, before_batch) -> dict[int, tuple[int, object]]:
+    """prompt index → (p0, cache of its group's common token prefix of p0 tokens), for the
+    prompts of groups of two or more (p0 at most each member's length − 1: its last token
+    always runs alone)."""
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(prefixes or ()):
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    shared: dict[int, tuple[int, object]] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        p0 = min(common_prefix_length([encoded[i] for i in members]), min(len(encoded[i]) for i in members) - 1)
+        if p0 <= 0:
+            continue
+        if before_batch is not None:
+            before_batch([members[0]])
+        cache = prefix_cache(model, encoded[members[0]][:p0])
+        shared.update({i: (p0, cache) for i in members})
+    return shared
+
+
+def _prompt_cache(model, ids: Sequence[int], shared: tuple[int, object] | None):
+    """The cache of ``ids`` but the last token: from scratch, or the rest run on a view of
+    the group's shared prefix cache (whose tensors stay as they are)."""
+    p = len(ids) - 1
+    if shared is None:
+        return prefix_cache(model, ids[:p])
+    p0, cache = shared
+    if p0 == p:
+        return cache
+    device = next(model.parameters()).device
+    rest = torch.tensor([list(ids[p0:p])], dtype=torch.long, device=device)
+    out = run_decoder(model, input_ids=rest, attention_mask=torch.ones((1, p), dtype=torch.long, device=device),
+                      use_cache=True, cache=expand_cache(cache, 1))
+    return returned_cache(out)
+
+
+def _fast(model, encoded, runs, out, label_ids, batch_size, before_batch, logprobs, prefixes=None) -> None:
     device = next(model.parameters()).device
     last_state = n_states(model) - 1
+    shared = _shared_prefixes(model, encoded, prefixes, before_batch)
     for i, ids in enumerate(encoded):
         p = len(ids) - 1
         cache = None
         if p > 0:
             if before_batch is not None:
                 before_batch([i])
-            cache = prefix_cache(model, ids[:p])
+            cache = _prompt_cache(model, ids, shared.get(i))
         for start in range(0, len(runs[i]), batch_size):
             chunk = runs[i][start : start + batch_size]
             k = len(chunk)

@@ -8,8 +8,8 @@ and the resample index): the model name, the task and a hash of its data, the qu
 template (instruction included), the demonstrations' task and template, k, how the
 demonstrations are chosen (sampler or similarity mode), the wrong-label fraction, the IT
 recipe, the arms, the batch settings and the chunking; the baselines, a data file's
-``task_options`` and the crossed design (``queries_per_set``, ``sets_per_query``) only when
-given, so the keys of one-query-per-set specs without them stay as they were. A finished
+``task_options``, the crossed design (``queries_per_set``, ``sets_per_query``) and the causal
+``analyses`` with their settings only when given, so the keys of one-query-per-set specs without them stay as they were. A finished
 trial is never recomputed.
 
 Trials run in **chunks**: the pairs of sets ``[0, c)``, ``[c, 2c)``, … of a (cell, seed), with
@@ -35,6 +35,9 @@ __all__ = ["KEY_VERSION", "PlannedCell", "Chunk", "Plan", "make_plan", "trial_ke
 
 KEY_VERSION = 1
 """Bumped when what a trial computes changes meaning; part of every key."""
+CAUSAL_VERSION = 1
+"""Bumped when what the causal analyses (``analyses``) compute changes; part of the keys of
+trials that run them only."""
 
 
 def canonical_json(obj: Any) -> str:
@@ -244,6 +247,9 @@ def _cell(spec: ExperimentSpec, values: dict[str, Any], tasks: dict[Any, Task]) 
         settings["sets_per_query"] = spec.query_sharing
     if spec.it_seeds > 1:
         settings["it_seeds"] = spec.it_seeds
+    causal = spec.causal_settings()
+    if causal is not None:  # likewise: the causal analyses, run with the model and stored per trial
+        settings["analyses"] = {**causal, "version": CAUSAL_VERSION}
     labels = {n: _label(spec, n, values[n]) for n in FACTORS}
     labels["task"] = spec.task
     return PlannedCell(

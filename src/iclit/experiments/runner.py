@@ -213,7 +213,7 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
                     check_context(previews[job.model], job.task, job.draws, job.demo_template, job.max_new_tokens)
             for job in jobs:
                 preflight(loaded_model(job.model, job.device, job.dtype), job.task, job.draws, job.recipe,
-                          job.demo_template, job.max_new_tokens)
+                          job.demo_template, job.max_new_tokens, job.causal)
         out.mkdir(parents=True, exist_ok=True)
         _write_spec(out, spec)
         store = Store(out)

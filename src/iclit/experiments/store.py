@@ -398,7 +398,8 @@ class Store:
     def outputs(self, plan: Mapping[str, Any] | None = None) -> pd.DataFrame:
         """One row per trial: factor values, seed, resample, query, gold, per-arm prediction
         and score (``score_<arm>``), IT final loss and per-step losses, demo similarity, wrong
-        labels; the label distributions (``label_probs``) and the dose record (``dose``) when stored."""
+        labels; the label distributions (``label_probs``), the dose record (``dose``) and the causal
+        analyses' record (``causal``) when stored."""
         cond, args = self._selection(plan)
         rows = self.conn.execute(
             "SELECT t.trial_key, t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, "
@@ -425,6 +426,8 @@ class Store:
                 row["label_probs"] = outputs["label_probs"]
             if "dose" in outputs:  # recipe capture_steps: IT steps read, answers and scores after each
                 row["dose"] = outputs["dose"]
+            if "causal" in outputs:  # spec analyses: patched and steered runs (iclit.engine.causal)
+                row["causal"] = outputs["causal"]
             row["seconds"] = seconds
             row["trial_key"] = key
             out.append(row)

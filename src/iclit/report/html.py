@@ -18,6 +18,8 @@ For each factor of the spec:
 * when the recipe reads IT after several steps (``capture_steps``): the dose curves, ICL–IT
   and anchor–IT cosine, IT accuracy and training loss against the optimiser step, one line
   per factor value, with the step where ICL–IT peaks.
+* when the spec ran ``analyses`` (patching, steering): per cell the effect per layer with 95%
+  CI bands over sets and the tables of :mod:`iclit.report.causal`.
 
 With ``design: grid`` a factor's figure pools the other factors' values; with ``separate``
 it shows the cells where the other factors keep their base values. Figures are PNGs embedded
@@ -58,6 +60,7 @@ from iclit.analysis.factors import (
 )
 from iclit.analysis.rundata import RunData, load_run
 from iclit.report import figures
+from iclit.report.causal import causal_section
 
 __all__ = ["write_report", "render_report", "factor_summary", "factor_effects", "dose_summary"]
 
@@ -285,6 +288,7 @@ def _context(run: RunData) -> dict[str, Any]:
         "empty": run.frame.empty,
         "sections": sections,
         "dose": None if run.frame.empty else _dose_section(run, score_name),
+        "causal": causal_section(run),
         "spec_yaml": spec_yaml,
         "versions": [(str(k), str(v)) for k, v in (latest.get("versions") or {}).items()],
     }

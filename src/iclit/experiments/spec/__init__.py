@@ -46,6 +46,8 @@ vary. Every key is optional except ``factors`` if you want a sweep::
     store_states: true           # keep the hidden states (states/*.safetensors)
     baselines: []                # extra similarities beside the three pairs, per trial × layer:
                                  #   centered, shuffled, update, noise_ceiling, cka, query_mean
+    analyses: []                 # causal tests run with the model: patch, steer (patch_layers,
+                                 #   steer_layers, steer_scales, steer_null_draws; configs/paper/causal.yaml)
 
 With ``design: grid`` the cells are all combinations of the factors' values; with
 ``separate`` each factor is varied alone while the others keep their base value (the

@@ -19,8 +19,8 @@ from pydantic import BaseModel, BeforeValidator, Field, PlainValidator, PrivateA
 
 from iclit.experiments.spec.problems import SpecError, problems_of
 from iclit.experiments.spec.values import (
-    BASELINE_NAMES, DESIGNS, DTYPES, REQUIRED_ARMS, SAMPLER_NAMES, Design, DType, FactorValue, SamplerName, TaskOptions,
-    _DemoTask, _FROZEN, _Overrides, _RecipeName, _Similarity, _Str, _Text, _Arm, _Baseline, _factors, _listed, _none_is, _one_of,
+    ANALYSIS_NAMES, BASELINE_NAMES, DESIGNS, DTYPES, REQUIRED_ARMS, SAMPLER_NAMES, Design, DType, FactorValue, SamplerName, TaskOptions,
+    _Analysis, _DemoTask, _FROZEN, _Layers, _Overrides, _Scales, _RecipeName, _Similarity, _Str, _Text, _Arm, _Baseline, _factors, _listed, _none_is, _one_of,
     _plain, _values, Factors, recipe_label,
 )
 from iclit.schema import (Fraction, NonEmptyStr, NonNegInt, PosInt, StrictBool, distinct, expect, parse_bytes, problem,
@@ -125,6 +125,26 @@ class ExperimentSpec(BaseModel):
                         "update (cosine of the ICL and IT updates from the anchor), noise_ceiling (IT vs IT with another "
                         "seed: one more tuning), cka (linear CKA of each arm pair across all of a cell's queries, >= 3), "
                         "query_mean (the three pairs over the query's mean state)")
+    analyses: Annotated[tuple[_Analysis, ...], distinct("an analysis"), BeforeValidator(_listed),
+                        expect("a list of analyses (" + ", ".join(ANALYSIS_NAMES) + ")", as_kind=True), _none_is(())] = Field(
+        (), description="causal tests run in the engine with the model, stored per trial (`iclit results --metric patch "
+                        "/ steer`, the report). patch: the query's last-token state at state index l replaced by its ICL "
+                        "state or its IT state in the anchor run, the ICL state in the tuned model's query run, the IT state "
+                        "in the ICL run; steer: the mean update h_arm - h_anchor of the set's other queries (ICL or IT) "
+                        "added, times each scale, to the query's anchor run, beside random directions of the same norm "
+                        "(needs queries_per_set >= 2). Classification: label distributions over the task's labels; "
+                        "generation: the log-probability of the gold answer's first token. Cost: one last-token forward "
+                        "per layer and run, see configs/paper/causal.yaml")
+    patch_layers: _Layers = Field(
+        None, description="state indices l patched (0: block 0's input, L: the final norm's output, as the stored "
+                          "states); null: every 2nd, L, L-2, ... down to 1; 'all': 1..L")
+    steer_layers: _Layers = Field(
+        None, description="state indices l steered; null: every 3rd, L, L-3, ... down to 1; 'all': 1..L")
+    steer_scales: _Scales = Field(
+        (0.5, 1.0, 2.0, 4.0), description="multipliers of the steering vectors (1: the mean update itself)")
+    steer_null_draws: PosInt = Field(
+        1, description="random directions per query, layer and scale, each scaled to the norm of the ICL and of the IT "
+                       "vector (the null of steering)")
 
     _recipes: dict[str, tuple[str, TuningRecipe]] = PrivateAttr(default_factory=dict)
 
@@ -184,6 +204,25 @@ class ExperimentSpec(BaseModel):
                 found += [(("recipe", i), m, value) for m in _misfits(base, value)]
         raise_problems("factors", found, along=failed)
         return out
+
+    @field_validator("analyses", mode="after")
+    @classmethod
+    def _steer_needs_queries(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        q = info.data.get("queries_per_set")
+        if "steer" in v and q is not None and q < 2:
+            raise problem(f"steer needs queries_per_set >= 2 (a query's steering vectors are the mean updates of the "
+                          f"other queries of its set), not {q}")
+        return v
+
+    @field_validator("patch_layers", "steer_layers", "steer_scales", "steer_null_draws", mode="after")
+    @classmethod
+    def _used(cls, v: Any, info: ValidationInfo) -> Any:
+        """A setting of an analysis not asked for is a mistake (a default written out is not)."""
+        analysis = "patch" if info.field_name == "patch_layers" else "steer"
+        asked = info.data.get("analyses")
+        if asked is not None and analysis not in asked and v != cls.model_fields[info.field_name].default:
+            raise problem(f"set, but `analyses` does not include {analysis}")
+        return v
 
     @model_validator(mode="after")
     def _resolve(self) -> "ExperimentSpec":
@@ -268,6 +307,19 @@ class ExperimentSpec(BaseModel):
     def task_loader_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`iclit.tasks.get_task` for ``task`` (none without ``task_options``)."""
         return self.task_options.loader_options() if self.task_options is not None else {}
+
+    def causal_settings(self) -> dict[str, Any] | None:
+        """The causal analyses' settings (:class:`iclit.engine.causal.CausalSettings` fields),
+        None without ``analyses``."""
+        if not self.analyses:
+            return None
+        out: dict[str, Any] = {"analyses": [a for a in ANALYSIS_NAMES if a in self.analyses]}
+        if "patch" in self.analyses:
+            out["patch_layers"] = _plain(self.patch_layers)
+        if "steer" in self.analyses:
+            out.update(steer_layers=_plain(self.steer_layers), steer_scales=[float(x) for x in self.steer_scales],
+                       steer_null_draws=self.steer_null_draws)
+        return out
 
     @property
     def uses_similarity(self) -> bool:

@@ -11,12 +11,13 @@ from typing import Annotated, Any, Literal, Mapping, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, Strict
 
-from iclit.schema import Fraction, NonEmptyStr, NonNegInt, StrictBool, distinct, expect, kind, problem, shown, unset_defaults
+from iclit.schema import (Fraction, NonEmptyStr, NonNegInt, StrictBool, distinct, expect, kind, problem, raise_problems,
+                          shown, unset_defaults)
 from iclit.tuning.recipe import RecipeOverrides, recipe_overrides
 
 __all__ = [
     "FACTORS", "SIMILARITY_MODES", "DESIGNS", "DTYPES", "ARM_NAMES", "REQUIRED_ARMS", "BASELINE_NAMES", "SAMPLER_NAMES",
-    "TASK_KINDS", "Factors", "TaskOptions", "TemplateFields", "factor_label", "recipe_label",
+    "TASK_KINDS", "ANALYSIS_NAMES", "Factors", "TaskOptions", "TemplateFields", "factor_label", "recipe_label",
 ]
 
 FactorName = Literal["k", "similarity", "wrong_labels", "demo_task", "template", "instruction", "model", "recipe"]
@@ -27,6 +28,7 @@ ArmName = Literal["anchor", "icl", "it", "it_seed2"]  # iclit.engine.arms.ARMS
 Baseline = Literal["centered", "shuffled", "update", "noise_ceiling", "cka", "query_mean"]  # iclit.analysis.BASELINES
 SamplerName = Literal["random", "balanced", "most-similar", "least-similar"]  # iclit.tasks.SAMPLERS
 TaskKind = Literal["classification", "generation"]
+AnalysisName = Literal["patch", "steer"]  # iclit.engine.causal.ANALYSES
 
 FACTORS: tuple[str, ...] = get_args(FactorName)
 """The factors a spec can vary, in the order cells are enumerated."""
@@ -38,6 +40,7 @@ REQUIRED_ARMS: tuple[str, ...] = ("anchor", "icl", "it")
 BASELINE_NAMES: tuple[str, ...] = get_args(Baseline)
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
+ANALYSIS_NAMES: tuple[str, ...] = get_args(AnalysisName)
 FactorValue = Any  # int | float | bool | str | None | Mapping (inline recipe)
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
@@ -67,6 +70,33 @@ _DemoTask = Annotated[_Str | None, BeforeValidator(lambda v: None if v == "same"
                       expect("a task name, 'same' or null")]
 _Arm = Annotated[ArmName, expect(message="unknown arm {got} (arms: " + ", ".join(sorted(ARM_NAMES)) + ")")]
 _Baseline = Annotated[Baseline, _one_of(BASELINE_NAMES)]
+_Analysis = Annotated[AnalysisName, _one_of(ANALYSIS_NAMES)]
+
+
+def _layers(v: Any) -> Any:
+    """null, 'all', or a non-empty list of distinct state indices (sorted)."""
+    if v is None or v == "all":
+        return v
+    if not isinstance(v, (list, tuple)) or not v:
+        raise problem(f"must be null, 'all' or a non-empty list of state indices (integers >= 0), not {shown(v)}")
+    bad = [((i,), f"must be a state index (an integer >= 0), not {shown(x)}", x)
+           for i, x in enumerate(v) if isinstance(x, bool) or not isinstance(x, int) or x < 0]
+    raise_problems("layers", bad)
+    if len(set(v)) != len(v):
+        raise problem("lists a state index twice")
+    return tuple(sorted(v))
+
+
+def _non_empty(v: tuple) -> tuple:
+    if not v:
+        raise problem("must be a non-empty list of positive numbers, not an empty list")
+    return v
+
+
+_Layers = Annotated[Any, PlainValidator(_layers, json_schema_input_type=Literal["all"] | list[NonNegInt] | None)]
+_Scale = Annotated[float, Strict(), Field(gt=0.0, allow_inf_nan=False), expect("a positive number")]
+_Scales = Annotated[tuple[_Scale, ...], AfterValidator(_non_empty), distinct("a scale"), BeforeValidator(_listed),
+                    expect("a non-empty list of positive numbers", as_kind=True)]
 _Text = Annotated[str, Strict(), expect("a string")]
 _Overrides = Annotated[dict[str, Any], PlainValidator(recipe_overrides, json_schema_input_type=RecipeOverrides)]
 
