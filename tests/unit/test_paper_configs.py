@@ -23,6 +23,11 @@ TRIALS = {
     "translation.yaml": 30,
     "lora_vs_full.yaml": 20,
     "dose.yaml": 30,
+    "causal.yaml": 300,  # 30 sets x 10 queries (the crossed design)
+    "tasks_antonyms.yaml": 300,
+    "tasks_translation_words.yaml": 300,
+    "tasks_addition.yaml": 300,
+    "tasks_reverse_words.yaml": 300,
 }
 RESAMPLES = {"lora_vs_full.yaml": 10, "dose.yaml": 10}  # the rest: the paper's 30
 
@@ -86,6 +91,11 @@ KEYS = {  # sha256 of each spec's trial keys, one a line in plan order: a change
     "similarity.yaml": "9834963cf4412c85",
     "translation.yaml": "7742b07352f953db",
     "wrong_labels.yaml": "9d876ef58ef64063",
+    "causal.yaml": "5e7b0b0eae257d76",
+    "tasks_addition.yaml": "db9a2d9109fbcef4",
+    "tasks_antonyms.yaml": "70c9f536deefb2ff",
+    "tasks_reverse_words.yaml": "d59c8f8ce71b0989",
+    "tasks_translation_words.yaml": "584a90ed63f0ac1f",
 }
 
 
