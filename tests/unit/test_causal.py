@@ -101,6 +101,7 @@ def test_records_hold_every_kind_layer_scale_and_draw(crossed, lm):
         assert s["layers"] == list(range(1, L + 1)) and s["scales"] == [1.0, 3.0]
         assert np.shape(s["icl"]) == np.shape(s["it"]) == (L, 2, 2) and np.shape(s["random_it"]) == (L, 2, 2, 2)
         assert all(x == round(x, 6) for x in c["anchor"])  # stored compactly
+        assert c["seconds"] > 0
 
 
 def test_unpatched_runs_are_the_arms(crossed):

@@ -40,6 +40,7 @@ a "value" is a list: the label log-probabilities, or ``[log p(gold's first token
     patch: {layers: [ℓ…], icl_into_anchor: [value per ℓ], it_into_anchor, icl_into_it, it_into_icl}
     steer: {layers: [ℓ…], scales: [α…], norm_icl, norm_it, cos_icl_it: [per ℓ],
             icl, it: [ℓ][α] → value, random_icl, random_it: [ℓ][α][draw] → value}
+    seconds: the chunk's time in these analyses per trial (the cost of the interventions)
 
 Every number of the analysis (KL, accuracy, fractions, CIs, tests) is computed from these by
 :mod:`iclit.analysis.causal`, without the model.
@@ -54,6 +55,7 @@ decoder.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -185,8 +187,10 @@ class ReversePatch:
         self.settings, self.reader, self.tokenizer, self.draws = settings, reader, tokenizer, draws
         self.prompts, self.icl_states, self.fast = list(prompts), icl_states, fast
         self.results: dict[int, torch.Tensor] = {}
+        self.seconds = 0.0
 
     def __call__(self, model: nn.Module, rows: Sequence[int], route: Callable[[list[int]], None] | None) -> None:
+        start = time.perf_counter()
         rows = list(rows)
         icl = self.icl_states()
         last = icl.shape[1] - 1
@@ -197,6 +201,7 @@ class ReversePatch:
                         prefixes=[str(self.draws[i].set_id) for i in rows])  # one adapter per set
         for pos, i in enumerate(rows):
             self.results[i] = out[pos]
+        self.seconds += time.perf_counter() - start
 
 
 def _sets(draws: Sequence[Resample]) -> list[list[int]]:
@@ -239,6 +244,7 @@ def causal_records(
 ) -> list[dict[str, Any]]:
     """One ``causal`` record per draw (module docstring), from the arms' states (``anchor``,
     ``icl``, ``it``: ``[n, L+1, d]``) and the ``it`` arm's :class:`ReversePatch` results."""
+    start = time.perf_counter()
     model, tok, reader = lm.model, lm.tokenizer, reverse.reader
     anchor, icl, it = (states[a].float() for a in ("anchor", "icl", "it"))
     n, last = anchor.shape[0], anchor.shape[1] - 1
@@ -300,4 +306,7 @@ def causal_records(
                             "icl": _rounded(grid[:, :, 0]), "it": _rounded(grid[:, :, 1]),
                             "random_icl": _rounded(grid[:, :, 2 : 2 + D]), "random_it": _rounded(grid[:, :, 2 + D :])}
         records.append(rec)
+    per_trial = round((time.perf_counter() - start + reverse.seconds) / max(1, n), 4)
+    for rec in records:
+        rec["seconds"] = per_trial  # the analyses' time per trial, the reverse patch in the it arm included
     return records
