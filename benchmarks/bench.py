@@ -22,6 +22,13 @@ and one machine-readable line per comparison:
   A/B, per-adapter clipping), loss from answer positions only, batched routed capture.
   Agree: every adapter's final loss within 1e-3 (relative or absolute) and IT-state cosine
   >= 0.9999 at every layer.
+* ``crossed_pairs``: (query, demonstration set) pairs per second, all three arms, at S sets ×
+  Q queries (default 30 × 10, k = 4). Crossed: one ICL prefix and one IT adapter per set,
+  its Q queries read through them (``draw_sets``). One-query trials: the same S·Q pairs as
+  S·Q trials of one query each (one adapter per pair), in chunks of 10 as a run computes
+  them. Agree: every pair's anchor, ICL and IT states equal the one-query trial's (same
+  demonstrations, same tuning seed) at cosine >= 0.99999. ``limit``: the ratio the token
+  counts allow (training tokens × 3 for forward + backward, plus every read), beside it.
 * ``--e2e``: ``iclit compare --task sentiment --k 4 --resamples 30`` in a subprocess, model
   already cached: wall time and peak RSS (targets: < 180 s, < 4 GB on a 2-core CPU).
 
@@ -164,6 +171,43 @@ def bench_it(lm, task, n_adapters: int, k: int, epochs: int, batch_size: int):
     return ref, fast, agree, detail, n_tokens
 
 
+def bench_crossed(lm, task, n_sets: int, q: int, k: int, epochs: int, batch_size: int):
+    from dataclasses import replace
+
+    from iclit.engine.evaluate import evaluate
+    from iclit.tasks import draw_sets
+
+    recipe = TuningRecipe(epochs=epochs)
+    draws = draw_sets(task, k, n_sets, q, seed=0)
+    singles = [replace(r, index=r.set_id, set_index=None, slot=0) for r in draws]
+    tok = lm.tokenizer
+    lm.memo.clear()  # no anchor states carried over from another comparison
+    with measure(lm.device) as ref:
+        ref_states = {a: [] for a in ("anchor", "icl", "it")}
+        for start in range(0, len(singles), 10):  # chunks of 10 one-query trials, as a run computes them
+            out = evaluate(lm, task, singles[start:start + 10], recipe=recipe, seed=0, batch_size=batch_size)
+            for a in ref_states:
+                ref_states[a].append(out.states[a])
+    lm.memo.clear()
+    with measure(lm.device) as fast:
+        crossed = evaluate(lm, task, draws, recipe=recipe, seed=0, batch_size=batch_size).states
+    worst = min(float(torch.nn.functional.cosine_similarity(torch.cat(ref_states[a]).double(), crossed[a].double(),
+                                                             dim=-1).min()) for a in ref_states)
+    agree = worst >= 0.99999
+    # the token counts: training (forward + backward ≈ 3 forwards) and every read
+    n = lambda texts: sum(len(ids) for ids in tok(list(texts))["input_ids"])  # noqa: E731
+    tpl = task.template
+    train = {r.set_id: epochs * n(p + a for p, a in (tpl.training_pair(d) for d in r.demonstrations)) for r in draws}
+    query = n(tpl.query(r.query.input) for r in draws)
+    prefix = {r.set_id: n([tpl.icl_prefix(r.demonstrations)]) for r in draws}
+    icl_query = n(tpl.icl_prompt(r.demonstrations, r.query) for r in draws) - sum(prefix[r.set_id] for r in draws)
+    one = sum(3 * train[r.set_id] + prefix[r.set_id] for r in draws) + icl_query + 2 * query
+    sets = sum(3 * t + prefix[s] for s, t in train.items()) + icl_query + 2 * query
+    detail = (f"min state cosine {worst:.7f} (anchor, ICL, IT, every layer); token-count limit {one / sets:.1f}x; "
+              f"{len(draws) / ref.seconds:.2f} vs {len(draws) / fast.seconds:.2f} pairs/s")
+    return ref, fast, agree, detail, one, one / sets
+
+
 def bench_e2e(model: str, resamples: int, out: Path) -> tuple[float, int, str]:
     cmd = [sys.executable, "-m", "iclit.cli", "compare", "--model", model, "--task", "sentiment", "--k", "4",
            "--resamples", str(resamples), "--seed", "0", "--out", str(out)]
@@ -195,7 +239,9 @@ def main() -> None:
     ap.add_argument("--it-k", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=TuningRecipe.epochs)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["icl", "it"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["icl", "it", "crossed"])
+    ap.add_argument("--sets", type=int, default=30, help="crossed_pairs: demonstration sets")
+    ap.add_argument("--queries-per-set", type=int, default=10, help="crossed_pairs: queries per set")
     ap.add_argument("--e2e", action="store_true", help="also time `iclit compare --k 4 --resamples 30`")
     ap.add_argument("--resamples", type=int, default=30)
     ap.add_argument("--e2e-out", type=Path, default=Path("runs/bench-e2e"), help="output directory of the e2e run")
@@ -212,6 +258,12 @@ def main() -> None:
     if "it" not in args.skip:
         rows.append(("it_tuning", f"{args.adapters} adapters, k={args.it_k}, {args.epochs} epochs",
                      *bench_it(lm, task, args.adapters, args.it_k, args.epochs, args.batch_size)))
+    limits = {}
+    if "crossed" not in args.skip:
+        ref, fast, agree, detail, n_tokens, limits["crossed_pairs"] = bench_crossed(
+            lm, task, args.sets, args.queries_per_set, args.it_k, args.epochs, args.batch_size)
+        rows.append(("crossed_pairs", f"{args.sets} sets x {args.queries_per_set} queries, k={args.it_k}",
+                     ref, fast, agree, detail, n_tokens))
     print()
     print(f"{'comparison':<12} {'work':<32} {'straightforward':>16} {'iclit':>9} {'speedup':>8} {'peak mem (ref / iclit)':>26}  agree")
     for name, work, ref, fast, agree, detail, n_tokens in rows:
@@ -220,7 +272,8 @@ def main() -> None:
         print(f"{'':<12} {detail}; {n_tokens} input tokens; "
               f"{n_tokens / ref.seconds:.0f} vs {n_tokens / fast.seconds:.0f} tokens/s")
     for name, work, ref, fast, agree, detail, n_tokens in rows:
-        print(f"RATIO name={name} value={ref.seconds / fast.seconds:.2f} agree={str(agree).lower()}")
+        limit = f" limit={limits[name]:.2f}" if name in limits else ""
+        print(f"RATIO name={name} value={ref.seconds / fast.seconds:.2f} agree={str(agree).lower()}{limit}")
     if args.e2e:
         seconds, peak, cmd = bench_e2e(args.model, args.resamples, args.e2e_out)
         print(f"\ne2e: `{cmd}`: {seconds:.1f} s wall, peak RSS {gib(peak)} "

@@ -46,13 +46,16 @@ class Comparison:
     metrics: dict[str, Any]
     states: dict[str, Any] = field(repr=False)
     run_dir: Path | None = None
+    tests: pd.DataFrame | None = None
+    """Each pair against its query-swap and demo-swap nulls per centring and layer
+    (``tests.csv``; :data:`iclit.analysis.nulls.TEST_COLUMNS`)."""
 
     def write(self, out: str | Path) -> Path:
-        """Write trials.jsonl, summary.csv, metrics.json, config.json and layers.png to ``out``
-        (each to a temporary name first, then moved into place)."""
+        """Write trials.jsonl, summary.csv, tests.csv, metrics.json, config.json and layers.png
+        to ``out`` (each to a temporary name first, then moved into place)."""
         from iclit.report.exports import write_files
 
-        return write_files(out, self.trials, self.summary, self.metrics, self.config)
+        return write_files(out, self.trials, self.summary, self.metrics, self.config, self.tests)
 
 
 def run_comparison_spec(spec: Any, out: str | Path, *, models: Mapping[str, Any] | None = None,
@@ -72,14 +75,15 @@ def comparison_from_run(run_dir: str | Path) -> Comparison:
     import torch
 
     from iclit.analysis import load_run, load_states
-    from iclit.analysis.tables import comparison_frame, comparison_metrics, comparison_summary
-    from iclit.report.exports import comparison_config, comparison_trials
+    from iclit.analysis.tables import comparison_frame
+    from iclit.report.exports import comparison_parts
 
     run = load_run(run_dir)
     states = load_states(run_dir) if not run.notes else None  # notes: trials without stored states
+    parts = comparison_parts(run)
     return Comparison(
-        config=comparison_config(run), trials=comparison_trials(run), summary=comparison_summary(run),
-        frame=comparison_frame(run), metrics=comparison_metrics(run),
+        config=parts["config"], trials=parts["trials"], summary=parts["summary"], frame=comparison_frame(run),
+        metrics=parts["metrics"], tests=parts["tests"],
         states={name: torch.from_numpy(a) for name, a in states.arrays.items()} if states else {}, run_dir=Path(run_dir),
     )
 

@@ -200,7 +200,9 @@ def print_summary(m: dict, cfg: dict) -> None:
     """The comparison's tables: each pair's cosine (last layer, mean over layers), accuracy per arm."""
     from iclit.analysis.similarity import PAIRS
 
-    table = Table(title=f"{cfg['model']} · {cfg['task']} · k={cfg['k']} · n={cfg['resamples']} · seed={cfg['seed']}")
+    design = (f"{cfg['resamples']} sets × {cfg['queries_per_set']} queries" if cfg.get("queries_per_set", 1) > 1
+              else f"n={cfg['resamples']}")
+    table = Table(title=f"{cfg['model']} · {cfg['task']} · k={cfg['k']} · {design} · seed={cfg['seed']}")
     table.add_column("pair")
     table.add_column("last layer: mean ± std [95% CI]")
     table.add_column("mean over layers [95% CI]")
@@ -217,6 +219,7 @@ def print_summary(m: dict, cfg: dict) -> None:
         console.print(table)
     else:
         console.print("no similarities: the run stored no hidden states (store_states: false)", highlight=False)
+    _print_tests(m.get("tests") or [], cfg)
     score = next(k for k in ("accuracy", "exact_match", "chrf") if k in m)
     arms = Table(title=f"per-arm {score}")
     arms.add_column("arm")
@@ -231,6 +234,34 @@ def print_summary(m: dict, cfg: dict) -> None:
         f"mean {num(loss['mean'], '.4f')}, max {num(loss['max'], '.4f')}; {num(cfg['seconds'], '.0f')} s on "
         f"{cfg['device'] or 'the stored device'}", highlight=False
     )
+
+
+def _print_tests(rows: list[dict], cfg: dict) -> None:
+    """Each pair's last-layer cosine against its query-swap and demo-swap nulls (metrics.json ``tests``)."""
+    if not rows:
+        if cfg.get("queries_per_set", 1) == 1:
+            console.print("no query-swap / demo-swap nulls: one query per set (--queries-per-set 2 or more)",
+                          highlight=False)
+        return
+    table = Table(title="last layer vs the nulls: excess = observed − null [95% CI]; p: Holm over the last layer's tests")
+    for col in ("pair", "cosine", "query-swap excess", "demo-swap excess"):
+        table.add_column(col)
+    names = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update"}
+    for pair, label in names.items():
+        got = {r["null"]: r for r in rows if r["pair"] == pair}
+        if not got:
+            continue
+        cells = [label, f"{next(iter(got.values()))['observed']:.3f}"]
+        for null in ("query_swap", "demo_swap"):
+            r = got.get(null)
+            cells.append(f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]\np={r['p_holm']:.2g} {r['verdict']}"
+                         if r else "–")
+        table.add_row(*cells)
+    console.print(table)
+    n = rows[0]
+    console.print(f"{n['n_units']} (query, set) pairs in {n['n_blocks']} query blocks; equivalence margin "
+                  f"±{cfg.get('equivalence_margin', 0.02)}; every layer and centring: {cfg.get('run_dir', 'RUN')}/tests.csv",
+                  highlight=False)
 
 
 # --- declarative experiments: iclit run / results / report ------------------------------------

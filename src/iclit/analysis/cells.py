@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from iclit.analysis import inference
+from iclit.analysis.dose import DOSE_COLUMNS, dose_tables
 from iclit.analysis.nulls import NULLS, TEST_COLUMNS, Units, adjust_family, null_tests, strata, unit_rows
 
 __all__ = ["GEOMETRY_PAIRS", "GEOMETRY_COLUMNS", "BEHAVIOUR_COLUMNS", "cell_tables", "geometry", "behaviour"]
@@ -114,11 +115,13 @@ def behaviour(outputs: pd.DataFrame, units: Units, *, margin: float, n_perm: int
 def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame, settings: Mapping[str, Mapping[str, Any]],
                 *, margin: float, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
     """``tests`` (:data:`iclit.analysis.nulls.TEST_COLUMNS`), ``geometry``
-    (:data:`GEOMETRY_COLUMNS`) and ``behaviour`` (:data:`BEHAVIOUR_COLUMNS`) of every cell of
-    ``trials`` (rows with stored states), each with a leading ``cell_key`` column."""
+    (:data:`GEOMETRY_COLUMNS`), ``behaviour`` (:data:`BEHAVIOUR_COLUMNS`), and for recipes with
+    ``capture_steps`` ``dose`` (:data:`iclit.analysis.dose.DOSE_COLUMNS`) and ``dose_tests``
+    (the nulls at the behaviour-matched step) of every cell of ``trials`` (rows with stored
+    states), each with a leading ``cell_key`` column."""
     from iclit.analysis.states import read_states
 
-    parts: dict[str, list[pd.DataFrame]] = {"tests": [], "geometry": [], "behaviour": []}
+    parts: dict[str, list[pd.DataFrame]] = {"tests": [], "geometry": [], "behaviour": [], "dose": [], "dose_tests": []}
     for cell, sub in trials.groupby("cell_key", sort=True):
         sub = sub.sort_values(["seed", "resample"], kind="stable")
         cell_settings = settings.get(cell, {})
@@ -127,6 +130,9 @@ def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame
         units = Units.from_trials(sub, cell_settings, out["gold"].tolist() if kind == "classification" else None)
         states = read_states(run_dir, sub)
         arrays = {a: states[a] for a in ("anchor", "icl", "it")}
+        labels = []
+        if kind == "classification" and "label_probs" in out.columns and isinstance(out["label_probs"].iloc[0], Mapping):
+            labels = list(out["label_probs"].iloc[0]["icl"])  # the task's label order (the dose lists follow it)
         reference = states.reference.get(cell)
         centrings = ("raw", "anchor", "reference") if reference is not None else ("raw", "anchor")
         found = {
@@ -135,10 +141,13 @@ def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame
             "geometry": geometry(arrays, n_perm=n_perm, seed=seed) if len(sub) >= 4 else pd.DataFrame(),
             "behaviour": behaviour(out, units, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed),
         }
+        dose = dose_tables({n: states[n] for n in states}, out, units, labels, margin=margin, n_perm=n_perm,
+                           n_boot=n_boot, seed=seed)
+        found["dose"], found["dose_tests"] = dose["estimates"], dose["matched_tests"]
         for name, df in found.items():
             if len(df):
                 parts[name].append(df.assign(cell_key=cell))
-    columns = {"tests": ("cell_key", *TEST_COLUMNS),
-               "geometry": GEOMETRY_COLUMNS, "behaviour": BEHAVIOUR_COLUMNS}
+    columns = {"tests": ("cell_key", *TEST_COLUMNS), "geometry": GEOMETRY_COLUMNS, "behaviour": BEHAVIOUR_COLUMNS,
+               "dose": DOSE_COLUMNS, "dose_tests": ("cell_key", "step", *TEST_COLUMNS)}
     return {name: (pd.concat(dfs, ignore_index=True)[list(columns[name])] if dfs else pd.DataFrame(columns=list(columns[name])))
             for name, dfs in parts.items()}

@@ -216,3 +216,16 @@ def geometry(run: RunData) -> pd.DataFrame:
                  "against the query-swap / demo-swap nulls (Holm, BH, TOST)")
 def behaviour(run: RunData) -> pd.DataFrame:
     return _with_labels(run.behaviour, run)
+
+
+@register_metric("dose_matched", "per cell with capture_steps: ICL–IT at the held-out behaviour-matched IT step "
+                 "(IT's label distribution closest to ICL's on the set's other queries), the cross-fitted peak "
+                 "(chosen on half the sets, read on the other) beside the naive one; CIs over sets then queries")
+def dose_matched(run: RunData) -> pd.DataFrame:
+    return _with_labels(run.cells["dose"], run)
+
+
+@register_metric("dose_tests", "per cell with capture_steps: the query-swap / demo-swap tests of the IT arm "
+                 "stopped at its behaviour-matched step")
+def dose_tests(run: RunData) -> pd.DataFrame:
+    return _with_labels(run.cells["dose_tests"], run)

@@ -1,5 +1,5 @@
 """The files of a one-cell comparison, written from a run directory: trials.jsonl, summary.csv,
-metrics.json, config.json, layers.png.
+tests.csv (each pair against its nulls, per layer), metrics.json, config.json, layers.png.
 
 ``iclit compare`` writes them after its run; ``write_exports(RUN)`` rewrites them from the
 store and the states alone (no model). Every file goes to a temporary name first and is
@@ -21,9 +21,10 @@ import numpy as np
 from iclit.analysis.rundata import RunData, load_run
 from iclit.analysis.tables import cell_cosine_tables, comparison_metrics, comparison_summary, single_cell
 
-__all__ = ["EXPORTS", "to_json", "comparison_trials", "comparison_config", "write_files", "write_exports"]
+__all__ = ["EXPORTS", "to_json", "comparison_trials", "comparison_config", "comparison_tests", "comparison_parts",
+           "write_files", "write_exports"]
 
-EXPORTS = ("trials.jsonl", "summary.csv", "metrics.json", "config.json", "layers.png")
+EXPORTS = ("trials.jsonl", "summary.csv", "tests.csv", "metrics.json", "config.json", "layers.png")
 _COSINES_AFTER = "it_training_texts"  # where the per-layer cosines go in a trial record
 
 
@@ -88,6 +89,11 @@ def comparison_config(run: RunData) -> dict[str, Any]:
         "task_source": "builtin" if is_builtin(spec.task) else spec.task,
         "k": settings["k"],
         "resamples": spec.resamples,
+        "queries_per_set": spec.queries_per_set,
+        "sets_per_query": spec.query_sharing,
+        "pairs": spec.pairs,
+        "it_seeds": spec.it_seeds,
+        "equivalence_margin": spec.equivalence_margin,
         "seed": spec.seeds[0],
         "sampler": spec.sampler,
         "template": settings["template"],
@@ -119,9 +125,30 @@ def _model_info(run: RunData, name: str) -> dict[str, Any]:
         return store.model_info(name)
 
 
+def comparison_tests(run: RunData) -> Any:
+    """The one cell's tests (:data:`iclit.analysis.nulls.TEST_COLUMNS`, without cell_key): every
+    pair × centring × layer × null; empty with one query per set and one set per query."""
+    cell, _ = single_cell(run)
+    tests = run.tests
+    return tests[tests["cell_key"] == cell].drop(columns="cell_key").reset_index(drop=True)
+
+
+def last_layer_tests(tests: Any) -> list[dict[str, Any]]:
+    """metrics.json's ``tests``: the raw-centring rows at the last layer, one per pair × null."""
+    if not len(tests):
+        return []
+    raw = tests[(tests["centring"] == "raw") & (tests["layer"] == tests["layer"].max())]
+    keep = ["pair", "null", "observed", "null_mean", "diff", "ci_low", "ci_high", "p", "p_adj", "p_holm", "q_bh",
+            "p_tost", "verdict", "n_units", "n_blocks"]
+    return raw[keep].to_dict("records")
+
+
 def write_files(out: str | Path, trials: list[dict[str, Any]], summary: Any, metrics: dict[str, Any],
-                config: dict[str, Any]) -> Path:
+                config: dict[str, Any], tests: Any = None) -> Path:
     """Write :data:`EXPORTS` to ``out`` from their contents; returns ``out``."""
+    import pandas as pd
+    from iclit.analysis.nulls import TEST_COLUMNS
+
     from iclit.report import plot_layers
 
     out = Path(out)
@@ -132,11 +159,16 @@ def write_files(out: str | Path, trials: list[dict[str, Any]], summary: Any, met
             for trial in trials:
                 f.write(to_json(trial) + "\n")
         summary.to_csv(t / "summary.csv", index=False)
+        tests = tests if tests is not None else pd.DataFrame(columns=list(TEST_COLUMNS))
+        tests.to_csv(t / "tests.csv", index=False)
         (t / "metrics.json").write_text(to_json(metrics, indent=2), encoding="utf-8")
         (t / "config.json").write_text(to_json(config, indent=2), encoding="utf-8")
-        title = f"{config['model']} · {config['task']} · k={config['k']} · {config['resamples']} resamples"
+        design = (f"{config['resamples']} sets × {config.get('queries_per_set', 1)} queries"
+                  if config.get("queries_per_set", 1) > 1 else f"{config['resamples']} resamples")
+        title = f"{config['model']} · {config['task']} · k={config['k']} · {design}"
         steps = summary["pair"].str.contains("_step")  # the dose pairs: in summary.csv, not drawn
-        plot_layers(summary[~steps], t / "layers.png", title=title)
+        raw = tests[tests["centring"] == "raw"] if len(tests) else None
+        plot_layers(summary[~steps], t / "layers.png", title=title, nulls=raw)
         for name in EXPORTS:
             os.replace(t / name, out / name)
     return out
@@ -146,5 +178,21 @@ def write_exports(run: RunData | str | Path, out: str | Path | None = None) -> P
     """Write :data:`EXPORTS` for a one-cell run (a run directory or its :class:`RunData`) to
     ``out`` (default: the run directory); returns ``out``."""
     run = run if isinstance(run, RunData) else load_run(run)
-    return write_files(out if out is not None else run.path, comparison_trials(run), comparison_summary(run),
-                       comparison_metrics(run), comparison_config(run))
+    parts = comparison_parts(run)
+    return write_files(out if out is not None else run.path, parts["trials"], parts["summary"], parts["metrics"],
+                       parts["config"], parts["tests"])
+
+
+def comparison_parts(run: RunData) -> dict[str, Any]:
+    """What the exports hold, from a one-cell run: trials, summary, metrics (with the
+    last-layer ``tests``, ``geometry`` and ``behaviour`` rows), config, tests."""
+    tests = comparison_tests(run) if not run.frame.empty else None
+    metrics = comparison_metrics(run)
+    metrics["tests"] = last_layer_tests(tests) if tests is not None else []
+    if not run.frame.empty:
+        geometry = run.geometry
+        metrics["geometry"] = geometry[geometry["layer"] == geometry["layer"].max()].drop(
+            columns="cell_key").to_dict("records") if len(geometry) else []
+    metrics["behaviour"] = run.behaviour.drop(columns="cell_key").to_dict("records") if len(run.behaviour) else []
+    return {"trials": comparison_trials(run), "summary": comparison_summary(run), "metrics": metrics,
+            "config": comparison_config(run), "tests": tests}

@@ -111,6 +111,7 @@ def plot_layers(
     *,
     title: str | None = None,
     baseline: pd.DataFrame | None = None,
+    nulls: pd.DataFrame | None = None,
     ylabel: str = "cosine similarity",
     dpi: int = 150,
 ) -> Path:
@@ -118,8 +119,11 @@ def plot_layers(
 
     summary: the ``summarize_layers`` table (columns ``pair, layer, mean, ci_low,
     ci_high``). baseline: same format (e.g. unrelated-prompt or shuffled-pair cosines),
-    drawn dashed in the pair's colour. Writes the figure to ``path`` (format from the
-    suffix, PNG by default; parent folders created) and returns it as a Path.
+    drawn dashed in the pair's colour. nulls: the raw-centring rows of the cell's tests
+    (:data:`iclit.analysis.nulls.TEST_COLUMNS`): each pair's query-swap (dotted) and
+    demo-swap (dash-dotted) null mean, as a band from observed − ci_high to observed − ci_low
+    (the null's level with the CI of the excess). Writes the figure to ``path`` (format from
+    the suffix, PNG by default; parent folders created) and returns it as a Path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +142,14 @@ def plot_layers(
             if len(base):
                 ax.plot(base["layer"], base["mean"], color=colour, linestyle="--", linewidth=1.2, alpha=0.8,
                         label=f"{label} (baseline)")
+        if nulls is not None:
+            for null, dash in (("query_swap", ":"), ("demo_swap", "-.")):
+                band = nulls[(nulls["pair"] == pair) & (nulls["null"] == null)].sort_values("layer")
+                if len(band):
+                    ax.plot(band["layer"], band["null_mean"], color=colour, linestyle=dash, linewidth=1.0,
+                            label=f"{label}: {null.replace('_', '-')} null")
+                    ax.fill_between(band["layer"], band["observed"] - band["ci_high"], band["observed"] - band["ci_low"],
+                                    color=colour, alpha=0.12, linewidth=0, hatch="//" if null == "demo_swap" else None)
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -59,7 +59,8 @@ class ExperimentSpec(BaseModel):
     instruction: StrictBool = Field(True, description="keep the template's instruction")
     arms: Annotated[tuple[_Arm, ...], distinct("an arm"), BeforeValidator(_listed), expect("a list of arm names", as_kind=True),
                     _none_is(REQUIRED_ARMS)] = Field(
-        REQUIRED_ARMS, description="arms to run; must include anchor, icl and it (it_seed2: IT with another seed)")
+        REQUIRED_ARMS, description="arms to run; must include anchor, icl and it (it_seed2: IT with another seed; icl_reordered: ICL with "
+                                 "the demonstrations rotated by one)")
     k: NonNegInt = Field(4, description="demonstrations per resample (0: zero-shot, every arm reads the query alone)")
     resamples: PosInt = Field(8, description="demonstration sets drawn per cell and seed (with one query per set: "
                                              "the (query, demonstrations) draws)")
