@@ -20,7 +20,8 @@ install:
 		echo "warning: could not install wordnet-base dict-freedict-eng-ces (apt-get install wordnet-base dict-freedict-eng-ces); the antonyms and translation-en-cs-words tasks will be missing"
 
 run: install
-	iclit compare --model gemma-3-270m --task sentiment --k 4 --resamples 30 --seed 0 --out $(OUT)
+	iclit compare --model gemma-3-270m --task sentiment --k 4 --resamples 16 --queries-per-set 8 --it-seeds 2 \
+		--seed 0 --out $(OUT)
 
 test: install
 	$(PY) -m pytest -q

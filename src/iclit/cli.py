@@ -219,7 +219,7 @@ def print_summary(m: dict, cfg: dict) -> None:
         console.print(table)
     else:
         console.print("no similarities: the run stored no hidden states (store_states: false)", highlight=False)
-    _print_tests(m.get("tests") or [], cfg)
+    _print_tests(m.get("tests") or [], cfg, m.get("seeds"))
     score = next(k for k in ("accuracy", "exact_match", "chrf") if k in m)
     arms = Table(title=f"per-arm {score}")
     arms.add_column("arm")
@@ -236,7 +236,7 @@ def print_summary(m: dict, cfg: dict) -> None:
     )
 
 
-def _print_tests(rows: list[dict], cfg: dict) -> None:
+def _print_tests(rows: list[dict], cfg: dict, seeds: list[dict] | None = None) -> None:
     """Each pair's last-layer cosine against its query-swap and demo-swap nulls (metrics.json ``tests``)."""
     if not rows:
         if cfg.get("queries_per_set", 1) == 1:
@@ -259,6 +259,10 @@ def _print_tests(rows: list[dict], cfg: dict) -> None:
         table.add_row(*cells)
     console.print(table)
     n = rows[0]
+    for r in seeds or ():
+        if r["pair"] == "icl_it":
+            console.print(f"IT seed noise, last layer: ICL–IT {r['seed1']:.3f} with the first seed, {r['seed2']:.3f} with "
+                          f"the second; per-pair between-seed SD {r['unit_sd']:.3f}", highlight=False)
     console.print(f"{n['n_units']} (query, set) pairs in {n['n_blocks']} query blocks; equivalence margin "
                   f"±{cfg.get('equivalence_margin', 0.02)}; every layer and centring: {cfg.get('run_dir', 'RUN')}/tests.csv",
                   highlight=False)

@@ -16,11 +16,13 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from iclit.analysis import geometry as geometry_
 from iclit.analysis import inference
 from iclit.analysis.dose import DOSE_COLUMNS, dose_tables
 from iclit.analysis.nulls import NULLS, TEST_COLUMNS, Units, adjust_family, null_tests, strata, unit_rows
 
-__all__ = ["GEOMETRY_PAIRS", "GEOMETRY_COLUMNS", "BEHAVIOUR_COLUMNS", "cell_tables", "geometry", "behaviour"]
+__all__ = ["GEOMETRY_PAIRS", "GEOMETRY_COLUMNS", "BEHAVIOUR_COLUMNS", "SEED_COLUMNS", "cell_tables", "geometry",
+           "behaviour", "seed_spread"]
 
 GEOMETRY_PAIRS: dict[str, tuple[str, str]] = {"anchor_icl": ("anchor", "icl"), "anchor_it": ("anchor", "it"),
                                               "icl_it": ("icl", "it")}
@@ -42,7 +44,7 @@ def geometry(states: Mapping[str, np.ndarray], *, n_perm: int = 1000, seed: int 
     rows = []
     n = len(states["anchor"])
     for pair, (a, b) in GEOMETRY_PAIRS.items():
-        for measure, fn in (("cka", inference.cka_permutation_test), ("rsa", inference.rsa_per_layer)):
+        for measure, fn in (("cka", geometry_.cka_permutation_test), ("rsa", geometry_.rsa_per_layer)):
             res = fn(states[a], states[b], n_perm=n_perm, seed=seed)
             null = res.get("null_mean", np.full(len(res["value"]), np.nan))
             rows += [{"pair": pair, "measure": measure, "layer": layer, "value": float(v), "null_mean": float(m),
@@ -112,16 +114,43 @@ def behaviour(outputs: pd.DataFrame, units: Units, *, margin: float, n_perm: int
     return df
 
 
+SEED_COLUMNS = ("cell_key", "pair", "layer", "seed1", "seed2", "unit_sd", "mean_abs_diff", "n_units")
+"""The IT seed noise, where the cell has ``it_seed2`` states: a pair with IT (anchor–IT, ICL–IT)
+with the first and with the second tuning seed (mean cosines), the per-unit between-seed SD
+(|diff| / √2, averaged) and the mean |diff|. No effect smaller than this is a finding."""
+
+
+def seed_spread(states: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """:data:`SEED_COLUMNS` (without cell_key) of one cell; empty without ``it_seed2``."""
+    if "it_seed2" not in states:
+        return pd.DataFrame()
+    rows = []
+    for pair, other in (("anchor_it", "anchor"), ("icl_it", "icl")):
+        x = np.asarray(states[other], np.float64)
+        a = _cos(x, np.asarray(states["it"], np.float64))
+        b = _cos(x, np.asarray(states["it_seed2"], np.float64))
+        diff = np.abs(a - b)
+        rows += [{"pair": pair, "layer": layer, "seed1": float(a[:, layer].mean()), "seed2": float(b[:, layer].mean()),
+                  "unit_sd": float((diff[:, layer] / np.sqrt(2)).mean()), "mean_abs_diff": float(diff[:, layer].mean()),
+                  "n_units": len(x)} for layer in range(a.shape[1])]
+    return pd.DataFrame(rows)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
 def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame, settings: Mapping[str, Mapping[str, Any]],
                 *, margin: float, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
     """``tests`` (:data:`iclit.analysis.nulls.TEST_COLUMNS`), ``geometry``
     (:data:`GEOMETRY_COLUMNS`), ``behaviour`` (:data:`BEHAVIOUR_COLUMNS`), and for recipes with
     ``capture_steps`` ``dose`` (:data:`iclit.analysis.dose.DOSE_COLUMNS`) and ``dose_tests``
-    (the nulls at the behaviour-matched step) of every cell of ``trials`` (rows with stored
+    (the nulls at the behaviour-matched step), and with ``it_seed2`` states ``seeds``
+    (:data:`SEED_COLUMNS`, the IT seed noise) of every cell of ``trials`` (rows with stored
     states), each with a leading ``cell_key`` column."""
     from iclit.analysis.states import read_states
 
-    parts: dict[str, list[pd.DataFrame]] = {"tests": [], "geometry": [], "behaviour": [], "dose": [], "dose_tests": []}
+    parts: dict[str, list[pd.DataFrame]] = {"tests": [], "geometry": [], "behaviour": [], "dose": [], "dose_tests": [], "seeds": []}
     for cell, sub in trials.groupby("cell_key", sort=True):
         sub = sub.sort_values(["seed", "resample"], kind="stable")
         cell_settings = settings.get(cell, {})
@@ -144,10 +173,11 @@ def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame
         dose = dose_tables({n: states[n] for n in states}, out, units, labels, margin=margin, n_perm=n_perm,
                            n_boot=n_boot, seed=seed)
         found["dose"], found["dose_tests"] = dose["estimates"], dose["matched_tests"]
+        found["seeds"] = seed_spread({n: states[n] for n in ("anchor", "icl", "it", "it_seed2") if n in states})
         for name, df in found.items():
             if len(df):
                 parts[name].append(df.assign(cell_key=cell))
     columns = {"tests": ("cell_key", *TEST_COLUMNS), "geometry": GEOMETRY_COLUMNS, "behaviour": BEHAVIOUR_COLUMNS,
-               "dose": DOSE_COLUMNS, "dose_tests": ("cell_key", "step", *TEST_COLUMNS)}
-    return {name: (pd.concat(dfs, ignore_index=True)[list(columns[name])] if dfs else pd.DataFrame(columns=list(columns[name])))
-            for name, dfs in parts.items()}
+               "dose": DOSE_COLUMNS, "dose_tests": ("cell_key", "step", *TEST_COLUMNS), "seeds": SEED_COLUMNS}
+    return {name: (pd.concat(dfs, ignore_index=True).reindex(columns=list(columns[name])) if dfs
+                   else pd.DataFrame(columns=list(columns[name]))) for name, dfs in parts.items()}

@@ -1,5 +1,5 @@
 """Inference for the crossed design: pairing permutation tests, hierarchical bootstrap,
-max-T, Holm/BH, equivalence (TOST), debiased CKA and RSA.
+max-T, Holm/BH, equivalence (TOST); debiased CKA and RSA are in :mod:`iclit.analysis.geometry`.
 
 Design. A cell has S demonstration sets with Q queries each; a *unit* is one (query, set).
 Both nulls have one shape: a *stratum* is a square ``C[m, m, L]`` with ``C[a, b, l]`` the
@@ -31,9 +31,8 @@ import pandas as pd
 from scipy import stats as sps
 
 __all__ = [
-    "PairingResult", "TostResult", "bh", "cka_permutation_test", "debiased_cka",
-    "debiased_cka_per_layer", "hierarchical_bootstrap", "hierarchical_bootstrap_means", "holm",
-    "pairing_test", "rsa", "rsa_per_layer", "tost",
+    "PairingResult", "TostResult", "bh", "hierarchical_bootstrap", "hierarchical_bootstrap_means", "holm",
+    "pairing_test", "tost",
 ]  # fmt: skip
 
 Alternative = Literal["two-sided", "greater", "less"]
@@ -392,145 +391,3 @@ def tost(values: Any, groups: Any, margin: Any, *, alpha: float = 0.05) -> TostR
         conv = {"equivalent": bool, "n_groups": int}
         out = {k: conv.get(k, float)(np.asarray(x)[0]) for k, x in out.items()}
     return TostResult(**out)
-
-
-# ---------------------------------------------------------------- CKA and RSA
-
-
-def _paired_states(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``[n, L, d]`` float64 pair (``[n, d]`` becomes L = 1) without rows that have a NaN."""
-    x, y = _f64(x), _f64(y)
-    x = x[:, None] if x.ndim == 2 else x
-    y = y[:, None] if y.ndim == 2 else y
-    if x.ndim != 3 or y.ndim != 3 or x.shape[:2] != y.shape[:2]:
-        raise ValueError(f"x and y must be [n, L, d] with equal n and L: {x.shape}, {y.shape}")
-    keep = ~(np.isnan(x).any((1, 2)) | np.isnan(y).any((1, 2)))
-    return x[keep], y[keep]
-
-
-def _u_centred_gram(x: np.ndarray) -> np.ndarray:
-    """U-centred linear Gram ``[L, n, n]`` of ``[n, L, d]``: <U(K), U(M)> / (n (n - 3)) is
-    Song et al.'s unbiased HSIC (zero diagonal; needs n >= 4)."""
-    xt = np.moveaxis(x, 1, 0)
-    k = xt @ xt.transpose(0, 2, 1)
-    n = k.shape[-1]
-    idx = np.arange(n)
-    k[:, idx, idx] = 0.0
-    r = k.sum(-1)
-    total = r.sum(-1)[:, None, None] / ((n - 1) * (n - 2))
-    u = k - (r[:, :, None] + r[:, None, :]) / (n - 2) + total
-    u[:, idx, idx] = 0.0
-    return u
-
-
-def _inner(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.einsum("lij,lij->l", a, b)
-
-
-def _cka_parts(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """U-centred Grams ``[L, n, n]`` of x and y, 1 / CKA denominator ``[L]`` (NaN if <= 0), n."""
-    x, y = _paired_states(x, y)
-    n, n_l = x.shape[:2]
-    if n < 4:
-        return np.empty(0), np.empty(0), np.full(n_l, np.nan), n
-    uk, um = _u_centred_gram(x), _u_centred_gram(y)
-    den = _inner(uk, uk) * _inner(um, um)
-    return uk, um, np.where(den > 0, 1.0 / np.sqrt(np.where(den > 0, den, 1.0)), np.nan), n
-
-
-def debiased_cka_per_layer(x: Any, y: Any) -> np.ndarray:
-    """Debiased linear CKA per layer: x, y ``[n, L, d]`` (d may differ) -> ``[L]``.
-
-    HSIC_u(K, M) / sqrt(HSIC_u(K, K) HSIC_u(M, M)) with K = X X^T, M = Y Y^T and the
-    unbiased HSIC of Song et al. (2012); invariant to centring the features, orthogonal
-    transforms and isotropic scaling, and near 0 for independent states even when n << d
-    (unlike biased CKA). Rows with a NaN are dropped; NaN when n < 4 or a denominator <= 0.
-    """
-    uk, um, scale, _ = _cka_parts(x, y)
-    return _inner(uk, um) * scale if uk.size else scale
-
-
-def debiased_cka(x: Any, y: Any) -> float:
-    """Debiased linear CKA of x ``[n, dx]`` and y ``[n, dy]`` (:func:`debiased_cka_per_layer`)."""
-    return float(debiased_cka_per_layer(_f64(x)[:, None], _f64(y)[:, None])[0])
-
-
-def _permutation_summary(
-    a: np.ndarray, b: np.ndarray, scale: np.ndarray, n_perm: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``<A, B> * scale`` ``[L]``, its null mean under item permutations of B, one-sided p
-    and max-T p (values standardised by the null draws' mean and SD; z = 0 where SD is 0)."""
-    value = _inner(a, b) * scale
-    null = _permuted_inner(a, b, n_perm, seed) * scale
-    mu = null.mean(0)
-    sd = null.std(0, ddof=1) if n_perm > 1 else np.zeros_like(mu)
-    ok, s = sd > 0, np.where(sd > 0, sd, 1.0)
-    z_obs = np.where(ok, (value - mu) / s, 0.0)
-    p, p_max = _perm_p(np.where(np.isnan(value), np.nan, z_obs), np.where(ok, (null - mu) / s, 0.0))
-    return value, mu, p, p_max
-
-
-def cka_permutation_test(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Debiased CKA per layer against a permutation null of the rows of y.
-
-    x, y: ``[n, L, d]``. One permutation per draw for all layers (permuting the rows of y
-    permutes rows and columns of its U-centred Gram, computed once). Returns ``{value [L],
-    null_mean [L], p [L], p_maxT [L], n}``; one-sided (greater), (1 + hits) / (1 + n_perm);
-    max-T over layers on the values standardised by the null draws' mean and SD. Cost
-    O(n_perm L n^2): pass the states of one whole cell, and fewer permutations for large n.
-    """
-    uk, um, scale, n = _cka_parts(x, y)
-    if not uk.size:
-        return {k: scale.copy() for k in ("value", "null_mean", "p", "p_maxT")} | {"n": n}
-    value, mu, p, p_max = _permutation_summary(uk, um, scale, n_perm, seed)
-    return {"value": value, "null_mean": mu, "p": p, "p_maxT": p_max, "n": n}
-
-
-def _centred_rank_matrix(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine-similarity matrix of the rows of ``[n, L, d]``, its upper triangle replaced by
-    its centred ranks (ties averaged) and mirrored, zero diagonal: ``[L, n, n]``; and the
-    per-layer sum of squared centred ranks ``[L]``."""
-    xt = np.moveaxis(x, 1, 0)
-    u = xt / np.maximum(np.linalg.norm(xt, axis=-1, keepdims=True), _EPS)
-    s = u @ u.transpose(0, 2, 1)
-    i, j = np.triu_indices(s.shape[-1], 1)
-    r = sps.rankdata(s[:, i, j], axis=-1)
-    r -= r.mean(-1, keepdims=True)
-    out = np.zeros_like(s)
-    out[:, i, j] = r
-    out[:, j, i] = r
-    return out, (r**2).sum(-1)
-
-
-def _rsa_parts(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    x, y = _paired_states(x, y)
-    n, n_l = x.shape[:2]
-    if n < 3:
-        return np.empty(0), np.empty(0), np.full(n_l, np.nan), n
-    rx, ssx = _centred_rank_matrix(x)
-    ry, ssy = _centred_rank_matrix(y)
-    den = ssx * ssy
-    scale = np.where(den > 0, 0.5 / np.sqrt(np.where(den > 0, den, 1.0)), np.nan)
-    return rx, ry, scale, n
-
-
-def rsa(x: Any, y: Any) -> float:
-    """RSA: Spearman correlation of the upper triangles of the rows' cosine-similarity
-    matrices of x ``[n, dx]`` and y ``[n, dy]``. Rows with a NaN dropped; NaN for n < 3 or
-    constant similarities."""
-    rx, ry, scale, _ = _rsa_parts(_f64(x)[:, None], _f64(y)[:, None])
-    return float(_inner(rx, ry)[0] * scale[0]) if rx.size else float("nan")
-
-
-def rsa_per_layer(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """:func:`rsa` per layer with a Mantel null: x, y ``[n, L, d]``.
-
-    The items of y are permuted (rows and columns of its similarity matrix together), one
-    permutation for all layers. Returns ``{value [L], p [L], p_maxT [L], n}``; one-sided
-    (greater), (1 + hits) / (1 + n_perm); max-T on values standardised by the null draws.
-    """
-    rx, ry, scale, n = _rsa_parts(x, y)
-    if not rx.size:
-        return {k: scale.copy() for k in ("value", "p", "p_maxT")} | {"n": n}
-    value, _, p, p_max = _permutation_summary(rx, ry, scale, n_perm, seed)
-    return {"value": value, "p": p, "p_maxT": p_max, "n": n}

@@ -229,3 +229,9 @@ def dose_matched(run: RunData) -> pd.DataFrame:
                  "stopped at its behaviour-matched step")
 def dose_tests(run: RunData) -> pd.DataFrame:
     return _with_labels(run.cells["dose_tests"], run)
+
+
+@register_metric("seeds", "per cell with a second IT seed (it_seeds: 2 or noise_ceiling): anchor–IT and ICL–IT "
+                 "with each seed, the per-pair between-seed SD and mean |diff| per layer (the IT seed noise)")
+def seeds(run: RunData) -> pd.DataFrame:
+    return _with_labels(run.cells["seeds"], run)

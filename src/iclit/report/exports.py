@@ -185,7 +185,7 @@ def write_exports(run: RunData | str | Path, out: str | Path | None = None) -> P
 
 def comparison_parts(run: RunData) -> dict[str, Any]:
     """What the exports hold, from a one-cell run: trials, summary, metrics (with the
-    last-layer ``tests``, ``geometry`` and ``behaviour`` rows), config, tests."""
+    last-layer ``tests``, ``geometry`` and ``seeds`` rows and the ``behaviour`` rows), config, tests."""
     tests = comparison_tests(run) if not run.frame.empty else None
     metrics = comparison_metrics(run)
     metrics["tests"] = last_layer_tests(tests) if tests is not None else []
@@ -194,5 +194,8 @@ def comparison_parts(run: RunData) -> dict[str, Any]:
         metrics["geometry"] = geometry[geometry["layer"] == geometry["layer"].max()].drop(
             columns="cell_key").to_dict("records") if len(geometry) else []
     metrics["behaviour"] = run.behaviour.drop(columns="cell_key").to_dict("records") if len(run.behaviour) else []
+    seeds = run.cells["seeds"] if not run.frame.empty else None
+    metrics["seeds"] = (seeds[seeds["layer"] == seeds["layer"].max()].drop(columns="cell_key").to_dict("records")
+                        if seeds is not None and len(seeds) else [])
     return {"trials": comparison_trials(run), "summary": comparison_summary(run), "metrics": metrics,
             "config": comparison_config(run), "tests": tests}
