@@ -182,3 +182,39 @@ def test_no_planted_component_gives_no_finding():
     assert set(df.columns) >= {"pair", "layer", "null", "diff", "ci_low", "ci_high", "p", "p_adj", "p_holm", "q_bh"}
     # Holm over one layer's family is never below the raw p; max-T never below it either
     assert (df["p_holm"] >= df["p"] - 1e-12).all() and (df["p_adj"] >= df["p"] - 1e-12).all()
+
+
+def test_a_crossed_run_shows_its_nulls_in_results_exports_and_report(tmp_path):
+    """Through the whole pipeline: run → store → `iclit results --tests -f csv` (one row per
+    pair × centring × layer × null), the comparison exports (tests.csv, the printed table's
+    metrics) and the report's nulls section."""
+    import io
+
+    from typer.testing import CliRunner
+
+    from iclit.cli import app
+    from iclit.experiments import run_experiment
+    from iclit.report.exports import write_exports
+    from iclit.report.html import render_report
+
+    spec = parse_spec({"name": "crossed", "model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 4,
+                       "queries_per_set": 4, "it_seeds": 2, "chunk_size": 2, "recipe": {"epochs": 2}})
+    out = tmp_path / "run"
+    run_experiment(spec, out)
+    result = CliRunner().invoke(app, ["results", str(out), "--tests", "-f", "csv"])
+    assert result.exit_code == 0, result.output
+    tests = pd.read_csv(io.StringIO(result.output))
+    assert {"pair", "layer", "null", "diff", "ci_low", "ci_high", "p", "p_adj"} <= set(tests.columns)
+    n_layers = tests["layer"].nunique()
+    # anchor pairs: query-swap only; ICL–IT and the update: both nulls; raw and anchor-centred
+    assert len(tests) == n_layers * (2 * 2 + 2 * 2 + 2)
+    assert set(tests["null"]) == {"query_swap", "demo_swap"}
+    assert (tests["n_units"] == 16).all()
+    write_exports(out)
+    assert (out / "tests.csv").exists()
+    metrics = __import__("json").loads((out / "metrics.json").read_text())
+    assert {(r["pair"], r["null"]) for r in metrics["tests"]} == {
+        ("anchor_icl", "query_swap"), ("anchor_it", "query_swap"), ("icl_it", "query_swap"), ("icl_it", "demo_swap"),
+        ("update", "query_swap"), ("update", "demo_swap")}
+    assert {r["pair"] for r in metrics["seeds"]} == {"anchor_it", "icl_it"}  # the IT seed noise
+    assert "Against the nulls" in render_report(out)

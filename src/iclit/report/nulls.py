@@ -1,0 +1,81 @@
+"""The report's section on the nulls: per cell, each pair at the last layer against its
+query-swap and demo-swap nulls (:mod:`iclit.analysis.nulls`), the whole-cell geometry
+(debiased CKA, RSA) and the behaviour beside them (agreement, KL), as plain table data for
+``templates/report.html.j2``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from iclit.analysis.rundata import RunData
+from iclit.report.causal import MAX_CELLS, _title
+
+__all__ = ["nulls_section"]
+
+_PAIR = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update"}
+
+
+def _num(value: Any, fmt: str = "{:.3f}") -> dict[str, Any]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return {"kind": "none"}
+    return {"kind": "text", "value": fmt.format(value)}
+
+
+def _ci(mean: float, lo: float, hi: float) -> dict[str, Any]:
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (mean, lo, hi)):
+        return {"kind": "none"}
+    return {"kind": "diff", "mean": float(mean), "lo": float(lo), "hi": float(hi)}
+
+
+def _tests_table(t: pd.DataFrame) -> dict[str, Any]:
+    rows = [[{"kind": "text", "value": _PAIR.get(r.pair, r.pair)}, {"kind": "text", "value": r.centring},
+             {"kind": "text", "value": r.null.replace("_", "-")}, _num(r.observed), _num(r.null_mean),
+             _ci(r.diff, r.ci_low, r.ci_high), _num(r.p, "{:.3g}"), _num(r.p_adj, "{:.3g}"), _num(r.p_holm, "{:.3g}"),
+             _num(r.q_bh, "{:.3g}"), _ci(r.diff, r.tost_low, r.tost_high), {"kind": "text", "value": r.verdict}]
+            for r in t.itertuples()]
+    return {"head": ["pair", "centring", "null", "observed", "null", "excess [95% CI]", "p", "p max-T", "p Holm",
+                     "q BH", "TOST 90% CI", "verdict"], "rows": rows, "cls": None}
+
+
+def _geometry_table(g: pd.DataFrame) -> dict[str, Any]:
+    rows = [[{"kind": "text", "value": _PAIR.get(r.pair, r.pair)}, {"kind": "text", "value": r.measure},
+             _num(r.value), _num(r.null_mean), _num(r.p, "{:.3g}"), _num(r.p_adj, "{:.3g}"), _num(r.n, "{:.0f}")]
+            for r in g.itertuples()]
+    return {"head": ["pair", "measure", "value", "null mean", "p", "p max-T", "n"], "rows": rows, "cls": None}
+
+
+def _behaviour_table(b: pd.DataFrame) -> dict[str, Any]:
+    rows = [[{"kind": "text", "value": r.pair.replace("_", "–")}, {"kind": "text", "value": r.measure},
+             {"kind": "text", "value": r.null.replace("_", "-")}, _num(r.observed), _num(r.null_mean),
+             _ci(r.diff, r.ci_low, r.ci_high), _num(r.p_holm, "{:.3g}"), {"kind": "text", "value": r.verdict or ""}]
+            for r in b.itertuples()]
+    return {"head": ["arms", "measure", "null", "observed", "null", "diff [95% CI]", "p Holm", "verdict"], "rows": rows, "cls": None}
+
+
+def nulls_section(run: RunData) -> dict[str, Any] | None:
+    """Per cell (at most :data:`~iclit.report.causal.MAX_CELLS`): the last layer's tests (raw
+    and task-anchor-centred), geometry and behaviour; None when no cell has a null."""
+    if run.frame.empty or run.tests.empty:
+        return None
+    tests, geometry, behaviour = run.tests, run.geometry, run.behaviour
+    last = int(tests["layer"].max())
+    factors = list((run.plan or {}).get("factors", {}))
+    labels = run.outputs.drop_duplicates("cell_key").set_index("cell_key")
+    cells = list(dict.fromkeys(tests["cell_key"]))
+    out = []
+    for cell in cells[:MAX_CELLS]:
+        t = tests[(tests["cell_key"] == cell) & (tests["layer"] == last) & tests["centring"].isin(["raw", "anchor"])]
+        entry: dict[str, Any] = {"heading": _title(labels.loc[cell].to_dict() if cell in labels.index else {}, factors),
+                                 "tables": [_tests_table(t)]}
+        g = geometry[(geometry["cell_key"] == cell) & (geometry["layer"] == last)] if len(geometry) else geometry
+        if len(g):
+            entry["tables"].append(_geometry_table(g))
+        b = behaviour[behaviour["cell_key"] == cell] if len(behaviour) else behaviour
+        if len(b):
+            entry["tables"].append(_behaviour_table(b))
+        out.append(entry)
+    more = f"{len(cells) - MAX_CELLS} more cells: iclit results RUN --tests" if len(cells) > MAX_CELLS else None
+    return {"cells": out, "layer": last, "more": more}
