@@ -427,10 +427,11 @@ def test_batched_lora_equals_sequential_peft(lm, family, task):
             torch.testing.assert_close(states[j], ref_states, atol=1e-4, rtol=1e-4)
             assert len(weights) == 2 * len(modules)
             for name, mod in modules.items():
-                # test_multilora's 2e-5, but 5e-5 on A: Adam turns float rounding of near-zero
-                # gradients into weight differences (GPT-2's second adapter: 3.4e-5 here, 1.2e-5
-                # between PEFT with and without the fast loss; in float64 all paths agree to 1e-7)
-                torch.testing.assert_close(mod.lora_A[j], weights[f"{name}.lora_A"], atol=5e-5, rtol=1e-4)
+                # test_multilora's 2e-5, but 1e-4 on A: Adam turns float rounding of near-zero
+                # gradients into weight differences (GPT-2's second adapter: 3.4e-5 on an AVX-512
+                # machine, 5.8e-5 on an AVX2 one; 1.2e-5 between PEFT with and without the fast
+                # loss; in float64 all paths agree to 1e-7)
+                torch.testing.assert_close(mod.lora_A[j], weights[f"{name}.lora_A"], atol=1e-4, rtol=1e-4)
                 torch.testing.assert_close(mod.lora_B[j], weights[f"{name}.lora_B"], atol=2e-5, rtol=1e-4)
         assert results[0].losses[-1] < results[0].losses[0]
     assert not any(isinstance(mod, MultiLoRALinear) for mod in model.modules())

@@ -110,7 +110,7 @@ def behaviour(outputs: pd.DataFrame, units: Units, *, margin: float, n_perm: int
     tested = df["null"] != "none"
     adjusted = adjust_family(df[tested].assign(_family=0), by=("_family",))
     for col in ("p_holm", "q_bh", "verdict"):
-        df[col] = adjusted[col] if col != "verdict" else adjusted[col].reindex(df.index).fillna("")
+        df[col] = adjusted[col] if col != "verdict" else adjusted[col].astype(object).reindex(df.index).fillna("")
     return df
 
 
