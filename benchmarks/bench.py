@@ -25,8 +25,8 @@ and one machine-readable line per comparison:
 * ``crossed_pairs``: (query, demonstration set) pairs per second, all three arms, at S sets ×
   Q queries (default 30 × 10, k = 4). Crossed: one ICL prefix and one IT adapter per set,
   its Q queries read through them (``draw_sets``). One-query trials: the same S·Q pairs as
-  S·Q trials of one query each (one adapter per pair), in chunks of 10 as a run computes
-  them. Agree: every pair's anchor, ICL and IT states equal the one-query trial's (same
+  S·Q trials of one query each (one adapter per pair), in chunks of min(10, S) trials of
+  different sets, as a run computes them. Agree: every pair's anchor, ICL and IT states equal the one-query trial's (same
   demonstrations, same tuning seed) at cosine >= 0.99999. ``limit``: the ratio the token
   counts allow (training tokens × 3 for forward + backward, plus every read), beside it.
 * ``--e2e``: ``iclit compare --task sentiment --k 4 --resamples 30`` in a subprocess, model
@@ -182,16 +182,22 @@ def bench_crossed(lm, task, n_sets: int, q: int, k: int, epochs: int, batch_size
     singles = [replace(r, index=r.set_id, set_index=None, slot=0) for r in draws]
     tok = lm.tokenizer
     lm.memo.clear()  # no anchor states carried over from another comparison
+    # One-query trials, each with its own adapter, in chunks of up to 10 trials of 10 different
+    # sets, as a run computes them (a chunk of one-query trials trains one adapter per trial);
+    # slot j of every set, then slot j + 1, … (each trial keeps its set's tuning seed).
+    order = sorted(range(len(singles)), key=lambda i: (draws[i].slot, draws[i].set_id))
+    chunks = [order[i:i + min(10, n_sets)] for i in range(0, len(order), min(10, n_sets))]
     with measure(lm.device) as ref:
-        ref_states = {a: [] for a in ("anchor", "icl", "it")}
-        for start in range(0, len(singles), 10):  # chunks of 10 one-query trials, as a run computes them
-            out = evaluate(lm, task, singles[start:start + 10], recipe=recipe, seed=0, batch_size=batch_size)
+        ref_states = {a: [None] * len(singles) for a in ("anchor", "icl", "it")}
+        for rows in chunks:
+            out = evaluate(lm, task, [singles[i] for i in rows], recipe=recipe, seed=0, batch_size=batch_size)
             for a in ref_states:
-                ref_states[a].append(out.states[a])
+                for j, i in enumerate(rows):
+                    ref_states[a][i] = out.states[a][j]
     lm.memo.clear()
     with measure(lm.device) as fast:
         crossed = evaluate(lm, task, draws, recipe=recipe, seed=0, batch_size=batch_size).states
-    worst = min(float(torch.nn.functional.cosine_similarity(torch.cat(ref_states[a]).double(), crossed[a].double(),
+    worst = min(float(torch.nn.functional.cosine_similarity(torch.stack(ref_states[a]).double(), crossed[a].double(),
                                                              dim=-1).min()) for a in ref_states)
     agree = worst >= 0.99999
     # the token counts: training (forward + backward ≈ 3 forwards) and every read

@@ -17,7 +17,8 @@ def main(run: Path) -> None:
     cfg = json.loads((run / "config.json").read_text())
     s = pd.read_csv(run / "summary.csv")
     print(f"`{' '.join(cfg['argv'][1:]) or 'compare'}` — {cfg['model']}, {cfg['task']}, k={cfg['k']}, "
-          f"{cfg['resamples']} resamples, seed {cfg['seed']}, {cfg['device']} {cfg['dtype']}, {cfg['seconds']:.0f} s\n")
+          f"{cfg['resamples']} sets × {cfg.get('queries_per_set', 1)} queries, seed {cfg['seed']}, {cfg['device']} "
+          f"{cfg['dtype']}, {cfg['seconds']:.0f} s\n")
     print("| pair | last layer: mean ± std [95% CI] | mean over layers [95% CI] |")
     print("| --- | --- | --- |")
     for pair in ("anchor_icl", "anchor_it", "icl_it"):
@@ -31,6 +32,45 @@ def main(run: Path) -> None:
     loss = m["it_final_loss"]
     print(f"\nPrediction agreement: ICL–IT {m['icl_it_agreement']:.3f}, anchor–ICL {m['anchor_icl_agreement']:.3f}, "
           f"anchor–IT {m['anchor_it_agreement']:.3f}. IT final training loss: mean {loss['mean']:.1e}, max {loss['max']:.1e}.\n")
+    names = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update (ICL−anchor, IT−anchor)"}
+    if m.get("tests"):
+        print("| pair | cosine | query-swap excess [95% CI] | p Holm | verdict | demo-swap excess [95% CI] | p Holm | verdict |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for pair, label in names.items():
+            got = {r["null"]: r for r in m["tests"] if r["pair"] == pair}
+            if not got:
+                continue
+            cells = [label, f"{next(iter(got.values()))['observed']:.3f}"]
+            for null in ("query_swap", "demo_swap"):
+                r = got.get(null)
+                cells += ([f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", f"{r['p_holm']:.2g}", r["verdict"]]
+                          if r else ["–", "–", "–"])
+            print("| " + " | ".join(cells) + " |")
+        first = m["tests"][0]
+        print(f"\n{first['n_units']} (query, set) pairs in {first['n_blocks']} query blocks; Holm over the last layer's "
+              f"tests of the cell; equivalence margin ±{cfg.get('equivalence_margin')}.\n")
+    for r in m.get("seeds", []):
+        if r["pair"] == "icl_it":
+            print(f"IT seed noise at the last layer: ICL–IT {r['seed1']:.3f} with the first seed, {r['seed2']:.3f} with the "
+                  f"second; per-pair between-seed SD {r['unit_sd']:.3f}.\n")
+    if m.get("geometry"):
+        print("| pair | debiased CKA (p) | RSA (p) |\n| --- | --- | --- |")
+        for pair in ("anchor_icl", "anchor_it", "icl_it"):
+            g = {r["measure"]: r for r in m["geometry"] if r["pair"] == pair}
+            print(f"| {names[pair]} | " + " | ".join(f"{g[k]['value']:.3f} ({g[k]['p']:.2g})" if k in g else "–"
+                                                   for k in ("cka", "rsa")) + " |")
+        print(f"\nacross all {m['geometry'][0]['n']} trials of the cell at the last layer; permutation p (one-sided).\n")
+    if m.get("behaviour"):
+        print("| arms | measure | alone | query-swap diff [95% CI] | demo-swap diff [95% CI] |\n| --- | --- | --- | --- | --- |")
+        for pair in ("anchor_icl", "anchor_it", "icl_it"):
+            for measure in ("agreement", "kl"):
+                got = {r["null"]: r for r in m["behaviour"] if r["pair"] == pair and r["measure"] == measure}
+                if not got:
+                    continue
+                cell = lambda r: f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] {r['verdict']}" if r else "–"  # noqa: E731
+                print(f"| {names[pair]} | {measure} | {got['none']['observed']:.3f} | {cell(got.get('query_swap'))} | "
+                      f"{cell(got.get('demo_swap'))} |")
+        print()
     wide = s.pivot(index="layer", columns="pair", values="mean")
     print("| layer | " + " | ".join(p.replace("_", "–") for p in wide.columns) + " |")
     print("| --- " * (len(wide.columns) + 1) + "|")
