@@ -35,13 +35,31 @@ def _ids(draws):
     return [(r.index, r.query.id, [d.id for d in r.demonstrations], [d.output for d in r.demonstrations]) for r in draws]
 
 
+def _one_query_draws(task, k, n, seed, sampler):
+    """The one-query design as it was drawn before the crossed design (the algorithm of
+    iclit.tasks.samplers' docstring, written out): queries permutation(len)[:n], resample i's
+    demonstrations from SeedSequence(seed, spawn_key=(i,)), the query never among them."""
+    order = np.random.default_rng(seed).permutation(len(task.examples))[:n]
+    out = []
+    for i, q in enumerate(order):
+        query = task.examples[int(q)]
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
+        pool = [e for e in task.examples if e.id != query.id]
+        demos = sampler.choose(query, pool, k, rng)
+        out.append(Resample(index=i, query=query, demonstrations=tuple(demos)))
+    return out
+
+
 @pytest.mark.parametrize("task_name,seed", [("sentiment", 0), ("sentiment", 5), ("addition", 2), ("reverse-words", 1)])
-def test_one_query_per_set_is_draw_resamples(task_name, seed):
+def test_one_query_per_set_is_the_one_query_design(task_name, seed):
+    from iclit.tasks import get_sampler
+
     task = get_task(task_name)
-    assert _ids(draw_sets(task, 4, 25, 1, seed)) == _ids(draw_resamples(task, 4, 25, seed))
-    wrong = WrongLabelSampler("balanced" if task.kind == "classification" else "random", 0.5,
-                              task.labels if task.kind == "classification" else None)
-    assert _ids(draw_sets(task, 4, 10, 1, seed, wrong)) == _ids(draw_resamples(task, 4, 10, seed, wrong))
+    base = get_sampler("balanced" if task.kind == "classification" else "random")
+    assert _ids(draw_sets(task, 4, 25, 1, seed)) == _ids(_one_query_draws(task, 4, 25, seed, base))
+    assert _ids(draw_resamples(task, 4, 25, seed)) == _ids(_one_query_draws(task, 4, 25, seed, base))
+    wrong = WrongLabelSampler(base, 0.5, task.labels if task.kind == "classification" else None)
+    assert _ids(draw_sets(task, 4, 10, 1, seed, wrong)) == _ids(_one_query_draws(task, 4, 10, seed, wrong))
 
 
 @pytest.mark.parametrize("q,m", [(10, 2), (6, 3), (5, 1)])

@@ -287,26 +287,11 @@ def draw_resamples(
     Raises :class:`TaskDataError` if the task has fewer than ``k + 1`` examples or fewer
     than ``n`` (queries are not repeated).
     """
-    if k < 0 or n < 0:
-        raise ValueError(f"k and n must be >= 0, got k={k}, n={n}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    source = demo_task if demo_task is not None else task
-    check_enough(source, k)
-    examples = task.examples
-    if n > len(examples):
+    if n > len(task.examples):
         raise TaskDataError(
-            f"task {task.name!r}: {n} resamples need {n} distinct queries, but it has only {len(examples)} examples"
+            f"task {task.name!r}: {n} resamples need {n} distinct queries, but it has only {len(task.examples)} examples"
         )
-    chooser = get_sampler(sampler if sampler is not None else default_sampler_name(source))
-    order = np.random.default_rng(seed).permutation(len(examples))[:n]
-    resamples = []
-    for i, q in enumerate(order):
-        query = examples[int(q)]
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
-        demos = chooser.select(query, source.examples, k, rng)
-        resamples.append(Resample(index=i, query=query, demonstrations=tuple(demos)))
-    return resamples
+    return draw_sets(task, k, n, 1, seed, sampler, demo_task=demo_task)
 
 
 def set_queries(task: Task, n_blocks: int, per_block: int, seed: int) -> list[list[Example]]:

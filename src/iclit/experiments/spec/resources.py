@@ -53,7 +53,11 @@ def resource_problems(spec: ExperimentSpec, indices: Mapping[str, Sequence[int]]
             pools.append((path, get_task(name)))
         except TaskDataError as e:
             found.append((path, str(e)))
-    if spec.resamples > len(task):
+    if spec.queries_per_set > 1 or spec.query_sharing > 1:  # crossed: queries repeat across blocks, never within a set
+        if spec.queries_per_set > len(task):
+            found.append(("queries_per_set", f"{spec.queries_per_set} distinct queries per set; task {task.name!r} "
+                                             f"has {len(task)} examples"))
+    elif spec.resamples > len(task):
         found.append(("resamples", f"{spec.resamples} resamples need as many distinct queries; task {task.name!r} has {len(task)} examples"))
     ks = _values(spec, "k", indices)
     for path, k in ks:
