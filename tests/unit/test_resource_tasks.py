@@ -337,7 +337,7 @@ def test_task_metric_and_score():
 def test_tiny_model_addition_scored_by_exact_match(tiny, monkeypatch):
     import iclit
     import iclit.engine.arms as arms
-    from iclit.cli import print_summary
+    from iclit.report.console import print_summary
     from iclit.tuning import TuningRecipe
 
     generate = arms.greedy_continuations

@@ -1,0 +1,84 @@
+"""The console tables of a one-cell comparison (``iclit compare``): each pair's cosine, each
+pair against its nulls, the IT seed noise, and each arm's score — from the comparison's
+``metrics.json`` and ``config.json`` contents."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["print_summary"]
+
+console = Console()
+
+
+def print_summary(m: dict, cfg: dict) -> None:
+    """The comparison's tables: each pair's cosine (last layer, mean over layers), accuracy per arm."""
+    from iclit.analysis.similarity import PAIRS
+
+    design = (f"{cfg['resamples']} sets × {cfg['queries_per_set']} queries" if cfg.get("queries_per_set", 1) > 1
+              else f"n={cfg['resamples']}")
+    table = Table(title=f"{cfg['model']} · {cfg['task']} · k={cfg['k']} · {design} · seed={cfg['seed']}")
+    table.add_column("pair")
+    table.add_column("last layer: mean ± std [95% CI]")
+    table.add_column("mean over layers [95% CI]")
+    pairs = [*(p for p in PAIRS if p in m["last_layer"]),  # none without stored states (store_states: false)
+             *(p for p in m["last_layer"] if p not in PAIRS and "_step" not in p)]  # dose steps: trials.jsonl
+    for pair in pairs:
+        a, b = m["last_layer"][pair], m["mean_over_layers"][pair]
+        table.add_row(
+            pair.replace("_", "–") if pair in PAIRS else pair,
+            f"{a['mean']:.3f} ± {a['std']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
+            f"{b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]",
+        )
+    if pairs:
+        console.print(table)
+    else:
+        console.print("no similarities: the run stored no hidden states (store_states: false)", highlight=False)
+    _print_tests(m.get("tests") or [], cfg, m.get("seeds"))
+    score = next(k for k in ("accuracy", "exact_match", "chrf") if k in m)
+    arms = Table(title=f"per-arm {score}")
+    arms.add_column("arm")
+    arms.add_column(f"{score} [95% CI]")
+    for arm, s in m[score].items():
+        arms.add_row(arm, f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
+    console.print(arms)
+    loss = m["it_final_loss"]
+    num = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731 - null: nothing tuned (k = 0)
+    console.print(
+        f"ICL–IT prediction agreement {num(m['icl_it_agreement'], '.3f')}; IT final training loss "
+        f"mean {num(loss['mean'], '.4f')}, max {num(loss['max'], '.4f')}; {num(cfg['seconds'], '.0f')} s on "
+        f"{cfg['device'] or 'the stored device'}", highlight=False
+    )
+
+
+def _print_tests(rows: list[dict], cfg: dict, seeds: list[dict] | None = None) -> None:
+    """Each pair's last-layer cosine against its query-swap and demo-swap nulls (metrics.json ``tests``)."""
+    if not rows:
+        if cfg.get("queries_per_set", 1) == 1:
+            console.print("no query-swap / demo-swap nulls: one query per set (--queries-per-set 2 or more)",
+                          highlight=False)
+        return
+    table = Table(title="last layer vs the nulls: excess = observed − null [95% CI]; p: Holm over the last layer's tests")
+    for col in ("pair", "cosine", "query-swap excess", "demo-swap excess"):
+        table.add_column(col)
+    names = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update"}
+    for pair, label in names.items():
+        got = {r["null"]: r for r in rows if r["pair"] == pair}
+        if not got:
+            continue
+        cells = [label, f"{next(iter(got.values()))['observed']:.3f}"]
+        for null in ("query_swap", "demo_swap"):
+            r = got.get(null)
+            cells.append(f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]\np={r['p_holm']:.2g} {r['verdict']}"
+                         if r else "–")
+        table.add_row(*cells)
+    console.print(table)
+    n = rows[0]
+    for r in seeds or ():
+        if r["pair"] == "icl_it":
+            console.print(f"IT seed noise, last layer: ICL–IT {r['seed1']:.3f} with the first seed, {r['seed2']:.3f} with "
+                          f"the second; per-pair between-seed SD {r['unit_sd']:.3f}", highlight=False)
+    console.print(f"{n['n_units']} (query, set) pairs in {n['n_blocks']} query blocks; equivalence margin "
+                  f"±{cfg.get('equivalence_margin', 0.02)}; every layer and centring: {cfg.get('run_dir', 'RUN')}/tests.csv",
+                  highlight=False)
