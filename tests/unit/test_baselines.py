@@ -21,19 +21,12 @@ from iclit.experiments.spec import SpecError
 from iclit.experiments.store import open_store
 from iclit.analysis import (BASELINE_PAIRS, BASELINES, PAIRS, baseline_cosines, centered_cosine_per_layer,
                            cosine_per_layer, shuffled_partner, update_cosine_per_layer)
-from iclit.models import prepare
-from iclit.models.tiny import build_tiny_llama
 from iclit.report import factor_effects, render_report
 from iclit.tasks import draw_resamples, get_task, reference_prompts
 from iclit.tuning import TuningRecipe
 
 N = 3
 EXTRA = [p for pairs in BASELINE_PAIRS.values() for p in pairs]
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_tokenizer):
-    return prepare(build_tiny_llama(len(tiny_tokenizer), seed=0), tiny_tokenizer, name="tiny-llama", device="cpu")
 
 
 @pytest.fixture(scope="module")

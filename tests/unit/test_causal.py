@@ -26,17 +26,11 @@ from iclit.experiments import make_plan, parse_spec, run_experiment
 from iclit.experiments.spec import SpecError
 from iclit.models import prepare
 from iclit.models.arch import n_states, output_head
-from iclit.models.tiny import build_tiny_llama
 from iclit.tasks import draw_sets, get_task
 from iclit.tuning import TuningRecipe
 
 RECIPE = TuningRecipe(epochs=3)
 EVERY = CausalSettings(("patch", "steer"), "all", "all", (1.0, 3.0), 2)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_tokenizer):
-    return prepare(build_tiny_llama(len(tiny_tokenizer), seed=0), tiny_tokenizer, name="tiny-llama", device="cpu")
 
 
 @pytest.fixture(scope="module")

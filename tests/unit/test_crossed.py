@@ -22,8 +22,6 @@ from iclit.analysis.nulls import Units, null_tests, strata
 from iclit.engine.evaluate import evaluate
 from iclit.experiments import make_plan, parse_spec
 from iclit.experiments.plan import trial_key
-from iclit.models import prepare
-from iclit.models.tiny import build_tiny_llama
 from iclit.tasks import Resample, draw_resamples, draw_sets, get_task
 from iclit.tasks.samplers import WrongLabelSampler
 from iclit.tuning import TuningRecipe
@@ -97,11 +95,6 @@ def test_queries_repeat_across_blocks_only_when_the_task_runs_out():
     first = [q for b in blocks[:34] for q in b]
     assert len(set(first)) == 340  # every query once while unused ones remain
     assert len({q for b in blocks for q in b}) == len(task)
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_tokenizer):
-    return prepare(build_tiny_llama(len(tiny_tokenizer), seed=0), tiny_tokenizer, name="tiny-llama", device="cpu")
 
 
 @pytest.mark.parametrize("fast", [True, False])

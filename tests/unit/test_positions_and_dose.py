@@ -18,17 +18,10 @@ from iclit.analysis.frames import similarities
 from iclit.engine.evaluate import evaluate
 from iclit.experiments.spec import SpecError, loads_spec
 from iclit.analysis import PAIRS, cosine_per_layer, step_pair
-from iclit.models import prepare
-from iclit.models.tiny import build_tiny_llama
 from iclit.tasks import draw_resamples, get_task
 from iclit.tuning import TuningRecipe
 
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_tokenizer):
-    return prepare(build_tiny_llama(len(tiny_tokenizer), seed=0), tiny_tokenizer, name="tiny-llama", device="cpu")
 
 
 @pytest.fixture(scope="module")

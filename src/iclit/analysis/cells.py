@@ -18,7 +18,7 @@ import pandas as pd
 
 from iclit.analysis import geometry as geometry_
 from iclit.analysis import inference
-from iclit.analysis.dose import DOSE_COLUMNS, dose_tables
+from iclit.analysis.dose import DOSE_COLUMNS, dose_tables, row_cosine
 from iclit.analysis.nulls import NULLS, TEST_COLUMNS, Units, adjust_family, null_tests, strata, unit_rows
 
 __all__ = ["GEOMETRY_PAIRS", "GEOMETRY_COLUMNS", "BEHAVIOUR_COLUMNS", "SEED_COLUMNS", "cell_tables", "geometry",
@@ -127,17 +127,13 @@ def seed_spread(states: Mapping[str, np.ndarray]) -> pd.DataFrame:
     rows = []
     for pair, other in (("anchor_it", "anchor"), ("icl_it", "icl")):
         x = np.asarray(states[other], np.float64)
-        a = _cos(x, np.asarray(states["it"], np.float64))
-        b = _cos(x, np.asarray(states["it_seed2"], np.float64))
+        a = row_cosine(x, np.asarray(states["it"], np.float64))
+        b = row_cosine(x, np.asarray(states["it_seed2"], np.float64))
         diff = np.abs(a - b)
         rows += [{"pair": pair, "layer": layer, "seed1": float(a[:, layer].mean()), "seed2": float(b[:, layer].mean()),
                   "unit_sd": float((diff[:, layer] / np.sqrt(2)).mean()), "mean_abs_diff": float(diff[:, layer].mean()),
                   "n_units": len(x)} for layer in range(a.shape[1])]
     return pd.DataFrame(rows)
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
 
 def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame, settings: Mapping[str, Mapping[str, Any]],

@@ -27,7 +27,7 @@ import pandas as pd
 from iclit.analysis import inference
 from iclit.analysis.nulls import Units, null_tests
 
-__all__ = ["DOSE_COLUMNS", "matched_steps", "dose_tables"]
+__all__ = ["DOSE_COLUMNS", "matched_steps", "dose_tables", "row_cosine"]
 
 DOSE_COLUMNS = ("cell_key", "estimate", "step", "pair", "layer", "value", "ci_low", "ci_high", "n_units")
 """estimate: ``matched`` (each unit at its held-out behaviour-matched step; step: the median
@@ -58,7 +58,7 @@ def matched_steps(icl_probs: np.ndarray, step_probs: np.ndarray, sets: np.ndarra
     return out
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     num = (a * b).sum(-1)
     return num / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
@@ -82,7 +82,7 @@ def dose_tables(states: Mapping[str, np.ndarray], outputs: pd.DataFrame, units: 
                          "value": float(np.nanmean(values[:, layer])), "ci_low": float(lo[layer]),
                          "ci_high": float(hi[layer]), "n_units": int(len(values))})
 
-    icl_it = _cos(icl[:, None], by_step)  # [n, S, L+1]
+    icl_it = row_cosine(icl[:, None], by_step)  # [n, S, L+1]
     last = icl_it[:, :, -1]
     naive = int(np.argmax(last.mean(axis=0)))
     add("peak_naive", steps[naive], "icl_it", icl_it[:, naive], blocks)
@@ -100,8 +100,8 @@ def dose_tables(states: Mapping[str, np.ndarray], outputs: pd.DataFrame, units: 
         chosen = matched_steps(icl_p, step_p, units.set)
         it = by_step[np.arange(len(chosen)), chosen]
         median = float(np.median([steps[j] for j in chosen]))
-        add("matched", median, "icl_it", _cos(icl, it), blocks)
-        add("matched", median, "anchor_it", _cos(anchor, it), blocks)
+        add("matched", median, "icl_it", row_cosine(icl, it), blocks)
+        add("matched", median, "anchor_it", row_cosine(anchor, it), blocks)
         tests = null_tests({"anchor": anchor, "icl": icl, "it": it}, units, margin=margin, n_perm=n_perm,
                            n_boot=n_boot, seed=seed).assign(step=median)
     return {"estimates": pd.DataFrame(rows), "matched_tests": tests}
