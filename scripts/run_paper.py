@@ -3,6 +3,7 @@
     python scripts/run_paper.py                    # → runs/paper/<spec>/, runs/paper/suite.json
     python scripts/run_paper.py --only main dose   # some specs only
     make paper                                     # the same
+    python scripts/run_paper.py --suite causal     # the causal tests and the harder tasks (make causal-tasks)
 
 Each spec is ``iclit run configs/paper/<spec>.yaml --out runs/paper/<spec>`` with ``--reuse``
 of every run directory before it, so a cell that several specs share (the base cell of the
@@ -27,22 +28,26 @@ from iclit.experiments.runner import experiment_versions
 from iclit.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["main", "layers", "cross_task", "similarity", "n_demos", "wrong_labels", "instruction",
-         "lora_vs_full", "dose", "translation", "models"]
+ORDER = ["main", "layers", "cross_task", "wrong_labels", "instruction", "models", "similarity", "n_demos",
+         "translation", "dose", "lora_vs_full"]  # the costliest last: a suite stopped early has the most cells
+EXTRA = ["causal", "tasks_antonyms", "tasks_translation_words", "tasks_addition", "tasks_reverse_words"]
+SUITES = {"paper": ORDER, "causal": EXTRA}  # causal: issue 12's specs, timed apart from the paper suite
 RUN_DIR = {"layers": "main"}  # layers.yaml plans exactly the main cell: same run directory
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "paper")
-    ap.add_argument("--only", nargs="*", choices=ORDER, help="run only these specs (in suite order)")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="paper", help="which list of specs")
+    ap.add_argument("--only", nargs="*", choices=ORDER + EXTRA, help="run only these specs (in suite order)")
     args = ap.parse_args()
-    names = [n for n in ORDER if not args.only or n in args.only]
+    order = SUITES[args.suite]
+    names = [n for n in order if not args.only or n in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "suite.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {"specs": {}}
     started = time.perf_counter()
-    done: list[Path] = [args.out / RUN_DIR.get(n, n) for n in ORDER if (args.out / RUN_DIR.get(n, n) / "results.sqlite").exists()]
+    done: list[Path] = [args.out / RUN_DIR.get(n, n) for n in order if (args.out / RUN_DIR.get(n, n) / "results.sqlite").exists()]
     for name in names:
         out = args.out / RUN_DIR.get(name, name)
         t0 = time.perf_counter()
@@ -57,13 +62,13 @@ def main() -> None:
         if out not in done:
             done.append(out)
     total = time.perf_counter() - started
-    log["last_invocation"] = {
+    log.setdefault("last_invocation_by_suite", {})[args.suite] = log["last_invocation"] = {
         "specs": names, "seconds": round(total, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "versions": experiment_versions(),
     }
     log_path.write_text(json.dumps(log, indent=2) + "\n")
-    print(f"paper suite: {len(names)} specs in {total / 60:.1f} min → {args.out}")
+    print(f"{args.suite} suite: {len(names)} specs in {total / 60:.1f} min → {args.out}")
 
 
 if __name__ == "__main__":
