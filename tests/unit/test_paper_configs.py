@@ -18,7 +18,7 @@ TRIALS = {  # (query, set) pairs: sets x queries_per_set x cells
     "similarity.yaml": 900,
     "n_demos.yaml": 1200,
     "wrong_labels.yaml": 900,
-    "models.yaml": 600,
+    "models.yaml": 900,  # + the control model (gemma-3-270m@random)
     "instruction.yaml": 600,
     "translation.yaml": 300,
     "lora_vs_full.yaml": 600,
@@ -87,7 +87,7 @@ KEYS = {  # sha256 of each spec's trial keys, one a line in plan order: a change
     "layers.yaml": "385ac14bdc1945b3",
     "lora_vs_full.yaml": "8bd7ce24771dde01",
     "main.yaml": "385ac14bdc1945b3",
-    "models.yaml": "b1f1d1ca6912e703",
+    "models.yaml": "f47a0ad8461f00c8",  # its first 600 keys: b1f1d1ca6912e703, as before the control cell
     "n_demos.yaml": "00baea025dd734a7",
     "similarity.yaml": "a991205bf4f52cab",
     "tasks_addition.yaml": "d88db02030a15e58",
