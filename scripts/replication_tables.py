@@ -35,8 +35,8 @@ FACTOR_SPECS = {"cross_task": "demo_task", "similarity": "similarity", "n_demos"
 TASK_SPECS = ["tasks_antonyms", "tasks_translation_words", "tasks_addition", "tasks_reverse_words"]
 SIMS = [("anchor_icl", "anchor–ICL"), ("anchor_it", "anchor–IT"), ("icl_it", "ICL–IT")]
 BASELINES = [("icl_it_centered", "ICL–IT centred"), ("icl_it_shuffled", "shuffled null"),
-             ("it_it_seed", "IT–IT other seed"), ("update_cosine", "update cos"), ("icl_it_qmean", "ICL–IT query-mean"),
-             ("cka_icl_it", "CKA ICL/IT")]
+             ("it_it_seed", "IT–IT other seed"), ("icl_icl_order", "ICL–ICL reordered"), ("update_cosine", "update cos"), ("icl_it_qmean", "ICL–IT query-mean")]
+# (linear CKA is left out: one biased value per cell, n ≪ d; the debiased whole-cell CKA is in the nulls' tables)
 
 
 def ci(s: Any, digits: int = 3) -> str:
@@ -89,6 +89,8 @@ def contrasts(frame: pd.DataFrame, plan: dict, factor: str | None) -> None:
     rows = []
     for v in values:
         sub = f if v is None else f[f[factor].astype(str) == str(v)]
+        if sub.empty:  # a cell not computed yet (a suite stopped early)
+            continue
         wide = last_layer(sub)
         for a, b, _ in tests:
             d = paired_bootstrap_diff(wide[a].to_numpy(), wide[b].to_numpy())
@@ -161,6 +163,23 @@ def single_cell(run: Path, title: str, fig_name: str) -> None:
     nulls.behaviour_table(data, None)
     path = layer_panels(frame, title, fig_name)
     print(f"\n![{title}]({path})\n")
+    path = nulls_figure(data, frame, title, fig_name.replace("_layers.png", "_nulls.png"))
+    print(f"\n![{title}: each pair with its query-swap and demo-swap nulls]({path})\n")
+
+
+def nulls_figure(data: Any, frame: pd.DataFrame, title: str, fig_name: str) -> str:
+    """Per layer: the three raw pairs (mean, 95% CI) with each one's query-swap and demo-swap
+    null as a band (the figure of `iclit run`'s layers.png, for one cell)."""
+    from iclit.analysis import summarize_layers
+    from iclit.report import plot_layers
+
+    per_pair = {pair: frame[frame["pair"] == pair].pivot_table(index="trial_key", columns="layer", values="cosine")
+                .to_numpy() for pair, _ in SIMS}
+    tests = data.tests
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    plot_layers(summarize_layers(per_pair), FIGURES / fig_name, title=f"{title}: pairs and their nulls",
+                nulls=tests[tests["centring"] == "raw"], dpi=110)
+    return f"figures/{fig_name}"
 
 
 def layer_panels(frame: pd.DataFrame, title: str, fig_name: str) -> str:
@@ -173,7 +192,7 @@ def layer_panels(frame: pd.DataFrame, title: str, fig_name: str) -> str:
     from iclit.report.figures import pair_style
 
     present = set(frame["pair"])
-    panels = [("raw cosine, last prompt token", ("anchor_icl", "anchor_it", "icl_it", "icl_it_shuffled", "it_it_seed")),
+    panels = [("raw cosine, last prompt token", ("anchor_icl", "anchor_it", "icl_it", "icl_it_shuffled", "it_it_seed", "icl_icl_order")),
               ("baselines", ("anchor_icl_centered", "anchor_it_centered", "icl_it_centered", "update_cosine",
                              "icl_it_qmean"))]
     fig = Figure(figsize=(12, 4.2), layout="constrained")
@@ -301,7 +320,39 @@ def dose(run: Path) -> None:
     print(f"\n![dose]({path})\n")
 
 
+def section(root: Path, name: str) -> str:
+    """The Markdown of one spec's section (its figures written to docs/figures), as text."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        if name == "main":
+            single_cell(root / "main", "main", "paper_main_layers.png")
+            layers(root / "main")
+        elif name in FACTOR_SPECS:
+            factor_spec(root / name, name, FACTOR_SPECS[name])
+        elif name == "dose":
+            dose(root / "dose")
+        elif name == "translation":
+            single_cell(root / "translation", "translation", "paper_translation_layers.png")
+        elif name == "causal":
+            single_cell(root / "causal", "causal (the main cell's arms)", "paper_causal_layers.png")
+            print("#### Patching and steering\n")
+            for path in nulls.causal_tables(_RUNS[root / "causal"], FIGURES, "paper_causal"):
+                print(f"\n![{Path(path).stem}]({path})\n")
+        else:
+            single_cell(root / name, name, f"paper_{name}_layers.png")
+    return buf.getvalue()
+
+
+SECTIONS = ["main", *FACTOR_SPECS, "dose", "translation", "causal", *TASK_SPECS]  # the order of the page
+
+
 def main(root: Path) -> None:
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
     suite = json.loads((root / "suite.json").read_text()) if (root / "suite.json").exists() else {}
     runs = suite.get("last_invocation_by_suite") or ({"paper": suite["last_invocation"]} if suite.get("last_invocation") else {})
     for name, inv in runs.items():
@@ -312,24 +363,11 @@ def main(root: Path) -> None:
         for name, s in suite["specs"].items():
             print(f"| {name} | {s['planned']} | {s['computed']} | {s['reused']} | {s['seconds']:.0f} |")
         print()
-    if (root / "main").exists():
-        single_cell(root / "main", "main", "paper_main_layers.png")
-        layers(root / "main")
-    for name, factor in FACTOR_SPECS.items():
-        if (root / name).exists():
-            factor_spec(root / name, name, factor)
-    if (root / "dose").exists():
-        dose(root / "dose")
-    if (root / "translation").exists():
-        single_cell(root / "translation", "translation", "paper_translation_layers.png")
-    if (root / "causal").exists():
-        single_cell(root / "causal", "causal (the main cell's arms)", "paper_causal_layers.png")
-        print("#### Patching and steering\n")
-        for path in nulls.causal_tables(_RUNS[root / "causal"], FIGURES, "paper_causal"):
-            print(f"\n![{Path(path).stem}]({path})\n")
-    for task in TASK_SPECS:
-        if (root / task).exists():
-            single_cell(root / task, task, f"paper_{task}_layers.png")
+    present = [n for n in SECTIONS if (root / n).exists()]
+    # one process per spec (the whole-cell permutation tests are most of the time), printed in page order
+    with ProcessPoolExecutor(max_workers=max(1, min(len(present), os.cpu_count() or 1))) as pool:
+        for text in pool.map(section, [root] * len(present), present):
+            print(text, end="", flush=True)
 
 
 if __name__ == "__main__":

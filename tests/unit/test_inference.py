@@ -360,3 +360,21 @@ def test_mantel_matches_brute_force_for_tiny_n():
     exact = np.mean([rsa(x, y[list(p)]) >= obs - 1e-12 for p in itertools.permutations(range(5))])
     res = rsa_per_layer(x[:, None], y[:, None], n_perm=4000, seed=3)
     assert res["p"][0] == pytest.approx(exact, abs=0.03)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_permuted_inner_matches_a_direct_loop(symmetric, monkeypatch):
+    """The vectorised permutation sums (upper triangle only when both matrices are symmetric)
+    equal <A, B[pi][:, pi]> computed one permutation and layer at a time, with the same
+    permutations, also when the blocks of permutations and of layers are small."""
+    from iclit.analysis import inference
+
+    rng = np.random.default_rng(23)
+    a, b = rng.normal(size=(2, 3, 7, 7))
+    if symmetric:
+        a, b = a + a.transpose(0, 2, 1), b + b.transpose(0, 2, 1)
+    perms = np.argsort(np.random.default_rng(5).random((11, 7)), axis=-1)
+    want = np.array([[np.sum(a[l] * b[l][p][:, p]) for l in range(3)] for p in perms])
+    np.testing.assert_allclose(inference._permuted_inner(a, b, 11, 5), want, rtol=1e-12)
+    monkeypatch.setattr(inference, "_BLOCK", 40)  # one permutation and one layer per block
+    np.testing.assert_allclose(inference._permuted_inner(a, b, 11, 5), want, rtol=1e-12)
