@@ -87,6 +87,45 @@ def test_set_queries_are_distinct_balanced_and_not_demonstrations(q, m):
         assert all(not a & b for i, a in enumerate(firsts) for b in firsts[i + 1:])
 
 
+@pytest.mark.parametrize("sampler", ["most-similar", "least-similar", "wrong"])
+def test_similarity_sets_of_a_block_are_disjoint(sampler):
+    """A deterministic sampler would give both sets of a block the same demonstrations (a
+    demo-swap null with nothing to swap): the first set is what it chose before, each later
+    set the same choice from the pool without the block's earlier sets."""
+    from iclit.tasks import get_sampler
+
+    task = get_task("sentiment")
+    chooser = WrongLabelSampler("most-similar", 0.5, task.labels) if sampler == "wrong" else get_sampler(sampler)
+    draws = draw_sets(task, 3, 6, 4, 0, chooser, sets_per_query=3)
+    sets = {r.set_id: r for r in draws}
+    for b in range(2):
+        first, *later = (sets[3 * b + i] for i in range(3))
+        queries = [r.query for r in draws if r.set_id == 3 * b]
+        rng = np.random.default_rng(np.random.SeedSequence(0, spawn_key=(3 * b,)))
+        assert [d.id for d in first.demonstrations] == [d.id for d in chooser.select(queries, task.examples, 3, rng)]
+        taken = {d.id for d in first.demonstrations}
+        for r in later:
+            ids = {d.id for d in r.demonstrations}
+            assert len(ids) == 3 and not ids & taken
+            pool = [e for e in task.examples if e.id not in taken]
+            rng = np.random.default_rng(np.random.SeedSequence(0, spawn_key=(r.set_id,)))
+            assert [d.id for d in r.demonstrations] == [d.id for d in chooser.select(queries, pool, 3, rng)]
+            taken |= ids
+    # one query per set and no sharing: unchanged (every set its own block)
+    single = draw_sets(task, 3, 4, 1, 0, chooser)
+    assert len({tuple(d.id for d in r.demonstrations) for r in single}) == 4
+
+
+def test_block_sets_rule_is_in_the_key_only_where_it_applies():
+    keys = {}
+    for sim in ("random", "most"):
+        for q in (1, 5):
+            spec = parse_spec({"name": "t", "model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 4,
+                               "queries_per_set": q, "similarity": sim})
+            keys[sim, q] = make_plan(spec).cells[0].settings.get("block_sets")
+    assert keys == {("random", 1): None, ("random", 5): None, ("most", 1): None, ("most", 5): "disjoint"}
+
+
 def test_queries_repeat_across_blocks_only_when_the_task_runs_out():
     task = get_task("sentiment")  # 344 examples; 40 blocks of 10 queries need 400
     draws = draw_sets(task, 2, 80, 10, 0, sets_per_query=2)

@@ -89,7 +89,7 @@ KEYS = {  # sha256 of each spec's trial keys, one a line in plan order: a change
     "main.yaml": "385ac14bdc1945b3",
     "models.yaml": "f47a0ad8461f00c8",  # its first 600 keys: b1f1d1ca6912e703, as before the control cell
     "n_demos.yaml": "00baea025dd734a7",
-    "similarity.yaml": "a991205bf4f52cab",
+    "similarity.yaml": "558085de3792b168",  # most/least cells: block_sets disjoint (2026-12-02)
     "tasks_addition.yaml": "d88db02030a15e58",
     "tasks_antonyms.yaml": "beb2129cfd3e63cc",
     "tasks_reverse_words.yaml": "fe26d2904a321bca",

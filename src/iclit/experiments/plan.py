@@ -245,6 +245,8 @@ def _cell(spec: ExperimentSpec, values: dict[str, Any], tasks: dict[Any, Task]) 
     if spec.queries_per_set > 1 or spec.query_sharing > 1:  # likewise: the crossed design
         settings["queries_per_set"] = spec.queries_per_set
         settings["sets_per_query"] = spec.query_sharing
+        if spec.query_sharing > 1 and get_sampler(selection).deterministic:  # draw_sets: a block's sets disjoint
+            settings["block_sets"] = "disjoint"
     if spec.it_seeds > 1:
         settings["it_seeds"] = spec.it_seeds
     causal = spec.causal_settings()

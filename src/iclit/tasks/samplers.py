@@ -74,6 +74,9 @@ class Sampler:
     """
 
     name: str = "base"
+    deterministic: bool = False
+    """True when the choice ignores the rng (the same queries and pool give the same
+    demonstrations): the sets of one query block are then made disjoint (:func:`draw_sets`)."""
 
     def select(self, query: Example | Sequence[Example], pool: Sequence[Example], k: int,
                rng: np.random.Generator) -> list[Example]:
@@ -158,6 +161,7 @@ class SimilaritySampler(Sampler):
     """
 
     name = "similarity"
+    deterministic = True
 
     def __init__(self, mode: Literal["most", "least"] = "most") -> None:
         if mode not in ("most", "least"):
@@ -219,6 +223,10 @@ class WrongLabelSampler(Sampler):
         self.base = get_sampler(base)
         self.fraction = float(fraction)
         self.labels = tuple(labels) if labels is not None else None
+
+    @property
+    def deterministic(self) -> bool:  # which examples are shown is the base sampler's choice
+        return self.base.deterministic
 
     def choose(
         self, query: Example | list[Example], candidates: list[Example], k: int, rng: np.random.Generator
@@ -361,7 +369,11 @@ def draw_sets(
     :func:`set_queries`), so every query is read under that many demonstration sets — the
     demo-swap null compares them. Set ``s`` draws its demonstrations with a generator seeded
     by ``SeedSequence(seed, spawn_key=(s,))``, never among its block's queries (by id or
-    text). With one query per set and ``sets_per_query = 1`` this is exactly
+    text). A deterministic sampler (``Sampler.deterministic``: by similarity) would give every
+    set of a block the same demonstrations, leaving the demo-swap null nothing to swap; so
+    there each set of a block chooses from the pool without the earlier sets' demonstrations
+    (the first set: the k most similar to the block's queries; the second: the next k most
+    similar; …). With one query per set and ``sets_per_query = 1`` this is exactly
     :func:`draw_resamples` (the same queries, demonstrations and indices).
     """
     if queries_per_set < 1 or sets_per_query < 1:
@@ -376,10 +388,15 @@ def draw_sets(
     n_blocks = -(-n_sets // sets_per_query)
     blocks = set_queries(task, n_blocks, queries_per_set, seed)
     out: list[Resample] = []
+    taken: set[str] = set()  # the demonstrations of the block's earlier sets (deterministic samplers)
     for s in range(n_sets):
         queries = blocks[s // sets_per_query]
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(s,)))
-        demos = tuple(chooser.select(queries, source.examples, k, rng))
+        if s % sets_per_query == 0:
+            taken = set()
+        pool = [e for e in source.examples if e.id not in taken] if chooser.deterministic else source.examples
+        demos = tuple(chooser.select(queries, pool, k, rng))
+        taken |= {d.id for d in demos}
         out += [Resample(index=s * queries_per_set + j, query=q, demonstrations=demos, set_index=s, slot=j)
                 for j, q in enumerate(queries)]
     return out
