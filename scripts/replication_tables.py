@@ -354,10 +354,12 @@ def main(root: Path) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     suite = json.loads((root / "suite.json").read_text()) if (root / "suite.json").exists() else {}
-    runs = suite.get("last_invocation_by_suite") or ({"paper": suite["last_invocation"]} if suite.get("last_invocation") else {})
-    for name, inv in runs.items():
-        print(f"Suite `{name}`: {len(inv['specs'])} specs in {inv['seconds'] / 60:.1f} min ({inv['machine']}, "
-              f"finished {inv['finished']}).\n")
+    invocations = suite.get("invocations") or list((suite.get("last_invocation_by_suite") or (
+        {"paper": suite["last_invocation"]} if suite.get("last_invocation") else {})).values())
+    for inv in invocations:
+        print(f"`run_paper.py{' --suite ' + inv['suite'] if inv.get('suite', 'paper') != 'paper' else ''}`: "
+              f"{len(inv['specs'])} specs ({', '.join(inv['specs'])}) in {inv['seconds'] / 60:.1f} min "
+              f"({inv['machine']}, finished {inv['finished']}).\n")
     if suite.get("specs"):
         print("| spec | trials planned | computed | reused | seconds |\n| --- | --- | --- | --- | --- |")
         for name, s in suite["specs"].items():

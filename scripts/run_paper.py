@@ -10,7 +10,7 @@ of every run directory before it, so a cell that several specs share (the base c
 one-factor experiments) is computed once; then ``iclit report`` and ``iclit results
 --effects``. Everything runs in one process, so each model is loaded once. Rerunning
 resumes: finished trials are never recomputed. ``suite.json`` records, per spec, the trials
-computed and reused and the seconds taken, and the total wall time.
+computed and reused and the seconds taken, and every invocation (its specs and wall time).
 """
 
 from __future__ import annotations
@@ -62,11 +62,14 @@ def main() -> None:
         if out not in done:
             done.append(out)
     total = time.perf_counter() - started
-    log.setdefault("last_invocation_by_suite", {})[args.suite] = log["last_invocation"] = {
-        "specs": names, "seconds": round(total, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    record = {
+        "suite": args.suite, "specs": names, "seconds": round(total, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "versions": experiment_versions(),
     }
+    # every invocation, in order (a spec rerun with --only does not hide the suite run before it)
+    log.setdefault("invocations", [log["last_invocation"]] if "last_invocation" in log else []).append(record)
+    log.setdefault("last_invocation_by_suite", {})[args.suite] = log["last_invocation"] = record
     log_path.write_text(json.dumps(log, indent=2) + "\n")
     print(f"{args.suite} suite: {len(names)} specs in {total / 60:.1f} min → {args.out}")
 
