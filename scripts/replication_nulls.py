@@ -19,6 +19,7 @@ import pandas as pd
 
 from iclit.analysis import RunData
 from iclit.analysis.factors import design_subset
+from iclit.analysis.cells import last_layer_rows
 from iclit.analysis.inference import holm
 from iclit.analysis.nulls import verdict
 
@@ -44,7 +45,7 @@ def _ci(r: Any, digits: int = 3) -> str:
 
 
 def _last(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["layer"] == df["layer"].max()] if len(df) else df
+    return last_layer_rows(df)  # each cell's own last layer (models differ in depth)
 
 
 def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] = ("raw", "anchor")) -> None:

@@ -268,3 +268,13 @@ def test_a_crossed_run_shows_its_nulls_in_results_exports_and_report(tmp_path):
         ("update", "query_swap"), ("update", "demo_swap")}
     assert {r["pair"] for r in metrics["seeds"]} == {"anchor_it", "icl_it"}  # the IT seed noise
     assert "Against the nulls" in render_report(out)
+
+
+def test_last_layer_rows_are_each_cells_own_last_layer():
+    """Cells of models of different depth (a models factor): each keeps its own last layer."""
+    from iclit.analysis.cells import last_layer_rows
+
+    df = pd.DataFrame({"cell_key": ["a"] * 3 + ["b"] * 5, "layer": [0, 1, 2, 0, 1, 2, 3, 4], "v": range(8)})
+    assert last_layer_rows(df)["v"].tolist() == [2, 7]
+    assert last_layer_rows(df.drop(columns="cell_key"))["v"].tolist() == [7]
+    assert last_layer_rows(df.iloc[:0]).empty

@@ -22,7 +22,7 @@ from iclit.analysis.dose import DOSE_COLUMNS, dose_tables, row_cosine
 from iclit.analysis.nulls import NULLS, TEST_COLUMNS, Units, adjust_family, null_tests, strata, unit_rows
 
 __all__ = ["GEOMETRY_PAIRS", "GEOMETRY_COLUMNS", "BEHAVIOUR_COLUMNS", "SEED_COLUMNS", "cell_tables", "geometry",
-           "behaviour", "seed_spread"]
+           "behaviour", "seed_spread", "last_layer_rows"]
 
 GEOMETRY_PAIRS: dict[str, tuple[str, str]] = {"anchor_icl": ("anchor", "icl"), "anchor_it": ("anchor", "it"),
                                               "icl_it": ("icl", "it")}
@@ -37,6 +37,16 @@ distributions, classification only); null ``none``: the arms' own value (diff = 
 query_swap / demo_swap: as for the cosines (:mod:`iclit.analysis.nulls`), so a negative KL
 diff means the matched arms' answers are closer than swapped ones. Holm/BH over the cell's
 behaviour tests."""
+
+
+def last_layer_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of each cell's own last layer (``cell_key``, ``layer`` columns): cells of
+    different models have different depths, so not the table's largest layer."""
+    if not len(df):
+        return df
+    if "cell_key" not in df.columns:
+        return df[df["layer"] == df["layer"].max()]
+    return df[df["layer"] == df.groupby("cell_key")["layer"].transform("max")]
 
 
 def geometry(states: Mapping[str, np.ndarray], *, n_perm: int = 1000, seed: int = 0) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from iclit.analysis.cells import last_layer_rows
 from iclit.analysis.rundata import RunData, load_run
 from iclit.analysis.tables import cell_cosine_tables, comparison_metrics, comparison_summary, single_cell
 
@@ -137,7 +138,7 @@ def last_layer_tests(tests: Any) -> list[dict[str, Any]]:
     """metrics.json's ``tests``: the raw-centring rows at the last layer, one per pair × null."""
     if not len(tests):
         return []
-    raw = tests[(tests["centring"] == "raw") & (tests["layer"] == tests["layer"].max())]
+    raw = last_layer_rows(tests[tests["centring"] == "raw"])
     keep = ["pair", "null", "observed", "null_mean", "diff", "ci_low", "ci_high", "p", "p_adj", "p_holm", "q_bh",
             "p_tost", "verdict", "n_units", "n_blocks"]
     return raw[keep].to_dict("records")
@@ -191,11 +192,10 @@ def comparison_parts(run: RunData) -> dict[str, Any]:
     metrics["tests"] = last_layer_tests(tests) if tests is not None else []
     if not run.frame.empty:
         geometry = run.geometry
-        metrics["geometry"] = geometry[geometry["layer"] == geometry["layer"].max()].drop(
-            columns="cell_key").to_dict("records") if len(geometry) else []
+        metrics["geometry"] = last_layer_rows(geometry).drop(columns="cell_key").to_dict("records") if len(geometry) else []
     metrics["behaviour"] = run.behaviour.drop(columns="cell_key").to_dict("records") if len(run.behaviour) else []
     seeds = run.cells["seeds"] if not run.frame.empty else None
-    metrics["seeds"] = (seeds[seeds["layer"] == seeds["layer"].max()].drop(columns="cell_key").to_dict("records")
+    metrics["seeds"] = (last_layer_rows(seeds).drop(columns="cell_key").to_dict("records")
                         if seeds is not None and len(seeds) else [])
     return {"trials": comparison_trials(run), "summary": comparison_summary(run), "metrics": metrics,
             "config": comparison_config(run), "tests": tests}

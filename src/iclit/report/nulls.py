@@ -61,13 +61,14 @@ def nulls_section(run: RunData) -> dict[str, Any] | None:
     if run.frame.empty or run.tests.empty:
         return None
     tests, geometry, behaviour = run.tests, run.geometry, run.behaviour
-    last = int(tests["layer"].max())
     factors = list((run.plan or {}).get("factors", {}))
     labels = run.outputs.drop_duplicates("cell_key").set_index("cell_key")
     cells = list(dict.fromkeys(tests["cell_key"]))
     out = []
     for cell in cells[:MAX_CELLS]:
-        t = tests[(tests["cell_key"] == cell) & (tests["layer"] == last) & tests["centring"].isin(["raw", "anchor"])]
+        cell_tests = tests[tests["cell_key"] == cell]
+        last = int(cell_tests["layer"].max())  # the cell's own depth (cells of other models differ)
+        t = cell_tests[(cell_tests["layer"] == last) & cell_tests["centring"].isin(["raw", "anchor"])]
         entry: dict[str, Any] = {"heading": _title(labels.loc[cell].to_dict() if cell in labels.index else {}, factors),
                                  "tables": [_tests_table(t)]}
         g = geometry[(geometry["cell_key"] == cell) & (geometry["layer"] == last)] if len(geometry) else geometry
