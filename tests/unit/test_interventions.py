@@ -189,7 +189,10 @@ def test_empty_lists_and_padding(llama):
     assert got.shape == (len(PROMPTS), 3, 2) and got.dtype == torch.float32 and got.device.type == "cpu"
     torch.testing.assert_close(got[[0, 2, 3, 4], 0], llama.cap.label_logits[[0, 2, 3, 4]], atol=ATOL, rtol=0)
     assert torch.isnan(got[[0, 2, 3, 4], 1:]).all() and not torch.isnan(got[1]).any()
-    torch.testing.assert_close(got[1, 1], got[1, 0], atol=0, rtol=0)
+    # the same intervention three times in one call: equal up to float rounding (rows of a batch
+    # may take different BLAS paths; a 6e-9 difference was seen on CI)
+    torch.testing.assert_close(got[1, 1], got[1, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[1, 2], got[1, 0], atol=1e-6, rtol=0)
 
 
 def test_no_hooks_left_behind(llama):
