@@ -44,13 +44,9 @@ def _ci(r: Any, digits: int = 3) -> str:
     return f"{r['diff']:+.{digits}f} [{r['ci_low']:+.{digits}f}, {r['ci_high']:+.{digits}f}]"
 
 
-def _last(df: pd.DataFrame) -> pd.DataFrame:
-    return last_layer_rows(df)  # each cell's own last layer (models differ in depth)
-
-
 def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] = ("raw", "anchor")) -> None:
     """One row per cell × pair × centring: the last-layer cosine and its excess over each null."""
-    tests = _last(run.tests)
+    tests = last_layer_rows(run.tests)
     if tests.empty:
         print("\n(no query-swap / demo-swap nulls: one query per set)\n")
         return
@@ -115,7 +111,7 @@ def _ranges(xs: list[int]) -> str:
 
 
 def geometry_table(run: RunData, factor: str | None) -> None:
-    g = _last(run.geometry)
+    g = last_layer_rows(run.geometry)
     if g.empty:
         return
     print(f"\n| {factor or 'task'} | " + " | ".join(f"{m} {n}" for m in ("debiased CKA", "RSA")
@@ -156,14 +152,14 @@ def behaviour_table(run: RunData, factor: str | None) -> None:
 
 
 def seeds_line(run: RunData) -> None:
-    s = _last(run.cells["seeds"])
+    s = last_layer_rows(run.cells["seeds"])
     for r in s[s["pair"] == "icl_it"].to_dict("records"):
         print(f"\nIT seed noise (last layer): ICL–IT {r['seed1']:.3f} with the first seed, {r['seed2']:.3f} with the "
               f"second (another init and data order); per-pair between-seed SD {r['unit_sd']:.3f} over {r['n_units']} pairs.")
 
 
 def dose_matched(run: RunData, factor: str) -> None:
-    est = _last(run.cells["dose"])
+    est = last_layer_rows(run.cells["dose"])
     if est.empty:
         return
     print("\n| learning rate | estimate | step | ICL–IT [95% CI] | anchor–IT [95% CI] |")
@@ -180,7 +176,7 @@ def dose_matched(run: RunData, factor: str) -> None:
     print("\npeak_naive: the step of the highest mean ICL–IT, chosen and read on all pairs (biased upwards); "
           "peak_crossfit: chosen on the sets of one parity, read on the other; matched: each pair at the step whose IT "
           "label distribution is closest to ICL's in KL, chosen on the set's other queries (step: the median).")
-    t = _last(run.cells["dose_tests"])
+    t = last_layer_rows(run.cells["dose_tests"])
     t = t[(t["pair"] == "icl_it") & (t["centring"] == "raw")]
     if len(t):
         t = t.assign(p_table=holm(t["p"].to_numpy(float)))
