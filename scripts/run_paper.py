@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from iclit.analysis.cache import copy_entries
 from iclit.experiments import load_spec, run_experiment
 from iclit.experiments.runner import experiment_versions
 from iclit.report import write_report
@@ -51,8 +52,12 @@ def main() -> None:
     for name in names:
         out = args.out / RUN_DIR.get(name, name)
         t0 = time.perf_counter()
-        summary = run_experiment(load_spec(ROOT / "configs" / "paper" / f"{name}.yaml"), out,
-                                 progress=True, reuse=[d for d in dict.fromkeys(done) if d != out])
+        sources = [d for d in dict.fromkeys(done) if d != out]
+        summary = run_experiment(load_spec(ROOT / "configs" / "paper" / f"{name}.yaml"), out, progress=True,
+                                 reuse=sources)
+        for source in sources if summary.reused else ():
+            copy_entries(source, out)  # the shared cells' analysis tables, computed once
+        trials_done = time.perf_counter()
         write_report(out)
         seconds = time.perf_counter() - t0
         print(summary, flush=True)

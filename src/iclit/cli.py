@@ -260,6 +260,11 @@ def run_spec(
                                  progress=progress, max_chunks=max_chunks, reuse=reuse)
     except (ReuseError, ValueError, RuntimeError, LookupError) as e:  # a source removed since the check above; a run
         _fail(_message(e))  # dir, prompt or recipe that does not fit; an old or foreign store; a model not found
+    if summary.reused:  # the reused cells' analysis tables come along (content-keyed, computed once)
+        from iclit.analysis.cache import copy_entries
+
+        for source in reuse:
+            copy_entries(Path(source).parent if Path(source).suffix == ".sqlite" else Path(source), out)
     console.print(str(summary), highlight=False, soft_wrap=True)
     _warn_fit(summary)
 

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from iclit.analysis.nulls import Units, null_tests, strata
+from iclit.analysis.nulls import Units, links, null_tests, strata
 from iclit.engine.evaluate import evaluate
 from iclit.experiments import make_plan, parse_spec
 from iclit.experiments.plan import trial_key
@@ -202,6 +202,9 @@ def test_strata_follow_the_design():
     ds = strata(units, "demo_swap")
     assert all(len(set(units.query[r])) == 1 and len(set(units.set[r])) == 2 for r in ds)
     assert len(ds) == 12  # 2 blocks × 6 queries, each read under 2 sets
+    # the sets of a block read the same queries: one permutation per block (and label)
+    assert len(set(links(units, "query_swap", qs))) == 4  # 2 blocks × 2 labels
+    assert len(set(links(units, "demo_swap", ds))) == 2  # whole sets swapped per block
 
 
 def test_a_planted_query_specific_component_is_found_by_query_swap_only():
@@ -214,7 +217,9 @@ def test_a_planted_query_specific_component_is_found_by_query_swap_only():
 
 
 def test_a_planted_set_specific_component_is_found_by_demo_swap():
-    states, units = _planted(set_part=1.5)
+    # the demo-swap test swaps whole sets of a block: 12 blocks give 2^12 permutations (6 would
+    # give 64, a smallest p near 0.016, above the 0.01 asked for here)
+    states, units = _planted(n_sets=24, set_part=1.5)
     df = null_tests(states, units, margin=0.02, n_perm=999, n_boot=499)
     ds = _row(df, "icl_it", "demo_swap")
     assert ds["diff"] > 0.05 and ds["p_adj"] < 0.01 and ds["verdict"] == "above null"

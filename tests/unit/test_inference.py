@@ -221,6 +221,57 @@ def test_pairing_null_rejection_rate_is_nominal():
     assert lo <= rej_family <= hi
 
 
+def _demo_swap_strata(rng, n_blocks, n_q, set_sd):
+    """Demo-swap strata [2, 2, 1] of n_blocks blocks of two sets with n_q queries each, under H0:
+    C[a, b] = u[a, b] + query noise, where u (how set a's ICL states happen to sit against set
+    b's IT states) is shared by every query of the block and the matched (a, a) is not special."""
+    out = []
+    for _ in range(n_blocks):
+        u = set_sd * rng.normal(size=(2, 2))
+        out += [(u + rng.normal(size=(2, 2)))[:, :, None] for _ in range(n_q)]
+    return out, [b for b in range(n_blocks) for _ in range(n_q)]
+
+
+def test_unique_links_are_independent_strata():
+    strata = _crossed_cosines(np.random.default_rng(20), 4, 5, 3, 8, query_effect=0.5)
+    ref = pairing_test(strata, n_perm=300, seed=4)
+    res = pairing_test(strata, n_perm=300, seed=4, links=[("s", i) for i in range(len(strata))])
+    for field in ("observed", "null", "diff", "p", "p_maxT"):
+        np.testing.assert_array_equal(getattr(ref, field), getattr(res, field))
+    with pytest.raises(ValueError, match="links has 1 labels for 4 strata"):
+        pairing_test(strata, links=[0])
+
+
+def test_linked_swaps_are_the_exact_block_sign_flip_test():
+    """With two sets per block, swapping whole sets of a block for all its queries flips the sign
+    of the block's summed (own − swapped) difference: scipy's exact paired permutation test."""
+    rng = np.random.default_rng(21)
+    strata, blocks = _demo_swap_strata(rng, 7, 4, set_sd=1.0)
+    for alt in ("two-sided", "greater", "less"):
+        res = pairing_test(strata, n_perm=20000, seed=1, alternative=alt, links=blocks)
+        own = np.array([sum(c[0, 0, 0] + c[1, 1, 0] for c, g in zip(strata, blocks) if g == b) for b in range(7)])
+        swapped = np.array([sum(c[0, 1, 0] + c[1, 0, 0] for c, g in zip(strata, blocks) if g == b) for b in range(7)])
+        ref = sps.permutation_test((own, swapped), lambda x, y: np.mean(x - y), permutation_type="samples",
+                                   alternative=alt, n_resamples=np.inf)
+        assert abs(res.p[0] - ref.pvalue) < 0.015, (alt, res.p[0], ref.pvalue)
+
+
+def test_linked_demo_swap_keeps_its_rate_where_per_query_swaps_do_not():
+    """A set-level match shared by a block's queries is not evidence that ICL is specific to
+    its own demonstrations: swapping each query's sets on its own rejects far too often, swapping
+    whole sets keeps the nominal rate."""
+    rng = np.random.default_rng(22)
+    n_rep, n_perm = 200, 199
+    lo, hi = sps.binom.interval(0.99, n_rep, 0.05)
+    linked = per_query = 0
+    for rep in range(n_rep):
+        strata, blocks = _demo_swap_strata(rng, 10, 8, set_sd=1.0)
+        linked += bool(pairing_test(strata, n_perm=n_perm, seed=rep, links=blocks).p[0] <= 0.05)
+        per_query += bool(pairing_test(strata, n_perm=n_perm, seed=rep).p[0] <= 0.05)
+    assert lo <= linked <= hi
+    assert per_query > 2 * hi
+
+
 # ---------------------------------------------------------------- TOST
 
 
@@ -378,3 +429,25 @@ def test_permuted_inner_matches_a_direct_loop(symmetric, monkeypatch):
     np.testing.assert_allclose(inference._permuted_inner(a, b, 11, 5), want, rtol=1e-12)
     monkeypatch.setattr(inference, "_BLOCK", 40)  # one permutation and one layer per block
     np.testing.assert_allclose(inference._permuted_inner(a, b, 11, 5), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("nan_row", [False, True])
+def test_pair_tests_equal_the_pair_by_pair_tests(nan_row):
+    """All arm pairs at once (each arm's Gram and rank matrix once, each second arm's permuted
+    entries gathered once) give the pair-by-pair numbers; with a NaN row, each pair drops its own."""
+    from iclit.analysis.geometry import pair_tests
+
+    rng = np.random.default_rng(24)
+    base = rng.normal(size=(16, 3, 12))
+    states = {arm: base + rng.normal(size=(16, 3, 12)) for arm in ("anchor", "icl", "it")}
+    if nan_row:
+        states["icl"][2, 1, 0] = np.nan
+    pairs = {"anchor_icl": ("anchor", "icl"), "anchor_it": ("anchor", "it"), "icl_it": ("icl", "it")}
+    got = pair_tests(states, pairs, n_perm=150, seed=7)
+    assert set(got) == {(p, m) for p in pairs for m in ("cka", "rsa")}
+    for (pair, measure), res in got.items():
+        a, b = pairs[pair]
+        want = (cka_permutation_test if measure == "cka" else rsa_per_layer)(states[a], states[b], n_perm=150, seed=7)
+        assert res.keys() == want.keys()
+        for key in want:
+            np.testing.assert_allclose(res[key], want[key], rtol=1e-12, equal_nan=True, err_msg=f"{pair} {measure} {key}")

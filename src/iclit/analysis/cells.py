@@ -19,7 +19,7 @@ import pandas as pd
 from iclit.analysis import geometry as geometry_
 from iclit.analysis import inference
 from iclit.analysis.dose import DOSE_COLUMNS, dose_tables, row_cosine
-from iclit.analysis.nulls import NULLS, TEST_COLUMNS, Units, adjust_family, null_tests, strata, unit_rows
+from iclit.analysis.nulls import NULLS, TEST_COLUMNS, Units, adjust_family, links, null_tests, strata, unit_rows
 
 __all__ = ["GEOMETRY_PAIRS", "GEOMETRY_COLUMNS", "BEHAVIOUR_COLUMNS", "SEED_COLUMNS", "cell_tables", "geometry",
            "behaviour", "seed_spread", "last_layer_rows"]
@@ -53,9 +53,10 @@ def geometry(states: Mapping[str, np.ndarray], *, n_perm: int = 1000, seed: int 
     """Debiased CKA and RSA of each arm pair across all the cell's trials, per layer."""
     rows = []
     n = len(states["anchor"])
-    for pair, (a, b) in GEOMETRY_PAIRS.items():
-        for measure, fn in (("cka", geometry_.cka_permutation_test), ("rsa", geometry_.rsa_per_layer)):
-            res = fn(states[a], states[b], n_perm=n_perm, seed=seed)
+    found = geometry_.pair_tests(states, GEOMETRY_PAIRS, n_perm=n_perm, seed=seed)
+    for pair in GEOMETRY_PAIRS:
+        for measure in ("cka", "rsa"):
+            res = found[pair, measure]
             null = res.get("null_mean", np.full(len(res["value"]), np.nan))
             rows += [{"pair": pair, "measure": measure, "layer": layer, "value": float(v), "null_mean": float(m),
                       "p": float(p), "p_adj": float(q), "n": n}
@@ -104,7 +105,8 @@ def behaviour(outputs: pd.DataFrame, units: Units, *, margin: float, n_perm: int
                 groups = strata(units, null)
                 if not groups:
                     continue
-                res = inference.pairing_test([fn(g, g)[:, :, None] for g in groups], n_perm=n_perm, seed=seed)
+                res = inference.pairing_test([fn(g, g)[:, :, None] for g in groups], n_perm=n_perm, seed=seed,
+                                             links=links(units, null, groups))
                 order = unit_rows(groups, res)
                 d = res.unit_diff[:, 0]
                 lo, hi = inference.hierarchical_bootstrap(d, blocks[order], n_boot=n_boot, seed=seed)
@@ -147,43 +149,67 @@ def seed_spread(states: Mapping[str, np.ndarray]) -> pd.DataFrame:
 
 
 def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame, settings: Mapping[str, Mapping[str, Any]],
-                *, margin: float, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
+                *, margin: float, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0,
+                cache: bool | None = None) -> dict[str, pd.DataFrame]:
     """``tests`` (:data:`iclit.analysis.nulls.TEST_COLUMNS`), ``geometry``
     (:data:`GEOMETRY_COLUMNS`), ``behaviour`` (:data:`BEHAVIOUR_COLUMNS`), and for recipes with
     ``capture_steps`` ``dose`` (:data:`iclit.analysis.dose.DOSE_COLUMNS`) and ``dose_tests``
     (the nulls at the behaviour-matched step), and with ``it_seed2`` states ``seeds``
     (:data:`SEED_COLUMNS`, the IT seed noise) of every cell of ``trials`` (rows with stored
-    states), each with a leading ``cell_key`` column."""
-    from iclit.analysis.states import read_states
+    states), each with a leading ``cell_key`` column.
 
-    parts: dict[str, list[pd.DataFrame]] = {"tests": [], "geometry": [], "behaviour": [], "dose": [], "dose_tests": [], "seeds": []}
+    cache: keep each cell's tables under ``run_dir/analysis/`` and read them back when
+    nothing they depend on changed (:mod:`iclit.analysis.cache`; None: unless
+    ``ICLIT_ANALYSIS_CACHE=0``)."""
+    from iclit.analysis import cache as cache_
+
+    use_cache = cache_.enabled() if cache is None else cache
+    params = {"margin": float(margin), "n_perm": n_perm, "n_boot": n_boot, "seed": seed}
+    parts: dict[str, list[pd.DataFrame]] = {name: [] for name in _TABLES}
     for cell, sub in trials.groupby("cell_key", sort=True):
         sub = sub.sort_values(["seed", "resample"], kind="stable")
         cell_settings = settings.get(cell, {})
-        out = outputs.set_index("trial_key").loc[sub["trial_key"]].reset_index()
-        kind = (cell_settings.get("task") or {}).get("kind")
-        units = Units.from_trials(sub, cell_settings, out["gold"].tolist() if kind == "classification" else None)
-        states = read_states(run_dir, sub)
-        arrays = {a: states[a] for a in ("anchor", "icl", "it")}
-        labels = []
-        if kind == "classification" and "label_probs" in out.columns and isinstance(out["label_probs"].iloc[0], Mapping):
-            labels = list(out["label_probs"].iloc[0]["icl"])  # the task's label order (the dose lists follow it)
-        reference = states.reference.get(cell)
-        centrings = ("raw", "anchor", "reference") if reference is not None else ("raw", "anchor")
-        found = {
-            "tests": null_tests(arrays, units, margin=margin, centrings=centrings, reference=reference, n_perm=n_perm,
-                                n_boot=n_boot, seed=seed),
-            "geometry": geometry(arrays, n_perm=n_perm, seed=seed) if len(sub) >= 4 else pd.DataFrame(),
-            "behaviour": behaviour(out, units, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed),
-        }
-        dose = dose_tables({n: states[n] for n in states}, out, units, labels, margin=margin, n_perm=n_perm,
-                           n_boot=n_boot, seed=seed)
-        found["dose"], found["dose_tests"] = dose["estimates"], dose["matched_tests"]
-        found["seeds"] = seed_spread({n: states[n] for n in ("anchor", "icl", "it", "it_seed2") if n in states})
+        key = cache_.entry_key(cell, sub["trial_key"].tolist(), cell_settings, params) if use_cache else None
+        found = cache_.load(run_dir, key) if key else None
+        if found is None:
+            out = outputs.set_index("trial_key").loc[sub["trial_key"]].reset_index()
+            found = _one_cell(run_dir, cell, sub, out, cell_settings, margin=margin, n_perm=n_perm, n_boot=n_boot,
+                              seed=seed)
+            if key:
+                cache_.save(run_dir, key, found)
         for name, df in found.items():
             if len(df):
                 parts[name].append(df.assign(cell_key=cell))
-    columns = {"tests": ("cell_key", *TEST_COLUMNS), "geometry": GEOMETRY_COLUMNS, "behaviour": BEHAVIOUR_COLUMNS,
-               "dose": DOSE_COLUMNS, "dose_tests": ("cell_key", "step", *TEST_COLUMNS), "seeds": SEED_COLUMNS}
-    return {name: (pd.concat(dfs, ignore_index=True).reindex(columns=list(columns[name])) if dfs
-                   else pd.DataFrame(columns=list(columns[name]))) for name, dfs in parts.items()}
+    return {name: (pd.concat(dfs, ignore_index=True).reindex(columns=list(_TABLES[name])) if dfs
+                   else pd.DataFrame(columns=list(_TABLES[name]))) for name, dfs in parts.items()}
+
+
+_TABLES = {"tests": ("cell_key", *TEST_COLUMNS), "geometry": GEOMETRY_COLUMNS, "behaviour": BEHAVIOUR_COLUMNS,
+           "dose": DOSE_COLUMNS, "dose_tests": ("cell_key", "step", *TEST_COLUMNS), "seeds": SEED_COLUMNS}
+
+
+def _one_cell(run_dir: str | Path, cell: str, sub: pd.DataFrame, out: pd.DataFrame, cell_settings: Mapping[str, Any],
+              *, margin: float, n_perm: int, n_boot: int, seed: int) -> dict[str, pd.DataFrame]:
+    """The tables of one cell (``sub``: its trials in state order, ``out``: their outputs), without cell_key."""
+    from iclit.analysis.states import read_states
+
+    kind = (cell_settings.get("task") or {}).get("kind")
+    units = Units.from_trials(sub, cell_settings, out["gold"].tolist() if kind == "classification" else None)
+    states = read_states(run_dir, sub)
+    arrays = {a: states[a] for a in ("anchor", "icl", "it")}
+    labels = []
+    if kind == "classification" and "label_probs" in out.columns and isinstance(out["label_probs"].iloc[0], Mapping):
+        labels = list(out["label_probs"].iloc[0]["icl"])  # the task's label order (the dose lists follow it)
+    reference = states.reference.get(cell)
+    centrings = ("raw", "anchor", "reference") if reference is not None else ("raw", "anchor")
+    found = {
+        "tests": null_tests(arrays, units, margin=margin, centrings=centrings, reference=reference, n_perm=n_perm,
+                            n_boot=n_boot, seed=seed),
+        "geometry": geometry(arrays, n_perm=n_perm, seed=seed) if len(sub) >= 4 else pd.DataFrame(),
+        "behaviour": behaviour(out, units, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed),
+    }
+    dose = dose_tables({n: states[n] for n in states}, out, units, labels, margin=margin, n_perm=n_perm,
+                       n_boot=n_boot, seed=seed)
+    found["dose"], found["dose_tests"] = dose["estimates"], dose["matched_tests"]
+    found["seeds"] = seed_spread({n: states[n] for n in ("anchor", "icl", "it", "it_seed2") if n in states})
+    return found

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from iclit.analysis.inference import _EPS, _f64, _perm_p, _permuted_inner
+from iclit.analysis.inference import _EPS, _f64, _perm_p, _permuted_inners
 
-__all__ = ["cka_permutation_test", "debiased_cka", "debiased_cka_per_layer", "rsa", "rsa_per_layer"]
+__all__ = ["cka_permutation_test", "debiased_cka", "debiased_cka_per_layer", "pair_tests", "rsa", "rsa_per_layer"]
 
 
 def _paired_states(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -80,12 +80,13 @@ def debiased_cka(x: Any, y: Any) -> float:
 
 
 def _permutation_summary(
-    a: np.ndarray, b: np.ndarray, scale: np.ndarray, n_perm: int, seed: int
+    a: np.ndarray, b: np.ndarray, scale: np.ndarray, n_perm: int, seed: int, permuted: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``<A, B> * scale`` ``[L]``, its null mean under item permutations of B, one-sided p
-    and max-T p (values standardised by the null draws' mean and SD; z = 0 where SD is 0)."""
+    and max-T p (values standardised by the null draws' mean and SD; z = 0 where SD is 0).
+    permuted: ``<A, B[pi][:, pi]>`` ``[n_perm, L]`` when already computed."""
     value = _inner(a, b) * scale
-    null = _permuted_inner(a, b, n_perm, seed) * scale
+    null = (_permuted_inners([a], b, n_perm, seed)[0] if permuted is None else permuted) * scale
     mu = null.mean(0)
     sd = null.std(0, ddof=1) if n_perm > 1 else np.zeros_like(mu)
     ok, s = sd > 0, np.where(sd > 0, sd, 1.0)
@@ -158,3 +159,41 @@ def rsa_per_layer(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0) -> dict[
         return {k: scale.copy() for k in ("value", "p", "p_maxT")} | {"n": n}
     value, _, p, p_max = _permutation_summary(rx, ry, scale, n_perm, seed)
     return {"value": value, "p": p, "p_maxT": p_max, "n": n}
+
+
+def pair_tests(states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_perm: int = 1000,
+               seed: int = 0) -> dict[tuple[str, str], dict[str, Any]]:
+    """:func:`cka_permutation_test` and :func:`rsa_per_layer` of several arm pairs over the
+    same items: ``{(pair, "cka" | "rsa"): result}``; states: arm → ``[n, L, d]``, pairs:
+    name → (first arm, second arm). The same numbers as the pair-by-pair functions (same
+    seed, so the same permutations), computed once per arm: each arm's U-centred Gram and
+    rank matrix, and each second arm's permuted entries gathered once for every pair that
+    shares it. With a NaN row in any arm (each pair drops its own) it runs pair by pair."""
+    arms = {arm: _f64(states[arm]) for pair in pairs.values() for arm in pair}
+    one = {arm: (x[:, None] if x.ndim == 2 else x) for arm, x in arms.items()}
+    n = {x.shape[0] for x in one.values()}
+    if len(n) > 1 or any(np.isnan(x).any() for x in one.values()) or n.pop() < 4:
+        return {(name, measure): fn(arms[a], arms[b], n_perm=n_perm, seed=seed)
+                for name, (a, b) in pairs.items()
+                for measure, fn in (("cka", cka_permutation_test), ("rsa", rsa_per_layer))}
+    grams = {arm: _u_centred_gram(x) for arm, x in one.items()}
+    norms = {arm: _inner(g, g) for arm, g in grams.items()}
+    ranks = {arm: _centred_rank_matrix(x) for arm, x in one.items()}
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for second in dict.fromkeys(b for _, b in pairs.values()):
+        names = [name for name, (_, b) in pairs.items() if b == second]
+        firsts = [pairs[name][0] for name in names]
+        for measure in ("cka", "rsa"):
+            mats = grams if measure == "cka" else {arm: r for arm, (r, _) in ranks.items()}
+            permuted = _permuted_inners([mats[a] for a in firsts], mats[second], n_perm, seed)
+            for name, first, perm in zip(names, firsts, permuted):
+                if measure == "cka":
+                    den = norms[first] * norms[second]
+                    scale = np.where(den > 0, 1.0 / np.sqrt(np.where(den > 0, den, 1.0)), np.nan)
+                else:
+                    den = ranks[first][1] * ranks[second][1]
+                    scale = np.where(den > 0, 0.5 / np.sqrt(np.where(den > 0, den, 1.0)), np.nan)
+                value, mu, p, p_max = _permutation_summary(mats[first], mats[second], scale, n_perm, seed, perm)
+                res = {"value": value, "null_mean": mu, "p": p, "p_maxT": p_max, "n": len(one[first])}
+                out[name, measure] = res if measure == "cka" else {k: v for k, v in res.items() if k != "null_mean"}
+    return out

@@ -19,7 +19,12 @@ IT − anchor) removes that shared part and asks whether ICL and IT move *this* 
 way. Each null's effect is the mean over units of (observed − mean over every eligible partner);
 its p-value permutes the pairing inside each stratum (a set × label, or a query's sets) with
 the same permutation at every layer, and max-T over layers gives the family-wise p
-(:func:`iclit.analysis.inference.pairing_test`). CIs: a hierarchical bootstrap over query
+(:func:`iclit.analysis.inference.pairing_test`). Strata that see the same units again share
+their permutation (:func:`links`): query-swap permutes a block's queries once for all the
+block's sets, demo-swap swaps whole sets of a block for all its queries. The queries of a block
+share its demonstration sets and are not independent, so permuting each query's sets on its
+own was anti-conservative; swapping whole sets is the exact test at the level of the sets
+(with two sets per block, 2^blocks distinct permutations: a smallest p near 1 / 2^blocks). CIs: a hierarchical bootstrap over query
 blocks (the independent units: with one query per set, the sets), then units within blocks.
 The equivalence test (TOST) is against the spec's ``equivalence_margin``.
 
@@ -39,7 +44,7 @@ import pandas as pd
 
 from iclit.analysis import inference
 
-__all__ = ["NULLS", "TEST_PAIRS", "CENTRINGS", "TEST_COLUMNS", "Units", "pair_states", "strata", "null_tests",
+__all__ = ["NULLS", "TEST_PAIRS", "CENTRINGS", "TEST_COLUMNS", "Units", "pair_states", "strata", "links", "null_tests",
            "unit_rows", "verdict", "adjust_family"]
 
 NULLS = ("query_swap", "demo_swap")
@@ -107,6 +112,18 @@ def strata(units: Units, null: str) -> list[np.ndarray]:
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
     return [np.asarray(rows) for rows in groups.values() if len(rows) >= 2]
+
+
+def links(units: Units, null: str, groups: list[np.ndarray]) -> list[tuple[Any, ...]]:
+    """One label per stratum of :func:`strata`; strata with the same label hold the same items
+    in the same order and share one permutation (:func:`iclit.analysis.inference.pairing_test`):
+    query-swap, the strata of one (seed, block, label) with the same queries (a block's sets read
+    the same queries); demo-swap, the strata of one (seed, block) with the same sets."""
+    if null == "query_swap":
+        return [(units.seed[g[0]], units.block[g[0]], units.label[g[0]], tuple(units.query[g])) for g in groups]
+    if null == "demo_swap":
+        return [(units.seed[g[0]], units.block[g[0]], tuple(units.set[g])) for g in groups]
+    raise ValueError(f"unknown null {null!r}; known: {NULLS}")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -181,12 +198,13 @@ def null_tests(states: Mapping[str, np.ndarray], units: Units, *, margin: float,
         groups = strata(units, null)
         if not groups:
             continue
+        linked = links(units, null, groups)
         for pair, nulls in TEST_PAIRS.items():
             if null not in nulls:
                 continue
             for centring in (("raw",) if pair == "update" else centrings):
                 x, y = pair_states(states, pair, centring, reference)
-                res = inference.pairing_test(_blocks(x, y, groups), n_perm=n_perm, seed=seed)
+                res = inference.pairing_test(_blocks(x, y, groups), n_perm=n_perm, seed=seed, links=linked)
                 order = unit_rows(groups, res)
                 lo, hi = inference.hierarchical_bootstrap(res.unit_diff, blocks[order], n_boot=n_boot, seed=seed)
                 tost = inference.tost(res.unit_diff, blocks[order], margin)
