@@ -1,0 +1,45 @@
+"""scripts/run_paper.py on two tiny specs: the second reuses the first's cell, brings its
+whole-cell tables along (analysed once), and suite.json times each spec and its report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "run_paper.py"
+BASE = {"model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 4, "queries_per_set": 4,
+        "chunk_size": 2, "recipe": {"epochs": 2}}
+
+
+def test_the_suite_reuses_cells_with_their_tables(tmp_path, monkeypatch):
+    import yaml
+
+    from iclit.analysis import cache
+
+    spec = importlib.util.spec_from_file_location("run_paper", SCRIPT)
+    run_paper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_paper)
+    configs = tmp_path / "configs" / "paper"
+    configs.mkdir(parents=True)
+    (configs / "main.yaml").write_text(yaml.safe_dump({"name": "t-main", **BASE}))
+    (configs / "wrong_labels.yaml").write_text(yaml.safe_dump({"name": "t-wl", **BASE,
+                                                               "factors": {"wrong_labels": [0.0, 1.0]}}))
+    monkeypatch.setattr(run_paper, "ROOT", tmp_path)
+    from iclit.analysis import cells
+
+    analysed = []
+    real = cells._one_cell
+    monkeypatch.setattr(cells, "_one_cell", lambda run_dir, cell, *a, **k: analysed.append(cell) or real(run_dir, cell, *a, **k))
+    out = tmp_path / "runs"
+    monkeypatch.setattr(sys, "argv", ["run_paper.py", "--out", str(out), "--only", "main", "wrong_labels"])
+    run_paper.main()
+    log = json.loads((out / "suite.json").read_text())
+    assert log["specs"]["main"]["reused"] == 0 and log["specs"]["wrong_labels"]["reused"] == 16
+    assert all(0 <= s["report_seconds"] <= s["seconds"] for s in log["specs"].values())
+    entries = {name: {p.name for p in (out / name / cache.CACHE_DIR).iterdir()} for name in ("main", "wrong_labels")}
+    assert len(entries["main"]) == 1 and len(entries["wrong_labels"]) == 2
+    assert entries["main"] < entries["wrong_labels"]  # the shared cell's tables came along
+    assert len(analysed) == len(set(analysed)) == 2  # three cell reports, two cells, each analysed once
+    assert (out / "wrong_labels" / "report.html").exists()
