@@ -47,6 +47,11 @@ def _u_centred_gram(x: np.ndarray) -> np.ndarray:
     return u
 
 
+def _scale(den: np.ndarray, factor: float) -> np.ndarray:
+    """``factor / sqrt(den)`` per layer, NaN where the denominator is <= 0."""
+    return np.where(den > 0, factor / np.sqrt(np.where(den > 0, den, 1.0)), np.nan)
+
+
 def _inner(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("lij,lij->l", a, b)
 
@@ -59,7 +64,7 @@ def _cka_parts(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]
         return np.empty(0), np.empty(0), np.full(n_l, np.nan), n
     uk, um = _u_centred_gram(x), _u_centred_gram(y)
     den = _inner(uk, uk) * _inner(um, um)
-    return uk, um, np.where(den > 0, 1.0 / np.sqrt(np.where(den > 0, den, 1.0)), np.nan), n
+    return uk, um, _scale(den, 1.0), n
 
 
 def debiased_cka_per_layer(x: Any, y: Any) -> np.ndarray:
@@ -134,8 +139,7 @@ def _rsa_parts(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]
         return np.empty(0), np.empty(0), np.full(n_l, np.nan), n
     rx, ssx = _centred_rank_matrix(x)
     ry, ssy = _centred_rank_matrix(y)
-    den = ssx * ssy
-    scale = np.where(den > 0, 0.5 / np.sqrt(np.where(den > 0, den, 1.0)), np.nan)
+    scale = _scale(ssx * ssy, 0.5)
     return rx, ry, scale, n
 
 
@@ -187,12 +191,8 @@ def pair_tests(states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_p
             mats = grams if measure == "cka" else {arm: r for arm, (r, _) in ranks.items()}
             permuted = _permuted_inners([mats[a] for a in firsts], mats[second], n_perm, seed)
             for name, first, perm in zip(names, firsts, permuted):
-                if measure == "cka":
-                    den = norms[first] * norms[second]
-                    scale = np.where(den > 0, 1.0 / np.sqrt(np.where(den > 0, den, 1.0)), np.nan)
-                else:
-                    den = ranks[first][1] * ranks[second][1]
-                    scale = np.where(den > 0, 0.5 / np.sqrt(np.where(den > 0, den, 1.0)), np.nan)
+                scale = (_scale(norms[first] * norms[second], 1.0) if measure == "cka"
+                         else _scale(ranks[first][1] * ranks[second][1], 0.5))
                 value, mu, p, p_max = _permutation_summary(mats[first], mats[second], scale, n_perm, seed, perm)
                 res = {"value": value, "null_mean": mu, "p": p, "p_maxT": p_max, "n": len(one[first])}
                 out[name, measure] = res if measure == "cka" else {k: v for k, v in res.items() if k != "null_mean"}
