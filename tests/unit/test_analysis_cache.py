@@ -99,6 +99,14 @@ def test_a_broken_entry_is_recomputed_and_an_unwritable_folder_skipped(run_dir, 
     def no_folder(*a, **k):
         raise PermissionError("read-only file system")
 
+    def no_parquet(self, *a, **k):
+        raise TypeError("a column Parquet cannot hold")
+
+    with monkeypatch.context() as m:
+        m.setattr(pd.DataFrame, "to_parquet", no_parquet)
+        cache.save(tmp_path, entry, fresh)  # nothing written, nothing raised
+    assert cache.load(tmp_path, entry) is None and not any((tmp_path / cache.CACHE_DIR).iterdir())
+
     monkeypatch.setattr(cache.tempfile, "mkdtemp", no_folder)
     assert cache.load(tmp_path, entry) is None
     cache.save(tmp_path, entry, fresh)  # nothing written, nothing raised

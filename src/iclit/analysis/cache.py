@@ -86,7 +86,7 @@ def save(run_dir: str | Path, key: str, tables: Mapping[str, pd.DataFrame]) -> N
             df.to_parquet(tmp / f"{name}.parquet", index=False)
         (tmp / "done").write_text(json.dumps(list(tables)))
         os.replace(tmp, root / key)
-    except OSError as e:  # another process stored the same entry first, or the disk is full
+    except Exception as e:  # best effort: another process stored it first, a full disk, a column Parquet cannot hold
         log.info("%s: cache entry not stored (%s)", root / key, e)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
