@@ -264,7 +264,7 @@ def run_spec(
         from iclit.analysis.cache import copy_entries
 
         for source in reuse:
-            copy_entries(Path(source).parent if Path(source).suffix == ".sqlite" else Path(source), out)
+            copy_entries(source, out)
     console.print(str(summary), highlight=False, soft_wrap=True)
     _warn_fit(summary)
 

@@ -93,9 +93,11 @@ def save(run_dir: str | Path, key: str, tables: Mapping[str, pd.DataFrame]) -> N
 
 
 def copy_entries(source_dir: str | Path, run_dir: str | Path) -> int:
-    """Copy the cache entries of ``source_dir`` that ``run_dir`` lacks (keys hash their
-    content, so an entry is valid wherever its trials are); returns how many were copied."""
-    src, dst = Path(source_dir) / CACHE_DIR, Path(run_dir) / CACHE_DIR
+    """Copy the cache entries of ``source_dir`` (a run directory, or its results .sqlite, as
+    ``--reuse`` takes) that ``run_dir`` lacks (keys hash their content, so an entry is valid
+    wherever its trials are); returns how many were copied."""
+    source = Path(source_dir)
+    src, dst = (source.parent if source.suffix == ".sqlite" else source) / CACHE_DIR, Path(run_dir) / CACHE_DIR
     if not src.is_dir() or (dst.exists() and src.resolve() == dst.resolve()):
         return 0
     copied = 0

@@ -16,16 +16,17 @@ trial. For a pair of arms (x, y) — anchor–ICL, anchor–IT, ICL–IT, or the
 Both arms of a raw pair read the query, so their states share its anchor: a raw pair's
 query-swap excess is expected and says little; the update pair's (ICL − anchor vs
 IT − anchor) removes that shared part and asks whether ICL and IT move *this* query the same
-way. Each null's effect is the mean over units of (observed − mean over every eligible partner);
-its p-value permutes the pairing inside each stratum (a set × label, or a query's sets) with
-the same permutation at every layer, and max-T over layers gives the family-wise p
-(:func:`iclit.analysis.inference.pairing_test`). Strata that see the same units again share
-their permutation (:func:`links`): query-swap permutes a block's queries once for all the
-block's sets, demo-swap swaps whole sets of a block for all its queries. The queries of a block
-share its demonstration sets and are not independent, so permuting each query's sets on its
-own was anti-conservative; swapping whole sets is the exact test at the level of the sets
-(with two sets per block, 2^blocks distinct permutations: a smallest p near 1 / 2^blocks). CIs: a hierarchical bootstrap over query
-blocks (the independent units: with one query per set, the sets), then units within blocks.
+way. Each null's effect is the mean over units of (observed − mean over every eligible
+partner); its p-value permutes the pairing inside each stratum (a set × label, or a query's
+sets) with the same permutation at every layer, and max-T over layers gives the family-wise
+p (:func:`iclit.analysis.inference.pairing_test`). Strata that see the same units again
+share their permutation (:func:`links`): query-swap permutes a block's queries once for all
+the block's sets, demo-swap swaps whole sets of a block for all its queries. The queries of
+a block share its demonstration sets and are not independent, so permuting each query's sets
+on its own was anti-conservative; swapping whole sets is the exact test at the level of the
+sets (with two sets per block, 2^blocks distinct permutations: a smallest p near 1 /
+2^blocks). CIs: a hierarchical bootstrap over query blocks (the independent units: with one
+query per set, the sets), then units within blocks.
 The equivalence test (TOST) is against the spec's ``equivalence_margin``.
 
 Centrings (anisotropy corrections, applied to every state before the cosine):
