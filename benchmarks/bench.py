@@ -28,7 +28,9 @@ and one machine-readable line per comparison:
   S·Q trials of one query each (one adapter per pair), in chunks of min(10, S) trials of
   different sets, as a run computes them. Agree: every pair's anchor, ICL and IT states equal the one-query trial's (same
   demonstrations, same tuning seed) at cosine >= 0.99999. ``limit``: the ratio the token
-  counts allow (training tokens × 3 for forward + backward, plus every read), beside it.
+  counts allow (training tokens × 3 for forward + backward, plus every read; the query
+  prompts' common start is read once per model variant: per chunk for the anchors, per
+  adapter for IT), beside it.
   ``--timed-chunks N``: only N of the one-query chunks, spread evenly, are computed, their time
   scaled to all chunks and ``agree`` checked on their pairs (an estimate, printed as such; for
   a slow machine, where the 300 one-query trials take hours).
@@ -61,6 +63,7 @@ import torch
 THP_SETTING = os.environ.get("THP_MEM_ALLOC_ENABLE")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
 
+from iclit.engine.batching import common_prefix_length  # noqa: E402
 from iclit.engine.capture import capture, reference_last_states  # noqa: E402
 from iclit.models import load_model  # noqa: E402
 from iclit.tasks import get_task  # noqa: E402
@@ -211,15 +214,21 @@ def bench_crossed(lm, task, n_sets: int, q: int, k: int, epochs: int, batch_size
                                                              crossed[a][checked].double(), dim=-1).min())
                 for a in ref_states)
     agree = worst >= 0.99999
-    # the token counts: training (forward + backward ≈ 3 forwards) and every read
+    # the token counts: training (forward + backward ≈ 3 forwards) and every read. The query
+    # prompts' common start (the instruction, `head` tokens) is read once per group of prompts
+    # on one model variant: the anchors of an evaluate call, a set's queries on its adapter.
     n = lambda texts: sum(len(ids) for ids in tok(list(texts))["input_ids"])  # noqa: E731
     tpl = task.template
     train = {r.set_id: epochs * n(p + a for p, a in (tpl.training_pair(d) for d in r.demonstrations)) for r in draws}
     query = n(tpl.query(r.query.input) for r in draws)
+    head = common_prefix_length(tok([tpl.query(r.query.input) for r in draws])["input_ids"])
     prefix = {r.set_id: n([tpl.icl_prefix(r.demonstrations)]) for r in draws}
     icl_query = n(tpl.icl_prompt(r.demonstrations, r.query) for r in draws) - sum(prefix[r.set_id] for r in draws)
-    one = sum(3 * train[r.set_id] + prefix[r.set_id] for r in draws) + icl_query + 2 * query
-    sets = sum(3 * t + prefix[s] for s, t in train.items()) + icl_query + 2 * query
+    n_pairs, n_sets_drawn = len(draws), len(train)
+    one = (sum(3 * train[r.set_id] + prefix[r.set_id] for r in draws) + icl_query
+           + query - (n_pairs - len(chunks)) * head + query)  # anchors shared per chunk; one query per adapter
+    sets = (sum(3 * t + prefix[s] for s, t in train.items()) + icl_query
+            + query - (n_pairs - 1) * head + query - (n_pairs - n_sets_drawn) * head)
     sampled = "" if picked is chunks else (f"; one-query side: {len(picked)} of {len(chunks)} chunks timed "
                                            f"({len(checked)} pairs), time scaled x{len(chunks) / len(picked):.1f}")
     detail = (f"min state cosine {worst:.7f} (anchor, ICL, IT, every layer); token-count limit {one / sets:.1f}x; "

@@ -100,6 +100,38 @@ def test_router_sends_each_row_to_its_adapter(tiny, task):
     torch.testing.assert_close(mixed[1], alone[0])
 
 
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_shared_prefix_per_adapter_equals_whole_prompts(tiny, task, batch_size, monkeypatch):
+    """IT's read-out on the fast path: the instruction's key/value cache is computed once per
+    adapter (``variants``) and each row continues its own adapter's; the states, pooled
+    states and label scores equal whole prompts through the same adapters. Reading every row
+    on one adapter's prefix instead is visibly wrong, so the check can fail."""
+    import iclit.engine.capture as capture_module
+    from iclit.engine.capture import label_token_ids
+
+    sets = pair_sets(task, n=3)
+    head = task.template.icl_prefix(())
+    inputs = [e.input for e in task.examples[30:35]]
+    prompts = [task.template.query(x) for x in inputs for _ in range(3)]
+    adapter = [j for _ in inputs for j in (2, 0, 1)]
+    spans = [len(head) for _ in prompts]
+    label_ids = label_token_ids(tiny.tokenizer, [" negative", " positive"])
+    made = []
+    real = capture_module.SharedPrefix
+    monkeypatch.setattr(capture_module, "SharedPrefix", lambda *a, **kw: made.append(a[2].tolist()) or real(*a, **kw))
+    with tuned_many(tiny.model, tiny.tokenizer, sets, TuningRecipe(lr=5e-2, epochs=3), seeds=SEEDS) as (m, router, _):
+        route = lambda rows: router.set([adapter[i] for i in rows])  # noqa: E731
+        whole = capture(m, tiny.tokenizer, prompts, label_ids=label_ids, before_batch=route, span_from=spans)
+        cached = capture(m, tiny.tokenizer, prompts, label_ids=label_ids, before_batch=route, span_from=spans,
+                         prefixes=[head] * len(prompts), variants=adapter, batch_size=batch_size)
+        one = capture(m, tiny.tokenizer, prompts, label_ids=label_ids, before_batch=route, span_from=spans,
+                      prefixes=[head] * len(prompts), variants=[0] * len(prompts), batch_size=batch_size)
+    assert made[0] == [2, 0, 1]  # the prefix ran once, one row per adapter
+    for name in ("states", "pooled", "label_logits"):
+        torch.testing.assert_close(getattr(cached, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(one.states, whole.states, atol=1e-3)
+
 def test_multilora_linear_matches_formula():
     base = nn.Linear(6, 5)
     from iclit.tuning import AdapterRouter

@@ -100,6 +100,11 @@ class ArmContext:
         """The query as it ends every prompt (anchor, ICL and IT alike): no instruction."""
         return self.task.template.query(text, with_instruction=False)
 
+    def query_prefix(self) -> str:
+        """The text every query prompt starts with (the instruction, if any): on the fast path
+        the anchor's and IT's prompts share its key/value cache (IT's once per adapter)."""
+        return self.task.template.icl_prefix(())
+
     def query_prompts(self) -> list[str]:
         return [self.task.template.query(r.query.input) for r in self.resamples]
 
@@ -149,11 +154,14 @@ def read_out(
     prefixes: Sequence[str | None] | None = None,
     before_batch: Callable[[list[int]], None] | None = None,
     queries: Sequence[str] | None = None,
+    variants: Sequence[int] | None = None,
 ) -> ArmOutput:
     """States at the last prompt token, plus the model's answer at that position.
 
     queries: the query input each prompt ends with; with ``ctx.query_mean`` the states are
-    also averaged over the query's tokens (from its input prefix to the last token)."""
+    also averaged over the query's tokens (from its input prefix to the last token).
+    prefixes, variants: shared text prefixes and the model variant (adapter) of each prompt,
+    for :func:`~iclit.engine.capture.capture` (the fast path only)."""
     tok = ctx.lm.tokenizer
     label_ids = ctx.label_ids
     span_from = None
@@ -168,7 +176,7 @@ def read_out(
     cap = capture(
         model, tok, prompts, label_ids=label_ids, batch_size=ctx.batch_size,
         prefixes=prefixes if ctx.fast else None, before_batch=before_batch, reference=not ctx.fast,
-        span_from=span_from,
+        span_from=span_from, variants=variants,
     )
     if label_ids is not None:
         probs = torch.softmax(cap.label_logits, dim=-1)
@@ -223,7 +231,8 @@ def anchor_arm(ctx: ArmContext) -> ArmOutput:
         query_of = dict(zip(prompts, queries))
         todo = sorted({p for p in prompts if p not in memo})
         if todo:
-            fresh = read_out(ctx, ctx.lm.model, todo, queries=[query_of[p] for p in todo])
+            fresh = read_out(ctx, ctx.lm.model, todo, queries=[query_of[p] for p in todo],
+                             prefixes=[ctx.query_prefix()] * len(todo))
             for i, p in enumerate(todo):
                 memo[p] = _pick(fresh, [i])
         out = _concat([memo[p] for p in prompts])
@@ -264,7 +273,8 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
         if ctx.resamples[rows[0]].demonstrations:
             todo.append(rows)
             continue
-        base = read_out(ctx, ctx.lm.model, [prompts[i] for i in rows], queries=[queries[i] for i in rows])
+        base = read_out(ctx, ctx.lm.model, [prompts[i] for i in rows], queries=[queries[i] for i in rows],
+                        prefixes=[ctx.query_prefix()] * len(rows))
         if ctx.on_tuned is not None:
             ctx.on_tuned(ctx.lm.model, rows, None)
         steps = {s: base for s in ctx.recipe.capture_steps}
@@ -301,8 +311,9 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
             by_step: dict[int, ArmOutput] = {}
 
             def read(model: nn.Module, router, j: int = 0) -> ArmOutput:
-                return read_out(ctx, model, row_prompts, queries=row_queries, before_batch=lambda b: router.set(
-                    [set_pos[x] * n_seeds + j for x in b], device))
+                adapter = [p * n_seeds + j for p in set_pos]  # each row's adapter (seed j of its set)
+                return read_out(ctx, model, row_prompts, queries=row_queries, prefixes=[ctx.query_prefix()] * len(rows),
+                                variants=adapter, before_batch=lambda b: router.set([adapter[x] for x in b], device))
 
             def on_step(step: int, model: nn.Module, router) -> None:
                 by_step[step] = read(model, router)
@@ -326,8 +337,11 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
             for j in range(n_seeds):
                 steps: dict[int, ArmOutput] = {}
 
+                def read_one(model: nn.Module) -> ArmOutput:
+                    return read_out(ctx, model, row_prompts, queries=row_queries, prefixes=[ctx.query_prefix()] * len(rows))
+
                 def on_step(step: int, model: nn.Module, steps: dict = steps) -> None:
-                    steps[step] = read_out(ctx, model, row_prompts, queries=row_queries)
+                    steps[step] = read_one(model)
 
                 recipe = ctx.recipe if j == 0 else replace(ctx.recipe, capture_steps=())
                 with tuned(
@@ -335,7 +349,7 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                     seed=ctx.tuning_seed(r, j), reference=not ctx.fast, on_step=on_step if j == 0 else None,
                 ) as (model, result):
                     last = len(result.losses)  # the end of training, already read when captured
-                    by_seed.append(steps[last] if last in steps else read_out(ctx, model, row_prompts, queries=row_queries))
+                    by_seed.append(steps[last] if last in steps else read_one(model))
                     if j == 0 and ctx.on_tuned is not None:
                         ctx.on_tuned(model, rows, None)
                 results.append([result] * len(rows))

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from iclit.engine.batching import (
+    SharedPrefix,
     common_prefix_length,
     expand_cache,
     length_batches,
@@ -158,6 +159,7 @@ def capture(
     before_batch: Callable[[list[int]], None] | None = None,
     reference: bool = False,
     span_from: Sequence[int] | None = None,
+    variants: Sequence[int] | None = None,
 ) -> Capture:
     """Last-prompt-token states at every layer for each prompt, plus label scores.
 
@@ -172,6 +174,12 @@ def capture(
 
     before_batch: called with the prompt indices of each batch before its forward pass (used
     to route each row to its own adapter in batched multi-adapter IT).
+
+    variants: for each prompt, the variant of the model it runs through (its adapter, as
+    ``before_batch`` routes it). A shared prefix then differs between variants: its cache is
+    computed once per variant of the group, in one batch routed by ``before_batch`` called
+    with one prompt of each variant (:class:`~iclit.engine.batching.SharedPrefix`), and
+    each row continues its own variant's. Without it, a group's prefix runs once, as is.
 
     reference: use the straightforward path instead (full forward per batch with
     ``output_hidden_states`` and no prefix cache), for checking.
@@ -218,7 +226,18 @@ def capture(
             p = 0
         if starts is not None:
             p = min([p] + [starts[i] for i in members])
-        cache = prefix_cache(model, encoded[members[0]][:p]) if p > 0 else None
+        cache = shared = None
+        if p > 0 and variants is None:
+            cache = prefix_cache(model, encoded[members[0]][:p])
+        elif p > 0:
+            first: dict[int, int] = {}  # variant → its first prompt, which routes its prefix row
+            for i in members:
+                first.setdefault(variants[i], i)
+            if before_batch is not None:
+                before_batch(list(first.values()))
+            with torch.no_grad():
+                shared = SharedPrefix(model, torch.tensor([encoded[members[0]][:p]], device=device),
+                                      torch.tensor(list(first)), train=False)
         for part in length_batches([len(encoded[i]) for i in members], batch_size):
             batch = [members[j] for j in part]
             if before_batch is not None:
@@ -230,12 +249,13 @@ def capture(
                 weights = _span_weights([starts[i] - p for i in batch], mask).to(device)
             if reference:
                 out = reference_last_states(model, ids, mask, weights)
-            elif cache is None:
+            elif cache is None and shared is None:
                 out = forward_last_states(model, ids, mask, weights=weights)
             else:
+                kv = expand_cache(cache, len(batch)) if shared is None else shared.for_rows(
+                    torch.tensor([variants[i] for i in batch], device=device))
                 out = forward_last_states(
-                    model, ids, with_prefix_mask(mask, p), index=mask.sum(dim=1) - 1,
-                    cache=expand_cache(cache, len(batch)), weights=weights,
+                    model, ids, with_prefix_mask(mask, p), index=mask.sum(dim=1) - 1, cache=kv, weights=weights,
                 )
             h, pool = out if weights is not None else (out, None)
             finish(batch, h, pool)
