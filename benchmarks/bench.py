@@ -22,6 +22,10 @@ and one machine-readable line per comparison:
   A/B, per-adapter clipping), loss from answer positions only, batched routed capture.
   Agree: every adapter's final loss within 1e-3 (relative or absolute) and IT-state cosine
   >= 0.9999 at every layer.
+* ``it_readout``: Q queries read through each of N LoRA adapters (a set's queries, or one
+  dose step). Straightforward: every prompt whole, each row routed to its adapter. iclit: the
+  query prompts' common start (the instruction) once per adapter, every row continuing its
+  adapter's key/value cache. Agree: cosine >= 0.99999 at every layer for every prompt.
 * ``crossed_pairs``: (query, demonstration set) pairs per second, all three arms, at S sets ×
   Q queries (default 30 × 10, k = 4). Crossed: one ICL prefix and one IT adapter per set,
   its Q queries read through them (``draw_sets``). One-query trials: the same S·Q pairs as
@@ -177,6 +181,30 @@ def bench_it(lm, task, n_adapters: int, k: int, epochs: int, batch_size: int):
     return ref, fast, agree, detail, n_tokens
 
 
+def bench_it_readout(lm, task, n_adapters: int, q: int, k: int, batch_size: int):
+    """IT read-out: q queries through each of n adapters (as a set's queries, or a dose
+    step's). Straightforward: every prompt whole, each row routed to its adapter. iclit: the
+    prompts' common start (the instruction) once per adapter, each row continuing its own
+    adapter's cache (``capture(variants=...)``)."""
+    tok, model, device = lm.tokenizer, lm.model, lm.device
+    ex = task.examples
+    sets = [[task.template.training_pair(e) for e in ex[j * k : (j + 1) * k]] for j in range(n_adapters)]
+    prompts = [task.template.query(e.input) for e in ex[n_adapters * k : n_adapters * k + q] for _ in range(n_adapters)]
+    adapter = [j for _ in range(q) for j in range(n_adapters)]
+    n_tokens = sum(len(ids) for ids in tok(prompts)["input_ids"])
+    recipe = TuningRecipe(epochs=2, lr=1e-2)  # two steps: adapters that differ, not a full tuning
+    with tuned_many(model, tok, sets, recipe, seeds=list(range(n_adapters)), max_tokens=default_train_tokens(device)) as (m, router, _):
+        route = lambda rows: router.set([adapter[i] for i in rows], device)  # noqa: E731
+        with measure(device) as ref:
+            whole = capture(m, tok, prompts, batch_size=batch_size, before_batch=route).states
+        with measure(device) as fast:
+            shared = capture(m, tok, prompts, batch_size=batch_size, before_batch=route,
+                             prefixes=[task.template.icl_prefix(())] * len(prompts), variants=adapter).states
+    cos = torch.nn.functional.cosine_similarity(whole.double(), shared.double(), dim=-1)
+    agree = bool(cos.min() >= 0.99999)
+    return ref, fast, agree, f"min state cosine {cos.min().item():.7f} over {cos.numel()} (prompt, layer) pairs", n_tokens
+
+
 def bench_crossed(lm, task, n_sets: int, q: int, k: int, epochs: int, batch_size: int, timed_chunks: int | None = None):
     from dataclasses import replace
 
@@ -267,7 +295,8 @@ def main() -> None:
     ap.add_argument("--it-k", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=TuningRecipe.epochs)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["icl", "it", "crossed"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["icl", "it", "readout", "crossed"])
+    ap.add_argument("--readout-queries", type=int, default=30, help="it_readout: queries per adapter")
     ap.add_argument("--sets", type=int, default=30, help="crossed_pairs: demonstration sets")
     ap.add_argument("--queries-per-set", type=int, default=10, help="crossed_pairs: queries per set")
     ap.add_argument("--timed-chunks", type=int, default=None,
@@ -289,6 +318,9 @@ def main() -> None:
     if "it" not in args.skip:
         rows.append(("it_tuning", f"{args.adapters} adapters, k={args.it_k}, {args.epochs} epochs",
                      *bench_it(lm, task, args.adapters, args.it_k, args.epochs, args.batch_size)))
+    if "readout" not in args.skip:
+        rows.append(("it_readout", f"{args.adapters} adapters x {args.readout_queries} queries",
+                     *bench_it_readout(lm, task, args.adapters, args.readout_queries, args.it_k, args.batch_size)))
     limits = {}
     if "crossed" not in args.skip:
         ref, fast, agree, detail, n_tokens, limits["crossed_pairs"] = bench_crossed(
