@@ -202,7 +202,10 @@ def bench_it_readout(lm, task, n_adapters: int, q: int, k: int, batch_size: int)
                              prefixes=[task.template.icl_prefix(())] * len(prompts), variants=adapter).states
     cos = torch.nn.functional.cosine_similarity(whole.double(), shared.double(), dim=-1)
     agree = bool(cos.min() >= 0.99999)
-    return ref, fast, agree, f"min state cosine {cos.min().item():.7f} over {cos.numel()} (prompt, layer) pairs", n_tokens
+    head = common_prefix_length(tok(prompts)["input_ids"])
+    read = n_tokens - (len(prompts) - n_adapters) * head  # the shared start read once per adapter
+    return ref, fast, agree, (f"min state cosine {cos.min().item():.7f} over {cos.numel()} (prompt, layer) pairs; "
+                              f"token-count limit {n_tokens / read:.2f}x ({n_tokens} vs {read} tokens read)"), n_tokens
 
 
 def bench_crossed(lm, task, n_sets: int, q: int, k: int, epochs: int, batch_size: int, timed_chunks: int | None = None):
