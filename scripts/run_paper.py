@@ -8,7 +8,8 @@
 Each spec is ``iclit run configs/paper/<spec>.yaml --out runs/paper/<spec>`` with ``--reuse``
 of every run directory before it, so a cell that several specs share (the base cell of the
 one-factor experiments) is computed once; then ``iclit report`` and ``iclit results
---effects``. Everything runs in one process, so each model is loaded once. Rerunning
+--effects``. Everything runs in one process, so each model is loaded once (and dropped after
+the last spec that reads it: :func:`iclit.experiments.workers.release_models`). Rerunning
 resumes: finished trials are never recomputed. ``suite.json`` records, per spec, the trials
 computed and reused, the seconds taken and of those the report's (``report_seconds``), and
 every invocation (its specs and wall time). A reused cell's whole-cell tables come along
@@ -28,6 +29,7 @@ import torch
 from iclit.analysis.cache import copy_entries
 from iclit.experiments import load_spec, run_experiment
 from iclit.experiments.runner import experiment_versions
+from iclit.experiments.workers import release_models
 from iclit.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +53,14 @@ def main() -> None:
     log = json.loads(log_path.read_text()) if log_path.exists() else {"specs": {}}
     started = time.perf_counter()
     done: list[Path] = [args.out / RUN_DIR.get(n, n) for n in order if (args.out / RUN_DIR.get(n, n) / "results.sqlite").exists()]
-    for name in names:
+    specs = {name: load_spec(ROOT / "configs" / "paper" / f"{name}.yaml") for name in names}
+    for i, name in enumerate(names):
         out = args.out / RUN_DIR.get(name, name)
         t0 = time.perf_counter()
         sources = [d for d in dict.fromkeys(done) if d != out]
-        summary = run_experiment(load_spec(ROOT / "configs" / "paper" / f"{name}.yaml"), out, progress=True,
-                                 reuse=sources)
+        summary = run_experiment(specs[name], out, progress=True, reuse=sources)
+        # the models no later spec reads are dropped (SmolLM2 and the control model after `models`)
+        release_models({str(m) for later in names[i + 1:] for m in specs[later].factor_values("model")})
         for source in sources if summary.reused else ():
             copy_entries(source, out)  # the shared cells' analysis tables, computed once
         trials_done = time.perf_counter()

@@ -1,5 +1,6 @@
 """scripts/run_paper.py on two tiny specs: the second reuses the first's cell, brings its
-whole-cell tables along (analysed once), and suite.json times each spec and its report."""
+whole-cell tables along (analysed once), suite.json times each spec and its report, and the
+model is dropped once no later spec reads it."""
 
 from __future__ import annotations
 
@@ -32,9 +33,15 @@ def test_the_suite_reuses_cells_with_their_tables(tmp_path, monkeypatch):
     analysed = []
     real = cells._one_cell
     monkeypatch.setattr(cells, "_one_cell", lambda run_dir, cell, *a, **k: analysed.append(cell) or real(run_dir, cell, *a, **k))
+    from iclit.experiments import workers
+
+    loads = len(workers._LOADS)
     out = tmp_path / "runs"
     monkeypatch.setattr(sys, "argv", ["run_paper.py", "--out", str(out), "--only", "main", "wrong_labels"])
     run_paper.main()
+    # the model was loaded once for both specs and dropped after the last one that reads it
+    assert [n for n, _, _ in workers._LOADS[loads:]].count("tiny-random-llama") <= 1
+    assert not any(n == "tiny-random-llama" for n, _, _ in workers._MODELS)
     log = json.loads((out / "suite.json").read_text())
     assert log["specs"]["main"]["reused"] == 0 and log["specs"]["wrong_labels"]["reused"] == 16
     assert all(0 <= s["report_seconds"] <= s["seconds"] for s in log["specs"].values())
@@ -43,3 +50,13 @@ def test_the_suite_reuses_cells_with_their_tables(tmp_path, monkeypatch):
     assert entries["main"] < entries["wrong_labels"]  # the shared cell's tables came along
     assert len(analysed) == len(set(analysed)) == 2  # three cell reports, two cells, each analysed once
     assert (out / "wrong_labels" / "report.html").exists()
+
+
+def test_release_models_keeps_only_what_later_specs_read(monkeypatch):
+    from iclit.experiments import workers
+
+    monkeypatch.setattr(workers, "_MODELS", {("a", None, None): object(), ("b", "cpu", None): object(),
+                                             ("b", None, "bfloat16"): object()})
+    assert workers.release_models({"b"}) == ["a"]
+    assert set(workers._MODELS) == {("b", "cpu", None), ("b", None, "bfloat16")}
+    assert sorted(workers.release_models(set())) == ["b", "b"] and not workers._MODELS

@@ -7,11 +7,12 @@ sees the same demonstrations); :func:`execute` runs the engine on it and returns
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from iclit.tasks import Resample, Task, Template
 from iclit.tuning.recipe import TuningRecipe
 
 __all__ = ["ChunkJob", "ChunkOutput", "ChunkWorker", "make_job", "execute", "loaded_model", "clear_model_cache",
-           "use_models", "run_ray"]
+           "release_models", "use_models", "run_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,18 @@ def model_preview(name: str) -> Any:
 
 def clear_model_cache() -> None:
     _MODELS.clear()
+
+
+def release_models(keep: Iterable[str]) -> list[str]:
+    """Drop this process's loaded models whose name is not in ``keep`` (a long suite frees the
+    models no later spec needs: several GiB of fp32 weights); returns the names dropped."""
+    keep = set(keep)
+    dropped = [key for key in _MODELS if key[0] not in keep]
+    for key in dropped:
+        del _MODELS[key]
+    if dropped:
+        gc.collect()
+    return [name for name, _, _ in dropped]
 
 
 def model_info(lm: Any) -> dict[str, Any]:
