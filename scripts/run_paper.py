@@ -11,8 +11,9 @@ one-factor experiments) is computed once; then ``iclit report`` and ``iclit resu
 --effects``. Everything runs in one process, so each model is loaded once (and dropped after
 the last spec that reads it: :func:`iclit.experiments.workers.release_models`). Rerunning
 resumes: finished trials are never recomputed. ``suite.json`` records, per spec, the trials
-computed and reused, the seconds taken and of those the report's (``report_seconds``), and
-every invocation (its specs and wall time). A reused cell's whole-cell tables come along
+computed and reused, the seconds taken and of those the report's (``report_seconds``), when
+it finished (written after each spec, so a suite stopped early keeps them), and every
+invocation (its specs and wall time). A reused cell's whole-cell tables come along
 with its trials (:func:`iclit.analysis.cache.copy_entries`), so each cell is analysed once.
 """
 
@@ -70,7 +71,9 @@ def main() -> None:
         log["specs"][name] = {"out": str(out.relative_to(args.out)), "planned": summary.planned,
                               "already_stored": summary.already_done, "computed": summary.computed,
                               "reused": summary.reused, "seconds": round(seconds, 1),
-                              "report_seconds": round(time.perf_counter() - trials_done, 1)}
+                              "report_seconds": round(time.perf_counter() - trials_done, 1),
+                              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        log_path.write_text(json.dumps(log, indent=2) + "\n")  # a suite stopped early keeps its specs' times
         if out not in done:
             done.append(out)
     total = time.perf_counter() - started

@@ -14,10 +14,9 @@ BASE = {"model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 
         "chunk_size": 2, "recipe": {"epochs": 2}}
 
 
-def test_the_suite_reuses_cells_with_their_tables(tmp_path, monkeypatch):
+def _suite(tmp_path, monkeypatch):
+    """run_paper as a module, with configs/paper of two tiny specs under tmp_path."""
     import yaml
-
-    from iclit.analysis import cache
 
     spec = importlib.util.spec_from_file_location("run_paper", SCRIPT)
     run_paper = importlib.util.module_from_spec(spec)
@@ -28,6 +27,13 @@ def test_the_suite_reuses_cells_with_their_tables(tmp_path, monkeypatch):
     (configs / "wrong_labels.yaml").write_text(yaml.safe_dump({"name": "t-wl", **BASE,
                                                                "factors": {"wrong_labels": [0.0, 1.0]}}))
     monkeypatch.setattr(run_paper, "ROOT", tmp_path)
+    return run_paper
+
+
+def test_the_suite_reuses_cells_with_their_tables(tmp_path, monkeypatch):
+    from iclit.analysis import cache
+
+    run_paper = _suite(tmp_path, monkeypatch)
     from iclit.analysis import cells
 
     analysed = []
@@ -60,3 +66,24 @@ def test_release_models_keeps_only_what_later_specs_read(monkeypatch):
     assert workers.release_models({"b"}) == ["a"]
     assert set(workers._MODELS) == {("b", "cpu", None), ("b", None, "bfloat16")}
     assert sorted(workers.release_models(set())) == ["b", "b"] and not workers._MODELS
+
+
+def test_a_suite_stopped_early_keeps_the_times_of_its_finished_specs(tmp_path, monkeypatch):
+    import pytest
+
+    run_paper = _suite(tmp_path, monkeypatch)
+    real = run_paper.run_experiment
+
+    def stop_at_the_second(spec, out, **kw):
+        if spec.name == "t-wl":
+            raise KeyboardInterrupt
+        return real(spec, out, **kw)
+
+    monkeypatch.setattr(run_paper, "run_experiment", stop_at_the_second)
+    out = tmp_path / "runs"
+    monkeypatch.setattr(sys, "argv", ["run_paper.py", "--out", str(out), "--only", "main", "wrong_labels"])
+    with pytest.raises(KeyboardInterrupt):
+        run_paper.main()
+    log = json.loads((out / "suite.json").read_text())
+    assert list(log["specs"]) == ["main"] and log["specs"]["main"]["computed"] == 16 and "finished" in log["specs"]["main"]
+    assert "invocations" not in log  # the invocation itself did not finish
