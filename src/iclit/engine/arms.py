@@ -100,10 +100,11 @@ class ArmContext:
         """The query as it ends every prompt (anchor, ICL and IT alike): no instruction."""
         return self.task.template.query(text, with_instruction=False)
 
-    def query_prefix(self) -> str:
-        """The text every query prompt starts with (the instruction, if any): on the fast path
-        the anchor's and IT's prompts share its key/value cache (IT's once per adapter)."""
-        return self.task.template.icl_prefix(())
+    def query_prefixes(self, n: int) -> list[str]:
+        """The text each of ``n`` query prompts starts with (the instruction, if any; the same
+        for all): on the fast path the anchor's and IT's prompts share its key/value cache
+        (IT's once per adapter)."""
+        return [self.task.template.icl_prefix(())] * n
 
     def query_prompts(self) -> list[str]:
         return [self.task.template.query(r.query.input) for r in self.resamples]
@@ -232,7 +233,7 @@ def anchor_arm(ctx: ArmContext) -> ArmOutput:
         todo = sorted({p for p in prompts if p not in memo})
         if todo:
             fresh = read_out(ctx, ctx.lm.model, todo, queries=[query_of[p] for p in todo],
-                             prefixes=[ctx.query_prefix()] * len(todo))
+                             prefixes=ctx.query_prefixes(len(todo)))
             for i, p in enumerate(todo):
                 memo[p] = _pick(fresh, [i])
         out = _concat([memo[p] for p in prompts])
@@ -274,7 +275,7 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
             todo.append(rows)
             continue
         base = read_out(ctx, ctx.lm.model, [prompts[i] for i in rows], queries=[queries[i] for i in rows],
-                        prefixes=[ctx.query_prefix()] * len(rows))
+                        prefixes=ctx.query_prefixes(len(rows)))
         if ctx.on_tuned is not None:
             ctx.on_tuned(ctx.lm.model, rows, None)
         steps = {s: base for s in ctx.recipe.capture_steps}
@@ -312,7 +313,7 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
 
             def read(model: nn.Module, router, j: int = 0) -> ArmOutput:
                 adapter = [p * n_seeds + j for p in set_pos]  # each row's adapter (seed j of its set)
-                return read_out(ctx, model, row_prompts, queries=row_queries, prefixes=[ctx.query_prefix()] * len(rows),
+                return read_out(ctx, model, row_prompts, queries=row_queries, prefixes=ctx.query_prefixes(len(rows)),
                                 variants=adapter, before_batch=lambda b: router.set([adapter[x] for x in b], device))
 
             def on_step(step: int, model: nn.Module, router) -> None:
@@ -338,7 +339,7 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                 steps: dict[int, ArmOutput] = {}
 
                 def read_one(model: nn.Module) -> ArmOutput:
-                    return read_out(ctx, model, row_prompts, queries=row_queries, prefixes=[ctx.query_prefix()] * len(rows))
+                    return read_out(ctx, model, row_prompts, queries=row_queries, prefixes=ctx.query_prefixes(len(rows)))
 
                 def on_step(step: int, model: nn.Module, steps: dict = steps) -> None:
                     steps[step] = read_one(model)

@@ -87,7 +87,8 @@ def model_preview(name: str) -> Any:
 
 
 def clear_model_cache() -> None:
-    _MODELS.clear()
+    """Drop every model this process has loaded."""
+    release_models(())
 
 
 def release_models(keep: Iterable[str]) -> list[str]:
