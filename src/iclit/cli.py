@@ -175,7 +175,10 @@ def compare(
     except SpecError as e:
         _spec_failure("compare", e)
     if show_spec:
+        from iclit.experiments.plan import make_plan
+
         console.print(spec.to_yaml(), highlight=False, markup=False, soft_wrap=True)
+        _print_floors(make_plan(spec), to=err)  # stderr: the spec on stdout stays a spec file
         return
     _run_comparison(spec, out)
 
@@ -219,7 +222,10 @@ def run_spec(
     workers: Optional[int] = typer.Option(None, help="Ray actors (default: one per CPU of the cluster)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads in this process (default: torch's)"),
     max_chunks: Optional[int] = typer.Option(None, help="stop after this many chunks (to try a spec out)"),
-    check: bool = typer.Option(False, "--check", help="validate the spec and show the plan; run nothing"),
+    check: bool = typer.Option(False, "--check", help="validate the spec and show the plan and what each cell's tests "
+                               "can reject; run nothing"),
+    strict: bool = typer.Option(False, "--strict", help="with --check: a cell whose nulls cannot reach p < 0.05 after "
+                                "adjustment is an error (exit 2)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar over trials"),
     reuse: Optional[list[Path]] = typer.Option(
         None, "--reuse", help="an earlier run directory whose stored chunks with the same trial keys are copied, "
@@ -250,6 +256,8 @@ def run_spec(
     console.print(f"{parsed.name}: {len(plan.cells)} cells × {len(parsed.seeds)} seed(s) × {parsed.resamples} resamples "
                   f"= {plan.n_trials} trials in {len(plan.chunks)} chunks; factors: {factors}", highlight=False, soft_wrap=True)
     if check:
+        if not _print_floors(plan) and strict:
+            _fail("a cell's tests cannot reach p < 0.05 after adjustment (--strict); add query blocks (resamples)")
         return
     if threads is not None:
         import torch
@@ -267,6 +275,30 @@ def run_spec(
             copy_entries(source, out)
     console.print(str(summary), highlight=False, soft_wrap=True)
     _warn_fit(summary)
+
+
+def _print_floors(plan, to: Console = console) -> bool:
+    """Print, per cell and null, the smallest p the design allows before and after Holm; warn
+    for each that cannot reach 0.05. True when every null of every cell can."""
+    from iclit.analysis.power import plan_cells, plan_floors
+
+    floors = plan_floors(plan_cells(plan))
+    if not len(floors):
+        return True
+    table = Table("cell", "null", "blocks", "test", "smallest p", "tests per layer", "smallest Holm p",
+                  title="what each cell's tests can reject (1000 permutations, alpha 0.05)")
+    for r in floors.itertuples():
+        test = f"exact ({r.patterns:.0f} pairings)" if r.exact else "Monte Carlo"
+        table.add_row(r.cell, r.null.replace("_", "-"), str(r.blocks), test, f"{r.p_min:.3g}", str(r.family),
+                      f"{r.holm_floor:.3g}" + ("" if r.reachable else " ✗"))
+    to.print(table)
+    for r in floors[~floors["reachable"]].itertuples():
+        need = (f"it needs at least {r.blocks_needed} query blocks ({r.blocks_needed * r.group_size} sets per seed)"
+                if r.blocks_needed else "more permutations are needed, not more blocks")
+        to.print(f"[bold yellow]warning:[/] {r.cell}: the {r.null.replace('_', '-')} test cannot reject at 0.05 "
+                 f"after Holm over {r.family} tests (smallest p {r.p_min:.3g} with {r.blocks} blocks); {need}",
+                 highlight=False, soft_wrap=True)
+    return bool(floors["reachable"].all())
 
 
 def _warn_fit(summary) -> None:
@@ -339,6 +371,35 @@ def results(
         console.print("no factor with two or more values: no effects to show")
         return
     _show(df, format, out, limit, nested=name is None)
+
+
+@app.command()
+def power(
+    run: Path = typer.Argument(..., help="a pilot run directory"),
+    blocks: Optional[int] = typer.Option(None, help="plan a design with this many query blocks per cell (default: "
+                                         "the pilot's own)"),
+    alpha: float = typer.Option(0.05, help="family-wise level"),
+    power_: float = typer.Option(0.8, "--power", help="the power asked for"),
+    format: str = typer.Option("table", "--format", "-f", help="table or csv"),
+) -> None:
+    """From a pilot run: per test, the effect a design can detect and the query blocks it needs."""
+    from iclit.analysis import load_run
+    from iclit.analysis.power import power_table
+
+    if format not in ("table", "csv"):
+        _fail(f"--format must be table or csv, not {format!r}")
+    if blocks is not None and blocks < 2:
+        _fail(f"--blocks must be at least 2, not {blocks}")
+    try:
+        data = load_run(run)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    except (RuntimeError, ValueError) as e:
+        _fail(f"{run}: {e}")
+    df = power_table(data.tests, blocks=blocks, alpha=alpha, power=power_)
+    if df.empty:
+        _fail(f"{run}: no null tests to plan from (a crossed run: --queries-per-set 2 or more)")
+    _show(df, format, None, 200, nested=False)
 
 
 _PRECISE = {"cosine", "value", "last_layer", "mean_over_layers", "demo_similarity", "it_final_loss", "mean", "std",

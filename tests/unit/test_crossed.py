@@ -262,15 +262,24 @@ def test_a_crossed_run_shows_its_nulls_in_results_exports_and_report(tmp_path):
     assert {"pair", "layer", "null", "diff", "ci_low", "ci_high", "p", "p_adj"} <= set(tests.columns)
     n_layers = tests["layer"].nunique()
     # anchor pairs: query-swap only; ICL–IT and the update: both nulls; raw and anchor-centred
-    assert len(tests) == n_layers * (2 * 2 + 2 * 2 + 2)
+    assert (tests["role"] == "test").sum() == n_layers * (2 * 2 + 2 * 2 + 2)
+    # the positive control of a cell with two IT seeds: IT seed 1 vs seed 2 (raw, centred, update) under both nulls
+    controls = tests[tests["role"] == "control"]
+    assert len(controls) == n_layers * 2 * 3 and set(controls["pair"]) == {"ceiling_it", "update_ceiling_it"}
+    demo = tests[(tests["pair"] == "icl_it") & (tests["null"] == "demo_swap")]
+    assert (demo["ceiling"] == "ceiling_it").all() and demo["ceiling_diff"].notna().all()
+    assert {"p_min", "exact", "n_perm", "margin", "fraction", "fraction_low", "fraction_high"} <= set(tests.columns)
+    # 2 query blocks of 2 sets: the demo-swap test is exact over 2^2 patterns, its floor 2/4
+    assert demo["exact"].all() and (demo["n_perm"] == 4).all() and (demo["p_min"] == 0.5).all()
     assert set(tests["null"]) == {"query_swap", "demo_swap"}
     assert (tests["n_units"] == 16).all()
     write_exports(out)
     assert (out / "tests.csv").exists()
     metrics = __import__("json").loads((out / "metrics.json").read_text())
-    assert {(r["pair"], r["null"]) for r in metrics["tests"]} == {
+    assert {(r["pair"], r["null"]) for r in metrics["tests"] if r["role"] == "test"} == {
         ("anchor_icl", "query_swap"), ("anchor_it", "query_swap"), ("icl_it", "query_swap"), ("icl_it", "demo_swap"),
         ("update", "query_swap"), ("update", "demo_swap")}
+    assert {r["pair"] for r in metrics["tests"] if r["role"] == "control"} == {"ceiling_it", "update_ceiling_it"}
     assert {r["pair"] for r in metrics["seeds"]} == {"anchor_it", "icl_it"}  # the IT seed noise
     assert "Against the nulls" in render_report(out)
 

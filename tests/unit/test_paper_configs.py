@@ -47,6 +47,16 @@ def test_paper_spec_validates_and_plans(name):
 
 
 @pytest.mark.parametrize("name", sorted(TRIALS))
+def test_paper_spec_declares_its_margins(name):
+    """Every paper spec declares its equivalence margins, each quantity on its own scale."""
+    import yaml
+
+    declared = yaml.safe_load((PAPER / name).read_text(encoding="utf-8")).get("equivalence_margin")
+    assert isinstance(declared, dict) and {"raw", "centred", "update", "agreement", "kl"} <= set(declared)
+    assert load_spec(PAPER / name).margins == declared | {"ceiling_fraction": declared.get("ceiling_fraction", 0.25)}
+
+
+@pytest.mark.parametrize("name", sorted(TRIALS))
 def test_readme_lists_the_spec_its_trials_and_command(name):
     readme = (PAPER / "README.md").read_text(encoding="utf-8")
     row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}`")), None)

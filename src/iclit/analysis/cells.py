@@ -19,7 +19,8 @@ import pandas as pd
 from iclit.analysis import geometry as geometry_
 from iclit.analysis import inference
 from iclit.analysis.dose import DOSE_COLUMNS, dose_tables, row_cosine
-from iclit.analysis.nulls import NULLS, TEST_COLUMNS, Units, adjust_family, links, null_tests, strata, unit_rows
+from iclit.analysis.nulls import (NULLS, TEST_COLUMNS, Units, adjust_family, links, margin_for, margins, null_tests,
+                                  strata, unit_rows)
 
 __all__ = ["GEOMETRY_PAIRS", "GEOMETRY_COLUMNS", "BEHAVIOUR_COLUMNS", "SEED_COLUMNS", "cell_tables", "geometry",
            "behaviour", "seed_spread", "last_layer_rows"]
@@ -30,13 +31,15 @@ GEOMETRY_COLUMNS = ("cell_key", "pair", "measure", "layer", "value", "null_mean"
 """measure: ``cka`` (debiased linear CKA, unbiased HSIC) or ``rsa`` (Spearman between the
 query × query cosine matrices of the two arms); null_mean, p: the permutation null (rows of
 one arm permuted; RSA: Mantel), one-sided (greater); p_adj: max-T over layers."""
-BEHAVIOUR_COLUMNS = ("cell_key", "pair", "measure", "null", "observed", "null_mean", "diff", "ci_low", "ci_high", "p",
-                     "p_holm", "q_bh", "tost_low", "tost_high", "p_tost", "verdict", "n_units")
+BEHAVIOUR_COLUMNS = ("cell_key", "pair", "measure", "null", "observed", "null_mean", "diff", "se", "ci_low", "ci_high",
+                     "p", "p_holm", "q_bh", "p_min", "exact", "margin", "tost_low", "tost_high", "p_tost", "verdict",
+                     "n_units")
 """measure: ``agreement`` (same prediction) or ``kl`` (KL(first ‖ second) of the label
 distributions, classification only); null ``none``: the arms' own value (diff = observed);
 query_swap / demo_swap: as for the cosines (:mod:`iclit.analysis.nulls`), so a negative KL
-diff means the matched arms' answers are closer than swapped ones. Holm/BH over the cell's
-behaviour tests."""
+diff means the matched arms' answers are closer than swapped ones. Intervals: t over query
+blocks; margin: the declared ``agreement`` (a proportion) or ``kl`` (nats) margin. Holm/BH
+over the cell's behaviour tests."""
 
 
 def last_layer_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -73,11 +76,15 @@ def _label_probs(outputs: pd.DataFrame, arm: str, labels: list[str]) -> np.ndarr
     return np.asarray([[p[label] for label in labels] for p in probs], dtype=np.float64)
 
 
-def behaviour(outputs: pd.DataFrame, units: Units, *, margin: float, n_perm: int = 1000, n_boot: int = 1000,
+def behaviour(outputs: pd.DataFrame, units: Units, *, margin: Any = None, n_perm: int = 1000, n_boot: int = 1000,
               seed: int = 0) -> pd.DataFrame:
-    """Agreement and KL between arms (outputs: the cell's rows in ``units`` order)."""
+    """Agreement and KL between arms (outputs: the cell's rows in ``units`` order); margin:
+    the declared margins (:func:`iclit.analysis.nulls.margins`: ``agreement``, ``kl``).
+    Intervals are t intervals over query blocks, as for the cosines (n_boot is unused)."""
     from iclit.analysis.outputs import kl_divergence
 
+    del n_boot
+    declared = margins(margin)
     arms = [a for a in ("anchor", "icl", "it") if f"prediction_{a}" in outputs.columns]
     labels = None
     if "label_probs" in outputs.columns and isinstance(outputs["label_probs"].iloc[0], Mapping):
@@ -95,10 +102,13 @@ def behaviour(outputs: pd.DataFrame, units: Units, *, margin: float, n_perm: int
         for measure, fn in measures.items():
             every = np.arange(len(units))
             own = np.diag(fn(every, every))
-            lo, hi = inference.hierarchical_bootstrap(own, blocks, n_boot=n_boot, seed=seed)
+            cm = inference.cluster_mean(own, blocks)
+            lo, hi = cm.ci(0.95)
             rows.append({"pair": f"{a}_{b}", "measure": measure, "null": "none", "observed": float(own.mean()),
-                         "null_mean": np.nan, "diff": float(own.mean()), "ci_low": lo, "ci_high": hi, "p": np.nan,
-                         "n_units": len(own), "p_tost": np.nan})
+                         "null_mean": np.nan, "diff": float(own.mean()), "se": cm.se, "ci_low": lo, "ci_high": hi,
+                         "p": np.nan, "p_min": np.nan, "exact": False, "margin": np.nan, "n_units": len(own),
+                         "p_tost": np.nan})
+            marg = float(margin_for(declared, measure))
             for null in NULLS:
                 if a == "anchor" and null == "demo_swap":
                     continue
@@ -109,11 +119,13 @@ def behaviour(outputs: pd.DataFrame, units: Units, *, margin: float, n_perm: int
                                              links=links(units, null, groups))
                 order = unit_rows(groups, res)
                 d = res.unit_diff[:, 0]
-                lo, hi = inference.hierarchical_bootstrap(d, blocks[order], n_boot=n_boot, seed=seed)
-                tost = inference.tost(d, blocks[order], margin)
+                cm = inference.cluster_mean(d, blocks[order])
+                lo, hi = cm.ci(0.95)
+                tost = inference.tost(d, blocks[order], marg)
                 rows.append({"pair": f"{a}_{b}", "measure": measure, "null": null, "observed": float(res.observed[0]),
-                             "null_mean": float(res.null[0]), "diff": float(res.diff[0]), "ci_low": lo, "ci_high": hi,
-                             "p": float(res.p[0]), "tost_low": float(tost.ci_low), "tost_high": float(tost.ci_high),
+                             "null_mean": float(res.null[0]), "diff": float(res.diff[0]), "se": cm.se, "ci_low": lo,
+                             "ci_high": hi, "p": float(res.p[0]), "p_min": float(res.p_min), "exact": bool(res.exact),
+                             "margin": marg, "tost_low": float(tost.ci_low), "tost_high": float(tost.ci_high),
                              "p_tost": float(tost.p), "n_units": int(res.n_units)})
     if not rows:
         return pd.DataFrame(columns=[c for c in BEHAVIOUR_COLUMNS if c != "cell_key"])
@@ -149,7 +161,7 @@ def seed_spread(states: Mapping[str, np.ndarray]) -> pd.DataFrame:
 
 
 def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame, settings: Mapping[str, Mapping[str, Any]],
-                *, margin: float, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0,
+                *, margin: Any = None, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0,
                 cache: bool | None = None) -> dict[str, pd.DataFrame]:
     """``tests`` (:data:`iclit.analysis.nulls.TEST_COLUMNS`), ``geometry``
     (:data:`GEOMETRY_COLUMNS`), ``behaviour`` (:data:`BEHAVIOUR_COLUMNS`), and for recipes with
@@ -164,7 +176,7 @@ def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame
     from iclit.analysis import cache as cache_
 
     use_cache = cache_.enabled() if cache is None else cache
-    params = {"margin": float(margin), "n_perm": n_perm, "n_boot": n_boot, "seed": seed}
+    params = {"margin": margins(margin), "n_perm": n_perm, "n_boot": n_boot, "seed": seed}
     parts: dict[str, list[pd.DataFrame]] = {name: [] for name in _TABLES}
     for cell, sub in trials.groupby("cell_key", sort=True):
         sub = sub.sort_values(["seed", "resample"], kind="stable")
@@ -189,14 +201,14 @@ _TABLES = {"tests": ("cell_key", *TEST_COLUMNS), "geometry": GEOMETRY_COLUMNS, "
 
 
 def _one_cell(run_dir: str | Path, cell: str, sub: pd.DataFrame, out: pd.DataFrame, cell_settings: Mapping[str, Any],
-              *, margin: float, n_perm: int, n_boot: int, seed: int) -> dict[str, pd.DataFrame]:
+              *, margin: Any, n_perm: int, n_boot: int, seed: int) -> dict[str, pd.DataFrame]:
     """The tables of one cell (``sub``: its trials in state order, ``out``: their outputs), without cell_key."""
     from iclit.analysis.states import read_states
 
     kind = (cell_settings.get("task") or {}).get("kind")
     units = Units.from_trials(sub, cell_settings, out["gold"].tolist() if kind == "classification" else None)
     states = read_states(run_dir, sub)
-    arrays = {a: states[a] for a in ("anchor", "icl", "it")}
+    arrays = {a: states[a] for a in ("anchor", "icl", "it", "it_seed2", "icl_reordered") if a in states}
     labels = []
     if kind == "classification" and "label_probs" in out.columns and isinstance(out["label_probs"].iloc[0], Mapping):
         labels = list(out["label_probs"].iloc[0]["icl"])  # the task's label order (the dose lists follow it)

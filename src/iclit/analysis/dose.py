@@ -11,8 +11,9 @@ choosing on the numbers it reports:
   of an IT arm stopped when it behaves most like ICL. Classification tasks with
   ``queries_per_set`` ≥ 2.
 * **cross-fitted peak**: the step of the highest mean last-layer ICL–IT cosine is chosen on
-  the sets of one half (even set indices) and the cosine read at that step on the other half
-  (odd), and the other way round; the estimate is the mean over both halves' units, so the
+  the query blocks of one half (even block indices) and the cosine read at that step on the
+  other half (odd), and the other way round — whole blocks, so the two halves share no
+  query; the estimate is the mean over both halves' units, so the
   choice among steps does not inflate it (the naive peak, chosen and read on all sets, is
   reported beside it).
 """
@@ -32,7 +33,7 @@ __all__ = ["DOSE_COLUMNS", "matched_steps", "dose_tables", "row_cosine"]
 DOSE_COLUMNS = ("cell_key", "estimate", "step", "pair", "layer", "value", "ci_low", "ci_high", "n_units")
 """estimate: ``matched`` (each unit at its held-out behaviour-matched step; step: the median
 chosen step), ``peak_crossfit`` (step chosen on the other half), ``peak_naive`` (chosen and
-read on all units); value: mean cosine over units with a hierarchical-bootstrap CI."""
+read on all units); value: mean cosine over units with a t interval over query blocks."""
 
 
 def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -64,7 +65,7 @@ def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def dose_tables(states: Mapping[str, np.ndarray], outputs: pd.DataFrame, units: Units, labels: list[str], *,
-                margin: float, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
+                margin: Any = None, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
     """``estimates`` (:data:`DOSE_COLUMNS` without cell_key) and ``matched_tests`` (the null
     tests of the matched-step IT arm) of one cell; empty frames without captured steps."""
     steps = sorted(int(n.split(":step")[1]) for n in states if n.startswith("it:step"))
@@ -76,7 +77,7 @@ def dose_tables(states: Mapping[str, np.ndarray], outputs: pd.DataFrame, units: 
     rows: list[dict[str, Any]] = []
 
     def add(estimate: str, step: float, pair: str, values: np.ndarray, groups: np.ndarray) -> None:
-        lo, hi = inference.hierarchical_bootstrap(values, groups, n_boot=n_boot, seed=seed)
+        lo, hi = inference.cluster_mean(values, groups).ci(0.95)
         for layer in range(values.shape[1]):
             rows.append({"estimate": estimate, "step": step, "pair": pair, "layer": layer,
                          "value": float(np.nanmean(values[:, layer])), "ci_low": float(lo[layer]),
@@ -86,7 +87,7 @@ def dose_tables(states: Mapping[str, np.ndarray], outputs: pd.DataFrame, units: 
     last = icl_it[:, :, -1]
     naive = int(np.argmax(last.mean(axis=0)))
     add("peak_naive", steps[naive], "icl_it", icl_it[:, naive], blocks)
-    half = units.set % 2
+    half = units.block % 2
     if len(np.unique(half)) == 2:
         picked = np.empty(len(half), dtype=np.int64)
         for h in (0, 1):

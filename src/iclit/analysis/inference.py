@@ -22,7 +22,9 @@ torch, also float64); resampling is vectorised in blocks of about ``_BLOCK`` arr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,8 +33,8 @@ import pandas as pd
 from scipy import stats as sps
 
 __all__ = [
-    "PairingResult", "TostResult", "bh", "hierarchical_bootstrap", "hierarchical_bootstrap_means", "holm",
-    "pairing_test", "tost",
+    "MAX_EXACT", "ClusterMean", "PairingResult", "TostResult", "bh", "cluster_mean", "count_patterns",
+    "hierarchical_bootstrap", "hierarchical_bootstrap_means", "holm", "pairing_test", "ratio_ci", "smallest_p", "tost",
 ]  # fmt: skip
 
 Alternative = Literal["two-sided", "greater", "less"]
@@ -168,11 +170,15 @@ def hierarchical_bootstrap(
 # ---------------------------------------------------------------- permutation machinery
 
 
-def _perm_p(obs: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer and max-T p-values, larger = more extreme.
+def _perm_p(obs: np.ndarray, null: np.ndarray, *, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer p and step-down max-T p over layers, larger = more extreme.
 
-    obs ``[L]``, null ``[P, L]`` (already standardised for max-T). Layers whose observed
-    value is not finite get NaN and are left out of the max-T family.
+    obs ``[L]``, null ``[P, L]`` (already standardised for max-T). Monte Carlo draws give
+    (1 + hits) / (1 + P) (Phipson & Smyth 2010); ``exact``: null holds every permutation,
+    the identity among them, and p = hits / P. The family-wise p is Westfall & Young's (1993)
+    step-down max-T: the layers sorted by their observed value, the j-th is compared with the
+    maximum over itself and the layers after it, and the p-values are made monotone. Layers
+    whose observed value is not finite get NaN and are left out of the max-T family.
     """
     p = np.full(obs.shape, np.nan)
     p_max = np.full(obs.shape, np.nan)
@@ -180,9 +186,14 @@ def _perm_p(obs: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if ok.any():
         o, z = obs[ok], null[:, ok]
         tol = _TOL * np.maximum(1.0, np.abs(o))
-        p[ok] = (1.0 + (z >= o - tol).sum(0)) / (1.0 + z.shape[0])
-        mx = z.max(1)[:, None]
-        p_max[ok] = (1.0 + (mx >= o - tol).sum(0)) / (1.0 + z.shape[0])
+        add = 0.0 if exact else 1.0
+        p[ok] = (add + (z >= o - tol).sum(0)) / (add + z.shape[0])
+        order = np.argsort(-o, kind="stable")
+        tail_max = np.maximum.accumulate(z[:, order[::-1]], axis=1)[:, ::-1]  # max over layers order[j:]
+        step = (add + (tail_max >= (o - tol)[order]).sum(0)) / (add + z.shape[0])
+        adj = np.empty_like(step)
+        adj[order] = np.maximum.accumulate(step)
+        p_max[ok] = adj
     return p, p_max
 
 
@@ -242,10 +253,16 @@ def _permuted_inners(a_list: Sequence[np.ndarray], b: np.ndarray, n_perm: int, s
 class PairingResult:
     """Matched vs swapped pairing, per layer (see :func:`pairing_test`).
 
-    observed, null, diff, p, p_maxT: ``[L]``; unit_diff ``[n_units, L]`` (diagonal minus the
-    row's off-diagonal mean); unit_stratum, unit_item ``[n_units]``: each unit's stratum (its
-    index in the list given) and row in that stratum, so the caller can map units back (items
-    with NaN are removed) and bootstrap over its own grouping. Units are in input order.
+    observed, null, diff, p, p_maxT, sd: ``[L]``; unit_diff ``[n_units, L]`` (diagonal minus
+    the row's off-diagonal mean); unit_stratum, unit_item ``[n_units]``: each unit's stratum
+    (its index in the list given) and row in that stratum, so the caller can map units back
+    (items with NaN are removed) and form its own groups. Units are in input order.
+    exact: every distinct pairing was enumerated (p = hits / patterns); n_perm: the pairings
+    compared (all of them when exact, else the Monte Carlo draws); patterns: how many distinct
+    pairings the design has (``inf`` when too many to count in a float); p_min: the smallest
+    p this design and test can return whatever the data (:func:`smallest_p`). sd: the exact
+    permutation SD of the matched mean (0: every pairing gives the same value, the test has
+    nothing to say).
     """
 
     observed: np.ndarray
@@ -258,6 +275,11 @@ class PairingResult:
     unit_diff: np.ndarray
     unit_stratum: np.ndarray
     unit_item: np.ndarray
+    exact: bool = False
+    n_perm: int = 0
+    patterns: float = float("nan")
+    p_min: float = float("nan")
+    sd: np.ndarray | None = None
 
 
 def _clean_stratum(c: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -274,6 +296,52 @@ def _clean_stratum(c: Any) -> tuple[np.ndarray, np.ndarray]:
     return c[np.ix_(keep, keep)], np.flatnonzero(keep)
 
 
+MAX_EXACT = 50_000
+"""Designs with at most this many distinct pairings are tested exactly (every pairing
+enumerated); larger ones by Monte Carlo."""
+
+
+def count_patterns(group_sizes: Mapping[int, int]) -> float:
+    """Distinct pairings of independent permutation groups: ``prod (m!)^count`` over
+    ``{m: count}`` (``inf`` beyond a float's range)."""
+    log = sum(count * math.lgamma(m + 1) for m, count in group_sizes.items())
+    return float(math.prod(math.factorial(m) ** count for m, count in group_sizes.items())) if log < 700 else math.inf
+
+
+def smallest_p(group_sizes: Mapping[int, int], *, n_perm: int, alternative: Alternative = "two-sided",
+               max_exact: int = MAX_EXACT) -> tuple[float, bool]:
+    """The smallest p a pairing test can return on this design, whatever the data, and
+    whether the test is exact.
+
+    group_sizes: ``{m: count}``, the independent permutation groups (linked strata count once).
+    Exact (at most ``max_exact`` pairings): 1 / patterns, or 2 / patterns two-sided when every
+    group has two items (a sign flip: the identity and the all-swapped pattern reach the same
+    |T - E|). Monte Carlo: at least 1 / (n_perm + 1), and never below the exact floor. With two
+    sets per query block and G blocks, the demo-swap test is a sign flip of G block contrasts:
+    its floor is 2 / 2^G two-sided (1/16 for 5 blocks), 1 / 2^G one-sided.
+    """
+    patterns = count_patterns(group_sizes)
+    sym = 2.0 if alternative == "two-sided" and group_sizes and set(group_sizes) == {2} else 1.0
+    floor = min(1.0, sym / patterns) if patterns > 0 else 1.0
+    exact = patterns <= max_exact
+    return (floor, True) if exact else (max(floor, 1.0 / (n_perm + 1)), False)
+
+
+def _enumerated(perm_sets: Mapping[int, np.ndarray], n_groups: Mapping[int, int], start: int, stop: int) -> dict[int, np.ndarray]:
+    """Patterns ``start..stop`` of every combination of the groups' permutations (mixed radix,
+    pattern 0 the identity): ``{m: [stop - start, n_groups[m], m]}``."""
+    idx = np.arange(start, stop, dtype=np.int64)
+    out = {}
+    for m in sorted(n_groups):
+        base = len(perm_sets[m])
+        digits = np.empty((len(idx), n_groups[m]), dtype=np.int64)
+        for g in range(n_groups[m]):
+            digits[:, g] = idx % base
+            idx = idx // base
+        out[m] = perm_sets[m][digits]
+    return out
+
+
 def pairing_test(
     strata: Sequence[Any],
     *,
@@ -281,28 +349,53 @@ def pairing_test(
     seed: int = 0,
     alternative: Alternative = "two-sided",
     links: Sequence[Any] | None = None,
+    max_exact: int = MAX_EXACT,
 ) -> PairingResult:
     """Is the matched pairing more similar than the swapped ones? Per layer, with max-T.
 
-    strata: arrays ``[m_s, m_s, L]`` (``[m, m]`` is one layer); ``C[a, b, l]`` pairs item a's
-    first arm with item b's second arm. Items with a NaN are removed (row and column together,
-    the one with most NaN entries first, until none is left); strata left with m_s < 2 are
-    ignored, and with none left every number is NaN.
+    Parameters
+    ----------
+    strata : sequence of arrays ``[m_s, m_s, L]`` (``[m, m]`` is one layer)
+        ``C[a, b, l]`` pairs item a's first arm with item b's second arm. Items with a NaN
+        are removed (row and column together, the one with most NaN entries first); strata
+        left with m_s < 2 are ignored, and with none left every number is NaN.
+    n_perm : int
+        Monte Carlo draws when the design has more than ``max_exact`` distinct pairings.
+    seed : int
+        Seed of the Monte Carlo draws.
+    alternative : {"two-sided", "greater", "less"}
+        Two-sided counts ``|T_pi - E| >= |T_obs - E|``, "greater" ``T_pi >= T_obs``, "less"
+        ``T_pi <= T_obs``.
+    links : sequence, optional
+        One label per stratum; strata with the same label (and, after NaN removal, the same
+        items) share one permutation per draw, for strata whose items are the same units seen
+        again (the sets of a query block under demo-swap: one swap of whole sets for every
+        query of the block). SD then counts the covariance of linked strata (Hoeffding's
+        formula on their summed double-centred matrices). None: all independent.
+    max_exact : int
+        Enumerate every pairing when there are at most this many (:data:`MAX_EXACT`).
 
-    Effect: ``observed[l]`` the mean diagonal over all units (rows of all strata), ``null[l]``
-    the mean of each row's off-diagonal mean (every eligible partner averaged), ``diff =
-    observed - null``. Test: the pairing is permuted independently within each stratum (one
-    permutation for all layers); T = mean over units of ``C[a, pi(a), l]`` against its exact
-    permutation mean E (the row means including the diagonal) and SD (Hoeffding 1951).
-    ``p``: two-sided counts ``|T_pi - E| >= |T_obs - E|``, "greater" ``T_pi >= T_obs``, "less"
-    ``T_pi <= T_obs``; ``p_maxT``: the same on z = (T - E) / SD with the max over layers,
-    family-wise over the L layers. Both are (1 + hits) / (1 + n_perm).
+    Returns
+    -------
+    PairingResult
+        ``observed[l]`` the mean diagonal over all units, ``null[l]`` the mean of each row's
+        off-diagonal mean (every eligible partner averaged), ``diff = observed - null``. The
+        statistic T is the mean of ``C[a, pi(a), l]`` against its exact permutation mean E and
+        SD (Hoeffding 1951); one permutation serves every layer. ``p``: exact (hits / patterns,
+        the identity included) or Monte Carlo ((1 + hits) / (1 + n_perm)); ``p_maxT``:
+        step-down max-T over the layers on z = (T - E) / SD (Westfall & Young 1993);
+        ``p_min``: the design's floor (:func:`smallest_p`).
 
-    links: one label per stratum; strata with the same label (and, after NaN removal, the same
-    items) share one permutation per draw instead of each drawing its own, for strata whose
-    items are the same units seen again (the sets of a query block under demo-swap: one swap of
-    whole sets for every query of the block). SD then counts the covariance of linked strata
-    (Hoeffding's formula on their summed double-centred matrices). None: all independent.
+    Examples
+    --------
+    Two sets of one block read by three queries, each stratum ``[2, 2]`` (linked: one swap of
+    the sets for all three queries), so the test is exact over 2 patterns:
+
+    >>> import numpy as np
+    >>> c = np.array([[0.9, 0.1], [0.2, 0.8]])
+    >>> res = pairing_test([c, c, c], links=[0, 0, 0])
+    >>> bool(res.exact), res.n_perm, float(res.p_min), float(res.p[0])
+    (True, 2, 1.0, 1.0)
     """
     if alternative not in ("two-sided", "greater", "less"):
         raise ValueError(f"alternative must be two-sided, greater or less, not {alternative!r}")
@@ -317,7 +410,7 @@ def pairing_test(
     if not used:
         nan = np.full(n_l, np.nan)
         none = np.empty(0, dtype=np.int64)
-        return PairingResult(nan, nan, nan, nan, nan, 0, 0, np.empty((0, n_l)), none, none)
+        return PairingResult(nan, nan, nan, nan, nan, 0, 0, np.empty((0, n_l)), none, none, sd=nan)
 
     unit_diff, unit_stratum, unit_null = [], [], []
     exp_sum = np.zeros(n_l)
@@ -365,22 +458,89 @@ def pairing_test(
 
     ident = {m: np.broadcast_to(np.arange(m), (1, st.shape[0], m)) for m, st in stacks.items()}
     t_obs = matched_sum(ident)[0]
-    rng = np.random.default_rng(seed)
-    z_null = np.empty((n_perm, n_l))
+    p_min, exact = smallest_p(n_groups, n_perm=n_perm, alternative=alternative, max_exact=max_exact)
+    patterns = count_patterns(n_groups)
+    total = round(patterns) if exact else n_perm
+    z_null = np.empty((total, n_l))
     block = max(1, _BLOCK // max(1, n_units * n_l))
-    for b0 in range(0, n_perm, block):
-        b = min(block, n_perm - b0)
-        perms = {m: _random_perms(rng, (b, n_groups[m], m))[:, group_idx[m]] for m in stacks}
-        z_null[b0 : b0 + b] = z_of(matched_sum(perms))
-    p, p_max = _perm_p(z_of(t_obs), z_null)
+    if exact:
+        perm_sets = {m: np.asarray(list(itertools.permutations(range(m))), dtype=np.int64) for m in stacks}
+        for b0 in range(0, total, block):
+            b1 = min(total, b0 + block)
+            perms = {m: p[:, group_idx[m]] for m, p in _enumerated(perm_sets, n_groups, b0, b1).items()}
+            z_null[b0:b1] = z_of(matched_sum(perms))
+    else:
+        rng = np.random.default_rng(seed)
+        for b0 in range(0, total, block):
+            b = min(block, total - b0)
+            perms = {m: _random_perms(rng, (b, n_groups[m], m))[:, group_idx[m]] for m in stacks}
+            z_null[b0 : b0 + b] = z_of(matched_sum(perms))
+    p, p_max = _perm_p(z_of(t_obs), z_null, exact=exact)
     null = np.concatenate(unit_null).mean(0)
     return PairingResult(observed=t_obs, null=null, diff=ud.mean(0), p=p, p_maxT=p_max,
                          n_units=n_units, n_strata=len(used), unit_diff=ud,
                          unit_stratum=np.concatenate(unit_stratum),
-                         unit_item=np.concatenate([kept[i] for i in used]))  # fmt: skip
+                         unit_item=np.concatenate([kept[i] for i in used]), exact=exact, n_perm=total,
+                         patterns=patterns, p_min=p_min, sd=sd)  # fmt: skip
 
 
 # ---------------------------------------------------------------- equivalence
+
+
+@dataclass(frozen=True, eq=False)
+class ClusterMean:
+    """The mean of units nested in groups, with groups as the independent units (see
+    :func:`cluster_mean`). Arrays ``[L]`` (floats for ``[n]`` values)."""
+
+    mean: Any
+    se: Any
+    df: Any
+    n_groups: Any
+
+    def ci(self, level: float = 0.95) -> tuple[Any, Any]:
+        """The t interval ``mean ± t(1 - (1 - level)/2, df) se``: NaN when fewer than two
+        groups or the groups' means do not vary (se 0)."""
+        with np.errstate(invalid="ignore"):
+            half = sps.t.ppf(0.5 + level / 2.0, self.df) * np.where(np.asarray(self.se) > 0, self.se, np.nan)
+        lo, hi = np.asarray(self.mean) - half, np.asarray(self.mean) + half
+        return (float(lo), float(hi)) if np.ndim(self.mean) == 0 else (lo, hi)
+
+
+def cluster_mean(values: Any, groups: Any) -> ClusterMean:
+    """The mean of the group means and its standard error over groups.
+
+    Parameters
+    ----------
+    values : array ``[n]`` or ``[n, L]``
+        One value per unit (NaNs ignored per column; a group with none is left out).
+    groups : sequence ``[n]``
+        Hashable labels: the independent units (query blocks). Each group's units are
+        averaged, then the G group means give mean, se = SD / sqrt(G), df = G - 1.
+
+    Returns
+    -------
+    ClusterMean
+        Its :meth:`ClusterMean.ci` is the t interval that :func:`tost` and the verdicts use,
+        so an interval and the equivalence test beside it share one standard error. With two
+        sets per block and a block's units averaged, a set's main effect (present in the
+        block's own and swapped pairings alike) cancels in a block contrast and does not
+        widen the interval.
+
+    Examples
+    --------
+    >>> res = cluster_mean([1.0, 3.0, 2.0, 4.0], ["a", "a", "b", "b"])
+    >>> float(res.mean), float(res.se), int(res.df)
+    (2.5, 0.5, 1)
+    """
+    v, one_d = _as_2d(values)
+    gm = pd.DataFrame(v).groupby(_group_codes(groups, v.shape[0])).mean()  # [G, L], NaN skipped
+    g = gm.count().to_numpy()
+    mean = gm.mean().to_numpy()
+    se = (gm.std(ddof=1) / np.sqrt(g)).to_numpy()  # NaN when g < 2
+    df = np.where(g >= 2, g - 1, np.nan)
+    if one_d:
+        return ClusterMean(float(mean[0]), float(se[0]), float(df[0]), int(g[0]))
+    return ClusterMean(mean, se, df, g)
 
 
 @dataclass(frozen=True, eq=False)
@@ -388,7 +548,8 @@ class TostResult:
     """Two one-sided tests of ``|mean| < margin`` on group means (see :func:`tost`).
 
     Floats for ``[n]`` values, ``[L]`` arrays for ``[n, L]``. ci_low / ci_high: the
-    (1 - 2 alpha) t interval, inside (-margin, margin) exactly when ``equivalent``.
+    (1 - 2 alpha) t interval, inside (-margin, margin) exactly when ``equivalent``; se: the
+    standard error of :func:`cluster_mean` they share.
     """
 
     mean: Any
@@ -400,34 +561,68 @@ class TostResult:
     equivalent: Any
     margin: Any
     n_groups: Any
+    se: Any = None
 
 
 def tost(values: Any, groups: Any, margin: Any, *, alpha: float = 0.05) -> TostResult:
     """Equivalence of the mean to 0 within ``±margin``, cluster-robust.
 
-    values: ``[n]`` or ``[n, L]``; groups: ``[n]`` labels; margin > 0, scalar or ``[L]``.
-    Each group's units are averaged (NaNs ignored per column; a group with none is left
-    out), then on the G group means: p_lower tests H0 mean <= -margin, p_upper H0 mean >=
-    +margin (one-sided one-sample t, df = G - 1), p = max, equivalent = p < alpha. G < 2
-    gives NaN and equivalent False.
+    values: ``[n]`` or ``[n, L]``; groups: ``[n]`` labels; margin > 0, scalar or ``[L]``
+    (NaN: no margin declared, never equivalent). On the G group means of
+    :func:`cluster_mean`: p_lower tests H0 mean <= -margin, p_upper H0 mean >= +margin
+    (one-sided one-sample t, df = G - 1), p = max, equivalent = p < alpha. G < 2 or group
+    means that do not vary (se 0) give NaN and equivalent False: no evidence either way.
+
+    Examples
+    --------
+    >>> res = tost([0.01, 0.0, -0.01, 0.005, 0.0, -0.005], [0, 0, 1, 1, 2, 2], 0.1)
+    >>> bool(res.equivalent), res.n_groups
+    (True, 3)
     """
     v, one_d = _as_2d(values)
     marg = np.broadcast_to(_f64(margin), (v.shape[1],)).astype(np.float64)
-    if not (marg > 0).all():
+    if not (np.isnan(marg) | (marg > 0)).all():
         raise ValueError(f"margin must be > 0, got {margin}")
-    gm = pd.DataFrame(v).groupby(_group_codes(groups, v.shape[0])).mean()  # [G, L], NaN skipped
-    g = gm.count().to_numpy()
-    mean = gm.mean().to_numpy()
-    se = (gm.std(ddof=1) / np.sqrt(g)).to_numpy()  # NaN when g < 2
-    df = np.where(g >= 2, g - 1, np.nan)
+    cm = cluster_mean(v, groups)
+    mean, g, df = cm.mean, cm.n_groups, cm.df
+    se = np.where(np.asarray(cm.se) > 0, cm.se, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         p_lower = sps.t.sf((mean + marg) / se, df)
         p_upper = sps.t.cdf((mean - marg) / se, df)
         half = sps.t.ppf(1.0 - alpha, df) * se
     p = np.maximum(p_lower, p_upper)
     out = dict(mean=mean, ci_low=mean - half, ci_high=mean + half, p_lower=p_lower,
-               p_upper=p_upper, p=p, equivalent=p < alpha, margin=marg, n_groups=g)  # fmt: skip
+               p_upper=p_upper, p=p, equivalent=p < alpha, margin=marg, n_groups=g, se=se)  # fmt: skip
     if one_d:
         conv = {"equivalent": bool, "n_groups": int}
         out = {k: conv.get(k, float)(np.asarray(x)[0]) for k, x in out.items()}
     return TostResult(**out)
+
+
+def ratio_ci(num: Any, den: Any, groups: Any, *, level: float = 0.95) -> tuple[Any, Any, Any]:
+    """A ratio of two means over the same groups, with a delta-method t interval.
+
+    num, den: ``[n]`` or ``[n, L]`` unit values (NaN-free rows used), groups ``[n]``. Each is
+    averaged per group; R = mean(num) / mean(den) over the G groups, and its SE from the
+    groups' linearised values (num_g - R den_g) / mean(den), df = G - 1. Returns (R, lo, hi);
+    the interval is NaN where the denominator's own t interval includes 0 (the ratio has no
+    finite interval there).
+    """
+    a, one_d = _as_2d(num)
+    b, _ = _as_2d(den)
+    codes = _group_codes(groups, a.shape[0])
+    ga = pd.DataFrame(a).groupby(codes).mean().to_numpy()
+    gb = pd.DataFrame(b).groupby(codes).mean().to_numpy()
+    n_g = ga.shape[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ma, mb = ga.mean(0), gb.mean(0)
+        r = ma / mb
+        lin = (ga - r * gb) / mb
+        se = lin.std(0, ddof=1) / np.sqrt(n_g) if n_g > 1 else np.full(ma.shape, np.nan)
+        t = sps.t.ppf(0.5 + level / 2.0, n_g - 1) if n_g > 1 else np.nan
+        den_se = gb.std(0, ddof=1) / np.sqrt(n_g) if n_g > 1 else np.full(ma.shape, np.nan)
+        bounded = np.abs(mb) > t * den_se
+        lo, hi = np.where(bounded, r - t * se, np.nan), np.where(bounded, r + t * se, np.nan)
+    if one_d:
+        return float(r[0]), float(lo[0]), float(hi[0])
+    return r, lo, hi

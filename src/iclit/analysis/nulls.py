@@ -13,21 +13,38 @@ trial. For a pair of arms (x, y) — anchor–ICL, anchor–IT, ICL–IT, or the
   like tuning on *those* demonstrations.) Anchor pairs have no demo-swap (the anchor does
   not depend on the set).
 
-Both arms of a raw pair read the query, so their states share its anchor: a raw pair's
-query-swap excess is expected and says little; the update pair's (ICL − anchor vs
-IT − anchor) removes that shared part and asks whether ICL and IT move *this* query the same
-way. Each null's effect is the mean over units of (observed − mean over every eligible
-partner); its p-value permutes the pairing inside each stratum (a set × label, or a query's
-sets) with the same permutation at every layer, and max-T over layers gives the family-wise
-p (:func:`iclit.analysis.inference.pairing_test`). Strata that see the same units again
-share their permutation (:func:`links`): query-swap permutes a block's queries once for all
-the block's sets, demo-swap swaps whole sets of a block for all its queries. The queries of
-a block share its demonstration sets and are not independent, so permuting each query's sets
-on its own was anti-conservative; swapping whole sets is the exact test at the level of the
-sets (with two sets per block, 2^blocks distinct permutations: a smallest p near 1 /
-2^blocks). CIs: a hierarchical bootstrap over query blocks (the independent units: with one
-query per set, the sets), then units within blocks.
-The equivalence test (TOST) is against the spec's ``equivalence_margin``.
+What each null's excess can mean. Both arms of a raw pair read the query, so their states
+share its anchor: a raw pair's query-swap excess is expected of any two functions of the
+query (a random-weight model shows it) and says little about ICL and IT. The update pair
+compares ICL − anchor with IT − anchor: the two updates share the −anchor term by
+construction, so its swapped partner is taken against the partner's own anchor on both sides,
+cos(ICL(q) − anchor(q'), IT(q') − anchor(q')), which keeps that shared term (independent
+Gaussian states give an excess of 0; a null that subtracts each query's own anchor on each
+side gives +0.5). A query-swap excess of the update pair says ICL and IT move *this* query's
+state the same way beyond what subtracting a common anchor explains; it does not say the
+movement is caused by the demonstrations' content — that is the demo-swap question.
+
+Each null's effect is the mean over units of (observed − mean over every eligible partner);
+its p-value permutes the pairing inside each stratum (a set × label, or a query's sets) with
+the same permutation at every layer, step-down max-T over layers gives the family-wise p
+(:func:`iclit.analysis.inference.pairing_test`), exact when the design has at most
+:data:`~iclit.analysis.inference.MAX_EXACT` distinct pairings. Strata that see the same units
+again share their permutation (:func:`links`): query-swap permutes a block's queries once for
+all the block's sets, demo-swap swaps whole sets of a block for all its queries — with two
+sets per block a sign flip of the G block contrasts, exact over 2^G patterns, smallest
+two-sided p 2 / 2^G (1/16 with 5 blocks: such a cell cannot reject at 0.05). CIs are t
+intervals over query blocks, the independent units (:func:`iclit.analysis.inference.cluster_mean`),
+with the same standard error as the equivalence test (TOST) beside them. The query-swap p is
+a randomisation test conditional on the blocks (queries exchangeable within a block and
+label), the CI generalises over blocks: a verdict needs both.
+
+Positive controls. Where the cell has the states, the same contrasts are computed for two
+ceilings (:data:`CEILINGS`): IT seed 1 against IT seed 2 (``it_seed2``), and ICL against ICL
+with its demonstrations reordered (``icl_reordered``). Under demo-swap they show the
+specificity to the demonstration set that must exist (an adapter tuned on set A is closer to
+another adapter tuned on A than to one tuned on B); ICL–IT specificity is reported as a
+fraction of it. Equivalence margins are declared per quantity (:func:`margin_for`); the
+default rule is a quarter of the ceiling's excess at the same null, centring and layer.
 
 Centrings (anisotropy corrections, applied to every state before the cosine):
 ``raw``; ``anchor``: subtract the per-layer mean of the cell's own anchor states (the
@@ -45,8 +62,9 @@ import pandas as pd
 
 from iclit.analysis import inference
 
-__all__ = ["NULLS", "TEST_PAIRS", "CENTRINGS", "TEST_COLUMNS", "Units", "pair_states", "strata", "links", "null_tests",
-           "unit_rows", "verdict", "adjust_family"]
+__all__ = ["NULLS", "TEST_PAIRS", "CEILINGS", "CENTRINGS", "QUANTITIES", "DEFAULT_MARGINS", "TEST_COLUMNS", "Units",
+           "centre", "pair_states", "stratum_matrices", "strata", "links", "null_tests", "unit_rows", "quantity",
+           "margins", "margin_for", "verdict", "adjust_family"]
 
 NULLS = ("query_swap", "demo_swap")
 TEST_PAIRS: dict[str, tuple[str, ...]] = {
@@ -56,15 +74,32 @@ TEST_PAIRS: dict[str, tuple[str, ...]] = {
     "update": ("query_swap", "demo_swap"),
 }
 """The pairs tested, and the nulls each has."""
+CEILINGS: dict[str, tuple[str, str]] = {"ceiling_it": ("it", "it_seed2"), "ceiling_icl": ("icl", "icl_reordered")}
+"""The positive controls: two arms that must share what their demonstration set gave them.
+``ceiling_it`` is preferred as the reference of the margin rule and the fraction."""
 CENTRINGS = ("raw", "anchor", "arm", "reference")
-TEST_COLUMNS = ("pair", "centring", "layer", "null", "observed", "null_mean", "diff", "ci_low", "ci_high", "p",
-                "p_adj", "p_holm", "q_bh", "tost_low", "tost_high", "p_tost", "verdict", "n_units", "n_strata",
-                "n_blocks")
-"""One row per pair × centring × layer × null. diff = observed − null_mean (CI: 95%
-hierarchical bootstrap); p: the pairing permutation test at that layer; p_adj: max-T over the
-layers of the same pair × centring × null; p_holm, q_bh: Holm and Benjamini–Hochberg over the
-cell's tests at that layer (every pair × centring × null); tost_low/high: the 90% CI of the
-TOST; p_tost: its p against ±margin; verdict: :func:`verdict`."""
+QUANTITIES = ("raw", "centred", "update", "agreement", "kl")
+"""The quantities an equivalence margin is declared for (:func:`margin_for`)."""
+DEFAULT_MARGINS: dict[str, Any] = {"raw": "ceiling", "centred": "ceiling", "update": "ceiling", "agreement": 0.05,
+                                   "kl": 0.05, "ceiling_fraction": 0.25}
+"""Cosine margins follow the ceiling rule (``ceiling_fraction`` × the ceiling's excess);
+agreement (a proportion) ±0.05, KL ±0.05 nats."""
+TEST_COLUMNS = ("pair", "centring", "layer", "null", "role", "observed", "null_mean", "diff", "se", "ci_low", "ci_high",
+                "p", "p_adj", "p_holm", "q_bh", "p_min", "exact", "n_perm", "margin", "tost_low", "tost_high", "p_tost",
+                "ceiling", "ceiling_diff", "ceiling_p", "fraction", "fraction_low", "fraction_high", "verdict",
+                "n_units", "n_strata", "n_blocks")
+"""One row per pair × centring × layer × null. role: ``test`` (the pairs of
+:data:`TEST_PAIRS`) or ``control`` (the ceilings of :data:`CEILINGS`). diff = observed −
+null_mean, se its standard error over query blocks, ci_low/high the 95% t interval; p: the
+pairing permutation test at that layer, exact (``exact``, every pairing of ``n_perm``
+enumerated) or Monte Carlo; p_min: the smallest p this design can give; p_adj: step-down
+max-T over the layers of the same pair × centring × null; p_holm, q_bh: Holm and
+Benjamini–Hochberg over the cell's tests of the same role at that layer (every pair ×
+centring × null); margin: the equivalence margin of the row's quantity (NaN: none declared
+and no ceiling); tost_low/high: the 90% t interval of the TOST (the same se), p_tost its p;
+ceiling, ceiling_diff, ceiling_p: the positive control of a test row (same null, centring and
+layer); fraction (low, high): diff / ceiling_diff with a 95% delta-method interval over blocks;
+verdict: :func:`verdict`."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +130,7 @@ class Units:
         return len(self.set)
 
     def block_ids(self) -> np.ndarray:
-        """The bootstrap's top level: (seed, block) as one label per unit."""
+        """The independent units: (seed, block) as one label per unit."""
         return np.asarray([f"{s}/{b}" for s, b in zip(self.seed, self.block)], dtype=object)
 
 
@@ -132,19 +167,16 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
-def pair_states(states: Mapping[str, np.ndarray], pair: str, centring: str = "raw",
-                reference: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) ``[n, L+1, d]`` float64 of a tested pair under a centring (module docstring);
-    states: arm → ``[n, L+1, d]``; reference: ``[L+1, d]`` for the ``reference`` centring."""
-    arm = {k: np.asarray(states[k], dtype=np.float64) for k in ("anchor", "icl", "it")}
-    if pair == "update":
-        return arm["icl"] - arm["anchor"], arm["it"] - arm["anchor"]
-    left, right = pair.split("_")
-    x, y = arm[left], arm[right]
+def centre(x: np.ndarray, y: np.ndarray, centring: str, anchor: np.ndarray | None = None,
+           reference: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Two arms' states ``[n, L+1, d]`` under a centring (module docstring); anchor: the
+    cell's anchor states (``anchor`` centring), reference: ``[L+1, d]``."""
     if centring == "raw":
         return x, y
     if centring == "anchor":
-        mean = arm["anchor"].mean(axis=0)
+        if anchor is None:
+            raise ValueError("the anchor centring needs the cell's anchor states")
+        mean = anchor.mean(axis=0)
         return x - mean, y - mean
     if centring == "arm":
         return x - x.mean(axis=0), y - y.mean(axis=0)
@@ -155,10 +187,38 @@ def pair_states(states: Mapping[str, np.ndarray], pair: str, centring: str = "ra
     raise ValueError(f"unknown centring {centring!r}; known: {CENTRINGS}")
 
 
-def _blocks(x: np.ndarray, y: np.ndarray, rows: list[np.ndarray]) -> list[np.ndarray]:
-    """Per stratum ``[m, m, L+1]``: C[a, b, l] = cos(x[rows[a], l], y[rows[b], l])."""
-    xu, yu = _unit(x), _unit(y)
-    return [np.einsum("ald,bld->abl", xu[r], yu[r]) for r in rows]
+def pair_states(states: Mapping[str, np.ndarray], pair: str, centring: str = "raw",
+                reference: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) ``[n, L+1, d]`` float64 of a tested pair under a centring (module docstring);
+    states: arm → ``[n, L+1, d]``; reference: ``[L+1, d]`` for the ``reference`` centring.
+    The update pair is (ICL − anchor, IT − anchor), each unit against its own anchor (its
+    nulls use :func:`stratum_matrices`, which keeps the shared anchor in swapped partners)."""
+    arm = {k: np.asarray(states[k], dtype=np.float64) for k in ("anchor", "icl", "it")}
+    if pair == "update":
+        return arm["icl"] - arm["anchor"], arm["it"] - arm["anchor"]
+    left, right = pair.split("_")
+    return centre(arm[left], arm[right], centring, arm["anchor"], reference)
+
+
+def stratum_matrices(x: np.ndarray, y: np.ndarray, rows: list[np.ndarray],
+                     anchor: np.ndarray | None = None) -> list[np.ndarray]:
+    """Per stratum ``[m, m, L+1]``: ``C[a, b, l] = cos(x[a], y[b])`` at layer l, rows a, b of
+    the stratum. With ``anchor`` (an update pair), ``C[a, b] = cos(x[a] − anchor[b],
+    y[b] − anchor[b])``: every partner's update is taken against the partner's own anchor on
+    both sides, so the matched pairing (a = b) and the swapped ones share the −anchor term
+    alike."""
+    if anchor is None:
+        xu, yu = _unit(x), _unit(y)
+        return [np.einsum("ald,bld->abl", xu[r], yu[r]) for r in rows]
+    out = []
+    for r in rows:
+        xs, a = x[r], anchor[r]
+        ys = y[r] - a
+        num = np.einsum("ald,bld->abl", xs, ys) - np.einsum("bld,bld->bl", a, ys)[None]
+        nx = ((xs**2).sum(-1)[:, None] - 2 * np.einsum("ald,bld->abl", xs, a) + (a**2).sum(-1)[None])
+        ny = np.linalg.norm(ys, axis=-1)[None]
+        out.append(num / np.maximum(np.sqrt(np.maximum(nx, 0.0)) * ny, 1e-12))
+    return out
 
 
 def unit_rows(groups: list[np.ndarray], res: "inference.PairingResult") -> np.ndarray:
@@ -166,59 +226,164 @@ def unit_rows(groups: list[np.ndarray], res: "inference.PairingResult") -> np.nd
     return np.asarray([groups[s][i] for s, i in zip(res.unit_stratum, res.unit_item)], dtype=np.int64)
 
 
-def verdict(diff_low: float, diff_high: float, p: float, equivalent: bool, alpha: float = 0.05) -> str:
+def quantity(pair: str, centring: str) -> str:
+    """The margin quantity of a cosine row: ``update`` for update pairs (and their ceilings),
+    else ``raw`` or ``centred``."""
+    if pair == "update" or pair.startswith("update_"):
+        return "update"
+    return "raw" if centring == "raw" else "centred"
+
+
+def margins(declared: Any = None) -> dict[str, Any]:
+    """The margins of every quantity: :data:`DEFAULT_MARGINS` overlaid with ``declared`` (a
+    number: every cosine quantity; a mapping: per quantity, plus ``ceiling_fraction``)."""
+    out = dict(DEFAULT_MARGINS)
+    if declared is None:
+        return out
+    if isinstance(declared, Mapping):
+        unknown = set(declared) - set(out)
+        if unknown:
+            raise ValueError(f"unknown margin quantities {sorted(unknown)}; known: {sorted(out)}")
+        out.update({k: v for k, v in declared.items() if v is not None})
+        return out
+    value = float(declared)
+    return out | {"raw": value, "centred": value, "update": value}
+
+
+def margin_for(declared: Mapping[str, Any], quantity_: str, ceiling_diff: Any = np.nan) -> Any:
+    """The margin of one quantity: the declared number, or for ``"ceiling"`` the declared
+    ``ceiling_fraction`` of the ceiling's excess (NaN where there is no positive ceiling, so no
+    equivalence can be claimed). Scalar or per-layer array like ``ceiling_diff``."""
+    value = declared[quantity_]
+    if value == "ceiling":
+        c = np.asarray(ceiling_diff, dtype=np.float64)
+        return np.where(c > 0, float(declared["ceiling_fraction"]) * c, np.nan)
+    return np.full(np.shape(ceiling_diff), float(value)) if np.ndim(ceiling_diff) else float(value)
+
+
+def verdict(diff_low: float, diff_high: float, p: float, equivalent: bool, alpha: float = 0.05, *,
+            se: float = 1.0, margin: float = np.nan) -> str:
     """``above null`` / ``below null`` when the adjusted p is below alpha and the CI excludes
-    0; ``equivalent`` when the TOST's CI lies inside ±margin; otherwise ``inconclusive``."""
+    0; ``equivalent within ±m`` when the TOST's CI lies inside ±margin; ``undefined`` when the
+    contrast does not vary between blocks (se 0 or NaN: no evidence either way); otherwise
+    ``inconclusive``. Never "zero": equivalence is only ever within the declared margin."""
+    if not (np.isfinite(se) and se > 0):
+        return "undefined"
     if np.isfinite(p) and p < alpha and (diff_low > 0 or diff_high < 0):
         return "above null" if diff_low > 0 else "below null"
     if equivalent:
-        return "equivalent"
+        return f"equivalent within ±{margin:.3g}" if np.isfinite(margin) else "equivalent"
     return "inconclusive"
 
 
 def adjust_family(df: pd.DataFrame, by: Sequence[str] = ("layer",)) -> pd.DataFrame:
-    """Holm p and BH q over each family (the rows sharing ``by``), then the verdicts."""
+    """Holm p and BH q over each family (the rows sharing ``by``, and ``role`` where the table
+    has it: tests and controls are separate families), then the verdicts."""
     df = df.copy()
     df["p_holm"] = np.nan
     df["q_bh"] = np.nan
-    for _, idx in df.groupby(list(by) if len(by) > 1 else by[0], sort=False).groups.items():
+    keys = list(by) + (["role"] if "role" in df.columns and "role" not in by else [])
+    for _, idx in df.groupby(keys if len(keys) > 1 else keys[0], sort=False).groups.items():
         df.loc[idx, "p_holm"] = inference.holm(df.loc[idx, "p"].to_numpy(dtype=float))
         df.loc[idx, "q_bh"] = inference.bh(df.loc[idx, "p"].to_numpy(dtype=float))
-    df["verdict"] = [verdict(lo, hi, p, eq) for lo, hi, p, eq in
-                     zip(df["ci_low"], df["ci_high"], df["p_holm"], df["p_tost"] < 0.05)]
+    se = df["se"] if "se" in df.columns else pd.Series(1.0, index=df.index)
+    margin = df["margin"] if "margin" in df.columns else pd.Series(np.nan, index=df.index)
+    df["verdict"] = [verdict(lo, hi, p, eq, se=s, margin=m) for lo, hi, p, eq, s, m in
+                     zip(df["ci_low"], df["ci_high"], df["p_holm"], df["p_tost"] < 0.05, se, margin)]
     return df
 
 
-def null_tests(states: Mapping[str, np.ndarray], units: Units, *, margin: float, centrings: Sequence[str] = ("raw", "anchor"),
-               reference: np.ndarray | None = None, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+@dataclass(frozen=True)
+class _Tested:
+    """One pairing test with its block-level summaries, per layer."""
+
+    res: "inference.PairingResult"
+    cm: "inference.ClusterMean"
+    unit_blocks: np.ndarray
+    unit_order: np.ndarray
+
+
+def _run_pair(x: np.ndarray, y: np.ndarray, groups: list[np.ndarray], linked: list[Any], blocks: np.ndarray,
+              anchor: np.ndarray | None, n_perm: int, seed: int) -> _Tested:
+    res = inference.pairing_test(stratum_matrices(x, y, groups, anchor), n_perm=n_perm, seed=seed, links=linked)
+    order = unit_rows(groups, res)
+    return _Tested(res, inference.cluster_mean(res.unit_diff, blocks[order]), blocks[order], order)
+
+
+def _rows(t: _Tested, base: dict[str, Any], margin: Any, control: _Tested | None, control_name: str) -> list[dict]:
+    res, cm = t.res, t.cm
+    lo, hi = cm.ci(0.95)
+    marg = np.broadcast_to(np.asarray(margin, dtype=np.float64), res.diff.shape)
+    tost = inference.tost(res.unit_diff, t.unit_blocks, np.where(np.isfinite(marg), marg, np.nan))
+    frac = (np.full(res.diff.shape, np.nan),) * 3
+    if control is not None and np.array_equal(control.unit_order, t.unit_order):
+        frac = inference.ratio_ci(res.unit_diff, control.res.unit_diff, t.unit_blocks)
+    rows = []
+    for layer in range(len(res.diff)):
+        rows.append(base | {
+            "layer": layer, "observed": float(res.observed[layer]), "null_mean": float(res.null[layer]),
+            "diff": float(res.diff[layer]), "se": float(cm.se[layer]), "ci_low": float(lo[layer]),
+            "ci_high": float(hi[layer]), "p": float(res.p[layer]), "p_adj": float(res.p_maxT[layer]),
+            "p_min": float(res.p_min), "exact": bool(res.exact), "n_perm": int(res.n_perm),
+            "margin": float(marg[layer]), "tost_low": float(tost.ci_low[layer]),
+            "tost_high": float(tost.ci_high[layer]), "p_tost": float(tost.p[layer]),
+            "ceiling": control_name if control is not None else "",
+            "ceiling_diff": float(control.res.diff[layer]) if control is not None else np.nan,
+            "ceiling_p": float(control.res.p[layer]) if control is not None else np.nan,
+            "fraction": float(frac[0][layer]), "fraction_low": float(frac[1][layer]),
+            "fraction_high": float(frac[2][layer]), "n_units": int(res.n_units), "n_strata": int(res.n_strata),
+            "n_blocks": int(len(set(t.unit_blocks))),
+        })
+    return rows
+
+
+def null_tests(states: Mapping[str, np.ndarray], units: Units, *, margin: Any = None,
+               centrings: Sequence[str] = ("raw", "anchor"), reference: np.ndarray | None = None,
+               n_perm: int = 1000, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """The tests of one cell (:data:`TEST_COLUMNS`), from its states (arm → ``[n, L+1, d]``,
-    rows as ``units``). Families for p_holm / q_bh: one layer's tests of the cell."""
+    rows as ``units``), with the ceilings of :data:`CEILINGS` where their arms are stored.
+
+    margin: the declared equivalence margins (:func:`margins`: a number, a mapping per
+    quantity, or None for :data:`DEFAULT_MARGINS`). Families for p_holm / q_bh: one layer's
+    tests of the cell, and separately its controls. n_boot is unused (intervals are t
+    intervals over blocks) and kept so that callers' analysis settings stay one mapping."""
+    del n_boot
+    declared = margins(margin)
+    arm = {k: np.asarray(v, dtype=np.float64) for k, v in states.items()}
+    anchor = arm["anchor"]
     rows: list[dict[str, Any]] = []
     blocks = units.block_ids()
+    ceilings = {name: pair for name, pair in CEILINGS.items() if all(a in arm for a in pair)}
     for null in NULLS:
         groups = strata(units, null)
         if not groups:
             continue
         linked = links(units, null, groups)
-        for pair, nulls in TEST_PAIRS.items():
-            if null not in nulls:
-                continue
-            for centring in (("raw",) if pair == "update" else centrings):
-                x, y = pair_states(states, pair, centring, reference)
-                res = inference.pairing_test(_blocks(x, y, groups), n_perm=n_perm, seed=seed, links=linked)
-                order = unit_rows(groups, res)
-                lo, hi = inference.hierarchical_bootstrap(res.unit_diff, blocks[order], n_boot=n_boot, seed=seed)
-                tost = inference.tost(res.unit_diff, blocks[order], margin)
-                for layer in range(len(res.diff)):
-                    rows.append({
-                        "pair": pair, "centring": centring, "layer": layer, "null": null,
-                        "observed": float(res.observed[layer]), "null_mean": float(res.null[layer]),
-                        "diff": float(res.diff[layer]), "ci_low": float(lo[layer]), "ci_high": float(hi[layer]),
-                        "p": float(res.p[layer]), "p_adj": float(res.p_maxT[layer]),
-                        "tost_low": float(np.asarray(tost.ci_low)[layer]), "tost_high": float(np.asarray(tost.ci_high)[layer]),
-                        "p_tost": float(np.asarray(tost.p)[layer]), "n_units": int(res.n_units),
-                        "n_strata": int(res.n_strata), "n_blocks": int(len(set(blocks[order]))),
-                    })
+
+        def run(x: np.ndarray, y: np.ndarray, with_anchor: bool = False) -> _Tested:
+            return _run_pair(x, y, groups, linked, blocks, anchor if with_anchor else None, n_perm, seed)
+
+        for centring in centrings:
+            controls = {name: run(*centre(arm[a], arm[b], centring, anchor, reference))
+                        for name, (a, b) in ceilings.items()}
+            if centring == "raw":
+                controls |= {f"update_{name}": run(arm[a], arm[b], with_anchor=True) for name, (a, b) in ceilings.items()}
+            for name, t in controls.items():
+                rows += _rows(t, {"pair": name, "centring": centring, "null": null, "role": "control"},
+                              margin_for(declared, quantity(name, centring), np.full(t.res.diff.shape, np.nan)), None, "")
+            for pair, nulls in TEST_PAIRS.items():
+                if null not in nulls or (pair == "update" and centring != "raw"):
+                    continue
+                prefix = "update_" if pair == "update" else ""
+                name = next((prefix + c for c in CEILINGS if prefix + c in controls), "")
+                control = controls.get(name)
+                if pair == "update":
+                    t = run(arm["icl"], arm["it"], with_anchor=True)
+                else:
+                    t = run(*pair_states(arm, pair, centring, reference))
+                ceiling = control.res.diff if control is not None else np.full(t.res.diff.shape, np.nan)
+                rows += _rows(t, {"pair": pair, "centring": centring, "null": null, "role": "test"},
+                              margin_for(declared, quantity(pair, centring), ceiling), control, name)
     if not rows:
         return pd.DataFrame(columns=list(TEST_COLUMNS))
     return adjust_family(pd.DataFrame(rows))[list(TEST_COLUMNS)]

@@ -49,12 +49,10 @@ class RunData:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def margin(self) -> float:
-        """The equivalence margin the spec declared (``equivalence_margin``)."""
-        from iclit.experiments.spec import ExperimentSpec
-
-        default = ExperimentSpec.model_fields["equivalence_margin"].default
-        return float((self.plan or {}).get("equivalence_margin", default))
+    def margin(self) -> float | dict[str, Any] | None:
+        """The equivalence margins the spec declared (``equivalence_margin``: a number, or a
+        mapping per quantity; None: the defaults of :func:`iclit.analysis.nulls.margins`)."""
+        return (self.plan or {}).get("equivalence_margin")
 
     @cached_property
     def cells(self) -> dict[str, pd.DataFrame]:

@@ -200,10 +200,21 @@ def dose(run: RunData) -> pd.DataFrame:
 
 
 @register_metric("tests", "per cell × pair × centring × layer × null: observed cosine, its query-swap / demo-swap "
-                 "null, diff with hierarchical-bootstrap CI, permutation p, max-T p_adj over layers, Holm p and BH q "
-                 "over the cell's tests at that layer, TOST against the spec's margin, verdict")
+                 "null, diff with a t interval over query blocks, permutation p (exact or Monte Carlo, with the "
+                 "design's smallest p), step-down max-T p_adj over layers, Holm p and BH q over the cell's tests at "
+                 "that layer, TOST against the declared margin, the positive control (ceiling) and the fraction of "
+                 "it, verdict")
 def tests(run: RunData) -> pd.DataFrame:
     return _with_labels(run.tests, run)
+
+
+@register_metric("power", "per cell × test at the last layer, from this run as a pilot: the block SD, the effect "
+                 "detectable with 80% power after Bonferroni over the layer's family, and the blocks needed to "
+                 "detect the margin and the observed excess (`iclit power RUN --blocks N` plans another size)")
+def power(run: RunData) -> pd.DataFrame:
+    from iclit.analysis.power import power_table
+
+    return _with_labels(power_table(run.tests), run)
 
 
 @register_metric("geometry", "per cell × pair × layer: debiased linear CKA and RSA across all the cell's queries, "

@@ -170,7 +170,7 @@ class Plan:
             "queries_per_set": spec.queries_per_set,
             "sets_per_query": spec.query_sharing,
             "pairs": spec.pairs,
-            "equivalence_margin": spec.equivalence_margin,
+            "equivalence_margin": spec.margins,
             "cells": [{"key": c.key, "labels": c.labels} for c in self.cells],
             "n_trials": self.n_trials,
         }

@@ -59,10 +59,13 @@ def _print_tests(rows: list[dict], cfg: dict, seeds: list[dict] | None = None) -
             console.print("no query-swap / demo-swap nulls: one query per set (--queries-per-set 2 or more)",
                           highlight=False)
         return
-    table = Table(title="last layer vs the nulls: excess = observed − null [95% CI]; p: Holm over the last layer's tests")
+    table = Table(title="last layer vs the nulls: excess = observed − null [95% CI over query blocks]; p: Holm over "
+                        "the last layer's tests (floor: the smallest p the design allows)")
     for col in ("pair", "cosine", "query-swap excess", "demo-swap excess"):
         table.add_column(col)
-    names = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update"}
+    names = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update",
+             "ceiling_it": "IT–IT′ (control)", "update_ceiling_it": "update IT–IT′ (control)",
+             "ceiling_icl": "ICL–ICL reordered (control)", "update_ceiling_icl": "update ICL–ICL′ (control)"}
     for pair, label in names.items():
         got = {r["null"]: r for r in rows if r["pair"] == pair}
         if not got:
@@ -70,15 +73,38 @@ def _print_tests(rows: list[dict], cfg: dict, seeds: list[dict] | None = None) -
         cells = [label, f"{next(iter(got.values()))['observed']:.3f}"]
         for null in ("query_swap", "demo_swap"):
             r = got.get(null)
-            cells.append(f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]\np={r['p_holm']:.2g} {r['verdict']}"
-                         if r else "–")
+            cells.append(f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]\n"
+                         f"p={_p(r['p_holm'])} (floor {_p(r.get('p_min'))}) {r['verdict']}" if r else "–")
         table.add_row(*cells)
     console.print(table)
     n = rows[0]
+    for r in rows:
+        if r.get("role", "test") == "test" and r["pair"] == "icl_it" and r["null"] == "demo_swap" and r.get("ceiling"):
+            console.print(f"ICL–IT demo-swap specificity: {r['fraction']:+.2f} [{r['fraction_low']:+.2f}, "
+                          f"{r['fraction_high']:+.2f}] of the {names.get(r['ceiling'], r['ceiling'])} ceiling "
+                          f"({r['ceiling_diff']:+.3f}); margin ±{r['margin']:.3g}", highlight=False)
     for r in seeds or ():
         if r["pair"] == "icl_it":
             console.print(f"IT seed noise, last layer: ICL–IT {r['seed1']:.3f} with the first seed, {r['seed2']:.3f} with "
                           f"the second; per-pair between-seed SD {r['unit_sd']:.3f}", highlight=False)
-    console.print(f"{n['n_units']} (query, set) pairs in {n['n_blocks']} query blocks; equivalence margin "
-                  f"±{cfg.get('equivalence_margin', 0.02)}; every layer and centring: {cfg.get('run_dir', 'RUN')}/tests.csv",
-                  highlight=False)
+    console.print(f"{n['n_units']} (query, set) pairs in {n['n_blocks']} query blocks; equivalence margins "
+                  f"{_margins(cfg.get('equivalence_margin'))}; every layer and centring: "
+                  f"{cfg.get('run_dir', 'RUN')}/tests.csv", highlight=False)
+
+
+def _p(p: float | None) -> str:
+    """A p-value for reading: three significant digits, "< 0.001" below that."""
+    if p is None or p != p:
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.3g}"
+
+
+def _margins(declared: object) -> str:
+    """The declared margins in one phrase (a number: every cosine; a mapping: per quantity)."""
+    from iclit.analysis.nulls import margins
+
+    m = margins(declared)
+    cos = {k: m[k] for k in ("raw", "centred", "update")}
+    rule = f"{m['ceiling_fraction']:g} × the ceiling's excess"
+    text = ", ".join(f"{k} {rule if v == 'ceiling' else f'±{v:g}'}" for k, v in cos.items())
+    return f"{text}; agreement ±{m['agreement']:g}; KL ±{m['kl']:g} nats"

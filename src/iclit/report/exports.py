@@ -94,7 +94,7 @@ def comparison_config(run: RunData) -> dict[str, Any]:
         "sets_per_query": spec.query_sharing,
         "pairs": spec.pairs,
         "it_seeds": spec.it_seeds,
-        "equivalence_margin": spec.equivalence_margin,
+        "equivalence_margin": spec.margins,
         "seed": spec.seeds[0],
         "sampler": spec.sampler,
         "template": settings["template"],
@@ -135,12 +135,14 @@ def comparison_tests(run: RunData) -> Any:
 
 
 def last_layer_tests(tests: Any) -> list[dict[str, Any]]:
-    """metrics.json's ``tests``: the raw-centring rows at the last layer, one per pair × null."""
+    """metrics.json's ``tests``: the raw-centring rows at the last layer, one per pair × null
+    (the ceilings' rows with role ``control``)."""
     if not len(tests):
         return []
     raw = last_layer_rows(tests[tests["centring"] == "raw"])
-    keep = ["pair", "null", "observed", "null_mean", "diff", "ci_low", "ci_high", "p", "p_adj", "p_holm", "q_bh",
-            "p_tost", "verdict", "n_units", "n_blocks"]
+    keep = ["pair", "null", "role", "observed", "null_mean", "diff", "se", "ci_low", "ci_high", "p", "p_adj", "p_holm",
+            "q_bh", "p_min", "exact", "margin", "tost_low", "tost_high", "p_tost", "ceiling", "ceiling_diff", "fraction",
+            "fraction_low", "fraction_high", "verdict", "n_units", "n_blocks"]
     return raw[keep].to_dict("records")
 
 

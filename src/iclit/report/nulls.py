@@ -15,7 +15,16 @@ from iclit.report.causal import MAX_CELLS, _title
 
 __all__ = ["nulls_section"]
 
-_PAIR = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update"}
+_PAIR = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update",
+         "ceiling_it": "IT–IT′ (control)", "update_ceiling_it": "update IT–IT′ (control)",
+         "ceiling_icl": "ICL–ICL reordered (control)", "update_ceiling_icl": "update ICL–ICL′ (control)"}
+
+
+def _p(value: Any) -> dict[str, Any]:
+    """A p-value: three significant digits, "< 0.001" below that."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return {"kind": "none"}
+    return {"kind": "text", "value": "< 0.001" if value < 0.001 else f"{value:.3g}"}
 
 
 def _num(value: Any, fmt: str = "{:.3f}") -> dict[str, Any]:
@@ -33,16 +42,17 @@ def _ci(mean: float, lo: float, hi: float) -> dict[str, Any]:
 def _tests_table(t: pd.DataFrame) -> dict[str, Any]:
     rows = [[{"kind": "text", "value": _PAIR.get(r.pair, r.pair)}, {"kind": "text", "value": r.centring},
              {"kind": "text", "value": r.null.replace("_", "-")}, _num(r.observed), _num(r.null_mean),
-             _ci(r.diff, r.ci_low, r.ci_high), _num(r.p, "{:.3g}"), _num(r.p_adj, "{:.3g}"), _num(r.p_holm, "{:.3g}"),
-             _num(r.q_bh, "{:.3g}"), _ci(r.diff, r.tost_low, r.tost_high), {"kind": "text", "value": r.verdict}]
+             _ci(r.diff, r.ci_low, r.ci_high), _p(r.p), _p(r.p_min), _p(r.p_adj), _p(r.p_holm),
+             _ci(r.diff, r.tost_low, r.tost_high), _num(r.margin, "±{:.3g}"), _num(r.fraction, "{:+.2f}"),
+             {"kind": "text", "value": r.verdict}]
             for r in t.itertuples()]
-    return {"head": ["pair", "centring", "null", "observed", "null", "excess [95% CI]", "p", "p max-T", "p Holm",
-                     "q BH", "TOST 90% CI", "verdict"], "rows": rows, "cls": None}
+    return {"head": ["pair", "centring", "null", "observed", "null", "excess [95% CI]", "p", "smallest p", "p max-T",
+                     "p Holm", "TOST 90% CI", "margin", "of ceiling", "verdict"], "rows": rows, "cls": None}
 
 
 def _geometry_table(g: pd.DataFrame) -> dict[str, Any]:
     rows = [[{"kind": "text", "value": _PAIR.get(r.pair, r.pair)}, {"kind": "text", "value": r.measure},
-             _num(r.value), _num(r.null_mean), _num(r.p, "{:.3g}"), _num(r.p_adj, "{:.3g}"), _num(r.n, "{:.0f}")]
+             _num(r.value), _num(r.null_mean), _p(r.p), _p(r.p_adj), _num(r.n, "{:.0f}")]
             for r in g.itertuples()]
     return {"head": ["pair", "measure", "value", "null mean", "p", "p max-T", "n"], "rows": rows, "cls": None}
 
@@ -50,7 +60,7 @@ def _geometry_table(g: pd.DataFrame) -> dict[str, Any]:
 def _behaviour_table(b: pd.DataFrame) -> dict[str, Any]:
     rows = [[{"kind": "text", "value": r.pair.replace("_", "–")}, {"kind": "text", "value": r.measure},
              {"kind": "text", "value": r.null.replace("_", "-")}, _num(r.observed), _num(r.null_mean),
-             _ci(r.diff, r.ci_low, r.ci_high), _num(r.p_holm, "{:.3g}"), {"kind": "text", "value": r.verdict or ""}]
+             _ci(r.diff, r.ci_low, r.ci_high), _p(r.p_holm), {"kind": "text", "value": r.verdict or ""}]
             for r in b.itertuples()]
     return {"head": ["arms", "measure", "null", "observed", "null", "diff [95% CI]", "p Holm", "verdict"], "rows": rows, "cls": None}
 

@@ -18,6 +18,8 @@ _SECTIONS = (  # (heading, definition in the schema (None: the spec itself), wha
     ("Top-level keys", None, "Every key is optional."),
     ("`recipe`", "TuningRecipe", "The IT recipe. `recipes.NAME` and a mapping in `factors.recipe` take the same "
                                  "fields, laid over `recipe`."),
+    ("`equivalence_margin`", "EquivalenceMargins", "The equivalence margins as a mapping, each quantity on its own "
+                                                   "scale (a single number sets the three cosine quantities)."),
     ("`factors`", "Factors", "Each a non-empty list of values, each value once; a factor not listed keeps the "
                              "top-level key's value."),
     ("`task_options`", "TaskOptions", "How a data file becomes the task (as `iclit compare --input-field …`); "

@@ -14,12 +14,12 @@ import json
 from typing import Annotated, Any, Mapping
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, Field, PlainValidator, PrivateAttr, Strict, ValidationError, ValidationInfo, \
+from pydantic import BaseModel, BeforeValidator, Discriminator, Field, Tag, PlainValidator, PrivateAttr, Strict, ValidationError, ValidationInfo, \
     field_validator, model_validator
 
 from iclit.experiments.spec.problems import SpecError, problems_of
 from iclit.experiments.spec.values import (
-    ANALYSIS_NAMES, BASELINE_NAMES, DESIGNS, DTYPES, REQUIRED_ARMS, SAMPLER_NAMES, Design, DType, FactorValue, SamplerName, TaskOptions,
+    ANALYSIS_NAMES, BASELINE_NAMES, DESIGNS, DTYPES, REQUIRED_ARMS, SAMPLER_NAMES, Design, DType, EquivalenceMargins, FactorValue, SamplerName, TaskOptions,
     _Analysis, _DemoTask, _FROZEN, _Layers, _Overrides, _Scales, _RecipeName, _Similarity, _Str, _Text, _Arm, _Baseline, _factors, _listed, _none_is, _one_of,
     _plain, _values, Factors, recipe_label,
 )
@@ -74,11 +74,17 @@ class ExperimentSpec(BaseModel):
     it_seeds: PosInt = Field(1, description="IT adapters per demonstration set, each with its own seed (LoRA init, data "
                                             "order, dropout), trained in the same batched pass: `it` is seed 1's, "
                                             "it_seed2 … the others'; their spread is the IT seed noise")
-    equivalence_margin: Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False),
-                                  expect("a number in (0, 1]")] = Field(
-        0.02, description="declared before the run: the largest difference of mean cosines that counts as no effect "
-                          "(the equivalence test, TOST, of each null's excess); an excess whose 90% CI lies inside "
-                          "±margin is 'equivalent', one whose CI excludes 0 is an effect, anything else 'inconclusive'")
+    equivalence_margin: Annotated[
+        Annotated[Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)], Tag("number")]
+        | Annotated[EquivalenceMargins, Tag("mapping")],
+        Discriminator(lambda v: "mapping" if isinstance(v, (Mapping, EquivalenceMargins)) else "number"),
+        expect("a number in (0, 1] or a mapping of margins per quantity")] = Field(
+        EquivalenceMargins(),
+        description="declared before the run, per quantity (raw, centred, update cosines: a number or 'ceiling'; "
+                    "agreement; kl; ceiling_fraction): the largest excess over a null that counts as no effect; an "
+                    "excess whose 90% CI lies inside ±margin is 'equivalent within ±margin'. A number: every cosine "
+                    "quantity. Default: the cosines follow the ceiling rule, a quarter of the excess of the cell's "
+                    "positive control (IT seed 1 vs 2, else ICL vs reordered ICL)")
     seed: Annotated[NonNegInt | None, BeforeValidator(_no_both), expect("an integer >= 0")] = Field(
         None, description="one seed: the same as `seeds: [seed]`", exclude=True)
     seeds: _values(NonNegInt, "a seed", "a non-empty list of integers >= 0") = Field((0,), description="seeds of the draws and the tuning")
@@ -267,6 +273,12 @@ class ExperimentSpec(BaseModel):
         return type(self)(**{**fields, **changes})
 
     # --- what the plan needs ------------------------------------------------------------
+
+    @property
+    def margins(self) -> float | dict[str, Any]:
+        """``equivalence_margin`` as plain data (a number, or the mapping per quantity)."""
+        m = self.equivalence_margin
+        return m if isinstance(m, float) else m.model_dump()
 
     @property
     def query_sharing(self) -> int:

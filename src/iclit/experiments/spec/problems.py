@@ -81,6 +81,9 @@ def line_of(path: str, lines: Mapping[str, int]) -> int | None:
     return line
 
 
+_TAGS = ("number", "mapping")
+
+
 def path_of(loc: Sequence[Any], data: Any) -> tuple[str, tuple[Any, ...]]:
     """(path as the file spells it, the part of ``loc`` found in ``data``) of an error location.
 
@@ -88,6 +91,8 @@ def path_of(loc: Sequence[Any], data: Any) -> tuple[str, tuple[Any, ...]]:
     list made of one string) end the walk: the path is the deepest node the data has."""
     text, found, node = "", [], data
     for part in loc:
+        if part in _TAGS and not (isinstance(node, Mapping) and part in node):
+            continue  # a tagged union's branch (equivalence_margin: a number or a mapping)
         if isinstance(node, Mapping) and part in node:
             text = f"{text}.{part}" if text else str(part)
         elif isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node):
@@ -106,6 +111,10 @@ def _unknown(parent: tuple[Any, ...]) -> str:
 
     if not parent:
         return f"unknown key (keys: {', '.join(sorted(ExperimentSpec.model_fields))})"
+    if parent == ("equivalence_margin",):
+        from iclit.experiments.spec.values import EquivalenceMargins
+
+        return f"unknown margin quantity (quantities: {', '.join(EquivalenceMargins.model_fields)})"
     if parent == ("factors",):
         return f"unknown factor (factors: {', '.join(FACTORS)})"
     if parent == ("task_options",):

@@ -144,12 +144,39 @@ def factor_label(name: str, value: FactorValue) -> Any:
 
 
 def _plain(v: Any) -> Any:
-    """Tuples as lists, mappings as dicts, all the way down (for YAML)."""
+    """Tuples as lists, mappings (and nested models) as dicts, all the way down (for YAML)."""
+    if isinstance(v, BaseModel):
+        v = v.model_dump()
     if isinstance(v, Mapping):
         return {k: _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
     return v
+
+
+_CosineMargin = Annotated[
+    Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)] | Literal["ceiling"],
+    expect(message="must be a number in (0, 1] or 'ceiling', not {got}")]
+
+
+class EquivalenceMargins(BaseModel):
+    """The equivalence margins, declared before the run, per quantity on its own scale: an
+    excess whose 90% CI lies inside ±margin is "equivalent within ±margin". A cosine quantity
+    may follow the ceiling rule instead of a number: ``ceiling_fraction`` × the excess of the
+    cell's positive control (IT seed 1 vs IT seed 2, else ICL vs reordered ICL) at the same
+    null, centring and layer; a cell without a ceiling then claims no equivalence."""
+
+    model_config = _FROZEN
+
+    raw: _CosineMargin = Field("ceiling", description="raw cosines' excess over a null")
+    centred: _CosineMargin = Field("ceiling", description="centred cosines' excess (anchor or reference centring)")
+    update: _CosineMargin = Field("ceiling", description="the update pair's excess (ICL − anchor vs IT − anchor)")
+    agreement: Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)] = Field(
+        0.05, description="prediction agreement's excess (a proportion)")
+    kl: Annotated[float, Strict(), Field(gt=0.0, allow_inf_nan=False)] = Field(
+        0.05, description="KL divergence's excess (nats)")
+    ceiling_fraction: Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)] = Field(
+        0.25, description="the ceiling rule's fraction of the positive control's excess")
 
 
 class Factors(BaseModel):
