@@ -343,3 +343,31 @@ def test_check_warns_for_a_five_block_cell(tmp_path):
     spec.write_text(spec.read_text().replace("resamples: 10", "resamples: 18"))
     res = CliRunner().invoke(app, ["run", str(spec), "--out", str(tmp_path / "run"), "--check", "--strict"])
     assert res.exit_code == 0 and "cannot reject" not in res.output
+
+
+def test_the_bootstrap_of_blocks_keeps_every_unit_of_a_drawn_block():
+    from iclit.analysis.inference import hierarchical_bootstrap_means
+
+    x = np.array([1.0, 3.0, 10.0, 30.0, 100.0])
+    groups = ["a", "a", "b", "b", "c"]
+    draws = hierarchical_bootstrap_means(x, groups, n_boot=400, seed=1, within=False)
+    # a draw of 3 groups is a multiset of whole blocks: its sum of units is a sum of block sums
+    block_sums, sizes = {"a": 4.0, "b": 40.0, "c": 100.0}, {"a": 2, "b": 2, "c": 1}
+    possible = {round(sum(block_sums[g] for g in c) / sum(sizes[g] for g in c), 9)
+                for c in itertools.combinations_with_replacement("abc", 3)}
+    assert {round(v, 9) for v in draws} <= possible
+    assert len({round(v, 9) for v in draws}) > 3
+
+
+def test_summaries_of_a_crossed_cell_use_blocks_as_units():
+    from iclit.analysis.stats import summarize, summarize_layers
+
+    rng = np.random.default_rng(15)
+    blocks = np.repeat(np.arange(6), 8)
+    x = rng.normal(size=6)[blocks] + 0.1 * rng.normal(size=48)
+    s = summarize(x, blocks)
+    ci = sps.ttest_1samp(pd.Series(x).groupby(blocks).mean(), 0.0).confidence_interval(0.95)
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((ci.low, ci.high)) and s["n"] == 48
+    assert summarize(x)["ci_high"] - summarize(x)["ci_low"] < 0.5 * (ci.high - ci.low)  # trials as units: too narrow
+    table = summarize_layers({"icl_it": np.column_stack([x, x])}, blocks)
+    assert table["ci_low"].tolist() == pytest.approx([ci.low, ci.low])

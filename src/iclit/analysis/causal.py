@@ -25,9 +25,12 @@ fraction towards B itself (``icl_into_it``'s ``frac_it``, ``it_into_icl``'s ``fr
 has no distance to close and is left out.
 
 **Intervals and tests.** Every value is a mean over units (or a ratio of means) with a 95%
-hierarchical-bootstrap CI (:func:`iclit.analysis.inference.hierarchical_bootstrap_means`):
-query blocks (the sets that share their queries, :class:`iclit.analysis.nulls.Units`; with
-one query per set, the sets), then (query, set) units within them; cells pool their seeds.
+percentile CI from a bootstrap of query blocks
+(:func:`iclit.analysis.inference.hierarchical_bootstrap_means` with ``within=False``): the
+blocks (the sets that share their queries, :class:`iclit.analysis.nulls.Units`; with one
+query per set, the sets) are the independent units and are resampled whole, so a block's
+units stay balanced over its sets and queries as the design made them (a ratio of means has
+no t interval); cells pool their seeds.
 Steering adds the contrasts ``it-random_it`` and ``icl-random_icl``: per unit, the vector's
 measure minus the mean over its random draws of the same norm, with the CI and a two-sided
 sign-flip p that flips whole blocks (exact when there are at most 2^13 flips); ``p_holm``:
@@ -129,8 +132,8 @@ def _fraction(classification: bool, mean: Callable[[str], np.ndarray], run: str,
 
 
 class _Estimates:
-    """Means (and derived ratios) of named per-unit columns with hierarchical-bootstrap CIs
-    from one set of draws."""
+    """Means (and derived ratios) of named per-unit columns with CIs from one set of draws of
+    a bootstrap of query blocks."""
 
     def __init__(self, columns: Mapping[str, np.ndarray], blocks: np.ndarray, *, seed: int) -> None:
         self.names = list(columns)
@@ -138,7 +141,7 @@ class _Estimates:
         keep = ~np.isnan(matrix).any(axis=1)
         self.index = {c: j for j, c in enumerate(self.names)}
         self.point = matrix[keep].mean(axis=0) if keep.any() else np.full(len(self.names), np.nan)
-        self.draws = inference.hierarchical_bootstrap_means(matrix, blocks, n_boot=N_BOOT, seed=seed)
+        self.draws = inference.hierarchical_bootstrap_means(matrix, blocks, n_boot=N_BOOT, seed=seed, within=False)
         self.n_units, self.n_blocks = int(keep.sum()), int(len(set(blocks[keep])))
 
     def of(self, fn: Callable[[Callable[[str], np.ndarray]], np.ndarray]) -> tuple[float, float, float]:

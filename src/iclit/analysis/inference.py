@@ -120,15 +120,17 @@ def _units(values: Any, groups: Any) -> tuple[np.ndarray, np.ndarray, bool]:
 
 
 def hierarchical_bootstrap_means(
-    values: Any, groups: Any, *, n_boot: int = 2000, seed: int = 0
+    values: Any, groups: Any, *, n_boot: int = 2000, seed: int = 0, within: bool = True
 ) -> np.ndarray:
     """Bootstrap draws of the mean of units nested in groups: ``[n_boot]`` or ``[n_boot, L]``.
 
     values: ``[n]`` or ``[n, L]``; groups: ``[n]`` hashable labels. Each draw resamples the
     G groups with replacement, then, in each drawn group of n_g units, n_g units with
-    replacement; the statistic is the mean over all units drawn. Every column uses the same
-    draws, so a unit with a NaN in any column is dropped (a column that is all NaN stays NaN).
-    One group per unit is the ordinary bootstrap; no units gives NaN draws.
+    replacement (``within=False``: every unit of a drawn group, the bootstrap of groups, whose
+    units stay balanced as the design made them: the choice for query blocks, whose units share
+    queries and sets); the statistic is the mean over all units drawn. Every column uses the
+    same draws, so a unit with a NaN in any column is dropped (a column that is all NaN stays
+    NaN). One group per unit is the ordinary bootstrap; no units gives NaN draws.
     """
     v, codes, one_d = _units(values, groups)
     n, n_col = v.shape
@@ -147,7 +149,11 @@ def hierarchical_bootstrap_means(
             k = sizes[g]  # units to draw in each drawn group
             slot = np.repeat(g.reshape(-1), k.reshape(-1))  # group of every drawn unit
             draw = np.repeat(np.arange(b), k.sum(1))
-            unit = starts[slot] + rng.integers(0, sizes[slot])
+            if within:
+                unit = starts[slot] + rng.integers(0, sizes[slot])
+            else:  # every unit of each drawn group, in order
+                first = np.repeat(np.cumsum(k.reshape(-1)) - k.reshape(-1), k.reshape(-1))
+                unit = starts[slot] + (np.arange(len(slot)) - first)
             w = np.bincount(draw * n + unit, minlength=b * n).reshape(b, n)
             out[b0 : b0 + b] = (w @ v) / k.sum(1)[:, None]
     return out[:, 0] if one_d else out

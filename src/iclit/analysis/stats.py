@@ -56,29 +56,39 @@ def bootstrap_ci(
     return (float(lo), float(hi))
 
 
-def summarize(values: Any, **kw: Any) -> dict[str, float | int]:
+def summarize(values: Any, groups: Any = None, **kw: Any) -> dict[str, float | int]:
     """``{mean, std, ci_low, ci_high, n}`` of the non-NaN values.
 
-    std uses ddof=1 (0.0 for n == 1); ``kw`` goes to :func:`bootstrap_ci`.
+    std uses ddof=1 (0.0 for n == 1). groups: one label per value, the independent units the
+    values nest in (a crossed cell's query blocks): the CI is then the t interval over the
+    groups' means (:func:`iclit.analysis.inference.cluster_mean`); without groups, values are
+    taken as independent and ``kw`` goes to :func:`bootstrap_ci`.
     """
-    x = _finite(values)
+    x_all = _as_1d(values)
+    x = x_all[~np.isnan(x_all)]
     n = int(x.size)
     mean = float(x.mean()) if n else float("nan")
     std = float(x.std(ddof=1)) if n > 1 else (0.0 if n == 1 else float("nan"))
-    lo, hi = bootstrap_ci(x, **kw)
+    if groups is not None and n:
+        from iclit.analysis.inference import cluster_mean
+
+        lo, hi = cluster_mean(x_all, groups).ci(0.95)
+    else:
+        lo, hi = bootstrap_ci(x, **kw)
     return {"mean": mean, "std": std, "ci_low": lo, "ci_high": hi, "n": n}
 
 
 SUMMARY_COLUMNS: tuple[str, ...] = ("pair", "layer", "mean", "std", "ci_low", "ci_high", "n")
 
 
-def summarize_layers(per_resample: Mapping[str, Any], **kw: Any) -> pd.DataFrame:
+def summarize_layers(per_resample: Mapping[str, Any], groups: Any = None, **kw: Any) -> pd.DataFrame:
     """Per pair x layer summary: the table written to ``summary.csv``.
 
     per_resample: ``{pair: [n, L]}`` (e.g. the output of ``pairwise_cosines``; a 1-D
     ``[n]`` is taken as one layer). Returns a DataFrame with columns
     ``pair, layer, mean, std, ci_low, ci_high, n``, one row per pair x layer, in input
-    order. ``kw`` goes to :func:`bootstrap_ci` (same seed for every layer).
+    order. groups: the rows' independent units (:func:`summarize`); ``kw`` goes to
+    :func:`bootstrap_ci` (same seed for every layer).
     """
     rows: list[dict[str, Any]] = []
     for pair, values in per_resample.items():
@@ -90,7 +100,7 @@ def summarize_layers(per_resample: Mapping[str, Any], **kw: Any) -> pd.DataFrame
         if arr.ndim != 2:
             raise ValueError(f"{pair}: expected [n, L], got shape {arr.shape}")
         for layer in range(arr.shape[1]):
-            rows.append({"pair": pair, "layer": layer, **summarize(arr[:, layer], **kw)})
+            rows.append({"pair": pair, "layer": layer, **summarize(arr[:, layer], groups, **kw)})
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 

@@ -16,7 +16,7 @@ from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
 from iclit.analysis.stats import summarize, summarize_layers
 
-__all__ = ["cell_cosines", "cell_cosine_tables", "comparison_frame", "comparison_summary", "comparison_metrics", "arms_of", "factor_columns", "single_cell"]
+__all__ = ["cell_cosines", "cell_cosine_tables", "query_blocks", "comparison_frame", "comparison_summary", "comparison_metrics", "arms_of", "factor_columns", "single_cell"]
 
 _TRIAL_COLUMNS = ("cell_key", "seed", "resample", "query_id", "demo_similarity", "n_wrong", "trial_key")
 
@@ -58,10 +58,24 @@ def cell_cosines(run: RunData, cell_key: str, seed: int) -> dict[str, np.ndarray
     return {pair: t.to_numpy(dtype=np.float64) for pair, t in cell_cosine_tables(run, cell_key, seed).items()}
 
 
+def query_blocks(run: RunData, cell_key: str, resamples: Any) -> np.ndarray | None:
+    """The query block of each resample of a cell (sets sharing their queries: the independent
+    units of a crossed cell); None with one query per set and one set per query, where every
+    trial is its own unit."""
+    settings = run.settings.get(cell_key, {})
+    q, m = int(settings.get("queries_per_set", 1)), int(settings.get("sets_per_query", 1))
+    if q * m == 1:
+        return None
+    return np.asarray(resamples, dtype=np.int64) // (q * m)
+
+
 def comparison_summary(run: RunData) -> pd.DataFrame:
-    """Per pair × layer: mean, std, 95% bootstrap CI (seeded by the run's seed), n — summary.csv."""
+    """Per pair × layer: mean, std, 95% CI (a t interval over query blocks in a crossed cell,
+    else a bootstrap over trials seeded by the run's seed), n — summary.csv."""
     cell, seed = single_cell(run)
-    return summarize_layers(cell_cosines(run, cell, seed), seed=seed)
+    tables = cell_cosine_tables(run, cell, seed)
+    blocks = query_blocks(run, cell, next(iter(tables.values())).index) if tables else None
+    return summarize_layers({p: t.to_numpy(dtype=np.float64) for p, t in tables.items()}, blocks, seed=seed)
 
 
 def comparison_metrics(run: RunData) -> dict[str, Any]:
@@ -69,20 +83,24 @@ def comparison_metrics(run: RunData) -> dict[str, Any]:
     between arms, IT final-loss statistics, last-layer and mean-over-layers summaries."""
     cell, seed = single_cell(run)
     o = run.outputs[(run.outputs["cell_key"] == cell) & (run.outputs["seed"] == seed)].sort_values("resample")
-    cos = cell_cosines(run, cell, seed)
+    tables = cell_cosine_tables(run, cell, seed)
+    cos = {p: t.to_numpy(dtype=np.float64) for p, t in tables.items()}
+    cos_blocks = query_blocks(run, cell, next(iter(tables.values())).index) if tables else None
+    blocks = query_blocks(run, cell, o["resample"].to_numpy())
     keys = {"correct": "accuracy", "exact_match": "exact_match"}  # outputs' score_name -> metrics.json key
     score_name = next((key for name, key in keys.items() if (o["score_name"] == name).all()), "chrf")
     losses = pd.to_numeric(o["it_final_loss"], errors="coerce").to_numpy(dtype=float)
     pred = {arm: o[f"prediction_{arm}"].tolist() for arm in arms_of(o)}
     return {
-        score_name: {arm: summarize(pd.to_numeric(o[f"score_{arm}"]).to_numpy(dtype=float), seed=seed) for arm in pred},
+        score_name: {arm: summarize(pd.to_numeric(o[f"score_{arm}"]).to_numpy(dtype=float), blocks, seed=seed)
+                     for arm in pred},
         "icl_it_agreement": agreement(pred["icl"], pred["it"]),
         "anchor_icl_agreement": agreement(pred["anchor"], pred["icl"]),
         "anchor_it_agreement": agreement(pred["anchor"], pred["it"]),
         "it_final_loss": summarize(losses, seed=seed)
         | {"max": float(np.nanmax(losses)) if losses.size and not np.all(np.isnan(losses)) else float("nan")},
-        "last_layer": {pair: summarize(c[:, -1], seed=seed) for pair, c in cos.items()},
-        "mean_over_layers": {pair: summarize(c.mean(axis=1), seed=seed) for pair, c in cos.items()},
+        "last_layer": {pair: summarize(c[:, -1], cos_blocks, seed=seed) for pair, c in cos.items()},
+        "mean_over_layers": {pair: summarize(c.mean(axis=1), cos_blocks, seed=seed) for pair, c in cos.items()},
     }
 
 
@@ -113,11 +131,14 @@ def cosines(run: RunData) -> pd.DataFrame:
     return run.frame
 
 
-@register_metric("layers", "per cell × pair × layer: mean, std, 95% bootstrap CI and n over trials")
+@register_metric("layers", "per cell × pair × layer: mean, std, 95% CI (t over query blocks in a crossed cell) and "
+                 "n over trials")
 def layers(run: RunData) -> pd.DataFrame:
     parts = []
     for (cell, seed), _ in run.frame.groupby(["cell_key", "seed"], sort=False):
-        s = summarize_layers(cell_cosines(run, cell, int(seed)), seed=int(seed))
+        tables = cell_cosine_tables(run, cell, int(seed))
+        blocks = query_blocks(run, cell, next(iter(tables.values())).index) if tables else None
+        s = summarize_layers({p: t.to_numpy(dtype=np.float64) for p, t in tables.items()}, blocks, seed=int(seed))
         parts.append(s.assign(cell_key=cell, seed=int(seed)))
     if not parts:
         return pd.DataFrame()
