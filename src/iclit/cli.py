@@ -445,10 +445,19 @@ def _show(df, format: str, out: Optional[Path], limit: int, nested: bool) -> Non
 def report(
     run: Path = typer.Argument(..., help="run directory"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default RUN/report.html)"),
+    markdown: bool = typer.Option(False, "--markdown", help="print a one-cell comparison's results tables as Markdown "
+                                  "(from its exports) instead"),
 ) -> None:
     """Write one self-contained HTML report of a run: figures per factor, accuracy, spec, versions."""
     from iclit.report.html import write_report
 
+    if markdown:
+        from iclit.report.markdown import comparison_markdown
+
+        if not (run / "metrics.json").exists():
+            _fail(f"{run}: no metrics.json (the Markdown tables are a one-cell comparison's: iclit compare … --out {run})")
+        typer.echo(comparison_markdown(run), nl=False)
+        return
     try:
         path = write_report(run, out)
     except FileNotFoundError as e:

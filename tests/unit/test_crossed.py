@@ -282,6 +282,13 @@ def test_a_crossed_run_shows_its_nulls_in_results_exports_and_report(tmp_path):
     assert {r["pair"] for r in metrics["tests"] if r["role"] == "control"} == {"ceiling_it", "update_ceiling_it"}
     assert {r["pair"] for r in metrics["seeds"]} == {"anchor_it", "icl_it"}  # the IT seed noise
     assert "Against the nulls" in render_report(out)
+    # the README's tables: printed by the package from the exports
+    result = CliRunner().invoke(app, ["report", str(out), "--markdown"])
+    assert result.exit_code == 0, result.output
+    last = tests[(tests["layer"] == n_layers - 1) & (tests["centring"] == "raw")]
+    row = last[(last["pair"] == "icl_it") & (last["null"] == "demo_swap")].iloc[0]
+    assert f"{row['diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]" in result.output
+    assert "IT–IT′ (positive control)" in result.output and "of the positive control's excess" in result.output
 
 
 def test_last_layer_rows_are_each_cells_own_last_layer():

@@ -1,0 +1,116 @@
+"""The results of a one-cell comparison as Markdown tables (``iclit report RUN --markdown``):
+the tables README and docs quote, from the run's exports (``metrics.json``, ``config.json``,
+``summary.csv``), so every number there is one this function prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["comparison_markdown"]
+
+_NAMES = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT",
+          "update": "update (ICL−anchor, IT−anchor)", "ceiling_it": "IT–IT′ (positive control)",
+          "update_ceiling_it": "update IT–IT′ (positive control)", "ceiling_icl": "ICL–ICL reordered (positive control)",
+          "update_ceiling_icl": "update ICL–ICL′ (positive control)"}
+
+
+def _p(p: Any) -> str:
+    if p is None or p != p:
+        return "–"
+    return "< 0.001" if p < 0.001 else f"{p:.3g}"
+
+
+_3 = "{:.3f}"
+
+
+def _f(v: Any, fmt: str = "{:+.3f}") -> str:
+    """A number, or "–" where there is none (NaN is null in the exports' JSON)."""
+    return "–" if v is None or v != v else fmt.format(v)
+
+
+def _ci(r: dict[str, Any], lo: str = "ci_low", hi: str = "ci_high") -> str:
+    return f"{_f(r['diff'])} [{_f(r[lo])}, {_f(r[hi])}]"
+
+
+def _tests(m: dict[str, Any]) -> list[str]:
+    out = ["| pair | cosine | query-swap excess [95% CI] | p Holm (floor) | verdict | demo-swap excess [95% CI] "
+           "| p Holm (floor) | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for pair, label in _NAMES.items():
+        got = {r["null"]: r for r in m["tests"] if r["pair"] == pair}
+        if not got:
+            continue
+        cells = [label, f"{next(iter(got.values()))['observed']:.3f}"]
+        for null in ("query_swap", "demo_swap"):
+            r = got.get(null)
+            cells += ([_ci(r), f"{_p(r['p_holm'])} ({_p(r.get('p_min'))})", r["verdict"]] if r else ["–", "–", "–"])
+        out.append("| " + " | ".join(cells) + " |")
+    first = m["tests"][0]
+    out.append(f"\n{first['n_units']} (query, set) pairs in {first['n_blocks']} query blocks; 95% t intervals over "
+               "blocks; Holm over the last layer's tests of the cell (the positive controls are a family of their "
+               "own); floor: the smallest p the design allows.\n")
+    for r in m["tests"]:
+        if r.get("role", "test") == "test" and r.get("ceiling") and r["null"] == "demo_swap":
+            frac = f"{_f(r['fraction'], '{:+.2f}')} [{_f(r['fraction_low'], '{:+.2f}')}, {_f(r['fraction_high'], '{:+.2f}')}]"
+            margin = f"±{_f(r['margin'], '{:.3g}')}" if r.get("margin") is not None else "none (no positive ceiling)"
+            out.append(f"- {_NAMES[r['pair']]}, demo-swap: {frac} of the positive control's excess "
+                       f"({_f(r['ceiling_diff'])}); equivalence margin {margin} (TOST 90% CI "
+                       f"[{_f(r['tost_low'])}, {_f(r['tost_high'])}]).")
+    return out + [""]
+
+
+def comparison_markdown(run: str | Path) -> str:
+    """The README's results tables of an ``iclit compare`` run directory, as Markdown."""
+    run = Path(run)
+    m = json.loads((run / "metrics.json").read_text())
+    cfg = json.loads((run / "config.json").read_text())
+    s = pd.read_csv(run / "summary.csv")
+    lines = [f"`{' '.join(cfg['argv'][1:]) or 'compare'}` — {cfg['model']}, {cfg['task']}, k={cfg['k']}, "
+             f"{cfg['resamples']} sets × {cfg.get('queries_per_set', 1)} queries, seed {cfg['seed']}, {cfg['device']} "
+             f"{cfg['dtype']}, {cfg['seconds']:.0f} s\n",
+             "| pair | last layer: mean ± std [95% CI] | mean over layers [95% CI] |", "| --- | --- | --- |"]
+    for pair in ("anchor_icl", "anchor_it", "icl_it"):
+        a, b = m["last_layer"][pair], m["mean_over_layers"][pair]
+        lines.append(f"| {pair.replace('_', '–')} | {_f(a['mean'], _3)} ± {_f(a['std'], _3)} [{_f(a['ci_low'], _3)}, "
+                     f"{_f(a['ci_high'], _3)}] | {_f(b['mean'], _3)} [{_f(b['ci_low'], _3)}, {_f(b['ci_high'], _3)}] |")
+    score = "accuracy" if "accuracy" in m else ("exact_match" if "exact_match" in m else "chrf")
+    lines += ["", f"| arm | {score} [95% CI] |", "| --- | --- |"]
+    lines += [f"| {arm} | {_f(v['mean'], _3)} [{_f(v['ci_low'], _3)}, {_f(v['ci_high'], _3)}] |"
+              for arm, v in m[score].items()]
+    loss = m["it_final_loss"]
+    lines.append(f"\nPrediction agreement: ICL–IT {m['icl_it_agreement']:.3f}, anchor–ICL {m['anchor_icl_agreement']:.3f}, "
+                 f"anchor–IT {m['anchor_it_agreement']:.3f}. IT final training loss: mean {loss['mean']:.1e}, max "
+                 f"{loss['max']:.1e}.\n")
+    if m.get("tests"):
+        lines += _tests(m)
+    for r in m.get("seeds", []):
+        if r["pair"] == "icl_it":
+            lines.append(f"IT seed noise at the last layer: ICL–IT {r['seed1']:.3f} with the first seed, "
+                         f"{r['seed2']:.3f} with the second; per-pair between-seed SD {r['unit_sd']:.3f}.\n")
+    if m.get("geometry"):
+        lines += ["| pair | debiased CKA (p) | RSA (p) |", "| --- | --- | --- |"]
+        for pair in ("anchor_icl", "anchor_it", "icl_it"):
+            g = {r["measure"]: r for r in m["geometry"] if r["pair"] == pair}
+            lines.append(f"| {_NAMES[pair]} | " + " | ".join(f"{g[k]['value']:.3f} ({_p(g[k]['p'])})" if k in g else "–"
+                                                           for k in ("cka", "rsa")) + " |")
+        lines.append(f"\nacross all {m['geometry'][0]['n']} trials of the cell at the last layer; permutation p "
+                     "(one-sided).\n")
+    if m.get("behaviour"):
+        lines += ["| arms | measure | alone | query-swap diff [95% CI] | demo-swap diff [95% CI] |",
+                  "| --- | --- | --- | --- | --- |"]
+        for pair in ("anchor_icl", "anchor_it", "icl_it"):
+            for measure in ("agreement", "kl"):
+                got = {r["null"]: r for r in m["behaviour"] if r["pair"] == pair and r["measure"] == measure}
+                if not got:
+                    continue
+                cell = [f"{_ci(r)} {r['verdict']}" if r else "–" for r in (got.get("query_swap"), got.get("demo_swap"))]
+                lines.append(f"| {_NAMES[pair]} | {measure} | {got['none']['observed']:.3f} | {cell[0]} | {cell[1]} |")
+        lines.append("")
+    wide = s.pivot(index="layer", columns="pair", values="mean")
+    lines += ["| layer | " + " | ".join(p.replace("_", "–") for p in wide.columns) + " |",
+              "| --- " * (len(wide.columns) + 1) + "|"]
+    lines += [f"| {layer} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for layer, row in wide.iterrows()]
+    return "\n".join(lines) + "\n"
