@@ -28,8 +28,11 @@ GEOMETRY_PAIRS: dict[str, tuple[str, str]] = {"anchor_icl": ("anchor", "icl"), "
                                               "icl_it": ("icl", "it")}
 GEOMETRY_COLUMNS = ("cell_key", "pair", "measure", "layer", "value", "null_mean", "p", "p_adj", "n")
 """measure: ``cka`` (debiased linear CKA, unbiased HSIC) or ``rsa`` (Spearman between the
-query × query cosine matrices of the two arms); null_mean, p: the permutation null (rows of
-one arm permuted; RSA: Mantel), one-sided (greater); p_adj: max-T over layers."""
+query × query cosine matrices of the two arms); null_mean, p: the permutation null (the second
+arm's items permuted as the design allows: a query block's queries within one gold label, the
+same permutation for all the block's sets; RSA: Mantel), one-sided (greater); p_adj: max-T
+over layers. Values are comparable only between cells of the same design (S, Q, sets per
+block): see docs/statistics.md."""
 BEHAVIOUR_COLUMNS = ("cell_key", "pair", "measure", "null", "observed", "null_mean", "diff", "ci_low", "ci_high", "p",
                      "p_holm", "q_bh", "tost_low", "tost_high", "p_tost", "verdict", "n_units")
 """measure: ``agreement`` (same prediction) or ``kl`` (KL(first ‖ second) of the label
@@ -49,11 +52,40 @@ def last_layer_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["layer"] == df.groupby("cell_key")["layer"].transform("max")]
 
 
-def geometry(states: Mapping[str, np.ndarray], *, n_perm: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Debiased CKA and RSA of each arm pair across all the cell's trials, per layer."""
+def geometry(states: Mapping[str, np.ndarray], units: Units | None = None, *, n_perm: int = 1000,
+             seed: int = 0) -> pd.DataFrame:
+    """Debiased CKA and RSA of each arm pair across all the cell's trials, per layer.
+
+    Parameters
+    ----------
+    states
+        arm → ``[n, L+1, d]`` (``anchor``, ``icl``, ``it``), rows as ``units``.
+    units
+        The trials' place in the design. Given, the nulls permute only what the design makes
+        exchangeable (:func:`iclit.analysis.geometry.design_permutations`: a block's queries
+        within one gold label, the same permutation for every set of the block); trials
+        with a NaN state in any arm are left out. None: uniform permutations of the items.
+    n_perm, seed
+        Permutations drawn and their seed.
+
+    Returns
+    -------
+    pandas.DataFrame
+        :data:`GEOMETRY_COLUMNS` without ``cell_key``; null_mean and p are NaN where the
+        design allows no permutation (e.g. one query per block).
+    """
+    perms = None
+    if units is not None:
+        arrays = {a: np.asarray(states[a], dtype=np.float64) for a in ("anchor", "icl", "it")}
+        keep = ~np.logical_or.reduce([np.isnan(x.reshape(len(x), -1)).any(1) for x in arrays.values()])
+        states = {a: x[keep] for a, x in arrays.items()}
+        kept = Units(units.seed[keep], units.set[keep], units.block[keep], units.query[keep], units.label[keep])
+        perms = geometry_.design_permutations(kept, n_perm, seed)
     rows = []
     n = len(states["anchor"])
-    found = geometry_.pair_tests(states, GEOMETRY_PAIRS, n_perm=n_perm, seed=seed)
+    if n < 4:
+        return pd.DataFrame()
+    found = geometry_.pair_tests(states, GEOMETRY_PAIRS, n_perm=n_perm, seed=seed, perms=perms)
     for pair in GEOMETRY_PAIRS:
         for measure in ("cka", "rsa"):
             res = found[pair, measure]
@@ -205,7 +237,7 @@ def _one_cell(run_dir: str | Path, cell: str, sub: pd.DataFrame, out: pd.DataFra
     found = {
         "tests": null_tests(arrays, units, margin=margin, centrings=centrings, reference=reference, n_perm=n_perm,
                             n_boot=n_boot, seed=seed),
-        "geometry": geometry(arrays, n_perm=n_perm, seed=seed) if len(sub) >= 4 else pd.DataFrame(),
+        "geometry": geometry(arrays, units, n_perm=n_perm, seed=seed) if len(sub) >= 4 else pd.DataFrame(),
         "behaviour": behaviour(out, units, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed),
     }
     dose = dose_tables({n: states[n] for n in states}, out, units, labels, margin=margin, n_perm=n_perm,
