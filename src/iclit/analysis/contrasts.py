@@ -92,7 +92,7 @@ def _per_unit(x: np.ndarray, y: np.ndarray, units: Units, quantity: str) -> np.n
 
 
 def unit_values(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT_QUANTITIES,
-                layer: int = -1) -> pd.DataFrame:
+                layer: int = -1, *, it_state: str = "it") -> pd.DataFrame:
     """Per trial with stored states, each (pair, quantity) at one layer, from the states.
 
     Parameters
@@ -105,6 +105,9 @@ def unit_values(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT_QU
     layer
         State index read in every cell; -1 (default): each cell's own last layer (cells of
         different models have different depths).
+    it_state
+        The stored state that plays the IT arm: ``it``, or a captured step (``it:step4``,
+        recipes with ``capture_steps``); cells without it are left out.
 
     Returns
     -------
@@ -127,13 +130,15 @@ def unit_values(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT_QU
         classification = (settings.get("task") or {}).get("kind") == "classification"
         units = Units.from_trials(sub, settings, golds.loc[sub["trial_key"]].tolist()
                                   if classification and golds is not None else None)
-        states = read_states(run.path, sub, names=["anchor", "icl", "it"])
+        states = read_states(run.path, sub, names=["anchor", "icl", it_state])
+        if it_state not in states:
+            continue
         n_states = states["anchor"].shape[1]
         at = n_states - 1 if layer == -1 else layer
         if not 0 <= at < n_states:
             raise ValueError(f"layer {layer} is outside the {n_states} states of cell {cell} (0..{n_states - 1}, "
                              "or -1 for each cell's last layer)")
-        arrays = {a: states[a][:, at] for a in ("anchor", "icl", "it")}
+        arrays = {"anchor": states["anchor"][:, at], "icl": states["icl"][:, at], "it": states[it_state][:, at]}
         for pair, quantity in quantities:
             x, y = pair_states(arrays, pair)
             parts.append(pd.DataFrame({
@@ -311,7 +316,7 @@ def cell_contrasts(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT
 
 
 def within_cell_contrasts(run: RunData, comparisons: Sequence[tuple[tuple[str, str], tuple[str, str]]], *,
-                          layer: int = -1, cells: Sequence[str] | None = None) -> pd.DataFrame:
+                          layer: int = -1, cells: Sequence[str] | None = None, it_state: str = "it") -> pd.DataFrame:
     """Two quantities of the same cell compared over its query blocks (a paired t test where
     both quantities have a value for the same trials of each block, else Welch).
 
@@ -326,6 +331,8 @@ def within_cell_contrasts(run: RunData, comparisons: Sequence[tuple[tuple[str, s
         State index read; -1: each cell's own last layer.
     cells
         The cell keys compared (default: every cell with stored states).
+    it_state
+        The stored state that plays the IT arm (:func:`unit_values`).
 
     Returns
     -------
@@ -334,7 +341,7 @@ def within_cell_contrasts(run: RunData, comparisons: Sequence[tuple[tuple[str, s
         at the declared layer.
     """
     wanted = list(dict.fromkeys(q for c in comparisons for q in c))
-    per_unit = unit_values(run, wanted, layer)
+    per_unit = unit_values(run, wanted, layer, it_state=it_state)
     if cells is not None:
         per_unit = per_unit[per_unit["cell_key"].isin(list(cells))]
     blocks = block_values(per_unit)
