@@ -179,8 +179,18 @@ def test_a_stored_run_through_results_contrasts_and_the_report(tmp_path):
     assert set(table["factor"]) == {"k"} and (table["level_a"] == 1).all() and (table["level_b"] == 2).all()
     assert table["paired"].all()  # the k cells read the same queries in the same blocks
     assert (table["n_blocks_a"] == 3).all()  # 6 sets of 2 queries, 2 sets per block
-    direct = cell_contrasts(load_run(out))
+    run = load_run(out)
+    direct = cell_contrasts(run)
     np.testing.assert_allclose(table["p"], direct["p"], rtol=1e-6)
+    # the per-trial demo-swap excess is the nulls' unit difference: its mean is the tests' diff
+    units = contrasts.unit_values(run, [("icl_it", "demo_swap")])
+    tests = run.tests[(run.tests["pair"] == "icl_it") & (run.tests["centring"] == "raw")
+                      & (run.tests["null"] == "demo_swap")]
+    for cell, sub in units.groupby("cell_key"):
+        t = tests[tests["cell_key"] == cell]
+        t = t[t["layer"] == t["layer"].max()]
+        assert sub["layer"].iloc[0] == t["layer"].iloc[0]
+        assert sub["value"].mean() == pytest.approx(float(t["diff"].iloc[0]), abs=1e-9)
     np.testing.assert_allclose(table["p_holm"], holm(table["p"].to_numpy()), rtol=1e-6)
     html = render_report(out)
     assert "Between-cell contrasts" in html
