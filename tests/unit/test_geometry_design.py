@@ -8,6 +8,7 @@ import pytest
 from iclit.analysis.cells import geometry
 from iclit.analysis.geometry import (
     cka_permutation_test,
+    debiased_cka,
     design_permutations,
     pair_tests,
     permuted_inners,
@@ -59,7 +60,8 @@ def test_design_permutations_keep_groups_and_move_a_querys_rows_together():
 
 def test_design_permutations_edge_cases():
     one_query = design(queries=1, labels=False)
-    assert (design_permutations(one_query, 10) == np.arange(len(one_query))).all()
+    assert design_permutations(one_query, 10).shape == (0, len(one_query))
+    assert (design_permutations(one_query, 10, exact=False) == np.arange(len(one_query))).all()
     units = design(queries=2, labels=False)
     dup = Units(units.seed, units.set, units.block, np.asarray(["q"] * len(units), dtype=object), units.label)
     with pytest.raises(ValueError, match="twice"):
@@ -71,6 +73,22 @@ def test_design_permutations_edge_cases():
     perms = design_permutations(part, 50)
     alone = np.flatnonzero(part.query == "s0b0q0")
     assert (perms[:, alone] == alone).all()
+
+
+def test_few_arrangements_are_enumerated_and_give_the_exact_p():
+    units = design(n_blocks=2, queries=4)  # 2 blocks × 2 labels × 2 queries: 2^4 = 16 arrangements
+    perms = design_permutations(units, 100)
+    assert perms.shape == (15, len(units))
+    assert len({tuple(p) for p in perms}) == 15 and not (perms == np.arange(len(units))).all(1).any()
+    assert design_permutations(units, 14).shape == (14, len(units))  # more than n_perm: random draws
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(len(units), 1, 5))
+    y = x + rng.normal(size=x.shape)
+    got = cka_permutation_test(x, y, perms=perms)["p"][0]
+    every = np.vstack([np.arange(len(units)), perms])
+    values = [debiased_cka(x[:, 0], y[p, 0]) for p in every]  # the same items of y moved
+    want = np.mean(np.asarray(values) >= values[0] - 1e-12)
+    assert got == pytest.approx(want)
 
 
 def test_permuted_inners_match_a_direct_loop():

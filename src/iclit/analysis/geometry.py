@@ -22,6 +22,8 @@ passes those to ``perms``. Values are comparable only between cells of the same 
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -120,7 +122,7 @@ def _permutation_summary(
     return value, mu, p, p_max
 
 
-def design_permutations(units: "Units", n_perm: int, seed: int = 0) -> np.ndarray:
+def design_permutations(units: "Units", n_perm: int, seed: int = 0, *, exact: bool = True) -> np.ndarray:
     """Random item permutations a cell's design makes exchangeable: ``[n_perm, n]`` int64.
 
     Parameters
@@ -132,6 +134,10 @@ def design_permutations(units: "Units", n_perm: int, seed: int = 0) -> np.ndarra
         Number of permutations drawn.
     seed
         Seed of the generator.
+    exact
+        When the design allows at most ``n_perm`` arrangements besides the observed one,
+        return each of them once instead of random draws: the permutation p
+        (1 + hits) / (1 + P) is then the exact p.
 
     Returns
     -------
@@ -143,7 +149,8 @@ def design_permutations(units: "Units", n_perm: int, seed: int = 0) -> np.ndarra
         queries read under the same sets of the block are exchanged (a query missing from a
         set stays in place), so every (block, label) group and every query's rows stay
         together. Items in no group with two queries are never moved; where no item can move
-        every row is the identity.
+        the exact enumeration is empty (``[0, n]``; with ``exact=False`` every row is the
+        identity), and the tests give a NaN null.
 
     Raises
     ------
@@ -168,12 +175,18 @@ def design_permutations(units: "Units", n_perm: int, seed: int = 0) -> np.ndarra
         members.sort(key=lambda m: m[0])
         sets = tuple(m[0] for m in members)
         groups.setdefault((sd, bl, labels[sd, bl, _], sets), []).append([m[1] for m in members])
+    moving = [np.asarray(cols, dtype=np.int64).T for cols in groups.values() if len(cols) >= 2]  # [sets, queries]
+    sizes = [rows.shape[1] for rows in moving]
+    if exact and math.prod(math.factorial(g) for g in sizes) - 1 <= n_perm:
+        orders = [list(itertools.permutations(range(g))) for g in sizes]
+        sigmas = [np.asarray(o, dtype=np.int64) for o in zip(*itertools.product(*orders))] if orders else []
+        perms = np.tile(np.arange(n, dtype=np.int64), (len(sigmas[0]) if sigmas else 1, 1))
+        for rows, sigma in zip(moving, sigmas):
+            perms[:, rows] = np.transpose(rows[:, sigma], (1, 0, 2))
+        return perms[1:]  # every arrangement but the identity (itertools gives it first)
     perms = np.tile(np.arange(n, dtype=np.int64), (n_perm, 1))
     rng = np.random.default_rng(seed)
-    for cols in groups.values():
-        if len(cols) < 2:
-            continue
-        rows = np.asarray(cols, dtype=np.int64).T  # [sets, queries]: one column per query
+    for rows in moving:
         sigma = np.argsort(rng.random((n_perm, rows.shape[1])), axis=1)
         perms[:, rows] = np.transpose(rows[:, sigma], (1, 0, 2))
     return perms
@@ -236,8 +249,8 @@ def _given(perms: Any, n: int) -> np.ndarray | None:
     if perms is None:
         return None
     perms = np.asarray(perms, dtype=np.int64)
-    if perms.ndim != 2 or perms.shape[1] != n or not len(perms):
-        raise ValueError(f"perms must be [P, {n}] with P >= 1 (one permutation of the items per row), got {perms.shape}")
+    if perms.ndim != 2 or perms.shape[1] != n:
+        raise ValueError(f"perms must be [P, {n}] (one permutation of the items per row), got {perms.shape}")
     return perms
 
 
@@ -248,6 +261,7 @@ def _no_nan_rows(x: np.ndarray, y: np.ndarray) -> None:
 
 
 def _is_identity(perms: np.ndarray) -> bool:
+    """No permutation, or none that moves an item: the null is not defined."""
     return bool((perms == np.arange(perms.shape[1])).all())
 
 
