@@ -59,9 +59,16 @@ def test_design_permutations_keep_groups_and_move_a_querys_rows_together():
 
 
 def test_design_permutations_edge_cases():
-    one_query = design(queries=1, labels=False)
+    one_query = design(queries=1, labels=False)  # one query read under the block's two sets
     assert design_permutations(one_query, 10).shape == (0, len(one_query))
     assert (design_permutations(one_query, 10, exact=False) == np.arange(len(one_query))).all()
+    # one query per set and one set per block: the items share nothing, permuted within their label
+    single = design(n_blocks=8, sets_per_block=1, queries=1)
+    single = Units(single.seed, single.set, single.block, single.query,
+                   np.asarray(["pos", "neg"] * 4, dtype=object))
+    perms = design_permutations(single, 1000)
+    assert perms.shape == (4 * 3 * 2 * 4 * 3 * 2 - 1, 8)  # 4! × 4! arrangements but the identity
+    assert all((single.label[p] == single.label).all() for p in perms)
     units = design(queries=2, labels=False)
     dup = Units(units.seed, units.set, units.block, np.asarray(["q"] * len(units), dtype=object), units.label)
     with pytest.raises(ValueError, match="twice"):
@@ -169,7 +176,7 @@ def test_pair_tests_with_perms_equal_the_pair_by_pair_tests_and_cells_geometry_u
 
 
 def test_no_exchangeable_item_gives_a_nan_null():
-    units = design(n_blocks=5, queries=1, labels=False)
+    units = design(n_blocks=5, queries=1, labels=False)  # each block: one query under two sets
     rng = np.random.default_rng(0)
     states = {a: rng.normal(size=(len(units), 2, 6)) for a in ("anchor", "icl", "it")}
     table = geometry(states, units, n_perm=20)

@@ -148,7 +148,9 @@ def design_permutations(units: "Units", n_perm: int, seed: int = 0, *, exact: bo
         every set of the block: the item (set s, query q) takes the item (set s, pi(q)). Only
         queries read under the same sets of the block are exchanged (a query missing from a
         set stays in place), so every (block, label) group and every query's rows stay
-        together. Items in no group with two queries are never moved; where no item can move
+        together. A block of a single item (one query per set, one set per block) shares
+        nothing with the others: such items are permuted within their (seed, gold label).
+        Items in no group with two queries are never moved; where no item can move
         the exact enumeration is empty (``[0, n]``; with ``exact=False`` every row is the
         identity), and the tests give a NaN null.
 
@@ -170,11 +172,17 @@ def design_permutations(units: "Units", n_perm: int, seed: int = 0, *, exact: bo
             raise ValueError(f"query {q!r} of block {bl} (seed {sd}) has two gold labels: {labels[key]!r}, {lab!r}")
         labels[key] = lab
         queries.setdefault(key, []).append((st, i))
-    groups: dict[tuple[Any, ...], list[list[int]]] = {}
+    size: dict[tuple[Any, Any], int] = {}
     for (sd, bl, _), members in queries.items():
+        size[sd, bl] = size.get((sd, bl), 0) + len(members)
+    groups: dict[tuple[Any, ...], list[list[int]]] = {}
+    for (sd, bl, q), members in queries.items():
         members.sort(key=lambda m: m[0])
         sets = tuple(m[0] for m in members)
-        groups.setdefault((sd, bl, labels[sd, bl, _], sets), []).append([m[1] for m in members])
+        # a block of one item (one set, one query) shares nothing: such items are exchangeable
+        # within their seed and label
+        key = (sd, None, labels[sd, bl, q], ()) if size[sd, bl] == 1 else (sd, bl, labels[sd, bl, q], sets)
+        groups.setdefault(key, []).append([m[1] for m in members])
     moving = [np.asarray(cols, dtype=np.int64).T for cols in groups.values() if len(cols) >= 2]  # [sets, queries]
     sizes = [rows.shape[1] for rows in moving]
     if exact and math.prod(math.factorial(g) for g in sizes) - 1 <= n_perm:
