@@ -25,6 +25,10 @@ from iclit.analysis.factors import design_subset
 from iclit.analysis.nulls import NULLS, adjust_family
 
 
+NULL_NAMES = {"query_swap": "query", "demo_swap": "demo", "uniform": "all items"}
+"""How the geometry nulls are named in the tables."""
+
+
 def table_family(df: pd.DataFrame) -> pd.DataFrame:
     """Holm p (``p_holm``) and verdicts over every row of one printed table (the package's rule)."""
     return adjust_family(df.assign(_table=0), by=("_table",)).drop(columns="_table") if len(df) else df
@@ -114,20 +118,24 @@ def geometry_table(run: RunData, factor: str | None) -> None:
     g = last_layer_rows(run.geometry)
     if g.empty:
         return
-    print(f"\n| {factor or 'task'} | " + " | ".join(f"{m} {n}" for m in ("debiased CKA", "RSA")
-                                                 for p, n in PAIRS.items() if p != "update") + " |")
+    pairs = [p for p in PAIRS if p != "update"]
+    print(f"\n| {factor or 'task'} | " + " | ".join(f"{m} {PAIRS[p]}" for m in ("debiased CKA", "RSA") for p in pairs)
+          + " |")
     print("|" + " --- |" * 7)
     for label, key in cell_labels(run, factor):
         sub = g[g["cell_key"] == key]
         cells = [label]
         for m in ("cka", "rsa"):
-            for pair in ("anchor_icl", "anchor_it", "icl_it"):
+            for pair in pairs:
                 r = sub[(sub["measure"] == m) & (sub["pair"] == pair)]
-                cells.append(f"{r['value'].iloc[0]:.3f} (p {r['p'].iloc[0]:.2g})" if len(r) else "–")
+                ps = ", ".join(f"{NULL_NAMES.get(n, n)} {p:.2g}" for n, p in zip(r["null"], r["p"]))
+                cells.append(f"{r['value'].iloc[0]:.3f} (p {ps})" if len(r) else "–")
         print("| " + " | ".join(cells) + " |")
-    print(f"\nAcross all (query, set) pairs of a cell, last layer; permutation p (one-sided, {1000} permutations of "
-          "what the design makes exchangeable: a query block's queries within one gold label, the same permutation for "
-          "all the block's sets). Values compare only between cells of the same design (sets, queries per set).")
+    print("\nAcross all (query, set) pairs of a cell, last layer; permutation p, one-sided, permuting only what the design "
+          "makes exchangeable: query: a query block's queries within one gold label, the same permutation for all the "
+          "block's sets; demo: a block's sets, the same permutation for all its queries (each arrangement once when "
+          "they are fewer than 1000, else 1000 drawn; nan: none exists). Values compare only between cells of the "
+          "same design (sets, queries per set).")
 
 
 def behaviour_table(run: RunData, factor: str | None) -> None:

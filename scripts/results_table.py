@@ -56,10 +56,11 @@ def main(run: Path) -> None:
     if m.get("geometry"):
         print("| pair | debiased CKA (p) | RSA (p) |\n| --- | --- | --- |")
         for pair in ("anchor_icl", "anchor_it", "icl_it"):
-            g = {r["measure"]: r for r in m["geometry"] if r["pair"] == pair}
+            g = {r["measure"]: r for r in m["geometry"] if r["pair"] == pair and r.get("null") in (None, "query_swap")}
             print(f"| {names[pair]} | " + " | ".join(f"{g[k]['value']:.3f} ({g[k]['p']:.2g})" if k in g else "–"
                                                    for k in ("cka", "rsa")) + " |")
-        print(f"\nacross all {m['geometry'][0]['n']} trials of the cell at the last layer; permutation p (one-sided).\n")
+        print(f"\nacross all {m['geometry'][0]['n']} trials of the cell at the last layer; permutation p (one-sided), permuting a "
+              "query block's queries within one gold label (the same permutation for all the block's sets).\n")
     if m.get("behaviour"):
         print("| arms | measure | alone | query-swap diff [95% CI] | demo-swap diff [95% CI] |\n| --- | --- | --- | --- | --- |")
         for pair in ("anchor_icl", "anchor_it", "icl_it"):

@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 
 from iclit.analysis.cells import geometry
-from iclit.analysis.geometry import (
-    cka_permutation_test,
-    debiased_cka,
-    design_permutations,
-    pair_tests,
-    permuted_inners,
-    rsa_per_layer,
-)
+from iclit.analysis.geometry import cka_permutation_test, debiased_cka, pair_tests, rsa_per_layer
+from iclit.analysis.permutations import design_permutations, permuted_inners
 from iclit.analysis.nulls import Units
 
 
@@ -141,6 +135,35 @@ def test_restricted_null_has_nominal_rate_where_the_uniform_null_does_not():
     assert uniform >= 0.9 * n_sim
 
 
+def test_set_swaps_keep_each_query_and_block_and_test_what_is_specific_to_the_set():
+    """The demonstration null: a block's sets are exchanged, every query stays itself. Arms
+    that share their query component (the same a_q in both, as both arms read the query) are
+    at the nominal rate under it; the query null and the uniform null find the shared query."""
+    units = design(n_blocks=7, sets_per_block=2, queries=3, labels=False)
+    perms = design_permutations(units, 500, seed=1, swap="sets")
+    assert perms.shape == (2**7 - 1, len(units))  # every arrangement of 7 blocks of two sets, exactly
+    for pi in perms:
+        assert (units.query[pi] == units.query).all() and (units.block[pi] == units.block).all()
+        for s in np.unique(units.set):  # a set's rows move together, onto one set
+            assert len(set(units.set[pi[units.set == s]])) == 1
+    rng = np.random.default_rng(4)
+    alpha, n_sim = 0.1, 100
+    rejected = {"uniform": 0, "queries": 0, "sets": 0}
+    names = {q: i for i, q in enumerate(np.unique(units.query))}
+    for sim in range(n_sim):
+        shared = rng.normal(size=(len(names), 16))[[names[q] for q in units.query]]
+        x = (shared + rng.normal(size=shared.shape))[:, None]
+        y = (shared + rng.normal(size=shared.shape))[:, None]
+        rejected["uniform"] += cka_permutation_test(x, y, n_perm=99, seed=sim)["p"][0] <= alpha
+        for swap in ("queries", "sets"):
+            p = design_permutations(units, 99, seed=sim, swap=swap)
+            rejected[swap] += cka_permutation_test(x, y, perms=p)["p"][0] <= alpha
+    assert rejected["uniform"] >= 0.9 * n_sim and rejected["queries"] >= 0.9 * n_sim
+    assert 2 <= rejected["sets"] <= 19  # binomial(100, 0.1): 99% interval about 3..19
+    with pytest.raises(ValueError, match="swap"):
+        design_permutations(units, 5, swap="labels")
+
+
 def test_restricted_null_still_detects_a_shared_query_geometry():
     units = design(n_blocks=4, sets_per_block=2, queries=6, labels=False)
     rng = np.random.default_rng(5)
@@ -164,9 +187,14 @@ def test_pair_tests_with_perms_equal_the_pair_by_pair_tests_and_cells_geometry_u
         np.testing.assert_allclose(got[name, "cka"]["null_mean"], want["null_mean"])
         np.testing.assert_allclose(got[name, "rsa"]["p"], rsa_per_layer(states[a], states[b], perms=perms)["p"])
     table = geometry(states, units, n_perm=60, seed=4)
-    row = table[(table["pair"] == "icl_it") & (table["measure"] == "cka")].sort_values("layer")
-    want = cka_permutation_test(states["icl"], states["it"], perms=design_permutations(units, 60, seed=4))
-    np.testing.assert_allclose(row["p"], want["p"])
+    assert set(zip(table["pair"], table["null"])) == {("anchor_icl", "query_swap"), ("anchor_it", "query_swap"),
+                                                      ("icl_it", "query_swap"), ("icl_it", "demo_swap")}
+    for null, swap in (("query_swap", "queries"), ("demo_swap", "sets")):
+        row = table[(table["pair"] == "icl_it") & (table["measure"] == "cka") & (table["null"] == null)]
+        want = cka_permutation_test(states["icl"], states["it"],
+                                    perms=design_permutations(units, 60, seed=4, swap=swap))
+        np.testing.assert_allclose(row.sort_values("layer")["p"], want["p"])
+    assert set(geometry(states, n_perm=10)["null"]) == {"uniform"}
     # a NaN trial is left out of the states and of the design
     states["it"][0, 1] = np.nan
     table = geometry(states, units, n_perm=20)
@@ -180,4 +208,6 @@ def test_no_exchangeable_item_gives_a_nan_null():
     rng = np.random.default_rng(0)
     states = {a: rng.normal(size=(len(units), 2, 6)) for a in ("anchor", "icl", "it")}
     table = geometry(states, units, n_perm=20)
-    assert table["p"].isna().all() and table["value"].notna().any()
+    query = table[table["null"] == "query_swap"]
+    assert query["p"].isna().all() and query["null_mean"].isna().all() and query["value"].notna().all()
+    assert table.loc[table["null"] == "demo_swap", "p"].notna().all()  # its sets can still be swapped

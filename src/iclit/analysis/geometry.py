@@ -13,26 +13,23 @@ not exchangeable that way: the sets of one query block read the same queries (th
 rows are copies across the block's sets), and queries of one gold label resemble each other.
 Two arms that each cluster by query share that structure by construction, so their CKA is
 positive even when they are otherwise independent, and a uniform null calls it significant.
-:func:`design_permutations` draws only what the design makes exchangeable: within one
-(seed, query block, gold label), the block's queries are permuted, one permutation for every
-set of the block (a query's rows move together); :func:`iclit.analysis.cells.geometry`
-passes those to ``perms``. Values are comparable only between cells of the same design
+:func:`iclit.analysis.permutations.design_permutations` draws only what the design makes exchangeable: the query null
+permutes, within one (seed, query block, gold label), the block's queries, one permutation for
+every set of the block (a query's rows move together); the demonstration null permutes a
+block's sets, one permutation for all its queries (every query stays matched with itself, as
+both arms read it). :func:`iclit.analysis.cells.geometry` passes those to ``perms``. Values are comparable only between cells of the same design
 (same S sets, Q queries per set, sets per block): see docs/statistics.md.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
 
 from iclit.analysis.inference import _EPS, _f64, _perm_p, _permuted_inners
-
-if TYPE_CHECKING:
-    from iclit.analysis.nulls import Units
+from iclit.analysis.permutations import design_permutations, permuted_inners
 
 __all__ = ["cka_permutation_test", "debiased_cka", "debiased_cka_per_layer", "design_permutations", "pair_tests",
            "permuted_inners", "rsa", "rsa_per_layer"]
@@ -122,136 +119,6 @@ def _permutation_summary(
     return value, mu, p, p_max
 
 
-def design_permutations(units: "Units", n_perm: int, seed: int = 0, *, exact: bool = True) -> np.ndarray:
-    """Random item permutations a cell's design makes exchangeable: ``[n_perm, n]`` int64.
-
-    Parameters
-    ----------
-    units
-        Where each of the cell's n items (trials, in state order) sits in the design
-        (:class:`iclit.analysis.nulls.Units`).
-    n_perm
-        Number of permutations drawn.
-    seed
-        Seed of the generator.
-    exact
-        When the design allows at most ``n_perm`` arrangements besides the observed one,
-        return each of them once instead of random draws: the permutation p
-        (1 + hits) / (1 + P) is then the exact p.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``perms[k, i]``: the item whose second-arm state takes item i's place in draw k
-        (the rows and columns of its Gram move together). Within each (seed, query block,
-        gold label), the block's distinct queries are permuted, one permutation applied to
-        every set of the block: the item (set s, query q) takes the item (set s, pi(q)). Only
-        queries read under the same sets of the block are exchanged (a query missing from a
-        set stays in place), so every (block, label) group and every query's rows stay
-        together. A block of a single item (one query per set, one set per block) shares
-        nothing with the others: such items are permuted within their (seed, gold label).
-        Items in no group with two queries are never moved; where no item can move
-        the exact enumeration is empty (``[0, n]``; with ``exact=False`` every row is the
-        identity), and the tests give a NaN null.
-
-    Raises
-    ------
-    ValueError
-        If one (seed, set, query) appears twice, or one query of a block has two gold labels.
-    """
-    n = len(units)
-    seen: set[tuple[Any, Any, Any]] = set()
-    queries: dict[tuple[Any, Any, Any], list[tuple[Any, int]]] = {}
-    labels: dict[tuple[Any, Any, Any], Any] = {}
-    for i, (sd, st, bl, q, lab) in enumerate(zip(units.seed, units.set, units.block, units.query, units.label)):
-        if (sd, st, q) in seen:
-            raise ValueError(f"query {q!r} appears twice in set {st} of seed {sd}: the design's items must be unique")
-        seen.add((sd, st, q))
-        key = (sd, bl, q)
-        if key in labels and labels[key] != lab:
-            raise ValueError(f"query {q!r} of block {bl} (seed {sd}) has two gold labels: {labels[key]!r}, {lab!r}")
-        labels[key] = lab
-        queries.setdefault(key, []).append((st, i))
-    size: dict[tuple[Any, Any], int] = {}
-    for (sd, bl, _), members in queries.items():
-        size[sd, bl] = size.get((sd, bl), 0) + len(members)
-    groups: dict[tuple[Any, ...], list[list[int]]] = {}
-    for (sd, bl, q), members in queries.items():
-        members.sort(key=lambda m: m[0])
-        sets = tuple(m[0] for m in members)
-        # a block of one item (one set, one query) shares nothing: such items are exchangeable
-        # within their seed and label
-        key = (sd, None, labels[sd, bl, q], ()) if size[sd, bl] == 1 else (sd, bl, labels[sd, bl, q], sets)
-        groups.setdefault(key, []).append([m[1] for m in members])
-    moving = [np.asarray(cols, dtype=np.int64).T for cols in groups.values() if len(cols) >= 2]  # [sets, queries]
-    sizes = [rows.shape[1] for rows in moving]
-    if exact and math.prod(math.factorial(g) for g in sizes) - 1 <= n_perm:
-        orders = [list(itertools.permutations(range(g))) for g in sizes]
-        sigmas = [np.asarray(o, dtype=np.int64) for o in zip(*itertools.product(*orders))] if orders else []
-        perms = np.tile(np.arange(n, dtype=np.int64), (len(sigmas[0]) if sigmas else 1, 1))
-        for rows, sigma in zip(moving, sigmas):
-            perms[:, rows] = np.transpose(rows[:, sigma], (1, 0, 2))
-        return perms[1:]  # every arrangement but the identity (itertools gives it first)
-    perms = np.tile(np.arange(n, dtype=np.int64), (n_perm, 1))
-    rng = np.random.default_rng(seed)
-    for rows in moving:
-        sigma = np.argsort(rng.random((n_perm, rows.shape[1])), axis=1)
-        perms[:, rows] = np.transpose(rows[:, sigma], (1, 0, 2))
-    return perms
-
-
-def permuted_inners(a_list: Sequence[np.ndarray], b: np.ndarray, perms: Any) -> np.ndarray:
-    """``<A, B[pi][:, pi]>_F`` per layer for given item permutations: ``[len(a_list), P, L]``.
-
-    Parameters
-    ----------
-    a_list
-        Matrices ``[L, n, n]``.
-    b
-        Matrix ``[L, n, n]`` whose items are permuted (rows and columns together).
-    perms
-        ``[P, n]`` integer permutations (e.g. :func:`design_permutations`), one per draw,
-        shared by every layer.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``[len(a_list), P, L]`` float64.
-    """
-    import torch
-
-    n_layers, n, _ = b.shape
-    perms = np.asarray(perms, dtype=np.int64)
-    if perms.ndim != 2 or perms.shape[1] != n:
-        raise ValueError(f"perms must be [P, {n}] (one permutation of the {n} items per row), got {perms.shape}")
-    if len(perms) and not (np.sort(perms, axis=1) == np.arange(n)).all():
-        raise ValueError("every row of perms must be a permutation of 0..n-1")
-    if np.array_equal(b, b.transpose(0, 2, 1)) and all(np.array_equal(a, a.transpose(0, 2, 1)) for a in a_list):
-        i, j = np.triu_indices(n)
-        a_sel = np.stack([a[:, i, j] * np.where(i == j, 1.0, 2.0) for a in a_list])  # [A, L, m]
-    else:
-        i, j = (ix.ravel() for ix in np.indices((n, n)))
-        a_sel = np.stack([a.reshape(n_layers, n * n) for a in a_list])
-    m = len(i)
-    a_t = torch.from_numpy(np.ascontiguousarray(a_sel, dtype=np.float64))
-    b_t = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64).reshape(n_layers, n * n))
-    i_t, j_t = torch.from_numpy(i), torch.from_numpy(j)
-    out = np.empty((len(a_list), len(perms), n_layers))
-    block = max(1, _GATHER // (n_layers * m))
-    step = n_layers if block > 1 else max(1, _GATHER // m)
-    for b0 in range(0, len(perms), block):
-        k = min(block, len(perms) - b0)
-        pi = torch.from_numpy(perms[b0 : b0 + k])
-        idx = pi[:, i_t] * n + pi[:, j_t]  # [k, m]
-        for l0 in range(0, n_layers, step):
-            bp = b_t[l0 : l0 + step][:, idx]  # [step, k, m]
-            out[:, b0 : b0 + k, l0 : l0 + step] = torch.einsum("alm,lkm->akl", a_t[:, l0 : l0 + step], bp).numpy()
-    return out
-
-
-_GATHER = 1 << 23  # gathered elements per block of permutations (64 MB of float64)
-
-
 def _given(perms: Any, n: int) -> np.ndarray | None:
     """``perms`` as ``[P, n]`` int64 (None stays None)."""
     if perms is None:
@@ -283,7 +150,7 @@ def cka_permutation_test(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0, p
     O(n_perm L n^2): pass the states of one whole cell, and fewer permutations for large n.
 
     perms: None draws ``n_perm`` uniform permutations (seeded); or ``[P, n]`` permutations
-    to use instead (:func:`design_permutations`; x and y must have no NaN row). When none of
+    to use instead (:func:`iclit.analysis.permutations.design_permutations`; x and y must have no NaN row). When none of
     them moves an item, null_mean and the p-values are NaN.
     """
     given = _given(perms, _f64(x).shape[0])
@@ -363,7 +230,7 @@ def pair_tests(states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_p
     shares it. With a NaN row in any arm (each pair drops its own) it runs pair by pair.
 
     perms: None, uniform permutations of the items; or ``[P, n]`` permutations the design
-    allows (:func:`design_permutations`), used for every pair (no arm may have a NaN row)."""
+    allows (:func:`iclit.analysis.permutations.design_permutations`), used for every pair (no arm may have a NaN row)."""
     arms = {arm: _f64(states[arm]) for pair in pairs.values() for arm in pair}
     one = {arm: (x[:, None] if x.ndim == 2 else x) for arm, x in arms.items()}
     n = {x.shape[0] for x in one.values()}
