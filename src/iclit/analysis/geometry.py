@@ -13,12 +13,14 @@ not exchangeable that way: the sets of one query block read the same queries (th
 rows are copies across the block's sets), and queries of one gold label resemble each other.
 Two arms that each cluster by query share that structure by construction, so their CKA is
 positive even when they are otherwise independent, and a uniform null calls it significant.
-:func:`iclit.analysis.permutations.design_permutations` draws only what the design makes exchangeable: the query null
-permutes, within one (seed, query block, gold label), the block's queries, one permutation for
-every set of the block (a query's rows move together); the demonstration null permutes a
-block's sets, one permutation for all its queries (every query stays matched with itself, as
-both arms read it). :func:`iclit.analysis.cells.geometry` passes those to ``perms``. Values are comparable only between cells of the same design
-(same S sets, Q queries per set, sets per block): see docs/statistics.md.
+:func:`iclit.analysis.permutations.design_permutations` draws only what the design makes
+exchangeable: the query null permutes, within one (seed, query block, gold label), the
+block's queries, one permutation for every set of the block (a query's rows move together);
+the demonstration null permutes a block's sets, one permutation for all its queries (every
+query stays matched with itself, as both arms read it).
+:func:`iclit.analysis.cells.geometry` passes those to ``perms``. Values are comparable only
+between cells of the same design (same S sets, Q queries per set, sets per block): see
+docs/statistics.md.
 """
 
 from __future__ import annotations
