@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from iclit.analysis import load_run
-from iclit.analysis.contrasts import PAIR_LABELS, cell_contrasts, within_cell_contrasts
+from iclit.analysis.contrasts import ANCHOR_COMPARISONS, PAIR_LABELS, cell_contrasts, within_cell_contrasts
 from iclit.analysis.factors import design_subset as _subset, dose_summary, factor_summary
 from iclit.report.figures import dose_figure as _dose_figure, factor_figure as _factor_figure
 
@@ -65,12 +65,6 @@ def score_label(outputs: pd.DataFrame) -> str:
     return "chrF" if "score_name" in outputs and outputs["score_name"].eq("chrf").any() else "accuracy"
 
 
-ANCHOR_CONTRASTS = ((("icl_it", "cosine"), ("anchor_icl", "cosine")), (("icl_it", "cosine"), ("anchor_it", "cosine")))
-"""ICL–IT against each anchor pair (the paper's comparison), within each cell."""
-FACTOR_QUANTITIES = (("icl_it", "cosine"), ("update", "cosine"), ("icl_it", "demo_swap"), ("update", "demo_swap"))
-"""What the factor contrasts compare between a factor's values."""
-
-
 def _diff(r: Any) -> str:
     return f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
 
@@ -80,16 +74,16 @@ def contrasts(run: Path, factor: str | None) -> None:
     (:func:`iclit.analysis.contrasts.within_cell_contrasts`; Holm over the table)."""
     data = _RUNS[run]
     cells = nulls.cell_labels(data, factor)
-    table = within_cell_contrasts(data, ANCHOR_CONTRASTS, cells=[k for _, k in cells])
+    table = within_cell_contrasts(data, ANCHOR_COMPARISONS, cells=[k for _, k in cells])
     if table.empty:
         return
-    names = [f"{PAIR_LABELS[a[0]]} − {PAIR_LABELS[b[0]]}" for a, b in ANCHOR_CONTRASTS]
+    names = [f"{PAIR_LABELS[a[0]]} − {PAIR_LABELS[b[0]]}" for a, b in ANCHOR_COMPARISONS]
     print()
     print(f"| {factor or 'task'} | " + " | ".join(f"{n} [95% CI], p Holm, verdict" for n in names) + " |")
     print("|" + " --- |" * (len(names) + 1))
     for label, key in cells:
         sub = table[table["cell_key"] == key]
-        got = [sub[(sub["pair_b"] == b[0]) & (sub["quantity_b"] == b[1])] for _, b in ANCHOR_CONTRASTS]
+        got = [sub[(sub["pair_b"] == b[0]) & (sub["quantity_b"] == b[1])] for _, b in ANCHOR_COMPARISONS]
         print(f"| {label} | " + " | ".join(f"{_diff(g.iloc[0])}, {g['p_holm'].iloc[0]:.3g}, {g['verdict'].iloc[0]}"
                                           if len(g) else "–" for g in got) + " |")
     r0 = table.iloc[0]
@@ -119,7 +113,7 @@ def cell_table(summary: pd.DataFrame, factor: str, score: str) -> None:
 def effects_table(run: Path, factor: str) -> None:
     """Each value of the factor against the reference value, query blocks as units
     (:func:`iclit.analysis.contrasts.cell_contrasts`; Holm over the table)."""
-    eff = cell_contrasts(_RUNS[run], FACTOR_QUANTITIES, factors=[factor])
+    eff = cell_contrasts(_RUNS[run], factors=[factor])
     if eff.empty:
         return
     print()

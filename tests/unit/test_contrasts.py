@@ -105,7 +105,7 @@ def _synthetic_run(monkeypatch, *, shared: bool, effect: float = 0.0, n_blocks: 
                                  "block": b, "query_id": query, "pair": pair, "quantity": quantity, "layer": 3,
                                  "value": block_effect[b] + (effect if k == 1 else 0.0) + rng.normal(0, 0.05)})
     units = pd.DataFrame(rows)
-    monkeypatch.setattr(contrasts, "unit_values", lambda run, quantities, layer: units)
+    monkeypatch.setattr(contrasts, "unit_values", lambda run, quantities, layer, **_: units)
     trials = outputs.assign(trial_key=outputs["cell_key"])
     return RunData(path=None, latest=None, plan=plan, frame=pd.DataFrame(), outputs=outputs, trials=trials), units
 
@@ -196,3 +196,19 @@ def test_a_stored_run_through_results_contrasts_and_the_report(tmp_path):
     assert "Between-cell contrasts" in html
     bad = CliRunner().invoke(app, ["results", str(out), "--contrasts", "--tests"])
     assert bad.exit_code != 0
+
+
+def test_within_cell_contrasts_are_paired_t_tests_over_the_cells_blocks(monkeypatch):
+    run, units = _synthetic_run(monkeypatch, shared=True, effect=0.1)
+    comparisons = [(("icl_it", "cosine"), ("icl_it", "demo_swap")), (("icl_it", "cosine"), ("update", "demo_swap"))]
+    table = contrasts.within_cell_contrasts(run, comparisons)
+    assert list(table.columns) == list(contrasts.WITHIN_COLUMNS)
+    assert len(table) == 4 * 2 and table["paired"].all()  # 4 cells × 2 comparisons: one Holm family
+    np.testing.assert_allclose(table["p_holm"], holm(table["p"].to_numpy()))
+    row = table[(table["cell_key"] == "c10.0") & (table["pair_b"] == "update")].iloc[0]
+    u = units[units["cell_key"] == "c10.0"]
+    a = u[(u["pair"] == "icl_it") & (u["quantity"] == "cosine")].groupby("block")["value"].mean()
+    b = u[(u["pair"] == "update") & (u["quantity"] == "demo_swap")].groupby("block")["value"].mean()
+    want = sps.ttest_rel(a, b)
+    assert row["p"] == pytest.approx(want.pvalue)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(want.confidence_interval()))

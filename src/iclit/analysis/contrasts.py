@@ -34,7 +34,7 @@ from iclit.analysis.nulls import TEST_PAIRS, Units, pair_states, strata, verdict
 from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
 
-__all__ = ["CONTRAST_COLUMNS", "DEFAULT_QUANTITIES", "PAIR_LABELS", "QUANTITIES", "WITHIN_COLUMNS", "block_values",
+__all__ = ["ANCHOR_COMPARISONS", "CONTRAST_COLUMNS", "DEFAULT_QUANTITIES", "PAIR_LABELS", "QUANTITIES", "WITHIN_COLUMNS", "block_values",
            "cell_contrasts", "compare_blocks", "unit_values", "within_cell_contrasts"]
 
 QUANTITIES = ("cosine", "query_swap", "demo_swap")
@@ -43,6 +43,10 @@ DEFAULT_QUANTITIES: tuple[tuple[str, str], ...] = (("icl_it", "cosine"), ("icl_i
                                                    ("update", "demo_swap"))
 """(pair, quantity) compared between cells by default: the ICL–IT cosine, and the ICL–IT and
 update pairs' demo-swap excess (is the match specific to the demonstrations?)."""
+ANCHOR_COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = (
+    (("icl_it", "cosine"), ("anchor_icl", "cosine")), (("icl_it", "cosine"), ("anchor_it", "cosine")))
+"""Within a cell, the ICL–IT cosine against each anchor pair's (:func:`within_cell_contrasts`):
+are ICL and IT closer to each other than either is to the query alone?"""
 PAIR_LABELS: dict[str, str] = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT",
                                "update": "update"}
 """Display names of the tested pairs."""
