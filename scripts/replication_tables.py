@@ -126,7 +126,8 @@ def effects_table(run: Path, factor: str) -> None:
               f"| {r['p']:.3g} | {r['p_holm']:.3g} | {r['p_tost']:.3g} | {r['verdict']} |")
     print(f"\n(last layer; quantity cosine: the pair's cosine, demo-swap: its excess over the demo-swap null; one value "
           f"per (seed, query block), the mean over its (query, set) pairs; t tests over blocks; Holm over the {len(eff)} "
-          f"tests of this table; TOST against ±{_RUNS[run].margin}; \"above null\": the value above the reference.)")
+          f"tests of this table; TOST against ±{eff['margin'].iloc[0]:g}; \"above null\": the value above the "
+          "reference.)")
 
 
 def single_cell(run: Path, title: str, fig_name: str) -> None:

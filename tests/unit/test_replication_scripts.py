@@ -54,6 +54,6 @@ def test_a_factor_section_and_the_dose_section_from_tiny_runs(scripts, tmp_path)
     assert "ICL–IT − anchor–ICL [95% CI], p Holm, verdict" in text
     assert "| 1 vs 2 | ICL–IT | cosine | 2 / 2 (paired)" in text
     assert "paired t test over the 2 blocks; Holm over the 4 tests of this table" in text  # 2 cells × 2 contrasts
-    assert "Holm over the 3 tests of this table; TOST against ±0.02" in text  # 1 level × 3 quantities
+    assert "Holm over the 3 tests of this table; TOST against ±0.02;" in text  # 1 level × 3 quantities
     dose = scripts.section(root, "dose")
     assert "ICL–IT − anchor–ICL" in dose and "paired t over blocks" in dose

@@ -34,8 +34,8 @@ from iclit.analysis.nulls import TEST_PAIRS, Units, pair_states, strata, verdict
 from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
 
-__all__ = ["ANCHOR_COMPARISONS", "CONTRAST_COLUMNS", "DEFAULT_QUANTITIES", "PAIR_LABELS", "QUANTITIES", "WITHIN_COLUMNS", "block_values",
-           "cell_contrasts", "compare_blocks", "unit_values", "within_cell_contrasts"]
+__all__ = ["ANCHOR_COMPARISONS", "CONTRAST_COLUMNS", "DEFAULT_QUANTITIES", "PAIR_LABELS", "QUANTITIES", "WITHIN_COLUMNS",
+           "block_values", "cell_contrasts", "compare_blocks", "contrast_margin", "unit_values", "within_cell_contrasts"]
 
 QUANTITIES = ("cosine", "query_swap", "demo_swap")
 """Per-trial quantities: the pair's cosine, and its excess over each null."""
@@ -51,20 +51,46 @@ PAIR_LABELS: dict[str, str] = {"anchor_icl": "anchor–ICL", "anchor_it": "ancho
                                "update": "update"}
 """Display names of the tested pairs."""
 CONTRAST_COLUMNS = ("factor", "level_a", "level_b", "pair", "quantity", "layer", "mean_a", "mean_b", "diff",
-                    "ci_low", "ci_high", "p", "p_holm", "tost_low", "tost_high", "p_tost", "verdict", "n_blocks_a",
-                    "n_blocks_b", "paired")
+                    "ci_low", "ci_high", "p", "p_holm", "margin", "tost_low", "tost_high", "p_tost", "verdict",
+                    "n_blocks_a", "n_blocks_b", "paired")
 """One row per factor × level × (pair, quantity): level_a against level_b (the reference);
 layer: the layer read (-1: each cell's own last layer); mean_a / mean_b: the means of the
 block values; diff: mean_a − mean_b (paired: the mean block difference); ci_low / ci_high:
 its 95% CI from the t test; p: two-sided t test (paired t on block differences when
 ``paired``, else Welch); p_holm: Holm over the table (the family is every row); tost_low /
-tost_high: the 90% CI of the TOST, p_tost: its p against ± the margin; verdict:
+tost_high: the 90% CI of the TOST, p_tost: its p against ± margin (:func:`contrast_margin`); verdict:
 :func:`iclit.analysis.nulls.verdict` ("above null": level_a above level_b)."""
 WITHIN_COLUMNS = ("cell_key", "pair_a", "quantity_a", "pair_b", "quantity_b", "layer", "mean_a", "mean_b", "diff",
-                  "ci_low", "ci_high", "p", "p_holm", "tost_low", "tost_high", "p_tost", "verdict", "n_blocks_a",
-                  "n_blocks_b", "paired")
+                  "ci_low", "ci_high", "p", "p_holm", "margin", "tost_low", "tost_high", "p_tost", "verdict",
+                  "n_blocks_a", "n_blocks_b", "paired")
 """As :data:`CONTRAST_COLUMNS`, for two quantities of one cell (:func:`within_cell_contrasts`)."""
 _UNIT_COLUMNS = ["cell_key", "trial_key", "seed", "set", "block", "query_id", "pair", "quantity", "layer", "value"]
+
+
+def contrast_margin(declared: Any, pair: str) -> float:
+    """The equivalence margin of a contrast of ``pair``'s cosines (or their excess over a null).
+
+    Parameters
+    ----------
+    declared
+        The spec's ``equivalence_margin`` (``RunData.margin``): a number, or a mapping per
+        quantity (``raw``, ``update``…), or None.
+    pair
+        The pair compared.
+
+    Returns
+    -------
+    float
+        A number: that number. A mapping: its ``update`` entry for the update pair, else its
+        ``raw`` entry, when that is a number. Otherwise (a ``ceiling`` rule, nothing declared)
+        NaN: a contrast between cells has no positive control to scale a margin by, so no
+        equivalence is claimed.
+    """
+    if isinstance(declared, Mapping):
+        declared = declared.get("update" if pair == "update" else "raw")
+    if isinstance(declared, (int, float, np.floating)) and not isinstance(declared, bool):
+        return float(declared)
+    return float("nan")
 
 
 def _check_quantities(quantities: Sequence[tuple[str, str]]) -> None:
@@ -182,16 +208,17 @@ def block_values(units: pd.DataFrame, by: Sequence[str] = ("cell_key", "pair", "
 def _t_summary(diff: float, se: float, df: float, margin: float) -> dict[str, float]:
     """CI, two-sided p and TOST of a t statistic with standard error ``se`` and ``df``."""
     if not np.isfinite(se) or not np.isfinite(df) or df <= 0:
-        return {k: np.nan for k in ("ci_low", "ci_high", "p", "tost_low", "tost_high", "p_tost")}
+        return {k: np.nan for k in ("ci_low", "ci_high", "p", "tost_low", "tost_high", "p_tost")} | {"margin": margin}
     if se == 0:  # every block the same: the limits of the t test as se -> 0
         inside = abs(diff) < margin
-        return {"ci_low": diff, "ci_high": diff, "p": 1.0 if diff == 0 else 0.0, "tost_low": diff,
-                "tost_high": diff, "p_tost": 0.0 if inside else 1.0}
+        return {"ci_low": diff, "ci_high": diff, "p": 1.0 if diff == 0 else 0.0, "tost_low": diff, "tost_high": diff,
+                "p_tost": (0.0 if inside else 1.0) if np.isfinite(margin) else np.nan, "margin": margin}
     t975, t95 = sps.t.ppf(0.975, df), sps.t.ppf(0.95, df)
     p_low = sps.t.sf((diff + margin) / se, df)  # H0: diff <= -margin
     p_high = sps.t.cdf((diff - margin) / se, df)  # H0: diff >= +margin
     return {"ci_low": diff - t975 * se, "ci_high": diff + t975 * se, "p": float(2 * sps.t.sf(abs(diff) / se, df)),
-            "tost_low": diff - t95 * se, "tost_high": diff + t95 * se, "p_tost": float(max(p_low, p_high))}
+            "margin": margin, "tost_low": diff - t95 * se, "tost_high": diff + t95 * se,
+            "p_tost": float(max(p_low, p_high)) if np.isfinite(margin) else np.nan}
 
 
 def compare_blocks(a: pd.DataFrame, b: pd.DataFrame, *, margin: float) -> dict[str, Any]:
@@ -203,13 +230,13 @@ def compare_blocks(a: pd.DataFrame, b: pd.DataFrame, *, margin: float) -> dict[s
         Columns ``block_id`` (a hashable label of the block, equal on both sides for the same
         block), ``value`` and ``queries``.
     margin
-        The equivalence margin (TOST against ± margin).
+        The equivalence margin (TOST against ± margin; NaN: no TOST).
 
     Returns
     -------
     dict
-        ``mean_a, mean_b, diff, ci_low, ci_high, p, tost_low, tost_high, p_tost, n_blocks_a,
-        n_blocks_b, paired``. Paired (``scipy.stats.ttest_rel``) when a and b hold the same
+        ``mean_a, mean_b, diff, ci_low, ci_high, p, margin, tost_low, tost_high, p_tost,
+        n_blocks_a, n_blocks_b, paired``. Paired (``scipy.stats.ttest_rel``) when a and b hold the same
         block ids, each reading the same queries on both sides; else Welch
         (``scipy.stats.ttest_ind(equal_var=False)``). NaN where a side has under two blocks.
     """
@@ -313,7 +340,8 @@ def cell_contrasts(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT
                 if a.empty or b.empty:
                     continue
                 rows.append({"factor": factor, "level_a": str(value), "level_b": str(ref), "pair": pair,
-                             "quantity": quantity, "layer": layer} | compare_blocks(a, b, margin=run.margin))
+                             "quantity": quantity, "layer": layer}
+                            | compare_blocks(a, b, margin=contrast_margin(run.margin, pair)))
     if not rows:
         return pd.DataFrame(columns=list(CONTRAST_COLUMNS))
     return _adjust(pd.DataFrame(rows))[list(CONTRAST_COLUMNS)]
@@ -359,8 +387,9 @@ def within_cell_contrasts(run: RunData, comparisons: Sequence[tuple[tuple[str, s
             b = sub[(sub["pair"] == pb) & (sub["quantity"] == qb)]
             common = set(a["block_id"]) & set(b["block_id"])  # blocks where both quantities have a value
             a, b = a[a["block_id"].isin(common)], b[b["block_id"].isin(common)]
+            margin = contrast_margin(run.margin, pa if pa == pb else "raw")
             rows.append({"cell_key": cell, "pair_a": pa, "quantity_a": qa, "pair_b": pb, "quantity_b": qb,
-                         "layer": layer} | compare_blocks(a, b, margin=run.margin))
+                         "layer": layer} | compare_blocks(a, b, margin=margin))
     return _adjust(pd.DataFrame(rows))[list(WITHIN_COLUMNS)] if rows else pd.DataFrame(columns=list(WITHIN_COLUMNS))
 
 
