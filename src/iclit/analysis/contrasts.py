@@ -310,8 +310,8 @@ def cell_contrasts(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT
     -------
     pandas.DataFrame
         :data:`CONTRAST_COLUMNS`. The Holm family is every row of the table: all contrasts of
-        the run (every factor × level × pair × quantity) at the declared layer (by default
-        each cell's own last layer).
+        the run (every factor asked × level × pair × quantity) at the declared layer (by
+        default each cell's own last layer).
     """
     plan = run.plan or {}
     names = [f for f, vs in plan.get("factors", {}).items() if len(vs) > 1] if factors is None else list(factors)
