@@ -27,7 +27,8 @@ SWAPS = ("queries", "sets")
 
 def design_permutations(units: "Units", n_perm: int, seed: int = 0, *, swap: str = "queries",
                         exact: bool = True) -> np.ndarray:
-    """Random item permutations a cell's design makes exchangeable: ``[n_perm, n]`` int64.
+    """Item permutations a cell's design makes exchangeable: ``[P, n]`` int64 (P = n_perm, or
+    every arrangement but the observed one when they are fewer).
 
     Parameters
     ----------
@@ -59,7 +60,7 @@ def design_permutations(units: "Units", n_perm: int, seed: int = 0, *, swap: str
         set stays in place), so every (block, label) group and every query's rows stay
         together. A block of a single item (one query per set, one set per block) shares
         nothing with the others: such items are permuted within their (seed, gold label).
-        Items in no group with two queries are never moved; where no item can move
+        Items in no group of two are never moved; where no item can move
         the exact enumeration is empty (``[0, n]``; with ``exact=False`` every row is the
         identity), and the tests give a NaN null.
 
