@@ -30,7 +30,7 @@ GEOMETRY_PAIRS: dict[str, tuple[str, str]] = {"anchor_icl": ("anchor", "icl"), "
 GEOMETRY_COLUMNS = ("cell_key", "pair", "measure", "null", "layer", "value", "null_mean", "p", "p_adj", "n")
 """measure: ``cka`` (debiased linear CKA, unbiased HSIC) or ``rsa`` (Spearman between the
 query × query cosine matrices of the two arms); null: the permutations of the second arm's
-items, as the design allows (:func:`iclit.analysis.geometry.design_permutations`):
+items, as the design allows (:func:`iclit.analysis.permutations.design_permutations`):
 ``query_swap``, a query block's queries within one gold label, the same permutation for all
 the block's sets (every pair); ``demo_swap``, a block's sets, the same permutation for all its
 queries (ICL–IT only: is the shared geometry specific to the demonstrations?); ``uniform``:
@@ -69,8 +69,9 @@ def geometry(states: Mapping[str, np.ndarray], units: Units | None = None, *, n_
         arm → ``[n, L+1, d]`` (``anchor``, ``icl``, ``it``), rows as ``units``.
     units
         The trials' place in the design. Given, each null permutes only what the design
-        makes exchangeable (:data:`GEOMETRY_NULLS`, :func:`iclit.analysis.geometry.design_permutations`);
-        trials with a NaN state in any arm are left out. None: one null, uniform permutations
+        makes exchangeable (:data:`GEOMETRY_NULLS`,
+        :func:`iclit.analysis.permutations.design_permutations`); trials with a NaN state in
+        any arm are left out. None: one null, uniform permutations
         of the items (``null`` = ``uniform``).
     n_perm, seed
         Permutations drawn (every arrangement once when there are fewer) and their seed.
