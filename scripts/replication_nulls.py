@@ -4,8 +4,9 @@ seed noise, the behaviour-matched dose, and the causal tests — all from a run'
 states and outputs (iclit.analysis), last layer unless said otherwise.
 
 Families: every table's Holm-adjusted p is over the tests that table shows (all its rows and
-both nulls), recomputed here from the raw permutation p; the verdicts use that p and the TOST
-against the spec's equivalence margin.
+both nulls), adjusted by iclit.analysis.nulls.adjust_family from the raw permutation p, which
+also gives the verdicts (that p and the TOST against the spec's equivalence margin). This
+script declares no test, family or verdict rule of its own.
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ import numpy as np
 import pandas as pd
 
 from iclit.analysis import RunData
-from iclit.analysis.factors import design_subset
 from iclit.analysis.cells import last_layer_rows
-from iclit.analysis.inference import holm
-from iclit.analysis.nulls import verdict
+from iclit.analysis.contrasts import PAIR_LABELS as PAIRS
+from iclit.analysis.factors import design_subset
+from iclit.analysis.nulls import NULLS, adjust_family
 
-PAIRS = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update"}
-NULLS = ("query_swap", "demo_swap")
+
+NULL_NAMES = {"query_swap": "query", "demo_swap": "demo", "uniform": "all items"}
+"""How the geometry nulls are named in the tables."""
+
+
+def table_family(df: pd.DataFrame) -> pd.DataFrame:
+    """Holm p (``p_holm``) and verdicts over every row of one printed table (the package's rule)."""
+    return adjust_family(df.assign(_table=0), by=("_table",)).drop(columns="_table") if len(df) else df
 
 
 def cell_labels(run: RunData, factor: str | None) -> list[tuple[str, str]]:
@@ -51,10 +58,7 @@ def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] 
         print("\n(no query-swap / demo-swap nulls: one query per set)\n")
         return
     cells = cell_labels(run, factor)
-    t = tests[tests["centring"].isin(centrings) & tests["cell_key"].isin([k for _, k in cells])].copy()
-    t["p_table"] = holm(t["p"].to_numpy(float))
-    t["verdict_table"] = [verdict(lo, hi, p, eq) for lo, hi, p, eq in
-                          zip(t["ci_low"], t["ci_high"], t["p_table"], t["p_tost"] < 0.05)]
+    t = table_family(tests[tests["centring"].isin(centrings) & tests["cell_key"].isin([k for _, k in cells])])
     print()
     print(f"| {factor or 'task'} | pair | centring | cosine | query-swap excess [95% CI] | p | p Holm | verdict "
           "| demo-swap excess [95% CI] | p | p Holm | TOST p | verdict |")
@@ -72,10 +76,10 @@ def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] 
                     if r is None:
                         cells_ += ["–"] * (5 if null == "demo_swap" else 4)
                         continue
-                    cells_ += [_ci(r), f"{r['p']:.3g}", f"{r['p_table']:.3g}"]
+                    cells_ += [_ci(r), f"{r['p']:.3g}", f"{r['p_holm']:.3g}"]
                     if null == "demo_swap":
                         cells_.append(f"{r['p_tost']:.3g}")
-                    cells_.append(r["verdict_table"])
+                    cells_.append(r["verdict"])
                 print("| " + " | ".join(cells_) + " |")
     r0 = t.iloc[0]
     print(f"\nLast layer; {int(r0['n_units'])} (query, set) pairs per cell in {int(r0['n_blocks'])} query blocks; "
@@ -114,18 +118,24 @@ def geometry_table(run: RunData, factor: str | None) -> None:
     g = last_layer_rows(run.geometry)
     if g.empty:
         return
-    print(f"\n| {factor or 'task'} | " + " | ".join(f"{m} {n}" for m in ("debiased CKA", "RSA")
-                                                 for p, n in PAIRS.items() if p != "update") + " |")
+    pairs = [p for p in PAIRS if p != "update"]
+    print(f"\n| {factor or 'task'} | " + " | ".join(f"{m} {PAIRS[p]}" for m in ("debiased CKA", "RSA") for p in pairs)
+          + " |")
     print("|" + " --- |" * 7)
     for label, key in cell_labels(run, factor):
         sub = g[g["cell_key"] == key]
         cells = [label]
         for m in ("cka", "rsa"):
-            for pair in ("anchor_icl", "anchor_it", "icl_it"):
+            for pair in pairs:
                 r = sub[(sub["measure"] == m) & (sub["pair"] == pair)]
-                cells.append(f"{r['value'].iloc[0]:.3f} (p {r['p'].iloc[0]:.2g})" if len(r) else "–")
+                ps = ", ".join(f"{NULL_NAMES.get(n, n)} {p:.2g}" for n, p in zip(r["null"], r["p"]))
+                cells.append(f"{r['value'].iloc[0]:.3f} (p {ps})" if len(r) else "–")
         print("| " + " | ".join(cells) + " |")
-    print(f"\nAcross all (query, set) pairs of a cell, last layer; permutation p (one-sided, {1000} permutations).")
+    print("\nAcross all (query, set) pairs of a cell, last layer; permutation p, one-sided, permuting only what the design "
+          "makes exchangeable: query: a query block's queries within one gold label, the same permutation for all the "
+          "block's sets; demo: a block's sets, the same permutation for all its queries (each arrangement once when "
+          "they are fewer than 1000, else 1000 drawn; nan: none exists). Values compare only between cells of the "
+          "same design (sets, queries per set).")
 
 
 def behaviour_table(run: RunData, factor: str | None) -> None:
@@ -179,13 +189,13 @@ def dose_matched(run: RunData, factor: str) -> None:
     t = last_layer_rows(run.cells["dose_tests"])
     t = t[(t["pair"] == "icl_it") & (t["centring"] == "raw")]
     if len(t):
-        t = t.assign(p_table=holm(t["p"].to_numpy(float)))
+        t = table_family(t)
         print("\n| learning rate | matched step (median) | null | ICL–IT excess [95% CI] | p Holm | TOST p | verdict |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for label, key in cell_labels(run, factor):
             for r in t[t["cell_key"] == key].to_dict("records"):
-                v = verdict(r["ci_low"], r["ci_high"], r["p_table"], r["p_tost"] < 0.05)
-                print(f"| {label} | {r['step']:g} | {r['null']} | {_ci(r)} | {r['p_table']:.3g} | {r['p_tost']:.3g} | {v} |")
+                print(f"| {label} | {r['step']:g} | {r['null']} | {_ci(r)} | {r['p_holm']:.3g} | {r['p_tost']:.3g} "
+                      f"| {r['verdict']} |")
 
 
 def causal_tables(run: RunData, figures: Path, stem: str) -> list[str]:

@@ -5,8 +5,10 @@ and write its figures to docs/figures/paper_*.png.
     python scripts/replication_tables.py runs/paper > docs/replication_tables.md  # tables + figures
 
 Every number is a mean over trials with a 95% bootstrap CI (in brackets), last layer unless
-said otherwise; effects are paired over the same queries (mean difference, paired bootstrap
-CI, sign-flip permutation p).
+said otherwise. Contrasts (between the pairs of a cell, between the values of a factor) and
+their verdicts are the package's (iclit.analysis.contrasts): query blocks as units, a paired
+t test on block differences (Welch on block means where the cells read other queries), the
+CI from the same t, Holm over each printed table, TOST against the spec's margin.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ import numpy as np
 import pandas as pd
 
 from iclit.analysis import load_run
-from iclit.analysis import paired_bootstrap_diff, permutation_test
-from iclit.analysis.factors import design_subset as _subset, dose_summary, factor_effects, factor_summary
-from iclit.analysis.inference import holm
+from iclit.analysis.contrasts import ANCHOR_COMPARISONS, PAIR_LABELS, cell_contrasts, within_cell_contrasts
+from iclit.analysis.factors import design_subset as _subset, dose_summary, factor_summary
 from iclit.report.figures import dose_figure as _dose_figure, factor_figure as _factor_figure
 
 import replication_nulls as nulls  # scripts/replication_nulls.py: the crossed design's tables
@@ -64,48 +65,30 @@ def score_label(outputs: pd.DataFrame) -> str:
     return "chrF" if "score_name" in outputs and outputs["score_name"].eq("chrf").any() else "accuracy"
 
 
-def last_layer(frame: pd.DataFrame) -> pd.DataFrame:
-    """trial × pair cosines at the last layer (one column per pair)."""
-    top = frame[frame["layer"] == frame.groupby("trial_key")["layer"].transform("max")]
-    return top.pivot_table(index="trial_key", columns="pair", values="cosine")
+def _diff(r: Any) -> str:
+    return f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
 
 
-def contrast(frame: pd.DataFrame, a: str, b: str) -> str:
-    """Paired over trials, last layer: mean of (a − b) [bootstrap CI], sign-flip p."""
-    wide = last_layer(frame)
-    if a not in wide or b not in wide:
-        return "–"
-    d = paired_bootstrap_diff(wide[a].to_numpy(), wide[b].to_numpy())
-    p = permutation_test(wide[a].to_numpy(), wide[b].to_numpy())
-    return f"{d['mean_diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p = {p:.4f}"
-
-
-def contrasts(frame: pd.DataFrame, plan: dict, factor: str | None) -> None:
-    """Per factor value: ICL–IT against the anchor pairs (the paper's comparison), paired over
-    the same (query, set) pairs; Holm over the table's tests."""
-    tests = [("icl_it", "anchor_icl", "ICL–IT − anchor–ICL"), ("icl_it", "anchor_it", "ICL–IT − anchor–IT")]
-    f = frame if factor is None else _subset(frame, factor, plan)
-    values = [None] if factor is None else list(plan["factors"][factor])
-    rows = []
-    for v in values:
-        sub = f if v is None else f[f[factor].astype(str) == str(v)]
-        if sub.empty:  # a cell not computed yet (a suite stopped early)
-            continue
-        wide = last_layer(sub)
-        for a, b, _ in tests:
-            d = paired_bootstrap_diff(wide[a].to_numpy(), wide[b].to_numpy())
-            rows.append((v, d, permutation_test(wide[a].to_numpy(), wide[b].to_numpy())))
-    adjusted = holm([p for _, _, p in rows])
+def contrasts(run: Path, factor: str | None) -> None:
+    """Per factor value (cell): ICL–IT against the anchor pairs over the cell's query blocks
+    (:func:`iclit.analysis.contrasts.within_cell_contrasts`; Holm over the table)."""
+    data = _RUNS[run]
+    cells = nulls.cell_labels(data, factor)
+    table = within_cell_contrasts(data, ANCHOR_COMPARISONS, cells=[k for _, k in cells])
+    if table.empty:
+        return
+    names = [f"{PAIR_LABELS[a[0]]} − {PAIR_LABELS[b[0]]}" for a, b in ANCHOR_COMPARISONS]
     print()
-    print(f"| {factor or ''} | " + " | ".join(f"{t[2]} [95% CI], p Holm" for t in tests) + " |")
-    print("|" + " --- |" * (len(tests) + 1))
-    for i in range(0, len(rows), len(tests)):
-        v = rows[i][0]
-        print(f"| {'all' if v is None else v} | " + " | ".join(
-            f"{d['mean_diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], {q:.3g}"
-            for (_, d, _), q in zip(rows[i:i + len(tests)], adjusted[i:i + len(tests)])) + " |")
-    print("\n(paired bootstrap over (query, set) pairs, sign-flip p; pairs of one query block are not independent, "
-          "so these CIs are narrower than the hierarchical ones of the null tests.)")
+    print(f"| {factor or 'task'} | " + " | ".join(f"{n} [95% CI], p Holm, verdict" for n in names) + " |")
+    print("|" + " --- |" * (len(names) + 1))
+    for label, key in cells:
+        sub = table[table["cell_key"] == key]
+        got = [sub[(sub["pair_b"] == b[0]) & (sub["quantity_b"] == b[1])] for _, b in ANCHOR_COMPARISONS]
+        print(f"| {label} | " + " | ".join(f"{_diff(g.iloc[0])}, {g['p_holm'].iloc[0]:.3g}, {g['verdict'].iloc[0]}"
+                                          if len(g) else "–" for g in got) + " |")
+    r0 = table.iloc[0]
+    print(f"\n(last layer; per cell, the mean of each cosine over each query block's (query, set) pairs, a paired t "
+          f"test over the {int(r0['n_blocks_a'])} blocks; Holm over the {len(table)} tests of this table.)")
 
 
 def cell_table(summary: pd.DataFrame, factor: str, score: str) -> None:
@@ -127,17 +110,28 @@ def cell_table(summary: pd.DataFrame, factor: str, score: str) -> None:
             print("| " + " | ".join([str(row[factor])] + [ci(row.get(f"{p}:last_layer")) for p, _ in present]) + " |")
 
 
-def effects_table(frame: pd.DataFrame, plan: dict, factor: str) -> None:
-    eff = factor_effects(frame, plan, factor, pairs=("icl_it", "icl_it_centered", "update_cosine", "icl_it_qmean"))
-    eff = eff[eff["what"] == "last_layer"]
+def effects_table(run: Path, factor: str) -> None:
+    """Each value of the factor against the reference value, query blocks as units
+    (:func:`iclit.analysis.contrasts.cell_contrasts`; Holm over the table)."""
+    eff = cell_contrasts(_RUNS[run], factors=[factor])
     if eff.empty:
         return
     print()
-    print("| value vs reference | similarity | n | difference [95% CI] | Cohen's d | permutation p |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in eff.itertuples(index=False):
-        print(f"| {r.value} vs {r.reference} | {r.pair} | {r.n} | {r.mean_diff:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] "
-              f"| {r.cohens_d:+.2f} | {r.p_value:.4f} |")
+    print("| value vs reference | pair | quantity | blocks | mean | difference [95% CI] | p | p Holm | TOST p | verdict |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in eff.to_dict("records"):
+        test = "paired" if r["paired"] else "Welch"
+        print(f"| {r['level_a']} vs {r['level_b']} | {PAIR_LABELS[r['pair']]} | {r['quantity'].replace('_', '-')} "
+              f"| {r['n_blocks_a']} / {r['n_blocks_b']} ({test}) | {r['mean_a']:.3f} vs {r['mean_b']:.3f} | {_diff(r)} "
+              f"| {r['p']:.3g} | {r['p_holm']:.3g} | {r['p_tost']:.3g} | {r['verdict']} |")
+    print(f"\n(last layer; quantity cosine: the pair's cosine, demo-swap: its excess over the demo-swap null; one value "
+          f"per (seed, query block), the mean over its (query, set) pairs; t tests over blocks; Holm over the {len(eff)} "
+          f"tests of this table; {_tost_text(eff['margin'].iloc[0])}; \"above null\": the value above the "
+          "reference.)")
+
+
+def _tost_text(margin: float) -> str:
+    return f"TOST against ±{margin:g}" if margin == margin else "no TOST (no margin declared for between-cell contrasts)"
 
 
 def single_cell(run: Path, title: str, fig_name: str) -> None:
@@ -147,7 +141,7 @@ def single_cell(run: Path, title: str, fig_name: str) -> None:
     summary = factor_summary(frame, outputs, single, "task", cka=cka)
     print(f"### {title}\n")
     cell_table(summary, "task", score_label(outputs))
-    contrasts(frame, plan, None)
+    contrasts(run, None)
     losses = pd.to_numeric(outputs["it_final_loss"], errors="coerce")
     print(f"\nIT final training loss: mean {losses.mean():.1e}, max {losses.max():.1e} over {len(losses)} trials.")
     qm = [("anchor_icl_qmean", "anchor–ICL"), ("anchor_it_qmean", "anchor–IT"), ("icl_it_qmean", "ICL–IT")]
@@ -263,8 +257,8 @@ def factor_spec(run: Path, name: str, factor: str) -> None:
     print(f"### {name} (factor `{factor}`)\n")
     cell_table(summary, factor, score_label(outputs))
     label_share(run, outputs, plan, factor)
-    contrasts(frame, plan, factor)
-    effects_table(frame, plan, factor)
+    contrasts(run, factor)
+    effects_table(run, factor)
     data = _RUNS[run]
     print("\n#### Against the nulls\n")
     nulls.tests_table(data, factor)
@@ -291,21 +285,26 @@ def dose(run: Path) -> None:
               + " | ".join(f"{r['train_loss']['mean']:.1e}" for r in rows) + " |")
     print()
     # does tuning move the query's state towards the ICL state? ICL–IT after step S against
-    # anchor–ICL (step 0: IT = anchor), paired per trial; and how far IT is from the anchor
-    wide = last_layer(frame).join(
-        frame.drop_duplicates("trial_key").set_index("trial_key")["recipe"].astype(str).rename("recipe_label"))
+    # anchor–ICL (step 0: IT = anchor), over each cell's query blocks; and how far IT is from the anchor
+    data = _RUNS[run]
+    cells = nulls.cell_labels(data, "recipe")
+    steps = sorted(d["step"].unique())
+    found = pd.concat([within_cell_contrasts(data, [(("icl_it", "cosine"), ("anchor_icl", "cosine"))],
+                                             it_state=f"it:step{step}").assign(step=step) for step in steps],
+                      ignore_index=True)
     print("| step | " + " | ".join(f"anchor–IT {v}" for v in values) + " | "
           + " | ".join(f"ICL–IT − anchor–ICL {v}" for v in values) + " |")
     print("|" + " --- |" * (1 + 2 * len(values)))
-    for step in sorted(d["step"].unique()):
+    for step in steps:
         rows = [d[(d["step"] == step) & (d["value"] == v)].iloc[0] for v in values]
         diffs = []
         for v in values:
-            w = wide[wide["recipe_label"] == str(v)]
-            a, b = w[f"icl_it_step{step}"].to_numpy(), w["anchor_icl"].to_numpy()
-            r = paired_bootstrap_diff(a, b)
-            diffs.append(f"{r['mean_diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")
+            keys = [k for label, k in cells if label == str(v)]
+            r = found[(found["step"] == step) & found["cell_key"].isin(keys)] if len(found) else found
+            diffs.append(_diff(r.iloc[0]) if len(r) else "–")
         print(f"| {step} | " + " | ".join(ci(r["anchor_it:last_layer"]) for r in rows) + " | " + " | ".join(diffs) + " |")
+    print("\n(ICL–IT − anchor–ICL: the mean over query blocks of the blocks' mean difference, 95% CI from the paired "
+          "t over blocks.)")
     print()
     for v in values:
         g = d[d["value"] == v].reset_index(drop=True)

@@ -322,6 +322,8 @@ def results(
                                  "the ICL–IT cosine (paired bootstrap CI, Cohen's d, permutation p)"),
     tests: bool = typer.Option(False, "--tests", help="= --metric tests: each pair against its query-swap and demo-swap "
                                "nulls per layer (diff, CI, p, max-T p_adj, Holm, BH, TOST, verdict)"),
+    contrasts: bool = typer.Option(False, "--contrasts", help="= --metric contrasts: per factor, each value vs the base "
+                                   "value with query blocks as units (paired t or Welch, CI, Holm, TOST, verdict)"),
     limit: int = typer.Option(30, help="rows shown by --format table"),
 ) -> None:
     """Print or export the results of a run as a tidy table (default: the cosines, trial × layer × pair)."""
@@ -339,13 +341,14 @@ def results(
         _fail("--format parquet needs --out FILE")
     if format == "table" and out is not None:
         _fail("--out needs --format csv or parquet")
-    chosen = [name for name, on in (("summary", summary), ("effects", effects), ("tests", tests)) if on]
+    chosen = [name for name, on in (("summary", summary), ("effects", effects), ("tests", tests),
+                                    ("contrasts", contrasts)) if on]
     if metric:
         chosen.append(metric)
     if len(chosen) + outputs > 1:
         if effects:
             _fail("--effects goes alone, without --outputs, --summary or --metric")
-        _fail("give one of --metric, --summary, --effects, --tests, --outputs")
+        _fail("give one of --metric, --summary, --effects, --tests, --contrasts, --outputs")
     name = chosen[0] if chosen else ("cosines" if not outputs else None)
     if name is not None:
         try:
@@ -367,7 +370,7 @@ def results(
     if name is not None and df.empty and data.frame.empty and data.notes and not data.outputs.empty:
         _fail(f"{run}: --metric {name} is computed from stored hidden states, and {data.notes[0]} "
               "(--outputs and --metric scores, agreement, it_loss need none)")
-    if name == "effects" and df.empty and not data.outputs.empty:
+    if name in ("effects", "contrasts") and df.empty and not data.outputs.empty:
         console.print("no factor with two or more values: no effects to show")
         return
     _show(df, format, out, limit, nested=name is None)

@@ -34,7 +34,7 @@ __all__ = ["CACHE_DIR", "enabled", "entry_key", "load", "save", "copy_entries"]
 log = logging.getLogger(__name__)
 
 CACHE_DIR = "analysis"
-_MODULES = ("cache", "cells", "nulls", "inference", "geometry", "dose", "outputs", "states")
+_MODULES = ("cache", "cells", "nulls", "inference", "geometry", "permutations", "dose", "outputs", "states")
 
 
 def enabled() -> bool:

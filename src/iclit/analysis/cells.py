@@ -21,16 +21,26 @@ from iclit.analysis import inference
 from iclit.analysis.dose import DOSE_COLUMNS, dose_tables, row_cosine
 from iclit.analysis.nulls import (NULLS, TEST_COLUMNS, Units, adjust_family, links, margin_for, margins, null_tests,
                                   strata, unit_rows)
+from iclit.analysis.permutations import design_permutations
 
-__all__ = ["GEOMETRY_PAIRS", "GEOMETRY_COLUMNS", "BEHAVIOUR_COLUMNS", "SEED_COLUMNS", "cell_tables", "geometry",
-           "behaviour", "seed_spread", "last_layer_rows"]
+__all__ = ["GEOMETRY_PAIRS", "GEOMETRY_COLUMNS", "GEOMETRY_NULLS", "BEHAVIOUR_COLUMNS", "SEED_COLUMNS", "cell_tables",
+           "geometry", "behaviour", "seed_spread", "last_layer_rows"]
 
 GEOMETRY_PAIRS: dict[str, tuple[str, str]] = {"anchor_icl": ("anchor", "icl"), "anchor_it": ("anchor", "it"),
                                               "icl_it": ("icl", "it")}
-GEOMETRY_COLUMNS = ("cell_key", "pair", "measure", "layer", "value", "null_mean", "p", "p_adj", "n")
+GEOMETRY_COLUMNS = ("cell_key", "pair", "measure", "null", "layer", "value", "null_mean", "p", "p_adj", "n")
 """measure: ``cka`` (debiased linear CKA, unbiased HSIC) or ``rsa`` (Spearman between the
-query × query cosine matrices of the two arms); null_mean, p: the permutation null (rows of
-one arm permuted; RSA: Mantel), one-sided (greater); p_adj: max-T over layers."""
+query × query cosine matrices of the two arms); null: the permutations of the second arm's
+items, as the design allows (:func:`iclit.analysis.permutations.design_permutations`):
+``query_swap``, a query block's queries within one gold label, the same permutation for all
+the block's sets (every pair); ``demo_swap``, a block's sets, the same permutation for all its
+queries (ICL–IT only: is the shared geometry specific to the demonstrations?); ``uniform``:
+all items (states without a design); null_mean, p: that permutation null (RSA: Mantel),
+one-sided (greater); p_adj: max-T over layers. Values are comparable only between cells of
+the same design (S, Q, sets per block): see docs/statistics.md."""
+GEOMETRY_NULLS: dict[str, tuple[str, ...]] = {"query_swap": ("anchor_icl", "anchor_it", "icl_it"),
+                                              "demo_swap": ("icl_it",)}
+"""The geometry nulls and the pairs each is computed for (the anchor does not depend on the set)."""
 BEHAVIOUR_COLUMNS = ("cell_key", "pair", "measure", "null", "observed", "null_mean", "diff", "se", "ci_low", "ci_high",
                      "p", "p_holm", "q_bh", "p_min", "exact", "margin", "tost_low", "tost_high", "p_tost", "verdict",
                      "n_units")
@@ -52,18 +62,52 @@ def last_layer_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["layer"] == df.groupby("cell_key")["layer"].transform("max")]
 
 
-def geometry(states: Mapping[str, np.ndarray], *, n_perm: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Debiased CKA and RSA of each arm pair across all the cell's trials, per layer."""
-    rows = []
+def geometry(states: Mapping[str, np.ndarray], units: Units | None = None, *, n_perm: int = 1000,
+             seed: int = 0) -> pd.DataFrame:
+    """Debiased CKA and RSA of each arm pair across all the cell's trials, per layer.
+
+    Parameters
+    ----------
+    states
+        arm → ``[n, L+1, d]`` (``anchor``, ``icl``, ``it``), rows as ``units``.
+    units
+        The trials' place in the design. Given, each null permutes only what the design
+        makes exchangeable (:data:`GEOMETRY_NULLS`,
+        :func:`iclit.analysis.permutations.design_permutations`); trials with a NaN state in
+        any arm are left out. None: one null, uniform permutations
+        of the items (``null`` = ``uniform``).
+    n_perm, seed
+        Permutations drawn (every arrangement once when there are fewer) and their seed.
+
+    Returns
+    -------
+    pandas.DataFrame
+        :data:`GEOMETRY_COLUMNS` without ``cell_key``; null_mean and p are NaN where the
+        design allows no permutation (e.g. one query of each label per block).
+    """
+    if units is None:
+        nulls: dict[str, tuple[Any, tuple[str, ...]]] = {"uniform": (None, tuple(GEOMETRY_PAIRS))}
+    else:
+        arrays = {a: np.asarray(states[a], dtype=np.float64) for a in ("anchor", "icl", "it")}
+        keep = ~np.logical_or.reduce([np.isnan(x.reshape(len(x), -1)).any(1) for x in arrays.values()])
+        states = {a: x[keep] for a, x in arrays.items()}
+        kept = Units(units.seed[keep], units.set[keep], units.block[keep], units.query[keep], units.label[keep])
+        nulls = {null: (design_permutations(kept, n_perm, seed, swap=swap), GEOMETRY_NULLS[null])
+                 for null, swap in (("query_swap", "queries"), ("demo_swap", "sets"))}
     n = len(states["anchor"])
-    found = geometry_.pair_tests(states, GEOMETRY_PAIRS, n_perm=n_perm, seed=seed)
-    for pair in GEOMETRY_PAIRS:
-        for measure in ("cka", "rsa"):
-            res = found[pair, measure]
-            null = res.get("null_mean", np.full(len(res["value"]), np.nan))
-            rows += [{"pair": pair, "measure": measure, "layer": layer, "value": float(v), "null_mean": float(m),
-                      "p": float(p), "p_adj": float(q), "n": n}
-                     for layer, (v, m, p, q) in enumerate(zip(res["value"], null, res["p"], res["p_maxT"]))]
+    if n < 4:
+        return pd.DataFrame()
+    rows = []
+    for null, (perms, pairs) in nulls.items():
+        found = geometry_.pair_tests(states, {p: GEOMETRY_PAIRS[p] for p in pairs}, n_perm=n_perm, seed=seed,
+                                     perms=perms)
+        for pair in pairs:
+            for measure in ("cka", "rsa"):
+                res = found[pair, measure]
+                mean = res.get("null_mean", np.full(len(res["value"]), np.nan))
+                rows += [{"pair": pair, "measure": measure, "null": null, "layer": layer, "value": float(v),
+                          "null_mean": float(m), "p": float(p), "p_adj": float(q), "n": n}
+                         for layer, (v, m, p, q) in enumerate(zip(res["value"], mean, res["p"], res["p_maxT"]))]
     return pd.DataFrame(rows)
 
 
@@ -217,7 +261,7 @@ def _one_cell(run_dir: str | Path, cell: str, sub: pd.DataFrame, out: pd.DataFra
     found = {
         "tests": null_tests(arrays, units, margin=margin, centrings=centrings, reference=reference, n_perm=n_perm,
                             n_boot=n_boot, seed=seed),
-        "geometry": geometry(arrays, n_perm=n_perm, seed=seed) if len(sub) >= 4 else pd.DataFrame(),
+        "geometry": geometry(arrays, units, n_perm=n_perm, seed=seed) if len(sub) >= 4 else pd.DataFrame(),
         "behaviour": behaviour(out, units, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed),
     }
     dose = dose_tables({n: states[n] for n in states}, out, units, labels, margin=margin, n_perm=n_perm,

@@ -251,6 +251,10 @@ def factor_effects(frame: pd.DataFrame, plan: Mapping[str, Any], factor: str, *,
     last layer / mean over layers: mean difference (value − reference) with a paired
     bootstrap 95% CI, Cohen's d of the differences and a two-sided sign-flip permutation
     p-value. One row per (value, pair, what).
+
+    The trials of one query block share their queries and demonstrations, so these pooled
+    CIs and p-values are descriptive only; the tests with query blocks as units are
+    :func:`iclit.analysis.contrasts.cell_contrasts` (``iclit results RUN --contrasts``).
     """
     columns = ["factor", "value", "reference", "pair", "what", "n", "mean_value", "mean_reference",
                "mean_diff", "ci_low", "ci_high", "cohens_d", "p_value"]

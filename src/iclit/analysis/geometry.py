@@ -7,6 +7,20 @@ linear CKA with n ≪ d is biased towards 1, this estimator is not. RSA (Krieges
 2008) is the Spearman correlation between the two arms' query × query cosine matrices, with
 a Mantel (1967) null. Both nulls permute the items of the second arm (the same permutation at
 every layer) and are one-sided (greater). Shapes: ``x, y [n, L, d]``.
+
+Which permutations. Over plain arrays the items are permuted uniformly. A cell's items are
+not exchangeable that way: the sets of one query block read the same queries (the anchor's
+rows are copies across the block's sets), and queries of one gold label resemble each other.
+Two arms that each cluster by query share that structure by construction, so their CKA is
+positive even when they are otherwise independent, and a uniform null calls it significant.
+:func:`iclit.analysis.permutations.design_permutations` draws only what the design makes
+exchangeable: the query null permutes, within one (seed, query block, gold label), the
+block's queries, one permutation for every set of the block (a query's rows move together);
+the demonstration null permutes a block's sets, one permutation for all its queries (every
+query stays matched with itself, as both arms read it).
+:func:`iclit.analysis.cells.geometry` passes those to ``perms``. Values are comparable only
+between cells of the same design (same S sets, Q queries per set, sets per block): see
+docs/statistics.md.
 """
 
 from __future__ import annotations
@@ -17,8 +31,10 @@ import numpy as np
 from scipy import stats as sps
 
 from iclit.analysis.inference import _EPS, _f64, _perm_p, _permuted_inners
+from iclit.analysis.permutations import design_permutations, permuted_inners
 
-__all__ = ["cka_permutation_test", "debiased_cka", "debiased_cka_per_layer", "pair_tests", "rsa", "rsa_per_layer"]
+__all__ = ["cka_permutation_test", "debiased_cka", "debiased_cka_per_layer", "design_permutations", "pair_tests",
+           "permuted_inners", "rsa", "rsa_per_layer"]
 
 
 def _paired_states(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -85,22 +101,48 @@ def debiased_cka(x: Any, y: Any) -> float:
 
 
 def _permutation_summary(
-    a: np.ndarray, b: np.ndarray, scale: np.ndarray, n_perm: int, seed: int, permuted: np.ndarray | None = None
+    a: np.ndarray, b: np.ndarray, scale: np.ndarray, n_perm: int, seed: int, permuted: np.ndarray | None = None,
+    degenerate: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``<A, B> * scale`` ``[L]``, its null mean under item permutations of B, one-sided p
     and max-T p (values standardised by the null draws' mean and SD; z = 0 where SD is 0).
-    permuted: ``<A, B[pi][:, pi]>`` ``[n_perm, L]`` when already computed."""
+    permuted: ``<A, B[pi][:, pi]>`` ``[n_perm, L]`` when already computed; degenerate: the
+    permutations allowed move nothing (null mean and p are NaN)."""
     value = _inner(a, b) * scale
+    if degenerate:
+        nan = np.full(value.shape, np.nan)
+        return value, nan, nan.copy(), nan.copy()
     null = (_permuted_inners([a], b, n_perm, seed)[0] if permuted is None else permuted) * scale
     mu = null.mean(0)
-    sd = null.std(0, ddof=1) if n_perm > 1 else np.zeros_like(mu)
+    sd = null.std(0, ddof=1) if null.shape[0] > 1 else np.zeros_like(mu)
     ok, s = sd > 0, np.where(sd > 0, sd, 1.0)
     z_obs = np.where(ok, (value - mu) / s, 0.0)
     p, p_max = _perm_p(np.where(np.isnan(value), np.nan, z_obs), np.where(ok, (null - mu) / s, 0.0))
     return value, mu, p, p_max
 
 
-def cka_permutation_test(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0) -> dict[str, Any]:
+def _given(perms: Any, n: int) -> np.ndarray | None:
+    """``perms`` as ``[P, n]`` int64 (None stays None)."""
+    if perms is None:
+        return None
+    perms = np.asarray(perms, dtype=np.int64)
+    if perms.ndim != 2 or perms.shape[1] != n:
+        raise ValueError(f"perms must be [P, {n}] (one permutation of the items per row), got {perms.shape}")
+    return perms
+
+
+def _no_nan_rows(x: np.ndarray, y: np.ndarray) -> None:
+    if np.isnan(x).any() or np.isnan(y).any():
+        raise ValueError("given permutations need states without NaN rows: drop those items from the states and "
+                         "from the design before drawing the permutations")
+
+
+def _is_identity(perms: np.ndarray) -> bool:
+    """No permutation, or none that moves an item: the null is not defined."""
+    return bool((perms == np.arange(perms.shape[1])).all())
+
+
+def cka_permutation_test(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0, perms: Any = None) -> dict[str, Any]:
     """Debiased CKA per layer against a permutation null of the rows of y.
 
     x, y: ``[n, L, d]``. One permutation per draw for all layers (permuting the rows of y
@@ -108,11 +150,20 @@ def cka_permutation_test(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0) -
     null_mean [L], p [L], p_maxT [L], n}``; one-sided (greater), (1 + hits) / (1 + n_perm);
     max-T over layers on the values standardised by the null draws' mean and SD. Cost
     O(n_perm L n^2): pass the states of one whole cell, and fewer permutations for large n.
+
+    perms: None draws ``n_perm`` uniform permutations (seeded); or ``[P, n]`` permutations
+    to use instead (:func:`iclit.analysis.permutations.design_permutations`; x and y must have no NaN row). When none of
+    them moves an item, null_mean and the p-values are NaN.
     """
+    given = _given(perms, _f64(x).shape[0])
+    if given is not None:
+        _no_nan_rows(_f64(x), _f64(y))
     uk, um, scale, n = _cka_parts(x, y)
     if not uk.size:
         return {k: scale.copy() for k in ("value", "null_mean", "p", "p_maxT")} | {"n": n}
-    value, mu, p, p_max = _permutation_summary(uk, um, scale, n_perm, seed)
+    permuted = None if given is None else permuted_inners([uk], um, given)[0]
+    degenerate = given is not None and _is_identity(given)
+    value, mu, p, p_max = _permutation_summary(uk, um, scale, n_perm, seed, permuted, degenerate)
     return {"value": value, "null_mean": mu, "p": p, "p_maxT": p_max, "n": n}
 
 
@@ -151,35 +202,46 @@ def rsa(x: Any, y: Any) -> float:
     return float(_inner(rx, ry)[0] * scale[0]) if rx.size else float("nan")
 
 
-def rsa_per_layer(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0) -> dict[str, Any]:
+def rsa_per_layer(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0, perms: Any = None) -> dict[str, Any]:
     """:func:`rsa` per layer with a Mantel null: x, y ``[n, L, d]``.
 
     The items of y are permuted (rows and columns of its similarity matrix together), one
     permutation for all layers. Returns ``{value [L], p [L], p_maxT [L], n}``; one-sided
     (greater), (1 + hits) / (1 + n_perm); max-T on values standardised by the null draws.
+    perms: as for :func:`cka_permutation_test`.
     """
+    given = _given(perms, _f64(x).shape[0])
+    if given is not None:
+        _no_nan_rows(_f64(x), _f64(y))
     rx, ry, scale, n = _rsa_parts(x, y)
     if not rx.size:
         return {k: scale.copy() for k in ("value", "p", "p_maxT")} | {"n": n}
-    value, _, p, p_max = _permutation_summary(rx, ry, scale, n_perm, seed)
+    permuted = None if given is None else permuted_inners([rx], ry, given)[0]
+    degenerate = given is not None and _is_identity(given)
+    value, _, p, p_max = _permutation_summary(rx, ry, scale, n_perm, seed, permuted, degenerate)
     return {"value": value, "p": p, "p_maxT": p_max, "n": n}
 
 
 def pair_tests(states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_perm: int = 1000,
-               seed: int = 0) -> dict[tuple[str, str], dict[str, Any]]:
+               seed: int = 0, perms: Any = None) -> dict[tuple[str, str], dict[str, Any]]:
     """:func:`cka_permutation_test` and :func:`rsa_per_layer` of several arm pairs over the
     same items: ``{(pair, "cka" | "rsa"): result}``; states: arm → ``[n, L, d]``, pairs:
     name → (first arm, second arm). The same numbers as the pair-by-pair functions (same
     seed, so the same permutations), computed once per arm: each arm's U-centred Gram and
     rank matrix, and each second arm's permuted entries gathered once for every pair that
-    shares it. With a NaN row in any arm (each pair drops its own) it runs pair by pair."""
+    shares it. With a NaN row in any arm (each pair drops its own) it runs pair by pair.
+
+    perms: None, uniform permutations of the items; or ``[P, n]`` permutations the design
+    allows (:func:`iclit.analysis.permutations.design_permutations`), used for every pair (no arm may have a NaN row)."""
     arms = {arm: _f64(states[arm]) for pair in pairs.values() for arm in pair}
     one = {arm: (x[:, None] if x.ndim == 2 else x) for arm, x in arms.items()}
     n = {x.shape[0] for x in one.values()}
     if len(n) > 1 or any(np.isnan(x).any() for x in one.values()) or n.pop() < 4:
-        return {(name, measure): fn(arms[a], arms[b], n_perm=n_perm, seed=seed)
+        return {(name, measure): fn(arms[a], arms[b], n_perm=n_perm, seed=seed, perms=perms)
                 for name, (a, b) in pairs.items()
                 for measure, fn in (("cka", cka_permutation_test), ("rsa", rsa_per_layer))}
+    given = _given(perms, next(iter(one.values())).shape[0])
+    degenerate = given is not None and _is_identity(given)
     grams = {arm: _u_centred_gram(x) for arm, x in one.items()}
     norms = {arm: _inner(g, g) for arm, g in grams.items()}
     ranks = {arm: _centred_rank_matrix(x) for arm, x in one.items()}
@@ -189,11 +251,14 @@ def pair_tests(states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_p
         firsts = [pairs[name][0] for name in names]
         for measure in ("cka", "rsa"):
             mats = grams if measure == "cka" else {arm: r for arm, (r, _) in ranks.items()}
-            permuted = _permuted_inners([mats[a] for a in firsts], mats[second], n_perm, seed)
+            a_list = [mats[a] for a in firsts]
+            permuted = (_permuted_inners(a_list, mats[second], n_perm, seed) if given is None
+                        else permuted_inners(a_list, mats[second], given))
             for name, first, perm in zip(names, firsts, permuted):
                 scale = (_scale(norms[first] * norms[second], 1.0) if measure == "cka"
                          else _scale(ranks[first][1] * ranks[second][1], 0.5))
-                value, mu, p, p_max = _permutation_summary(mats[first], mats[second], scale, n_perm, seed, perm)
+                value, mu, p, p_max = _permutation_summary(mats[first], mats[second], scale, n_perm, seed, perm,
+                                                           degenerate)
                 res = {"value": value, "null_mean": mu, "p": p, "p_maxT": p_max, "n": len(one[first])}
                 out[name, measure] = res if measure == "cka" else {k: v for k, v in res.items() if k != "null_mean"}
     return out

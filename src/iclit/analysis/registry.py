@@ -49,6 +49,7 @@ def register_metric(name: str, help: str = "", *, needs_cka: bool = False) -> Ca
 
 def _ensure_builtins() -> None:
     import iclit.analysis.causal  # noqa: F401 - registers patch and steer
+    import iclit.analysis.contrasts  # noqa: F401 - registers contrasts
     import iclit.analysis.tables  # noqa: F401 - registers the built-in metrics
 
 

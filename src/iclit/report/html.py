@@ -61,6 +61,7 @@ from iclit.analysis.factors import (
 from iclit.analysis.rundata import RunData, load_run
 from iclit.report import figures
 from iclit.report.causal import causal_section
+from iclit.report.contrasts import contrasts_section
 from iclit.report.nulls import nulls_section
 
 __all__ = ["write_report", "render_report", "factor_summary", "factor_effects", "dose_summary"]
@@ -290,6 +291,7 @@ def _context(run: RunData) -> dict[str, Any]:
         "sections": sections,
         "dose": None if run.frame.empty else _dose_section(run, score_name),
         "nulls": nulls_section(run),
+        "contrasts": contrasts_section(run),
         "causal": causal_section(run),
         "spec_yaml": spec_yaml,
         "versions": [(str(k), str(v)) for k, v in (latest.get("versions") or {}).items()],

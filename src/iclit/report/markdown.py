@@ -91,13 +91,17 @@ def comparison_markdown(run: str | Path) -> str:
             lines.append(f"IT seed noise at the last layer: ICL–IT {r['seed1']:.3f} with the first seed, "
                          f"{r['seed2']:.3f} with the second; per-pair between-seed SD {r['unit_sd']:.3f}.\n")
     if m.get("geometry"):
-        lines += ["| pair | debiased CKA (p) | RSA (p) |", "| --- | --- | --- |"]
+        lines += ["| pair | debiased CKA (p query-swap; p demo-swap) | RSA (p query-swap; p demo-swap) |",
+                  "| --- | --- | --- |"]
         for pair in ("anchor_icl", "anchor_it", "icl_it"):
-            g = {r["measure"]: r for r in m["geometry"] if r["pair"] == pair}
-            lines.append(f"| {_NAMES[pair]} | " + " | ".join(f"{g[k]['value']:.3f} ({_p(g[k]['p'])})" if k in g else "–"
-                                                           for k in ("cka", "rsa")) + " |")
+            g = {(r["measure"], r.get("null", "query_swap")): r for r in m["geometry"] if r["pair"] == pair}
+            cells = []
+            for k in ("cka", "rsa"):
+                q, d = g.get((k, "query_swap")), g.get((k, "demo_swap"))
+                cells.append(f"{_f(q['value'], _3)} ({_p(q['p'])}; {_p(d['p']) if d else '–'})" if q else "–")
+            lines.append(f"| {_NAMES[pair]} | " + " | ".join(cells) + " |")
         lines.append(f"\nacross all {m['geometry'][0]['n']} trials of the cell at the last layer; permutation p "
-                     "(one-sided).\n")
+                     "(one-sided), permuting only what the design makes exchangeable.\n")
     if m.get("behaviour"):
         lines += ["| arms | measure | alone | query-swap diff [95% CI] | demo-swap diff [95% CI] |",
                   "| --- | --- | --- | --- | --- |"]

@@ -52,9 +52,10 @@ def _tests_table(t: pd.DataFrame) -> dict[str, Any]:
 
 def _geometry_table(g: pd.DataFrame) -> dict[str, Any]:
     rows = [[{"kind": "text", "value": _PAIR.get(r.pair, r.pair)}, {"kind": "text", "value": r.measure},
+             {"kind": "text", "value": str(getattr(r, "null", "")).replace("_", "-")},
              _num(r.value), _num(r.null_mean), _p(r.p), _p(r.p_adj), _num(r.n, "{:.0f}")]
             for r in g.itertuples()]
-    return {"head": ["pair", "measure", "value", "null mean", "p", "p max-T", "n"], "rows": rows, "cls": None}
+    return {"head": ["pair", "measure", "null", "value", "null mean", "p", "p max-T", "n"], "rows": rows, "cls": None}
 
 
 def _behaviour_table(b: pd.DataFrame) -> dict[str, Any]:

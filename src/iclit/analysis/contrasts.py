@@ -1,0 +1,400 @@
+"""Contrasts with query blocks as units: between the cells of a factor (k = 1 vs 4, most vs
+least similar demonstrations, wrong labels, instruction, model…) and between two quantities
+of one cell (ICL–IT against anchor–ICL).
+
+The (query, set) trials of one query block share their queries and demonstration sets, so
+they are not independent, and pooling them as pairs overstates the evidence. Here each cell's
+quantity is first reduced to one value per (seed, query block): the mean over the block's
+trials of a per-trial quantity at one layer (:func:`unit_values`, :func:`block_values`):
+
+* ``cosine``: cos(x, y) of the pair's two states (anchor–ICL, anchor–IT, ICL–IT, or the
+  update pair ICL − anchor vs IT − anchor);
+* ``query_swap`` / ``demo_swap``: the trial's excess over its null, cos(x(q, A), y(q, A))
+  minus the mean over its eligible swapped partners (:mod:`iclit.analysis.nulls`).
+
+Two sets of block values are then compared (:func:`compare_blocks`): a paired t test on the
+block differences when both sides have the same blocks reading the same queries (checked from
+the trials), else Welch's t test on the block means; the 95% CI comes from the same t (so CI
+and p agree), and TOST tests equivalence within ± the spec's ``equivalence_margin`` (the
+quantity's own scale, cosine). Holm adjusts over the family a function declares in its
+docstring; the verdict is :func:`iclit.analysis.nulls.verdict` on the Holm p.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from iclit.analysis.factors import design_subset, factor_values, match_value, reference_value
+from iclit.analysis.inference import holm
+from iclit.analysis.nulls import TEST_PAIRS, Units, pair_states, strata, verdict
+from iclit.analysis.registry import register_metric
+from iclit.analysis.rundata import RunData
+
+__all__ = ["ANCHOR_COMPARISONS", "CONTRAST_COLUMNS", "DEFAULT_QUANTITIES", "PAIR_LABELS", "QUANTITIES", "WITHIN_COLUMNS",
+           "block_values", "cell_contrasts", "compare_blocks", "contrast_margin", "unit_values", "within_cell_contrasts"]
+
+QUANTITIES = ("cosine", "query_swap", "demo_swap")
+"""Per-trial quantities: the pair's cosine, and its excess over each null."""
+DEFAULT_QUANTITIES: tuple[tuple[str, str], ...] = (("icl_it", "cosine"), ("icl_it", "demo_swap"),
+                                                   ("update", "demo_swap"))
+"""(pair, quantity) compared between cells by default: the ICL–IT cosine, and the ICL–IT and
+update pairs' demo-swap excess (is the match specific to the demonstrations?)."""
+ANCHOR_COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = (
+    (("icl_it", "cosine"), ("anchor_icl", "cosine")), (("icl_it", "cosine"), ("anchor_it", "cosine")))
+"""Within a cell, the ICL–IT cosine against each anchor pair's (:func:`within_cell_contrasts`):
+are ICL and IT closer to each other than either is to the query alone?"""
+PAIR_LABELS: dict[str, str] = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT",
+                               "update": "update"}
+"""Display names of the tested pairs."""
+CONTRAST_COLUMNS = ("factor", "level_a", "level_b", "pair", "quantity", "layer", "mean_a", "mean_b", "diff",
+                    "ci_low", "ci_high", "p", "p_holm", "margin", "tost_low", "tost_high", "p_tost", "verdict",
+                    "n_blocks_a", "n_blocks_b", "paired")
+"""One row per factor × level × (pair, quantity): level_a against level_b (the reference);
+layer: the layer read (-1: each cell's own last layer); mean_a / mean_b: the means of the
+block values; diff: mean_a − mean_b (paired: the mean block difference); ci_low / ci_high:
+its 95% CI from the t test; p: two-sided t test (paired t on block differences when
+``paired``, else Welch); p_holm: Holm over the table (the family is every row); tost_low /
+tost_high: the 90% CI of the TOST, p_tost: its p against ± margin (:func:`contrast_margin`); verdict:
+:func:`iclit.analysis.nulls.verdict` ("above null": level_a above level_b)."""
+WITHIN_COLUMNS = ("cell_key", "pair_a", "quantity_a", "pair_b", "quantity_b", "layer", "mean_a", "mean_b", "diff",
+                  "ci_low", "ci_high", "p", "p_holm", "margin", "tost_low", "tost_high", "p_tost", "verdict",
+                  "n_blocks_a", "n_blocks_b", "paired")
+"""As :data:`CONTRAST_COLUMNS`, for two quantities of one cell (:func:`within_cell_contrasts`)."""
+_UNIT_COLUMNS = ["cell_key", "trial_key", "seed", "set", "block", "query_id", "pair", "quantity", "layer", "value"]
+
+
+def contrast_margin(declared: Any, pair: str) -> float:
+    """The equivalence margin of a contrast of ``pair``'s cosines (or their excess over a null).
+
+    Parameters
+    ----------
+    declared
+        The spec's ``equivalence_margin`` (``RunData.margin``): a number, or a mapping per
+        quantity (``raw``, ``update``…), or None.
+    pair
+        The pair compared.
+
+    Returns
+    -------
+    float
+        A number: that number. A mapping: its ``update`` entry for the update pair, else its
+        ``raw`` entry, when that is a number. Otherwise (a ``ceiling`` rule, nothing declared)
+        NaN: a contrast between cells has no positive control to scale a margin by, so no
+        equivalence is claimed.
+    """
+    if isinstance(declared, Mapping):
+        declared = declared.get("update" if pair == "update" else "raw")
+    if isinstance(declared, (int, float, np.floating)) and not isinstance(declared, bool):
+        return float(declared)
+    return float("nan")
+
+
+def _check_quantities(quantities: Sequence[tuple[str, str]]) -> None:
+    for pair, quantity in quantities:
+        if pair not in TEST_PAIRS:
+            raise ValueError(f"unknown pair {pair!r}; known: {', '.join(TEST_PAIRS)}")
+        if quantity not in QUANTITIES:
+            raise ValueError(f"unknown quantity {quantity!r}; known: {', '.join(QUANTITIES)}")
+        if quantity != "cosine" and quantity not in TEST_PAIRS[pair]:
+            raise ValueError(f"the {pair} pair has no {quantity} null (it has {', '.join(TEST_PAIRS[pair])}): "
+                             "the anchor does not depend on the demonstration set")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _per_unit(x: np.ndarray, y: np.ndarray, units: Units, quantity: str) -> np.ndarray:
+    """``[n]``: cos(x_i, y_i), or each unit's excess over its null's partners (NaN: no partner)."""
+    xu, yu = _unit(x), _unit(y)
+    if quantity == "cosine":
+        return np.einsum("nd,nd->n", xu, yu)
+    out = np.full(len(x), np.nan)
+    for rows in strata(units, quantity):
+        c = xu[rows] @ yu[rows].T
+        m = len(rows)
+        out[rows] = np.diag(c) - (c.sum(1) - np.diag(c)) / (m - 1)
+    return out
+
+
+def unit_values(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT_QUANTITIES,
+                layer: int = -1, *, it_state: str = "it") -> pd.DataFrame:
+    """Per trial with stored states, each (pair, quantity) at one layer, from the states.
+
+    Parameters
+    ----------
+    run
+        A run read by :func:`iclit.analysis.load_run`.
+    quantities
+        (pair, quantity) with pair in :data:`iclit.analysis.nulls.TEST_PAIRS` and quantity in
+        :data:`QUANTITIES` (a null only where the pair has it).
+    layer
+        State index read in every cell; -1 (default): each cell's own last layer (cells of
+        different models have different depths).
+    it_state
+        The stored state that plays the IT arm: ``it``, or a captured step (``it:step4``,
+        recipes with ``capture_steps``); cells without it are left out.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns cell_key, trial_key, seed, set, block, query_id, pair, quantity, layer (the
+        index read), value (NaN for a trial without a null partner).
+    """
+    from iclit.analysis.states import read_states
+
+    _check_quantities(quantities)
+    trials = run.trials
+    if not len(trials):
+        return pd.DataFrame(columns=_UNIT_COLUMNS)
+    trials = trials[trials["states_file"].notna()]
+    golds = run.outputs.set_index("trial_key")["gold"] if "gold" in run.outputs.columns else None
+    parts = []
+    for cell, sub in trials.groupby("cell_key", sort=True):
+        sub = sub.sort_values(["seed", "resample"], kind="stable")
+        settings = run.settings.get(cell, {})
+        classification = (settings.get("task") or {}).get("kind") == "classification"
+        units = Units.from_trials(sub, settings, golds.loc[sub["trial_key"]].tolist()
+                                  if classification and golds is not None else None)
+        states = read_states(run.path, sub, names=["anchor", "icl", it_state])
+        if it_state not in states:
+            continue
+        n_states = states["anchor"].shape[1]
+        at = n_states - 1 if layer == -1 else layer
+        if not 0 <= at < n_states:
+            raise ValueError(f"layer {layer} is outside the {n_states} states of cell {cell} (0..{n_states - 1}, "
+                             "or -1 for each cell's last layer)")
+        arrays = {"anchor": states["anchor"][:, at], "icl": states["icl"][:, at], "it": states[it_state][:, at]}
+        for pair, quantity in quantities:
+            x, y = pair_states(arrays, pair)
+            parts.append(pd.DataFrame({
+                "cell_key": cell, "trial_key": sub["trial_key"].to_numpy(), "seed": units.seed, "set": units.set,
+                "block": units.block, "query_id": units.query, "pair": pair, "quantity": quantity, "layer": at,
+                "value": _per_unit(x, y, units, quantity)}))
+    return pd.concat(parts, ignore_index=True)[_UNIT_COLUMNS] if parts else pd.DataFrame(columns=_UNIT_COLUMNS)
+
+
+def block_values(units: pd.DataFrame, by: Sequence[str] = ("cell_key", "pair", "quantity")) -> pd.DataFrame:
+    """One value per (seed, query block): the mean over the block's trials.
+
+    Parameters
+    ----------
+    units
+        Per-trial values (:func:`unit_values`: at least ``seed, block, query_id, value`` and
+        the columns of ``by``); NaN values are left out.
+    by
+        Columns that tell the compared series apart.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``*by, seed, block, value, n_units, queries`` (the block's sorted query ids,
+        a tuple: two blocks are the same units when they read the same queries).
+    """
+    keys = [*by, "seed", "block"]
+    ok = units[units["value"].notna()]
+    if ok.empty:
+        return pd.DataFrame(columns=[*keys, "value", "n_units", "queries"])
+    g = ok.groupby(keys, sort=True)
+    out = g["value"].agg(["mean", "size"]).rename(columns={"mean": "value", "size": "n_units"})
+    out["queries"] = g["query_id"].agg(lambda q: tuple(sorted(map(str, set(q)))))
+    return out.reset_index()
+
+
+def _t_summary(diff: float, se: float, df: float, margin: float) -> dict[str, float]:
+    """CI, two-sided p and TOST of a t statistic with standard error ``se`` and ``df``."""
+    if not np.isfinite(se) or not np.isfinite(df) or df <= 0:
+        return {k: np.nan for k in ("ci_low", "ci_high", "p", "tost_low", "tost_high", "p_tost")} | {"margin": margin}
+    if se == 0:  # every block the same: the limits of the t test as se -> 0
+        inside = abs(diff) < margin
+        return {"ci_low": diff, "ci_high": diff, "p": 1.0 if diff == 0 else 0.0, "tost_low": diff, "tost_high": diff,
+                "p_tost": (0.0 if inside else 1.0) if np.isfinite(margin) else np.nan, "margin": margin}
+    t975, t95 = sps.t.ppf(0.975, df), sps.t.ppf(0.95, df)
+    p_low = sps.t.sf((diff + margin) / se, df)  # H0: diff <= -margin
+    p_high = sps.t.cdf((diff - margin) / se, df)  # H0: diff >= +margin
+    return {"ci_low": diff - t975 * se, "ci_high": diff + t975 * se, "p": float(2 * sps.t.sf(abs(diff) / se, df)),
+            "margin": margin, "tost_low": diff - t95 * se, "tost_high": diff + t95 * se,
+            "p_tost": float(max(p_low, p_high)) if np.isfinite(margin) else np.nan}
+
+
+def compare_blocks(a: pd.DataFrame, b: pd.DataFrame, *, margin: float) -> dict[str, Any]:
+    """Compare two series of block values (:func:`block_values` rows of one series each).
+
+    Parameters
+    ----------
+    a, b
+        Columns ``block_id`` (a hashable label of the block, equal on both sides for the same
+        block), ``value`` and ``queries``.
+    margin
+        The equivalence margin (TOST against ± margin; NaN: no TOST).
+
+    Returns
+    -------
+    dict
+        ``mean_a, mean_b, diff, ci_low, ci_high, p, margin, tost_low, tost_high, p_tost,
+        n_blocks_a, n_blocks_b, paired``. Paired (``scipy.stats.ttest_rel``) when a and b hold the same
+        block ids, each reading the same queries on both sides; else Welch
+        (``scipy.stats.ttest_ind(equal_var=False)``). NaN where a side has under two blocks.
+    """
+    va, vb = a["value"].to_numpy(dtype=float), b["value"].to_numpy(dtype=float)
+    qa = dict(zip(a["block_id"], a["queries"]))
+    qb = dict(zip(b["block_id"], b["queries"]))
+    paired = len(qa) == len(a) and len(qb) == len(b) and qa == qb
+    out: dict[str, Any] = {"mean_a": float(va.mean()) if len(va) else np.nan,
+                           "mean_b": float(vb.mean()) if len(vb) else np.nan,
+                           "n_blocks_a": len(va), "n_blocks_b": len(vb), "paired": bool(paired)}
+    if paired:
+        d = va - b.set_index("block_id").loc[list(a["block_id"]), "value"].to_numpy(dtype=float)
+        n = len(d)
+        diff = float(d.mean()) if n else np.nan
+        se = float(d.std(ddof=1) / np.sqrt(n)) if n >= 2 else np.nan
+        df = n - 1.0
+    else:
+        diff = out["mean_a"] - out["mean_b"]
+        if len(va) >= 2 and len(vb) >= 2:
+            sa, sb = va.var(ddof=1) / len(va), vb.var(ddof=1) / len(vb)
+            se = float(np.sqrt(sa + sb))
+            df = float((sa + sb) ** 2 / (sa**2 / (len(va) - 1) + sb**2 / (len(vb) - 1))) if se > 0 else len(va) + len(vb) - 2.0
+        else:
+            se = df = np.nan
+    return out | {"diff": diff} | _t_summary(diff, se, df, margin)
+
+
+def _adjust(df: pd.DataFrame) -> pd.DataFrame:
+    """p_holm over every row (one family), then the verdicts."""
+    df = df.copy()
+    df["p_holm"] = holm(df["p"].to_numpy(dtype=float)) if len(df) else []
+    df["verdict"] = [verdict(lo, hi, p, bool(pt < 0.05)) for lo, hi, p, pt in
+                     zip(df["ci_low"], df["ci_high"], df["p_holm"], df["p_tost"].fillna(1.0))]
+    return df
+
+
+def _cell_labels(run: RunData) -> pd.DataFrame:
+    """One row per cell_key with its factor values (from the outputs)."""
+    return run.outputs.drop_duplicates("cell_key").reset_index(drop=True)
+
+
+def _block_ids(blocks: pd.DataFrame) -> pd.Series:
+    return pd.Series([f"{s}/{b}" for s, b in zip(blocks["seed"], blocks["block"])], index=blocks.index, dtype=object)
+
+
+def cell_contrasts(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT_QUANTITIES, *, layer: int = -1,
+                   factors: Sequence[str] | None = None) -> pd.DataFrame:
+    """Between-cell contrasts of each factor with query blocks as units.
+
+    For each factor with two or more values, each value (level_a) is compared with the
+    reference value (level_b: the base value, else the first): the cells of each level
+    (``design: separate``: those where the other factors keep their base values; grid: all
+    of them, the other factors averaged over) give one value per (seed, query block) of each
+    (pair, quantity) at ``layer`` (:func:`block_values`: the mean over the level's trials of
+    that block), compared by :func:`compare_blocks` at the spec's ``equivalence_margin``. The
+    cells of a run read the same queries in the same blocks when they share the seed and the
+    task, so the blocks, not the cells × blocks, are the independent units.
+
+    Parameters
+    ----------
+    run
+        A run read by :func:`iclit.analysis.load_run` (needs stored states).
+    quantities
+        (pair, quantity) compared (:data:`DEFAULT_QUANTITIES`; see :func:`unit_values`).
+    layer
+        State index read; -1: each cell's own last layer.
+    factors
+        Factors to contrast (default: every factor of the plan with two or more values).
+
+    Returns
+    -------
+    pandas.DataFrame
+        :data:`CONTRAST_COLUMNS`. The Holm family is every row of the table: all contrasts of
+        the run (every factor asked × level × pair × quantity) at the declared layer (by
+        default each cell's own last layer).
+    """
+    plan = run.plan or {}
+    names = [f for f, vs in plan.get("factors", {}).items() if len(vs) > 1] if factors is None else list(factors)
+    for f in names:
+        if f not in plan.get("factors", {}):
+            raise ValueError(f"{f!r} is not a factor of this run (factors: {', '.join(plan.get('factors', {})) or 'none'})")
+    if not names or run.trials.empty:
+        return pd.DataFrame(columns=list(CONTRAST_COLUMNS))
+    per_unit = unit_values(run, quantities, layer)
+    labels = _cell_labels(run)
+    rows = []
+    for factor in names:
+        cells = design_subset(labels, factor, plan)
+        blocks = block_values(per_unit.merge(cells[["cell_key", factor]], on="cell_key"),
+                              by=("pair", "quantity", factor))
+        if blocks.empty:
+            continue
+        blocks["block_id"] = _block_ids(blocks)
+        ref = reference_value(plan, factor)
+        for value in factor_values(plan, factor):
+            if str(value) == str(ref):
+                continue
+            for pair, quantity in quantities:
+                q = blocks[(blocks["pair"] == pair) & (blocks["quantity"] == quantity)]
+                a, b = q[match_value(q[factor], value)], q[match_value(q[factor], ref)]
+                if a.empty or b.empty:
+                    continue
+                rows.append({"factor": factor, "level_a": str(value), "level_b": str(ref), "pair": pair,
+                             "quantity": quantity, "layer": layer}
+                            | compare_blocks(a, b, margin=contrast_margin(run.margin, pair)))
+    if not rows:
+        return pd.DataFrame(columns=list(CONTRAST_COLUMNS))
+    return _adjust(pd.DataFrame(rows))[list(CONTRAST_COLUMNS)]
+
+
+def within_cell_contrasts(run: RunData, comparisons: Sequence[tuple[tuple[str, str], tuple[str, str]]], *,
+                          layer: int = -1, cells: Sequence[str] | None = None, it_state: str = "it") -> pd.DataFrame:
+    """Two quantities of the same cell compared over its query blocks (a paired t test where
+    both quantities have a value for the same trials of each block, else Welch).
+
+    Parameters
+    ----------
+    run
+        A run read by :func:`iclit.analysis.load_run` (needs stored states).
+    comparisons
+        ((pair_a, quantity_a), (pair_b, quantity_b)) each, e.g. ICL–IT cosine against
+        anchor–ICL cosine: ``(("icl_it", "cosine"), ("anchor_icl", "cosine"))``.
+    layer
+        State index read; -1: each cell's own last layer.
+    cells
+        The cell keys compared (default: every cell with stored states).
+    it_state
+        The stored state that plays the IT arm (:func:`unit_values`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        :data:`WITHIN_COLUMNS`. The Holm family is every row: each comparison in each cell
+        at the declared layer.
+    """
+    wanted = list(dict.fromkeys(q for c in comparisons for q in c))
+    per_unit = unit_values(run, wanted, layer, it_state=it_state)
+    if cells is not None:
+        per_unit = per_unit[per_unit["cell_key"].isin(list(cells))]
+    blocks = block_values(per_unit)
+    if blocks.empty:
+        return pd.DataFrame(columns=list(WITHIN_COLUMNS))
+    blocks["block_id"] = _block_ids(blocks)
+    rows = []
+    for cell, sub in blocks.groupby("cell_key", sort=False):
+        for (pa, qa), (pb, qb) in comparisons:
+            a = sub[(sub["pair"] == pa) & (sub["quantity"] == qa)]
+            b = sub[(sub["pair"] == pb) & (sub["quantity"] == qb)]
+            common = set(a["block_id"]) & set(b["block_id"])  # blocks where both quantities have a value
+            a, b = a[a["block_id"].isin(common)], b[b["block_id"].isin(common)]
+            margin = contrast_margin(run.margin, pa if pa == pb else "raw")
+            rows.append({"cell_key": cell, "pair_a": pa, "quantity_a": qa, "pair_b": pb, "quantity_b": qb,
+                         "layer": layer} | compare_blocks(a, b, margin=margin))
+    return _adjust(pd.DataFrame(rows))[list(WITHIN_COLUMNS)] if rows else pd.DataFrame(columns=list(WITHIN_COLUMNS))
+
+
+@register_metric("contrasts", "per factor × value × pair × quantity: the value against the reference value with query "
+                 "blocks as units (paired t or Welch, 95% CI, Holm over the table, TOST, verdict), last layer")
+def contrasts_metric(run: RunData) -> pd.DataFrame:
+    """:func:`cell_contrasts` with its defaults (the metric ``contrasts``)."""
+    return cell_contrasts(run)

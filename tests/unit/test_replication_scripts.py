@@ -1,0 +1,59 @@
+"""scripts/replication_tables.py and replication_nulls.py call the package for every contrast,
+family and verdict, and print their sections from tiny stored runs."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+from exp_helpers import REPO
+
+SCRIPTS = REPO / "scripts"
+
+
+@pytest.mark.parametrize("name", ["replication_tables.py", "replication_nulls.py"])
+def test_the_scripts_declare_no_test_family_or_verdict_rule(name):
+    tree = ast.parse((SCRIPTS / name).read_text())
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assigned = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    called = {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
+              for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert not ({"verdict", "holm", "bh", "adjust_family"} & defined)
+    assert not ({"NULLS", "PAIRS", "TEST_PAIRS"} & assigned)
+    assert not ({"holm", "verdict", "paired_bootstrap_diff", "permutation_test", "factor_effects", "ttest_rel",
+                 "ttest_ind"} & called)
+
+
+@pytest.fixture()
+def scripts(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    for mod in ("replication_tables", "replication_nulls"):
+        sys.modules.pop(mod, None)
+    import replication_tables
+
+    monkeypatch.setattr(replication_tables, "FIGURES", tmp_path / "figures")
+    return replication_tables
+
+
+def _run(root: Path, name: str, **spec) -> None:
+    from iclit.experiments import parse_spec, run_experiment
+
+    base = {"name": name, "model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 4,
+            "queries_per_set": 2, "chunk_size": 2, "recipe": {"epochs": 1}, "equivalence_margin": 0.02}
+    run_experiment(parse_spec({**base, **spec}), root / name)
+
+
+def test_a_factor_section_and_the_dose_section_from_tiny_runs(scripts, tmp_path):
+    root = tmp_path / "paper"
+    _run(root, "n_demos", factors={"k": [1, 2]})
+    _run(root, "dose", recipe={"epochs": 3, "capture_steps": [1, 3]}, factors={"recipe": [{"lr": 1e-4}, {"lr": 1e-3}]})
+    text = scripts.section(root, "n_demos")
+    assert "ICL–IT − anchor–ICL [95% CI], p Holm, verdict" in text
+    assert "| 1 vs 2 | ICL–IT | cosine | 2 / 2 (paired)" in text
+    assert "paired t test over the 2 blocks; Holm over the 4 tests of this table" in text  # 2 cells × 2 contrasts
+    assert "Holm over the 3 tests of this table; TOST against ±0.02;" in text  # 1 level × 3 quantities
+    dose = scripts.section(root, "dose")
+    assert "ICL–IT − anchor–ICL" in dose and "paired t over blocks" in dose
