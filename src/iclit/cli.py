@@ -214,24 +214,45 @@ def spec_schema(
 def run_spec(
     spec: Optional[Path] = typer.Argument(None, help="YAML experiment spec; omitted: the spec.yaml of --out (resume)"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory; running into the same directory resumes"),
-    backend: str = typer.Option("local", help="local, or ray to spread trials over a Ray cluster"),
+    backend: str = typer.Option("local", help="local; ray: Ray actors (an existing cluster or a local one); slurm: a "
+                                "job array over --shards (submitit), waited for and merged (docs/cluster.md)"),
     address: Optional[str] = typer.Option(None, help="address of an existing Ray cluster (default: start a local one)"),
-    workers: Optional[int] = typer.Option(None, help="Ray actors (default: one per CPU of the cluster)"),
+    workers: Optional[int] = typer.Option(None, help="Ray actors (default: as many as the cluster's CPUs or GPU shares fit)"),
+    actors_per_gpu: Optional[int] = typer.Option(None, help="Ray: actors sharing one GPU (default: spec cluster.actors_per_gpu)"),
+    worker_threads: Optional[int] = typer.Option(None, help="Ray: torch threads (and CPUs) per actor (default: 1)"),
+    max_retries: Optional[int] = typer.Option(None, help="Ray: retries of a chunk whose worker died; slurm: of a failed shard job (default 2)"),
+    shard: Optional[str] = typer.Option(None, help="I/N: compute only shard I of N of the plan's chunks, into "
+                                        "OUT/shards/I-of-N (e.g. $SLURM_ARRAY_TASK_ID/32); `iclit merge OUT` folds them in"),
+    shards: Optional[int] = typer.Option(None, help="slurm: jobs in the array (default: spec cluster.slurm.shards)"),
+    slurm: Optional[list[str]] = typer.Option(None, "--slurm", help="slurm: a job setting KEY=VALUE (partition, account, "
+                                              "time_min, gpus_per_task, cpus_per_task, mem_gb, array_parallelism, constraint); repeatable"),
+    slurm_cluster: Optional[str] = typer.Option(None, help="slurm: submitit's executor, slurm or local (default: slurm where sbatch exists)"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="slurm: wait for the jobs and merge them, or only submit"),
+    calibrate: bool = typer.Option(False, "--calibrate", help="with --check: time one chunk here for the time estimate (loads the model)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads in this process (default: torch's)"),
     max_chunks: Optional[int] = typer.Option(None, help="stop after this many chunks (to try a spec out)"),
-    check: bool = typer.Option(False, "--check", help="validate the spec and show the plan; run nothing"),
+    check: bool = typer.Option(False, "--check", help="validate the spec and show the plan and its cost; run nothing"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar over trials"),
     reuse: Optional[list[Path]] = typer.Option(
         None, "--reuse", help="an earlier run directory whose stored chunks with the same trial keys are copied, "
         "not computed (read-only; repeatable, tried in order)"),
 ) -> None:
     """Run an experiment spec into a run directory (results.sqlite); skips finished trials."""
+    from iclit.cli_cluster import print_cost, run_slurm
     from iclit.experiments.plan import make_plan
+    from iclit.experiments.raypool import ray_options_of
     from iclit.experiments.runner import SPEC_NAME, ReuseError, open_reuse_stores, run_experiment
+    from iclit.experiments.shards import ShardError, parse_shard
     from iclit.experiments.spec import SpecError, load_spec
 
-    if backend not in ("local", "ray"):
-        _fail(f"--backend must be local or ray, not {backend!r}")
+    if backend not in ("local", "ray", "slurm"):
+        _fail(f"--backend must be local, ray or slurm, not {backend!r}")
+    try:
+        shard_of = parse_shard(shard) if shard is not None else None
+    except ShardError as e:
+        _fail(str(e))
+    if shard_of is not None and backend == "slurm":
+        _fail("--shard runs one shard (a job of an array); --backend slurm submits them all: give one of them")
     source = spec if spec is not None else out / SPEC_NAME
     if spec is None and not source.exists():
         _fail(f"no SPEC given and {source} does not exist: `iclit run SPEC.yaml --out {out}`")
@@ -249,7 +270,12 @@ def run_spec(
     factors = ", ".join(f"{k} ({len(v)})" for k, v in parsed.factors.items()) or "none"
     console.print(f"{parsed.name}: {len(plan.cells)} cells × {len(parsed.seeds)} seed(s) × {parsed.resamples} resamples "
                   f"= {plan.n_trials} trials in {len(plan.chunks)} chunks; factors: {factors}", highlight=False, soft_wrap=True)
+    print_cost(plan, out, calibrate=check and calibrate, strict=check)
     if check:
+        return
+    if backend == "slurm":
+        run_slurm(parsed, out, shards=shards, settings=_parse_settings(slurm), wait=wait, max_retries=max_retries,
+                  cluster=slurm_cluster, progress=progress)
         return
     if threads is not None:
         import torch
@@ -257,9 +283,11 @@ def run_spec(
         torch.set_num_threads(threads)
     try:
         summary = run_experiment(parsed, out, backend=backend, address=address, workers=workers,  # type: ignore[arg-type]
-                                 progress=progress, max_chunks=max_chunks, reuse=reuse)
-    except (ReuseError, ValueError, RuntimeError, LookupError) as e:  # a source removed since the check above; a run
-        _fail(_message(e))  # dir, prompt or recipe that does not fit; an old or foreign store; a model not found
+                                 progress=progress, max_chunks=max_chunks, reuse=reuse, shard=shard_of,
+                                 ray_options=ray_options_of(parsed, actors_per_gpu=actors_per_gpu, threads=worker_threads,
+                                                            max_retries=max_retries))
+    except (ReuseError, ValueError, RuntimeError, LookupError, OSError) as e:  # a source removed since the check
+        _fail(_message(e))  # above; a run dir locked, not writable, a prompt or recipe that does not fit; an old store
     if summary.reused:  # the reused cells' analysis tables come along (content-keyed, computed once)
         from iclit.analysis.cache import copy_entries
 
@@ -294,6 +322,7 @@ def results(
 ) -> None:
     """Print or export the results of a run as a tidy table (default: the cosines, trial × layer × pair)."""
     from iclit.analysis import compute_metric, get_metric, list_metrics as metrics, load_run
+    from iclit.cli_cluster import fold_shards
 
     if list_metrics:
         table = Table("metric", "what")
@@ -320,6 +349,7 @@ def results(
             get_metric(name)
         except KeyError as e:
             _fail(_message(e))
+    fold_shards(run)  # shards of `iclit run --shard` not merged yet
     try:
         data = load_run(run, all_trials=all_trials, cka=True if name and get_metric(name).needs_cka else None)
     except FileNotFoundError as e:
@@ -386,7 +416,10 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default RUN/report.html)"),
 ) -> None:
     """Write one self-contained HTML report of a run: figures per factor, accuracy, spec, versions."""
+    from iclit.cli_cluster import fold_shards
     from iclit.report.html import write_report
+
+    fold_shards(run)
 
     try:
         path = write_report(run, out)
@@ -396,6 +429,14 @@ def report(
         _fail(f"{run}: {e}")
     console.print(f"wrote {path}")
 
+
+def _register() -> None:
+    from iclit.cli_cluster import register
+
+    register(app)  # iclit merge
+
+
+_register()
 
 if __name__ == "__main__":
     app()
