@@ -278,3 +278,13 @@ def test_ray_options_from_the_spec_and_flags() -> None:
     assert ray_options_of(spec, actors_per_gpu=2, threads=1, max_retries=0) == RayOptions(None, 2, 1, 0)
     assert ray_options_of(parse_spec(TINY_SPEC)) == RayOptions(None, None, 1, 2)
     assert "cluster" not in parse_spec(TINY_SPEC).to_yaml()  # specs without the section keep their text
+
+
+def test_cost_counts_the_arms_the_engine_runs() -> None:
+    from iclit.engine.evaluate import run_arms
+    from iclit.experiments.cost import arms_run
+
+    for arms in (("anchor", "icl", "it"), ("anchor", "icl", "it", "it_seed2"), ("anchor", "icl", "it", "icl_reordered")):
+        for baselines in ((), ("noise_ceiling",), ("noise_ceiling", "centered")):
+            for seeds in (1, 2, 3):
+                assert arms_run(arms, baselines, seeds) == run_arms(arms, baselines, seeds)

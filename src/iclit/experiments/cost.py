@@ -17,6 +17,8 @@ its cost first.
 
 from __future__ import annotations
 
+import json
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from typing import Any, Sequence
 from iclit.experiments.plan import Chunk, Plan
 from iclit.experiments.store import DB_NAME, Store
 
-__all__ = ["PlanCost", "chunk_cost", "plan_cost", "describe_cost", "cost_lines", "model_shape", "state_arrays"]
+__all__ = ["PlanCost", "arms_run", "chunk_cost", "plan_cost", "describe_cost", "cost_lines", "model_shape", "state_arrays"]
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,20 @@ def chunk_cost(chunk: Chunk) -> float:
     return float(chunk.size * (chunk.cell.k + 1) * (1 + epochs * seeds))
 
 
+def arms_run(arms: Sequence[str], baselines: Sequence[str], it_seeds: int = 1) -> tuple[str, ...]:
+    """The arms a run computes (torch-free; tests keep it equal to
+    :func:`iclit.engine.evaluate.run_arms`)."""
+    arms = tuple(a for a in arms if not (it_seeds >= 2 and a == "it_seed2"))
+    if "noise_ceiling" in baselines:
+        arms += tuple(a for a in (("it_seed2",) if it_seeds < 2 else ()) + ("icl_reordered",) if a not in arms)
+    return arms
+
+
 def state_arrays(plan: Plan) -> int:
     """State arrays stored per trial: one per arm run (noise-ceiling arms included) and per
     IT step read (``capture_steps``); the query-mean baseline adds one per ICL and IT arm."""
-    from iclit.engine.evaluate import run_arms
-
     spec = plan.spec
-    arms = run_arms(spec.arms, spec.baselines, spec.it_seeds)
+    arms = arms_run(spec.arms, spec.baselines, spec.it_seeds)
     steps = max((len(c.recipe.capture_steps) for c in plan.cells), default=0)
     extra = 2 if "query_mean" in spec.baselines else 0
     return len(arms) + max(0, spec.it_seeds - 1) * ("it_seed2" not in arms) + steps + extra
@@ -81,14 +90,37 @@ def _stored_shape(out: Path | None, name: str) -> tuple[int, int] | None:
     return None
 
 
-def model_shape(name: str, out: str | Path | None = None) -> tuple[int, int] | None:
-    """(layers + 1, hidden size) of a model: as a run in ``out`` recorded it, else from its
-    config (no weights loaded); None when unknown."""
-    from iclit.experiments.workers import model_preview
+def _config_shape(config: Any) -> tuple[int, int] | None:
+    get = (lambda k: config.get(k)) if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    text = get("text_config")
+    if text is not None:
+        return _config_shape(text)
+    layers = get("num_hidden_layers") or get("n_layer")
+    hidden = get("hidden_size") or get("n_embd")
+    return (int(layers) + 1, int(hidden)) if layers and hidden else None
 
+
+def model_shape(name: str, out: str | Path | None = None) -> tuple[int, int] | None:
+    """(layers + 1, hidden size) of a model without loading weights (or torch): as a run in
+    ``out`` recorded it, else from a model directory's config.json, else from a model this
+    process has loaded or can preview (only where torch is imported already); None when unknown."""
     stored = _stored_shape(Path(out) if out is not None else None, name)
     if stored is not None:
         return stored
+    from iclit.models.names import resolve
+
+    try:
+        kind, location = resolve(name)
+    except LookupError:
+        return None
+    if kind == "dir":
+        try:
+            return _config_shape(json.loads((Path(location) / "config.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return None
+    if "torch" not in sys.modules:  # reading a spec's cost imports no torch
+        return None
+    from iclit.experiments.workers import model_preview
 
     try:
         preview = model_preview(name)
@@ -98,11 +130,7 @@ def model_shape(name: str, out: str | Path | None = None) -> tuple[int, int] | N
         return None
     if hasattr(preview, "n_layers") and hasattr(preview, "hidden_size"):
         return int(preview.n_layers) + 1, int(preview.hidden_size)
-    config = getattr(preview, "config", None)
-    text = getattr(config, "text_config", None) or config
-    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
-    return (int(layers) + 1, int(hidden)) if layers and hidden else None
+    return _config_shape(getattr(preview, "config", None))
 
 
 def _stored_rate(plan: Plan, out: Path) -> tuple[float, int] | None:
