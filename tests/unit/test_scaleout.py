@@ -9,7 +9,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from exp_helpers import (TINY_SPEC, assert_same_numbers, check_store, env_one_thread, iclit_cmd, run_tiny_spec,
-                         start_run, stored_trials, write_spec)
+from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, env_one_thread, iclit_cmd, run_tiny_spec, write_spec
 from iclit.experiments import Store, make_plan, parse_spec, run_experiment
 from iclit.experiments.cost import chunk_cost, describe_cost, plan_cost
 from iclit.experiments.lock import LOCK_NAME, RunDirError, RunLock, RunLocked, lock_holder

@@ -103,11 +103,23 @@ def _planned_actors_per_gpu(spec: ExperimentSpec, options: RayOptions, model: st
         from iclit.schema import parse_bytes
 
         preview = model_preview(model)
-        params = sum(p.numel() for p in preview.model.parameters()) if hasattr(preview, "model") else 0
+        params = _parameters(getattr(preview, "config", None) or getattr(getattr(preview, "model", None), "config", None))
     except Exception:  # noqa: BLE001 - no plan: one actor per GPU
+        return 1
+    if not params:
         return 1
     width = 2 if (spec.dtype or "bfloat16") != "float32" else 4
     return actors_per_gpu_for(total, params * width, parse_bytes(spec.memory_budget))
+
+
+def _parameters(config: Any) -> int:
+    """About how many parameters a decoder of this config has (embeddings, attention, MLP)."""
+    config = getattr(config, "text_config", None) or config
+    d = int(getattr(config, "hidden_size", 0) or 0)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    ff = int(getattr(config, "intermediate_size", 0) or 4 * d)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    return vocab * d + layers * (4 * d * d + 3 * d * ff)
 
 
 def _describe(job: ChunkJob) -> str:
