@@ -226,7 +226,7 @@ def run_spec(
     shards: Optional[int] = typer.Option(None, help="slurm: jobs in the array (default: spec cluster.slurm.shards)"),
     slurm: Optional[list[str]] = typer.Option(None, "--slurm", help="slurm: a job setting KEY=VALUE (partition, account, "
                                               "time_min, gpus_per_task, cpus_per_task, mem_gb, array_parallelism, constraint); repeatable"),
-    slurm_cluster: Optional[str] = typer.Option(None, help="slurm: submitit's executor, slurm or local (default: slurm where sbatch exists)"),
+    slurm_cluster: Optional[str] = typer.Option(None, help="slurm: submitit's executor, slurm (default) or local (the jobs as processes here)"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="slurm: wait for the jobs and merge them, or only submit"),
     calibrate: bool = typer.Option(False, "--calibrate", help="with --check: time one chunk here for the time estimate (loads the model)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads in this process (default: torch's)"),
@@ -251,8 +251,8 @@ def run_spec(
         shard_of = parse_shard(shard) if shard is not None else None
     except ShardError as e:
         _fail(str(e))
-    if shard_of is not None and backend == "slurm":
-        _fail("--shard runs one shard (a job of an array); --backend slurm submits them all: give one of them")
+    if backend == "slurm" and (shard_of is not None or reuse or max_chunks is not None):
+        _fail("--backend slurm submits every shard of the whole plan: without --shard, --reuse or --max-chunks")
     source = spec if spec is not None else out / SPEC_NAME
     if spec is None and not source.exists():
         _fail(f"no SPEC given and {source} does not exist: `iclit run SPEC.yaml --out {out}`")

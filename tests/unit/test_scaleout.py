@@ -112,9 +112,12 @@ def test_four_shards_merged_equal_the_one_process_run(reference: Path, tmp_path:
 def test_results_fold_unmerged_shards_in(reference: Path, tmp_path: Path) -> None:
     spec = parse_spec(TINY_SPEC)
     out = tmp_path / "run"
-    for i in range(2):
-        run_experiment(spec, out, shard=(i, 2))
     from iclit.cli import app
+
+    r = CliRunner().invoke(app, ["run", str(write_spec(tmp_path / "tiny.yaml")), "--out", str(out), "--shard", "0/2",
+                                 "--no-progress"])
+    assert r.exit_code == 0 and "shards/0-of-2: 12 trials planned" in " ".join(r.output.split()), r.output
+    run_experiment(spec, out, shard=(1, 2))
 
     r = CliRunner().invoke(app, ["results", str(out), "--outputs", "-f", "csv"])
     assert r.exit_code == 0, r.output
@@ -286,3 +289,14 @@ def test_cost_counts_the_arms_the_engine_runs() -> None:
         for baselines in ((), ("noise_ceiling",), ("noise_ceiling", "centered")):
             for seeds in (1, 2, 3):
                 assert arms_run(arms, baselines, seeds) == run_arms(arms, baselines, seeds)
+
+
+def test_a_plain_run_takes_the_shards_trials(tmp_path: Path) -> None:
+    """`iclit run` on a run directory whose shards hold trials merges them first: not recomputed."""
+    spec = parse_spec(TINY_SPEC)
+    out = tmp_path / "run"
+    run_experiment(spec, out, shard=(0, 3))
+    summary = run_experiment(spec, out)
+    assert summary.already_done == Store(shard_dir(out, 0, 3)).count()["trials"] > 0
+    assert summary.computed == N_TRIALS - summary.already_done
+    check_store(out)

@@ -47,23 +47,28 @@ def test_local_executor_end_to_end_with_a_failed_job(tmp_path: Path) -> None:
 
 
 def test_cli_slurm_backend_no_wait_then_merge(tmp_path: Path) -> None:
-    """`--no-wait` submits and returns; `iclit merge` folds the shards in once they are done."""
+    """`--no-wait` submits and returns; `iclit merge` folds the shard in once its job is done."""
+    import shutil
+    import time
+
     from iclit.cli import app
 
     spec = write_spec(tmp_path / "tiny.yaml", factors={}, resamples=4)
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["run", str(spec), "--out", str(out), "--backend", "slurm", "--shards", "2",
+    r = CliRunner().invoke(app, ["run", str(spec), "--out", str(out), "--backend", "slurm", "--shards", "1",
                                  "--slurm-cluster", "local", "--slurm", "time_min=10", "--no-wait", "--no-progress"])
     assert r.exit_code == 0, r.output
-    assert "2 shard jobs" in r.output and "iclit merge" in " ".join(r.output.split())
-    import time
-
+    assert "1 shard jobs" in r.output and "iclit merge" in " ".join(r.output.split())
+    assert not (out / LOCK_NAME).exists()  # the driver let go of the run directory
+    shard = shard_dir(out, 0, 1)
     deadline = time.time() + 240
-    while time.time() < deadline and not all(
-            (shard_dir(out, i, 2) / "results.sqlite").exists() and Store(shard_dir(out, i, 2), readonly=True).count()["trials"] == 2
-            and not (shard_dir(out, i, 2) / LOCK_NAME).exists() for i in range(2)):
+    while time.time() < deadline and not ((shard / "results.sqlite").exists() and not (shard / LOCK_NAME).exists()
+                                          and Store(shard, readonly=True).count()["trials"] == 4):
         time.sleep(0.2)
     r = CliRunner().invoke(app, ["merge", str(out)])
-    assert r.exit_code == 0 and "merged 4 new trials from 2 shards" in r.output, r.output
-    r = CliRunner().invoke(app, ["run", str(spec), "--out", str(out), "--backend", "slurm", "--slurm", "bogus=1"])
-    assert r.exit_code == 2 and "bogus" in r.output
+    assert r.exit_code == 0 and "merged 4 new trials from 1 shards" in r.output, r.output
+    for args, says in ((["--slurm", "bogus=1"], "bogus"), (["--shard", "0/2"], "without --shard"),
+                       ([] if shutil.which("sbatch") is None else ["--slurm", "bogus=2"], "sbatch" if shutil.which("sbatch") is None else "bogus")):
+        r = CliRunner().invoke(app, ["run", str(spec), "--out", str(tmp_path / "other"), "--backend", "slurm", *args])
+        assert r.exit_code == 2 and says in r.output, r.output
+    assert not (tmp_path / "other").exists()

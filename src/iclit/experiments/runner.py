@@ -36,7 +36,7 @@ from iclit.experiments.spec import ExperimentSpec, load_spec
 from iclit.experiments.statefiles import write_chunk_states
 from iclit.experiments.store import DB_NAME, Store
 from iclit.experiments.raypool import RayOptions, run_ray
-from iclit.experiments.shards import shard_chunks, shard_dir
+from iclit.experiments.shards import merge_shards, shard_chunks, shard_dir, unmerged_trials
 from iclit.experiments.workers import ChunkJob, ChunkOutput, execute, loaded_model, make_job, model_preview, use_models
 
 __all__ = ["Backend", "ReuseError", "RunDirError", "RunSummary", "check_run_dir", "SPEC_NAME", "open_reuse_stores", "run_experiment",
@@ -214,6 +214,8 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
         check_run_dir(out)
     lock = RunLock.acquire(out)  # one writer per run directory, before any work
     try:
+        if shard is None and unmerged_trials(out):  # shards of this run computed elsewhere: theirs, not recomputed
+            merge_shards(out, lock=False)
         return _run_locked(spec, plan, chunks, skip, out, backend=backend, address=address, workers=workers,
                            progress=progress, max_chunks=max_chunks, reuse=reuse, ray_options=ray_options,
                            started=started)

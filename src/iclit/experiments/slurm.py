@@ -8,13 +8,13 @@ stored), and merges the shards into the run (:func:`~iclit.experiments.shards.me
 With ``wait=False`` it only submits; ``iclit merge RUN`` (or ``iclit results RUN``) merges
 later. submitit's logs and pickles go to ``RUN/slurm/``.
 
-``cluster``: ``"slurm"`` (sbatch), ``"local"`` (submitit's LocalExecutor: each job a process
-on this machine; how the tests run it) or None (submitit picks: slurm where ``sbatch``
-exists, else local).
+``cluster``: ``"slurm"`` (sbatch; the default) or ``"local"`` (submitit's LocalExecutor: each
+job a process on this machine; how the tests run it).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,10 @@ def make_executor(folder: Path, options: SlurmOptions, *, name: str, cluster: st
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError("the SLURM launcher needs submitit: pip install 'iclit[slurm]'") from e
 
+    cluster = cluster or "slurm"
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise RuntimeError("--backend slurm: no sbatch on this machine (run it on a SLURM login node; "
+                           "--slurm-cluster local runs the shard jobs as processes here)")
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
     params: dict[str, Any] = {"name": f"iclit-{name}", "timeout_min": options.time_min,
                               "cpus_per_task": options.cpus_per_task, "gpus_per_node": options.gpus_per_task,
