@@ -156,7 +156,8 @@ def test_merge_refuses_shards_of_another_spec_or_code(tmp_path: Path) -> None:
 def test_a_second_writer_is_refused_naming_the_holder(reference: Path, tmp_path: Path) -> None:
     """Two real processes on one --out: while one holds the run directory, `iclit run` is
     refused before any work (exit 2, the holder's host and pid named); once the holder is
-    killed (SIGKILL: its lock stays behind, stale), `iclit run` takes the lock over and runs."""
+    killed (SIGKILL: its lock stays behind, stale), a run takes the lock over. (A killed
+    `iclit run` resumed by another: tests/unit/test_runner.py.)"""
     spec = write_spec(tmp_path / "tiny.yaml")
     out = tmp_path / "run"
     hold = ("import sys, time\nfrom iclit.experiments.lock import RunLock\nRunLock.acquire(sys.argv[1])\n"
@@ -175,9 +176,7 @@ def test_a_second_writer_is_refused_naming_the_holder(reference: Path, tmp_path:
         holder.kill()
         holder.wait(30)
     assert lock_holder(out)["pid"] == holder.pid  # killed: its lock is left behind, stale
-    third = subprocess.run(iclit_cmd("run", str(spec), "--out", str(out), "--no-progress"),
-                           env=env_one_thread(), capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0, third.stderr
+    run_tiny_spec(out)  # taken over
     assert check_store(out)[0] == N_TRIALS and not (out / LOCK_NAME).exists()
     assert_same_numbers(out, reference)
 

@@ -187,7 +187,8 @@ def run_ray(jobs: Sequence[ChunkJob], spec: ExperimentSpec, *, address: str | No
             except (RayActorError, WorkerCrashedError) as e:
                 _kill(ray, actor)
                 if tries[job.keys] > options.max_retries:
-                    raise ChunkFailed(f"{_describe(job)}: its worker died {tries[job.keys]} times "
+                    n = tries[job.keys]
+                    raise ChunkFailed(f"{_describe(job)}: its worker died {n} time{'s' if n != 1 else ''} "
                                       f"(max_retries {options.max_retries}); last: {type(e).__name__}: "
                                       f"{str(e).splitlines()[0] if str(e) else ''}") from e
                 log.warning("%s: its worker died (%s); retrying on another worker", _describe(job), type(e).__name__)
