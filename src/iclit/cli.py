@@ -218,12 +218,12 @@ def run_spec(
                                 "job array over --shards (submitit), waited for and merged (docs/cluster.md)"),
     address: Optional[str] = typer.Option(None, help="address of an existing Ray cluster (default: start a local one)"),
     workers: Optional[int] = typer.Option(None, help="Ray actors (default: as many as the cluster's CPUs or GPU shares fit)"),
-    actors_per_gpu: Optional[int] = typer.Option(None, help="Ray: actors sharing one GPU (default: spec cluster.actors_per_gpu)"),
-    worker_threads: Optional[int] = typer.Option(None, help="Ray: torch threads (and CPUs) per actor (default: 1)"),
-    max_retries: Optional[int] = typer.Option(None, help="Ray: retries of a chunk whose worker died; slurm: of a failed shard job (default 2)"),
+    actors_per_gpu: Optional[int] = typer.Option(None, min=1, help="Ray: actors sharing one GPU (default: spec cluster.actors_per_gpu)"),
+    worker_threads: Optional[int] = typer.Option(None, min=1, help="Ray: torch threads (and CPUs) per actor (default: 1)"),
+    max_retries: Optional[int] = typer.Option(None, min=0, help="Ray: retries of a chunk whose worker died; slurm: of a failed shard job (default 2)"),
     shard: Optional[str] = typer.Option(None, help="I/N: compute only shard I of N of the plan's chunks, into "
                                         "OUT/shards/I-of-N (e.g. $SLURM_ARRAY_TASK_ID/32); `iclit merge OUT` folds them in"),
-    shards: Optional[int] = typer.Option(None, help="slurm: jobs in the array (default: spec cluster.slurm.shards)"),
+    shards: Optional[int] = typer.Option(None, min=1, help="slurm: jobs in the array (default: spec cluster.slurm.shards)"),
     slurm: Optional[list[str]] = typer.Option(None, "--slurm", help="slurm: a job setting KEY=VALUE (partition, account, "
                                               "time_min, gpus_per_task, cpus_per_task, mem_gb, array_parallelism, constraint); repeatable"),
     slurm_cluster: Optional[str] = typer.Option(None, help="slurm: submitit's executor, slurm (default) or local (the jobs as processes here)"),

@@ -13,6 +13,11 @@ trials' outputs, see :mod:`~iclit.experiments.store`) and ``states/`` (their hid
 one safetensors file per chunk, written before the chunk's rows; see
 :mod:`~iclit.experiments.statefiles`; none with ``store_states: false``).
 
+One process writes a run directory at a time (:mod:`~iclit.experiments.lock`). ``shard=(I, N)``
+computes a deterministic 1/N of the chunks into ``out/shards/I-of-N``
+(:mod:`~iclit.experiments.shards`); a plain run folds such shards in before it computes.
+Cluster recipes: docs/cluster.md.
+
 **Reuse** (``reuse=[dir, …]``, ``iclit run … --reuse DIR``): see :mod:`~iclit.experiments.reuse`.
 Reuse happens on the driver before any chunk is dispatched (any backend), copies every
 reusable chunk, and sources are tried in the order given; ``max_chunks`` limits the chunks
