@@ -3,6 +3,7 @@ process on this machine; one job fails once and is resubmitted; the driver merge
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,24 @@ def test_cli_slurm_backend_no_wait_then_merge(tmp_path: Path) -> None:
         r = CliRunner().invoke(app, ["run", str(spec), "--out", str(tmp_path / "other"), "--backend", "slurm", *args])
         assert r.exit_code == 2 and says in r.output, r.output
     assert not (tmp_path / "other").exists()
+
+
+def test_slurm_job_settings_become_sbatch_flags(tmp_path: Path, monkeypatch) -> None:
+    """The spec's / flags' job settings as submitit writes them into the sbatch script (sbatch and
+    srun faked: no cluster)."""
+    from iclit.experiments.slurm import make_executor
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "srun"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    options = SlurmOptions(shards=32, partition="gpu", account="lab", time_min=120, gpus_per_task=1, cpus_per_task=8,
+                           mem_gb=32, array_parallelism=16, constraint="a100")
+    executor = make_executor(tmp_path / "slurm", options, name="main", cluster="slurm")
+    script = executor._executor._make_submission_file_text("iclit", "uid")  # submitit's own rendering
+    for flag in ("--partition=gpu", "--account=lab", "--time=120", "--gpus-per-node=1", "--cpus-per-task=8",
+                 "--mem=32GB", "--constraint=a100", "--job-name=iclit-main"):
+        assert f"#SBATCH {flag}" in script, flag
+    assert executor._executor.parameters["array_parallelism"] == 16
