@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 from iclit._atomic import atomic_write_text
 from iclit.experiments.lock import RunDirError, RunLock
-from iclit.experiments.plan import Plan, make_plan
+from iclit.experiments.plan import Chunk, Plan, make_plan
 from iclit.experiments.reuse import ReuseError, copy_reusable, find_reusable, open_reuse_stores
 from iclit.experiments.spec import ExperimentSpec, load_spec
 from iclit.experiments.statefiles import write_chunk_states
@@ -228,7 +228,7 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
         lock.release()
 
 
-def _run_locked(spec: ExperimentSpec, plan: Plan, chunks: Sequence[Any], skip: set[str], out: Path, *, backend: Backend,
+def _run_locked(spec: ExperimentSpec, plan: Plan, chunks: Sequence[Chunk], skip: set[str], out: Path, *, backend: Backend,
                 address: str | None, workers: int | None, progress: bool, max_chunks: int | None,
                 reuse: Sequence[str | Path], ray_options: RayOptions | None, started: float) -> RunSummary:
     sources = open_reuse_stores(reuse, out)  # before anything is written
