@@ -217,13 +217,25 @@ def spec_schema(
 def run_spec(
     spec: Optional[Path] = typer.Argument(None, help="YAML experiment spec; omitted: the spec.yaml of --out (resume)"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory; running into the same directory resumes"),
-    backend: str = typer.Option("local", help="local, or ray to spread trials over a Ray cluster"),
+    backend: str = typer.Option("local", help="local; ray: Ray actors (an existing cluster or a local one); slurm: a "
+                                "job array over --shards (submitit), waited for and merged (docs/cluster.md)"),
     address: Optional[str] = typer.Option(None, help="address of an existing Ray cluster (default: start a local one)"),
-    workers: Optional[int] = typer.Option(None, help="Ray actors (default: one per CPU of the cluster)"),
+    workers: Optional[int] = typer.Option(None, help="Ray actors (default: as many as the cluster's CPUs or GPU shares fit)"),
+    actors_per_gpu: Optional[int] = typer.Option(None, min=1, help="Ray: actors sharing one GPU (default: spec cluster.actors_per_gpu)"),
+    worker_threads: Optional[int] = typer.Option(None, min=1, help="Ray: torch threads (and CPUs) per actor (default: 1)"),
+    max_retries: Optional[int] = typer.Option(None, min=0, help="Ray: retries of a chunk whose worker died; slurm: of a failed shard job (default 2)"),
+    shard: Optional[str] = typer.Option(None, help="I/N: compute only shard I of N of the plan's chunks, into "
+                                        "OUT/shards/I-of-N (e.g. $SLURM_ARRAY_TASK_ID/32); `iclit merge OUT` folds them in"),
+    shards: Optional[int] = typer.Option(None, min=1, help="slurm: jobs in the array (default: spec cluster.slurm.shards)"),
+    slurm: Optional[list[str]] = typer.Option(None, "--slurm", help="slurm: a job setting KEY=VALUE (partition, account, "
+                                              "time_min, gpus_per_task, cpus_per_task, mem_gb, array_parallelism, constraint); repeatable"),
+    slurm_cluster: Optional[str] = typer.Option(None, help="slurm: submitit's executor, slurm (default) or local (the jobs as processes here)"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="slurm: wait for the jobs and merge them, or only submit"),
+    calibrate: bool = typer.Option(False, "--calibrate", help="with --check: time one chunk here for the time estimate (loads the model)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads in this process (default: torch's)"),
     max_chunks: Optional[int] = typer.Option(None, help="stop after this many chunks (to try a spec out)"),
-    check: bool = typer.Option(False, "--check", help="validate the spec and show the plan and what each cell's tests "
-                               "can reject; run nothing"),
+    check: bool = typer.Option(False, "--check", help="validate the spec and show the plan, its cost and "
+                               "what each cell's tests can reject; run nothing"),
     strict: bool = typer.Option(False, "--strict", help="with --check: a cell whose nulls cannot reach p < 0.05 after "
                                 "adjustment is an error (exit 2)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar over trials"),
@@ -232,12 +244,21 @@ def run_spec(
         "not computed (read-only; repeatable, tried in order)"),
 ) -> None:
     """Run an experiment spec into a run directory (results.sqlite); skips finished trials."""
+    from iclit.cli_cluster import print_cost, run_slurm
     from iclit.experiments.plan import make_plan
+    from iclit.experiments.raypool import ray_options_of
     from iclit.experiments.runner import SPEC_NAME, ReuseError, open_reuse_stores, run_experiment
+    from iclit.experiments.shards import ShardError, parse_shard
     from iclit.experiments.spec import SpecError, load_spec
 
-    if backend not in ("local", "ray"):
-        _fail(f"--backend must be local or ray, not {backend!r}")
+    if backend not in ("local", "ray", "slurm"):
+        _fail(f"--backend must be local, ray or slurm, not {backend!r}")
+    try:
+        shard_of = parse_shard(shard) if shard is not None else None
+    except ShardError as e:
+        _fail(str(e))
+    if backend == "slurm" and (shard_of is not None or reuse or max_chunks is not None):
+        _fail("--backend slurm submits every shard of the whole plan: without --shard, --reuse or --max-chunks")
     source = spec if spec is not None else out / SPEC_NAME
     if spec is None and not source.exists():
         _fail(f"no SPEC given and {source} does not exist: `iclit run SPEC.yaml --out {out}`")
@@ -255,9 +276,14 @@ def run_spec(
     factors = ", ".join(f"{k} ({len(v)})" for k, v in parsed.factors.items()) or "none"
     console.print(f"{parsed.name}: {len(plan.cells)} cells × {len(parsed.seeds)} seed(s) × {parsed.resamples} resamples "
                   f"= {plan.n_trials} trials in {len(plan.chunks)} chunks; factors: {factors}", highlight=False, soft_wrap=True)
+    print_cost(plan, out, calibrate=check and calibrate, strict=check)
     if check:
         if not _print_floors(plan) and strict:
             _fail("a cell's tests cannot reach p < 0.05 after adjustment (--strict); add query blocks (resamples)")
+        return
+    if backend == "slurm":
+        run_slurm(parsed, out, shards=shards, settings=_parse_settings(slurm), wait=wait, max_retries=max_retries,
+                  cluster=slurm_cluster, progress=progress)
         return
     if threads is not None:
         import torch
@@ -265,9 +291,11 @@ def run_spec(
         torch.set_num_threads(threads)
     try:
         summary = run_experiment(parsed, out, backend=backend, address=address, workers=workers,  # type: ignore[arg-type]
-                                 progress=progress, max_chunks=max_chunks, reuse=reuse)
-    except (ReuseError, ValueError, RuntimeError, LookupError) as e:  # a source removed since the check above; a run
-        _fail(_message(e))  # dir, prompt or recipe that does not fit; an old or foreign store; a model not found
+                                 progress=progress, max_chunks=max_chunks, reuse=reuse, shard=shard_of,
+                                 ray_options=ray_options_of(parsed, actors_per_gpu=actors_per_gpu, threads=worker_threads,
+                                                            max_retries=max_retries))
+    except (ReuseError, ValueError, RuntimeError, LookupError, OSError) as e:  # a source removed since the check
+        _fail(_message(e))  # above; a run dir locked, not writable, a prompt or recipe that does not fit; an old store
     if summary.reused:  # the reused cells' analysis tables come along (content-keyed, computed once)
         from iclit.analysis.cache import copy_entries
 
@@ -328,6 +356,7 @@ def results(
 ) -> None:
     """Print or export the results of a run as a tidy table (default: the cosines, trial × layer × pair)."""
     from iclit.analysis import compute_metric, get_metric, list_metrics as metrics, load_run
+    from iclit.cli_cluster import fold_shards
 
     if list_metrics:
         table = Table("metric", "what")
@@ -355,6 +384,7 @@ def results(
             get_metric(name)
         except KeyError as e:
             _fail(_message(e))
+    fold_shards(run)  # shards of `iclit run --shard` not merged yet
     try:
         data = load_run(run, all_trials=all_trials, cka=True if name and get_metric(name).needs_cka else None)
     except FileNotFoundError as e:
@@ -452,7 +482,10 @@ def report(
                                   "(from its exports) instead"),
 ) -> None:
     """Write one self-contained HTML report of a run: figures per factor, accuracy, spec, versions."""
+    from iclit.cli_cluster import fold_shards
     from iclit.report.html import write_report
+
+    fold_shards(run)
 
     if markdown:
         from iclit.report.markdown import comparison_markdown
@@ -469,6 +502,14 @@ def report(
         _fail(f"{run}: {e}")
     console.print(f"wrote {path}")
 
+
+def _register() -> None:
+    from iclit.cli_cluster import register
+
+    register(app)  # iclit merge
+
+
+_register()
 
 if __name__ == "__main__":
     app()

@@ -127,3 +127,37 @@ def assert_same_numbers(a: Path, b: Path, atol: float = 1e-6) -> None:
     assert list(x["trial_key"]) == list(y["trial_key"])
     assert list(x["pair"]) == list(y["pair"]) and list(x["layer"]) == list(y["layer"])
     np.testing.assert_allclose(x["cosine"].to_numpy(), y["cosine"].to_numpy(), rtol=0, atol=atol)
+
+
+def dying_worker(marker: Path, first_key: str, times: int = 1):
+    """A :class:`~iclit.experiments.workers.ChunkWorker` whose process kills itself (SIGKILL)
+    after computing the chunk whose first trial key is ``first_key``, before returning it, the
+    first ``times`` times (each death leaves a file in ``marker``). Made in a function, so Ray
+    pickles the class by value: its workers need not import the tests."""
+    from iclit.experiments.workers import ChunkWorker
+
+    class DyingWorker(ChunkWorker):
+        def run(self, job):
+            output = super().run(job)
+            if job.keys and job.keys[0] == first_key and len(list(marker.glob("died-*"))) < times:
+                (marker / f"died-{os.getpid()}").touch()
+                os.kill(os.getpid(), 9)
+            return output
+
+    return DyingWorker
+
+
+def failing_once(marker: Path, shard: int):
+    """A shard job (as :func:`iclit.experiments.slurm.run_shard`) that raises the first time it
+    runs shard ``shard`` (leaving ``marker``), then runs the shard. Made in a function, so
+    submitit pickles it by value: its job processes need not import the tests."""
+
+    def job(spec_yaml: str, out: str, index: int, count: int):
+        if index == shard and not marker.exists():
+            marker.touch()
+            raise RuntimeError(f"shard {index}: an injected failure")
+        from iclit.experiments.slurm import run_shard
+
+        return run_shard(spec_yaml, out, index, count)
+
+    return job

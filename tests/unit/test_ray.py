@@ -1,4 +1,5 @@
-"""The Ray backend on a local 2-CPU cluster: the same trials and numbers as a local run.
+"""The Ray backend on a local 2-CPU cluster: the same trials and numbers as a local run, also
+when an actor's process is killed mid-run.
 
 One Ray session serves the whole module (starting one takes seconds).
 """
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, env_one_thread, iclit_cmd, run_tiny_spec, write_spec
+from exp_helpers import (TINY_SPEC, assert_same_numbers, check_store, dying_worker, env_one_thread, iclit_cmd,
+                         run_tiny_spec, write_spec)
 from iclit.experiments import Store, parse_spec, run_experiment
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install 'iclit[ray]'; the test extra has it)")
@@ -84,3 +86,44 @@ def test_cli_on_an_existing_cluster(cluster: str, local_run: Path, tmp_path: Pat
     assert f"{N_TRIALS} computed" in proc.stdout and "ray" in proc.stdout
     assert check_store(out)[0] == N_TRIALS
     assert_same_numbers(out, local_run, atol=1e-5)
+
+
+def test_a_killed_actor_has_its_chunk_retried(cluster: str, local_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """An actor's process dies (SIGKILL) while it holds a chunk: the chunk is computed again on
+    a new actor, the run finishes, and its rows and numbers are the uninterrupted run's."""
+    from iclit.experiments import make_plan, raypool
+    from iclit.experiments.raypool import RayOptions
+
+    spec = parse_spec(TINY_SPEC)
+    victim = make_plan(spec).chunks[5].keys[0]
+    marker = tmp_path / "deaths"
+    marker.mkdir()
+    monkeypatch.setattr(raypool, "ChunkWorker", dying_worker(marker, victim))
+    summary = run_experiment(spec, tmp_path / "run", backend="ray", ray_options=RayOptions(max_retries=1))
+    assert len(list(marker.iterdir())) == 1  # one actor died, after computing the chunk
+    assert (summary.computed, summary.chunks_run) == (N_TRIALS, 12)
+    assert check_store(tmp_path / "run")[0] == N_TRIALS  # nothing stored twice
+    assert_same_numbers(tmp_path / "run", local_run, atol=1e-5)
+    keep = ["trial_key", "scores_json", "outputs_json", "n_layers", "query_id"]
+    ours = Store(tmp_path / "run").conn.execute(f"SELECT {', '.join(keep)} FROM trials ORDER BY trial_key").fetchall()
+    theirs = Store(local_run).conn.execute(f"SELECT {', '.join(keep)} FROM trials ORDER BY trial_key").fetchall()
+    assert [r[0] for r in ours] == [r[0] for r in theirs]
+    import json
+
+    for a, b in zip(ours, theirs):  # the same predictions and scores
+        assert json.loads(a[2])["predictions"] == json.loads(b[2])["predictions"]
+
+
+def test_a_chunk_whose_workers_keep_dying_is_named(cluster: str, tmp_path: Path, monkeypatch) -> None:
+    from iclit.experiments import make_plan, raypool
+    from iclit.experiments.raypool import ChunkFailed, RayOptions
+
+    spec = parse_spec({**TINY_SPEC, "factors": {}, "resamples": 2})
+    chunk = make_plan(spec).chunks[0]
+    marker = tmp_path / "deaths"
+    marker.mkdir()
+    monkeypatch.setattr(raypool, "ChunkWorker", dying_worker(marker, chunk.keys[0], times=5))
+    with pytest.raises(ChunkFailed, match=f"cell {chunk.cell.key[:12]}.*seed 0, resamples 0-1.*died 1 time .max_retries 0"):
+        run_experiment(spec, tmp_path / "run", backend="ray", ray_options=RayOptions(max_retries=0))
+    assert len(list(marker.iterdir())) == 1
+    assert Store(tmp_path / "run").count()["trials"] == 0

@@ -13,6 +13,11 @@ trials' outputs, see :mod:`~iclit.experiments.store`) and ``states/`` (their hid
 one safetensors file per chunk, written before the chunk's rows; see
 :mod:`~iclit.experiments.statefiles`; none with ``store_states: false``).
 
+One process writes a run directory at a time (:mod:`~iclit.experiments.lock`). ``shard=(I, N)``
+computes a deterministic 1/N of the chunks into ``out/shards/I-of-N``
+(:mod:`~iclit.experiments.shards`); a plain run folds such shards in before it computes.
+Cluster recipes: docs/cluster.md.
+
 **Reuse** (``reuse=[dir, …]``, ``iclit run … --reuse DIR``): see :mod:`~iclit.experiments.reuse`.
 Reuse happens on the driver before any chunk is dispatched (any backend), copies every
 reusable chunk, and sources are tried in the order given; ``max_chunks`` limits the chunks
@@ -29,13 +34,15 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 from iclit._atomic import atomic_write_text
-from iclit.experiments.plan import Plan, make_plan
+from iclit.experiments.lock import RunDirError, RunLock
+from iclit.experiments.plan import Chunk, Plan, make_plan
 from iclit.experiments.reuse import ReuseError, copy_reusable, find_reusable, open_reuse_stores
 from iclit.experiments.spec import ExperimentSpec, load_spec
 from iclit.experiments.statefiles import write_chunk_states
 from iclit.experiments.store import DB_NAME, Store
-from iclit.experiments.workers import (ChunkJob, ChunkOutput, execute, loaded_model, make_job, model_preview, run_ray,
-                                      use_models)
+from iclit.experiments.raypool import RayOptions, run_ray
+from iclit.experiments.shards import merge_shards, shard_chunks, shard_dir, unmerged_trials
+from iclit.experiments.workers import ChunkJob, ChunkOutput, execute, loaded_model, make_job, model_preview, use_models
 
 __all__ = ["Backend", "ReuseError", "RunDirError", "RunSummary", "check_run_dir", "SPEC_NAME", "open_reuse_stores", "run_experiment",
            "experiment_versions"]
@@ -165,6 +172,8 @@ def run_experiment(
     max_chunks: int | None = None,
     reuse: Sequence[str | Path] = (),
     models: Mapping[str, Any] | None = None,
+    shard: tuple[int, int] | None = None,
+    ray_options: RayOptions | None = None,
 ) -> RunSummary:
     """Run (or resume) ``spec`` into the run directory ``out``; returns what was done.
 
@@ -176,31 +185,57 @@ def run_experiment(
     copied instead of computed (see the module docstring); :class:`ReuseError`, nothing
     written, if one holds no results store. ``models``: name → an already loaded
     :class:`~iclit.models.LoadedModel` to use for the cells of that model (local backend;
-    those names are not resolved, the rest of the spec is checked as usual).
+    those names are not resolved, the rest of the spec is checked as usual). ``shard``:
+    (I, N): compute only shard I's chunks (:mod:`~iclit.experiments.shards`) into
+    ``out/shards/I-of-N``. ``ray_options``: the Ray actors' resources and retries
+    (:class:`~iclit.experiments.raypool.RayOptions`; default from the spec's ``cluster``).
+
+    The run directory is locked for the run (:mod:`~iclit.experiments.lock`): another
+    process writing it is refused (:class:`~iclit.experiments.lock.RunLocked`) before any work.
     """
     if models:
         if backend != "local":
             raise ValueError("models handed in as objects run on the local backend only")
         with use_models(models):
             return _run(_load(spec, check_resources=False), out, backend="local", address=None, workers=None,
-                        progress=progress, max_chunks=max_chunks, reuse=reuse)
+                        progress=progress, max_chunks=max_chunks, reuse=reuse, shard=shard, ray_options=None)
     return _run(_load(spec), out, backend=backend, address=address, workers=workers, progress=progress,
-                max_chunks=max_chunks, reuse=reuse)
+                max_chunks=max_chunks, reuse=reuse, shard=shard, ray_options=ray_options)
 
 
 def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: str | None, workers: int | None,
-         progress: bool, max_chunks: int | None, reuse: Sequence[str | Path]) -> RunSummary:
+         progress: bool, max_chunks: int | None, reuse: Sequence[str | Path], shard: tuple[int, int] | None,
+         ray_options: RayOptions | None) -> RunSummary:
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', not {backend!r}")
     started = time.perf_counter()
     plan: Plan = make_plan(spec)
     out = Path(out)
     check_run_dir(out)
+    chunks, skip = plan.chunks, set()
+    if shard is not None:  # this shard's chunks, into its own directory; those the run already holds are skipped
+        chunks, skip = shard_chunks(plan, *shard), _stored_keys(out)
+        out = shard_dir(out, *shard)
+        check_run_dir(out)
+    lock = RunLock.acquire(out)  # one writer per run directory, before any work
+    try:
+        if shard is None and unmerged_trials(out):  # shards of this run computed elsewhere: theirs, not recomputed
+            merge_shards(out, lock=False)
+        return _run_locked(spec, plan, chunks, skip, out, backend=backend, address=address, workers=workers,
+                           progress=progress, max_chunks=max_chunks, reuse=reuse, ray_options=ray_options,
+                           started=started)
+    finally:
+        lock.release()
+
+
+def _run_locked(spec: ExperimentSpec, plan: Plan, chunks: Sequence[Chunk], skip: set[str], out: Path, *, backend: Backend,
+                address: str | None, workers: int | None, progress: bool, max_chunks: int | None,
+                reuse: Sequence[str | Path], ray_options: RayOptions | None, started: float) -> RunSummary:
     sources = open_reuse_stores(reuse, out)  # before anything is written
     reused_from = {name: 0 for name, _ in sources}
     try:
-        done = _stored_keys(out)
-        found, todo = find_reusable([c for c in plan.chunks if not all(k in done for k in c.keys)], sources)
+        done = _stored_keys(out) | skip
+        found, todo = find_reusable([c for c in chunks if not all(k in done for k in c.keys)], sources)
         if max_chunks is not None:
             todo = todo[:max_chunks]
         jobs = [make_job(c, spec) for c in todo]
@@ -223,17 +258,18 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
                 backend=backend, versions=experiment_versions(),
             )
             stored = store.done_keys()
-            already = sum(k in stored for k in plan.trial_keys())
+            planned = [k for c in chunks for k in c.keys]
+            already = sum(k in stored or k in skip for k in planned)
             reused, chunks_reused = copy_reusable(found, store, run_id, reused_from)
             models: dict[str, Any] = {}
             not_fitted: list[tuple[str, float]] = []
-            bar = _Progress(progress, plan.n_trials, already + reused, spec.name)
+            bar = _Progress(progress, len(planned), already + reused, spec.name)
             computed = 0
             try:
                 if backend == "local":
                     computed = _run_local(jobs, spec, out, store, run_id, bar, models, not_fitted)
                 else:
-                    for job, output in run_ray(jobs, spec, address=address, workers=workers):
+                    for job, output in run_ray(jobs, spec, address=address, workers=workers, options=ray_options):
                         computed += _store_chunk(out, store, output, run_id, spec, models, job.model, not_fitted)
                         bar.chunk_done(len(output.records))
             finally:
@@ -245,7 +281,7 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
     finally:
         for _, source in sources:
             source.close()
-    return RunSummary(out, backend, plan.n_trials, already, computed, len(todo), time.perf_counter() - started, run_id,
+    return RunSummary(out, backend, len(planned), already, computed, len(todo), time.perf_counter() - started, run_id,
                       reused, chunks_reused, reused_from, not_fitted)
 
 
@@ -255,10 +291,6 @@ def _stored_keys(out: Path) -> set[str]:
         return set()
     with Store(out, readonly=True) as store:
         return store.done_keys()
-
-
-class RunDirError(ValueError):
-    """A run directory that is a file, or cannot be created or written."""
 
 
 def check_run_dir(out: Path) -> None:

@@ -1,4 +1,5 @@
-"""Computing chunks: the per-process model cache, the picklable chunk job, and Ray actors.
+"""Computing chunks: the per-process model cache, the picklable chunk job, and the Ray actor class
+(scheduled by :mod:`~iclit.experiments.raypool`).
 
 A :class:`ChunkJob` holds everything a worker needs (drawn on the driver, so every backend
 sees the same demonstrations); :func:`execute` runs the engine on it and returns a
@@ -12,7 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from iclit.tasks import Resample, Task, Template
 from iclit.tuning.recipe import TuningRecipe
 
 __all__ = ["ChunkJob", "ChunkOutput", "ChunkWorker", "make_job", "execute", "loaded_model", "clear_model_cache",
-           "release_models", "use_models", "run_ray"]
+           "release_models", "use_models"]
 
 log = logging.getLogger(__name__)
 
@@ -239,44 +240,3 @@ class ChunkWorker:
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def run_ray(jobs: Sequence[ChunkJob], spec: ExperimentSpec, *, address: str | None,
-            workers: int | None) -> Iterator[tuple[ChunkJob, ChunkOutput]]:
-    """Compute ``jobs`` on Ray actors (one per CPU, each loading the model once); yields
-    (job, output) as chunks finish."""
-    if not jobs:
-        return
-    try:
-        import ray
-        from ray.util import ActorPool
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError("the Ray backend needs ray: pip install 'iclit[ray]'") from e
-
-    own = not ray.is_initialized()
-    if own:
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=workers or os.cpu_count() or 1, **kwargs)
-    actors: list[Any] = []
-    try:
-        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        n = max(1, min(n, len(jobs)))
-        first = jobs[0]
-        Actor = ray.remote(num_cpus=1)(ChunkWorker)
-        actors = [Actor.remote((first.model, spec.device, spec.dtype)) for _ in range(n)]
-        by_keys = {job.keys: job for job in jobs}
-        pool = ActorPool(actors)
-        for output in pool.map_unordered(lambda actor, job: actor.run.remote(job), list(jobs)):
-            keys = tuple(r["trial_key"] for r in output.records)
-            yield by_keys[keys], output
-    finally:
-        for actor in actors:
-            try:
-                ray.kill(actor)
-            except Exception:  # noqa: BLE001 - best effort
-                pass
-        if own:
-            ray.shutdown()

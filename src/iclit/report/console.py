@@ -7,6 +7,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from iclit.report.numbers import interval, num, pvalue
+
 __all__ = ["print_summary"]
 
 console = Console()
@@ -28,8 +30,8 @@ def print_summary(m: dict, cfg: dict) -> None:
         a, b = m["last_layer"][pair], m["mean_over_layers"][pair]
         table.add_row(
             pair.replace("_", "–") if pair in PAIRS else pair,
-            f"{a['mean']:.3f} ± {a['std']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
-            f"{b['mean']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}]",
+            f"{num(a['mean'])} ± {num(a['std'])} [{num(a['ci_low'])}, {num(a['ci_high'])}]",
+            interval(b["mean"], b["ci_low"], b["ci_high"]),
         )
     if pairs:
         console.print(table)
@@ -41,13 +43,12 @@ def print_summary(m: dict, cfg: dict) -> None:
     arms.add_column("arm")
     arms.add_column(f"{score} [95% CI]")
     for arm, s in m[score].items():
-        arms.add_row(arm, f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]")
+        arms.add_row(arm, interval(s["mean"], s["ci_low"], s["ci_high"]))
     console.print(arms)
     loss = m["it_final_loss"]
-    num = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731 - null: nothing tuned (k = 0)
-    console.print(
-        f"ICL–IT prediction agreement {num(m['icl_it_agreement'], '.3f')}; IT final training loss "
-        f"mean {num(loss['mean'], '.4f')}, max {num(loss['max'], '.4f')}; {num(cfg['seconds'], '.0f')} s on "
+    console.print(  # a null loss: nothing tuned (k = 0)
+        f"ICL–IT prediction agreement {num(m['icl_it_agreement'])}; IT final training loss "
+        f"mean {num(loss['mean'], '{:.4f}')}, max {num(loss['max'], '{:.4f}')}; {num(cfg['seconds'], '{:.0f}')} s on "
         f"{cfg['device'] or 'the stored device'}", highlight=False
     )
 
@@ -73,30 +74,29 @@ def _print_tests(rows: list[dict], cfg: dict, seeds: list[dict] | None = None) -
         cells = [label, f"{next(iter(got.values()))['observed']:.3f}"]
         for null in ("query_swap", "demo_swap"):
             r = got.get(null)
-            cells.append(f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]\n"
-                         f"p={_p(r['p_holm'])} (floor {_p(r.get('p_min'))}) {r['verdict']}" if r else "–")
+            cells.append(f"{interval(r['diff'], r['ci_low'], r['ci_high'], '{:+.3f}')}\n"
+                         f"p={pvalue(r['p_holm'])} (floor {pvalue(r.get('p_min'))}) {r['verdict']}" if r else "–")
         table.add_row(*cells)
     console.print(table)
     n = rows[0]
     for r in rows:
         if r.get("role", "test") == "test" and r["pair"] == "icl_it" and r["null"] == "demo_swap" and r.get("ceiling"):
-            console.print(f"ICL–IT demo-swap specificity: {r['fraction']:+.2f} [{r['fraction_low']:+.2f}, "
-                          f"{r['fraction_high']:+.2f}] of the {names.get(r['ceiling'], r['ceiling'])} ceiling "
-                          f"({r['ceiling_diff']:+.3f}); margin ±{r['margin']:.3g}", highlight=False)
+            console.print(f"ICL–IT demo-swap specificity: "
+                          f"{interval(r['fraction'], r['fraction_low'], r['fraction_high'], '{:+.2f}')} of the "
+                          f"{names.get(r['ceiling'], r['ceiling'])} ceiling ({num(r['ceiling_diff'], '{:+.3f}')}); "
+                          f"margin {_margin(r['margin'])}", highlight=False)
     for r in seeds or ():
         if r["pair"] == "icl_it":
-            console.print(f"IT seed noise, last layer: ICL–IT {r['seed1']:.3f} with the first seed, {r['seed2']:.3f} with "
-                          f"the second; per-pair between-seed SD {r['unit_sd']:.3f}", highlight=False)
+            console.print(f"IT seed noise, last layer: ICL–IT {num(r['seed1'])} with the first seed, {num(r['seed2'])} "
+                          f"with the second; per-pair between-seed SD {num(r['unit_sd'])}", highlight=False)
     console.print(f"{n['n_units']} (query, set) pairs in {n['n_blocks']} query blocks; equivalence margins "
                   f"{_margins(cfg.get('equivalence_margin'))}; every layer and centring: "
                   f"{cfg.get('run_dir', 'RUN')}/tests.csv", highlight=False)
 
 
-def _p(p: float | None) -> str:
-    """A p-value for reading: three significant digits, "< 0.001" below that."""
-    if p is None or p != p:
-        return "–"
-    return "< 0.001" if p < 0.001 else f"{p:.3g}"
+def _margin(m: float | None) -> str:
+    """A row's margin: ±m, or none where the ceiling rule found no positive ceiling."""
+    return f"±{num(m, '{:.3g}')}" if num(m) != "–" else "none (no positive ceiling)"
 
 
 def _margins(declared: object) -> str:

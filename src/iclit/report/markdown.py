@@ -10,6 +10,8 @@ from typing import Any
 
 import pandas as pd
 
+from iclit.report.numbers import interval, num, pvalue
+
 __all__ = ["comparison_markdown"]
 
 _NAMES = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT",
@@ -18,22 +20,11 @@ _NAMES = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "I
           "update_ceiling_icl": "update ICL–ICL′ (positive control)"}
 
 
-def _p(p: Any) -> str:
-    if p is None or p != p:
-        return "–"
-    return "< 0.001" if p < 0.001 else f"{p:.3g}"
-
-
-_3 = "{:.3f}"
-
-
-def _f(v: Any, fmt: str = "{:+.3f}") -> str:
-    """A number, or "–" where there is none (NaN is null in the exports' JSON)."""
-    return "–" if v is None or v != v else fmt.format(v)
+_3, _S = "{:.3f}", "{:+.3f}"
 
 
 def _ci(r: dict[str, Any], lo: str = "ci_low", hi: str = "ci_high") -> str:
-    return f"{_f(r['diff'])} [{_f(r[lo])}, {_f(r[hi])}]"
+    return interval(r["diff"], r[lo], r[hi], _S)
 
 
 def _tests(m: dict[str, Any]) -> list[str]:
@@ -46,7 +37,7 @@ def _tests(m: dict[str, Any]) -> list[str]:
         cells = [label, f"{next(iter(got.values()))['observed']:.3f}"]
         for null in ("query_swap", "demo_swap"):
             r = got.get(null)
-            cells += ([_ci(r), f"{_p(r['p_holm'])} ({_p(r.get('p_min'))})", r["verdict"]] if r else ["–", "–", "–"])
+            cells += ([_ci(r), f"{pvalue(r['p_holm'])} ({pvalue(r.get('p_min'))})", r["verdict"]] if r else ["–", "–", "–"])
         out.append("| " + " | ".join(cells) + " |")
     first = m["tests"][0]
     out.append(f"\n{first['n_units']} (query, set) pairs in {first['n_blocks']} query blocks; 95% t intervals over "
@@ -54,11 +45,11 @@ def _tests(m: dict[str, Any]) -> list[str]:
                "own); floor: the smallest p the design allows.\n")
     for r in m["tests"]:
         if r.get("role", "test") == "test" and r.get("ceiling") and r["null"] == "demo_swap":
-            frac = f"{_f(r['fraction'], '{:+.2f}')} [{_f(r['fraction_low'], '{:+.2f}')}, {_f(r['fraction_high'], '{:+.2f}')}]"
-            margin = f"±{_f(r['margin'], '{:.3g}')}" if r.get("margin") is not None else "none (no positive ceiling)"
+            frac = interval(r['fraction'], r['fraction_low'], r['fraction_high'], '{:+.2f}')
+            margin = f"±{num(r['margin'], '{:.3g}')}" if num(r.get("margin")) != "–" else "none (no positive ceiling)"
             out.append(f"- {_NAMES[r['pair']]}, demo-swap: {frac} of the positive control's excess "
-                       f"({_f(r['ceiling_diff'])}); equivalence margin {margin} (TOST 90% CI "
-                       f"[{_f(r['tost_low'])}, {_f(r['tost_high'])}]).")
+                       f"({num(r['ceiling_diff'], _S)}); equivalence margin {margin} (TOST 90% CI "
+                       f"[{num(r['tost_low'], _S)}, {num(r['tost_high'], _S)}]).")
     return out + [""]
 
 
@@ -74,11 +65,11 @@ def comparison_markdown(run: str | Path) -> str:
              "| pair | last layer: mean ± std [95% CI] | mean over layers [95% CI] |", "| --- | --- | --- |"]
     for pair in ("anchor_icl", "anchor_it", "icl_it"):
         a, b = m["last_layer"][pair], m["mean_over_layers"][pair]
-        lines.append(f"| {pair.replace('_', '–')} | {_f(a['mean'], _3)} ± {_f(a['std'], _3)} [{_f(a['ci_low'], _3)}, "
-                     f"{_f(a['ci_high'], _3)}] | {_f(b['mean'], _3)} [{_f(b['ci_low'], _3)}, {_f(b['ci_high'], _3)}] |")
+        lines.append(f"| {pair.replace('_', '–')} | {num(a['mean'], _3)} ± {num(a['std'], _3)} [{num(a['ci_low'], _3)}, "
+                     f"{num(a['ci_high'], _3)}] | {num(b['mean'], _3)} [{num(b['ci_low'], _3)}, {num(b['ci_high'], _3)}] |")
     score = "accuracy" if "accuracy" in m else ("exact_match" if "exact_match" in m else "chrf")
     lines += ["", f"| arm | {score} [95% CI] |", "| --- | --- |"]
-    lines += [f"| {arm} | {_f(v['mean'], _3)} [{_f(v['ci_low'], _3)}, {_f(v['ci_high'], _3)}] |"
+    lines += [f"| {arm} | {num(v['mean'], _3)} [{num(v['ci_low'], _3)}, {num(v['ci_high'], _3)}] |"
               for arm, v in m[score].items()]
     loss = m["it_final_loss"]
     lines.append(f"\nPrediction agreement: ICL–IT {m['icl_it_agreement']:.3f}, anchor–ICL {m['anchor_icl_agreement']:.3f}, "
@@ -98,7 +89,7 @@ def comparison_markdown(run: str | Path) -> str:
             cells = []
             for k in ("cka", "rsa"):
                 q, d = g.get((k, "query_swap")), g.get((k, "demo_swap"))
-                cells.append(f"{_f(q['value'], _3)} ({_p(q['p'])}; {_p(d['p']) if d else '–'})" if q else "–")
+                cells.append(f"{num(q['value'], _3)} ({pvalue(q['p'])}; {pvalue(d['p']) if d else '–'})" if q else "–")
             lines.append(f"| {_NAMES[pair]} | " + " | ".join(cells) + " |")
         lines.append(f"\nacross all {m['geometry'][0]['n']} trials of the cell at the last layer; permutation p "
                      "(one-sided), permuting only what the design makes exchangeable.\n")

@@ -49,8 +49,8 @@ def _type(s: dict[str, Any]) -> str:
         return "mapping (" + s["$ref"].rsplit("/", 1)[1] + ")"
     if "enum" in s:
         return " / ".join(map(str, s["enum"]))
-    if "anyOf" in s:
-        parts = [_type(x) for x in s["anyOf"]]
+    if "anyOf" in s or "oneOf" in s:  # oneOf: a tagged union (equivalence_margin)
+        parts = [_type(x) for x in s.get("anyOf", s.get("oneOf"))]
         return " or ".join([p for p in parts if p != "null"] + [p for p in parts if p == "null"])
     t = s.get("type")
     if t == "array":

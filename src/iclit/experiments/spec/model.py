@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, Discriminator, Field, Tag, PlainValidator, PrivateAttr, Strict, ValidationError, ValidationInfo, \
     field_validator, model_validator
 
+from iclit.experiments.spec.cluster import ClusterOptions
 from iclit.experiments.spec.problems import SpecError, problems_of
 from iclit.experiments.spec.values import (
     ANALYSIS_NAMES, BASELINE_NAMES, DESIGNS, DTYPES, REQUIRED_ARMS, SAMPLER_NAMES, Design, DType, EquivalenceMargins, FactorValue, SamplerName, TaskOptions,
@@ -153,6 +154,10 @@ class ExperimentSpec(BaseModel):
         1, description="random directions per query, layer and scale, each scaled to the norm of the ICL and of the IT "
                        "vector (the null of steering)")
 
+    cluster: ClusterOptions | None = Field(
+        None, description="how the run spreads over Ray actors or SLURM jobs (actors per GPU, threads, retries, the "
+                          "SLURM job array); changes no trial")
+
     _recipes: dict[str, tuple[str, TuningRecipe]] = PrivateAttr(default_factory=dict)
 
     # --- checks that span keys (each at its key's path, beside every other problem) -----
@@ -253,9 +258,11 @@ class ExperimentSpec(BaseModel):
         if self.task_options is not None:  # only when given: spec files of other runs stay as they were
             out["task_options"] = self.task_options.to_dict()
         for name in type(self).model_fields:
-            if name not in out and name not in ("seed", "task_options"):
+            if name not in out and name not in ("seed", "task_options", "cluster"):
                 out[name] = _plain(getattr(self, name))
         out["recipe"] = _plain(_recipe_fields(self.recipe))
+        if self.cluster is not None:  # only when given, like task_options
+            out["cluster"] = self.cluster.to_dict()
         return out
 
     def to_yaml(self) -> str:

@@ -121,6 +121,11 @@ def _unknown(parent: tuple[Any, ...]) -> str:
         return f"unknown task option (options: {', '.join(TaskOptions.model_fields)})"
     if parent == ("task_options", "template"):
         return f"unknown template field (fields: {', '.join(TemplateFields.model_fields)})"
+    if parent and parent[0] == "cluster":
+        from iclit.experiments.spec.cluster import ClusterOptions, SlurmOptions
+
+        fields = SlurmOptions.model_fields if parent[1:] == ("slurm",) else ClusterOptions.model_fields
+        return f"unknown {'.'.join(map(str, parent))} key (keys: {', '.join(fields)})"
     return f"unknown recipe field (fields: {', '.join(FIELDS)})"
 
 
