@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest -q
 
 docs: install   # the documentation site (mkdocs.yml) into site/; any warning is an error
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 bench: install
 	$(PY) benchmarks/bench.py
