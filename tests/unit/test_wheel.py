@@ -4,8 +4,8 @@ environment runs from a directory outside the repository — `iclit --help`, `ic
 comparison on the tiny model and its report — with the package data (built-in task data,
 the report template, py.typed) coming from the installed wheel.
 
-The venv sees the system site-packages (torch and the other dependencies are not downloaded
-again) and the wheel goes in with ``--no-deps --no-index``; the build runs without isolation
+The venv sees the test interpreter's site-packages (torch and the other dependencies are not
+downloaded again) and the wheel goes in with ``--no-deps --no-index``; the build runs without isolation
 (the installed setuptools), so the test needs no network. Skipped without ``build`` and
 ``twine`` (the test extra has both). About a minute on a 2-core CPU.
 """
@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -84,6 +85,10 @@ def test_installed_wheel_runs_outside_the_repository(dist, tmp_path):
     venv.EnvBuilder(system_site_packages=True, with_pip=True, symlinks=os.name != "nt").create(env_dir)
     bindir = env_dir / ("Scripts" if os.name == "nt" else "bin")
     python, iclit = bindir / "python", bindir / "iclit"
+    # the dependencies come from the interpreter running the tests, a venv itself or not: its
+    # site-packages after the new venv's own (a .pth line adds a path; no .pth there is run)
+    own = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path, env=_clean_env())
+    (Path(own.strip()) / "outer_site.pth").write_text("\n".join(site.getsitepackages()) + "\n", encoding="utf-8")
     work = tmp_path / "elsewhere"  # not the repository, not under it
     work.mkdir()
     env = _clean_env(ICLIT_CACHE=str(tmp_path / "cache"), NO_COLOR="1", COLUMNS="200")
