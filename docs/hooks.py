@@ -24,8 +24,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))  # the tree being documented, whatever is installed
+
+
+def on_config(config):
+    """The tree being documented is the one imported, whatever is installed (mkdocs restores
+    ``sys.path`` after loading a hook, so this happens here, not at import)."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    return config
 
 _MARKER = re.compile(r"<!-- iclit:([a-z-]+)(?: ([\w.:]+))? -->")
 _LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s#]+)(#[^)]*)?\)")
