@@ -9,7 +9,7 @@ captured layers, hidden size 640; three arms), one process:
 * straightforward: each arm pair on its own (anchor–ICL, anchor–IT, ICL–IT; CKA, then RSA),
   every permutation's entries gathered with numpy fancy indexing (iclit's code before
   2026-12-03);
-* iclit: :func:`iclit.analysis.geometry.pair_tests`: each arm's Gram and rank matrix once, a
+* iclit: :func:`iclit.analysis.stats.pair_tests`: each arm's Gram and rank matrix once, a
   second arm's permuted entries gathered once for every pair that shares it, in torch.
 
 Both use the same permutations; ``agree``: every value, null mean and p equal to 1e-10.
@@ -23,24 +23,24 @@ import time
 
 import numpy as np
 
-from iclit.analysis import geometry
-from iclit.analysis.inference import _BLOCK, _random_perms
+from iclit.analysis.stats import representation
+from iclit.analysis.stats.arrays import BLOCK
 
 
-def numpy_permuted_inner(a: np.ndarray, b: np.ndarray, n_perm: int, seed: int) -> np.ndarray:
+def numpy_permuted_inner(a: np.ndarray, b: np.ndarray, perms: np.ndarray) -> np.ndarray:
     """``<A, B[pi][:, pi]>`` per layer, ``[n_perm, L]``: numpy fancy indexing on the upper triangle."""
     n_layers, n, _ = a.shape
-    rng = np.random.default_rng(seed)
+    n_perm = len(perms)
     i, j = np.triu_indices(n)
     a_sel = (a[:, i, j] * np.where(i == j, 1.0, 2.0))[..., None]
     m = len(i)
     b_flat = b.reshape(n_layers, n * n)
     out = np.empty((n_perm, n_layers))
-    block = max(1, _BLOCK // (n_layers * m))
-    step = n_layers if block > 1 else max(1, _BLOCK // m)
+    block = max(1, BLOCK // (n_layers * m))
+    step = n_layers if block > 1 else max(1, BLOCK // m)
     for b0 in range(0, n_perm, block):
         k = min(block, n_perm - b0)
-        pi = _random_perms(rng, (k, n))
+        pi = perms[b0 : b0 + k]
         idx = pi[:, i] * n + pi[:, j]
         for l0 in range(0, n_layers, step):
             out[b0 : b0 + k, l0 : l0 + step] = (b_flat[l0 : l0 + step, idx] @ a_sel[l0 : l0 + step])[..., 0].T
@@ -48,14 +48,14 @@ def numpy_permuted_inner(a: np.ndarray, b: np.ndarray, n_perm: int, seed: int) -
 
 
 def straightforward(states, pairs, n_perm, seed):
-    real = geometry._permuted_inners
-    geometry._permuted_inners = lambda a_list, b, n, s: np.stack([numpy_permuted_inner(a, b, n, s) for a in a_list])
+    real = representation.permuted_inners
+    representation.permuted_inners = lambda a_list, b, perms: np.stack([numpy_permuted_inner(a, b, perms) for a in a_list])
     try:
         return {(name, measure): fn(states[a], states[b], n_perm=n_perm, seed=seed)
                 for name, (a, b) in pairs.items()
-                for measure, fn in (("cka", geometry.cka_permutation_test), ("rsa", geometry.rsa_per_layer))}
+                for measure, fn in (("cka", representation.cka_permutation_test), ("rsa", representation.rsa_per_layer))}
     finally:
-        geometry._permuted_inners = real
+        representation.permuted_inners = real
 
 
 def main() -> None:
@@ -73,7 +73,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ref = straightforward(states, pairs, args.perms, 0)
     t1 = time.perf_counter()
-    fast = geometry.pair_tests(states, pairs, n_perm=args.perms, seed=0)
+    fast = representation.pair_tests(states, pairs, n_perm=args.perms, seed=0)
     t2 = time.perf_counter()
     agree = ref.keys() == fast.keys() and all(
         np.allclose(ref[k][f], fast[k][f], rtol=1e-10, atol=1e-12, equal_nan=True) for k in ref for f in ref[k])

@@ -11,7 +11,7 @@ from scipy import stats as sps
 
 from iclit.analysis import contrasts
 from iclit.analysis.contrasts import CONTRAST_COLUMNS, block_values, cell_contrasts, compare_blocks
-from iclit.analysis.inference import holm
+from iclit.analysis.stats import holm
 from iclit.analysis.rundata import RunData
 
 

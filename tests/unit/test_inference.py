@@ -1,4 +1,4 @@
-"""Unit tests for iclit.analysis.inference, mostly against scipy.stats references."""
+"""Unit tests for iclit.analysis.stats, mostly against scipy.stats references."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from iclit.analysis.geometry import cka_permutation_test, debiased_cka, debiased_cka_per_layer, rsa, rsa_per_layer
-from iclit.analysis.inference import (
+from iclit.analysis.stats import cka_permutation_test, debiased_cka, debiased_cka_per_layer, rsa, rsa_per_layer
+from iclit.analysis.stats import (
     PairingResult,
     bh,
     hierarchical_bootstrap,
@@ -418,24 +418,24 @@ def test_permuted_inner_matches_a_direct_loop(symmetric, monkeypatch):
     """The vectorised permutation sums (upper triangle only when both matrices are symmetric)
     equal <A, B[pi][:, pi]> computed one permutation and layer at a time, with the same
     permutations, also when the blocks of permutations and of layers are small."""
-    from iclit.analysis import inference
+    from iclit.analysis.stats import permutation
 
     rng = np.random.default_rng(23)
     a, b = rng.normal(size=(2, 3, 7, 7))
     if symmetric:
         a, b = a + a.transpose(0, 2, 1), b + b.transpose(0, 2, 1)
-    perms = np.argsort(np.random.default_rng(5).random((11, 7)), axis=-1)
+    perms = permutation.random_perms(np.random.default_rng(5), (11, 7))
     want = np.array([[np.sum(a[l] * b[l][p][:, p]) for l in range(3)] for p in perms])
-    np.testing.assert_allclose(inference._permuted_inner(a, b, 11, 5), want, rtol=1e-12)
-    monkeypatch.setattr(inference, "_BLOCK", 40)  # one permutation and one layer per block
-    np.testing.assert_allclose(inference._permuted_inner(a, b, 11, 5), want, rtol=1e-12)
+    np.testing.assert_allclose(permutation.permuted_inners([a], b, perms)[0], want, rtol=1e-12)
+    monkeypatch.setattr(permutation, "_GATHER", 40)  # one permutation and one layer per block
+    np.testing.assert_allclose(permutation.permuted_inners([a], b, perms)[0], want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("nan_row", [False, True])
 def test_pair_tests_equal_the_pair_by_pair_tests(nan_row):
     """All arm pairs at once (each arm's Gram and rank matrix once, each second arm's permuted
     entries gathered once) give the pair-by-pair numbers; with a NaN row, each pair drops its own."""
-    from iclit.analysis.geometry import pair_tests
+    from iclit.analysis.stats import pair_tests
 
     rng = np.random.default_rng(24)
     base = rng.normal(size=(16, 3, 12))

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from iclit.analysis.inference import cluster_mean, pairing_test, ratio_ci, smallest_p, tost
+from iclit.analysis.stats import cluster_mean, pairing_test, ratio_ci, smallest_p, tost
 from iclit.analysis.nulls import Units, margin_for, margins, null_tests, verdict
 from iclit.analysis.power import blocks_needed, design_floors, detectable_effect, family_size, power_table
 
@@ -346,7 +346,7 @@ def test_check_warns_for_a_five_block_cell(tmp_path):
 
 
 def test_the_bootstrap_of_blocks_keeps_every_unit_of_a_drawn_block():
-    from iclit.analysis.inference import hierarchical_bootstrap_means
+    from iclit.analysis.stats import hierarchical_bootstrap_means
 
     x = np.array([1.0, 3.0, 10.0, 30.0, 100.0])
     groups = ["a", "a", "b", "b", "c"]

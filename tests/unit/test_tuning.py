@@ -13,7 +13,7 @@ from iclit.engine.capture import capture
 from iclit.models.arch import decoder_of, layers_of, lm_head_logits
 from iclit.tuning import (
     TuningRecipe,
-    _subset,
+    subset_batch,
     answer_loss,
     answer_token_losses,
     encode_pairs,
@@ -119,7 +119,7 @@ def test_subset_equals_encoding_the_subset(tiny):
     tok = tiny.tokenizer
     full = encode_pairs(tok, PAIRS)
     for rows in ([1], [2, 0], [0, 1, 2]):
-        sub = _subset(full, rows)
+        sub = subset_batch(full, rows)
         alone = encode_pairs(tok, [PAIRS[r] for r in rows])
         with torch.no_grad():
             torch.testing.assert_close(answer_loss(tiny.model, sub), answer_loss(tiny.model, alone), atol=1e-5, rtol=0)

@@ -34,7 +34,8 @@ __all__ = ["CACHE_DIR", "enabled", "entry_key", "load", "save", "copy_entries"]
 log = logging.getLogger(__name__)
 
 CACHE_DIR = "analysis"
-_MODULES = ("cache", "cells", "nulls", "inference", "geometry", "permutations", "dose", "outputs", "states")
+_MODULES = ("cache", "cells", "nulls", "permutations", "dose", "outputs", "states", "stats/arrays", "stats/intervals",
+            "stats/multiplicity", "stats/permutation", "stats/representation", "stats/resampling")
 
 
 def enabled() -> bool:

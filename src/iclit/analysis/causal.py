@@ -26,7 +26,7 @@ has no distance to close and is left out.
 
 **Intervals and tests.** Every value is a mean over units (or a ratio of means) with a 95%
 percentile CI from a bootstrap of query blocks
-(:func:`iclit.analysis.inference.hierarchical_bootstrap_means` with ``within=False``): the
+(:func:`iclit.analysis.stats.hierarchical_bootstrap_means` with ``within=False``): the
 blocks (the sets that share their queries, :class:`iclit.analysis.nulls.Units`; with one
 query per set, the sets) are the independent units and are resampled whole, so a block's
 units stay balanced over its sets and queries as the design made them (a ratio of means has
@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from iclit.analysis import inference
+from iclit.analysis import stats
 from iclit.analysis.nulls import Units
 from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
@@ -141,7 +141,7 @@ class _Estimates:
         keep = ~np.isnan(matrix).any(axis=1)
         self.index = {c: j for j, c in enumerate(self.names)}
         self.point = matrix[keep].mean(axis=0) if keep.any() else np.full(len(self.names), np.nan)
-        self.draws = inference.hierarchical_bootstrap_means(matrix, blocks, n_boot=N_BOOT, seed=seed, within=False)
+        self.draws = stats.hierarchical_bootstrap_means(matrix, blocks, n_boot=N_BOOT, seed=seed, within=False)
         self.n_units, self.n_blocks = int(keep.sum()), int(len(set(blocks[keep])))
 
     def of(self, fn: Callable[[Callable[[str], np.ndarray]], np.ndarray]) -> tuple[float, float, float]:
@@ -182,12 +182,12 @@ def _references(c: _Cell) -> dict[str, np.ndarray]:
 
 
 def _finish(rows: list[dict[str, Any]], columns: Sequence[str], run: RunData) -> pd.DataFrame:
-    from iclit.analysis.tables import _with_labels
+    from iclit.analysis.tables import with_labels
 
     df = pd.DataFrame(rows, columns=list(columns))
     for col in ("layer",):
         df[col] = df[col].astype("Int64")
-    return _with_labels(df, run) if len(df) else df
+    return with_labels(df, run) if len(df) else df
 
 
 # ------------------------------------------------------------------ patching
@@ -317,7 +317,7 @@ def steer_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
     df["p_holm"] = np.nan
     tested = df["vector"].isin(list(CONTRASTS))
     for _, idx in df[tested].groupby(["cell_key", "vector", "measure"], sort=False).groups.items():
-        df.loc[idx, "p_holm"] = inference.holm(df.loc[idx, "p"].to_numpy(dtype=float))
+        df.loc[idx, "p_holm"] = stats.holm(df.loc[idx, "p"].to_numpy(dtype=float))
     return _finish(df[list(STEER_COLUMNS)].to_dict("records"), STEER_COLUMNS, run)
 
 

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from iclit.analysis import geometry as geometry_
-from iclit.analysis import inference
+
+from iclit.analysis import stats
 from iclit.analysis.dose import DOSE_COLUMNS, dose_tables, row_cosine
 from iclit.analysis.nulls import (NULLS, TEST_COLUMNS, Units, adjust_family, links, margin_for, margins, null_tests,
                                   strata, unit_rows)
@@ -99,7 +99,7 @@ def geometry(states: Mapping[str, np.ndarray], units: Units | None = None, *, n_
         return pd.DataFrame()
     rows = []
     for null, (perms, pairs) in nulls.items():
-        found = geometry_.pair_tests(states, {p: GEOMETRY_PAIRS[p] for p in pairs}, n_perm=n_perm, seed=seed,
+        found = stats.pair_tests(states, {p: GEOMETRY_PAIRS[p] for p in pairs}, n_perm=n_perm, seed=seed,
                                      perms=perms)
         for pair in pairs:
             for measure in ("cka", "rsa"):
@@ -146,7 +146,7 @@ def behaviour(outputs: pd.DataFrame, units: Units, *, margin: Any = None, n_perm
         for measure, fn in measures.items():
             every = np.arange(len(units))
             own = np.diag(fn(every, every))
-            cm = inference.cluster_mean(own, blocks)
+            cm = stats.cluster_mean(own, blocks)
             lo, hi = cm.ci(0.95)
             rows.append({"pair": f"{a}_{b}", "measure": measure, "null": "none", "observed": float(own.mean()),
                          "null_mean": np.nan, "diff": float(own.mean()), "se": cm.se, "ci_low": lo, "ci_high": hi,
@@ -159,13 +159,13 @@ def behaviour(outputs: pd.DataFrame, units: Units, *, margin: Any = None, n_perm
                 groups = strata(units, null)
                 if not groups:
                     continue
-                res = inference.pairing_test([fn(g, g)[:, :, None] for g in groups], n_perm=n_perm, seed=seed,
+                res = stats.pairing_test([fn(g, g)[:, :, None] for g in groups], n_perm=n_perm, seed=seed,
                                              links=links(units, null, groups))
                 order = unit_rows(groups, res)
                 d = res.unit_diff[:, 0]
-                cm = inference.cluster_mean(d, blocks[order])
+                cm = stats.cluster_mean(d, blocks[order])
                 lo, hi = cm.ci(0.95)
-                tost = inference.tost(d, blocks[order], marg)
+                tost = stats.tost(d, blocks[order], marg)
                 rows.append({"pair": f"{a}_{b}", "measure": measure, "null": null, "observed": float(res.observed[0]),
                              "null_mean": float(res.null[0]), "diff": float(res.diff[0]), "se": cm.se, "ci_low": lo,
                              "ci_high": hi, "p": float(res.p[0]), "p_min": float(res.p_min), "exact": bool(res.exact),

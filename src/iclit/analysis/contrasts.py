@@ -29,7 +29,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from iclit.analysis.factors import design_subset, factor_values, match_value, reference_value
-from iclit.analysis.inference import holm
+from iclit.analysis.stats import holm
 from iclit.analysis.nulls import TEST_PAIRS, Units, pair_states, strata, verdict
 from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData

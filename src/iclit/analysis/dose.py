@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from iclit.analysis import inference
+from iclit.analysis import stats
 from iclit.analysis.nulls import Units, null_tests
 
 __all__ = ["DOSE_COLUMNS", "matched_steps", "dose_tables", "row_cosine"]
@@ -77,7 +77,7 @@ def dose_tables(states: Mapping[str, np.ndarray], outputs: pd.DataFrame, units: 
     rows: list[dict[str, Any]] = []
 
     def add(estimate: str, step: float, pair: str, values: np.ndarray, groups: np.ndarray) -> None:
-        lo, hi = inference.cluster_mean(values, groups).ci(0.95)
+        lo, hi = stats.cluster_mean(values, groups).ci(0.95)
         for layer in range(values.shape[1]):
             rows.append({"estimate": estimate, "step": step, "pair": pair, "layer": layer,
                          "value": float(np.nanmean(values[:, layer])), "ci_low": float(lo[layer]),

@@ -27,13 +27,13 @@ movement is caused by the demonstrations' content — that is the demo-swap ques
 Each null's effect is the mean over units of (observed − mean over every eligible partner);
 its p-value permutes the pairing inside each stratum (a set × label, or a query's sets) with
 the same permutation at every layer, step-down max-T over layers gives the family-wise p
-(:func:`iclit.analysis.inference.pairing_test`), exact when the design has at most
-:data:`~iclit.analysis.inference.MAX_EXACT` distinct pairings. Strata that see the same units
+(:func:`iclit.analysis.stats.pairing_test`), exact when the design has at most
+:data:`~iclit.analysis.stats.MAX_EXACT` distinct pairings. Strata that see the same units
 again share their permutation (:func:`links`): query-swap permutes a block's queries once for
 all the block's sets, demo-swap swaps whole sets of a block for all its queries — with two
 sets per block a sign flip of the G block contrasts, exact over 2^G patterns, smallest
 two-sided p 2 / 2^G (1/16 with 5 blocks: such a cell cannot reject at 0.05). CIs are t
-intervals over query blocks, the independent units (:func:`iclit.analysis.inference.cluster_mean`),
+intervals over query blocks, the independent units (:func:`iclit.analysis.stats.cluster_mean`),
 with the same standard error as the equivalence test (TOST) beside them. The query-swap p is
 a randomisation test conditional on the blocks (queries exchangeable within a block and
 label), the CI generalises over blocks: a verdict needs both.
@@ -60,7 +60,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from iclit.analysis import inference
+from iclit.analysis import stats
 
 __all__ = ["NULLS", "TEST_PAIRS", "CEILINGS", "CENTRINGS", "QUANTITIES", "DEFAULT_MARGINS", "TEST_COLUMNS", "Units",
            "centre", "pair_states", "stratum_matrices", "strata", "links", "null_tests", "unit_rows", "quantity",
@@ -152,7 +152,7 @@ def strata(units: Units, null: str) -> list[np.ndarray]:
 
 def links(units: Units, null: str, groups: list[np.ndarray]) -> list[tuple[Any, ...]]:
     """One label per stratum of :func:`strata`; strata with the same label hold the same items
-    in the same order and share one permutation (:func:`iclit.analysis.inference.pairing_test`):
+    in the same order and share one permutation (:func:`iclit.analysis.stats.pairing_test`):
     query-swap, the strata of one (seed, block, label) with the same queries (a block's sets read
     the same queries); demo-swap, the strata of one (seed, block) with the same sets."""
     if null == "query_swap":
@@ -221,7 +221,7 @@ def stratum_matrices(x: np.ndarray, y: np.ndarray, rows: list[np.ndarray],
     return out
 
 
-def unit_rows(groups: list[np.ndarray], res: "inference.PairingResult") -> np.ndarray:
+def unit_rows(groups: list[np.ndarray], res: "stats.PairingResult") -> np.ndarray:
     """The trial row of each unit of a pairing test over the strata ``groups``."""
     return np.asarray([groups[s][i] for s, i in zip(res.unit_stratum, res.unit_item)], dtype=np.int64)
 
@@ -284,8 +284,8 @@ def adjust_family(df: pd.DataFrame, by: Sequence[str] = ("layer",)) -> pd.DataFr
     df["q_bh"] = np.nan
     keys = list(by) + (["role"] if "role" in df.columns and "role" not in by else [])
     for _, idx in df.groupby(keys if len(keys) > 1 else keys[0], sort=False).groups.items():
-        df.loc[idx, "p_holm"] = inference.holm(df.loc[idx, "p"].to_numpy(dtype=float))
-        df.loc[idx, "q_bh"] = inference.bh(df.loc[idx, "p"].to_numpy(dtype=float))
+        df.loc[idx, "p_holm"] = stats.holm(df.loc[idx, "p"].to_numpy(dtype=float))
+        df.loc[idx, "q_bh"] = stats.bh(df.loc[idx, "p"].to_numpy(dtype=float))
     se = df["se"] if "se" in df.columns else pd.Series(1.0, index=df.index)
     margin = df["margin"] if "margin" in df.columns else pd.Series(np.nan, index=df.index)
     df["verdict"] = [verdict(lo, hi, p, eq, se=s, margin=m) for lo, hi, p, eq, s, m in
@@ -297,27 +297,27 @@ def adjust_family(df: pd.DataFrame, by: Sequence[str] = ("layer",)) -> pd.DataFr
 class _Tested:
     """One pairing test with its block-level summaries, per layer."""
 
-    res: "inference.PairingResult"
-    cm: "inference.ClusterMean"
+    res: "stats.PairingResult"
+    cm: "stats.ClusterMean"
     unit_blocks: np.ndarray
     unit_order: np.ndarray
 
 
 def _run_pair(x: np.ndarray, y: np.ndarray, groups: list[np.ndarray], linked: list[Any], blocks: np.ndarray,
               anchor: np.ndarray | None, n_perm: int, seed: int) -> _Tested:
-    res = inference.pairing_test(stratum_matrices(x, y, groups, anchor), n_perm=n_perm, seed=seed, links=linked)
+    res = stats.pairing_test(stratum_matrices(x, y, groups, anchor), n_perm=n_perm, seed=seed, links=linked)
     order = unit_rows(groups, res)
-    return _Tested(res, inference.cluster_mean(res.unit_diff, blocks[order]), blocks[order], order)
+    return _Tested(res, stats.cluster_mean(res.unit_diff, blocks[order]), blocks[order], order)
 
 
 def _rows(t: _Tested, base: dict[str, Any], margin: Any, control: _Tested | None, control_name: str) -> list[dict]:
     res, cm = t.res, t.cm
     lo, hi = cm.ci(0.95)
     marg = np.broadcast_to(np.asarray(margin, dtype=np.float64), res.diff.shape)
-    tost = inference.tost(res.unit_diff, t.unit_blocks, np.where(np.isfinite(marg), marg, np.nan))
+    tost = stats.tost(res.unit_diff, t.unit_blocks, np.where(np.isfinite(marg), marg, np.nan))
     frac = (np.full(res.diff.shape, np.nan),) * 3
     if control is not None and np.array_equal(control.unit_order, t.unit_order):
-        frac = inference.ratio_ci(res.unit_diff, control.res.unit_diff, t.unit_blocks)
+        frac = stats.ratio_ci(res.unit_diff, control.res.unit_diff, t.unit_blocks)
     rows = []
     for layer in range(len(res.diff)):
         rows.append(base | {

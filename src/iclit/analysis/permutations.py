@@ -1,6 +1,6 @@
 """Item permutations that a cell's design makes exchangeable, and permuted Frobenius inner
 products under given permutations (the machinery of the restricted CKA / RSA nulls of
-:mod:`iclit.analysis.geometry`).
+:mod:`iclit.analysis.stats.representation`).
 
 A cell's items (trials) are (query, set) pairs: the sets of one query block read the same
 queries, and queries of one gold label resemble each other. A permutation null of a statistic
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     from iclit.analysis.nulls import Units
 
-__all__ = ["SWAPS", "design_permutations", "permuted_inners"]
+__all__ = ["SWAPS", "design_permutations"]
 
 SWAPS = ("queries", "sets")
 """What :func:`design_permutations` exchanges: a block's queries, or a block's sets."""
@@ -129,55 +129,3 @@ def _set_groups(queries: dict[tuple[Any, Any, Any], list[tuple[Any, int]]]) -> d
         members = sorted(members)
         groups.setdefault((sd, bl, tuple(m[0] for m in members)), []).append([m[1] for m in members])
     return groups
-
-
-def permuted_inners(a_list: Sequence[np.ndarray], b: np.ndarray, perms: Any) -> np.ndarray:
-    """``<A, B[pi][:, pi]>_F`` per layer for given item permutations: ``[len(a_list), P, L]``.
-
-    Parameters
-    ----------
-    a_list
-        Matrices ``[L, n, n]``.
-    b
-        Matrix ``[L, n, n]`` whose items are permuted (rows and columns together).
-    perms
-        ``[P, n]`` integer permutations (e.g. :func:`design_permutations`), one per draw,
-        shared by every layer.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``[len(a_list), P, L]`` float64.
-    """
-    import torch
-
-    n_layers, n, _ = b.shape
-    perms = np.asarray(perms, dtype=np.int64)
-    if perms.ndim != 2 or perms.shape[1] != n:
-        raise ValueError(f"perms must be [P, {n}] (one permutation of the {n} items per row), got {perms.shape}")
-    if len(perms) and not (np.sort(perms, axis=1) == np.arange(n)).all():
-        raise ValueError("every row of perms must be a permutation of 0..n-1")
-    if np.array_equal(b, b.transpose(0, 2, 1)) and all(np.array_equal(a, a.transpose(0, 2, 1)) for a in a_list):
-        i, j = np.triu_indices(n)
-        a_sel = np.stack([a[:, i, j] * np.where(i == j, 1.0, 2.0) for a in a_list])  # [A, L, m]
-    else:
-        i, j = (ix.ravel() for ix in np.indices((n, n)))
-        a_sel = np.stack([a.reshape(n_layers, n * n) for a in a_list])
-    m = len(i)
-    a_t = torch.from_numpy(np.ascontiguousarray(a_sel, dtype=np.float64))
-    b_t = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64).reshape(n_layers, n * n))
-    i_t, j_t = torch.from_numpy(i), torch.from_numpy(j)
-    out = np.empty((len(a_list), len(perms), n_layers))
-    block = max(1, _GATHER // (n_layers * m))
-    step = n_layers if block > 1 else max(1, _GATHER // m)
-    for b0 in range(0, len(perms), block):
-        k = min(block, len(perms) - b0)
-        pi = torch.from_numpy(perms[b0 : b0 + k])
-        idx = pi[:, i_t] * n + pi[:, j_t]  # [k, m]
-        for l0 in range(0, n_layers, step):
-            bp = b_t[l0 : l0 + step][:, idx]  # [step, k, m]
-            out[:, b0 : b0 + k, l0 : l0 + step] = torch.einsum("alm,lkm->akl", a_t[:, l0 : l0 + step], bp).numpy()
-    return out
-
-
-_GATHER = 1 << 23  # gathered elements per block of permutations (64 MB of float64)

@@ -3,7 +3,7 @@
 Two questions, answered without a model:
 
 * **Can this design reject at all?** A permutation test has a smallest attainable p
-  (:func:`iclit.analysis.inference.smallest_p`), and Holm over a layer's family of m tests
+  (:func:`iclit.analysis.stats.permutation.smallest_p`), and Holm over a layer's family of m tests
   multiplies the smallest p by m. With two sets per query block the demo-swap test is a sign
   flip of G block contrasts: 2 / 2^G two-sided, so 5 blocks give 1/16 before any adjustment
   and no 5-block cell can reject demo-swap at 0.05. :func:`design_floors` states this per
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from iclit.analysis.inference import MAX_EXACT, count_patterns, smallest_p
+from iclit.analysis.stats import MAX_EXACT, count_patterns, smallest_p
 from iclit.analysis.nulls import NULLS, TEST_PAIRS
 
 __all__ = ["DesignFloor", "family_size", "design_floors", "floors_frame", "detectable_effect", "blocks_needed",

@@ -16,7 +16,7 @@ from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
 from iclit.analysis.stats import summarize, summarize_layers
 
-__all__ = ["cell_cosines", "cell_cosine_tables", "query_blocks", "comparison_frame", "comparison_summary", "comparison_metrics", "arms_of", "factor_columns", "single_cell"]
+__all__ = ["cell_cosines", "cell_cosine_tables", "query_blocks", "with_labels", "comparison_frame", "comparison_summary", "comparison_metrics", "arms_of", "factor_columns", "single_cell"]
 
 _TRIAL_COLUMNS = ("cell_key", "seed", "resample", "query_id", "demo_similarity", "n_wrong", "trial_key")
 
@@ -118,7 +118,7 @@ def comparison_frame(run: RunData) -> pd.DataFrame:
 # --- registered metrics -----------------------------------------------------------------------
 
 
-def _with_labels(df: pd.DataFrame, run: RunData) -> pd.DataFrame:
+def with_labels(df: pd.DataFrame, run: RunData) -> pd.DataFrame:
     """Prefix a per-cell table with the cells' factor values."""
     if df.empty or run.outputs.empty:
         return df
@@ -142,7 +142,7 @@ def layers(run: RunData) -> pd.DataFrame:
         parts.append(s.assign(cell_key=cell, seed=int(seed)))
     if not parts:
         return pd.DataFrame()
-    return _with_labels(pd.concat(parts, ignore_index=True), run)
+    return with_labels(pd.concat(parts, ignore_index=True), run)
 
 
 @register_metric("summary", "per cell × pair: the cosine at the last layer and averaged over layers (mean over trials)")
@@ -161,7 +161,7 @@ def summary(run: RunData) -> pd.DataFrame:
 
 @register_metric("cka", "per cell × layer × pair: linear CKA across all queries of the cell", needs_cka=True)
 def cka(run: RunData) -> pd.DataFrame:
-    return _with_labels(run.cka, run)
+    return with_labels(run.cka, run)
 
 
 @register_metric("scores", "per cell × arm: task accuracy (or chrF), mean with 95% bootstrap CI")
@@ -171,7 +171,7 @@ def scores(run: RunData) -> pd.DataFrame:
         for arm in arms_of(o):
             s = summarize(pd.to_numeric(o[f"score_{arm}"], errors="coerce").to_numpy(dtype=float), seed=int(seed))
             rows.append({"cell_key": cell, "seed": int(seed), "arm": arm, "score": o["score_name"].iloc[0], **s})
-    return _with_labels(pd.DataFrame(rows), run)
+    return with_labels(pd.DataFrame(rows), run)
 
 
 @register_metric("agreement", "per cell × arm pair: the fraction of trials on which the two arms predict the same")
@@ -184,7 +184,7 @@ def agreements(run: RunData) -> pd.DataFrame:
                 rows.append({"cell_key": cell, "seed": int(seed), "pair": f"{a}_{b}",
                              "agreement": agreement(o[f"prediction_{a}"].tolist(), o[f"prediction_{b}"].tolist()),
                              "n": len(o)})
-    return _with_labels(pd.DataFrame(rows), run)
+    return with_labels(pd.DataFrame(rows), run)
 
 
 @register_metric("it_loss", "per cell: the IT arm's final answer loss on its demonstrations (mean, CI, max)")
@@ -195,7 +195,7 @@ def it_loss(run: RunData) -> pd.DataFrame:
         finite = losses[np.isfinite(losses)]
         rows.append({"cell_key": cell, "seed": int(seed), **summarize(losses, seed=int(seed)),
                      "max": float(finite.max()) if finite.size else float("nan")})
-    return _with_labels(pd.DataFrame(rows), run)
+    return with_labels(pd.DataFrame(rows), run)
 
 
 @register_metric("effects", "per factor: each value vs the base value on the ICL–IT cosine and its baselines "
@@ -226,7 +226,7 @@ def dose(run: RunData) -> pd.DataFrame:
                  "that layer, TOST against the declared margin, the positive control (ceiling) and the fraction of "
                  "it, verdict")
 def tests(run: RunData) -> pd.DataFrame:
-    return _with_labels(run.tests, run)
+    return with_labels(run.tests, run)
 
 
 @register_metric("power", "per cell × test at the last layer, from this run as a pilot: the block SD, the effect "
@@ -235,35 +235,35 @@ def tests(run: RunData) -> pd.DataFrame:
 def power(run: RunData) -> pd.DataFrame:
     from iclit.analysis.power import power_table
 
-    return _with_labels(power_table(run.tests), run)
+    return with_labels(power_table(run.tests), run)
 
 
 @register_metric("geometry", "per cell × pair × layer: debiased linear CKA and RSA across all the cell's queries, "
                  "with permutation nulls (p, max-T p_adj)")
 def geometry(run: RunData) -> pd.DataFrame:
-    return _with_labels(run.geometry, run)
+    return with_labels(run.geometry, run)
 
 
 @register_metric("behaviour", "per cell × arm pair: prediction agreement and label-distribution KL, alone and "
                  "against the query-swap / demo-swap nulls (Holm, BH, TOST)")
 def behaviour(run: RunData) -> pd.DataFrame:
-    return _with_labels(run.behaviour, run)
+    return with_labels(run.behaviour, run)
 
 
 @register_metric("dose_matched", "per cell with capture_steps: ICL–IT at the held-out behaviour-matched IT step "
                  "(IT's label distribution closest to ICL's on the set's other queries), the cross-fitted peak "
                  "(chosen on half the sets, read on the other) beside the naive one; CIs over sets then queries")
 def dose_matched(run: RunData) -> pd.DataFrame:
-    return _with_labels(run.cells["dose"], run)
+    return with_labels(run.cells["dose"], run)
 
 
 @register_metric("dose_tests", "per cell with capture_steps: the query-swap / demo-swap tests of the IT arm "
                  "stopped at its behaviour-matched step")
 def dose_tests(run: RunData) -> pd.DataFrame:
-    return _with_labels(run.cells["dose_tests"], run)
+    return with_labels(run.cells["dose_tests"], run)
 
 
 @register_metric("seeds", "per cell with a second IT seed (it_seeds: 2 or noise_ceiling): anchor–IT and ICL–IT "
                  "with each seed, the per-pair between-seed SD and mean |diff| per layer (the IT seed noise)")
 def seeds(run: RunData) -> pd.DataFrame:
-    return _with_labels(run.cells["seeds"], run)
+    return with_labels(run.cells["seeds"], run)

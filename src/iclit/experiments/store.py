@@ -368,7 +368,7 @@ class Store:
                 f"AND t.resample < ?")
         return cond, [*cells, *seeds, int(plan.get("pairs", plan["resamples"]))]
 
-    def _with_labels(self, df: pd.DataFrame) -> pd.DataFrame:
+    def with_labels(self, df: pd.DataFrame) -> pd.DataFrame:
         cells = self._cells()
         if df.empty:
             return df
@@ -389,7 +389,7 @@ class Store:
             "ORDER BY t.cell_key, t.seed, t.resample",
             self.conn, params=args,
         )
-        return self._with_labels(df)
+        return self.with_labels(df)
 
     def cell_settings(self) -> dict[str, dict[str, Any]]:
         """cell_key → the settings its key hashes (model, task, recipe, baselines, …)."""
@@ -431,7 +431,7 @@ class Store:
             row["seconds"] = seconds
             row["trial_key"] = key
             out.append(row)
-        return self._with_labels(pd.DataFrame(out))
+        return self.with_labels(pd.DataFrame(out))
 
     def trial_outputs(self, trial_key: str) -> dict[str, Any]:
         row = self.conn.execute("SELECT outputs_json FROM trials WHERE trial_key = ?", (trial_key,)).fetchone()

@@ -23,7 +23,7 @@ _LAZY = {
     "iclit.tuning.loss": (
         "AnswerBatch", "encode_pairs", "head_chunk", "head_cross_entropy", "last_block_rows",
         "answer_token_losses", "answer_loss", "reference_answer_loss", "shared_prefix_length",
-        "shared_prefix_token_losses", "_subset",
+        "shared_prefix_token_losses", "subset_batch",
     ),
     "iclit.tuning.loop": ("train", "check_capture_steps", "after_step", "epoch_order", "TuningDivergedError"),
     "iclit.tuning.peft_path": ("fit", "lora_config", "tuned"),

@@ -18,7 +18,7 @@ from iclit.models.arch import linear_shape, target_linears
 from iclit.tuning.loop import train
 from iclit.tuning.loss import (
     AnswerBatch,
-    _subset,
+    subset_batch,
     answer_token_losses,
     encode_pairs,
     shared_prefix_length,
@@ -196,7 +196,7 @@ def fit_many(
                 shared = SharedPrefix(model, batch.input_ids[:1, :prefix], adapters, grad, route=router.set)
             for part in micro_batches([lengths[r] - prefix for r in rows], max_tokens):
                 mb_rows = [rows[i] for i in part]
-                mb = _subset(batch, mb_rows)
+                mb = subset_batch(batch, mb_rows)
                 row_adapter = adapter_of[mb_rows]
                 router.set(row_adapter, device)
                 if shared is not None:

@@ -68,7 +68,7 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, 
     return AnswerBatch(ids, mask, as_long(predict_at), as_long(targets), as_long(example))
 
 
-def _subset(batch: AnswerBatch, rows: Sequence[int]) -> AnswerBatch:
+def subset_batch(batch: AnswerBatch, rows: Sequence[int]) -> AnswerBatch:
     """The sequences ``rows`` of a batch (in that order), cropped to their longest length."""
     rows = list(rows)
     dev = batch.example.device

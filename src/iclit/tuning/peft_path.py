@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from iclit.models.arch import ALL_LINEAR, resolve_targets, target_linears
 from iclit.tuning.loop import train
-from iclit.tuning.loss import AnswerBatch, _subset, answer_loss, encode_pairs, reference_answer_loss
+from iclit.tuning.loss import AnswerBatch, subset_batch, answer_loss, encode_pairs, reference_answer_loss
 from iclit.tuning.recipe import TuningRecipe, TuningResult
 
 
@@ -43,7 +43,7 @@ def fit(
     n = batch.input_ids.shape[0]
 
     def step_loss(rows: list[int]) -> torch.Tensor:
-        loss = loss_fn(model, batch if len(rows) == n else _subset(batch, rows))
+        loss = loss_fn(model, batch if len(rows) == n else subset_batch(batch, rows))
         loss.backward()
         return loss.detach().reshape(1)
 

@@ -1,5 +1,5 @@
-"""Geometry over whole cells: debiased linear CKA and RSA between two arms' states across
-all of a cell's queries, each with a permutation null and max-T over layers.
+"""Representational similarity: debiased linear CKA and RSA between two sets of states of the
+same items, each with a permutation null and max-T over layers.
 
 Debiased CKA uses the unbiased HSIC estimator (Song et al. 2012) as in Kornblith et al.
 (2019) and Nguyen, Raghu & Kornblith (2021), computed by U-centring (Szekely & Rizzo 2014);
@@ -30,16 +30,21 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from iclit.analysis.inference import _EPS, _f64, _perm_p, _permuted_inners
-from iclit.analysis.permutations import design_permutations, permuted_inners
+from iclit.analysis.stats.arrays import EPS, as_float64
+from iclit.analysis.stats.multiplicity import permutation_pvalues
+from iclit.analysis.stats.permutation import permuted_inners, random_perms
 
-__all__ = ["cka_permutation_test", "debiased_cka", "debiased_cka_per_layer", "design_permutations", "pair_tests",
-           "permuted_inners", "rsa", "rsa_per_layer"]
+__all__ = ["cka_permutation_test", "debiased_cka", "debiased_cka_per_layer", "pair_tests", "rsa", "rsa_per_layer"]
+
+
+def _uniform(n: int, n_perm: int, seed: int) -> np.ndarray:
+    """``n_perm`` uniform permutations of n items ``[n_perm, n]``, seeded."""
+    return random_perms(np.random.default_rng(seed), (n_perm, n))
 
 
 def _paired_states(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     """``[n, L, d]`` float64 pair (``[n, d]`` becomes L = 1) without rows that have a NaN."""
-    x, y = _f64(x), _f64(y)
+    x, y = as_float64(x), as_float64(y)
     x = x[:, None] if x.ndim == 2 else x
     y = y[:, None] if y.ndim == 2 else y
     if x.ndim != 3 or y.ndim != 3 or x.shape[:2] != y.shape[:2]:
@@ -97,7 +102,7 @@ def debiased_cka_per_layer(x: Any, y: Any) -> np.ndarray:
 
 def debiased_cka(x: Any, y: Any) -> float:
     """Debiased linear CKA of x ``[n, dx]`` and y ``[n, dy]`` (:func:`debiased_cka_per_layer`)."""
-    return float(debiased_cka_per_layer(_f64(x)[:, None], _f64(y)[:, None])[0])
+    return float(debiased_cka_per_layer(as_float64(x)[:, None], as_float64(y)[:, None])[0])
 
 
 def _permutation_summary(
@@ -112,12 +117,12 @@ def _permutation_summary(
     if degenerate:
         nan = np.full(value.shape, np.nan)
         return value, nan, nan.copy(), nan.copy()
-    null = (_permuted_inners([a], b, n_perm, seed)[0] if permuted is None else permuted) * scale
+    null = (permuted_inners([a], b, _uniform(b.shape[-1], n_perm, seed))[0] if permuted is None else permuted) * scale
     mu = null.mean(0)
     sd = null.std(0, ddof=1) if null.shape[0] > 1 else np.zeros_like(mu)
     ok, s = sd > 0, np.where(sd > 0, sd, 1.0)
     z_obs = np.where(ok, (value - mu) / s, 0.0)
-    p, p_max = _perm_p(np.where(np.isnan(value), np.nan, z_obs), np.where(ok, (null - mu) / s, 0.0))
+    p, p_max = permutation_pvalues(np.where(np.isnan(value), np.nan, z_obs), np.where(ok, (null - mu) / s, 0.0))
     return value, mu, p, p_max
 
 
@@ -155,9 +160,9 @@ def cka_permutation_test(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0, p
     to use instead (:func:`iclit.analysis.permutations.design_permutations`; x and y must have no NaN row). When none of
     them moves an item, null_mean and the p-values are NaN.
     """
-    given = _given(perms, _f64(x).shape[0])
+    given = _given(perms, as_float64(x).shape[0])
     if given is not None:
-        _no_nan_rows(_f64(x), _f64(y))
+        _no_nan_rows(as_float64(x), as_float64(y))
     uk, um, scale, n = _cka_parts(x, y)
     if not uk.size:
         return {k: scale.copy() for k in ("value", "null_mean", "p", "p_maxT")} | {"n": n}
@@ -172,7 +177,7 @@ def _centred_rank_matrix(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     its centred ranks (ties averaged) and mirrored, zero diagonal: ``[L, n, n]``; and the
     per-layer sum of squared centred ranks ``[L]``."""
     xt = np.moveaxis(x, 1, 0)
-    u = xt / np.maximum(np.linalg.norm(xt, axis=-1, keepdims=True), _EPS)
+    u = xt / np.maximum(np.linalg.norm(xt, axis=-1, keepdims=True), EPS)
     s = u @ u.transpose(0, 2, 1)
     i, j = np.triu_indices(s.shape[-1], 1)
     r = sps.rankdata(s[:, i, j], axis=-1)
@@ -198,7 +203,7 @@ def rsa(x: Any, y: Any) -> float:
     """RSA: Spearman correlation of the upper triangles of the rows' cosine-similarity
     matrices of x ``[n, dx]`` and y ``[n, dy]``. Rows with a NaN dropped; NaN for n < 3 or
     constant similarities."""
-    rx, ry, scale, _ = _rsa_parts(_f64(x)[:, None], _f64(y)[:, None])
+    rx, ry, scale, _ = _rsa_parts(as_float64(x)[:, None], as_float64(y)[:, None])
     return float(_inner(rx, ry)[0] * scale[0]) if rx.size else float("nan")
 
 
@@ -210,9 +215,9 @@ def rsa_per_layer(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0, perms: A
     (greater), (1 + hits) / (1 + n_perm); max-T on values standardised by the null draws.
     perms: as for :func:`cka_permutation_test`.
     """
-    given = _given(perms, _f64(x).shape[0])
+    given = _given(perms, as_float64(x).shape[0])
     if given is not None:
-        _no_nan_rows(_f64(x), _f64(y))
+        _no_nan_rows(as_float64(x), as_float64(y))
     rx, ry, scale, n = _rsa_parts(x, y)
     if not rx.size:
         return {k: scale.copy() for k in ("value", "p", "p_maxT")} | {"n": n}
@@ -233,7 +238,7 @@ def pair_tests(states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_p
 
     perms: None, uniform permutations of the items; or ``[P, n]`` permutations the design
     allows (:func:`iclit.analysis.permutations.design_permutations`), used for every pair (no arm may have a NaN row)."""
-    arms = {arm: _f64(states[arm]) for pair in pairs.values() for arm in pair}
+    arms = {arm: as_float64(states[arm]) for pair in pairs.values() for arm in pair}
     one = {arm: (x[:, None] if x.ndim == 2 else x) for arm, x in arms.items()}
     n = {x.shape[0] for x in one.values()}
     if len(n) > 1 or any(np.isnan(x).any() for x in one.values()) or n.pop() < 4:
@@ -252,7 +257,7 @@ def pair_tests(states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_p
         for measure in ("cka", "rsa"):
             mats = grams if measure == "cka" else {arm: r for arm, (r, _) in ranks.items()}
             a_list = [mats[a] for a in firsts]
-            permuted = (_permuted_inners(a_list, mats[second], n_perm, seed) if given is None
+            permuted = (permuted_inners(a_list, mats[second], _uniform(mats[second].shape[-1], n_perm, seed)) if given is None
                         else permuted_inners(a_list, mats[second], given))
             for name, first, perm in zip(names, firsts, permuted):
                 scale = (_scale(norms[first] * norms[second], 1.0) if measure == "cka"

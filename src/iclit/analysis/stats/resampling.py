@@ -1,8 +1,7 @@
-"""Statistics over resamples: bootstrap CIs, summaries, paired comparisons.
+"""Resampling: bootstrap CIs, summaries, paired comparisons, and the hierarchical
+bootstrap of units nested in groups (Davison & Hinkley 1997, sec. 3.8) or of whole groups.
 
-All functions take 1-D value arrays (one value per resample; numpy, lists or CPU
-tensors), ignore NaNs, and are vectorised over bootstrap draws / permutations.
-"""
+All functions ignore NaNs and are vectorised over bootstrap draws / permutations."""
 
 from __future__ import annotations
 
@@ -12,27 +11,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from iclit.analysis.stats.arrays import BLOCK, as_columns, as_float64, finite, group_codes, paired_finite
+from iclit.analysis.stats.intervals import cluster_mean
+
+__all__ = ["SUMMARY_COLUMNS", "bootstrap_ci", "cohens_d", "hierarchical_bootstrap", "hierarchical_bootstrap_means",
+           "paired_bootstrap_diff", "permutation_test", "summarize", "summarize_layers"]
+
 _PERM_CHUNK = 2000  # permutations per vectorised block (bounds memory to ~chunk * n)
-
-
-def _as_1d(values: Any) -> np.ndarray:
-    if type(values).__module__.startswith("torch"):
-        values = values.detach().cpu().double().numpy()
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    return x
-
-
-def _finite(values: Any) -> np.ndarray:
-    x = _as_1d(values)
-    return x[~np.isnan(x)]
-
-
-def _paired(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _as_1d(a), _as_1d(b)
-    if a.shape != b.shape:
-        raise ValueError(f"paired values need equal lengths ({a.size} vs {b.size})")
-    keep = ~(np.isnan(a) | np.isnan(b))
-    return a[keep], b[keep]
 
 
 def bootstrap_ci(
@@ -43,7 +28,7 @@ def bootstrap_ci(
     One ``rng.integers`` draw of shape ``[n_boot, n]``. n == 1 gives ``(v, v)``;
     n == 0 gives ``(nan, nan)``.
     """
-    x = _finite(values)
+    x = finite(values)
     n = x.size
     if n == 0:
         return (float("nan"), float("nan"))
@@ -61,17 +46,15 @@ def summarize(values: Any, groups: Any = None, **kw: Any) -> dict[str, float | i
 
     std uses ddof=1 (0.0 for n == 1). groups: one label per value, the independent units the
     values nest in (a crossed cell's query blocks): the CI is then the t interval over the
-    groups' means (:func:`iclit.analysis.inference.cluster_mean`); without groups, values are
+    groups' means (:func:`iclit.analysis.stats.intervals.cluster_mean`); without groups, values are
     taken as independent and ``kw`` goes to :func:`bootstrap_ci`.
     """
-    x_all = _as_1d(values)
+    x_all = as_float64(values).reshape(-1)
     x = x_all[~np.isnan(x_all)]
     n = int(x.size)
     mean = float(x.mean()) if n else float("nan")
     std = float(x.std(ddof=1)) if n > 1 else (0.0 if n == 1 else float("nan"))
     if groups is not None and n:
-        from iclit.analysis.inference import cluster_mean
-
         lo, hi = cluster_mean(x_all, groups).ci(0.95)
     else:
         lo, hi = bootstrap_ci(x, **kw)
@@ -111,9 +94,9 @@ def cohens_d(a: Any, b: Any | None = None) -> float:
     ±inf (or 0.0) when the differences are constant.
     """
     if b is None:
-        d = _finite(a)
+        d = finite(a)
     else:
-        x, y = _paired(a, b)
+        x, y = paired_finite(a, b)
         d = x - y
     if d.size < 2:
         return float("nan")
@@ -131,7 +114,7 @@ def paired_bootstrap_diff(
     a, b: ``[n]`` values of the same resamples; pairs with a NaN are dropped.
     Returns ``{mean_diff, ci_low, ci_high, cohens_d, n}``.
     """
-    x, y = _paired(a, b)
+    x, y = paired_finite(a, b)
     d = x - y
     lo, hi = bootstrap_ci(d, n_boot=n_boot, level=level, seed=seed)
     return {
@@ -154,13 +137,13 @@ def permutation_test(
     """
     rng = np.random.default_rng(seed)
     if paired:
-        x, y = _paired(a, b)
+        x, y = paired_finite(a, b)
         d = x - y
         if d.size == 0:
             return float("nan")
         observed = abs(d.mean())
     else:
-        x, y = _finite(a), _finite(b)
+        x, y = finite(a), finite(b)
         if x.size == 0 or y.size == 0:
             return float("nan")
         pooled = np.concatenate([x, y])
@@ -179,3 +162,67 @@ def permutation_test(
         hits += int((null >= observed - tol).sum())
         done += m
     return (1.0 + hits) / (1.0 + n_perm)
+
+
+def _units(values: Any, groups: Any) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``[n, L]`` values without NaN units, their group codes 0..G-1, and whether 1-D."""
+    v, one_d = as_columns(values)
+    codes = group_codes(groups, v.shape[0])
+    cols = ~np.isnan(v).all(0)  # an all-NaN column stays NaN and does not drop every unit
+    keep = ~np.isnan(v[:, cols]).any(1)
+    codes = np.unique(codes[keep], return_inverse=True)[1].reshape(-1)
+    return v[keep], codes, one_d
+
+
+def hierarchical_bootstrap_means(
+    values: Any, groups: Any, *, n_boot: int = 2000, seed: int = 0, within: bool = True
+) -> np.ndarray:
+    """Bootstrap draws of the mean of units nested in groups: ``[n_boot]`` or ``[n_boot, L]``.
+
+    values: ``[n]`` or ``[n, L]``; groups: ``[n]`` hashable labels. Each draw resamples the
+    G groups with replacement, then, in each drawn group of n_g units, n_g units with
+    replacement (``within=False``: every unit of a drawn group, the bootstrap of groups, whose
+    units stay balanced as the design made them: the choice for query blocks, whose units share
+    queries and sets); the statistic is the mean over all units drawn. Every column uses the
+    same draws, so a unit with a NaN in any column is dropped (a column that is all NaN stays
+    NaN). One group per unit is the ordinary bootstrap; no units gives NaN draws.
+    """
+    v, codes, one_d = _units(values, groups)
+    n, n_col = v.shape
+    out = np.full((n_boot, n_col), np.nan)
+    if n:
+        order = np.argsort(codes, kind="stable")
+        v, codes = v[order], codes[order]
+        sizes = np.bincount(codes)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        n_groups = sizes.size
+        rng = np.random.default_rng(seed)
+        block = max(1, min(n_boot, BLOCK // (n + n_groups)))
+        for b0 in range(0, n_boot, block):
+            b = min(block, n_boot - b0)
+            g = rng.integers(0, n_groups, size=(b, n_groups))  # groups of each draw
+            k = sizes[g]  # units to draw in each drawn group
+            slot = np.repeat(g.reshape(-1), k.reshape(-1))  # group of every drawn unit
+            draw = np.repeat(np.arange(b), k.sum(1))
+            if within:
+                unit = starts[slot] + rng.integers(0, sizes[slot])
+            else:  # every unit of each drawn group, in order
+                first = np.repeat(np.cumsum(k.reshape(-1)) - k.reshape(-1), k.reshape(-1))
+                unit = starts[slot] + (np.arange(len(slot)) - first)
+            w = np.bincount(draw * n + unit, minlength=b * n).reshape(b, n)
+            out[b0 : b0 + b] = (w @ v) / k.sum(1)[:, None]
+    return out[:, 0] if one_d else out
+
+
+def hierarchical_bootstrap(
+    values: Any, groups: Any, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[Any, Any]:
+    """Percentile CI of the mean under :func:`hierarchical_bootstrap_means`.
+
+    values ``[n]`` -> ``(lo, hi)`` floats; values ``[n, L]`` -> ``(lo[L], hi[L])`` arrays
+    from the same draws for every column. NaN when no unit remains.
+    """
+    means = hierarchical_bootstrap_means(values, groups, n_boot=n_boot, seed=seed)
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [a, 1.0 - a], axis=0)
+    return (float(lo), float(hi)) if means.ndim == 1 else (lo, hi)
