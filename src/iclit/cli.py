@@ -190,6 +190,9 @@ def _run_comparison(spec, out: Path) -> None:
     from iclit.report.exports import EXPORTS
     from iclit.tasks import TaskDataError
 
+    from iclit.experiments.plan import make_plan
+
+    _print_floors(make_plan(spec), to=err, table=False)  # a null this design cannot reject: said before compute
     try:
         summary = run_comparison_spec(spec, out, progress=True)
     except (TaskDataError, ModelNotFoundError, ValueError, RuntimeError) as e:
@@ -305,21 +308,16 @@ def run_spec(
     _warn_fit(summary)
 
 
-def _print_floors(plan, to: Console = console) -> bool:
-    """Print, per cell and null, the smallest p the design allows before and after Holm; warn
-    for each that cannot reach 0.05. True when every null of every cell can."""
+def _print_floors(plan, to: Console = console, table: bool = True) -> bool:
+    """Print, per cell and null, the smallest p the design allows before and after Holm (with
+    ``table``); warn for each that cannot reach 0.05. True when every null of every cell can."""
     from iclit.analysis.power import plan_cells, plan_floors
 
     floors = plan_floors(plan_cells(plan))
     if not len(floors):
         return True
-    table = Table("cell", "null", "blocks", "test", "smallest p", "tests per layer", "smallest Holm p",
-                  title="what each cell's tests can reject (1000 permutations, alpha 0.05)")
-    for r in floors.itertuples():
-        test = f"exact ({r.patterns:.0f} pairings)" if r.exact else "Monte Carlo"
-        table.add_row(r.cell, r.null.replace("_", "-"), str(r.blocks), test, f"{r.p_min:.3g}", str(r.family),
-                      f"{r.holm_floor:.3g}" + ("" if r.reachable else " ✗"))
-    to.print(table)
+    if table:
+        _floors_table(floors, to)
     for r in floors[~floors["reachable"]].itertuples():
         need = (f"it needs at least {r.blocks_needed} query blocks ({r.blocks_needed * r.group_size} sets per seed)"
                 if r.blocks_needed else "more permutations are needed, not more blocks")
@@ -327,6 +325,16 @@ def _print_floors(plan, to: Console = console) -> bool:
                  f"after Holm over {r.family} tests (smallest p {r.p_min:.3g} with {r.blocks} blocks); {need}",
                  highlight=False, soft_wrap=True)
     return bool(floors["reachable"].all())
+
+
+def _floors_table(floors, to: Console) -> None:
+    table = Table("cell", "null", "blocks", "test", "smallest p", "tests per layer", "smallest Holm p",
+                  title="what each cell's tests can reject (1000 permutations, alpha 0.05)")
+    for r in floors.itertuples():
+        test = f"exact ({r.patterns:.0f} pairings)" if r.exact else "Monte Carlo"
+        table.add_row(r.cell, r.null.replace("_", "-"), str(r.blocks), test, f"{r.p_min:.3g}", str(r.family),
+                      f"{r.holm_floor:.3g}" + ("" if r.reachable else " ✗"))
+    to.print(table)
 
 
 def _warn_fit(summary) -> None:
