@@ -67,7 +67,7 @@ import torch
 THP_SETTING = os.environ.get("THP_MEM_ALLOC_ENABLE")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
 
-from iclit.engine.batching import common_prefix_length  # noqa: E402
+from iclit.core.batching import common_prefix_length  # noqa: E402
 from iclit.engine.capture import capture, reference_last_states  # noqa: E402
 from iclit.models import load_model  # noqa: E402
 from iclit.tasks import get_task  # noqa: E402

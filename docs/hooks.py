@@ -104,7 +104,7 @@ STORE_COLUMNS = {
 
 def store_markdown() -> str:
     """The tables and columns of a fresh ``results.sqlite``, with :data:`STORE_COLUMNS`' meanings."""
-    from iclit.experiments.store import SCHEMA_VERSION, Store
+    from iclit.rundir.store import SCHEMA_VERSION, Store
 
     with tempfile.TemporaryDirectory() as tmp:
         Store(tmp).close()

@@ -92,7 +92,7 @@ def check_store(out: Path) -> tuple[int, int]:
     cosine rows (3 pairs x n_layers, computed from the states); returns (trials, cosine rows
     of the three pairs)."""
     from iclit.analysis.similarity import PAIRS
-    from iclit.experiments.statefiles import read_chunk_states
+    from iclit.rundir.statefiles import read_chunk_states
 
     con = sqlite3.connect(out / "results.sqlite")
     try:

@@ -22,7 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Generat
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.pytorch_utils import Conv1D
 
-from iclit.engine.capture import capture, label_token_ids
+from iclit.core.tokens import label_token_ids
+from iclit.engine.capture import capture
 from iclit.engine.evaluate import evaluate, state_name
 from iclit.models import prepare
 from iclit.models.arch import (

@@ -18,7 +18,7 @@ from iclit.analysis import load_run, load_states
 from iclit.analysis.frames import similarities
 from iclit.engine.evaluate import evaluate, reference_mean, run_arms
 from iclit.experiments.spec import SpecError
-from iclit.experiments.store import open_store
+from iclit.rundir.store import open_store
 from iclit.analysis import (BASELINE_PAIRS, BASELINES, PAIRS, baseline_cosines, centered_cosine_per_layer,
                            cosine_per_layer, shuffled_partner, update_cosine_per_layer)
 from iclit.report import factor_effects, render_report

@@ -1,4 +1,4 @@
-"""engine/batching.py: length bucketing, right-padding, and a reused prefix cache (copied per
+"""core/batching.py: length bucketing, right-padding, and a reused prefix cache (copied per
 batch, never written, positions continuing from the prefix; with gradients for tuning),
 checked against whole-sequence forwards on the tiny LLaMA; and the shared training loop's
 data order."""
@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from iclit.engine.batching import (
+from iclit.core.batching import (
     SharedPrefix,
     cache_tensors,
     common_prefix_length,

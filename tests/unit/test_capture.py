@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from iclit.engine.capture import capture, forward_last_states, greedy_continuations, label_token_ids
+from iclit.core.tokens import label_token_ids
+from iclit.engine.capture import capture, forward_last_states, greedy_continuations
 from iclit.models.arch import layers_of
 
 ATOL = 1e-5

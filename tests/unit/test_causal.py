@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from exp_helpers import TINY_SPEC
 from iclit.analysis.causal import cluster_sign_flip, patch_table, steer_table
 from iclit.analysis.rundata import RunData
-from iclit.engine.capture import capture, label_token_ids
+from iclit.core.tokens import label_token_ids
+from iclit.engine.capture import capture
 from iclit.engine.causal import CausalSettings, Reader, ReversePatch, causal_records, steering_vectors
 from iclit.engine.evaluate import evaluate
 from iclit.engine.interventions import Intervention, intervene, kl_divergence

@@ -40,7 +40,7 @@ def test_cli_page_has_every_command():
 
 
 def test_store_page_has_every_table_and_column(tmp_path):
-    from iclit.experiments.store import Store
+    from iclit.rundir.store import Store
 
     text = hooks.store_markdown()
     Store(tmp_path).close()

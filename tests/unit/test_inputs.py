@@ -87,7 +87,7 @@ def test_run_stops_on_a_long_prompt_before_any_chunk(tiny_tokenizer, tmp_path: P
     before = (tmp_path / "run" / "spec.yaml").read_text()
     with pytest.raises(ContextLengthError):  # a failing spec into an existing run leaves it as it was
         run_experiment(spec, tmp_path / "run", models={"tiny-short": lm})
-    from iclit.experiments.store import open_store
+    from iclit.rundir.store import open_store
 
     assert (tmp_path / "run" / "spec.yaml").read_text() == before
     with open_store(tmp_path / "run", readonly=True) as store:

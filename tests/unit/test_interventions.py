@@ -13,7 +13,8 @@ import pytest
 import torch
 from test_architectures import FAMILIES, build
 
-from iclit.engine.capture import capture, label_token_ids
+from iclit.core.tokens import label_token_ids
+from iclit.engine.capture import capture
 from iclit.engine.interventions import Intervention, intervene, kl_divergence, layerwise, random_directions
 from iclit.models import prepare
 from iclit.models.arch import decoder_of, final_norm_of, layers_of, lm_head_logits, n_states, output_head

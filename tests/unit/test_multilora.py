@@ -108,7 +108,7 @@ def test_shared_prefix_per_adapter_equals_whole_prompts(tiny, task, batch_size, 
     states and label scores equal whole prompts through the same adapters. Reading every row
     on one adapter's prefix instead is visibly wrong, so the check can fail."""
     import iclit.engine.capture as capture_module
-    from iclit.engine.capture import label_token_ids
+    from iclit.core.tokens import label_token_ids
 
     sets = pair_sets(task, n=3)
     head = task.template.icl_prefix(())

@@ -13,7 +13,8 @@ import pytest
 
 from exp_helpers import (TINY_SPEC, assert_same_numbers, check_store, dying_worker, env_one_thread, iclit_cmd,
                          run_tiny_spec, write_spec)
-from iclit.experiments import Store, parse_spec, run_experiment
+from iclit.rundir import Store
+from iclit.experiments import parse_spec, run_experiment
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install 'iclit[ray]'; the test extra has it)")
 

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, cosine_table, stored_trials, write_spec
-from iclit.experiments import Store, make_plan, parse_spec, run_experiment
+from iclit.rundir import Store
+from iclit.experiments import make_plan, parse_spec, run_experiment
 from iclit.experiments.runner import ReuseError
 
 BASE = {**TINY_SPEC, "factors": {}}

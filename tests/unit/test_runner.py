@@ -23,7 +23,8 @@ from exp_helpers import (
     stored_trials,
     write_spec,
 )
-from iclit.experiments import Store, load_spec, make_plan, parse_spec, run_experiment
+from iclit.rundir import Store
+from iclit.experiments import load_spec, make_plan, parse_spec, run_experiment
 
 N_TRIALS = 24  # TINY_SPEC: 4 cells x 6 resamples
 LAYERS = 4  # tiny-random-llama: 3 layers + embeddings

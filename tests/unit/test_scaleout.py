@@ -17,12 +17,13 @@ import pytest
 from typer.testing import CliRunner
 
 from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, env_one_thread, iclit_cmd, run_tiny_spec, write_spec
-from iclit.experiments import Store, make_plan, parse_spec, run_experiment
+from iclit.rundir import Store
+from iclit.experiments import make_plan, parse_spec, run_experiment
 from iclit.experiments.cost import chunk_cost, describe_cost, plan_cost
 from iclit.experiments.lock import LOCK_NAME, RunDirError, RunLock, RunLocked, lock_holder
 from iclit.experiments.raypool import RayOptions, actor_options, actors_per_gpu_for, ray_options_of
 from iclit.experiments.shards import ShardError, assign_shards, merge_shards, parse_shard, shard_chunks, shard_dir
-from iclit.experiments.statefiles import read_chunk_states
+from iclit.rundir.statefiles import read_chunk_states
 
 N_TRIALS = 24
 VARIED = {**TINY_SPEC, "factors": {"k": [1, 2, 4], "wrong_labels": [0.0, 1.0]}, "resamples": 7, "seeds": [0, 1]}

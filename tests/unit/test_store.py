@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from iclit.experiments.store import Store
+from iclit.rundir.store import Store
 from store_records import record
 
 # Subprocesses load store.py on its own (stdlib + pandas), not the iclit package (torch,
@@ -18,7 +18,7 @@ from store_records import record
 LOAD_STORE = textwrap.dedent(f"""
     import importlib.util, sys
     sys.path.insert(0, {str(Path(__file__).parent)!r})
-    _spec = importlib.util.spec_from_file_location("store_alone", {str(Path(__file__).parents[2] / "src/iclit/experiments/store.py")!r})
+    _spec = importlib.util.spec_from_file_location("store_alone", {str(Path(__file__).parents[2] / "src/iclit/rundir/store.py")!r})
     store_alone = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(store_alone)
     Store = store_alone.Store
@@ -42,7 +42,7 @@ def test_round_trip_and_tidy_frames(tmp_path: Path) -> None:
     import numpy as np
 
     from iclit.analysis import load_run, load_states
-    from iclit.experiments.statefiles import write_chunk_states
+    from iclit.rundir.statefiles import write_chunk_states
 
     rng = np.random.default_rng(0)
     states = {arm: rng.standard_normal((3, 4, 8)).astype(np.float32) for arm in ("anchor", "icl", "it")}
@@ -153,7 +153,7 @@ def test_concurrent_processes_write_each_trial_once(tmp_path: Path) -> None:
 
 
 def test_open_store_needs_a_store(tmp_path: Path) -> None:
-    from iclit.experiments.store import open_store
+    from iclit.rundir.store import open_store
 
     with pytest.raises(FileNotFoundError, match="no results store"):
         open_store(tmp_path / "nothing")

@@ -4,8 +4,7 @@ Similarities per layer (:mod:`.similarity`), behaviour (:mod:`.outputs`), statis
 (:mod:`.stats`), the run read back (:func:`load_run`, :func:`load_states`), and the metric
 registry (:func:`compute_metric`, :func:`register_metric`)."""
 
-import importlib
-from typing import Any
+from iclit._lazy import lazy_exports
 
 _LAZY = {  # public name -> the module that defines it, imported on first use (PEP 562), so that
     # `import iclit.analysis.power` (the CLI's --check) does not import torch through the similarities
@@ -54,16 +53,6 @@ _LAZY = {  # public name -> the module that defines it, imported on first use (P
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
-
-
 __all__ = [
     "METRICS",
     "Metric",
@@ -108,3 +97,5 @@ __all__ = [
     "factor_summary",
     "per_trial",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -84,7 +84,7 @@ def load_run(run_dir: str | Path, *, all_trials: bool = False, cka: bool | None 
     CKA for every cell (True), none (False), or those whose baselines ask for it (None).
     """
     from iclit.analysis.frames import state_tables
-    from iclit.experiments.store import open_store
+    from iclit.rundir.store import open_store
 
     with open_store(run_dir, readonly=True) as store:
         latest = store.latest_run()

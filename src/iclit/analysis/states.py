@@ -59,7 +59,7 @@ def read_states(run_dir: str | Path, refs: pd.DataFrame, names: Sequence[str] | 
     """The states of the trials in ``refs`` (columns trial_key, states_file, states_row and,
     for the reference means, cell_key), in that order. Raises ValueError for trials whose run
     stored no states."""
-    from iclit.experiments.statefiles import read_chunk_states
+    from iclit.rundir.statefiles import read_chunk_states
 
     run_dir = Path(run_dir)
     if len(refs) and refs["states_file"].isna().any():
@@ -91,7 +91,7 @@ def load_states(run_dir: str | Path, names: Sequence[str] | None = None, *, all_
     """The stored states of a run directory's trials (those of the last spec run there, or
     every stored trial with ``all_trials``), in the order of ``iclit results`` (cell, seed,
     resample). ``names``: only these state names. Needs no model."""
-    from iclit.experiments.store import open_store
+    from iclit.rundir.store import open_store
 
     with open_store(run_dir, readonly=True) as store:
         latest = store.latest_run()

@@ -30,7 +30,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from iclit.engine.capture import capture, greedy_continuations, label_token_ids
+from iclit.core.tokens import label_token_ids
+from iclit.engine.capture import capture, greedy_continuations
 from iclit.models import LoadedModel
 from iclit.tasks import Resample, Task, Template
 from iclit.engine.memory import MemoryPlan, plan_memory

@@ -9,7 +9,7 @@ the last real token of each prompt are kept: forward hooks gather them layer by 
 Batches are right-padded and the last-token index comes from the attention mask, so padding
 never changes a state (positions of real tokens are unaffected by trailing pads under a
 causal mask). Padding, length bucketing and the reused prefix cache are
-:mod:`iclit.engine.batching`'s (shared with tuning).
+:mod:`iclit.core.batching`'s (shared with tuning).
 
 Another position, for the reviewers' question whether the finding is a last-token effect:
 given where each prompt's query starts (``span_from``, a character offset), the same hooks
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from iclit.engine.batching import (
+from iclit.core.batching import (
     SharedPrefix,
     common_prefix_length,
     expand_cache,
@@ -178,7 +178,7 @@ def capture(
     variants: for each prompt, the variant of the model it runs through (its adapter, as
     ``before_batch`` routes it). A shared prefix then differs between variants: its cache is
     computed once per variant of the group, in one batch routed by ``before_batch`` called
-    with one prompt of each variant (:class:`~iclit.engine.batching.SharedPrefix`), and
+    with one prompt of each variant (:class:`~iclit.core.batching.SharedPrefix`), and
     each row continues its own variant's. Without it, a group's prefix runs once, as is.
 
     reference: use the straightforward path instead (full forward per batch with
@@ -298,35 +298,6 @@ def _span_weights(starts: Sequence[int], mask: torch.Tensor) -> torch.Tensor:
     inside = (pos >= torch.tensor(starts).unsqueeze(1)) & mask.cpu().bool()
     w = inside.to(torch.float32)
     return w / w.sum(dim=1, keepdim=True).clamp(min=1.0)
-
-
-def answer_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> list[int]:
-    """Token ids of ``answer`` as they follow ``prompt``.
-
-    Tokenises the answer on its own (no special tokens), so the prompt's tokens are exactly
-    those the query prompt has at capture time: the boundary is never merged across.
-    """
-    return tokenizer(answer, add_special_tokens=False)["input_ids"]
-
-
-def label_token_ids(tokenizer: PreTrainedTokenizerBase, answers: Sequence[str]) -> torch.Tensor:
-    """First token id of each verbalised label (answers include their leading separator).
-
-    Raises ValueError when two labels share a first token: they could not be told apart
-    from the next-token distribution.
-    """
-    firsts = []
-    for a in answers:
-        ids = tokenizer(a, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"label {a!r} tokenises to nothing")
-        firsts.append(ids[0])
-    if len(set(firsts)) != len(firsts):
-        raise ValueError(
-            f"labels {list(answers)} share a first token ({firsts}); choose label words that "
-            "start differently"
-        )
-    return torch.tensor(firsts, dtype=torch.long)
 
 
 @torch.no_grad()

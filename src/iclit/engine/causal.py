@@ -62,7 +62,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from iclit.engine.capture import answer_token_ids
+from iclit.core.tokens import answer_token_ids
 from iclit.engine.interventions import Intervention, intervene, random_directions
 from iclit.tasks import Resample, Task, Template
 

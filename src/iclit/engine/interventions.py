@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from iclit.engine.batching import (common_prefix_length, expand_cache, length_batches, pad_right, prefix_cache,
+from iclit.core.batching import (common_prefix_length, expand_cache, length_batches, pad_right, prefix_cache,
                                   returned_cache, run_decoder)
 from iclit.models.arch import decoder_of, final_norm_of, layers_of, lm_head_logits, n_states
 

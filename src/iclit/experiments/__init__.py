@@ -1,4 +1,5 @@
-"""Experiments: the typed spec, the plan, the runner (local, Ray) and the store.
+"""Experiments: the typed spec, the plan, the runner (local, Ray, SLURM, shards) that writes a run
+directory (:mod:`iclit.rundir`).
 
 Names load on first use, so reading a spec imports neither torch nor transformers."""
 
@@ -21,8 +22,6 @@ _EXPORTS = {
     "trial_key": "iclit.experiments.plan",
     "RunSummary": "iclit.experiments.runner",
     "run_experiment": "iclit.experiments.runner",
-    "Store": "iclit.experiments.store",
-    "open_store": "iclit.experiments.store",
 }
 
 __all__ = list(_EXPORTS)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from iclit.experiments.plan import Chunk, Plan
-from iclit.experiments.store import DB_NAME, Store
+from iclit.rundir.store import DB_NAME, Store
 
 __all__ = ["PlanCost", "arms_run", "chunk_cost", "plan_cost", "describe_cost", "cost_lines", "model_shape", "state_arrays"]
 

@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from iclit.experiments.plan import Chunk
-from iclit.experiments.statefiles import read_chunk_states, write_chunk_states
-from iclit.experiments.store import DB_NAME, Store, StoredTrials
+from iclit.rundir.statefiles import read_chunk_states, write_chunk_states
+from iclit.rundir.store import DB_NAME, Store, StoredTrials
 
 __all__ = ["ReuseError", "open_reuse_stores", "find_reusable", "copy_reusable"]
 

@@ -9,9 +9,9 @@ from other run directories, draws each remaining chunk's resamples (so every bac
 same demonstrations), has them evaluated — in this process, or by Ray actors that each load a
 model once — and writes each chunk's trials in one transaction.
 A run directory holds ``spec.yaml`` (the spec last run there), ``results.sqlite`` (the
-trials' outputs, see :mod:`~iclit.experiments.store`) and ``states/`` (their hidden states,
+trials' outputs, see :mod:`~iclit.rundir.store`) and ``states/`` (their hidden states,
 one safetensors file per chunk, written before the chunk's rows; see
-:mod:`~iclit.experiments.statefiles`; none with ``store_states: false``).
+:mod:`~iclit.rundir.statefiles`; none with ``store_states: false``).
 
 One process writes a run directory at a time (:mod:`~iclit.experiments.lock`). ``shard=(I, N)``
 computes a deterministic 1/N of the chunks into ``out/shards/I-of-N``
@@ -38,8 +38,8 @@ from iclit.experiments.lock import RunDirError, RunLock
 from iclit.experiments.plan import Chunk, Plan, make_plan
 from iclit.experiments.reuse import ReuseError, copy_reusable, find_reusable, open_reuse_stores
 from iclit.experiments.spec import ExperimentSpec, load_spec
-from iclit.experiments.statefiles import write_chunk_states
-from iclit.experiments.store import DB_NAME, Store
+from iclit.rundir.statefiles import write_chunk_states
+from iclit.rundir.store import DB_NAME, Store
 from iclit.experiments.raypool import RayOptions, run_ray
 from iclit.experiments.shards import merge_shards, shard_chunks, shard_dir, unmerged_trials
 from iclit.experiments.workers import ChunkJob, ChunkOutput, execute, loaded_model, make_job, model_preview, use_models

@@ -30,7 +30,7 @@ from iclit._atomic import atomic_write, atomic_write_text
 from iclit.experiments.cost import chunk_cost
 from iclit.experiments.lock import RunLock
 from iclit.experiments.plan import Chunk, Plan
-from iclit.experiments.store import DB_NAME, Store
+from iclit.rundir.store import DB_NAME, Store
 
 __all__ = ["SHARDS_DIR", "CODE_PACKAGES", "ShardError", "MergeSummary", "parse_shard", "shard_dir", "assign_shards",
            "shard_chunks", "find_shards", "merge_shards", "unmerged_trials"]

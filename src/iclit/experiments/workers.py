@@ -19,7 +19,7 @@ import numpy as np
 
 from iclit.experiments.plan import Chunk
 from iclit.experiments.spec import ExperimentSpec
-from iclit.experiments.store import TrialRecord
+from iclit.rundir.store import TrialRecord
 from iclit.tasks import Resample, Task, Template
 from iclit.tuning.recipe import TuningRecipe
 

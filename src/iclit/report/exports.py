@@ -48,7 +48,7 @@ def to_json(value: Any, indent: int | None = None) -> str:
 def comparison_trials(run: RunData) -> list[dict[str, Any]]:
     """One record per trial: the stored outputs with each pair's per-layer cosines (rounded
     to 6 digits) after ``it_training_texts``, in resample order."""
-    from iclit.experiments.store import open_store
+    from iclit.rundir.store import open_store
 
     cell, seed = single_cell(run)
     cos = cell_cosine_tables(run, cell, seed)  # by resample: a trial without stored states has none
@@ -120,7 +120,7 @@ def comparison_config(run: RunData) -> dict[str, Any]:
 
 def _model_info(run: RunData, name: str) -> dict[str, Any]:
     """What the last run that loaded ``name`` recorded of it (a resume that computed nothing loads none)."""
-    from iclit.experiments.store import open_store
+    from iclit.rundir.store import open_store
 
     with open_store(run.path, readonly=True) as store:
         return store.model_info(name)

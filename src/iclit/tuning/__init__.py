@@ -11,7 +11,7 @@ every other name loads its module (and torch) on first use.
 | ``batched`` | N stacked LoRA adapters trained together (``fit_many``, ``tuned_many``) |
 
 Padding, length bucketing and the shared prefix's key/value cache are
-:mod:`iclit.engine.batching`'s, used by capture too.
+:mod:`iclit.core.batching`'s, used by capture too.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _LAZY = {
         "AdapterRouter", "MultiLoRALinear", "clip_per_adapter", "default_train_tokens", "fit_many",
         "multi_lora", "peft_like_init", "tuned_many",
     ),
-    "iclit.engine.batching": ("SharedPrefix", "micro_batches"),
+    "iclit.core.batching": ("SharedPrefix", "micro_batches"),
 }
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 

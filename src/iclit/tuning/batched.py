@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from iclit.engine.batching import SharedPrefix, micro_batches
+from iclit.core.batching import SharedPrefix, micro_batches
 from iclit.models.arch import linear_shape, target_linears
 from iclit.tuning.loop import train
 from iclit.tuning.loss import (
@@ -168,7 +168,7 @@ def fit_many(
     accumulate (memory stays bounded however many adapters train, and little compute goes to
     padding). Gradient clipping is per adapter (:func:`clip_per_adapter`). With
     ``share_prefix``, the token prefix common to all sequences (the instruction) is computed
-    once per adapter per step, not once per sequence (:class:`~iclit.engine.batching.SharedPrefix`).
+    once per adapter per step, not once per sequence (:class:`~iclit.core.batching.SharedPrefix`).
     AdamW is element-wise, so one optimiser over the stacked tensors keeps independent
     per-adapter state. The loop is :func:`iclit.tuning.loop.train` with one group of rows per
     adapter: minibatches (``recipe.batch_size``) are drawn per adapter from its own seeded

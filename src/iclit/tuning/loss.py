@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from iclit.engine.batching import SharedPrefix, common_prefix_length, pad_right, run_decoder
-from iclit.engine.capture import answer_token_ids
+from iclit.core.batching import SharedPrefix, common_prefix_length, pad_right, run_decoder
+from iclit.core.tokens import answer_token_ids
 from iclit.models.arch import arch_for, layers_of, lm_head_logits, output_head
 
 

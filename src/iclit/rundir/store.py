@@ -7,7 +7,7 @@ Tables::
              n_wrong, scores (per arm, JSON), outputs (predictions, prompts, losses…, JSON),
              seconds, run_id, written, states_file + states_row (where the trial's hidden
              states are: a file under RUN/states/ and its row there; see
-             :mod:`~iclit.experiments.statefiles`; NULL when the run stores no states)
+             :mod:`~iclit.rundir.statefiles`; NULL when the run stores no states)
     runs     one row per `iclit run` invocation: spec (YAML), plan (JSON), versions, backend,
              trials computed, trials reused from other run directories (and from which)
     meta     schema version
