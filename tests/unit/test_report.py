@@ -111,17 +111,18 @@ def test_report_is_self_contained(run_dir: Path) -> None:
     assert path == run_dir / "report.html"
     text = path.read_text()
     images = re.findall(r"<img [^>]*src='([^']*)'", text)
-    # the headline figure, then per factor: the similarity-against-factor figure and the per-layer curves
-    assert len(images) == 5
+    # per factor: the similarity-against-factor figure and the per-layer curves (no nulls' tests in this
+    # run, so no headline figure pooled over cells: the factor sections draw the curves per value)
+    assert len(images) == 4
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert "http://" not in text and "https://" not in text
     for needle in ("Factor: k", "Factor: wrong_labels", "accuracy: icl", "anchor – IT", "Spec", "Versions",
                    "transformers", "24 of 24 planned trials", "No nulls: the run has no crossed design"):
         assert needle in text, needle
     assert "model: tiny-random-llama" in text  # the spec
-    # the figure first; the tables folded below
-    assert text.index("<img id=figure-main") < text.index("Factor: k") < text.index("<details>")
-    assert figure_problems(text) == []
+    # the figures first; the tables folded below
+    assert "<img id=figure-main" not in text and figure_problems(text) == ["no image figure-main"]
+    assert text.index("No nulls") < text.index("Factor: k") < text.index("<img ") < text.index("<details>")
     assert "<table" not in text[:text.index("<details>")]
     assert _over_three_digits(text) == []  # numbers: at most three significant digits
 
@@ -147,7 +148,7 @@ def test_report_of_a_separate_design_and_of_a_single_cell(tmp_path: Path) -> Non
     finally:
         torch.set_num_threads(before)
     sep = render_report(tmp_path / "sep")
-    assert sep.count("<img ") == 5 and "with the others at their base values: wrong_labels = 0.0" in sep
+    assert sep.count("<img ") == 4 and "with the others at their base values: wrong_labels = 0.0" in sep
     one = render_report(tmp_path / "one")
     # one cell: the headline figure is its per-layer curves (not drawn twice)
     assert one.count("<img ") == 1 and "All trials" in one and figure_problems(one) == []
@@ -375,6 +376,6 @@ def test_report_shows_the_cka_of_run_data_and_escapes_text(run_dir: Path) -> Non
     for needle in ("Baselines by k", "Baselines by wrong_labels", "linear CKA ICL vs IT across a cell&#39;s queries (last layer)",
                    "0.750 <span class=ci>[0.750, 0.750]</span>"):
         assert needle in text, needle
-    assert text.count("<img ") == 5  # CKA has no per-layer figure: tables only
+    assert text.count("<img ") == 4  # CKA has no per-layer figure: tables only
     empty = render_report(dataclasses.replace(run, cka=run.cka.iloc[:0]))
     assert "linear CKA" not in empty and "Baselines by" not in empty

@@ -77,7 +77,7 @@ PAIR_STYLE: dict[str, PairStyle] = {
 
 NULL_STYLE: dict[str, PairStyle] = {
     "query_swap": PairStyle("query-swap null", "tab:gray", ":"),
-    "demo_swap": PairStyle("demo-swap null", "tab:brown", "--"),
+    "demo_swap": PairStyle("demo-swap null", "tab:pink", "--"),
 }
 """null → (legend label, colour of its band, line style of its mean)."""
 

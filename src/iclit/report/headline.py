@@ -19,7 +19,8 @@ Nothing here computes a statistic: the figures draw :mod:`iclit.analysis`'s tabl
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,12 +32,27 @@ from iclit.analysis.cells import last_layer_rows
 from iclit.analysis.factors import layer_summaries
 from iclit.analysis.rundata import RunData
 from iclit.report.causal import MAX_CELLS, cell_titles
-from iclit.report.figures import MARGIN_COLOUR, NULL_STYLE, PAIR_STYLE, new_figure, pair_style, png_base64
+from iclit.report.figures import (
+    MARGIN_COLOUR,
+    NULL_STYLE,
+    PAIR_STYLE,
+    new_figure,
+    pair_style,
+    png_base64,
+)
 from iclit.report.nulls import PAIR_TEXT, tested_cells
 from iclit.report.numbers import interval, pvalue
 
-__all__ = ["MAX_FIGURE_CELLS", "VIEWS", "headline_section", "layer_curves", "forest_rows", "overview_figure",
-           "forest_figure", "DIFF"]
+__all__ = [
+    "DIFF",
+    "MAX_FIGURE_CELLS",
+    "VIEWS",
+    "forest_figure",
+    "forest_rows",
+    "headline_section",
+    "layer_curves",
+    "overview_figure",
+]
 
 MAX_FIGURE_CELLS = 4
 """Cells drawn as rows of the headline figure (the forest plot and the tables show up to
@@ -130,7 +146,7 @@ def forest_rows(run: RunData) -> pd.DataFrame:
                 for r in cell[cell["pair"] == pair].itertuples():
                     if _view(r.centring, r.pair) != block:
                         continue
-                    label = PAIR_TEXT.get(pair, pair) + (f"  ({titles[key]})" if len(keys) > 1 and key in titles else "")
+                    label = PAIR_TEXT.get(pair, pair) + (f" · {titles[key]}" if len(keys) > 1 and key in titles else "")
                     out.append({"block": block, "label": label, "pair": pair, "role": r.role, "null": r.null,
                                 "diff": r.diff, "ci_low": r.ci_low, "ci_high": r.ci_high, "margin": r.margin,
                                 "verdict": r.verdict})
@@ -154,12 +170,12 @@ def _legend(fig: Any, axes: Sequence[Any], extra: Sequence[tuple[Any, str]] = ()
 
 
 def _draw_view(ax: Any, curves: pd.DataFrame, nulls: pd.DataFrame) -> None:
-    for null, style in NULL_STYLE.items():
+    for null, band_style in NULL_STYLE.items():
         band = nulls[nulls["null"] == null].sort_values("layer")
         if len(band):
-            ax.fill_between(band["layer"], band["low"], band["high"], color=style.colour, alpha=0.22, linewidth=0,
-                            label=f"{style.label} (band: 95% CI of the excess)")
-            ax.plot(band["layer"], band["mean"], color=style.colour, linestyle=style.linestyle, linewidth=1.1)
+            ax.fill_between(band["layer"], band["low"], band["high"], color=band_style.colour, alpha=0.22, linewidth=0,
+                            label=f"{band_style.label} (band: 95% CI of the excess)")
+            ax.plot(band["layer"], band["mean"], color=band_style.colour, linestyle=band_style.linestyle, linewidth=1.1)
     for pair in [p for p in PAIR_STYLE if p in set(curves["pair"])]:
         r = curves[curves["pair"] == pair].sort_values("layer")
         label, colour, style = pair_style(pair)
@@ -178,7 +194,7 @@ def overview_figure(curves: pd.DataFrame, nulls: pd.DataFrame, rows: Sequence[st
     views = [v for v in VIEWS if (curves["view"] == v).any()]
     n_rows, n_cols = max(1, len(rows)), max(1, len(views))
     fig = new_figure(max(10.0, 3.9 * n_cols + 1.2), 2.9 * n_rows + 1.5)
-    axes = []
+    axes: list[Any] = []
     for i in range(n_rows):
         for j, view in enumerate(views):
             top = axes[j] if i else None
@@ -209,14 +225,12 @@ def forest_figure(table: pd.DataFrame, title: str) -> str:
     heights = [len(labels[b]) + 1.2 for b in blocks]
     fig = new_figure(10.5, 0.3 * sum(heights) + 1.6)
     grid = fig.add_gridspec(len(blocks), len(nulls), height_ratios=heights)
-    axes = []
     for i, block in enumerate(blocks):
         ys = {lab: len(labels[block]) - 1 - k for k, lab in enumerate(labels[block])}
         first = None
         for j, null in enumerate(nulls):
             ax = fig.add_subplot(grid[i, j], sharex=first, sharey=first)
             first = first or ax
-            axes.append(ax)
             ax.axvline(0.0, color="black", linewidth=0.9)
             for r in table[(table["block"] == block) & (table["null"] == null)].itertuples():
                 y, control, style = ys[r.label], r.role == "control", pair_style(r.pair)
@@ -287,16 +301,20 @@ def _summary(run: RunData) -> dict[str, Any]:
 
 
 def headline_section(run: RunData) -> dict[str, Any] | None:
-    """The report's opening (None without stored cosines): ``figure`` (alt, png), ``forest``
-    and ``summary`` (None without the nulls' tests), and how many cells the figure leaves out."""
+    """The report's opening: ``figure`` (alt, png; None for a run with factors and no nulls'
+    tests, whose factor sections draw the per-layer curves per value rather than pooled over
+    cells), ``forest`` and ``summary`` (None without the tests), ``tests`` (whether there are
+    any) and ``more`` (how many tested cells the figure leaves out). None without cosines."""
     if run.frame.empty:
         return None
+    has_tests = not run.tests.empty
+    if not has_tests and (run.plan or {}).get("factors"):
+        return {"figure": None, "tests": False, "forest": None, "summary": None, "more": 0}
     curves, nulls, rows = layer_curves(run)
     if curves.empty:
         return None
-    has_tests = not nulls.empty
     n_cells = run.tests["cell_key"].nunique() if has_tests else 0
-    what = "per cell" if has_tests else "all trials pooled, mean with a 95% CI over trials"
+    what = ("one row per cell" if len(rows) > 1 else rows[0]) if has_tests else "mean with a 95% CI over trials"
     figure = {"alt": "similarity per layer: raw, anchor-centred, update; with the nulls",
               "png": overview_figure(curves, nulls, rows, f"ICL vs IT per layer ({what})")}
     out: dict[str, Any] = {"figure": figure, "tests": has_tests, "forest": None, "summary": None,

@@ -1,5 +1,14 @@
 """The HTML report of a run directory: analysis tables and figures poured into ``templates/report.html.j2``.
 
+It opens with :mod:`iclit.report.headline` when the run has the nulls' tests (a crossed
+design) or a single cell: the headline figure, large (per layer: raw cosines, anchor-centred
+cosines and the update cosine, with the query-swap and demo-swap nulls as bands and the
+positive control's line), the forest plot of each pair's excess over its nulls at the last
+layer (95% CIs, a line at 0, ±margin) and a short table of verdicts per cell. Below it, the
+figures stay visible and every detailed table is folded in a ``<details>`` element. Numbers
+are written by :mod:`iclit.report.numbers` (the template's ``num`` and ``pvalue`` filters):
+three decimals or significant digits, p below 0.001 as "< 0.001".
+
 For each factor of the spec:
 
 * the paper-style figure: cosine similarity of the three arm pairs (anchor–ICL, anchor–IT,
@@ -287,7 +296,7 @@ def _context(run: RunData) -> dict[str, Any]:
     headline = headline_section(run)
     sections = [_factor_section(run, f, score_name, cka_asked) for f in factors]
     if not factors and not run.frame.empty:
-        sections.append(_single_cell_section(run, score_name, cka_asked, headline is None))
+        sections.append(_single_cell_section(run, score_name, cka_asked, not (headline and headline["figure"])))
     name = str(spec.get("name", run.path.name))
     return {
         "title": f"iclit report · {name}",
