@@ -25,6 +25,7 @@ __all__ = [
     "MARGIN_COLOUR",
     "NULL_STYLE",
     "PAIR_STYLE",
+    "ROLE_MARKER",
     "PairStyle",
     "baselines_figure",
     "dose_figure",
@@ -77,9 +78,13 @@ PAIR_STYLE: dict[str, PairStyle] = {
 
 NULL_STYLE: dict[str, PairStyle] = {
     "query_swap": PairStyle("query-swap null", "tab:gray", ":"),
-    "demo_swap": PairStyle("demo-swap null", "tab:pink", "--"),
+    "demo_swap": PairStyle("demo-swap null", "tab:pink", "-."),
 }
-"""null → (legend label, colour of its band, line style of its mean)."""
+"""null → (legend label, colour of its band in the report's headline figure, line style of its
+mean; ``layers.png`` draws each pair's nulls in the pair's colour with these line styles)."""
+
+ROLE_MARKER: dict[str, str] = {"test": "o", "control": "s"}
+"""A test's marker in the forest plot (filled), a positive control's (hollow)."""
 
 MARGIN_COLOUR = "tab:cyan"
 """The equivalence margin's band (±margin) in the forest plot."""
@@ -165,7 +170,7 @@ def plot_layers(
                 ax.plot(base["layer"], base["mean"], color=colour, linestyle="--", linewidth=1.2, alpha=0.8,
                         label=f"{label} (baseline)")
         if nulls is not None:
-            for null, dash in (("query_swap", ":"), ("demo_swap", "-.")):
+            for null, dash in ((n, s.linestyle) for n, s in NULL_STYLE.items()):
                 band = nulls[(nulls["pair"] == pair) & (nulls["null"] == null)].sort_values("layer")
                 if len(band):
                     ax.plot(band["layer"], band["null_mean"], color=colour, linestyle=dash, linewidth=1.0,

@@ -36,6 +36,7 @@ from iclit.report.figures import (
     MARGIN_COLOUR,
     NULL_STYLE,
     PAIR_STYLE,
+    ROLE_MARKER,
     new_figure,
     pair_style,
     png_base64,
@@ -241,7 +242,7 @@ def forest_figure(table: pd.DataFrame, title: str) -> str:
                     continue
                 finite = np.isfinite(r.ci_low) and np.isfinite(r.ci_high)
                 xerr = [[r.diff - r.ci_low], [r.ci_high - r.diff]] if finite else None
-                ax.errorbar([r.diff], [y], xerr=xerr, fmt="s" if control else "o", color=style.colour,
+                ax.errorbar([r.diff], [y], xerr=xerr, fmt=ROLE_MARKER[r.role], color=style.colour,
                             markerfacecolor="white" if control else style.colour, markersize=6, capsize=3,
                             linewidth=1.6)
             ax.set_yticks(list(ys.values()), list(ys.keys()))
@@ -254,8 +255,8 @@ def forest_figure(table: pd.DataFrame, title: str) -> str:
                 ax.set_ylabel(VIEWS[block].split(":")[0])
             if i == len(blocks) - 1:
                 ax.set_xlabel("observed − null (cosine), 95% CI")
-    extra = [(Line2D([], [], marker="o", color="0.3", linestyle="none"), "test (filled)"),
-             (Line2D([], [], marker="s", color="0.3", markerfacecolor="white", linestyle="none"),
+    extra = [(Line2D([], [], marker=ROLE_MARKER["test"], color="0.3", linestyle="none"), "test (filled)"),
+             (Line2D([], [], marker=ROLE_MARKER["control"], color="0.3", markerfacecolor="white", linestyle="none"),
               "positive control (hollow)"),
              (Patch(color=MARGIN_COLOUR, alpha=0.25), "± equivalence margin")]
     _legend(fig, [], extra)
