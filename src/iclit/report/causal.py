@@ -16,9 +16,10 @@ from matplotlib.ticker import MaxNLocator
 
 from iclit.analysis.causal import BASE_OF, CONTRASTS, has_causal, patch_table, steer_table
 from iclit.analysis.rundata import RunData
-from iclit.report.figures import PairStyle, _figure, png_base64
+from iclit.report.figures import PairStyle, new_figure, png_base64
+from iclit.report.numbers import interval, pvalue
 
-__all__ = ["CAUSAL_STYLE", "patch_figure", "steer_figure", "causal_section"]
+__all__ = ["CAUSAL_STYLE", "MAX_CELLS", "cell_title", "cell_titles", "patch_figure", "steer_figure", "causal_section"]
 
 MAX_CELLS = 8
 """Cells drawn in the report (the tables of every cell: ``iclit results RUN --metric patch``)."""
@@ -104,7 +105,7 @@ def patch_figure(table: pd.DataFrame, title: str) -> str:
     and the accuracy (or log p), one line per patch with its 95% CI band; the unpatched runs as
     horizontal lines. ``table``: one cell's rows of :func:`iclit.analysis.causal.patch_table`."""
     panels = _panels(table)
-    fig = _figure(4.0 * len(panels) + 0.6, 3.6)
+    fig = new_figure(4.0 * len(panels) + 0.6, 3.6)
     for j, measure in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), j + 1)
         for kind, base in BASE_OF.items():
@@ -126,7 +127,7 @@ def steer_figure(table: pd.DataFrame, title: str) -> str:
     (ICL, IT and their same-norm random nulls) with its 95% CI band."""
     panels = _panels(table)
     scales = sorted(float(a) for a in table["scale"].dropna().unique())
-    fig = _figure(3.3 * len(scales) + 0.6, 2.8 * len(panels) + 0.6)
+    fig = new_figure(3.3 * len(scales) + 0.6, 2.8 * len(panels) + 0.6)
     layers = _layers(table)
     for r, measure in enumerate(panels):
         for c, scale in enumerate(scales):
@@ -147,13 +148,12 @@ def steer_figure(table: pd.DataFrame, title: str) -> str:
 # ------------------------------------------------------------------ plain data for the template
 
 
-def _ci(row: Mapping[str, Any] | None, digits: int = 3) -> dict[str, Any]:
+def _ci(row: Mapping[str, Any] | None, fmt: str = "{:.3f}") -> dict[str, Any]:
     if row is None or not np.isfinite(row["value"]):
         return {"kind": "none"}
     if not (np.isfinite(row["ci_low"]) and np.isfinite(row["ci_high"])):
-        return {"kind": "num", "value": float(row["value"]), "digits": digits}
-    return {"kind": "ci", "mean": float(row["value"]), "lo": float(row["ci_low"]), "hi": float(row["ci_high"]),
-            "digits": digits}
+        return {"kind": "num", "value": float(row["value"]), "fmt": fmt}
+    return {"kind": "ci", "mean": float(row["value"]), "lo": float(row["ci_low"]), "hi": float(row["ci_high"]), "fmt": fmt}
 
 
 def _lookup(table: pd.DataFrame, column: str) -> dict[tuple, Mapping[str, Any]]:
@@ -200,15 +200,25 @@ def _steer_rows(table: pd.DataFrame) -> dict[str, Any]:
                 cells.append({"kind": "none"})
                 continue
             mark = " *" if np.isfinite(row["p_holm"]) and row["p_holm"] < 0.05 else ""
-            cells.append({"kind": "text", "value": f"{row['value']:+.4f} [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
-                                                    f" p={row['p_holm']:.3g}{mark}"})
+            cells.append({"kind": "text", "value": f"{interval(row['value'], row['ci_low'], row['ci_high'], '{:+#.3g}')}"
+                                                    f" p = {pvalue(row['p_holm'])}{mark}"})
         rows.append(cells)
     return {"cls": "causal", "head": head, "rows": rows}
 
 
-def _title(labels: Mapping[str, Any], factors: list[str]) -> str:
+def cell_title(labels: Mapping[str, Any], factors: list[str]) -> str:
+    """A cell's heading: its factors' values (``k = 2, wrong_labels = 0.0``), "all trials" without factors."""
     shown = [f"{f} = {labels[f]}" for f in factors if f in labels]
     return ", ".join(shown) if shown else "all trials"
+
+
+def cell_titles(run: RunData) -> dict[str, str]:
+    """cell_key → :func:`cell_title` for every cell with a stored output, in the store's order."""
+    factors = list((run.plan or {}).get("factors", {}))
+    if run.outputs.empty:
+        return {}
+    labels = run.outputs.drop_duplicates("cell_key").set_index("cell_key")
+    return {str(key): cell_title(row.to_dict(), factors) for key, row in labels.iterrows()}
 
 
 def causal_section(run: RunData) -> dict[str, Any] | None:
@@ -222,7 +232,7 @@ def causal_section(run: RunData) -> dict[str, Any] | None:
     labels = run.outputs.drop_duplicates("cell_key").set_index("cell_key")
     out = []
     for cell in cells[:MAX_CELLS]:
-        title = _title(labels.loc[cell].to_dict() if cell in labels.index else {}, factors)
+        title = cell_title(labels.loc[cell].to_dict() if cell in labels.index else {}, factors)
         entry: dict[str, Any] = {"heading": title, "images": [], "tables": []}
         p = patch[patch["cell_key"] == cell] if len(patch) else patch
         if len(p):

@@ -4,7 +4,6 @@ each factor value against the reference value, query blocks as units), as plain 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from iclit.analysis.contrasts import PAIR_LABELS, cell_contrasts
@@ -13,16 +12,20 @@ from iclit.analysis.rundata import RunData
 __all__ = ["contrasts_section"]
 
 
-def _num(value: Any, fmt: str = "{:.3g}") -> dict[str, Any]:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return {"kind": "none"}
-    return {"kind": "text", "value": fmt.format(value)}
+_DIFF = "{:+#.3g}"
+
+
+def _num(value: Any, fmt: str = "{:#.3g}") -> dict[str, Any]:
+    return {"kind": "num", "value": value, "fmt": fmt}
+
+
+def _p(value: Any) -> dict[str, Any]:
+    return {"kind": "p", "value": value}
 
 
 def _diff(mean: float, lo: float, hi: float) -> dict[str, Any]:
-    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (mean, lo, hi)):
-        return {"kind": "none"}
-    return {"kind": "diff", "mean": float(mean), "lo": float(lo), "hi": float(hi)}
+    """A difference with its interval, signed to three significant digits."""
+    return {"kind": "ci", "mean": mean, "lo": lo, "hi": hi, "fmt": _DIFF}
 
 
 def contrasts_section(run: RunData) -> dict[str, Any] | None:
@@ -36,8 +39,8 @@ def contrasts_section(run: RunData) -> dict[str, Any] | None:
     rows = [[{"kind": "text", "value": r.factor}, {"kind": "text", "value": f"{r.level_a} vs {r.level_b}"},
              {"kind": "text", "value": PAIR_LABELS.get(r.pair, r.pair)},
              {"kind": "text", "value": r.quantity.replace("_", "-")}, _num(r.mean_a, "{:.3f}"),
-             _num(r.mean_b, "{:.3f}"), _diff(r.diff, r.ci_low, r.ci_high), _num(r.p), _num(r.p_holm),
-             _num(r.margin, "±{:.3g}"), _diff(r.diff, r.tost_low, r.tost_high), _num(r.p_tost), {"kind": "text", "value": r.verdict},
+             _num(r.mean_b, "{:.3f}"), _diff(r.diff, r.ci_low, r.ci_high), _p(r.p), _p(r.p_holm),
+             _num(r.margin, "±{:#.3g}"), _diff(r.diff, r.tost_low, r.tost_high), _p(r.p_tost), {"kind": "text", "value": r.verdict},
              {"kind": "text", "value": f"{r.n_blocks_a} / {r.n_blocks_b} ({'paired' if r.paired else 'Welch'})"}]
             for r in table.itertuples()]
     head = ["factor", "levels", "pair", "quantity", "mean a", "mean b", "a − b [95% CI]", "p", "p Holm",

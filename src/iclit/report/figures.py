@@ -22,12 +22,16 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 __all__ = [
+    "MARGIN_COLOUR",
+    "NULL_STYLE",
     "PAIR_STYLE",
+    "ROLE_MARKER",
     "PairStyle",
     "baselines_figure",
     "dose_figure",
     "factor_figure",
     "layer_panels_figure",
+    "new_figure",
     "pair_style",
     "plot_layers",
     "png_base64",
@@ -63,8 +67,27 @@ PAIR_STYLE: dict[str, PairStyle] = {
     "cka_icl_it": PairStyle("linear CKA ICL vs IT across a cell's queries", "black"),
     "cka_anchor_icl": PairStyle("linear CKA anchor vs ICL across a cell's queries", "dimgray", "--"),
     "cka_anchor_it": PairStyle("linear CKA anchor vs IT across a cell's queries", "darkgray", ":"),
+    # the pairs of the nulls' tests (iclit.analysis.nulls.TEST_PAIRS, CEILINGS): positive controls dash-dotted
+    "update": PairStyle("update (ICL − anchor vs IT − anchor)", "tab:purple"),
+    "ceiling_it": PairStyle("IT – IT′, other seed (positive control)", "tab:red", "-."),
+    "ceiling_icl": PairStyle("ICL – ICL′, reordered (positive control)", "tab:gray", "-."),
+    "update_ceiling_it": PairStyle("update IT – IT′ (positive control)", "tab:red", "-."),
+    "update_ceiling_icl": PairStyle("update ICL – ICL′ (positive control)", "tab:gray", "-."),
 }
 """pair → (legend label, colour, line style); every pair the store or the analysis names."""
+
+NULL_STYLE: dict[str, PairStyle] = {
+    "query_swap": PairStyle("query-swap null", "tab:gray", ":"),
+    "demo_swap": PairStyle("demo-swap null", "tab:pink", "-."),
+}
+"""null → (legend label, colour of its band in the report's headline figure, line style of its
+mean; ``layers.png`` draws each pair's nulls in the pair's colour with these line styles)."""
+
+ROLE_MARKER: dict[str, str] = {"test": "o", "control": "s"}
+"""A test's marker in the forest plot (filled), a positive control's (hollow)."""
+
+MARGIN_COLOUR = "tab:cyan"
+"""The equivalence margin's band (±margin) in the forest plot."""
 
 _SPARE_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive")
 _VALUE_COLOURS = ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:orange", "tab:brown")
@@ -82,10 +105,14 @@ def png_base64(fig: Figure, dpi: int = 110) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """An off-screen figure (Agg canvas, constrained layout) of ``width`` × ``height`` inches."""
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+_figure = new_figure
 
 
 def _stats(cells: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -143,7 +170,7 @@ def plot_layers(
                 ax.plot(base["layer"], base["mean"], color=colour, linestyle="--", linewidth=1.2, alpha=0.8,
                         label=f"{label} (baseline)")
         if nulls is not None:
-            for null, dash in (("query_swap", ":"), ("demo_swap", "-.")):
+            for null, dash in ((n, s.linestyle) for n, s in NULL_STYLE.items()):
                 band = nulls[(nulls["pair"] == pair) & (nulls["null"] == null)].sort_values("layer")
                 if len(band):
                     ax.plot(band["layer"], band["null_mean"], color=colour, linestyle=dash, linewidth=1.0,

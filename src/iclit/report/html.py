@@ -1,5 +1,14 @@
 """The HTML report of a run directory: analysis tables and figures poured into ``templates/report.html.j2``.
 
+It opens with :mod:`iclit.report.headline` when the run has the nulls' tests (a crossed
+design) or a single cell: the headline figure, large (per layer: raw cosines, anchor-centred
+cosines and the update cosine, with the query-swap and demo-swap nulls as bands and the
+positive control's line), the forest plot of each pair's excess over its nulls at the last
+layer (95% CIs, a line at 0, ±margin) and a short table of verdicts per cell. Below it, the
+figures stay visible and every detailed table is folded in a ``<details>`` element. Numbers
+are written by :mod:`iclit.report.numbers` (the template's ``num`` and ``pvalue`` filters):
+three decimals or significant digits, p below 0.001 as "< 0.001".
+
 For each factor of the spec:
 
 * the paper-style figure: cosine similarity of the three arm pairs (anchor–ICL, anchor–IT,
@@ -62,7 +71,9 @@ from iclit.analysis.rundata import RunData, load_run
 from iclit.report import figures
 from iclit.report.causal import causal_section
 from iclit.report.contrasts import contrasts_section
+from iclit.report.headline import DIFF, headline_section
 from iclit.report.nulls import nulls_section
+from iclit.report.numbers import num, pvalue
 
 __all__ = ["write_report", "render_report", "factor_summary", "factor_effects", "dose_summary"]
 
@@ -74,7 +85,7 @@ _WHAT_TEXT = {"last_layer": "last layer", "mean_over_layers": "mean over layers"
 def _environment():
     import jinja2
 
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("iclit.report", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
@@ -82,20 +93,23 @@ def _environment():
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    env.filters.update(num=num, pvalue=pvalue)  # one number formatter for every output
+    return env
 
 
 # ------------------------------------------------------------------ table cells (plain data)
 
 
-def _cell(value: Any, digits: int = 3) -> dict[str, Any]:
-    """A number cell: a summary → mean [CI]; a number → the number; missing → a dash."""
+def _cell(value: Any, fmt: str = "{:.3f}") -> dict[str, Any]:
+    """A number cell: a summary → mean [CI]; a number → the number; missing → a dash (the
+    template writes them with :func:`iclit.report.numbers.num` and ``fmt``)."""
     if isinstance(value, Mapping):
         if not value.get("n"):
             return {"kind": "none"}
-        return {"kind": "ci", "mean": value["mean"], "lo": value["ci_low"], "hi": value["ci_high"], "digits": digits}
+        return {"kind": "ci", "mean": value["mean"], "lo": value["ci_low"], "hi": value["ci_high"], "fmt": fmt}
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return {"kind": "none"}
-    return {"kind": "num", "value": float(value), "digits": digits}
+    return {"kind": "num", "value": float(value), "fmt": fmt}
 
 
 def _text(value: Any) -> dict[str, Any]:
@@ -119,7 +133,7 @@ def _table(summary: pd.DataFrame, factor: str, score_name: str) -> dict[str, Any
             sim = row.get("demo_similarity")
             cells.append(_cell(sim if isinstance(sim, Mapping) else None))
         if has_wrong:
-            cells.append(_cell(row.get("n_wrong"), 2))
+            cells.append(_cell(row.get("n_wrong"), "{:.2f}"))
         if has_unfit:
             n = row.get("it_not_fitted")
             cells.append(_text(f"⚠ {int(n)}" if n and n == n else "0"))
@@ -155,10 +169,11 @@ def _baseline_table(summary: pd.DataFrame, factor: str, score_name: str) -> dict
 def _effects_rows(effects: pd.DataFrame) -> list[list[dict[str, Any]]]:
     rows = []
     for r in effects.itertuples(index=False):
-        diff = ({"kind": "diff", "mean": r.mean_diff, "lo": r.ci_low, "hi": r.ci_high} if r.n else {"kind": "none"})
+        diff = ({"kind": "ci", "mean": r.mean_diff, "lo": r.ci_low, "hi": r.ci_high, "fmt": DIFF} if r.n
+                else {"kind": "none"})
         rows.append([_text(r.value), _text(r.reference), _text(figures.pair_style(r.pair).label),
-                     _text(r.what.replace("_", " ")), _text(r.n), _cell(r.mean_value, 4), _cell(r.mean_reference, 4),
-                     diff, _cell(r.cohens_d, 2), _cell(r.p_value, 4)])
+                     _text(r.what.replace("_", " ")), _text(r.n), _cell(r.mean_value), _cell(r.mean_reference),
+                     diff, _cell(r.cohens_d, "{:.2f}"), {"kind": "p", "value": r.p_value}])
     return rows
 
 
@@ -219,19 +234,22 @@ def _factor_section(run: RunData, factor: str, score_name: str, cka_asked: bool)
         section["effects"] = {"heading": f"Effect sizes: {factor}", "pooled": pooled,
                               "rows": _effects_rows(factor_effects(frame, plan, factor))}
         peaks = peak_values(summary, factor)
-        section["peak"] = [f"{_WHAT_TEXT[w]}: {v} ({m:.4f})" for w, (v, m) in peaks.items()]
+        section["peak"] = [f"{_WHAT_TEXT[w]}: {v} ({num(m)})" for w, (v, m) in peaks.items()]
     return section
 
 
-def _single_cell_section(run: RunData, score_name: str, cka_asked: bool) -> dict[str, Any]:
-    """A spec without factors: its per-layer curves and its table."""
+def _single_cell_section(run: RunData, score_name: str, cka_asked: bool, curves: bool) -> dict[str, Any]:
+    """A spec without factors: its table, and its per-layer curves unless the headline
+    figure (``curves`` False) already shows them."""
     frame = run.frame
     task = str(frame["task"].iloc[0])
     single = dict(run.plan, factors={"task": [task]}, design="grid")
     one = factor_summary(frame, run.outputs, single, "task", cka=run.cka)
-    layers = layer_summaries(frame, None, [], _MAIN)
-    return {"id": None, "heading": "All trials", "note": None,
-            "images": [_image("per-layer similarity", figures.layer_panels_figure(layers, None, [], "per-layer similarity"))],
+    images = []
+    if curves:
+        layers = layer_summaries(frame, None, [], _MAIN)
+        images.append(_image("per-layer similarity", figures.layer_panels_figure(layers, None, [], "per-layer similarity")))
+    return {"id": None, "heading": "All trials", "note": None, "images": images,
             "table": _table(one, "task", score_name),
             "baselines": _baselines(frame, one, None, [], "task", score_name, cka_asked),
             "effects": None, "peak": []}
@@ -248,7 +266,7 @@ def _dose_section(run: RunData, score_name: str) -> dict[str, Any] | None:
     rows = []
     for p in dose_peaks(dose):
         rows.append([_text(p["value"] if factor else "all"), _text(p["peak_step"]), _cell(p["icl_it_at_peak"]),
-                     _cell(p["it_score_at_peak"]), _cell(p["train_loss_at_peak"], 4), _text(p["peak_step_mean"]),
+                     _cell(p["it_score_at_peak"]), _cell(p["train_loss_at_peak"], "{:#.3g}"), _text(p["peak_step_mean"]),
                      _cell(p["icl_it_mean_at_peak"]), _text(p["last_step"]), _cell(p["icl_it_at_last"]),
                      _cell(p["it_score_at_last"])])
     head = [factor or "", "peak step (last layer)", "ICL–IT there", f"IT {score_name} there", "loss there",
@@ -275,9 +293,10 @@ def _context(run: RunData) -> dict[str, Any]:
     score_name = score_label(run.outputs)
     cka_asked = "cka" in (spec.get("baselines") or ())
     factors = list(plan["factors"])
+    headline = headline_section(run)
     sections = [_factor_section(run, f, score_name, cka_asked) for f in factors]
     if not factors and not run.frame.empty:
-        sections.append(_single_cell_section(run, score_name, cka_asked))
+        sections.append(_single_cell_section(run, score_name, cka_asked, not (headline and headline["figure"])))
     name = str(spec.get("name", run.path.name))
     return {
         "title": f"iclit report · {name}",
@@ -288,6 +307,7 @@ def _context(run: RunData) -> dict[str, Any]:
         "fixed": ", ".join(f"{k} = {v}" for k, v in plan["base"].items() if k not in plan["factors"]),
         "description": spec.get("description"),
         "empty": run.frame.empty,
+        "headline": headline,
         "sections": sections,
         "dose": None if run.frame.empty else _dose_section(run, score_name),
         "nulls": nulls_section(run),

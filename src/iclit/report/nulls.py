@@ -5,65 +5,70 @@ query-swap and demo-swap nulls (:mod:`iclit.analysis.nulls`), the whole-cell geo
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pandas as pd
 
 from iclit.analysis.rundata import RunData
-from iclit.report.causal import MAX_CELLS, _title
+from iclit.report.causal import MAX_CELLS, cell_title
 
-__all__ = ["nulls_section"]
+__all__ = ["PAIR_TEXT", "nulls_section", "tested_cells"]
 
-_PAIR = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update",
+PAIR_TEXT = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update",
          "ceiling_it": "IT–IT′ (control)", "update_ceiling_it": "update IT–IT′ (control)",
          "ceiling_icl": "ICL–ICL reordered (control)", "update_ceiling_icl": "update ICL–ICL′ (control)"}
+"""A test pair's short name in tables and the forest plot."""
+_DIFF = "{:+#.3g}"
 
 
 def _p(value: Any) -> dict[str, Any]:
-    """A p-value: three significant digits, "< 0.001" below that."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return {"kind": "none"}
-    return {"kind": "text", "value": "< 0.001" if value < 0.001 else f"{value:.3g}"}
+    """A p-value cell (:func:`iclit.report.numbers.pvalue`: "< 0.001" below that)."""
+    return {"kind": "p", "value": value}
 
 
 def _num(value: Any, fmt: str = "{:.3f}") -> dict[str, Any]:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return {"kind": "none"}
-    return {"kind": "text", "value": fmt.format(value)}
+    return {"kind": "num", "value": value, "fmt": fmt}
 
 
 def _ci(mean: float, lo: float, hi: float) -> dict[str, Any]:
-    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (mean, lo, hi)):
-        return {"kind": "none"}
-    return {"kind": "diff", "mean": float(mean), "lo": float(lo), "hi": float(hi)}
+    """An excess with its interval, signed to three significant digits ("–" where a bound is missing)."""
+    return {"kind": "ci", "mean": mean, "lo": lo, "hi": hi, "fmt": _DIFF}
 
 
 def _tests_table(t: pd.DataFrame) -> dict[str, Any]:
-    rows = [[{"kind": "text", "value": _PAIR.get(r.pair, r.pair)}, {"kind": "text", "value": r.centring},
+    rows = [[{"kind": "text", "value": PAIR_TEXT.get(r.pair, r.pair)}, {"kind": "text", "value": r.centring},
              {"kind": "text", "value": r.null.replace("_", "-")}, _num(r.observed), _num(r.null_mean),
              _ci(r.diff, r.ci_low, r.ci_high), _p(r.p), _p(r.p_min), _p(r.p_adj), _p(r.p_holm),
-             _ci(r.diff, r.tost_low, r.tost_high), _num(r.margin, "±{:.3g}"), _num(r.fraction, "{:+.2f}"),
+             _ci(r.diff, r.tost_low, r.tost_high), _num(r.margin, "±{:#.3g}"), _num(r.fraction, "{:+.2f}"),
              {"kind": "text", "value": r.verdict}]
             for r in t.itertuples()]
     return {"head": ["pair", "centring", "null", "observed", "null", "excess [95% CI]", "p", "smallest p", "p max-T",
-                     "p Holm", "TOST 90% CI", "margin", "of ceiling", "verdict"], "rows": rows, "cls": None}
+                     "p Holm", "TOST 90% CI", "margin", "of ceiling", "verdict"], "rows": rows, "cls": None, "name": "tests"}
 
 
 def _geometry_table(g: pd.DataFrame) -> dict[str, Any]:
-    rows = [[{"kind": "text", "value": _PAIR.get(r.pair, r.pair)}, {"kind": "text", "value": r.measure},
+    rows = [[{"kind": "text", "value": PAIR_TEXT.get(r.pair, r.pair)}, {"kind": "text", "value": r.measure},
              {"kind": "text", "value": str(getattr(r, "null", "")).replace("_", "-")},
              _num(r.value), _num(r.null_mean), _p(r.p), _p(r.p_adj), _num(r.n, "{:.0f}")]
             for r in g.itertuples()]
-    return {"head": ["pair", "measure", "null", "value", "null mean", "p", "p max-T", "n"], "rows": rows, "cls": None}
+    return {"head": ["pair", "measure", "null", "value", "null mean", "p", "p max-T", "n"], "rows": rows, "cls": None,
+            "name": "geometry"}
 
 
 def _behaviour_table(b: pd.DataFrame) -> dict[str, Any]:
     rows = [[{"kind": "text", "value": r.pair.replace("_", "–")}, {"kind": "text", "value": r.measure},
-             {"kind": "text", "value": r.null.replace("_", "-")}, _num(r.observed), _num(r.null_mean),
-             _ci(r.diff, r.ci_low, r.ci_high), _p(r.p_holm), {"kind": "text", "value": r.verdict or ""}]
+             {"kind": "text", "value": r.null.replace("_", "-")}, _num(r.observed, "{:#.3g}"),
+             _num(r.null_mean, "{:#.3g}"), _ci(r.diff, r.ci_low, r.ci_high), _p(r.p_holm), {"kind": "text", "value": r.verdict or ""}]
             for r in b.itertuples()]
-    return {"head": ["arms", "measure", "null", "observed", "null", "diff [95% CI]", "p Holm", "verdict"], "rows": rows, "cls": None}
+    return {"head": ["arms", "measure", "null", "observed", "null", "diff [95% CI]", "p Holm", "verdict"], "rows": rows, "cls": None,
+            "name": "behaviour"}
+
+
+def tested_cells(run: RunData) -> list[str]:
+    """The cells with nulls' tests, in the plan's order (then the store's)."""
+    tested = set(run.tests["cell_key"])
+    planned = [c["key"] for c in (run.plan or {}).get("cells", []) if isinstance(c, dict) and "key" in c]
+    return [k for k in dict.fromkeys([*planned, *run.tests["cell_key"]]) if k in tested]
 
 
 def nulls_section(run: RunData) -> dict[str, Any] | None:
@@ -74,13 +79,13 @@ def nulls_section(run: RunData) -> dict[str, Any] | None:
     tests, geometry, behaviour = run.tests, run.geometry, run.behaviour
     factors = list((run.plan or {}).get("factors", {}))
     labels = run.outputs.drop_duplicates("cell_key").set_index("cell_key")
-    cells = list(dict.fromkeys(tests["cell_key"]))
+    cells = tested_cells(run)
     out = []
     for cell in cells[:MAX_CELLS]:
         cell_tests = tests[tests["cell_key"] == cell]
         last = int(cell_tests["layer"].max())  # the cell's own depth (cells of other models differ)
         t = cell_tests[(cell_tests["layer"] == last) & cell_tests["centring"].isin(["raw", "anchor"])]
-        entry: dict[str, Any] = {"heading": _title(labels.loc[cell].to_dict() if cell in labels.index else {}, factors),
+        entry: dict[str, Any] = {"heading": cell_title(labels.loc[cell].to_dict() if cell in labels.index else {}, factors),
                                  "tables": [_tests_table(t)]}
         g = geometry[(geometry["cell_key"] == cell) & (geometry["layer"] == last)] if len(geometry) else geometry
         if len(g):
