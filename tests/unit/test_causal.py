@@ -429,7 +429,7 @@ def test_cli_results_and_the_report(causal_run, tmp_path):
     assert result.exit_code == 0, result.output
     text = write_report(causal_run).read_text()
     assert "Causal tests: patching and steering" in text and "IT state → anchor run" in text
-    assert len(re.findall(r"<img ", text)) == 1 + 2  # the per-layer cosines, the patch and the steer figures
+    assert len(re.findall(r"<img ", text)) == 2 + 2  # the headline figure (per-layer cosines with the nulls), the forest plot, the patch and the steer figures
     assert "it − random_it: KL(ICL ‖ run)" in text
 
 
