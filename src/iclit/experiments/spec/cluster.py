@@ -14,7 +14,7 @@ from iclit.schema import NonEmptyStr, NonNegInt, PosInt, expect
 
 __all__ = ["ClusterOptions", "SlurmOptions"]
 
-_FROZEN = ConfigDict(extra="forbid", frozen=True)
+FROZEN = ConfigDict(extra="forbid", frozen=True)
 _OptPosInt = Annotated[Annotated[int, Strict(), Field(ge=1)] | None, expect(message="must be a positive integer or null, not {got}")]
 _OptStr = Annotated[NonEmptyStr | None, expect("a non-empty string or null")]
 
@@ -22,7 +22,7 @@ _OptStr = Annotated[NonEmptyStr | None, expect("a non-empty string or null")]
 class SlurmOptions(BaseModel):
     """``iclit run --backend slurm``: one job array over the run's shards (submitit)."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     shards: PosInt = Field(8, description="jobs in the array: the plan's chunks split into this many shards")
     partition: _OptStr = Field(None, description="SLURM partition (null: the cluster's default)")
@@ -38,7 +38,7 @@ class SlurmOptions(BaseModel):
 class ClusterOptions(BaseModel):
     """Resources of Ray actors and SLURM jobs; retries after a worker dies."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     actors_per_gpu: _OptPosInt = Field(
         None, description="Ray actors sharing one GPU (each asks Ray for 1/n of it); null: planned from memory_budget "

@@ -21,8 +21,8 @@ from iclit.experiments.spec.cluster import ClusterOptions
 from iclit.experiments.spec.problems import SpecError, problems_of
 from iclit.experiments.spec.values import (
     ANALYSIS_NAMES, BASELINE_NAMES, DESIGNS, DTYPES, REQUIRED_ARMS, SAMPLER_NAMES, Design, DType, EquivalenceMargins, FactorValue, SamplerName, TaskOptions,
-    _Analysis, _DemoTask, _FROZEN, _Layers, _Overrides, _Scales, _RecipeName, _Similarity, _Str, _Text, _Arm, _Baseline, _factors, _listed, _none_is, _one_of,
-    _plain, _values, Factors, recipe_label,
+    AnalysisField, DemoTaskField, FROZEN, LayersField, OverridesField, ScalesField, RecipeNameField, SimilarityField, StrField, TextField, ArmField, BaselineField, parse_factors, listed, none_is, one_of,
+    plain, values_of, Factors, recipe_label,
 )
 from iclit.schema import (Fraction, NonEmptyStr, NonNegInt, PosInt, StrictBool, distinct, expect, parse_bytes, problem,
                           raise_problems)
@@ -49,17 +49,17 @@ class ExperimentSpec(BaseModel):
     models, tasks and templates exist (the runner does). Fields: ``iclit spec-schema``.
     """
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     name: NonEmptyStr = Field("experiment", description="the experiment's name (run directories, reports)")
-    description: _Text = Field("", description="what the experiment asks, for the report")
+    description: TextField = Field("", description="what the experiment asks, for the report")
     model: NonEmptyStr = Field("gemma-3-270m", description="embedded alias, local directory, .gguf file or hub id")
     task: NonEmptyStr = Field("sentiment", description="built-in task name or a data file (.jsonl, .json, .csv, .parquet)")
     task_options: TaskOptions | None = Field(None, description="a data file's fields and kind, and the task's template")
     template: NonEmptyStr = Field("default", description="a named template of the task")
     instruction: StrictBool = Field(True, description="keep the template's instruction")
-    arms: Annotated[tuple[_Arm, ...], distinct("an arm"), BeforeValidator(_listed), expect("a list of arm names", as_kind=True),
-                    _none_is(REQUIRED_ARMS)] = Field(
+    arms: Annotated[tuple[ArmField, ...], distinct("an arm"), BeforeValidator(listed), expect("a list of arm names", as_kind=True),
+                    none_is(REQUIRED_ARMS)] = Field(
         REQUIRED_ARMS, description="arms to run; must include anchor, icl and it (it_seed2: IT with another seed; icl_reordered: ICL with "
                                  "the demonstrations rotated by one)")
     k: NonNegInt = Field(4, description="demonstrations per resample (0: zero-shot, every arm reads the query alone)")
@@ -88,36 +88,36 @@ class ExperimentSpec(BaseModel):
                     "positive control (IT seed 1 vs 2, else ICL vs reordered ICL)")
     seed: Annotated[NonNegInt | None, BeforeValidator(_no_both), expect("an integer >= 0")] = Field(
         None, description="one seed: the same as `seeds: [seed]`", exclude=True)
-    seeds: _values(NonNegInt, "a seed", "a non-empty list of integers >= 0") = Field((0,), description="seeds of the draws and the tuning")
-    sampler: Annotated[SamplerName | None, _one_of(tuple(sorted(SAMPLER_NAMES)), null=True)] = Field(
+    seeds: values_of(NonNegInt, "a seed", "a non-empty list of integers >= 0") = Field((0,), description="seeds of the draws and the tuning")
+    sampler: Annotated[SamplerName | None, one_of(tuple(sorted(SAMPLER_NAMES)), null=True)] = Field(
         None, description="base demonstration sampler; null: balanced for classification, random otherwise")
-    similarity: _Similarity = Field("random", description="random (the base sampler), most or least similar demonstrations "
+    similarity: SimilarityField = Field("random", description="random (the base sampler), most or least similar demonstrations "
                                                           "(all-MiniLM-L6-v2 embeddings)")
     wrong_labels: Fraction = Field(0.0, description="fraction of demonstrations given a wrong label")
-    demo_task: _DemoTask = Field(None, description="demonstrations from another task; null or 'same': the query's task")
-    recipe: Annotated[TuningRecipe, _none_is({}),
+    demo_task: DemoTaskField = Field(None, description="demonstrations from another task; null or 'same': the query's task")
+    recipe: Annotated[TuningRecipe, none_is({}),
                       expect(f"a mapping of recipe fields ({', '.join(RecipeOverrides.model_fields)})", as_kind=True)] = Field(
         default_factory=TuningRecipe, description="the IT recipe (see TuningRecipe)")
-    recipes: Annotated[dict[_RecipeName, _Overrides], _none_is({}), expect("a mapping of name -> recipe fields", as_kind=True)] = Field(
+    recipes: Annotated[dict[RecipeNameField, OverridesField], none_is({}), expect("a mapping of name -> recipe fields", as_kind=True)] = Field(
         default_factory=dict, description="named recipes for the `recipe` factor, each laid over `recipe`")
-    design: Annotated[Design, _one_of(DESIGNS)] = Field(
+    design: Annotated[Design, one_of(DESIGNS)] = Field(
         "grid", description="grid: every combination of the factors' values; separate: one factor at a time around the base values")
-    factors: Annotated[dict[str, tuple[Any, ...]], PlainValidator(_factors, json_schema_input_type=Factors | None)] = Field(
+    factors: Annotated[dict[str, tuple[Any, ...]], PlainValidator(parse_factors, json_schema_input_type=Factors | None)] = Field(
         default_factory=dict, description="factor -> list of values (see Factors)")
     chunk_size: PosInt = Field(8, description="resamples run and stored together; fixed by the spec, so a resumed run "
                                               "computes what an uninterrupted one would")
     batch_size: PosInt = Field(16, description="prompts per forward pass")
     max_new_tokens: PosInt = Field(48, description="tokens generated per answer (generation tasks)")
-    device: Annotated[_Str | None, expect("a non-empty string or null")] = Field(
+    device: Annotated[StrField | None, expect("a non-empty string or null")] = Field(
         None, description="cpu, cuda, cuda:1 …; null: cuda if available, else cpu")
-    dtype: Annotated[DType | None, _one_of(DTYPES, null=True)] = Field(None, description="null: bfloat16 on cuda, float32 on cpu")
+    dtype: Annotated[DType | None, one_of(DTYPES, null=True)] = Field(None, description="null: bfloat16 on cuda, float32 on cpu")
     record_similarity: Annotated[Annotated[bool, Strict()] | None, expect(message="must be true or false or null, not {got}")] = Field(
         None, description="record the demonstration–query similarity per trial; null: when `similarity` is varied or set")
     fast: StrictBool = Field(True, description="the fast engine (prefix cache, batched adapters); false: the reference path")
     store_states: StrictBool = Field(True, description="keep the hidden states (states/*.safetensors), from which every "
                                                        "similarity is computed; false: behaviour only (predictions, scores, "
                                                        "losses), for very large runs")
-    memory_budget: Annotated[_Str | None, expect("a memory size such as 8GiB, or null")] = Field(
+    memory_budget: Annotated[StrField | None, expect("a memory size such as 8GiB, or null")] = Field(
         None, description="memory the batched IT path may plan for (e.g. 8GiB); null: half the free memory (RAM on the "
                           "CPU, CUDA memory on a GPU). Changes speed and peak memory, not results")
     adapters_per_pass: Annotated[Annotated[int, Strict(), Field(ge=1)] | None, expect(
@@ -126,15 +126,15 @@ class ExperimentSpec(BaseModel):
     max_train_tokens: Annotated[Annotated[int, Strict(), Field(ge=1)] | None, expect(
         message="must be a positive integer or null, not {got}")] = Field(
         None, description="padded tokens per training micro-batch; null: planned (at most 768 on the CPU, 32768 on a GPU)")
-    baselines: Annotated[tuple[_Baseline, ...], distinct("a baseline"), BeforeValidator(_listed),
-                         expect("a list of baselines (" + ", ".join(BASELINE_NAMES) + ")", as_kind=True), _none_is(())] = Field(
+    baselines: Annotated[tuple[BaselineField, ...], distinct("a baseline"), BeforeValidator(listed),
+                         expect("a list of baselines (" + ", ".join(BASELINE_NAMES) + ")", as_kind=True), none_is(())] = Field(
         (), description="extra similarities per trial x layer, computed from the stored states: centered "
                         "(anisotropy-corrected cosines), shuffled (ICL of trial i vs IT of trial i+1 among a cell's trials), "
                         "update (cosine of the ICL and IT updates from the anchor), noise_ceiling (IT vs IT with another "
                         "seed: one more tuning), cka (linear CKA of each arm pair across all of a cell's queries, >= 3), "
                         "query_mean (the three pairs over the query's mean state)")
-    analyses: Annotated[tuple[_Analysis, ...], distinct("an analysis"), BeforeValidator(_listed),
-                        expect("a list of analyses (" + ", ".join(ANALYSIS_NAMES) + ")", as_kind=True), _none_is(())] = Field(
+    analyses: Annotated[tuple[AnalysisField, ...], distinct("an analysis"), BeforeValidator(listed),
+                        expect("a list of analyses (" + ", ".join(ANALYSIS_NAMES) + ")", as_kind=True), none_is(())] = Field(
         (), description="causal tests run in the engine with the model, stored per trial (`iclit results --metric patch "
                         "/ steer`, the report). patch: the query's last-token state at state index l replaced by its ICL "
                         "state or its IT state in the anchor run, the ICL state in the tuned model's query run, the IT state "
@@ -143,12 +143,12 @@ class ExperimentSpec(BaseModel):
                         "(needs queries_per_set >= 2). Classification: label distributions over the task's labels; "
                         "generation: the log-probability of the gold answer's first token. Cost: one last-token forward "
                         "per layer and run, see configs/paper/causal.yaml")
-    patch_layers: _Layers = Field(
+    patch_layers: LayersField = Field(
         None, description="state indices l patched (0: block 0's input, L: the final norm's output, as the stored "
                           "states); null: every 2nd, L, L-2, ... down to 1; 'all': 1..L")
-    steer_layers: _Layers = Field(
+    steer_layers: LayersField = Field(
         None, description="state indices l steered; null: every 3rd, L, L-3, ... down to 1; 'all': 1..L")
-    steer_scales: _Scales = Field(
+    steer_scales: ScalesField = Field(
         (0.5, 1.0, 2.0, 4.0), description="multipliers of the steering vectors (1: the mean update itself)")
     steer_null_draws: PosInt = Field(
         1, description="random directions per query, layer and scale, each scaled to the norm of the ICL and of the IT "
@@ -259,8 +259,8 @@ class ExperimentSpec(BaseModel):
             out["task_options"] = self.task_options.to_dict()
         for name in type(self).model_fields:
             if name not in out and name not in ("seed", "task_options", "cluster"):
-                out[name] = _plain(getattr(self, name))
-        out["recipe"] = _plain(_recipe_fields(self.recipe))
+                out[name] = plain(getattr(self, name))
+        out["recipe"] = plain(_recipe_fields(self.recipe))
         if self.cluster is not None:  # only when given, like task_options
             out["cluster"] = self.cluster.to_dict()
         return out
@@ -335,9 +335,9 @@ class ExperimentSpec(BaseModel):
             return None
         out: dict[str, Any] = {"analyses": [a for a in ANALYSIS_NAMES if a in self.analyses]}
         if "patch" in self.analyses:
-            out["patch_layers"] = _plain(self.patch_layers)
+            out["patch_layers"] = plain(self.patch_layers)
         if "steer" in self.analyses:
-            out.update(steer_layers=_plain(self.steer_layers), steer_scales=[float(x) for x in self.steer_scales],
+            out.update(steer_layers=plain(self.steer_layers), steer_scales=[float(x) for x in self.steer_scales],
                        steer_null_draws=self.steer_null_draws)
         return out
 
@@ -365,7 +365,7 @@ ExperimentSpec.__init__ = __init__  # type: ignore[method-assign]
 
 
 def _recipe_key(value: Mapping[str, Any]) -> str:
-    return json.dumps(_plain(value), sort_keys=True)
+    return json.dumps(plain(value), sort_keys=True)
 
 
 def _recipe_fields(recipe: TuningRecipe) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from iclit.experiments.spec.model import ExperimentSpec
 __all__ = ["resource_problems"]
 
 
-def _values(spec: ExperimentSpec, name: str, indices: Mapping[str, Sequence[int]] | None) -> list[tuple[str, Any]]:
+def values_of(spec: ExperimentSpec, name: str, indices: Mapping[str, Sequence[int]] | None) -> list[tuple[str, Any]]:
     """(path, value) of each value of a factor; ``indices``: the values' places in the file
     when some were left out (a best-effort check of a spec with problems)."""
     if name in spec.factors:
@@ -27,7 +27,7 @@ def resource_problems(spec: ExperimentSpec, indices: Mapping[str, Sequence[int]]
     from iclit.tasks import TaskDataError, get_task, get_template, is_builtin
 
     found: list[tuple[str, str]] = []
-    for path, name in _values(spec, "model", indices):
+    for path, name in values_of(spec, "model", indices):
         try:
             resolve(name)
         except ModelNotFoundError as e:
@@ -38,14 +38,14 @@ def resource_problems(spec: ExperimentSpec, indices: Mapping[str, Sequence[int]]
     except TaskDataError as e:
         found.append(("task_options" if options and is_builtin(spec.task) else "task", str(e)))
         return found
-    for path, name in _values(spec, "template", indices):
+    for path, name in values_of(spec, "template", indices):
         if name != "default":
             try:
                 get_template(task.name, name)
             except TaskDataError as e:
                 found.append((path, str(e)))
     pools: list[tuple[str, Any]] = []
-    for path, name in _values(spec, "demo_task", indices):
+    for path, name in values_of(spec, "demo_task", indices):
         if name is None or name == spec.task:
             pools.append((path, task))
             continue
@@ -59,12 +59,12 @@ def resource_problems(spec: ExperimentSpec, indices: Mapping[str, Sequence[int]]
                                              f"has {len(task)} examples"))
     elif spec.resamples > len(task):
         found.append(("resamples", f"{spec.resamples} resamples need as many distinct queries; task {task.name!r} has {len(task)} examples"))
-    ks = _values(spec, "k", indices)
+    ks = values_of(spec, "k", indices)
     for path, k in ks:
         for _, pool in pools:
             if k + 1 > len(pool):
                 found.append((path, f"k={k} is too large for task {pool.name!r}: it has {len(pool)} examples, so k can be at most {len(pool) - 1}"))
-    for rpath, value in _values(spec, "recipe", indices):  # minibatches: the number of steps depends on k
+    for rpath, value in values_of(spec, "recipe", indices):  # minibatches: the number of steps depends on k
         recipe = spec.resolve_recipe(value)[1]
         if recipe.capture_steps and recipe.batch_size:
             for _, k in ks:
@@ -73,7 +73,7 @@ def resource_problems(spec: ExperimentSpec, indices: Mapping[str, Sequence[int]]
                     found.append((rpath, f"capture_steps {list(recipe.capture_steps)} go past the last of the {steps} "
                                          f"optimiser steps that k={k} demonstrations in batches of {recipe.batch_size} "
                                          f"make in {recipe.epochs} epochs"))
-    for path, w in _values(spec, "wrong_labels", indices):
+    for path, w in values_of(spec, "wrong_labels", indices):
         if w > 0:
             for _, pool in pools:
                 if pool.kind == "classification" and len(pool.labels or ()) < 2:

@@ -43,34 +43,34 @@ TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
 ANALYSIS_NAMES: tuple[str, ...] = get_args(AnalysisName)
 FactorValue = Any  # int | float | bool | str | None | Mapping (inline recipe)
 
-_FROZEN = ConfigDict(extra="forbid", frozen=True)
+FROZEN = ConfigDict(extra="forbid", frozen=True)
 _PARTIAL = ConfigDict(extra="forbid", frozen=True, json_schema_extra=unset_defaults)  # fields unset unless given
 
 
-def _one_of(options: tuple[str, ...], *, null: bool = False) -> Any:
+def one_of(options: tuple[str, ...], *, null: bool = False) -> Any:
     return expect(("null or " if null else "") + "one of " + ", ".join(options))
 
 
-def _none_is(empty: Any) -> BeforeValidator:
+def none_is(empty: Any) -> BeforeValidator:
     return BeforeValidator(lambda v: empty if v is None else v)
 
 
-def _listed(v: Any) -> Any:
+def listed(v: Any) -> Any:
     return [v] if isinstance(v, str) else v
 
 
-def _values(item: Any, what: str = "a value", listed: str = "a non-empty list of values") -> Any:
+def values_of(item: Any, what: str = "a value", listed: str = "a non-empty list of values") -> Any:
     """A non-empty list of ``item`` (a tuple), each value once."""
     return Annotated[tuple[item, ...], Field(min_length=1), distinct(what), expect(listed, as_kind=True)]
 
 
-_Similarity = Annotated[Similarity, _one_of(SIMILARITY_MODES)]
-_Str = Annotated[str, Strict(), Field(min_length=1, pattern=r"\S")]  # NonEmptyStr, worded by the caller
-_DemoTask = Annotated[_Str | None, BeforeValidator(lambda v: None if v == "same" else v, json_schema_input_type=str | None),
+SimilarityField = Annotated[Similarity, one_of(SIMILARITY_MODES)]
+StrField = Annotated[str, Strict(), Field(min_length=1, pattern=r"\S")]  # NonEmptyStr, worded by the caller
+DemoTaskField = Annotated[StrField | None, BeforeValidator(lambda v: None if v == "same" else v, json_schema_input_type=str | None),
                       expect("a task name, 'same' or null")]
-_Arm = Annotated[ArmName, expect(message="unknown arm {got} (arms: " + ", ".join(sorted(ARM_NAMES)) + ")")]
-_Baseline = Annotated[Baseline, _one_of(BASELINE_NAMES)]
-_Analysis = Annotated[AnalysisName, _one_of(ANALYSIS_NAMES)]
+ArmField = Annotated[ArmName, expect(message="unknown arm {got} (arms: " + ", ".join(sorted(ARM_NAMES)) + ")")]
+BaselineField = Annotated[Baseline, one_of(BASELINE_NAMES)]
+AnalysisField = Annotated[AnalysisName, one_of(ANALYSIS_NAMES)]
 
 
 def _layers(v: Any) -> Any:
@@ -93,12 +93,12 @@ def _non_empty(v: tuple) -> tuple:
     return v
 
 
-_Layers = Annotated[Any, PlainValidator(_layers, json_schema_input_type=Literal["all"] | list[NonNegInt] | None)]
+LayersField = Annotated[Any, PlainValidator(_layers, json_schema_input_type=Literal["all"] | list[NonNegInt] | None)]
 _Scale = Annotated[float, Strict(), Field(gt=0.0, allow_inf_nan=False), expect("a positive number")]
-_Scales = Annotated[tuple[_Scale, ...], AfterValidator(_non_empty), distinct("a scale"), BeforeValidator(_listed),
+ScalesField = Annotated[tuple[_Scale, ...], AfterValidator(_non_empty), distinct("a scale"), BeforeValidator(listed),
                     expect("a non-empty list of positive numbers", as_kind=True)]
-_Text = Annotated[str, Strict(), expect("a string")]
-_Overrides = Annotated[dict[str, Any], PlainValidator(recipe_overrides, json_schema_input_type=RecipeOverrides)]
+TextField = Annotated[str, Strict(), expect("a string")]
+OverridesField = Annotated[dict[str, Any], PlainValidator(recipe_overrides, json_schema_input_type=RecipeOverrides)]
 
 
 def _not_base(v: str) -> str:
@@ -107,7 +107,7 @@ def _not_base(v: str) -> str:
     return v
 
 
-_RecipeName = Annotated[str, Strict(), Field(min_length=1), AfterValidator(_not_base),
+RecipeNameField = Annotated[str, Strict(), Field(min_length=1), AfterValidator(_not_base),
                         expect(message="a recipe name must be a non-empty string other than 'base'")]
 
 
@@ -143,14 +143,14 @@ def factor_label(name: str, value: FactorValue) -> Any:
     return value
 
 
-def _plain(v: Any) -> Any:
+def plain(v: Any) -> Any:
     """Tuples as lists, mappings (and nested models) as dicts, all the way down (for YAML)."""
     if isinstance(v, BaseModel):
         v = v.model_dump()
     if isinstance(v, Mapping):
-        return {k: _plain(x) for k, x in v.items()}
+        return {k: plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [plain(x) for x in v]
     return v
 
 
@@ -166,7 +166,7 @@ class EquivalenceMargins(BaseModel):
     cell's positive control (IT seed 1 vs IT seed 2, else ICL vs reordered ICL) at the same
     null, centring and layer; a cell without a ceiling then claims no equivalence."""
 
-    model_config = _FROZEN
+    model_config = FROZEN
 
     raw: _CosineMargin = Field("ceiling", description="raw cosines' excess over a null")
     centred: _CosineMargin = Field("ceiling", description="centred cosines' excess (anchor or reference centring)")
@@ -185,18 +185,18 @@ class Factors(BaseModel):
 
     model_config = _PARTIAL
 
-    k: _values(NonNegInt) = Field(None, description="demonstrations per resample")
-    similarity: _values(_Similarity) = Field(None, description="random, most or least similar demonstrations")
-    wrong_labels: _values(Fraction) = Field(None, description="fractions of demonstrations given a wrong label")
-    demo_task: _values(_DemoTask) = Field(None, description="task of the demonstrations; null or 'same': the query's")
-    template: _values(NonEmptyStr) = Field(None, description="named templates of the task")
-    instruction: _values(StrictBool) = Field(None, description="keep the template's instruction or not")
-    model: _values(NonEmptyStr) = Field(None, description="models (each runs its cells in one stretch)")
-    recipe: _values(_RecipeValue) = Field(
+    k: values_of(NonNegInt) = Field(None, description="demonstrations per resample")
+    similarity: values_of(SimilarityField) = Field(None, description="random, most or least similar demonstrations")
+    wrong_labels: values_of(Fraction) = Field(None, description="fractions of demonstrations given a wrong label")
+    demo_task: values_of(DemoTaskField) = Field(None, description="task of the demonstrations; null or 'same': the query's")
+    template: values_of(NonEmptyStr) = Field(None, description="named templates of the task")
+    instruction: values_of(StrictBool) = Field(None, description="keep the template's instruction or not")
+    model: values_of(NonEmptyStr) = Field(None, description="models (each runs its cells in one stretch)")
+    recipe: values_of(_RecipeValue) = Field(
         None, description="IT recipes: 'base' (= `recipe`), a name in `recipes`, or a mapping of recipe fields laid over `recipe`")
 
 
-def _factors(v: Any) -> dict[str, tuple[Any, ...]]:
+def parse_factors(v: Any) -> dict[str, tuple[Any, ...]]:
     if v is None:
         return {}
     if not isinstance(v, Mapping):
@@ -215,12 +215,12 @@ class TemplateFields(BaseModel):
 
     instruction: Annotated[Annotated[str, Strict()] | None, expect("a string or null")] = Field(
         None, description="the instruction that heads every prompt; null: none")
-    input_prefix: _Text = Field(None, description="text before each input (a data file's: 'Input: ')")
-    output_prefix: _Text = Field(None, description="text after the input that ends the prompt (a data file's: 'Output:')")
-    io_sep: _Text = Field(None, description="between the input and the output prefix (default: a newline)")
-    answer_sep: _Text = Field(None, description="between the output prefix and the answer (default: a space)")
-    demo_sep: _Text = Field(None, description="between demonstrations (default: a blank line)")
-    instruction_sep: _Text = Field(None, description="after the instruction (default: a blank line)")
+    input_prefix: TextField = Field(None, description="text before each input (a data file's: 'Input: ')")
+    output_prefix: TextField = Field(None, description="text after the input that ends the prompt (a data file's: 'Output:')")
+    io_sep: TextField = Field(None, description="between the input and the output prefix (default: a newline)")
+    answer_sep: TextField = Field(None, description="between the output prefix and the answer (default: a space)")
+    demo_sep: TextField = Field(None, description="between demonstrations (default: a blank line)")
+    instruction_sep: TextField = Field(None, description="after the instruction (default: a blank line)")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in type(self).model_fields if k in self.model_fields_set}
@@ -235,8 +235,8 @@ class TaskOptions(BaseModel):
     input_field: NonEmptyStr = Field(None, description="the field holding the input (default: input)")
     output_field: NonEmptyStr = Field(None, description="the field holding the output (default: output)")
     id_field: NonEmptyStr = Field(None, description="the field holding example ids (default: FILE_STEM-N)")
-    kind: Annotated[TaskKind, _one_of(TASK_KINDS)] = Field(None, description="classification (default) or generation")
-    labels: Annotated[tuple[NonEmptyStr, ...], Field(min_length=2), BeforeValidator(_listed),
+    kind: Annotated[TaskKind, one_of(TASK_KINDS)] = Field(None, description="classification (default) or generation")
+    labels: Annotated[tuple[NonEmptyStr, ...], Field(min_length=2), BeforeValidator(listed),
                       expect("a list of at least two label words", as_kind=True)] = Field(
         None, description="classification: the label words, in order (default: the verbalizer's words, else the sorted outputs)")
     verbalizer: Annotated[dict[str, NonEmptyStr], BeforeValidator(lambda v: {str(k): x for k, x in v.items()} if isinstance(v, Mapping) else v),
@@ -246,7 +246,7 @@ class TaskOptions(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         """The options given, as plain data (what the cell's settings and the spec file hold)."""
-        out = {k: _plain(getattr(self, k)) for k in type(self).model_fields if k in self.model_fields_set}
+        out = {k: plain(getattr(self, k)) for k in type(self).model_fields if k in self.model_fields_set}
         if self.template is not None:
             out["template"] = self.template.to_dict()
         return out
