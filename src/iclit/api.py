@@ -1,9 +1,12 @@
 """The Python API a notebook uses (the CLI is a thin layer over it): one comparison, end to end.
 
-    >>> import iclit
-    >>> result = iclit.run_comparison("gemma-3-270m", "sentiment", k=4, resamples=30, out="runs/main")
-    >>> result.summary, result.metrics, result.states["icl"]     # [n, L+1, d]
-    >>> iclit.compare(...)                                        # the same, as one tidy DataFrame
+    Example (not run: it needs a model or a run directory)::
+
+        import iclit
+        result = iclit.run_comparison("gemma-3-270m", "sentiment", k=4, resamples=30, out="runs/main")
+        result.summary, result.metrics, result.states["icl"]     # [n, L+1, d]
+        iclit.compare(...)                                        # the same, as one tidy DataFrame
+
 
 A comparison is a one-cell experiment (:func:`iclit.experiments.compare.comparison_spec`)
 run through the same plan → engine → store path as ``iclit run``; its tables are computed

@@ -4,9 +4,12 @@ Nothing here loads a model: every similarity is computed from the hidden states 
 the run directory (:mod:`iclit.analysis.frames`), every behavioural number from the stored
 outputs.
 
-    >>> run = load_run("runs/main")
-    >>> run.frame        # trial × layer × pair cosines
-    >>> run.outputs      # one row per trial: predictions, scores, losses
+    Example (not run: it needs a model or a run directory)::
+
+        run = load_run("runs/main")
+        run.frame        # trial × layer × pair cosines
+        run.outputs      # one row per trial: predictions, scores, losses
+
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Stored hidden states, loaded back from a run directory without any model.
 
-    >>> st = iclit.load_states("runs/main")
-    >>> st["icl"].shape            # [n_trials, L+1, d], rows in the order of st.keys
-    >>> st.frame()                 # trial_key, row: joins with `iclit results` rows on trial_key
+    Example (not run: it needs a model or a run directory)::
+
+        st = iclit.load_states("runs/main")
+        st["icl"].shape            # [n_trials, L+1, d], rows in the order of st.keys
+        st.frame()                 # trial_key, row: joins with `iclit results` rows on trial_key
+
 """
 
 from __future__ import annotations

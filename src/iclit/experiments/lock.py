@@ -91,8 +91,11 @@ def _is_stale(holder: dict[str, Any], age: float) -> bool:
 class RunLock:
     """The lock on one run directory, held by this process until :meth:`release`.
 
-    >>> with RunLock.acquire("runs/smoke"):
-    ...     ...   # write the run directory
+    Example (not run: it needs a model or a run directory)::
+
+        with RunLock.acquire("runs/smoke"):
+            ...   # write the run directory
+
     """
 
     path: Path

@@ -1,8 +1,11 @@
 """Running a spec into a run directory, locally or on a Ray cluster; resumable; reusing other runs.
 
-    >>> from iclit.experiments import load_spec, run_experiment
-    >>> run_experiment(load_spec("configs/examples/smoke.yaml"), "runs/smoke")   # again: resumes
-    >>> run_experiment(load_spec("more.yaml"), "runs/more", reuse=["runs/smoke"])  # copies shared trials
+    Example (not run: it needs a model or a run directory)::
+
+        from iclit.experiments import load_spec, run_experiment
+        run_experiment(load_spec("configs/examples/smoke.yaml"), "runs/smoke")   # again: resumes
+        run_experiment(load_spec("more.yaml"), "runs/more", reuse=["runs/smoke"])  # copies shared trials
+
 
 The driver plans the trials, skips the chunks already stored, copies the chunks it can reuse
 from other run directories, draws each remaining chunk's resamples (so every backend sees the

@@ -39,7 +39,10 @@ The numbers come from :mod:`iclit.analysis.factors`, the images from
 :mod:`iclit.report.figures`; this module only arranges them into plain data (text, numbers,
 summaries) for the template, which escapes everything it prints.
 
->>> write_report("runs/smoke")          # -> runs/smoke/report.html
+Example (not run: it needs a model or a run directory)::
+
+    write_report("runs/smoke")          # -> runs/smoke/report.html
+
 """
 
 from __future__ import annotations

@@ -110,8 +110,11 @@ def _now() -> str:
 class Store:
     """A results database. One instance per thread (SQLite connections are not shared).
 
-    >>> store = Store("runs/smoke")            # a run directory or a .sqlite path
-    >>> store.outputs()                        # one row per trial, with factor columns
+    Example (not run: it needs a model or a run directory)::
+
+        store = Store("runs/smoke")            # a run directory or a .sqlite path
+        store.outputs()                        # one row per trial, with factor columns
+
     """
 
     def __init__(self, path: str | Path, *, timeout: float = 120.0, create: bool = True, readonly: bool = False) -> None:

@@ -6,12 +6,15 @@ resources (:mod:`iclit.tasks.resources`: ``antonyms`` from WordNet,
 ``translation-en-cs-words`` from FreeDict) and tasks generated from a fixed seed
 (:mod:`iclit.tasks.generated`: ``addition``, ``reverse-words``).
 
->>> task = get_task("sentiment")                      # a built-in, by name
->>> task = get_task("my_data.csv", input_field="review", output_field="label")  # a file
->>> plain = task.with_template(task.template.replace(instruction=None))        # no instruction
->>> qa = task.with_template(get_template("sentiment", "qa"))                   # another template
->>> own = get_task("my_data.csv", template={"instruction": "Positive or negative?", "input_prefix": "Review: "})
->>> task = resolve_task("sentiment", "qa", instruction=False)                    # what a spec's cell uses
+Example (not run: it needs a model or a run directory)::
+
+    task = get_task("sentiment")                      # a built-in, by name
+    task = get_task("my_data.csv", input_field="review", output_field="label")  # a file
+    plain = task.with_template(task.template.replace(instruction=None))        # no instruction
+    qa = task.with_template(get_template("sentiment", "qa"))                   # another template
+    own = get_task("my_data.csv", template={"instruction": "Positive or negative?", "input_prefix": "Review: "})
+    task = resolve_task("sentiment", "qa", instruction=False)                    # what a spec's cell uses
+
 """
 
 from __future__ import annotations

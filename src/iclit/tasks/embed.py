@@ -12,9 +12,12 @@ import alone takes seconds).
   ``$ICLIT_CACHE/embeddings`` (next to the model cache), keyed by a hash of the texts, so a
   second process reads them instead of recomputing.
 
->>> from iclit.tasks.embed import embed
->>> vectors = embed(["a great film", "a dull film"])   # [2, 384], unit length
->>> float(vectors[0] @ vectors[1])                     # cosine similarity
+Example (not run: it needs a model or a run directory)::
+
+    from iclit.tasks.embed import embed
+    vectors = embed(["a great film", "a dull film"])   # [2, 384], unit length
+    float(vectors[0] @ vectors[1])                     # cosine similarity
+
 """
 
 from __future__ import annotations
