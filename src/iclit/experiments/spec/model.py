@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, Field, PlainValidator, PrivateA
     field_validator, model_validator
 
 from iclit.experiments.spec.problems import SpecError, problems_of
+from iclit.models.chat import PROMPT_FORMATS, PromptFormat
 from iclit.experiments.spec.values import (
     ANALYSIS_NAMES, BASELINE_NAMES, DESIGNS, DTYPES, REQUIRED_ARMS, SAMPLER_NAMES, Design, DType, FactorValue, SamplerName, TaskOptions,
     _Analysis, _DemoTask, _FROZEN, _Layers, _Overrides, _Scales, _RecipeName, _Similarity, _Str, _Text, _Arm, _Baseline, _factors, _listed, _none_is, _one_of,
@@ -57,6 +58,11 @@ class ExperimentSpec(BaseModel):
     task_options: TaskOptions | None = Field(None, description="a data file's fields and kind, and the task's template")
     template: NonEmptyStr = Field("default", description="a named template of the task")
     instruction: StrictBool = Field(True, description="keep the template's instruction")
+    prompt_format: Annotated[PromptFormat, _one_of(PROMPT_FORMATS)] = Field(
+        "raw", description="raw: the template's text as it is, on every model (the default; a model factor compares "
+                           "the same text); chat: every whole prompt (anchor query, ICL prompt, IT training prompt) as "
+                           "one user message of the model's chat template, the answer starting the assistant's reply "
+                           "(instruct models; iclit.models.chat)")
     arms: Annotated[tuple[_Arm, ...], distinct("an arm"), BeforeValidator(_listed), expect("a list of arm names", as_kind=True),
                     _none_is(REQUIRED_ARMS)] = Field(
         REQUIRED_ARMS, description="arms to run; must include anchor, icl and it (it_seed2: IT with another seed; icl_reordered: ICL with "
