@@ -197,3 +197,20 @@ def test_the_planner_fits_the_1_5b_in_fp32_within_24_gb(monkeypatch):
     assert plan.adapters_per_pass >= 1 and plan.train_tokens >= memory.MIN_TOKENS
     assert weights + plan.planned_bytes() <= machine
     assert plan.planned_bytes() <= plan.budget
+
+
+def test_a_cache_filled_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch, tiny_tokenizer):
+    """Two processes dequantising the same GGUF file: the second rename finds the folder
+    filled; it drops its own copy and uses the first (no error, no temporary folder left)."""
+    import iclit.models.loading as loading
+    from iclit.models.tiny import build_tiny_llama
+
+    target = tmp_path / "models" / "m-1"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"first")
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny_tokenizer)
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: build_tiny_llama(len(tiny_tokenizer), layers=1, hidden=16))
+    loading._dequantise_to_cache(tmp_path / "m.gguf", target)
+    assert (target / "model.safetensors").read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m-1"]

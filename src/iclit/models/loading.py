@@ -140,6 +140,11 @@ def _dequantise_to_cache(gguf: Path, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         (tmp / "iclit.json").write_text(json.dumps({"gguf": str(gguf)}))
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (target / "model.safetensors").exists():  # another process cached the same model first
+            return
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
