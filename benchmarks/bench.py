@@ -38,6 +38,14 @@ and one machine-readable line per comparison:
   ``--timed-chunks N``: only N of the one-query chunks, spread evenly, are computed, their time
   scaled to all chunks and ``agree`` checked on their pairs (an estimate, printed as such; for
   a slow machine, where the 300 one-query trials take hours).
+* ``GFLOPS`` lines: the achieved rate of the capture pass (``icl_capture``) and of the tuning
+  pass (``it_tuning``) on each side, FLOPs counted from the model's shapes and token counts
+  (:mod:`iclit.engine.flops`: ≈ 2·params a token forward, forward + backward with frozen
+  weights ≈ 4·params a token, plus causal attention; the LM head only at the answer rows), as a
+  fraction of this machine's fp32 (or ``--dtype``) matmul peak measured in the same run
+  (``benchmarks/gpu.py``'s ``measured_peak``, before and after the comparisons). The count is
+  the useful work of the straightforward computation; iclit's fast path skips part of it, so
+  its rate is an effective one.
 * ``--e2e``: ``iclit compare --task sentiment --k 4 --resamples 30`` in a subprocess, model
   already cached: wall time and peak RSS (targets: < 180 s, < 4 GB on a 2-core CPU).
 
@@ -69,6 +77,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
 
 from iclit.core.batching import common_prefix_length  # noqa: E402
 from iclit.engine.capture import capture, reference_last_states  # noqa: E402
+from iclit.engine.flops import PassWork, attended_pairs, forward_flops, training_flops  # noqa: E402
 from iclit.models import load_model  # noqa: E402
 from iclit.tasks import get_task  # noqa: E402
 from iclit.tuning import TuningRecipe, default_train_tokens, encode_pairs, fit, lora_config, tuned_many  # noqa: E402
@@ -116,8 +125,20 @@ def measure(device: torch.device):
         m.seconds = time.perf_counter() - start
 
 
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """This machine's matmul FLOP/s now (``benchmarks/gpu.py``'s helper; 2048² on a CPU)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu import measured_peak
+
+    return measured_peak(device, dtype, 2048 if device.type == "cpu" else 8192)
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+FLOPS: dict[str, float] = {}
+"""Comparison → FLOPs of its work (:mod:`iclit.engine.flops`), filled by the bench functions."""
 
 
 def bench_icl(lm, task, k: int, queries: int, batch_size: int):
@@ -126,7 +147,9 @@ def bench_icl(lm, task, k: int, queries: int, batch_size: int):
     prompts = [task.template.icl_prompt(demos, q) for q in qs]
     prefixes = [task.template.icl_prefix(demos)] * len(prompts)
     tok, model, device = lm.tokenizer, lm.model, lm.device
-    n_tokens = sum(len(tok(p)["input_ids"]) for p in prompts)
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    n_tokens = sum(lengths)
+    FLOPS["icl_capture"] = forward_flops(model, PassWork(tokens=n_tokens, attended=attended_pairs(lengths)))
     with measure(device) as ref:
         ref_states = []
         for p in prompts:
@@ -150,7 +173,11 @@ def bench_it(lm, task, n_adapters: int, k: int, epochs: int, batch_size: int):
     sets = [[task.template.training_pair(e) for e in ex[j * k : (j + 1) * k]] for j in range(n_adapters)]
     queries = [task.template.query(ex[n_adapters * k + j].input) for j in range(n_adapters)]
     seeds = list(range(1000, 1000 + n_adapters))
-    n_tokens = epochs * sum(encode_pairs(tok, pairs).attention_mask.sum().item() for pairs in sets)
+    encoded = [encode_pairs(tok, pairs) for pairs in sets]
+    n_tokens = epochs * sum(b.attention_mask.sum().item() for b in encoded)
+    lengths = [int(n) for b in encoded for n in b.attention_mask.sum(dim=1).tolist()]
+    FLOPS["it_tuning"] = epochs * training_flops(model, PassWork(
+        tokens=sum(lengths), attended=attended_pairs(lengths), head_rows=sum(int(b.targets.numel()) for b in encoded)))
 
     with measure(device) as ref:
         ref_loss, ref_states = [], []
@@ -312,6 +339,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    peaks = [matmul_peak(lm.device, lm.dtype)]
     task = get_task("sentiment")
     print(f"model {args.model} on {lm.device} ({str(lm.dtype).replace('torch.', '')}), torch threads {torch.get_num_threads()}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}")
@@ -337,6 +365,16 @@ def main() -> None:
               f"{gib(ref.peak_bytes) + ' / ' + gib(fast.peak_bytes):>26}  {agree}")
         print(f"{'':<12} {detail}; {n_tokens} input tokens; "
               f"{n_tokens / ref.seconds:.0f} vs {n_tokens / fast.seconds:.0f} tokens/s")
+    peaks.append(matmul_peak(lm.device, lm.dtype))
+    peak = max(peaks)
+    print(f"\nmeasured {str(lm.dtype).replace('torch.', '')} matmul peak on {lm.device}: "
+          f"{' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s (before / after; the rates below are against the higher)")
+    for name, work, ref, fast, agree, detail, n_tokens in rows:
+        if name in FLOPS:
+            f = FLOPS[name]
+            print(f"GFLOPS name={name} work_gflop={f / 1e9:.1f} straightforward={f / ref.seconds / 1e9:.1f} "
+                  f"iclit={f / fast.seconds / 1e9:.1f} peak={peak / 1e9:.1f} "
+                  f"fraction_of_peak={f / fast.seconds / peak:.3f} (straightforward {f / ref.seconds / peak:.3f})")
     for name, work, ref, fast, agree, detail, n_tokens in rows:
         limit = f" limit={limits[name]:.2f}" if name in limits else ""
         print(f"RATIO name={name} value={ref.seconds / fast.seconds:.2f} agree={str(agree).lower()}{limit}")

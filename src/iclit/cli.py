@@ -16,6 +16,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Is in-contex
 console = Console()
 err = Console(stderr=True)
 
+from iclit.cli_models import models_app  # noqa: E402  (after the app: a sub-command group of it)
+
+app.add_typer(models_app, name="models")
+
 
 def _message(e: Exception) -> str:
     """The text of an exception (a KeyError's str() adds quotes around it)."""
@@ -25,25 +29,6 @@ def _message(e: Exception) -> str:
 def _fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
-
-
-@app.command()
-def models() -> None:
-    """List the embedded models (other names: a local directory, a .gguf file or a hub id)."""
-    from iclit.models import list_models
-    from iclit.models.loading import resolve
-
-    table = Table("name", "package", "installed", "description",
-                  caption="NAME@random (or NAME@random:SEED): NAME's control model, its architecture and tokenizer "
-                          "with freshly initialised weights")
-    for m in list_models():
-        try:
-            resolve(m.name)
-            ok = "yes"
-        except LookupError:
-            ok = f"no: {m.install}"
-        table.add_row(m.name, getattr(m, "package", "(built in code)"), ok, m.description)
-    console.print(table)
 
 
 @app.command()

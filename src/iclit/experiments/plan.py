@@ -249,6 +249,8 @@ def _cell(spec: ExperimentSpec, values: dict[str, Any], tasks: dict[Any, Task]) 
             settings["block_sets"] = "disjoint"
     if spec.it_seeds > 1:
         settings["it_seeds"] = spec.it_seeds
+    if spec.prompt_format != "raw":  # likewise: the prompts framed by the model's chat template
+        settings["prompt_format"] = spec.prompt_format
     causal = spec.causal_settings()
     if causal is not None:  # likewise: the causal analyses, run with the model and stored per trial
         settings["analyses"] = {**causal, "version": CAUSAL_VERSION}

@@ -138,6 +138,8 @@ class ChunkJob:
     it_seeds: int = 1
     causal: dict[str, Any] | None = None
     """The causal analyses' settings (:meth:`ExperimentSpec.causal_settings`), None without ``analyses``."""
+    prompt_format: str = "raw"
+    """raw or chat (:mod:`iclit.tasks.chat`): the engine frames the prompts with the model's tokenizer."""
 
 
 @dataclass
@@ -183,7 +185,7 @@ def make_job(chunk: Chunk, spec: ExperimentSpec) -> ChunkJob:
         extras=[_extras(d, record) for d in draws], fast=spec.fast, baselines=tuple(spec.baselines),
         memory={k: getattr(spec, k) for k in ("memory_budget", "adapters_per_pass", "max_train_tokens")
                 if getattr(spec, k) is not None},
-        it_seeds=spec.it_seeds, causal=spec.causal_settings(),
+        it_seeds=spec.it_seeds, causal=spec.causal_settings(), prompt_format=spec.prompt_format,
     )
 
 
@@ -196,6 +198,7 @@ def execute(job: ChunkJob, lm: Any, progress: Callable[[str, int], Any] | None =
         lm, job.task, job.draws, recipe=job.recipe, seed=job.seed, batch_size=job.batch_size,
         max_new_tokens=job.max_new_tokens, arms=job.arms, demo_template=job.demo_template, fast=job.fast,
         progress=progress, baselines=job.baselines, memory=job.memory, it_seeds=job.it_seeds, causal=job.causal,
+        prompt_format=job.prompt_format,
     )
     seconds = (time.perf_counter() - start) / max(1, len(job.draws))
     score_name = job.task.score_name  # correct, exact_match or chrf

@@ -31,6 +31,7 @@ from iclit.models.names import (  # noqa: F401  (the name registry, torch-free; 
     FACTORIES,
     EmbeddedModel,
     ModelFactory,
+    cache_root,
     ModelNotFoundError,
     list_models,
     register_embedded,
@@ -71,7 +72,7 @@ class LoadedModel:
 
 def cache_dir() -> Path:
     """Where dequantised models are cached: ``$ICLIT_CACHE`` or ``~/.cache/iclit``."""
-    return Path(os.environ.get("ICLIT_CACHE", Path.home() / ".cache" / "iclit")) / "models"
+    return cache_root() / "models"
 
 
 def default_device() -> torch.device:
@@ -139,6 +140,11 @@ def _dequantise_to_cache(gguf: Path, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         (tmp / "iclit.json").write_text(json.dumps({"gguf": str(gguf)}))
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (target / "model.safetensors").exists():  # another process cached the same model first
+            return
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

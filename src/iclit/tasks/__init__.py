@@ -1,7 +1,7 @@
 """Tasks: examples, templates, built-in data, resource-backed and generated tasks, file loaders and
 demonstration samplers."""
 
-from .base import METRICS, Example, Metric, Task, TaskKind, Template
+from .base import METRICS, Example, FramedTemplate, Metric, Task, TaskKind, Template
 from .builtin import (
     TEMPLATES,
     TaskInfo,
@@ -37,6 +37,7 @@ from .samplers import (
 __all__ = [
     "Example",
     "Template",
+    "FramedTemplate",
     "Task",
     "TaskKind",
     "Metric",

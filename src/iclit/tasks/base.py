@@ -9,7 +9,10 @@ A :class:`Template` turns examples into the three kinds of text the experiment n
   tuning loss is taken on the answer tokens only.
 
 All three share one rendering, so the ICL and IT arms see the demonstrations in the same
-format. The hidden state compared is the one of the last token of the query prompt (the
+format. A :class:`FramedTemplate` (``Template.framed(head, tail)``) puts every prompt — query,
+ICL and IT training prompt alike — between the same ``head`` and ``tail`` (an instruct
+model's chat template around one user message, :func:`iclit.tasks.chat.chat_template_of`);
+the demonstrations inside an ICL prompt stay plain text within that one message. The hidden state compared is the one of the last token of the query prompt (the
 position that predicts the answer).
 """
 
@@ -60,14 +63,32 @@ class Template:
     demo_sep: str = "\n\n"
     instruction_sep: str = "\n\n"
 
+    @property
+    def opening(self) -> str:
+        """Text before every whole prompt ('' here; a :class:`FramedTemplate`'s ``head``)."""
+        return ""
+
+    @property
+    def closing(self) -> str:
+        """Text after every whole prompt ('' here; a :class:`FramedTemplate`'s ``tail``)."""
+        return ""
+
     def _head(self, with_instruction: bool) -> str:
         if with_instruction and self.instruction:
             return self.instruction + self.instruction_sep
         return ""
 
-    def query(self, text: str, with_instruction: bool = True) -> str:
-        """The query prompt for one input: ends on the output prefix."""
+    def _block(self, text: str, with_instruction: bool = False) -> str:
         return f"{self._head(with_instruction)}{self.input_prefix}{text}{self.io_sep}{self.output_prefix}"
+
+    def query(self, text: str, with_instruction: bool = True) -> str:
+        """The query prompt for one input: ends on the output prefix (then the closing, if framed)."""
+        return self.opening + self._block(text, with_instruction) + self.closing
+
+    def query_end(self, text: str) -> str:
+        """The text every prompt of this input ends with: the query without instruction (and
+        the closing, if framed)."""
+        return self._block(text) + self.closing
 
     def answer(self, output: str) -> str:
         """The continuation that the model should produce after a query prompt."""
@@ -75,7 +96,7 @@ class Template:
 
     def demonstration(self, example: Example) -> str:
         """One demonstration as it appears inside an ICL prompt (no instruction)."""
-        return self.query(example.input, with_instruction=False) + self.answer(example.output)
+        return f"{self._block(example.input)}{self.answer_sep}{example.output}"
 
     def icl_prefix(self, demonstrations: Sequence[Example], demo_template: "Template | None" = None) -> str:
         """Everything of the ICL prompt before the query: instruction and demonstrations.
@@ -84,16 +105,16 @@ class Template:
         (e.g. translation demonstrations before a sentiment query); default: this template.
         """
         if not demonstrations:
-            return self._head(True)
+            return self.opening + self._head(True)
         fmt = demo_template or self
         body = self.demo_sep.join(fmt.demonstration(d) for d in demonstrations)
-        return self._head(True) + body + self.demo_sep
+        return self.opening + self._head(True) + body + self.demo_sep
 
     def icl_prompt(
         self, demonstrations: Sequence[Example], query: Example, demo_template: "Template | None" = None
     ) -> str:
         """The ICL prompt: the demonstrations in order, then the query prompt."""
-        return self.icl_prefix(demonstrations, demo_template) + self.query(query.input, with_instruction=False)
+        return self.icl_prefix(demonstrations, demo_template) + self.query_end(query.input)
 
     def training_pair(self, example: Example) -> tuple[str, str]:
         """(prompt, answer) for instruction tuning on one demonstration."""
@@ -101,6 +122,37 @@ class Template:
 
     def replace(self, **changes: Any) -> "Template":
         return dataclasses.replace(self, **changes)
+
+    def framed(self, head: str, tail: str, reply_sep: str = "") -> "FramedTemplate":
+        """This template with every whole prompt put between ``head`` and ``tail``; the answer
+        to a whole prompt then starts the model's turn with ``reply_sep`` ('' by default)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Template)}
+        return FramedTemplate(**fields, head=head, tail=tail, reply_sep=reply_sep)
+
+
+@dataclass(frozen=True)
+class FramedTemplate(Template):
+    """A :class:`Template` whose whole prompts (query, ICL, IT training prompt) are put between
+    ``head`` and ``tail``: e.g. a chat template's opening up to one user message's content, and
+    the message's end plus the assistant turn's opening. Demonstrations inside an ICL prompt
+    are not framed and keep ``answer_sep``; the answer to a whole prompt (the label read out,
+    the IT training target) is ``reply_sep + output``. Built per tokenizer at run time; a plan
+    holds the plain template."""
+
+    head: str = ""
+    tail: str = ""
+    reply_sep: str = ""
+
+    def answer(self, output: str) -> str:
+        return f"{self.reply_sep}{output}"
+
+    @property
+    def opening(self) -> str:
+        return self.head
+
+    @property
+    def closing(self) -> str:
+        return self.tail
 
 
 @dataclass(frozen=True)

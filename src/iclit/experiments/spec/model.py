@@ -19,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, Discriminator, Field, Tag, Plai
 
 from iclit.experiments.spec.cluster import ClusterOptions
 from iclit.experiments.spec.problems import SpecError, problems_of
+from iclit.tasks.chat import PROMPT_FORMATS, PromptFormat
 from iclit.experiments.spec.values import (
     ANALYSIS_NAMES, BASELINE_NAMES, DESIGNS, DTYPES, REQUIRED_ARMS, SAMPLER_NAMES, Design, DType, EquivalenceMargins, FactorValue, SamplerName, TaskOptions,
     AnalysisField, DemoTaskField, FROZEN, LayersField, OverridesField, ScalesField, RecipeNameField, SimilarityField, StrField, TextField, ArmField, BaselineField, parse_factors, listed, none_is, one_of,
@@ -58,6 +59,11 @@ class ExperimentSpec(BaseModel):
     task_options: TaskOptions | None = Field(None, description="a data file's fields and kind, and the task's template")
     template: NonEmptyStr = Field("default", description="a named template of the task")
     instruction: StrictBool = Field(True, description="keep the template's instruction")
+    prompt_format: Annotated[PromptFormat, one_of(PROMPT_FORMATS)] = Field(
+        "raw", description="raw: the template's text as it is, on every model (the default; a model factor compares "
+                           "the same text); chat: every whole prompt (anchor query, ICL prompt, IT training prompt) as "
+                           "one user message of the model's chat template, the answer starting the assistant's reply "
+                           "(instruct models; iclit.tasks.chat)")
     arms: Annotated[tuple[ArmField, ...], distinct("an arm"), BeforeValidator(listed), expect("a list of arm names", as_kind=True),
                     none_is(REQUIRED_ARMS)] = Field(
         REQUIRED_ARMS, description="arms to run; must include anchor, icl and it (it_seed2: IT with another seed; icl_reordered: ICL with "
