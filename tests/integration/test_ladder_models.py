@@ -9,7 +9,8 @@ import hashlib
 import pytest
 import torch
 
-from iclit.engine.capture import capture, label_token_ids
+from iclit.core.tokens import label_token_ids
+from iclit.engine.capture import capture
 from iclit.models import EMBEDDED, load_model
 from iclit.models.arch import resolve_targets
 from iclit.tasks.chat import chat_frame, chat_template_of
