@@ -44,5 +44,5 @@ paper: install   # the whole paper suite (configs/paper), about an hour on a 2-c
 	$(PY) scripts/run_paper.py --out runs/paper
 	$(PY) scripts/replication_tables.py runs/paper > docs/replication_tables.md
 
-causal-tasks: install   # issue 12's specs (causal.yaml, tasks_*.yaml), apart from the paper suite's time rule; resumable
+causal-tasks: install   # the causal tests and the harder tasks (causal.yaml, tasks_*.yaml), apart from the paper suite; resumable
 	$(PY) scripts/run_paper.py --suite causal --out runs/paper
