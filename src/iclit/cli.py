@@ -7,28 +7,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from iclit.cli_common import console, err, fail, message, show
+from iclit.cli_design import print_floors
 from iclit.tuning import TuningRecipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Is in-context learning implicit instruction tuning?")
-console = Console()
-err = Console(stderr=True)
 
 from iclit.cli_models import models_app  # noqa: E402  (after the app: a sub-command group of it)
 
 app.add_typer(models_app, name="models")
-
-
-def _message(e: Exception) -> str:
-    """The text of an exception (a KeyError's str() adds quotes around it)."""
-    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -54,11 +43,11 @@ def _parse_settings(items: list[str] | None) -> dict:
     for item in items or []:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            _fail(f"--set takes KEY=VALUE (a spec key, e.g. similarity=most or recipe.rank=4), not {item!r}")
+            fail(f"--set takes KEY=VALUE (a spec key, e.g. similarity=most or recipe.rank=4), not {item!r}")
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            _fail(f"--set {key.strip()}: the value is not valid YAML ({e})")
+            fail(f"--set {key.strip()}: the value is not valid YAML ({e})")
     return out
 
 
@@ -124,17 +113,17 @@ def compare(
     chosen = [b.strip() for b in (baselines or "").split(",") if b.strip()]
     unknown = [b for b in chosen if b not in BASELINES]
     if unknown:
-        _fail(f"--baselines: unknown {', '.join(unknown)} (known: {', '.join(BASELINES)})")
+        fail(f"--baselines: unknown {', '.join(unknown)} (known: {', '.join(BASELINES)})")
     try:
         steps = tuple(int(x) for x in capture_steps.split(",") if x.strip()) if capture_steps else ()
     except ValueError:
-        _fail(f"--capture-steps must be comma-separated integers, not {capture_steps!r}")
+        fail(f"--capture-steps must be comma-separated integers, not {capture_steps!r}")
     try:
         chosen_targets = tuple(x.strip() for x in targets.split(",") if x.strip()) if targets else _RECIPE.targets
         recipe = TuningRecipe(method=method, rank=rank, alpha=alpha, dropout=dropout, lr=lr, epochs=epochs,  # type: ignore[arg-type]
                               capture_steps=steps, targets=chosen_targets)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     settings = {key: value for key, value in (("similarity", similarity), ("wrong_labels", wrong_labels),
                                               ("demo_task", demo_task)) if value is not None}
     options = {key: value for key, value in (("input_field", input_field), ("output_field", output_field),
@@ -145,7 +134,7 @@ def compare(
         check_comparison(k, resamples, resolve_task(get_task(task, template=layout or None, **options), template,
                                                     not no_instruction), queries_per_set)
     except (TaskDataError, ValueError, KeyError) as e:
-        _fail(_message(e))
+        fail(message(e))
     if layout:
         options["template"] = layout
     if options:
@@ -163,7 +152,7 @@ def compare(
         from iclit.experiments.plan import make_plan
 
         console.print(spec.to_yaml(), highlight=False, markup=False, soft_wrap=True)
-        _print_floors(make_plan(spec), to=err)  # stderr: the spec on stdout stays a spec file
+        print_floors(make_plan(spec), to=err)  # stderr: the spec on stdout stays a spec file
         return
     _run_comparison(spec, out)
 
@@ -177,11 +166,11 @@ def _run_comparison(spec, out: Path) -> None:
 
     from iclit.experiments.plan import make_plan
 
-    _print_floors(make_plan(spec), to=err, table=False)  # a null this design cannot reject: said before compute
+    print_floors(make_plan(spec), to=err, table=False)  # a null this design cannot reject: said before compute
     try:
         summary = run_comparison_spec(spec, out, progress=True)
     except (TaskDataError, ModelNotFoundError, ValueError, RuntimeError) as e:
-        _fail(_message(e))
+        fail(message(e))
     print_summary(json.loads((out / "metrics.json").read_text()), json.loads((out / "config.json").read_text()))
     _warn_fit(summary)
     console.print(f"wrote {out}/{', '.join(EXPORTS)} (run directory: `iclit results {out}`, `iclit report {out}`)",
@@ -240,16 +229,16 @@ def run_spec(
     from iclit.experiments.spec import SpecError, load_spec
 
     if backend not in ("local", "ray", "slurm"):
-        _fail(f"--backend must be local, ray or slurm, not {backend!r}")
+        fail(f"--backend must be local, ray or slurm, not {backend!r}")
     try:
         shard_of = parse_shard(shard) if shard is not None else None
     except ShardError as e:
-        _fail(str(e))
+        fail(str(e))
     if backend == "slurm" and (shard_of is not None or reuse or max_chunks is not None):
-        _fail("--backend slurm submits every shard of the whole plan: without --shard, --reuse or --max-chunks")
+        fail("--backend slurm submits every shard of the whole plan: without --shard, --reuse or --max-chunks")
     source = spec if spec is not None else out / SPEC_NAME
     if spec is None and not source.exists():
-        _fail(f"no SPEC given and {source} does not exist: `iclit run SPEC.yaml --out {out}`")
+        fail(f"no SPEC given and {source} does not exist: `iclit run SPEC.yaml --out {out}`")
     try:
         parsed = load_spec(source)
     except SpecError as e:
@@ -259,15 +248,15 @@ def run_spec(
         for _, store in open_reuse_stores(reuse, out):
             store.close()
     except ReuseError as e:
-        _fail(str(e))
+        fail(str(e))
     plan = make_plan(parsed)
     factors = ", ".join(f"{k} ({len(v)})" for k, v in parsed.factors.items()) or "none"
     console.print(f"{parsed.name}: {len(plan.cells)} cells × {len(parsed.seeds)} seed(s) × {parsed.resamples} resamples "
                   f"= {plan.n_trials} trials in {len(plan.chunks)} chunks; factors: {factors}", highlight=False, soft_wrap=True)
     print_cost(plan, out, calibrate=check and calibrate, strict=check)
     if check:
-        if not _print_floors(plan) and strict:
-            _fail("a cell's tests cannot reach p < 0.05 after adjustment (--strict); add query blocks (resamples)")
+        if not print_floors(plan) and strict:
+            fail("a cell's tests cannot reach p < 0.05 after adjustment (--strict); add query blocks (resamples)")
         return
     if backend == "slurm":
         run_slurm(parsed, out, shards=shards, settings=_parse_settings(slurm), wait=wait, max_retries=max_retries,
@@ -283,7 +272,7 @@ def run_spec(
                                  ray_options=ray_options_of(parsed, actors_per_gpu=actors_per_gpu, threads=worker_threads,
                                                             max_retries=max_retries))
     except (ReuseError, ValueError, RuntimeError, LookupError, OSError) as e:  # a source removed since the check
-        _fail(_message(e))  # above; a run dir locked, not writable, a prompt or recipe that does not fit; an old store
+        fail(message(e))  # above; a run dir locked, not writable, a prompt or recipe that does not fit; an old store
     if summary.reused:  # the reused cells' analysis tables come along (content-keyed, computed once)
         from iclit.analysis.cache import copy_entries
 
@@ -291,35 +280,6 @@ def run_spec(
             copy_entries(source, out)
     console.print(str(summary), highlight=False, soft_wrap=True)
     _warn_fit(summary)
-
-
-def _print_floors(plan, to: Console = console, table: bool = True) -> bool:
-    """Print, per cell and null, the smallest p the design allows before and after Holm (with
-    ``table``); warn for each that cannot reach 0.05. True when every null of every cell can."""
-    from iclit.analysis.power import plan_cells, plan_floors
-
-    floors = plan_floors(plan_cells(plan))
-    if not len(floors):
-        return True
-    if table:
-        _floors_table(floors, to)
-    for r in floors[~floors["reachable"]].itertuples():
-        need = (f"it needs at least {r.blocks_needed} query blocks ({r.blocks_needed * r.group_size} sets per seed)"
-                if r.blocks_needed else "more permutations are needed, not more blocks")
-        to.print(f"[bold yellow]warning:[/] {r.cell}: the {r.null.replace('_', '-')} test cannot reject at 0.05 "
-                 f"after Holm over {r.family} tests (smallest p {r.p_min:.3g} with {r.blocks} blocks); {need}",
-                 highlight=False, soft_wrap=True)
-    return bool(floors["reachable"].all())
-
-
-def _floors_table(floors, to: Console) -> None:
-    table = Table("cell", "null", "blocks", "test", "smallest p", "tests per layer", "smallest Holm p",
-                  title="what each cell's tests can reject (1000 permutations, alpha 0.05)")
-    for r in floors.itertuples():
-        test = f"exact ({r.patterns:.0f} pairings)" if r.exact else "Monte Carlo"
-        table.add_row(r.cell, r.null.replace("_", "-"), str(r.blocks), test, f"{r.p_min:.3g}", str(r.family),
-                      f"{r.holm_floor:.3g}" + ("" if r.reachable else " ✗"))
-    to.print(table)
 
 
 def _warn_fit(summary) -> None:
@@ -358,113 +318,45 @@ def results(
         console.print(table)
         return
     if format not in ("table", "csv", "parquet"):
-        _fail(f"--format must be table, csv or parquet, not {format!r}")
+        fail(f"--format must be table, csv or parquet, not {format!r}")
     if format == "parquet" and out is None:
-        _fail("--format parquet needs --out FILE")
+        fail("--format parquet needs --out FILE")
     if format == "table" and out is not None:
-        _fail("--out needs --format csv or parquet")
+        fail("--out needs --format csv or parquet")
     chosen = [name for name, on in (("summary", summary), ("effects", effects), ("tests", tests),
                                     ("contrasts", contrasts)) if on]
     if metric:
         chosen.append(metric)
     if len(chosen) + outputs > 1:
         if effects:
-            _fail("--effects goes alone, without --outputs, --summary or --metric")
-        _fail("give one of --metric, --summary, --effects, --tests, --contrasts, --outputs")
+            fail("--effects goes alone, without --outputs, --summary or --metric")
+        fail("give one of --metric, --summary, --effects, --tests, --contrasts, --outputs")
     name = chosen[0] if chosen else ("cosines" if not outputs else None)
     if name is not None:
         try:
             get_metric(name)
         except KeyError as e:
-            _fail(_message(e))
+            fail(message(e))
     fold_shards(run)  # shards of `iclit run --shard` not merged yet
     try:
         data = load_run(run, all_trials=all_trials, cka=True if name and get_metric(name).needs_cka else None)
     except FileNotFoundError as e:
-        _fail(str(e))
+        fail(str(e))
     except (RuntimeError, ValueError) as e:
-        _fail(f"{run}: {e}")
+        fail(f"{run}: {e}")
     for note in data.notes if name is not None else ():  # what similarities could not be computed
         err.print(f"note: {note}", highlight=False, soft_wrap=True)
     try:
         df = data.outputs if name is None else compute_metric(data, name)
     except (ValueError, KeyError) as e:
-        _fail(f"{run}: --metric {name}: {_message(e)}")
+        fail(f"{run}: --metric {name}: {message(e)}")
     if name is not None and df.empty and data.frame.empty and data.notes and not data.outputs.empty:
-        _fail(f"{run}: --metric {name} is computed from stored hidden states, and {data.notes[0]} "
+        fail(f"{run}: --metric {name} is computed from stored hidden states, and {data.notes[0]} "
               "(--outputs and --metric scores, agreement, it_loss need none)")
     if name in ("effects", "contrasts") and df.empty and not data.outputs.empty:
         console.print("no factor with two or more values: no effects to show")
         return
-    _show(df, format, out, limit, nested=name is None)
-
-
-@app.command()
-def power(
-    run: Path = typer.Argument(..., help="a pilot run directory"),
-    blocks: Optional[int] = typer.Option(None, help="plan a design with this many query blocks per cell (default: "
-                                         "the pilot's own)"),
-    alpha: float = typer.Option(0.05, help="family-wise level"),
-    power_: float = typer.Option(0.8, "--power", help="the power asked for"),
-    format: str = typer.Option("table", "--format", "-f", help="table or csv"),
-) -> None:
-    """From a pilot run: per test, the effect a design can detect and the query blocks it needs."""
-    from iclit.analysis import load_run
-    from iclit.analysis.power import power_table
-
-    if format not in ("table", "csv"):
-        _fail(f"--format must be table or csv, not {format!r}")
-    if blocks is not None and blocks < 2:
-        _fail(f"--blocks must be at least 2, not {blocks}")
-    try:
-        data = load_run(run)
-    except FileNotFoundError as e:
-        _fail(str(e))
-    except (RuntimeError, ValueError) as e:
-        _fail(f"{run}: {e}")
-    df = power_table(data.tests, blocks=blocks, alpha=alpha, power=power_)
-    if df.empty:
-        _fail(f"{run}: no null tests to plan from (a crossed run: --queries-per-set 2 or more)")
-    _show(df, format, None, 200, nested=False)
-
-
-_PRECISE = {"cosine", "value", "last_layer", "mean_over_layers", "demo_similarity", "it_final_loss", "mean", "std",
-            "max", "agreement", "mean_value", "mean_reference", "mean_diff", "ci_low", "ci_high", "cohens_d", "p_value"}
-
-
-def _show(df, format: str, out: Optional[Path], limit: int, nested: bool) -> None:
-    """A table on the terminal, or CSV / Parquet (lists and dicts as JSON text)."""
-    columns = [c for c in df.columns  # only per-trial outputs hold lists/dicts; the long frames never do
-               if df[c].dtype == object and df[c].map(lambda v: isinstance(v, (list, dict))).any()] if nested else []
-    if format in ("csv", "parquet") and columns:  # per-step losses, dose records: as JSON text
-        df = df.assign(**{c: df[c].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v) for c in columns})
-    if format == "csv":
-        if out is None:
-            df.to_csv(typer.get_text_stream("stdout"), index=False)
-        else:
-            df.to_csv(out, index=False)
-            console.print(f"wrote {len(df)} rows to {out}")
-        return
-    if format == "parquet":
-        df.to_parquet(out, index=False)
-        console.print(f"wrote {len(df)} rows to {out}")
-        return
-    if df.empty:
-        console.print("no trials stored yet")
-        return
-    show = df.drop(columns=[c for c in ("trial_key", "cell_key", *columns) if c in df.columns])  # nested: -f csv/parquet
-    constant = [c for c in show.columns if show[c].nunique(dropna=False) == 1 and c not in ("pair", "layer")]
-    table = Table(title=("fixed: " + ", ".join(f"{c}={show[c].iloc[0]}" for c in constant)) if constant else None)
-    for c in show.columns:
-        if c not in constant:
-            table.add_column(c, overflow="fold")
-    shown = show.drop(columns=constant)
-    for row in shown.head(limit).itertuples(index=False):
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) and c in _PRECISE else (f"{v:g}" if isinstance(v, float) else str(v))
-                        for c, v in zip(shown.columns, row)])
-    console.print(table)
-    if len(df) > limit:
-        console.print(f"{limit} of {len(df)} rows; all of them: --format csv or parquet", highlight=False)
+    show(df, format, out, limit, nested=name is None)
 
 
 @app.command()
@@ -484,22 +376,23 @@ def report(
         from iclit.report.markdown import comparison_markdown
 
         if not (run / "metrics.json").exists():
-            _fail(f"{run}: no metrics.json (the Markdown tables are a one-cell comparison's: iclit compare … --out {run})")
+            fail(f"{run}: no metrics.json (the Markdown tables are a one-cell comparison's: iclit compare … --out {run})")
         typer.echo(comparison_markdown(run), nl=False)
         return
     try:
         path = write_report(run, out)
     except FileNotFoundError as e:
-        _fail(str(e))
+        fail(str(e))
     except (RuntimeError, ValueError) as e:  # an old or foreign store; states a baseline needs are missing
-        _fail(f"{run}: {e}")
+        fail(f"{run}: {e}")
     console.print(f"wrote {path}")
 
 
 def _register() -> None:
-    from iclit.cli_cluster import register
+    from iclit import cli_cluster, cli_design
 
-    register(app)  # iclit merge
+    cli_cluster.register(app)  # iclit merge
+    cli_design.register(app)  # iclit power
 
 
 _register()

@@ -11,18 +11,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
-__all__ = ["register", "fold_shards", "print_cost", "run_slurm", "fail"]
+from iclit.cli_common import console, err, fail
 
-console = Console()
-err = Console(stderr=True)
-
-
-def fail(message: str) -> None:
-    """Print one error line and exit with status 2."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+__all__ = ["register", "fold_shards", "print_cost", "run_slurm"]
 
 
 def merge(run: Path = typer.Argument(..., help="run directory whose shards (RUN/shards/I-of-N) to fold in")) -> None:

