@@ -176,8 +176,14 @@ def bench_it(lm, task, n_adapters: int, k: int, epochs: int, batch_size: int):
     encoded = [encode_pairs(tok, pairs) for pairs in sets]
     n_tokens = epochs * sum(b.attention_mask.sum().item() for b in encoded)
     lengths = [int(n) for b in encoded for n in b.attention_mask.sum(dim=1).tolist()]
-    FLOPS["it_tuning"] = epochs * training_flops(model, PassWork(
-        tokens=sum(lengths), attended=attended_pairs(lengths), head_rows=sum(int(b.targets.numel()) for b in encoded)))
+    FLOPS["it_tuning"] = epochs * training_flops(
+        model,
+        PassWork(
+            tokens=sum(lengths),
+            attended=attended_pairs(lengths),
+            head_rows=sum(int(b.targets.numel()) for b in encoded),
+        ),
+    )
 
     with measure(device) as ref:
         ref_loss, ref_states = [], []
@@ -187,15 +193,23 @@ def bench_it(lm, task, n_adapters: int, k: int, epochs: int, batch_size: int):
             params = [p for p in peft_model.parameters() if p.requires_grad]
             result = fit(peft_model, params, encode_pairs(tok, pairs).to(device), recipe, seed, reference=True)
             enc = tok(q, return_tensors="pt").to(device)
-            ref_states.append(reference_last_states(peft_model, enc["input_ids"], enc["attention_mask"])[0].float().cpu())
+            ref_states.append(
+                reference_last_states(peft_model, enc["input_ids"], enc["attention_mask"])[0].float().cpu()
+            )
             ref_loss.append(result.final_loss)
             peft_model.unload()
             vars(model).pop("peft_config", None)
             model.requires_grad_(False)
         ref_states = torch.stack(ref_states)
     with measure(device) as fast:
-        with tuned_many(model, tok, sets, recipe, seeds=seeds, max_tokens=default_train_tokens(device)) as (m, router, results):
-            states = capture(m, tok, queries, batch_size=batch_size, before_batch=lambda rows: router.set(rows, device)).states
+        with tuned_many(model, tok, sets, recipe, seeds=seeds, max_tokens=default_train_tokens(device)) as (
+            m,
+            router,
+            results,
+        ):
+            states = capture(
+                m, tok, queries, batch_size=batch_size, before_batch=lambda rows: router.set(rows, device)
+            ).states
     losses = [r.final_loss for r in results]
     loss_ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(ref_loss, losses))
     cos = torch.nn.functional.cosine_similarity(ref_states.double(), states.double(), dim=-1)
@@ -220,19 +234,36 @@ def bench_it_readout(lm, task, n_adapters: int, q: int, k: int, batch_size: int)
     adapter = [j for _ in range(q) for j in range(n_adapters)]
     n_tokens = sum(len(ids) for ids in tok(prompts)["input_ids"])
     recipe = TuningRecipe(epochs=2, lr=1e-2)  # two steps: adapters that differ, not a full tuning
-    with tuned_many(model, tok, sets, recipe, seeds=list(range(n_adapters)), max_tokens=default_train_tokens(device)) as (m, router, _):
+    with tuned_many(
+        model, tok, sets, recipe, seeds=list(range(n_adapters)), max_tokens=default_train_tokens(device)
+    ) as (m, router, _):
         route = lambda rows: router.set([adapter[i] for i in rows], device)  # noqa: E731
         with measure(device) as ref:
             whole = capture(m, tok, prompts, batch_size=batch_size, before_batch=route).states
         with measure(device) as fast:
-            shared = capture(m, tok, prompts, batch_size=batch_size, before_batch=route,
-                             prefixes=[task.template.icl_prefix(())] * len(prompts), variants=adapter).states
+            shared = capture(
+                m,
+                tok,
+                prompts,
+                batch_size=batch_size,
+                before_batch=route,
+                prefixes=[task.template.icl_prefix(())] * len(prompts),
+                variants=adapter,
+            ).states
     cos = torch.nn.functional.cosine_similarity(whole.double(), shared.double(), dim=-1)
     agree = bool(cos.min() >= 0.99999)
     head = common_prefix_length(tok(prompts)["input_ids"])
     read = n_tokens - (len(prompts) - n_adapters) * head  # the shared start read once per adapter
-    return ref, fast, agree, (f"min state cosine {cos.min().item():.7f} over {cos.numel()} (prompt, layer) pairs; "
-                              f"token-count limit {n_tokens / read:.2f}x ({n_tokens} vs {read} tokens read)"), n_tokens
+    return (
+        ref,
+        fast,
+        agree,
+        (
+            f"min state cosine {cos.min().item():.7f} over {cos.numel()} (prompt, layer) pairs; "
+            f"token-count limit {n_tokens / read:.2f}x ({n_tokens} vs {read} tokens read)"
+        ),
+        n_tokens,
+    )
 
 
 def bench_crossed(lm, task, n_sets: int, q: int, k: int, epochs: int, batch_size: int, timed_chunks: int | None = None):
@@ -250,12 +281,17 @@ def bench_crossed(lm, task, n_sets: int, q: int, k: int, epochs: int, batch_size
     # sets, as a run computes them (a chunk of one-query trials trains one adapter per trial);
     # slot j of every set, then slot j + 1, … (each trial keeps its set's tuning seed).
     order = sorted(range(len(singles)), key=lambda i: (draws[i].slot, draws[i].set_id))
-    chunks = [order[i:i + min(10, n_sets)] for i in range(0, len(order), min(10, n_sets))]
+    chunks = [order[i : i + min(10, n_sets)] for i in range(0, len(order), min(10, n_sets))]
     # --timed-chunks N: only N of the chunks (spread evenly) are computed and their time scaled
     # by len(chunks) / N — an estimate, for machines where 300 one-query trials take hours
-    picked = chunks if not timed_chunks or timed_chunks >= len(chunks) else \
-        [chunks[int(i)] for i in dict.fromkeys(round(x * (len(chunks) - 1) / max(1, timed_chunks - 1))
-                                               for x in range(timed_chunks))]
+    picked = (
+        chunks
+        if not timed_chunks or timed_chunks >= len(chunks)
+        else [
+            chunks[int(i)]
+            for i in dict.fromkeys(round(x * (len(chunks) - 1) / max(1, timed_chunks - 1)) for x in range(timed_chunks))
+        ]
+    )
     with measure(lm.device) as ref:
         ref_states = {a: [None] * len(singles) for a in ("anchor", "icl", "it")}
         for rows in picked:
@@ -268,9 +304,14 @@ def bench_crossed(lm, task, n_sets: int, q: int, k: int, epochs: int, batch_size
     with measure(lm.device) as fast:
         crossed = evaluate(lm, task, draws, recipe=recipe, seed=0, batch_size=batch_size).states
     checked = [i for rows in picked for i in rows]
-    worst = min(float(torch.nn.functional.cosine_similarity(torch.stack([ref_states[a][i] for i in checked]).double(),
-                                                             crossed[a][checked].double(), dim=-1).min())
-                for a in ref_states)
+    worst = min(
+        float(
+            torch.nn.functional.cosine_similarity(
+                torch.stack([ref_states[a][i] for i in checked]).double(), crossed[a][checked].double(), dim=-1
+            ).min()
+        )
+        for a in ref_states
+    )
     agree = worst >= 0.99999
     # the token counts: training (forward + backward ≈ 3 forwards) and every read. The query
     # prompts' common start (the instruction, `head` tokens) is read once per group of prompts
@@ -283,25 +324,62 @@ def bench_crossed(lm, task, n_sets: int, q: int, k: int, epochs: int, batch_size
     prefix = {r.set_id: n([tpl.icl_prefix(r.demonstrations)]) for r in draws}
     icl_query = n(tpl.icl_prompt(r.demonstrations, r.query) for r in draws) - sum(prefix[r.set_id] for r in draws)
     n_pairs, n_sets_drawn = len(draws), len(train)
-    one = (sum(3 * train[r.set_id] + prefix[r.set_id] for r in draws) + icl_query
-           + query - (n_pairs - len(chunks)) * head + query)  # anchors shared per chunk; one query per adapter
-    sets = (sum(3 * t + prefix[s] for s, t in train.items()) + icl_query
-            + query - (n_pairs - 1) * head + query - (n_pairs - n_sets_drawn) * head)
-    sampled = "" if picked is chunks else (f"; one-query side: {len(picked)} of {len(chunks)} chunks timed "
-                                           f"({len(checked)} pairs), time scaled x{len(chunks) / len(picked):.1f}")
-    detail = (f"min state cosine {worst:.7f} (anchor, ICL, IT, every layer); token-count limit {one / sets:.1f}x; "
-              f"{len(draws) / ref.seconds:.2f} vs {len(draws) / fast.seconds:.2f} pairs/s{sampled}")
+    one = (
+        sum(3 * train[r.set_id] + prefix[r.set_id] for r in draws)
+        + icl_query
+        + query
+        - (n_pairs - len(chunks)) * head
+        + query
+    )  # anchors shared per chunk; one query per adapter
+    sets = (
+        sum(3 * t + prefix[s] for s, t in train.items())
+        + icl_query
+        + query
+        - (n_pairs - 1) * head
+        + query
+        - (n_pairs - n_sets_drawn) * head
+    )
+    sampled = (
+        ""
+        if picked is chunks
+        else (
+            f"; one-query side: {len(picked)} of {len(chunks)} chunks timed "
+            f"({len(checked)} pairs), time scaled x{len(chunks) / len(picked):.1f}"
+        )
+    )
+    detail = (
+        f"min state cosine {worst:.7f} (anchor, ICL, IT, every layer); token-count limit {one / sets:.1f}x; "
+        f"{len(draws) / ref.seconds:.2f} vs {len(draws) / fast.seconds:.2f} pairs/s{sampled}"
+    )
     return ref, fast, agree, detail, one, one / sets
 
 
 def bench_e2e(model: str, resamples: int, out: Path) -> tuple[float, int, str]:
-    cmd = [sys.executable, "-m", "iclit.cli", "compare", "--model", model, "--task", "sentiment", "--k", "4",
-           "--resamples", str(resamples), "--seed", "0", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "iclit.cli",
+        "compare",
+        "--model",
+        model,
+        "--task",
+        "sentiment",
+        "--k",
+        "4",
+        "--resamples",
+        str(resamples),
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    ]
     # A small wrapper process starts the run and reports its children's peak RSS: a child
     # forked straight from this (large) process would count this process's pages in its
     # ru_maxrss until it execs.
-    wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+    wrapper = (
+        "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+    )
     start = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     if THP_SETTING is not None:
@@ -329,9 +407,13 @@ def main() -> None:
     ap.add_argument("--readout-queries", type=int, default=30, help="it_readout: queries per adapter")
     ap.add_argument("--sets", type=int, default=30, help="crossed_pairs: demonstration sets")
     ap.add_argument("--queries-per-set", type=int, default=10, help="crossed_pairs: queries per set")
-    ap.add_argument("--timed-chunks", type=int, default=None,
-                    help="crossed_pairs: compute only this many of the one-query chunks (spread evenly) and scale their "
-                         "time (an estimate; default: all)")
+    ap.add_argument(
+        "--timed-chunks",
+        type=int,
+        default=None,
+        help="crossed_pairs: compute only this many of the one-query chunks (spread evenly) and scale their "
+        "time (an estimate; default: all)",
+    )
     ap.add_argument("--e2e", action="store_true", help="also time `iclit compare --k 4 --resamples 30`")
     ap.add_argument("--resamples", type=int, default=30)
     ap.add_argument("--e2e-out", type=Path, default=Path("runs/bench-e2e"), help="output directory of the e2e run")
@@ -341,47 +423,84 @@ def main() -> None:
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     peaks = [matmul_peak(lm.device, lm.dtype)]
     task = get_task("sentiment")
-    print(f"model {args.model} on {lm.device} ({str(lm.dtype).replace('torch.', '')}), torch threads {torch.get_num_threads()}, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}")
+    print(
+        f"model {args.model} on {lm.device} ({str(lm.dtype).replace('torch.', '')}), torch threads {torch.get_num_threads()}, "
+        f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}"
+    )
     rows = []
     if "icl" not in args.skip:
-        rows.append(("icl_capture", f"k={args.icl_k}, {args.queries} queries", *bench_icl(lm, task, args.icl_k, args.queries, args.batch_size)))
+        rows.append(
+            (
+                "icl_capture",
+                f"k={args.icl_k}, {args.queries} queries",
+                *bench_icl(lm, task, args.icl_k, args.queries, args.batch_size),
+            )
+        )
     if "it" not in args.skip:
-        rows.append(("it_tuning", f"{args.adapters} adapters, k={args.it_k}, {args.epochs} epochs",
-                     *bench_it(lm, task, args.adapters, args.it_k, args.epochs, args.batch_size)))
+        rows.append(
+            (
+                "it_tuning",
+                f"{args.adapters} adapters, k={args.it_k}, {args.epochs} epochs",
+                *bench_it(lm, task, args.adapters, args.it_k, args.epochs, args.batch_size),
+            )
+        )
     if "readout" not in args.skip:
-        rows.append(("it_readout", f"{args.adapters} adapters x {args.readout_queries} queries",
-                     *bench_it_readout(lm, task, args.adapters, args.readout_queries, args.it_k, args.batch_size)))
+        rows.append(
+            (
+                "it_readout",
+                f"{args.adapters} adapters x {args.readout_queries} queries",
+                *bench_it_readout(lm, task, args.adapters, args.readout_queries, args.it_k, args.batch_size),
+            )
+        )
     limits = {}
     if "crossed" not in args.skip:
         ref, fast, agree, detail, n_tokens, limits["crossed_pairs"] = bench_crossed(
-            lm, task, args.sets, args.queries_per_set, args.it_k, args.epochs, args.batch_size, args.timed_chunks)
-        rows.append(("crossed_pairs", f"{args.sets} sets x {args.queries_per_set} queries, k={args.it_k}",
-                     ref, fast, agree, detail, n_tokens))
+            lm, task, args.sets, args.queries_per_set, args.it_k, args.epochs, args.batch_size, args.timed_chunks
+        )
+        rows.append(
+            (
+                "crossed_pairs",
+                f"{args.sets} sets x {args.queries_per_set} queries, k={args.it_k}",
+                ref,
+                fast,
+                agree,
+                detail,
+                n_tokens,
+            )
+        )
     print()
-    print(f"{'comparison':<12} {'work':<32} {'straightforward':>16} {'iclit':>9} {'speedup':>8} {'peak mem (ref / iclit)':>26}  agree")
+    print(
+        f"{'comparison':<12} {'work':<32} {'straightforward':>16} {'iclit':>9} {'speedup':>8} {'peak mem (ref / iclit)':>26}  agree"
+    )
     for name, work, ref, fast, agree, detail, n_tokens in rows:
-        print(f"{name:<12} {work:<32} {ref.seconds:>15.1f}s {fast.seconds:>8.1f}s {ref.seconds / fast.seconds:>7.1f}x "
-              f"{gib(ref.peak_bytes) + ' / ' + gib(fast.peak_bytes):>26}  {agree}")
-        print(f"{'':<12} {detail}; {n_tokens} input tokens; "
-              f"{n_tokens / ref.seconds:.0f} vs {n_tokens / fast.seconds:.0f} tokens/s")
+        print(
+            f"{name:<12} {work:<32} {ref.seconds:>15.1f}s {fast.seconds:>8.1f}s {ref.seconds / fast.seconds:>7.1f}x "
+            f"{gib(ref.peak_bytes) + ' / ' + gib(fast.peak_bytes):>26}  {agree}"
+        )
+        print(
+            f"{'':<12} {detail}; {n_tokens} input tokens; "
+            f"{n_tokens / ref.seconds:.0f} vs {n_tokens / fast.seconds:.0f} tokens/s"
+        )
     peaks.append(matmul_peak(lm.device, lm.dtype))
     peak = max(peaks)
-    print(f"\nmeasured {str(lm.dtype).replace('torch.', '')} matmul peak on {lm.device}: "
-          f"{' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s (before / after; the rates below are against the higher)")
+    print(
+        f"\nmeasured {str(lm.dtype).replace('torch.', '')} matmul peak on {lm.device}: "
+        f"{' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s (before / after; the rates below are against the higher)"
+    )
     for name, work, ref, fast, agree, detail, n_tokens in rows:
         if name in FLOPS:
             f = FLOPS[name]
-            print(f"GFLOPS name={name} work_gflop={f / 1e9:.1f} straightforward={f / ref.seconds / 1e9:.1f} "
-                  f"iclit={f / fast.seconds / 1e9:.1f} peak={peak / 1e9:.1f} "
-                  f"fraction_of_peak={f / fast.seconds / peak:.3f} (straightforward {f / ref.seconds / peak:.3f})")
+            print(
+                f"GFLOPS name={name} work_gflop={f / 1e9:.1f} straightforward={f / ref.seconds / 1e9:.1f} "
+                f"iclit={f / fast.seconds / 1e9:.1f} peak={peak / 1e9:.1f} "
+                f"fraction_of_peak={f / fast.seconds / peak:.3f} (straightforward {f / ref.seconds / peak:.3f})"
+            )
     for name, work, ref, fast, agree, detail, n_tokens in rows:
         limit = f" limit={limits[name]:.2f}" if name in limits else ""
         print(f"RATIO name={name} value={ref.seconds / fast.seconds:.2f} agree={str(agree).lower()}{limit}")
     if args.e2e:
         seconds, peak, cmd = bench_e2e(args.model, args.resamples, args.e2e_out)
-        print(f"\ne2e: `{cmd}`: {seconds:.1f} s wall, peak RSS {gib(peak)} "
-              f"(targets < 180 s, < 4 GiB)")
+        print(f"\ne2e: `{cmd}`: {seconds:.1f} s wall, peak RSS {gib(peak)} (targets < 180 s, < 4 GiB)")
 
 
 if __name__ == "__main__":

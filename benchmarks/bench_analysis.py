@@ -49,11 +49,15 @@ def numpy_permuted_inner(a: np.ndarray, b: np.ndarray, perms: np.ndarray) -> np.
 
 def straightforward(states, pairs, n_perm, seed):
     real = representation.permuted_inners
-    representation.permuted_inners = lambda a_list, b, perms: np.stack([numpy_permuted_inner(a, b, perms) for a in a_list])
+    representation.permuted_inners = lambda a_list, b, perms: np.stack(
+        [numpy_permuted_inner(a, b, perms) for a in a_list]
+    )
     try:
-        return {(name, measure): fn(states[a], states[b], n_perm=n_perm, seed=seed)
-                for name, (a, b) in pairs.items()
-                for measure, fn in (("cka", representation.cka_permutation_test), ("rsa", representation.rsa_per_layer))}
+        return {
+            (name, measure): fn(states[a], states[b], n_perm=n_perm, seed=seed)
+            for name, (a, b) in pairs.items()
+            for measure, fn in (("cka", representation.cka_permutation_test), ("rsa", representation.rsa_per_layer))
+        }
     finally:
         representation.permuted_inners = real
 
@@ -76,9 +80,12 @@ def main() -> None:
     fast = representation.pair_tests(states, pairs, n_perm=args.perms, seed=0)
     t2 = time.perf_counter()
     agree = ref.keys() == fast.keys() and all(
-        np.allclose(ref[k][f], fast[k][f], rtol=1e-10, atol=1e-12, equal_nan=True) for k in ref for f in ref[k])
-    print(f"cell geometry: {args.n} pairs x {args.layers} layers x d={args.dim}, 3 arm pairs x (CKA, RSA), "
-          f"{args.perms} permutations")
+        np.allclose(ref[k][f], fast[k][f], rtol=1e-10, atol=1e-12, equal_nan=True) for k in ref for f in ref[k]
+    )
+    print(
+        f"cell geometry: {args.n} pairs x {args.layers} layers x d={args.dim}, 3 arm pairs x (CKA, RSA), "
+        f"{args.perms} permutations"
+    )
     print(f"straightforward {t1 - t0:.1f} s, iclit {t2 - t1:.1f} s")
     print(f"RATIO name=cell_geometry value={(t1 - t0) / (t2 - t1):.2f} agree={str(agree).lower()}")
 

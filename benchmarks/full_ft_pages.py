@@ -42,8 +42,9 @@ print(json.dumps({"seconds": time.perf_counter() - start, "final_loss": result.f
 
 def run(setting: str, model: str, epochs: int, runs: int) -> dict:
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": setting}
-    proc = subprocess.run([sys.executable, "-c", CHILD, model, str(epochs), str(runs)], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, model, str(epochs), str(runs)], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"child with THP_MEM_ALLOC_ENABLE={setting} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -58,8 +59,10 @@ def main() -> None:
     off = run("0", args.model, args.epochs, args.runs)
     on = run("1", args.model, args.epochs, args.runs)
     agree = abs(off["final_loss"] - on["final_loss"]) <= 1e-6 * max(1.0, abs(off["final_loss"]))
-    print(f"full fine-tuning, {args.runs} runs x {args.epochs} steps: huge pages off {off['seconds']:.1f} s, "
-          f"on {on['seconds']:.1f} s; final loss {off['final_loss']:.6g} / {on['final_loss']:.6g}")
+    print(
+        f"full fine-tuning, {args.runs} runs x {args.epochs} steps: huge pages off {off['seconds']:.1f} s, "
+        f"on {on['seconds']:.1f} s; final loss {off['final_loss']:.6g} / {on['final_loss']:.6g}"
+    )
     print(f"RATIO name=full_ft_huge_pages value={off['seconds'] / on['seconds']:.2f} agree={str(agree).lower()}")
 
 

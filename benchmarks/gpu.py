@@ -27,13 +27,37 @@ from iclit.models import load_model, prepare
 from iclit.tasks import get_task
 from iclit.tuning import TuningRecipe, tuned_many
 
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
-GEMMA3_270M = dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-                   num_key_value_heads=1, head_dim=256, vocab_size=262144, max_position_embeddings=32768,
-                   sliding_window=512, query_pre_attn_scalar=256)
-SMOKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-             vocab_size=32000, max_position_embeddings=4096)
+LLAMA2_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+)
+GEMMA3_270M = dict(
+    hidden_size=640,
+    intermediate_size=2048,
+    num_hidden_layers=18,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    vocab_size=262144,
+    max_position_embeddings=32768,
+    sliding_window=512,
+    query_pre_attn_scalar=256,
+)
+SMOKE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
@@ -104,22 +128,34 @@ def bench(lm, device: torch.device, peak: float, args: argparse.Namespace) -> No
     sync(device)
     seconds = time.perf_counter() - start
     rate = tokens / seconds
-    print(f"GPU name={lm.name}:icl_capture tokens_per_s={rate:.0f} mfu={2 * n * rate / peak:.3f} "
-          f"peak_mem_gib={peak_mem(device):.2f} seconds={seconds:.2f} tokens={tokens}", flush=True)
+    print(
+        f"GPU name={lm.name}:icl_capture tokens_per_s={rate:.0f} mfu={2 * n * rate / peak:.3f} "
+        f"peak_mem_gib={peak_mem(device):.2f} seconds={seconds:.2f} tokens={tokens}",
+        flush=True,
+    )
     # batched LoRA tuning: N adapters × k demonstrations
-    sets = [[task.template.training_pair(d) for d in ex[i * args.it_k : (i + 1) * args.it_k]] for i in range(args.adapters)]
+    sets = [
+        [task.template.training_pair(d) for d in ex[i * args.it_k : (i + 1) * args.it_k]] for i in range(args.adapters)
+    ]
     recipe = TuningRecipe(epochs=args.epochs)
     train_tokens = sum(len(tok(p + a)["input_ids"]) for s in sets for p, a in s) * args.epochs
     reset_mem(device)
     sync(device)
     start = time.perf_counter()
-    with tuned_many(model, tok, sets, recipe, seeds=list(range(args.adapters)), max_tokens=args.train_tokens) as (_, _, results):
+    with tuned_many(model, tok, sets, recipe, seeds=list(range(args.adapters)), max_tokens=args.train_tokens) as (
+        _,
+        _,
+        results,
+    ):
         sync(device)
         seconds = time.perf_counter() - start
     rate = train_tokens / seconds
-    print(f"GPU name={lm.name}:it_tuning tokens_per_s={rate:.0f} mfu={6 * n * rate / peak:.3f} "
-          f"peak_mem_gib={peak_mem(device):.2f} seconds={seconds:.2f} tokens={train_tokens} adapters={args.adapters} "
-          f"final_loss_max={max(r.final_loss for r in results):.2e}", flush=True)
+    print(
+        f"GPU name={lm.name}:it_tuning tokens_per_s={rate:.0f} mfu={6 * n * rate / peak:.3f} "
+        f"peak_mem_gib={peak_mem(device):.2f} seconds={seconds:.2f} tokens={train_tokens} adapters={args.adapters} "
+        f"final_loss_max={max(r.final_loss for r in results):.2e}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -142,8 +178,11 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = measured_peak(device, dtype, 256 if args.smoke else 8192)
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d} device {name}, {args.dtype}, torch {torch.__version__}; "
-          f"measured matmul peak {peak / 1e12:.0f} TFLOP/s" + (f", datasheet {sheet / 1e12:.0f}" if sheet else ""), flush=True)
+    print(
+        f"{datetime.now(timezone.utc):%Y-%m-%d} device {name}, {args.dtype}, torch {torch.__version__}; "
+        f"measured matmul peak {peak / 1e12:.0f} TFLOP/s" + (f", datasheet {sheet / 1e12:.0f}" if sheet else ""),
+        flush=True,
+    )
     for model_name in args.models:
         if model_name.endswith("-shape"):
             shape = {"llama2-7b-shape": LLAMA2_7B, "gemma-3-270m-shape": GEMMA3_270M}[model_name]

@@ -33,6 +33,7 @@ def on_config(config):
         sys.path.insert(0, str(ROOT / "src"))
     return config
 
+
 _MARKER = re.compile(r"<!-- iclit:([a-z-]+)(?: ([\w.:]+))? -->")
 _LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s#]+)(#[^)]*)?\)")
 
@@ -110,8 +111,12 @@ def store_markdown() -> str:
         Store(tmp).close()
         conn = sqlite3.connect(Path(tmp) / "results.sqlite")
         try:
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
-                                                 "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            tables = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+                )
+            ]
             out = [f"Schema version {SCHEMA_VERSION}.", ""]
             for table in tables:
                 about = STORE_COLUMNS.get(table)
@@ -125,7 +130,9 @@ def store_markdown() -> str:
                     out.append(f"| `{name}` | {kind}{flags} | {about[name]} |")
                 missing = set(about) - {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
                 if missing:
-                    raise ValueError(f"docs/hooks.py: STORE_COLUMNS names columns {table} does not have: {sorted(missing)}")
+                    raise ValueError(
+                        f"docs/hooks.py: STORE_COLUMNS names columns {table} does not have: {sorted(missing)}"
+                    )
                 out.append("")
         finally:
             conn.close()
@@ -145,11 +152,16 @@ def architectures_markdown() -> str:
     rows: dict[object, list[str]] = {}
     for model_type, spec in ARCHITECTURES.items():
         rows.setdefault(spec, []).append(model_type)
-    out = ["| `model_type` | blocks | final norm | query | value | feed-forward |", "| --- | --- | --- | --- | --- | --- |"]
+    out = [
+        "| `model_type` | blocks | final norm | query | value | feed-forward |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for spec, types in rows.items():
         names = ", ".join(f"`{t}`" for t in types)
-        out.append(f"| {names} | `{spec.layers}` | `{spec.final_norm}` | `{spec.query}` | `{spec.value}` | "
-                   f"{'`' + spec.mlp + '`' if spec.mlp else 'none known'} |")
+        out.append(
+            f"| {names} | `{spec.layers}` | `{spec.final_norm}` | `{spec.query}` | `{spec.value}` | "
+            f"{'`' + spec.mlp + '`' if spec.mlp else 'none known'} |"
+        )
     return "\n".join(out) + "\n"
 
 

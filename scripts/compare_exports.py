@@ -36,8 +36,15 @@ def main(old: Path, new: Path) -> None:
     a, b = trials(old), trials(new)
     print(f"trials: {len(a)} old, {len(b)} new, {len(a.keys() & b.keys())} matched")
     keys = sorted(a.keys() & b.keys())
-    pairs = [p for p in a[keys[0]] if isinstance(a[keys[0]][p], list) and p in b[keys[0]]
-             and a[keys[0]][p] and isinstance(a[keys[0]][p][0], float) and p != "it_losses"]
+    pairs = [
+        p
+        for p in a[keys[0]]
+        if isinstance(a[keys[0]][p], list)
+        and p in b[keys[0]]
+        and a[keys[0]][p]
+        and isinstance(a[keys[0]][p][0], float)
+        and p != "it_losses"
+    ]
     print("| pair | max abs diff over trials × layers | at the last layer |")
     print("| --- | --- | --- |")
     for pair in pairs:

@@ -60,14 +60,20 @@ def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] 
     cells = cell_labels(run, factor)
     t = table_family(tests[tests["centring"].isin(centrings) & tests["cell_key"].isin([k for _, k in cells])])
     print()
-    print(f"| {factor or 'task'} | pair | centring | cosine | query-swap excess [95% CI] | p | p Holm | verdict "
-          "| demo-swap excess [95% CI] | p | p Holm | TOST p | verdict |")
+    print(
+        f"| {factor or 'task'} | pair | centring | cosine | query-swap excess [95% CI] | p | p Holm | verdict "
+        "| demo-swap excess [95% CI] | p | p Holm | TOST p | verdict |"
+    )
     print("|" + " --- |" * 13)
     for label, key in cells:
         for pair, name in PAIRS.items():
             for centring in centrings:
-                got = {r["null"]: r for r in t[(t["cell_key"] == key) & (t["pair"] == pair)
-                                              & (t["centring"] == centring)].to_dict("records")}
+                got = {
+                    r["null"]: r
+                    for r in t[(t["cell_key"] == key) & (t["pair"] == pair) & (t["centring"] == centring)].to_dict(
+                        "records"
+                    )
+                }
                 if not got:
                     continue
                 cells_ = [label, name, centring, f"{next(iter(got.values()))['observed']:.3f}"]
@@ -82,9 +88,11 @@ def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] 
                     cells_.append(r["verdict"])
                 print("| " + " | ".join(cells_) + " |")
     r0 = t.iloc[0]
-    print(f"\nLast layer; {int(r0['n_units'])} (query, set) pairs per cell in {int(r0['n_blocks'])} query blocks; "
-          f"p: permutation of the pairing within strata; p Holm over the {len(t)} tests of this table; "
-          f"TOST against ±{run.margin}. centring raw: the cosine; anchor: after subtracting the cell's mean anchor state.")
+    print(
+        f"\nLast layer; {int(r0['n_units'])} (query, set) pairs per cell in {int(r0['n_blocks'])} query blocks; "
+        f"p: permutation of the pairing within strata; p Holm over the {len(t)} tests of this table; "
+        f"TOST against ±{run.margin}. centring raw: the cosine; anchor: after subtracting the cell's mean anchor state."
+    )
     # the layer curve: where is ICL–IT above its demo-swap null (max-T over layers)?
     full = run.tests
     for label, key in cells:
@@ -119,8 +127,11 @@ def geometry_table(run: RunData, factor: str | None) -> None:
     if g.empty:
         return
     pairs = [p for p in PAIRS if p != "update"]
-    print(f"\n| {factor or 'task'} | " + " | ".join(f"{m} {PAIRS[p]}" for m in ("debiased CKA", "RSA") for p in pairs)
-          + " |")
+    print(
+        f"\n| {factor or 'task'} | "
+        + " | ".join(f"{m} {PAIRS[p]}" for m in ("debiased CKA", "RSA") for p in pairs)
+        + " |"
+    )
     print("|" + " --- |" * 7)
     for label, key in cell_labels(run, factor):
         sub = g[g["cell_key"] == key]
@@ -131,41 +142,51 @@ def geometry_table(run: RunData, factor: str | None) -> None:
                 ps = ", ".join(f"{NULL_NAMES.get(n, n)} {p:.2g}" for n, p in zip(r["null"], r["p"]))
                 cells.append(f"{r['value'].iloc[0]:.3f} (p {ps})" if len(r) else "–")
         print("| " + " | ".join(cells) + " |")
-    print("\nAcross all (query, set) pairs of a cell, last layer; permutation p, one-sided, permuting only what the design "
-          "makes exchangeable: query: a query block's queries within one gold label, the same permutation for all the "
-          "block's sets; demo: a block's sets, the same permutation for all its queries (each arrangement once when "
-          "they are fewer than 1000, else 1000 drawn; nan: none exists). Values compare only between cells of the "
-          "same design (sets, queries per set).")
+    print(
+        "\nAcross all (query, set) pairs of a cell, last layer; permutation p, one-sided, permuting only what the design "
+        "makes exchangeable: query: a query block's queries within one gold label, the same permutation for all the "
+        "block's sets; demo: a block's sets, the same permutation for all its queries (each arrangement once when "
+        "they are fewer than 1000, else 1000 drawn; nan: none exists). Values compare only between cells of the "
+        "same design (sets, queries per set)."
+    )
 
 
 def behaviour_table(run: RunData, factor: str | None) -> None:
     b = run.behaviour
     if b.empty:
         return
-    print(f"\n| {factor or 'task'} | arms | agreement | − query-swap [95% CI] | − demo-swap [95% CI] | KL | "
-          "− query-swap [95% CI] | − demo-swap [95% CI] |")
+    print(
+        f"\n| {factor or 'task'} | arms | agreement | − query-swap [95% CI] | − demo-swap [95% CI] | KL | "
+        "− query-swap [95% CI] | − demo-swap [95% CI] |"
+    )
     print("|" + " --- |" * 8)
     for label, key in cell_labels(run, factor):
         for pair in ("anchor_icl", "anchor_it", "icl_it"):
             cells = [label, PAIRS[pair]]
             for m in ("agreement", "kl"):
-                got = {r["null"]: r for r in b[(b["cell_key"] == key) & (b["pair"] == pair) & (b["measure"] == m)]
-                       .to_dict("records")}
+                got = {
+                    r["null"]: r
+                    for r in b[(b["cell_key"] == key) & (b["pair"] == pair) & (b["measure"] == m)].to_dict("records")
+                }
                 if "none" not in got:
                     cells += ["–"] * 3
                     continue
                 cells.append(f"{got['none']['observed']:.3f}")
                 cells += [f"{_ci(got[n])} {got[n]['verdict']}" if n in got else "–" for n in NULLS]
             print("| " + " | ".join(cells) + " |")
-    print("\nagreement: the share of (query, set) pairs where the two arms predict the same label; KL: the two arms' "
-          "label distributions (first arm ‖ second); the differences are to the same statistic under each null.")
+    print(
+        "\nagreement: the share of (query, set) pairs where the two arms predict the same label; KL: the two arms' "
+        "label distributions (first arm ‖ second); the differences are to the same statistic under each null."
+    )
 
 
 def seeds_line(run: RunData) -> None:
     s = last_layer_rows(run.cells["seeds"])
     for r in s[s["pair"] == "icl_it"].to_dict("records"):
-        print(f"\nIT seed noise (last layer): ICL–IT {r['seed1']:.3f} with the first seed, {r['seed2']:.3f} with the "
-              f"second (another init and data order); per-pair between-seed SD {r['unit_sd']:.3f} over {r['n_units']} pairs.")
+        print(
+            f"\nIT seed noise (last layer): ICL–IT {r['seed1']:.3f} with the first seed, {r['seed2']:.3f} with the "
+            f"second (another init and data order); per-pair between-seed SD {r['unit_sd']:.3f} over {r['n_units']} pairs."
+        )
 
 
 def dose_matched(run: RunData, factor: str) -> None:
@@ -182,10 +203,14 @@ def dose_matched(run: RunData, factor: str) -> None:
                 continue
             vals = {r["pair"]: r for r in e.to_dict("records")}
             cell = lambda r: f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r else "–"  # noqa: E731
-            print(f"| {label} | {name} | {e['step'].iloc[0]:g} | {cell(vals.get('icl_it'))} | {cell(vals.get('anchor_it'))} |")
-    print("\npeak_naive: the step of the highest mean ICL–IT, chosen and read on all pairs (biased upwards); "
-          "peak_crossfit: chosen on the sets of one parity, read on the other; matched: each pair at the step whose IT "
-          "label distribution is closest to ICL's in KL, chosen on the set's other queries (step: the median).")
+            print(
+                f"| {label} | {name} | {e['step'].iloc[0]:g} | {cell(vals.get('icl_it'))} | {cell(vals.get('anchor_it'))} |"
+            )
+    print(
+        "\npeak_naive: the step of the highest mean ICL–IT, chosen and read on all pairs (biased upwards); "
+        "peak_crossfit: chosen on the sets of one parity, read on the other; matched: each pair at the step whose IT "
+        "label distribution is closest to ICL's in KL, chosen on the set's other queries (step: the median)."
+    )
     t = last_layer_rows(run.cells["dose_tests"])
     t = t[(t["pair"] == "icl_it") & (t["centring"] == "raw")]
     if len(t):
@@ -194,8 +219,10 @@ def dose_matched(run: RunData, factor: str) -> None:
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for label, key in cell_labels(run, factor):
             for r in t[t["cell_key"] == key].to_dict("records"):
-                print(f"| {label} | {r['step']:g} | {r['null']} | {_ci(r)} | {r['p_holm']:.3g} | {r['p_tost']:.3g} "
-                      f"| {r['verdict']} |")
+                print(
+                    f"| {label} | {r['step']:g} | {r['null']} | {_ci(r)} | {r['p_holm']:.3g} | {r['p_tost']:.3g} "
+                    f"| {r['verdict']} |"
+                )
 
 
 def causal_tables(run: RunData, figures: Path, stem: str) -> list[str]:
@@ -207,37 +234,67 @@ def causal_tables(run: RunData, figures: Path, stem: str) -> list[str]:
     patch = patch_table(run)
     if len(patch):
         layers = sorted({int(x) for x in patch["layer"].dropna()})
-        print("\n| patch | state index | KL to ICL [95% CI] | KL to IT [95% CI] | accuracy | frac ICL [95% CI] | frac IT [95% CI] |")
+        print(
+            "\n| patch | state index | KL to ICL [95% CI] | KL to IT [95% CI] | accuracy | frac ICL [95% CI] | frac IT [95% CI] |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for kind in ("icl_into_anchor", "it_into_anchor", "icl_into_it", "it_into_icl"):
             for l in layers:
                 sub = patch[(patch["kind"] == kind) & (patch["layer"] == l)].set_index("measure")
                 if sub.empty:
                     continue
-                f = lambda m: (f"{sub.loc[m, 'value']:.3f} [{sub.loc[m, 'ci_low']:.3f}, {sub.loc[m, 'ci_high']:.3f}]"  # noqa: E731
-                               if m in sub.index and np.isfinite(sub.loc[m, "value"]) else "–")
-                print(f"| {kind} | {l} | {f('kl_icl')} | {f('kl_it')} | {f('accuracy')} | {f('frac_icl')} | {f('frac_it')} |")
-        paths.append(_png(patch_figure(patch, "patching per state index (mean, 95% CI over query blocks)"),
-                          figures, f"{stem}_patch.png"))
+                f = lambda m: (
+                    f"{sub.loc[m, 'value']:.3f} [{sub.loc[m, 'ci_low']:.3f}, {sub.loc[m, 'ci_high']:.3f}]"  # noqa: E731
+                    if m in sub.index and np.isfinite(sub.loc[m, "value"])
+                    else "–"
+                )
+                print(
+                    f"| {kind} | {l} | {f('kl_icl')} | {f('kl_it')} | {f('accuracy')} | {f('frac_icl')} | {f('frac_it')} |"
+                )
+        paths.append(
+            _png(
+                patch_figure(patch, "patching per state index (mean, 95% CI over query blocks)"),
+                figures,
+                f"{stem}_patch.png",
+            )
+        )
     steer = steer_table(run)
     if len(steer):
-        print("\n| vector − random | state index | scale | KL to ICL diff [95% CI] | p Holm | accuracy diff | KL to IT diff [95% CI] | p Holm |")
+        print(
+            "\n| vector − random | state index | scale | KL to ICL diff [95% CI] | p Holm | accuracy diff | KL to IT diff [95% CI] | p Holm |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         con = steer[steer["vector"].isin(["it-random_it", "icl-random_icl"])]
         for vec in ("it-random_it", "icl-random_icl"):
             for (l, a), g in con[con["vector"] == vec].groupby(["layer", "scale"]):
                 g = g.set_index("measure")
-                f = lambda m: (f"{g.loc[m, 'value']:+.3f} [{g.loc[m, 'ci_low']:+.3f}, {g.loc[m, 'ci_high']:+.3f}]"  # noqa: E731
-                               if m in g.index else "–")
+                f = lambda m: (
+                    f"{g.loc[m, 'value']:+.3f} [{g.loc[m, 'ci_low']:+.3f}, {g.loc[m, 'ci_high']:+.3f}]"  # noqa: E731
+                    if m in g.index
+                    else "–"
+                )
                 p = lambda m: f"{g.loc[m, 'p_holm']:.3g}" if m in g.index else "–"  # noqa: E731
-                print(f"| {vec.replace('-', ' − ')} | {int(l)} | {a:g} | {f('kl_icl')} | {p('kl_icl')} | {f('accuracy')} "
-                      f"| {f('kl_it')} | {p('kl_it')} |")
+                print(
+                    f"| {vec.replace('-', ' − ')} | {int(l)} | {a:g} | {f('kl_icl')} | {p('kl_icl')} | {f('accuracy')} "
+                    f"| {f('kl_it')} | {p('kl_it')} |"
+                )
         runs = steer[steer["vector"].str.endswith("_run")]
-        print("\nUnsteered runs: " + "; ".join(
-            f"{v.removesuffix('_run')} " + ", ".join(f"{m} {r['value']:.3f}" for m, r in g.set_index("measure").iterrows())
-            for v, g in runs.groupby("vector", sort=False)) + ".")
-        paths.append(_png(steer_figure(steer, "steering per state index (mean, 95% CI over query blocks)"),
-                          figures, f"{stem}_steer.png"))
+        print(
+            "\nUnsteered runs: "
+            + "; ".join(
+                f"{v.removesuffix('_run')} "
+                + ", ".join(f"{m} {r['value']:.3f}" for m, r in g.set_index("measure").iterrows())
+                for v, g in runs.groupby("vector", sort=False)
+            )
+            + "."
+        )
+        paths.append(
+            _png(
+                steer_figure(steer, "steering per state index (mean, 95% CI over query blocks)"),
+                figures,
+                f"{stem}_steer.png",
+            )
+        )
     return paths
 
 

@@ -31,12 +31,25 @@ import replication_nulls as nulls  # scripts/replication_nulls.py: the crossed d
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"
-FACTOR_SPECS = {"cross_task": "demo_task", "similarity": "similarity", "n_demos": "k", "wrong_labels": "wrong_labels",
-                "models": "model", "instruction": "instruction", "lora_vs_full": "recipe"}
+FACTOR_SPECS = {
+    "cross_task": "demo_task",
+    "similarity": "similarity",
+    "n_demos": "k",
+    "wrong_labels": "wrong_labels",
+    "models": "model",
+    "instruction": "instruction",
+    "lora_vs_full": "recipe",
+}
 TASK_SPECS = ["tasks_antonyms", "tasks_translation_words", "tasks_addition", "tasks_reverse_words"]
 SIMS = [("anchor_icl", "anchor–ICL"), ("anchor_it", "anchor–IT"), ("icl_it", "ICL–IT")]
-BASELINES = [("icl_it_centered", "ICL–IT centred"), ("icl_it_shuffled", "shuffled null"),
-             ("it_it_seed", "IT–IT other seed"), ("icl_icl_order", "ICL–ICL reordered"), ("update_cosine", "update cos"), ("icl_it_qmean", "ICL–IT query-mean")]
+BASELINES = [
+    ("icl_it_centered", "ICL–IT centred"),
+    ("icl_it_shuffled", "shuffled null"),
+    ("it_it_seed", "IT–IT other seed"),
+    ("icl_icl_order", "ICL–ICL reordered"),
+    ("update_cosine", "update cos"),
+    ("icl_it_qmean", "ICL–IT query-mean"),
+]
 # (linear CKA is left out: one biased value per cell, n ≪ d; the debiased whole-cell CKA is in the nulls' tables)
 
 
@@ -84,11 +97,18 @@ def contrasts(run: Path, factor: str | None) -> None:
     for label, key in cells:
         sub = table[table["cell_key"] == key]
         got = [sub[(sub["pair_b"] == b[0]) & (sub["quantity_b"] == b[1])] for _, b in ANCHOR_COMPARISONS]
-        print(f"| {label} | " + " | ".join(f"{_diff(g.iloc[0])}, {g['p_holm'].iloc[0]:.3g}, {g['verdict'].iloc[0]}"
-                                          if len(g) else "–" for g in got) + " |")
+        print(
+            f"| {label} | "
+            + " | ".join(
+                f"{_diff(g.iloc[0])}, {g['p_holm'].iloc[0]:.3g}, {g['verdict'].iloc[0]}" if len(g) else "–" for g in got
+            )
+            + " |"
+        )
     r0 = table.iloc[0]
-    print(f"\n(last layer; per cell, the mean of each cosine over each query block's (query, set) pairs, a paired t "
-          f"test over the {int(r0['n_blocks_a'])} blocks; Holm over the {len(table)} tests of this table.)")
+    print(
+        f"\n(last layer; per cell, the mean of each cosine over each query block's (query, set) pairs, a paired t "
+        f"test over the {int(r0['n_blocks_a'])} blocks; Holm over the {len(table)} tests of this table.)"
+    )
 
 
 def cell_table(summary: pd.DataFrame, factor: str, score: str) -> None:
@@ -117,21 +137,29 @@ def effects_table(run: Path, factor: str) -> None:
     if eff.empty:
         return
     print()
-    print("| value vs reference | pair | quantity | blocks | mean | difference [95% CI] | p | p Holm | TOST p | verdict |")
+    print(
+        "| value vs reference | pair | quantity | blocks | mean | difference [95% CI] | p | p Holm | TOST p | verdict |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in eff.to_dict("records"):
         test = "paired" if r["paired"] else "Welch"
-        print(f"| {r['level_a']} vs {r['level_b']} | {PAIR_LABELS[r['pair']]} | {r['quantity'].replace('_', '-')} "
-              f"| {r['n_blocks_a']} / {r['n_blocks_b']} ({test}) | {r['mean_a']:.3f} vs {r['mean_b']:.3f} | {_diff(r)} "
-              f"| {r['p']:.3g} | {r['p_holm']:.3g} | {r['p_tost']:.3g} | {r['verdict']} |")
-    print(f"\n(last layer; quantity cosine: the pair's cosine, demo-swap: its excess over the demo-swap null; one value "
-          f"per (seed, query block), the mean over its (query, set) pairs; t tests over blocks; Holm over the {len(eff)} "
-          f"tests of this table; {_tost_text(eff['margin'].iloc[0])}; \"above null\": the value above the "
-          "reference.)")
+        print(
+            f"| {r['level_a']} vs {r['level_b']} | {PAIR_LABELS[r['pair']]} | {r['quantity'].replace('_', '-')} "
+            f"| {r['n_blocks_a']} / {r['n_blocks_b']} ({test}) | {r['mean_a']:.3f} vs {r['mean_b']:.3f} | {_diff(r)} "
+            f"| {r['p']:.3g} | {r['p_holm']:.3g} | {r['p_tost']:.3g} | {r['verdict']} |"
+        )
+    print(
+        f"\n(last layer; quantity cosine: the pair's cosine, demo-swap: its excess over the demo-swap null; one value "
+        f"per (seed, query block), the mean over its (query, set) pairs; t tests over blocks; Holm over the {len(eff)} "
+        f'tests of this table; {_tost_text(eff["margin"].iloc[0])}; "above null": the value above the '
+        "reference.)"
+    )
 
 
 def _tost_text(margin: float) -> str:
-    return f"TOST against ±{margin:g}" if margin == margin else "no TOST (no margin declared for between-cell contrasts)"
+    return (
+        f"TOST against ±{margin:g}" if margin == margin else "no TOST (no margin declared for between-cell contrasts)"
+    )
 
 
 def single_cell(run: Path, title: str, fig_name: str) -> None:
@@ -147,8 +175,11 @@ def single_cell(run: Path, title: str, fig_name: str) -> None:
     qm = [("anchor_icl_qmean", "anchor–ICL"), ("anchor_it_qmean", "anchor–IT"), ("icl_it_qmean", "ICL–IT")]
     if all(f"{p}:last_layer" in summary.columns for p, _ in qm):
         row = summary.iloc[0]
-        print("\nMean over the query's tokens instead of the last token (last layer): "
-              + ", ".join(f"{n} {ci(row[f'{p}:last_layer'])}" for p, n in qm) + ".")
+        print(
+            "\nMean over the query's tokens instead of the last token (last layer): "
+            + ", ".join(f"{n} {ci(row[f'{p}:last_layer'])}" for p, n in qm)
+            + "."
+        )
     data = _RUNS[run]
     print("\n#### Against the nulls\n")
     nulls.tests_table(data, None)
@@ -167,12 +198,19 @@ def nulls_figure(data: Any, frame: pd.DataFrame, title: str, fig_name: str) -> s
     from iclit.analysis import summarize_layers
     from iclit.report import plot_layers
 
-    per_pair = {pair: frame[frame["pair"] == pair].pivot_table(index="trial_key", columns="layer", values="cosine")
-                .to_numpy() for pair, _ in SIMS}
+    per_pair = {
+        pair: frame[frame["pair"] == pair].pivot_table(index="trial_key", columns="layer", values="cosine").to_numpy()
+        for pair, _ in SIMS
+    }
     tests = data.tests
     FIGURES.mkdir(parents=True, exist_ok=True)
-    plot_layers(summarize_layers(per_pair), FIGURES / fig_name, title=f"{title}: pairs and their nulls",
-                nulls=tests[tests["centring"] == "raw"], dpi=110)
+    plot_layers(
+        summarize_layers(per_pair),
+        FIGURES / fig_name,
+        title=f"{title}: pairs and their nulls",
+        nulls=tests[tests["centring"] == "raw"],
+        dpi=110,
+    )
     return f"figures/{fig_name}"
 
 
@@ -186,9 +224,16 @@ def layer_panels(frame: pd.DataFrame, title: str, fig_name: str) -> str:
     from iclit.report.figures import pair_style
 
     present = set(frame["pair"])
-    panels = [("raw cosine, last prompt token", ("anchor_icl", "anchor_it", "icl_it", "icl_it_shuffled", "it_it_seed", "icl_icl_order")),
-              ("baselines", ("anchor_icl_centered", "anchor_it_centered", "icl_it_centered", "update_cosine",
-                             "icl_it_qmean"))]
+    panels = [
+        (
+            "raw cosine, last prompt token",
+            ("anchor_icl", "anchor_it", "icl_it", "icl_it_shuffled", "it_it_seed", "icl_icl_order"),
+        ),
+        (
+            "baselines",
+            ("anchor_icl_centered", "anchor_it_centered", "icl_it_centered", "update_cosine", "icl_it_qmean"),
+        ),
+    ]
     fig = Figure(figsize=(12, 4.2), layout="constrained")
     for i, (heading, pairs) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
@@ -196,7 +241,9 @@ def layer_panels(frame: pd.DataFrame, title: str, fig_name: str) -> str:
             sub = frame[frame["pair"] == pair].pivot_table(index="trial_key", columns="layer", values="cosine")
             summ = summarize_layers({pair: sub.to_numpy()})
             label, colour, _ = pair_style(pair)
-            style = "--" if pair.endswith("_centered") else (":" if pair in ("icl_it_shuffled", "icl_it_qmean") else "-")
+            style = (
+                "--" if pair.endswith("_centered") else (":" if pair in ("icl_it_shuffled", "icl_it_qmean") else "-")
+            )
             ax.plot(summ["layer"], summ["mean"], color=colour, linestyle=style, marker="o", markersize=2.5, label=label)
             ax.fill_between(summ["layer"], summ["ci_low"], summ["ci_high"], color=colour, alpha=0.15, linewidth=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -213,7 +260,9 @@ def layer_panels(frame: pd.DataFrame, title: str, fig_name: str) -> str:
 
 def layers(run: Path) -> None:
     plan, frame, _, _ = load(run)
-    f = frame[frame["pair"].isin(["anchor_icl", "anchor_it", "icl_it", "icl_it_centered", "update_cosine", "it_it_seed"])]
+    f = frame[
+        frame["pair"].isin(["anchor_icl", "anchor_it", "icl_it", "icl_it_centered", "update_cosine", "it_it_seed"])
+    ]
     wide = f.groupby(["layer", "pair"])["cosine"].mean().unstack("pair")
     print(f"### Layer by layer (main cell, mean over {frame['trial_key'].nunique()} (query, set) pairs)\n")
     print("| layer | " + " | ".join(wide.columns) + " |")
@@ -264,8 +313,9 @@ def factor_spec(run: Path, name: str, factor: str) -> None:
     nulls.tests_table(data, factor)
     nulls.geometry_table(data, factor)
     nulls.behaviour_table(data, factor)
-    path = save_png(_factor_figure(summary, factor, f"{name}: similarity against {factor} (mean, 95% CI)"),
-                    f"paper_{name}.png")
+    path = save_png(
+        _factor_figure(summary, factor, f"{name}: similarity against {factor} (mean, 95% CI)"), f"paper_{name}.png"
+    )
     print(f"\n![{name}]({path})\n")
 
 
@@ -275,25 +325,49 @@ def dose(run: Path) -> None:
     score = score_label(outputs)
     print("### dose (factor `recipe`: learning rate; IT read after each step of one run)\n")
     values = list(dict.fromkeys(d["value"]))
-    print("| step | " + " | ".join(f"ICL–IT {v}" for v in values) + " | " + " | ".join(f"IT {score} {v}" for v in values)
-          + " | " + " | ".join(f"loss {v}" for v in values) + " |")
+    print(
+        "| step | "
+        + " | ".join(f"ICL–IT {v}" for v in values)
+        + " | "
+        + " | ".join(f"IT {score} {v}" for v in values)
+        + " | "
+        + " | ".join(f"loss {v}" for v in values)
+        + " |"
+    )
     print("|" + " --- |" * (1 + 3 * len(values)))
     for step in sorted(d["step"].unique()):
         rows = [d[(d["step"] == step) & (d["value"] == v)].iloc[0] for v in values]
-        print(f"| {step} | " + " | ".join(ci(r["icl_it:last_layer"]) for r in rows) + " | "
-              + " | ".join(ci(r["it_score"], 2) for r in rows) + " | "
-              + " | ".join(f"{r['train_loss']['mean']:.1e}" for r in rows) + " |")
+        print(
+            f"| {step} | "
+            + " | ".join(ci(r["icl_it:last_layer"]) for r in rows)
+            + " | "
+            + " | ".join(ci(r["it_score"], 2) for r in rows)
+            + " | "
+            + " | ".join(f"{r['train_loss']['mean']:.1e}" for r in rows)
+            + " |"
+        )
     print()
     # does tuning move the query's state towards the ICL state? ICL–IT after step S against
     # anchor–ICL (step 0: IT = anchor), over each cell's query blocks; and how far IT is from the anchor
     data = _RUNS[run]
     cells = nulls.cell_labels(data, "recipe")
     steps = sorted(d["step"].unique())
-    found = pd.concat([within_cell_contrasts(data, [(("icl_it", "cosine"), ("anchor_icl", "cosine"))],
-                                             it_state=f"it:step{step}").assign(step=step) for step in steps],
-                      ignore_index=True)
-    print("| step | " + " | ".join(f"anchor–IT {v}" for v in values) + " | "
-          + " | ".join(f"ICL–IT − anchor–ICL {v}" for v in values) + " |")
+    found = pd.concat(
+        [
+            within_cell_contrasts(
+                data, [(("icl_it", "cosine"), ("anchor_icl", "cosine"))], it_state=f"it:step{step}"
+            ).assign(step=step)
+            for step in steps
+        ],
+        ignore_index=True,
+    )
+    print(
+        "| step | "
+        + " | ".join(f"anchor–IT {v}" for v in values)
+        + " | "
+        + " | ".join(f"ICL–IT − anchor–ICL {v}" for v in values)
+        + " |"
+    )
     print("|" + " --- |" * (1 + 2 * len(values)))
     for step in steps:
         rows = [d[(d["step"] == step) & (d["value"] == v)].iloc[0] for v in values]
@@ -302,17 +376,23 @@ def dose(run: Path) -> None:
             keys = [k for label, k in cells if label == str(v)]
             r = found[(found["step"] == step) & found["cell_key"].isin(keys)] if len(found) else found
             diffs.append(_diff(r.iloc[0]) if len(r) else "–")
-        print(f"| {step} | " + " | ".join(ci(r["anchor_it:last_layer"]) for r in rows) + " | " + " | ".join(diffs) + " |")
-    print("\n(ICL–IT − anchor–ICL: the mean over query blocks of the blocks' mean difference, 95% CI from the paired "
-          "t over blocks.)")
+        print(
+            f"| {step} | " + " | ".join(ci(r["anchor_it:last_layer"]) for r in rows) + " | " + " | ".join(diffs) + " |"
+        )
+    print(
+        "\n(ICL–IT − anchor–ICL: the mean over query blocks of the blocks' mean difference, 95% CI from the paired "
+        "t over blocks.)"
+    )
     print()
     for v in values:
         g = d[d["value"] == v].reset_index(drop=True)
         means = [s["mean"] for s in g["icl_it:last_layer"]]
         means_all = [s["mean"] for s in g["icl_it:mean_over_layers"]]
         i, k = int(np.nanargmax(means)), int(np.nanargmax(means_all))
-        print(f"- {v}: ICL–IT peaks at step {g['step'][i]} (last layer, {ci(g['icl_it:last_layer'][i])}) "
-              f"and step {g['step'][k]} (mean over layers, {ci(g['icl_it:mean_over_layers'][k])})")
+        print(
+            f"- {v}: ICL–IT peaks at step {g['step'][i]} (last layer, {ci(g['icl_it:last_layer'][i])}) "
+            f"and step {g['step'][k]} (mean over layers, {ci(g['icl_it:mean_over_layers'][k])})"
+        )
     print("\n#### Selection-aware and behaviour-matched steps\n")
     nulls.dose_matched(_RUNS[run], "recipe")
     path = save_png(_dose_figure(d, "recipe", score), "paper_dose.png")
@@ -353,12 +433,18 @@ def main(root: Path) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     suite = json.loads((root / "suite.json").read_text()) if (root / "suite.json").exists() else {}
-    invocations = suite.get("invocations") or list((suite.get("last_invocation_by_suite") or (
-        {"paper": suite["last_invocation"]} if suite.get("last_invocation") else {})).values())
+    invocations = suite.get("invocations") or list(
+        (
+            suite.get("last_invocation_by_suite")
+            or ({"paper": suite["last_invocation"]} if suite.get("last_invocation") else {})
+        ).values()
+    )
     for inv in invocations:
-        print(f"`run_paper.py{' --suite ' + inv['suite'] if inv.get('suite', 'paper') != 'paper' else ''}`: "
-              f"{len(inv['specs'])} specs ({', '.join(inv['specs'])}) in {inv['seconds'] / 60:.1f} min "
-              f"({inv['machine']}, finished {inv['finished']}).\n")
+        print(
+            f"`run_paper.py{' --suite ' + inv['suite'] if inv.get('suite', 'paper') != 'paper' else ''}`: "
+            f"{len(inv['specs'])} specs ({', '.join(inv['specs'])}) in {inv['seconds'] / 60:.1f} min "
+            f"({inv['machine']}, finished {inv['finished']}).\n"
+        )
     if suite.get("specs"):
         print("| spec | trials planned | computed | reused | seconds |\n| --- | --- | --- | --- | --- |")
         for name, s in suite["specs"].items():

@@ -34,8 +34,19 @@ from iclit.experiments.workers import release_models
 from iclit.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["main", "layers", "cross_task", "wrong_labels", "instruction", "models", "similarity", "n_demos",
-         "translation", "dose", "lora_vs_full"]  # the costliest last: a suite stopped early has the most cells
+ORDER = [
+    "main",
+    "layers",
+    "cross_task",
+    "wrong_labels",
+    "instruction",
+    "models",
+    "similarity",
+    "n_demos",
+    "translation",
+    "dose",
+    "lora_vs_full",
+]  # the costliest last: a suite stopped early has the most cells
 EXTRA = ["causal", "tasks_antonyms", "tasks_translation_words", "tasks_addition", "tasks_reverse_words"]
 SUITES = {"paper": ORDER, "causal": EXTRA}  # causal: issue 12's specs, timed apart from the paper suite
 RUN_DIR = {"layers": "main"}  # layers.yaml plans exactly the main cell: same run directory
@@ -53,7 +64,9 @@ def main() -> None:
     log_path = args.out / "suite.json"
     log = json.loads(log_path.read_text()) if log_path.exists() else {"specs": {}}
     started = time.perf_counter()
-    done: list[Path] = [args.out / RUN_DIR.get(n, n) for n in order if (args.out / RUN_DIR.get(n, n) / "results.sqlite").exists()]
+    done: list[Path] = [
+        args.out / RUN_DIR.get(n, n) for n in order if (args.out / RUN_DIR.get(n, n) / "results.sqlite").exists()
+    ]
     specs = {name: load_spec(ROOT / "configs" / "paper" / f"{name}.yaml") for name in names}
     for i, name in enumerate(names):
         out = args.out / RUN_DIR.get(name, name)
@@ -61,24 +74,32 @@ def main() -> None:
         sources = [d for d in dict.fromkeys(done) if d != out]
         summary = run_experiment(specs[name], out, progress=True, reuse=sources)
         # the models no later spec reads are dropped (SmolLM2 and the control model after `models`)
-        release_models({str(m) for later in names[i + 1:] for m in specs[later].factor_values("model")})
+        release_models({str(m) for later in names[i + 1 :] for m in specs[later].factor_values("model")})
         for source in sources if summary.reused else ():
             copy_entries(source, out)  # the shared cells' analysis tables, computed once
         trials_done = time.perf_counter()
         write_report(out)
         seconds = time.perf_counter() - t0
         print(summary, flush=True)
-        log["specs"][name] = {"out": str(out.relative_to(args.out)), "planned": summary.planned,
-                              "already_stored": summary.already_done, "computed": summary.computed,
-                              "reused": summary.reused, "seconds": round(seconds, 1),
-                              "report_seconds": round(time.perf_counter() - trials_done, 1),
-                              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        log["specs"][name] = {
+            "out": str(out.relative_to(args.out)),
+            "planned": summary.planned,
+            "already_stored": summary.already_done,
+            "computed": summary.computed,
+            "reused": summary.reused,
+            "seconds": round(seconds, 1),
+            "report_seconds": round(time.perf_counter() - trials_done, 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         log_path.write_text(json.dumps(log, indent=2) + "\n")  # a suite stopped early keeps its specs' times
         if out not in done:
             done.append(out)
     total = time.perf_counter() - started
     record = {
-        "suite": args.suite, "specs": names, "seconds": round(total, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "suite": args.suite,
+        "specs": names,
+        "seconds": round(total, 1),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "versions": experiment_versions(),
     }

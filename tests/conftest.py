@@ -10,8 +10,11 @@ from iclit.models.tiny import TINY_VOCAB, build_tiny_llama, build_tiny_tokenizer
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--device", default="cpu",
-                     help="device of the tiny-model fixtures (`tiny`, `device`): cpu (default) or cuda (benchmarks/gpu.sh)")
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="device of the tiny-model fixtures (`tiny`, `device`): cpu (default) or cuda (benchmarks/gpu.sh)",
+    )
 
 
 @pytest.fixture(scope="session")

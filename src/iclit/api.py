@@ -61,8 +61,9 @@ class Comparison:
         return write_files(out, self.trials, self.summary, self.metrics, self.config, self.tests)
 
 
-def run_comparison_spec(spec: Any, out: str | Path, *, models: Mapping[str, Any] | None = None,
-                        progress: bool = False) -> Any:
+def run_comparison_spec(
+    spec: Any, out: str | Path, *, models: Mapping[str, Any] | None = None, progress: bool = False
+) -> Any:
     """Run a one-cell spec (:func:`iclit.experiments.compare.spec_of`) into ``out`` and write
     its exports there; returns the :class:`~iclit.experiments.runner.RunSummary`."""
     from iclit.experiments.runner import run_experiment
@@ -85,9 +86,14 @@ def comparison_from_run(run_dir: str | Path) -> Comparison:
     states = load_states(run_dir) if not run.notes else None  # notes: trials without stored states
     parts = comparison_parts(run)
     return Comparison(
-        config=parts["config"], trials=parts["trials"], summary=parts["summary"], frame=comparison_frame(run),
-        metrics=parts["metrics"], tests=parts["tests"],
-        states={name: torch.from_numpy(a) for name, a in states.arrays.items()} if states else {}, run_dir=Path(run_dir),
+        config=parts["config"],
+        trials=parts["trials"],
+        summary=parts["summary"],
+        frame=comparison_frame(run),
+        metrics=parts["metrics"],
+        tests=parts["tests"],
+        states={name: torch.from_numpy(a) for name, a in states.arrays.items()} if states else {},
+        run_dir=Path(run_dir),
     )
 
 
@@ -158,11 +164,26 @@ def run_comparison(
         from iclit.models.loading import resolve
 
         resolve(model)  # an unknown name fails before the slow load
-    data = comparison_spec(model.name if given else model, _task_name(task), k=k, resamples=resamples,
-                           queries_per_set=queries_per_set, it_seeds=it_seeds, seed=seed,
-                           recipe=recipe, template=template, instruction=instruction, sampler=sampler,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, fast=fast, device=device,
-                           dtype=dtype, baselines=baselines, settings=settings)
+    data = comparison_spec(
+        model.name if given else model,
+        _task_name(task),
+        k=k,
+        resamples=resamples,
+        queries_per_set=queries_per_set,
+        it_seeds=it_seeds,
+        seed=seed,
+        recipe=recipe,
+        template=template,
+        instruction=instruction,
+        sampler=sampler,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        fast=fast,
+        device=device,
+        dtype=dtype,
+        baselines=baselines,
+        settings=settings,
+    )
     spec = spec_of(data, check_resources=not given)
     temporary = out is None
     run_dir = Path(tempfile.mkdtemp(prefix="iclit-compare-")) if temporary else Path(out)

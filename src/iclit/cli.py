@@ -13,7 +13,9 @@ from iclit.cli_common import console, err, fail, message, show
 from iclit.cli_design import print_floors
 from iclit.tuning import TuningRecipe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Is in-context learning implicit instruction tuning?")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Is in-context learning implicit instruction tuning?"
+)
 
 from iclit.cli_models import models_app  # noqa: E402  (after the app: a sub-command group of it)
 
@@ -27,8 +29,9 @@ def tasks() -> None:
 
     table = Table("name", "kind", "examples", "source", "description")
     for t in task_table():
-        table.add_row(t.name, t.kind, f"missing: {t.missing}" if t.examples is None else str(t.examples), t.source,
-                      t.description)
+        table.add_row(
+            t.name, t.kind, f"missing: {t.missing}" if t.examples is None else str(t.examples), t.source, t.description
+        )
     console.print(table)
 
 
@@ -53,7 +56,9 @@ def _parse_settings(items: list[str] | None) -> dict:
 
 def _spec_failure(source: str, e) -> None:
     n = len(e.problems)
-    err.print(f"[bold red]error:[/] {source}: {n} problem{'s' if n != 1 else ''} in the spec", highlight=False, soft_wrap=True)
+    err.print(
+        f"[bold red]error:[/] {source}: {n} problem{'s' if n != 1 else ''} in the spec", highlight=False, soft_wrap=True
+    )
     for problem in e.problems:
         err.print(f"  {problem}", highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -64,25 +69,39 @@ def compare(
     model: str = typer.Option("gemma-3-270m", help="embedded name, local directory, .gguf file or hub id"),
     task: str = typer.Option("sentiment", help="built-in task name or a data file"),
     k: int = typer.Option(4, help="number of demonstrations"),
-    resamples: int = typer.Option(30, help="demonstration sets drawn (with --queries-per-set 1: (query, demonstrations) draws)"),
-    queries_per_set: int = typer.Option(1, help="queries read with each demonstration set (the crossed design; >= 2 "
-                                        "gives the query-swap and demo-swap nulls)"),
-    it_seeds: int = typer.Option(1, help="IT adapters per set, each with its own seed, trained in one pass (the IT "
-                                 "seed noise; >= 2 adds the it_seed2 arm)"),
+    resamples: int = typer.Option(
+        30, help="demonstration sets drawn (with --queries-per-set 1: (query, demonstrations) draws)"
+    ),
+    queries_per_set: int = typer.Option(
+        1,
+        help="queries read with each demonstration set (the crossed design; >= 2 "
+        "gives the query-swap and demo-swap nulls)",
+    ),
+    it_seeds: int = typer.Option(
+        1,
+        help="IT adapters per set, each with its own seed, trained in one pass (the IT "
+        "seed noise; >= 2 adds the it_seed2 arm)",
+    ),
     seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("runs/compare"), help="run directory (an ordinary one: `iclit results`, `iclit report`; "
-                             "the same command again resumes)"),
+    out: Path = typer.Option(
+        Path("runs/compare"),
+        help="run directory (an ordinary one: `iclit results`, `iclit report`; the same command again resumes)",
+    ),
     input_field: Optional[str] = typer.Option(None, help="data file: field holding the input (default: input)"),
     output_field: Optional[str] = typer.Option(None, help="data file: field holding the output (default: output)"),
     kind: Optional[str] = typer.Option(None, help="data file: classification (default) or generation"),
-    instruction_text: Optional[str] = typer.Option(None, "--instruction-text", help="data file: the instruction that heads every prompt"),
+    instruction_text: Optional[str] = typer.Option(
+        None, "--instruction-text", help="data file: the instruction that heads every prompt"
+    ),
     input_prefix: Optional[str] = typer.Option(None, help="data file: text before each input (default 'Input: ')"),
     output_prefix: Optional[str] = typer.Option(None, help="data file: text before each answer (default 'Output:')"),
     separator: Optional[str] = typer.Option(None, help="data file: text between demonstrations (default a blank line)"),
     template: Optional[str] = typer.Option(None, help="named alternative template of the task"),
     no_instruction: bool = typer.Option(False, "--no-instruction", help="drop the task instruction"),
     sampler: Optional[str] = typer.Option(None, help="demonstration sampler: balanced, random"),
-    similarity: Optional[str] = typer.Option(None, help="demonstrations: random (default), most or least similar to the query"),
+    similarity: Optional[str] = typer.Option(
+        None, help="demonstrations: random (default), most or least similar to the query"
+    ),
     wrong_labels: Optional[float] = typer.Option(None, help="fraction of demonstrations given a wrong label"),
     demo_task: Optional[str] = typer.Option(None, help="demonstrations from another task"),
     method: str = typer.Option("lora", help="IT method: lora or full"),
@@ -91,16 +110,31 @@ def compare(
     dropout: float = typer.Option(_RECIPE.dropout, help="LoRA dropout"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default 1e-3 LoRA, 1e-5 full)"),
     epochs: int = typer.Option(_RECIPE.epochs, help="tuning epochs over the k demonstrations"),
-    targets: Optional[str] = typer.Option(None, help="LoRA target modules, comma-separated (default: the architecture's "
-                                          "query and value projections; all-linear: every linear layer)"),
-    capture_steps: Optional[str] = typer.Option(None, help="also read IT after these optimiser steps, e.g. 1,2,4,8 (the dose curve)"),
-    baselines: Optional[str] = typer.Option(None, help="comma-separated: centered, shuffled, update, noise_ceiling, cka, query_mean"),
+    targets: Optional[str] = typer.Option(
+        None,
+        help="LoRA target modules, comma-separated (default: the architecture's "
+        "query and value projections; all-linear: every linear layer)",
+    ),
+    capture_steps: Optional[str] = typer.Option(
+        None, help="also read IT after these optimiser steps, e.g. 1,2,4,8 (the dose curve)"
+    ),
+    baselines: Optional[str] = typer.Option(
+        None, help="comma-separated: centered, shuffled, update, noise_ceiling, cka, query_mean"
+    ),
     batch_size: int = typer.Option(16, help="prompts per forward pass"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)"),
-    slow: bool = typer.Option(False, "--slow", help="force the straightforward path (no prefix cache, one PEFT adapter at a time), for checking"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="any other spec key, KEY=VALUE (e.g. chunk_size=5, "
-                                             "recipe.weight_decay=0.01, store_states=false); repeatable"),
+    slow: bool = typer.Option(
+        False,
+        "--slow",
+        help="force the straightforward path (no prefix cache, one PEFT adapter at a time), for checking",
+    ),
+    set_: Optional[list[str]] = typer.Option(
+        None,
+        "--set",
+        help="any other spec key, KEY=VALUE (e.g. chunk_size=5, "
+        "recipe.weight_decay=0.01, store_states=false); repeatable",
+    ),
     show_spec: bool = typer.Option(False, "--show-spec", help="print the one-cell spec this command runs, and stop"),
 ) -> None:
     """Compare anchor, ICL and IT hidden states: a one-cell experiment run into --out, then
@@ -120,19 +154,45 @@ def compare(
         fail(f"--capture-steps must be comma-separated integers, not {capture_steps!r}")
     try:
         chosen_targets = tuple(x.strip() for x in targets.split(",") if x.strip()) if targets else _RECIPE.targets
-        recipe = TuningRecipe(method=method, rank=rank, alpha=alpha, dropout=dropout, lr=lr, epochs=epochs,  # type: ignore[arg-type]
-                              capture_steps=steps, targets=chosen_targets)
+        recipe = TuningRecipe(
+            method=method,
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            lr=lr,
+            epochs=epochs,  # type: ignore[arg-type]
+            capture_steps=steps,
+            targets=chosen_targets,
+        )
     except ValueError as e:
         fail(str(e))
-    settings = {key: value for key, value in (("similarity", similarity), ("wrong_labels", wrong_labels),
-                                              ("demo_task", demo_task)) if value is not None}
-    options = {key: value for key, value in (("input_field", input_field), ("output_field", output_field),
-                                             ("kind", kind)) if value is not None}
-    layout = {key: value for key, value in (("instruction", instruction_text), ("input_prefix", input_prefix),
-                                            ("output_prefix", output_prefix), ("demo_sep", separator)) if value is not None}
+    settings = {
+        key: value
+        for key, value in (("similarity", similarity), ("wrong_labels", wrong_labels), ("demo_task", demo_task))
+        if value is not None
+    }
+    options = {
+        key: value
+        for key, value in (("input_field", input_field), ("output_field", output_field), ("kind", kind))
+        if value is not None
+    }
+    layout = {
+        key: value
+        for key, value in (
+            ("instruction", instruction_text),
+            ("input_prefix", input_prefix),
+            ("output_prefix", output_prefix),
+            ("demo_sep", separator),
+        )
+        if value is not None
+    }
     try:  # the same checks, and messages, as iclit.run_comparison, before the spec's
-        check_comparison(k, resamples, resolve_task(get_task(task, template=layout or None, **options), template,
-                                                    not no_instruction), queries_per_set)
+        check_comparison(
+            k,
+            resamples,
+            resolve_task(get_task(task, template=layout or None, **options), template, not no_instruction),
+            queries_per_set,
+        )
     except (TaskDataError, ValueError, KeyError) as e:
         fail(message(e))
     if layout:
@@ -140,10 +200,25 @@ def compare(
     if options:
         settings["task_options"] = options
     settings.update(_parse_settings(set_))
-    data = comparison_spec(model, task, k=k, resamples=resamples, queries_per_set=queries_per_set, it_seeds=it_seeds,
-                           seed=seed, recipe=recipe, template=template,
-                           instruction=not no_instruction, sampler=sampler, batch_size=batch_size, fast=not slow,
-                           device=device, dtype=dtype, baselines=chosen, settings=settings)
+    data = comparison_spec(
+        model,
+        task,
+        k=k,
+        resamples=resamples,
+        queries_per_set=queries_per_set,
+        it_seeds=it_seeds,
+        seed=seed,
+        recipe=recipe,
+        template=template,
+        instruction=not no_instruction,
+        sampler=sampler,
+        batch_size=batch_size,
+        fast=not slow,
+        device=device,
+        dtype=dtype,
+        baselines=chosen,
+        settings=settings,
+    )
     try:
         spec = spec_of(data)
     except SpecError as e:
@@ -173,8 +248,11 @@ def _run_comparison(spec, out: Path) -> None:
         fail(message(e))
     print_summary(json.loads((out / "metrics.json").read_text()), json.loads((out / "config.json").read_text()))
     _warn_fit(summary)
-    console.print(f"wrote {out}/{', '.join(EXPORTS)} (run directory: `iclit results {out}`, `iclit report {out}`)",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {out}/{', '.join(EXPORTS)} (run directory: `iclit results {out}`, `iclit report {out}`)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # --- declarative experiments: iclit run / results / report ------------------------------------
@@ -194,31 +272,64 @@ def spec_schema(
 def run_spec(
     spec: Optional[Path] = typer.Argument(None, help="YAML experiment spec; omitted: the spec.yaml of --out (resume)"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory; running into the same directory resumes"),
-    backend: str = typer.Option("local", help="local; ray: Ray actors (an existing cluster or a local one); slurm: a "
-                                "job array over --shards (submitit), waited for and merged (docs/cluster.md)"),
+    backend: str = typer.Option(
+        "local",
+        help="local; ray: Ray actors (an existing cluster or a local one); slurm: a "
+        "job array over --shards (submitit), waited for and merged (docs/cluster.md)",
+    ),
     address: Optional[str] = typer.Option(None, help="address of an existing Ray cluster (default: start a local one)"),
-    workers: Optional[int] = typer.Option(None, help="Ray actors (default: as many as the cluster's CPUs or GPU shares fit)"),
-    actors_per_gpu: Optional[int] = typer.Option(None, min=1, help="Ray: actors sharing one GPU (default: spec cluster.actors_per_gpu)"),
-    worker_threads: Optional[int] = typer.Option(None, min=1, help="Ray: torch threads (and CPUs) per actor (default: 1)"),
-    max_retries: Optional[int] = typer.Option(None, min=0, help="Ray: retries of a chunk whose worker died; slurm: of a failed shard job (default 2)"),
-    shard: Optional[str] = typer.Option(None, help="I/N: compute only shard I of N of the plan's chunks, into "
-                                        "OUT/shards/I-of-N (e.g. $SLURM_ARRAY_TASK_ID/32); `iclit merge OUT` folds them in"),
-    shards: Optional[int] = typer.Option(None, min=1, help="slurm: jobs in the array (default: spec cluster.slurm.shards)"),
-    slurm: Optional[list[str]] = typer.Option(None, "--slurm", help="slurm: a job setting KEY=VALUE (partition, account, "
-                                              "time_min, gpus_per_task, cpus_per_task, mem_gb, array_parallelism, constraint); repeatable"),
-    slurm_cluster: Optional[str] = typer.Option(None, help="slurm: submitit's executor, slurm (default) or local (the jobs as processes here)"),
+    workers: Optional[int] = typer.Option(
+        None, help="Ray actors (default: as many as the cluster's CPUs or GPU shares fit)"
+    ),
+    actors_per_gpu: Optional[int] = typer.Option(
+        None, min=1, help="Ray: actors sharing one GPU (default: spec cluster.actors_per_gpu)"
+    ),
+    worker_threads: Optional[int] = typer.Option(
+        None, min=1, help="Ray: torch threads (and CPUs) per actor (default: 1)"
+    ),
+    max_retries: Optional[int] = typer.Option(
+        None, min=0, help="Ray: retries of a chunk whose worker died; slurm: of a failed shard job (default 2)"
+    ),
+    shard: Optional[str] = typer.Option(
+        None,
+        help="I/N: compute only shard I of N of the plan's chunks, into "
+        "OUT/shards/I-of-N (e.g. $SLURM_ARRAY_TASK_ID/32); `iclit merge OUT` folds them in",
+    ),
+    shards: Optional[int] = typer.Option(
+        None, min=1, help="slurm: jobs in the array (default: spec cluster.slurm.shards)"
+    ),
+    slurm: Optional[list[str]] = typer.Option(
+        None,
+        "--slurm",
+        help="slurm: a job setting KEY=VALUE (partition, account, "
+        "time_min, gpus_per_task, cpus_per_task, mem_gb, array_parallelism, constraint); repeatable",
+    ),
+    slurm_cluster: Optional[str] = typer.Option(
+        None, help="slurm: submitit's executor, slurm (default) or local (the jobs as processes here)"
+    ),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="slurm: wait for the jobs and merge them, or only submit"),
-    calibrate: bool = typer.Option(False, "--calibrate", help="with --check: time one chunk here for the time estimate (loads the model)"),
+    calibrate: bool = typer.Option(
+        False, "--calibrate", help="with --check: time one chunk here for the time estimate (loads the model)"
+    ),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads in this process (default: torch's)"),
     max_chunks: Optional[int] = typer.Option(None, help="stop after this many chunks (to try a spec out)"),
-    check: bool = typer.Option(False, "--check", help="validate the spec and show the plan, its cost and "
-                               "what each cell's tests can reject; run nothing"),
-    strict: bool = typer.Option(False, "--strict", help="with --check: a cell whose nulls cannot reach p < 0.05 after "
-                                "adjustment is an error (exit 2)"),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="validate the spec and show the plan, its cost and what each cell's tests can reject; run nothing",
+    ),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="with --check: a cell whose nulls cannot reach p < 0.05 after adjustment is an error (exit 2)",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar over trials"),
     reuse: Optional[list[Path]] = typer.Option(
-        None, "--reuse", help="an earlier run directory whose stored chunks with the same trial keys are copied, "
-        "not computed (read-only; repeatable, tried in order)"),
+        None,
+        "--reuse",
+        help="an earlier run directory whose stored chunks with the same trial keys are copied, "
+        "not computed (read-only; repeatable, tried in order)",
+    ),
 ) -> None:
     """Run an experiment spec into a run directory (results.sqlite); skips finished trials."""
     from iclit.cli_cluster import print_cost, run_slurm
@@ -251,26 +362,48 @@ def run_spec(
         fail(str(e))
     plan = make_plan(parsed)
     factors = ", ".join(f"{k} ({len(v)})" for k, v in parsed.factors.items()) or "none"
-    console.print(f"{parsed.name}: {len(plan.cells)} cells × {len(parsed.seeds)} seed(s) × {parsed.resamples} resamples "
-                  f"= {plan.n_trials} trials in {len(plan.chunks)} chunks; factors: {factors}", highlight=False, soft_wrap=True)
+    console.print(
+        f"{parsed.name}: {len(plan.cells)} cells × {len(parsed.seeds)} seed(s) × {parsed.resamples} resamples "
+        f"= {plan.n_trials} trials in {len(plan.chunks)} chunks; factors: {factors}",
+        highlight=False,
+        soft_wrap=True,
+    )
     print_cost(plan, out, calibrate=check and calibrate, strict=check)
     if check:
         if not print_floors(plan) and strict:
             fail("a cell's tests cannot reach p < 0.05 after adjustment (--strict); add query blocks (resamples)")
         return
     if backend == "slurm":
-        run_slurm(parsed, out, shards=shards, settings=_parse_settings(slurm), wait=wait, max_retries=max_retries,
-                  cluster=slurm_cluster, progress=progress)
+        run_slurm(
+            parsed,
+            out,
+            shards=shards,
+            settings=_parse_settings(slurm),
+            wait=wait,
+            max_retries=max_retries,
+            cluster=slurm_cluster,
+            progress=progress,
+        )
         return
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     try:
-        summary = run_experiment(parsed, out, backend=backend, address=address, workers=workers,  # type: ignore[arg-type]
-                                 progress=progress, max_chunks=max_chunks, reuse=reuse, shard=shard_of,
-                                 ray_options=ray_options_of(parsed, actors_per_gpu=actors_per_gpu, threads=worker_threads,
-                                                            max_retries=max_retries))
+        summary = run_experiment(
+            parsed,
+            out,
+            backend=backend,
+            address=address,
+            workers=workers,  # type: ignore[arg-type]
+            progress=progress,
+            max_chunks=max_chunks,
+            reuse=reuse,
+            shard=shard_of,
+            ray_options=ray_options_of(
+                parsed, actors_per_gpu=actors_per_gpu, threads=worker_threads, max_retries=max_retries
+            ),
+        )
     except (ReuseError, ValueError, RuntimeError, LookupError, OSError) as e:  # a source removed since the check
         fail(message(e))  # above; a run dir locked, not writable, a prompt or recipe that does not fit; an old store
     if summary.reused:  # the reused cells' analysis tables come along (content-keyed, computed once)
@@ -293,18 +426,40 @@ def results(
     run: Path = typer.Argument(..., help="run directory"),
     format: str = typer.Option("table", "--format", "-f", help="table, csv or parquet"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="file to write (csv: default stdout)"),
-    metric: Optional[str] = typer.Option(None, "--metric", "-m", help="a registered metric, computed from the stored "
-                                         "states and outputs (no model): see --list-metrics"),
+    metric: Optional[str] = typer.Option(
+        None,
+        "--metric",
+        "-m",
+        help="a registered metric, computed from the stored states and outputs (no model): see --list-metrics",
+    ),
     list_metrics: bool = typer.Option(False, "--list-metrics", help="list the metrics and stop"),
-    outputs: bool = typer.Option(False, "--outputs", help="one row per trial (predictions, scores, …) instead of per trial × layer × pair"),
-    summary: bool = typer.Option(False, "--summary", help="= --metric summary: per cell × pair, last-layer and mean-over-layers cosine"),
-    all_trials: bool = typer.Option(False, "--all", help="every stored trial, not only those of the last spec run here"),
-    effects: bool = typer.Option(False, "--effects", help="= --metric effects: per factor, each value vs the base value on "
-                                 "the ICL–IT cosine (paired bootstrap CI, Cohen's d, permutation p)"),
-    tests: bool = typer.Option(False, "--tests", help="= --metric tests: each pair against its query-swap and demo-swap "
-                               "nulls per layer (diff, CI, p, max-T p_adj, Holm, BH, TOST, verdict)"),
-    contrasts: bool = typer.Option(False, "--contrasts", help="= --metric contrasts: per factor, each value vs the base "
-                                   "value with query blocks as units (paired t or Welch, CI, Holm, TOST, verdict)"),
+    outputs: bool = typer.Option(
+        False, "--outputs", help="one row per trial (predictions, scores, …) instead of per trial × layer × pair"
+    ),
+    summary: bool = typer.Option(
+        False, "--summary", help="= --metric summary: per cell × pair, last-layer and mean-over-layers cosine"
+    ),
+    all_trials: bool = typer.Option(
+        False, "--all", help="every stored trial, not only those of the last spec run here"
+    ),
+    effects: bool = typer.Option(
+        False,
+        "--effects",
+        help="= --metric effects: per factor, each value vs the base value on "
+        "the ICL–IT cosine (paired bootstrap CI, Cohen's d, permutation p)",
+    ),
+    tests: bool = typer.Option(
+        False,
+        "--tests",
+        help="= --metric tests: each pair against its query-swap and demo-swap "
+        "nulls per layer (diff, CI, p, max-T p_adj, Holm, BH, TOST, verdict)",
+    ),
+    contrasts: bool = typer.Option(
+        False,
+        "--contrasts",
+        help="= --metric contrasts: per factor, each value vs the base "
+        "value with query blocks as units (paired t or Welch, CI, Holm, TOST, verdict)",
+    ),
     limit: int = typer.Option(30, help="rows shown by --format table"),
 ) -> None:
     """Print or export the results of a run as a tidy table (default: the cosines, trial × layer × pair)."""
@@ -323,8 +478,11 @@ def results(
         fail("--format parquet needs --out FILE")
     if format == "table" and out is not None:
         fail("--out needs --format csv or parquet")
-    chosen = [name for name, on in (("summary", summary), ("effects", effects), ("tests", tests),
-                                    ("contrasts", contrasts)) if on]
+    chosen = [
+        name
+        for name, on in (("summary", summary), ("effects", effects), ("tests", tests), ("contrasts", contrasts))
+        if on
+    ]
     if metric:
         chosen.append(metric)
     if len(chosen) + outputs > 1:
@@ -351,8 +509,10 @@ def results(
     except (ValueError, KeyError) as e:
         fail(f"{run}: --metric {name}: {message(e)}")
     if name is not None and df.empty and data.frame.empty and data.notes and not data.outputs.empty:
-        fail(f"{run}: --metric {name} is computed from stored hidden states, and {data.notes[0]} "
-              "(--outputs and --metric scores, agreement, it_loss need none)")
+        fail(
+            f"{run}: --metric {name} is computed from stored hidden states, and {data.notes[0]} "
+            "(--outputs and --metric scores, agreement, it_loss need none)"
+        )
     if name in ("effects", "contrasts") and df.empty and not data.outputs.empty:
         console.print("no factor with two or more values: no effects to show")
         return
@@ -363,8 +523,9 @@ def results(
 def report(
     run: Path = typer.Argument(..., help="run directory"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default RUN/report.html)"),
-    markdown: bool = typer.Option(False, "--markdown", help="print a one-cell comparison's results tables as Markdown "
-                                  "(from its exports) instead"),
+    markdown: bool = typer.Option(
+        False, "--markdown", help="print a one-cell comparison's results tables as Markdown (from its exports) instead"
+    ),
 ) -> None:
     """Write one self-contained HTML report of a run: figures per factor, accuracy, spec, versions."""
     from iclit.cli_cluster import fold_shards
@@ -376,7 +537,9 @@ def report(
         from iclit.report.markdown import comparison_markdown
 
         if not (run / "metrics.json").exists():
-            fail(f"{run}: no metrics.json (the Markdown tables are a one-cell comparison's: iclit compare … --out {run})")
+            fail(
+                f"{run}: no metrics.json (the Markdown tables are a one-cell comparison's: iclit compare … --out {run})"
+            )
         typer.echo(comparison_markdown(run), nl=False)
         return
     try:

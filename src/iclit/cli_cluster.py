@@ -82,8 +82,17 @@ def _slurm_options(spec: Any, shards: Optional[int], settings: dict[str, Any]) -
         fail(f"--slurm / --shards: {problems} (keys: {', '.join(SlurmOptions.model_fields)})")
 
 
-def run_slurm(spec: Any, out: Path, *, shards: Optional[int], settings: dict[str, Any], wait: bool,
-              max_retries: Optional[int], cluster: Optional[str], progress: bool) -> None:
+def run_slurm(
+    spec: Any,
+    out: Path,
+    *,
+    shards: Optional[int],
+    settings: dict[str, Any],
+    wait: bool,
+    max_retries: Optional[int],
+    cluster: Optional[str],
+    progress: bool,
+) -> None:
     """``iclit run --backend slurm``: lock ``out``, submit the shard jobs, wait and merge."""
     from iclit.experiments.lock import RunLock, RunLocked
     from iclit.experiments.runner import RunDirError, check_run_dir
@@ -97,8 +106,16 @@ def run_slurm(spec: Any, out: Path, *, shards: Optional[int], settings: dict[str
     except (RunDirError, RunLocked) as e:
         fail(str(e))
     try:
-        summary = launch_shards(spec, out, options=options, max_retries=retries, wait=wait, cluster=cluster,
-                                progress=progress, poll_s=10.0 if cluster in (None, "slurm") else 0.5)
+        summary = launch_shards(
+            spec,
+            out,
+            options=options,
+            max_retries=retries,
+            wait=wait,
+            cluster=cluster,
+            progress=progress,
+            poll_s=10.0 if cluster in (None, "slurm") else 0.5,
+        )
     except (ShardJobsFailed, ModuleNotFoundError, RuntimeError, ValueError, OSError) as e:
         fail(str(e))
     finally:

@@ -27,14 +27,38 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-PRECISE = {"cosine", "value", "last_layer", "mean_over_layers", "demo_similarity", "it_final_loss", "mean", "std",
-            "max", "agreement", "mean_value", "mean_reference", "mean_diff", "ci_low", "ci_high", "cohens_d", "p_value"}
+PRECISE = {
+    "cosine",
+    "value",
+    "last_layer",
+    "mean_over_layers",
+    "demo_similarity",
+    "it_final_loss",
+    "mean",
+    "std",
+    "max",
+    "agreement",
+    "mean_value",
+    "mean_reference",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "cohens_d",
+    "p_value",
+}
 
 
 def show(df, format: str, out: Optional[Path], limit: int, nested: bool) -> None:
     """A table on the terminal, or CSV / Parquet (lists and dicts as JSON text)."""
-    columns = [c for c in df.columns  # only per-trial outputs hold lists/dicts; the long frames never do
-               if df[c].dtype == object and df[c].map(lambda v: isinstance(v, (list, dict))).any()] if nested else []
+    columns = (
+        [
+            c
+            for c in df.columns  # only per-trial outputs hold lists/dicts; the long frames never do
+            if df[c].dtype == object and df[c].map(lambda v: isinstance(v, (list, dict))).any()
+        ]
+        if nested
+        else []
+    )
     if format in ("csv", "parquet") and columns:  # per-step losses, dose records: as JSON text
         df = df.assign(**{c: df[c].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v) for c in columns})
     if format == "csv":
@@ -51,7 +75,9 @@ def show(df, format: str, out: Optional[Path], limit: int, nested: bool) -> None
     if df.empty:
         console.print("no trials stored yet")
         return
-    show = df.drop(columns=[c for c in ("trial_key", "cell_key", *columns) if c in df.columns])  # nested: -f csv/parquet
+    show = df.drop(
+        columns=[c for c in ("trial_key", "cell_key", *columns) if c in df.columns]
+    )  # nested: -f csv/parquet
     constant = [c for c in show.columns if show[c].nunique(dropna=False) == 1 and c not in ("pair", "layer")]
     table = Table(title=("fixed: " + ", ".join(f"{c}={show[c].iloc[0]}" for c in constant)) if constant else None)
     for c in show.columns:
@@ -59,8 +85,12 @@ def show(df, format: str, out: Optional[Path], limit: int, nested: bool) -> None
             table.add_column(c, overflow="fold")
     shown = show.drop(columns=constant)
     for row in shown.head(limit).itertuples(index=False):
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) and c in PRECISE else (f"{v:g}" if isinstance(v, float) else str(v))
-                        for c, v in zip(shown.columns, row)])
+        table.add_row(
+            *[
+                f"{v:.4f}" if isinstance(v, float) and c in PRECISE else (f"{v:g}" if isinstance(v, float) else str(v))
+                for c, v in zip(shown.columns, row)
+            ]
+        )
     console.print(table)
     if len(df) > limit:
         console.print(f"{limit} of {len(df)} rows; all of them: --format csv or parquet", highlight=False)

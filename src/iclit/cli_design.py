@@ -27,28 +27,50 @@ def print_floors(plan, to: Console = console, table: bool = True) -> bool:
     if table:
         floors_table(floors, to)
     for r in floors[~floors["reachable"]].itertuples():
-        need = (f"it needs at least {r.blocks_needed} query blocks ({r.blocks_needed * r.group_size} sets per seed)"
-                if r.blocks_needed else "more permutations are needed, not more blocks")
-        to.print(f"[bold yellow]warning:[/] {r.cell}: the {r.null.replace('_', '-')} test cannot reject at 0.05 "
-                 f"after Holm over {r.family} tests (smallest p {r.p_min:.3g} with {r.blocks} blocks); {need}",
-                 highlight=False, soft_wrap=True)
+        need = (
+            f"it needs at least {r.blocks_needed} query blocks ({r.blocks_needed * r.group_size} sets per seed)"
+            if r.blocks_needed
+            else "more permutations are needed, not more blocks"
+        )
+        to.print(
+            f"[bold yellow]warning:[/] {r.cell}: the {r.null.replace('_', '-')} test cannot reject at 0.05 "
+            f"after Holm over {r.family} tests (smallest p {r.p_min:.3g} with {r.blocks} blocks); {need}",
+            highlight=False,
+            soft_wrap=True,
+        )
     return bool(floors["reachable"].all())
 
 
 def floors_table(floors, to: Console) -> None:
-    table = Table("cell", "null", "blocks", "test", "smallest p", "tests per layer", "smallest Holm p",
-                  title="what each cell's tests can reject (1000 permutations, alpha 0.05)")
+    table = Table(
+        "cell",
+        "null",
+        "blocks",
+        "test",
+        "smallest p",
+        "tests per layer",
+        "smallest Holm p",
+        title="what each cell's tests can reject (1000 permutations, alpha 0.05)",
+    )
     for r in floors.itertuples():
         test = f"exact ({r.patterns:.0f} pairings)" if r.exact else "Monte Carlo"
-        table.add_row(r.cell, r.null.replace("_", "-"), str(r.blocks), test, f"{r.p_min:.3g}", str(r.family),
-                      f"{r.holm_floor:.3g}" + ("" if r.reachable else " ✗"))
+        table.add_row(
+            r.cell,
+            r.null.replace("_", "-"),
+            str(r.blocks),
+            test,
+            f"{r.p_min:.3g}",
+            str(r.family),
+            f"{r.holm_floor:.3g}" + ("" if r.reachable else " ✗"),
+        )
     to.print(table)
 
 
 def power(
     run: Path = typer.Argument(..., help="a pilot run directory"),
-    blocks: Optional[int] = typer.Option(None, help="plan a design with this many query blocks per cell (default: "
-                                         "the pilot's own)"),
+    blocks: Optional[int] = typer.Option(
+        None, help="plan a design with this many query blocks per cell (default: the pilot's own)"
+    ),
     alpha: float = typer.Option(0.05, help="family-wise level"),
     power_: float = typer.Option(0.8, "--power", help="the power asked for"),
     format: str = typer.Option("table", "--format", "-f", help="table or csv"),

@@ -35,24 +35,49 @@ def model_rows() -> list[dict[str, str]]:
 
     rows = []
     for m in EMBEDDED.values():
-        rows.append({
-            "name": m.name, "family": m.family or "?", "parameters": f"{m.parameters / 1e6:,.0f}M" if m.parameters else "?",
-            "kind": "instruct" if m.instruction_tuned else "base", "quantisation": m.quantisation or "?",
-            "size": (f"GGUF {_size(m.gguf_bytes)}; fp32 cache ≈ {_size(4 * m.parameters)}" if m.gguf_bytes else "?"),
-            "installed": "yes" if m.installed() else "no", "install": install_command(m), "description": m.description,
-        })
+        rows.append(
+            {
+                "name": m.name,
+                "family": m.family or "?",
+                "parameters": f"{m.parameters / 1e6:,.0f}M" if m.parameters else "?",
+                "kind": "instruct" if m.instruction_tuned else "base",
+                "quantisation": m.quantisation or "?",
+                "size": (
+                    f"GGUF {_size(m.gguf_bytes)}; fp32 cache ≈ {_size(4 * m.parameters)}" if m.gguf_bytes else "?"
+                ),
+                "installed": "yes" if m.installed() else "no",
+                "install": install_command(m),
+                "description": m.description,
+            }
+        )
     for f in FACTORIES.values():
-        rows.append({"name": f.name, "family": "(built in code)", "parameters": "", "kind": "random", "quantisation": "",
-                     "size": "", "installed": "yes", "install": "", "description": f.description})
+        rows.append(
+            {
+                "name": f.name,
+                "family": "(built in code)",
+                "parameters": "",
+                "kind": "random",
+                "quantisation": "",
+                "size": "",
+                "installed": "yes",
+                "install": "",
+                "description": f.description,
+            }
+        )
     return rows
 
 
 @models_app.callback(invoke_without_command=True)
 def models(
     ctx: typer.Context,
-    diagnose: Optional[str] = typer.Option(None, "--diagnose", metavar="NAME", help="run the label-sensitivity "
-                                           "diagnostic on NAME: ICL accuracy with gold, flipped and random labels on "
-                                           "the same sets"),
+    diagnose: Optional[str] = typer.Option(
+        None,
+        "--diagnose",
+        metavar="NAME",
+        help="run the label-sensitivity "
+        "diagnostic on NAME: ICL accuracy with gold, flipped and random labels on "
+        "the same sets",
+    ),
     task: str = typer.Option("sentiment", help="--diagnose: a classification task"),
     k: int = typer.Option(4, help="--diagnose: demonstrations per set"),
     sets: int = typer.Option(16, help="--diagnose: demonstration sets (the units of the intervals)"),
@@ -68,12 +93,29 @@ def models(
     if diagnose is not None:
         _diagnose(diagnose, task, k, sets, queries_per_set, seed, prompt_format, json_out)
         return
-    table = Table("name", "family", "parameters", "kind", "quantisation", "size on disk", "installed", "install with",
-                  caption="NAME@random (or NAME@random:SEED): NAME's control model, its architecture and tokenizer "
-                          "with freshly initialised weights")
+    table = Table(
+        "name",
+        "family",
+        "parameters",
+        "kind",
+        "quantisation",
+        "size on disk",
+        "installed",
+        "install with",
+        caption="NAME@random (or NAME@random:SEED): NAME's control model, its architecture and tokenizer "
+        "with freshly initialised weights",
+    )
     for r in model_rows():
-        table.add_row(r["name"], r["family"], r["parameters"], r["kind"], r["quantisation"], r["size"], r["installed"],
-                      r["install"])
+        table.add_row(
+            r["name"],
+            r["family"],
+            r["parameters"],
+            r["kind"],
+            r["quantisation"],
+            r["size"],
+            r["installed"],
+            r["install"],
+        )
     console.print(table)
 
 
@@ -100,8 +142,9 @@ def install(
     console.print(f"{name}: installed; it is assembled and dequantised to the cache on first load", highlight=False)
 
 
-def _diagnose(name: str, task: str, k: int, sets: int, queries_per_set: int, seed: int, prompt_format: str,
-              json_out: Path | None) -> None:
+def _diagnose(
+    name: str, task: str, k: int, sets: int, queries_per_set: int, seed: int, prompt_format: str, json_out: Path | None
+) -> None:
     import iclit.models
     from iclit.analysis.labels import label_sensitivity_summary
     from iclit.engine.diagnose import label_sensitivity
@@ -119,20 +162,29 @@ def _diagnose(name: str, task: str, k: int, sets: int, queries_per_set: int, see
     except LookupError as e:
         fail(str(e.args[0]) if e.args else str(e))
     try:
-        result = label_sensitivity(lm, t, k=k, sets=sets, queries_per_set=queries_per_set, seed=seed,
-                                   prompt_format=prompt_format)
+        result = label_sensitivity(
+            lm, t, k=k, sets=sets, queries_per_set=queries_per_set, seed=seed, prompt_format=prompt_format
+        )
     except ValueError as e:
         fail(str(e))
     summary = label_sensitivity_summary(result.correct, result.zero_shot)
-    table = Table("condition", "accuracy", "95% CI", title=f"{name}: ICL on {task}, k={k}, {summary['sets']} sets × "
-                  f"{summary['queries']} queries, prompt format {prompt_format}")
+    table = Table(
+        "condition",
+        "accuracy",
+        "95% CI",
+        title=f"{name}: ICL on {task}, k={k}, {summary['sets']} sets × "
+        f"{summary['queries']} queries, prompt format {prompt_format}",
+    )
     for condition, a in summary["accuracy"].items():
         table.add_row(condition.replace("_", "-"), f"{a['mean']:.3f}", f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]")
     for contrast, c in summary["contrasts"].items():
         table.add_row(contrast, f"{c['mean']:+.3f}", f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] p={c['p']:.3g}")
     console.print(table)
-    console.print(f"verdict: {summary['verdict']} (gold − flipped over sets; 'ignores labels' needs its 90% interval "
-                  f"inside ±{summary['margin']})", highlight=False)
+    console.print(
+        f"verdict: {summary['verdict']} (gold − flipped over sets; 'ignores labels' needs its 90% interval "
+        f"inside ±{summary['margin']})",
+        highlight=False,
+    )
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({**result.to_dict(), "summary": summary}, indent=1), encoding="utf-8")

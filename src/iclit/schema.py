@@ -45,8 +45,14 @@ def kind(v: Any) -> str:
         return "null"
     if isinstance(v, (list, tuple)) and not v:
         return "an empty list"
-    for t, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-                    ((list, tuple), "a list"), (dict, "a mapping")):
+    for t, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a number"),
+        (str, "a string"),
+        ((list, tuple), "a list"),
+        (dict, "a mapping"),
+    ):
         if isinstance(v, t):
             return name
     return type(v).__name__
@@ -88,8 +94,9 @@ def problem(message: str) -> PydanticCustomError:
     return PydanticCustomError(ERROR_TYPE, message)
 
 
-def raise_problems(title: str, found: Iterable[tuple[Sequence[str | int], str, Any]],
-                   along: ValidationError | None = None) -> None:
+def raise_problems(
+    title: str, found: Iterable[tuple[Sequence[str | int], str, Any]], along: ValidationError | None = None
+) -> None:
     """Raise one ValidationError with every ``(location, message, input)`` found and the
     errors of ``along`` (a validation that failed); nothing if there are none.
 
@@ -107,9 +114,15 @@ def _details(e: ValidationError) -> list[InitErrorDetails]:
     for err in e.errors(include_url=False):
         ctx = err.get("ctx")
         if err["type"] == ERROR_TYPE:
-            out.append(InitErrorDetails(type=PydanticCustomError(ERROR_TYPE, err["msg"], ctx), loc=err["loc"], input=err["input"]))
+            out.append(
+                InitErrorDetails(
+                    type=PydanticCustomError(ERROR_TYPE, err["msg"], ctx), loc=err["loc"], input=err["input"]
+                )
+            )
         else:
-            out.append(InitErrorDetails(type=err["type"], loc=err["loc"], input=err["input"], **({"ctx": ctx} if ctx else {})))
+            out.append(
+                InitErrorDetails(type=err["type"], loc=err["loc"], input=err["input"], **({"ctx": ctx} if ctx else {}))
+            )
     return out
 
 
@@ -156,8 +169,22 @@ NonEmptyStr = Annotated[str, Strict(), Field(min_length=1, pattern=r"\S"), expec
 StrictBool = Annotated[bool, Strict(), expect(message="must be true or false, not {got}")]
 
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kb": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "g": 2**30,
+    "gb": 2**30,
+    "gib": 2**30,
+    "t": 2**40,
+    "tb": 2**40,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: str | int | float) -> int:

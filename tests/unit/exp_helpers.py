@@ -56,7 +56,10 @@ def iclit_cmd(*args: str) -> list[str]:
 def start_run(spec: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
         iclit_cmd("run", str(spec), "--out", str(out), "--no-progress"),
-        env=env_one_thread(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env_one_thread(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -12,8 +12,17 @@ from iclit.analysis import cache, cells, load_run
 from iclit.cli import app
 from iclit.experiments import parse_spec, run_experiment
 
-SPEC = {"name": "cached", "model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 4,
-        "queries_per_set": 4, "it_seeds": 2, "chunk_size": 2, "recipe": {"epochs": 2}}
+SPEC = {
+    "name": "cached",
+    "model": "tiny-random-llama",
+    "task": "sentiment",
+    "k": 2,
+    "resamples": 4,
+    "queries_per_set": 4,
+    "it_seeds": 2,
+    "chunk_size": 2,
+    "recipe": {"epochs": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +42,9 @@ def empty_cache(run_dir):
 def _tables(run_dir, **kw):
     run = load_run(run_dir)
     trials = run.trials[run.trials["states_file"].notna()]
-    return cells.cell_tables(run_dir, trials, run.outputs, run.settings, margin=run.margin, n_perm=200, n_boot=200, **kw)
+    return cells.cell_tables(
+        run_dir, trials, run.outputs, run.settings, margin=run.margin, n_perm=200, n_boot=200, **kw
+    )
 
 
 def _entries(run_dir):
@@ -51,8 +62,9 @@ def _no_compute(monkeypatch):
 def _assert_same(a, b):
     assert a.keys() == b.keys()
     for name in a:
-        pd.testing.assert_frame_equal(a[name].reset_index(drop=True), b[name].reset_index(drop=True),
-                                      check_dtype=False, obj=name)
+        pd.testing.assert_frame_equal(
+            a[name].reset_index(drop=True), b[name].reset_index(drop=True), check_dtype=False, obj=name
+        )
 
 
 def test_cached_tables_equal_a_fresh_computation(run_dir, monkeypatch):

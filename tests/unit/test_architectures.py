@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.pytorch_utils import Conv1D
 
@@ -56,8 +63,14 @@ from iclit.tuning import (
 
 # --- the grid ----------------------------------------------------------------------------------
 
-_LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=512)
+_LLAMA_LIKE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 _GEMMA = dict(_LLAMA_LIKE, head_dim=8, query_pre_attn_scalar=8, sliding_window=24)  # prompts outgrow the window
 
 CONFIGS: dict[str, dict] = {
@@ -69,19 +82,48 @@ CONFIGS: dict[str, dict] = {
     "gemma3_text": _GEMMA,
     "phi3": dict(_LLAMA_LIKE, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0),
     "olmo2": _LLAMA_LIKE,
-    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=512, attention_dropout=0.0, hidden_dropout=0.0),
+    "gpt_neox": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+    ),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
 }
 # transformers architectures that are in no row of the table: read from the module tree
 UNLISTED: dict[str, dict] = {
-    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, attention_dropout=0.0, hidden_dropout=0.0),
-    "gptj": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
-                max_position_embeddings=512, dropout=0.0, attention_dropout=0.0),
-    "phi": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-                resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0),
-    "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "falcon": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, attention_dropout=0.0, hidden_dropout=0.0
+    ),
+    "gptj": dict(
+        n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    ),
+    "opt": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        word_embed_proj_dim=32,
+        max_position_embeddings=512,
+        dropout=0.0,
+        attention_dropout=0.0,
+    ),
+    "phi": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attention_dropout=0.0,
+    ),
+    "gpt_bigcode": dict(
+        n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    ),
 }
 CONFIGS.update(UNLISTED)
 FAMILIES = [*CONFIGS, "toy"]
@@ -108,8 +150,15 @@ EXPECTED_TARGETS = {
 class ToyConfig(PreTrainedConfig):
     model_type = "iclit-toy"
 
-    def __init__(self, vocab_size=600, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=512, **kwargs):
+    def __init__(
+        self,
+        vocab_size=600,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        **kwargs,
+    ):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -149,7 +198,12 @@ class ToyBlock(nn.Module):
     def __init__(self, config: ToyConfig, index: int) -> None:
         super().__init__()
         d = config.hidden_size
-        self.ln_a, self.attn, self.ln_b, self.ffn = nn.LayerNorm(d), ToyAttention(config, index), nn.LayerNorm(d), ToyFeedForward(d)
+        self.ln_a, self.attn, self.ln_b, self.ffn = (
+            nn.LayerNorm(d),
+            ToyAttention(config, index),
+            nn.LayerNorm(d),
+            ToyFeedForward(d),
+        )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         x = x + self.attn(self.ln_a(x), mask, cache)
@@ -179,7 +233,9 @@ class ToyModel(ToyPreTrained):
     def get_input_embeddings(self) -> nn.Module:
         return self.tok
 
-    def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=False, output_hidden_states=False, **_):
+    def forward(
+        self, input_ids=None, attention_mask=None, cache=None, use_cache=False, output_hidden_states=False, **_
+    ):
         b, s = input_ids.shape
         if use_cache and cache is None:
             cache = DynamicCache()
@@ -196,8 +252,11 @@ class ToyModel(ToyPreTrained):
             states.append(x)
         x = self.ln_out(x)
         states[-1] = x  # transformers' convention: the last state after the final norm
-        return BaseModelOutputWithPast(last_hidden_state=x, cache=cache if use_cache else None,
-                                       hidden_states=tuple(states) if output_hidden_states else None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=x,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(states) if output_hidden_states else None,
+        )
 
 
 class ToyForCausalLM(ToyPreTrained, GenerationMixin):
@@ -213,13 +272,25 @@ class ToyForCausalLM(ToyPreTrained, GenerationMixin):
     def get_input_embeddings(self) -> nn.Module:
         return self.body.tok
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, cache=None, use_cache=False,
-                output_hidden_states=False, **_):
-        out = self.body(input_ids, attention_mask, cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        cache=None,
+        use_cache=False,
+        output_hidden_states=False,
+        **_,
+    ):
+        out = self.body(
+            input_ids, attention_mask, cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states
+        )
         logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
 
@@ -284,7 +355,11 @@ def test_table_or_fallback(lm, family):
         assert spec == ArchSpec(layers="blocks", final_norm="ln_out", query="wq", value="wv", mlp="ffn")
     # the table's row is what the module tree shows
     inferred = infer_arch(lm.model)
-    assert (inferred.layers, inferred.final_norm, inferred.lora_targets) == (spec.layers, spec.final_norm, spec.lora_targets)
+    assert (inferred.layers, inferred.final_norm, inferred.lora_targets) == (
+        spec.layers,
+        spec.final_norm,
+        spec.lora_targets,
+    )
     assert len(layers_of(lm.model)) == lm.model.config.num_hidden_layers
     if family == "opt":  # fc1/fc2 sit in the block itself: no feed-forward module, the last block is not trimmed
         assert spec.mlp == ""
@@ -304,7 +379,11 @@ def test_lora_targets_per_family(lm, family):
 
     torch.manual_seed(0)
     pm = get_peft_model(copy.deepcopy(model), lora_config(TuningRecipe(), model))
-    adapted = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in pm.named_modules() if n.endswith(".lora_A"))
+    adapted = sorted(
+        n.removeprefix("base_model.model.").removesuffix(".lora_A")
+        for n, _ in pm.named_modules()
+        if n.endswith(".lora_A")
+    )
     assert adapted == sorted(n for n, _ in picked)
 
 
@@ -314,7 +393,11 @@ def test_all_linear_is_peft_all_linear(lm):
     model = lm.model
     ours = [n for n, _ in target_linears(model, ("all-linear",))]
     pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
-    theirs = [n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in pm.named_modules() if n.endswith(".lora_A")]
+    theirs = [
+        n.removeprefix("base_model.model.").removesuffix(".lora_A")
+        for n, _ in pm.named_modules()
+        if n.endswith(".lora_A")
+    ]
     assert sorted(ours) == sorted(theirs) and len(ours) > len(target_linears(model, None))
 
 
@@ -323,7 +406,9 @@ def test_targets_that_match_nothing_are_one_clear_error(lm):
         resolve_targets(lm.model, ("q_prj", "v_proj"))
     msg = str(info.value)
     assert "q_prj" in msg and "linear layers are named" in msg
-    assert any(t in msg for t in EXPECTED_TARGETS["toy"] + EXPECTED_TARGETS["gpt2"] + ("q_proj", "qkv_proj", "query_key_value"))
+    assert any(
+        t in msg for t in EXPECTED_TARGETS["toy"] + EXPECTED_TARGETS["gpt2"] + ("q_proj", "qkv_proj", "query_key_value")
+    )
     with pytest.raises(ValueError, match="not a|is a"):
         resolve_targets(lm.model, (arch_for(lm.model).mlp,))  # a module, but not a linear layer
     with pytest.raises(ValueError, match="q_prj"):
@@ -345,7 +430,9 @@ def test_unreadable_architecture_names_what_is_missing_and_the_row_to_add():
             super().__init__()
             self.proj = nn.Linear(4, 4)
 
-    with pytest.raises(ValueError, match=r"Flat \(no config.model_type\).* the blocks .*register_architecture\('<model_type>'"):
+    with pytest.raises(
+        ValueError, match=r"Flat \(no config.model_type\).* the blocks .*register_architecture\('<model_type>'"
+    ):
         arch_for(Flat())
 
 
@@ -393,7 +480,9 @@ def test_prefix_cached_icl_equals_uncached(lm, task, monkeypatch):
     lengths = []
     real = capture_module.prefix_cache
     monkeypatch.setattr(capture_module, "prefix_cache", lambda m, ids: lengths.append(len(ids)) or real(m, ids))
-    cached = capture(lm.model, lm.tokenizer, prompts, prefixes=prefixes, batch_size=2, span_from=[len(p) - 10 for p in prompts])
+    cached = capture(
+        lm.model, lm.tokenizer, prompts, prefixes=prefixes, batch_size=2, span_from=[len(p) - 10 for p in prompts]
+    )
     assert len(lengths) == 2 and min(lengths) > 50  # the cached path ran, with long prefixes
     plain = capture(lm.model, lm.tokenizer, prompts, batch_size=2, span_from=[len(p) - 10 for p in prompts])
     torch.testing.assert_close(cached.states, plain.states, atol=1e-5, rtol=1e-5)
@@ -414,8 +503,11 @@ def test_batched_lora_equals_sequential_peft(lm, family, task):
     ref = []
     for pairs, seed, q in zip(sets, SEEDS, qs):
         with tuned(model, tok, pairs, recipe, seed=seed, reference=True) as (pm, res):
-            weights = {n.replace("base_model.model.", "").replace(".default.weight", ""): p.detach().clone()
-                       for n, p in pm.named_parameters() if "lora_" in n}
+            weights = {
+                n.replace("base_model.model.", "").replace(".default.weight", ""): p.detach().clone()
+                for n, p in pm.named_parameters()
+                if "lora_" in n
+            }
             ref.append((weights, res, capture(pm, tok, [q]).states[0]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with tuned_many(model, tok, sets, recipe, seeds=SEEDS) as (m, router, results):
@@ -447,8 +539,10 @@ def test_fast_loss_equals_the_whole_forward(lm, method):
     whole and the logits built."""
     from peft import get_peft_model
 
-    pairs = [("Review: A warm, funny film.\nSentiment:", " positive"),
-             ("Review: The plot makes no sense at all.\nSentiment:", " negative and dull")]
+    pairs = [
+        ("Review: A warm, funny film.\nSentiment:", " positive"),
+        ("Review: The plot makes no sense at all.\nSentiment:", " negative and dull"),
+    ]
     batch = encode_pairs(lm.tokenizer, pairs)
     if method == "full":
         model = copy.deepcopy(lm.model).requires_grad_(True)
@@ -472,7 +566,9 @@ def test_fast_loss_equals_the_whole_forward(lm, method):
     got_grads = torch.autograd.grad(got.mean(), params)
     assert mlp is None or getattr(last, mlp_name) is mlp
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(head_cross_entropy(model, rows.detach(), batch.targets, chunk=64), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        head_cross_entropy(model, rows.detach(), batch.targets, chunk=64), ref.detach(), atol=1e-5, rtol=1e-5
+    )
     for g, r in zip(got_grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
 
@@ -484,8 +580,14 @@ def test_full_finetuning_and_dose_steps(lm, task):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = {}
     recipe = TuningRecipe(method="full", lr=1e-3, epochs=3, capture_steps=(1, 3))
-    with tuned(model, tok, pair_sets(task, 1)[0], recipe, seed=0,
-               on_step=lambda s, m: seen.setdefault(s, capture(m, tok, q).states)) as (clone, result):
+    with tuned(
+        model,
+        tok,
+        pair_sets(task, 1)[0],
+        recipe,
+        seed=0,
+        on_step=lambda s, m: seen.setdefault(s, capture(m, tok, q).states),
+    ) as (clone, result):
         final = capture(clone, tok, q).states
     assert sorted(seen) == [1, 3] and torch.equal(seen[3], final)
     assert len(result.losses) == 3 and np.isfinite(result.final_loss) and result.final_loss < result.losses[0]

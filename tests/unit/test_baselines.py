@@ -19,8 +19,16 @@ from iclit.analysis.frames import similarities
 from iclit.engine.evaluate import evaluate, reference_mean, run_arms
 from iclit.experiments.spec import SpecError
 from iclit.rundir.store import open_store
-from iclit.analysis import (BASELINE_PAIRS, BASELINES, PAIRS, baseline_cosines, centered_cosine_per_layer,
-                           cosine_per_layer, shuffled_partner, update_cosine_per_layer)
+from iclit.analysis import (
+    BASELINE_PAIRS,
+    BASELINES,
+    PAIRS,
+    baseline_cosines,
+    centered_cosine_per_layer,
+    cosine_per_layer,
+    shuffled_partner,
+    update_cosine_per_layer,
+)
 from iclit.report import factor_effects, render_report
 from iclit.tasks import draw_resamples, get_task, reference_prompts
 from iclit.tuning import TuningRecipe
@@ -85,7 +93,9 @@ def test_centered_cosine_with_a_known_mean():
     assert float(out["anchor_icl_centered_ref"][0, 0]) == pytest.approx(1.0)
     # the task-anchor mean of two trials sharing the rogue direction removes it too
     two = {k: torch.cat([v, v + torch.tensor([0.0, 0.0, 0.0])[None, None]]) for k, v in states.items()}
-    two["anchor"] = torch.cat([m[None] + torch.tensor([[[0.0, 1.0, 0.0]]]), m[None] - torch.tensor([[[0.0, 1.0, 0.0]]])])
+    two["anchor"] = torch.cat(
+        [m[None] + torch.tensor([[[0.0, 1.0, 0.0]]]), m[None] - torch.tensor([[[0.0, 1.0, 0.0]]])]
+    )
     out = baseline_cosines(two, ["centered"])
     assert "icl_it_centered_ref" not in out  # no reference mean given
     assert float(out["icl_it_centered"][0, 0]) == pytest.approx(0.0, abs=1e-12)
@@ -128,15 +138,20 @@ def test_cka_across_the_cell(run_dir: Path):
 
     run = load_run(run_dir)
     states = load_states(run_dir)
-    rows = states.frame().merge(run.trials[["trial_key", "cell_key", "seed", "resample", "states_file"]], on="trial_key")
+    rows = states.frame().merge(
+        run.trials[["trial_key", "cell_key", "seed", "resample", "states_file"]], on="trial_key"
+    )
     L1 = int(run.trials["n_layers"].iloc[0])
     assert len(run.cka) == 4 * 3 * L1  # 4 cells x 3 pairs x layers
     assert not run.cka.duplicated(["cell_key", "seed", "layer", "pair"]).any()  # one value per cell, not per trial
     for (cell, seed), grp in rows.groupby(["cell_key", "seed"]):
         assert len(grp) == 4 and grp["states_file"].nunique() == 2  # the cell's 4 queries, from its 2 chunks
         idx = grp.sort_values("resample")["row"].to_numpy()
-        for pair, (a, b) in {"cka_anchor_icl": ("anchor", "icl"), "cka_anchor_it": ("anchor", "it"),
-                             "cka_icl_it": ("icl", "it")}.items():
+        for pair, (a, b) in {
+            "cka_anchor_icl": ("anchor", "icl"),
+            "cka_anchor_it": ("anchor", "it"),
+            "cka_icl_it": ("icl", "it"),
+        }.items():
             want = cka_per_layer(torch.from_numpy(states[a][idx]), torch.from_numpy(states[b][idx])).numpy()
             got = run.cka[(run.cka["cell_key"] == cell) & (run.cka["seed"] == seed) & (run.cka["pair"] == pair)]
             got = got.sort_values("layer")
@@ -154,8 +169,9 @@ def test_cka_needs_three_queries(lm, tmp_path: Path):
     draws = draw_resamples(task, 2, 2, 0)
     two = evaluate(lm, task, draws, recipe=TuningRecipe(epochs=2), seed=0, baselines=["cka"])
     assert set(similarities(two.states, ["cka"])) == set(PAIRS)
-    run_comparison(lm, "sentiment", k=2, resamples=2, recipe=TuningRecipe(epochs=2), baselines=["cka"],
-                   out=tmp_path / "two")
+    run_comparison(
+        lm, "sentiment", k=2, resamples=2, recipe=TuningRecipe(epochs=2), baselines=["cka"], out=tmp_path / "two"
+    )
     run = load_run(tmp_path / "two")
     assert run.cka.empty and set(run.frame["pair"]) == set(PAIRS)
     assert compute_metric(tmp_path / "two", "cka").empty  # not even when asked for every cell
@@ -211,9 +227,20 @@ def test_runner_stores_the_baselines(run_dir: Path):
 
 def test_report_shows_baselines_and_effects(run_dir: Path):
     text = render_report(run_dir)
-    for needle in ("Baselines by k", "Baselines by wrong_labels", "ICL – IT, centred", "shuffled pairs (null)",
-                   "noise ceiling", "update direction", "Effect sizes: k", "Cohen&#x27;s d", "permutation p",
-                   "ICL–IT similarity peaks at", "accuracy: it_seed2", "linear CKA ICL vs IT"):
+    for needle in (
+        "Baselines by k",
+        "Baselines by wrong_labels",
+        "ICL – IT, centred",
+        "shuffled pairs (null)",
+        "noise ceiling",
+        "update direction",
+        "Effect sizes: k",
+        "Cohen&#x27;s d",
+        "permutation p",
+        "ICL–IT similarity peaks at",
+        "accuracy: it_seed2",
+        "linear CKA ICL vs IT",
+    ):
         assert needle in text, needle
     assert text.count("<img ") == 6  # per factor: against-factor figure, per-layer curves, baselines per layer
 
@@ -241,8 +268,17 @@ def test_factor_effects_known_difference():
     for value, shift in ((0, 0.0), (1, 0.1)):
         for r in range(6):
             for layer in range(2):
-                rows.append({"trial_key": f"{value}-{r}", "seed": 0, "resample": r, "k": value, "pair": "icl_it",
-                             "layer": layer, "cosine": 0.5 + 0.01 * r + shift})
+                rows.append(
+                    {
+                        "trial_key": f"{value}-{r}",
+                        "seed": 0,
+                        "resample": r,
+                        "k": value,
+                        "pair": "icl_it",
+                        "layer": layer,
+                        "cosine": 0.5 + 0.01 * r + shift,
+                    }
+                )
     plan = {"factors": {"k": [0, 1]}, "base": {"k": 0}, "design": "grid"}
     eff = factor_effects(pd.DataFrame(rows), plan, "k", n_perm=500)
     r = eff[eff["what"] == "last_layer"].iloc[0]

@@ -27,7 +27,9 @@ from iclit.models.arch import decoder_of
 from iclit.tuning import TuningRecipe
 from iclit.tuning.loop import epoch_order, train
 
-PREFIX = "Classify the sentiment of the review as positive or negative.\n\nReview: A warm film.\nSentiment: positive\n\n"
+PREFIX = (
+    "Classify the sentiment of the review as positive or negative.\n\nReview: A warm film.\nSentiment: positive\n\n"
+)
 QUERIES = ["Review: Dull.\nSentiment:", "Review: A sly, grown-up western with a villain you'll remember.\nSentiment:"]
 
 
@@ -84,8 +86,13 @@ def test_decoder_takes_the_cache_without_deprecation(tiny):
         warnings.simplefilter("error", FutureWarning)
         cache = prefix_cache(tiny.model, seqs[0][:p])
         ids, mask = pad_right([s[p:] for s in seqs], tiny.tokenizer.pad_token_id)
-        run_decoder(tiny.model, input_ids=ids, attention_mask=with_prefix_mask(mask, p),
-                    cache=expand_cache(cache, 2), use_cache=True)
+        run_decoder(
+            tiny.model,
+            input_ids=ids,
+            attention_mask=with_prefix_mask(mask, p),
+            cache=expand_cache(cache, 2),
+            use_cache=True,
+        )
     assert cache.get_seq_length() == p
 
 
@@ -101,7 +108,9 @@ def test_expanded_prefix_cache_equals_whole_sequences_and_is_never_written(tiny)
         ids, mask = pad_right([s[p:] for s in seqs], pad)
         for _ in range(2):  # reused: the second batch sees the same prefix
             fresh = expand_cache(cache, len(seqs))
-            out = run_decoder(tiny.model, input_ids=ids, attention_mask=with_prefix_mask(mask, p), cache=fresh, use_cache=True)
+            out = run_decoder(
+                tiny.model, input_ids=ids, attention_mask=with_prefix_mask(mask, p), cache=fresh, use_cache=True
+            )
             for row, seq in enumerate(seqs):
                 n = len(seq) - p
                 torch.testing.assert_close(out.last_hidden_state[row, :n], whole[row, p : len(seq)], atol=1e-5, rtol=0)
@@ -130,8 +139,13 @@ def test_shared_prefix_gives_the_whole_sequences_gradient(tiny):
 
     shared = SharedPrefix(tiny.model, ids[:1, :p], torch.tensor([0]), train=True)
     assert shared.length == p
-    out = run_decoder(tiny.model, input_ids=ids[:, p:], attention_mask=mask, cache=shared.for_rows(torch.zeros(2, dtype=torch.long)),
-                      use_cache=True).last_hidden_state
+    out = run_decoder(
+        tiny.model,
+        input_ids=ids[:, p:],
+        attention_mask=mask,
+        cache=shared.for_rows(torch.zeros(2, dtype=torch.long)),
+        use_cache=True,
+    ).last_hidden_state
     part_loss = out[rows, last - p].pow(2).sum()
     part_loss.backward()
     shared.backward()
@@ -167,8 +181,15 @@ def test_train_steps_groups_together_and_records_their_losses():
 
     recipe = TuningRecipe(epochs=2, batch_size=2)
     results = train(
-        model, recipe, [w], [[0, 1, 2, 3], [4, 5]], [0, 1], step_loss=step_loss, clip=clipped.append,
-        final_loss=lambda: torch.tensor([7.0, 8.0]), on_step=lambda s: called.append((s, model.training)),
+        model,
+        recipe,
+        [w],
+        [[0, 1, 2, 3], [4, 5]],
+        [0, 1],
+        step_loss=step_loss,
+        clip=clipped.append,
+        final_loss=lambda: torch.tensor([7.0, 8.0]),
+        on_step=lambda s: called.append((s, model.training)),
     )
     assert len(seen_rows) == 4  # 2 steps per epoch (the larger group's), 2 epochs
     assert all(sorted(r) == [0, 1, 2, 3, 4, 5] for r in (seen_rows[0] + seen_rows[1], seen_rows[2] + seen_rows[3]))
@@ -179,9 +200,26 @@ def test_train_steps_groups_together_and_records_their_losses():
     assert clipped == [recipe.max_grad_norm] * 4
     assert called == [] and not model.training
     with pytest.raises(ValueError, match="same number of steps per epoch"):
-        train(model, TuningRecipe(epochs=2, batch_size=2, capture_steps=(1,)), [w], [[0, 1, 2, 3], [4, 5]], [0, 1],
-              step_loss=step_loss, clip=clipped.append, final_loss=lambda: torch.zeros(2))
+        train(
+            model,
+            TuningRecipe(epochs=2, batch_size=2, capture_steps=(1,)),
+            [w],
+            [[0, 1, 2, 3], [4, 5]],
+            [0, 1],
+            step_loss=step_loss,
+            clip=clipped.append,
+            final_loss=lambda: torch.zeros(2),
+        )
     called.clear()
-    train(model, TuningRecipe(epochs=2, capture_steps=(2,)), [w], [[0, 1]], [0], step_loss=lambda rows: step_loss(rows)[:1],
-          clip=clipped.append, final_loss=lambda: torch.zeros(1), on_step=lambda s: called.append((s, model.training)))
+    train(
+        model,
+        TuningRecipe(epochs=2, capture_steps=(2,)),
+        [w],
+        [[0, 1]],
+        [0],
+        step_loss=lambda rows: step_loss(rows)[:1],
+        clip=clipped.append,
+        final_loss=lambda: torch.zeros(1),
+        on_step=lambda s: called.append((s, model.training)),
+    )
     assert called == [(2, False)]

@@ -17,8 +17,7 @@ MEDIUM = "Review: The plot is thin but the actors carry it.\nSentiment:"
 LONG = (
     "Classify the sentiment of the review as positive or negative.\n\n"
     + "Review: I would like to learn how to cook traditional Czech dishes, especially dumplings "
-    "and goulash.\nSentiment: positive\n\n" * 6
-    + "Review: The train was delayed by almost an hour.\nSentiment:"
+    "and goulash.\nSentiment: positive\n\n" * 6 + "Review: The train was delayed by almost an hour.\nSentiment:"
 )
 PROMPTS = [MEDIUM, SHORT, LONG, "English: Please open your books on page twelve.\nCzech:"]
 
@@ -204,7 +203,9 @@ def test_prefix_cache_equals_uncached(tiny, batch_size):
         ref, _ = reference(tiny, prompt)
         torch.testing.assert_close(cached.states[i], ref, atol=ATOL, rtol=0)
     # the shared prefix cache is not corrupted by use: a second run gives the same states
-    again = capture(tiny.model, tok, prompts, label_ids=label_ids, prefixes=[DEMOS] * len(prompts), batch_size=batch_size)
+    again = capture(
+        tiny.model, tok, prompts, label_ids=label_ids, prefixes=[DEMOS] * len(prompts), batch_size=batch_size
+    )
     torch.testing.assert_close(again.states, cached.states, atol=0, rtol=0)
 
 
@@ -223,8 +224,13 @@ def test_prefix_cache_with_boundary_inside_a_word(tiny):
 def test_mixed_prefix_groups_keep_input_order(tiny):
     tok = tiny.tokenizer
     other = "Translate the English sentence into Czech.\n\nEnglish: Good morning.\nCzech: Dobré ráno.\n\n"
-    prompts = [DEMOS + QUERIES[0], other + "English: Thank you.\nCzech:", SHORT, DEMOS + QUERIES[1],
-               other + "English: See you tomorrow.\nCzech:"]
+    prompts = [
+        DEMOS + QUERIES[0],
+        other + "English: Thank you.\nCzech:",
+        SHORT,
+        DEMOS + QUERIES[1],
+        other + "English: See you tomorrow.\nCzech:",
+    ]
     prefixes = [DEMOS, other, None, DEMOS, other]
     cached = capture(tiny.model, tok, prompts, prefixes=prefixes, batch_size=2)
     for i, prompt in enumerate(prompts):

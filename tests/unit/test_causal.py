@@ -63,15 +63,24 @@ def test_shared_prefixes_equal_the_reference(family, tiny_tokenizer):
     labels = label_token_ids(tok, [" negative", " positive"])
     head = "Classify the sentiment.\n\nReview: It broke after two days.\nSentiment: negative\n\n"
     other = "Review: Lovely.\nSentiment: positive\n\n"
-    prompts = [head + "Review: Fine.\nSentiment:", head + "Review: The plot is thin.\nSentiment:", head + "Review: A",
-               other + "Review: Dull.\nSentiment:", other + "Review: Dull.\nSentiment:", "Review: Alone.\nSentiment:"]
+    prompts = [
+        head + "Review: Fine.\nSentiment:",
+        head + "Review: The plot is thin.\nSentiment:",
+        head + "Review: A",
+        other + "Review: Dull.\nSentiment:",
+        other + "Review: Dull.\nSentiment:",
+        "Review: Alone.\nSentiment:",
+    ]
     keys = [head, head, head, other, other, None]
     states = capture(model.model, tok, prompts, label_ids=labels).states
     L = n_states(model.model) - 1
     g = torch.Generator().manual_seed(0)
-    runs = [[None] + [Intervention(l, states[(i + 1) % 6, l], "replace") for l in range(L + 1)]
-            + [Intervention(l, torch.randn(states.shape[-1], generator=g), "add", 2.0) for l in range(L + 1)]
-            for i in range(6)]
+    runs = [
+        [None]
+        + [Intervention(l, states[(i + 1) % 6, l], "replace") for l in range(L + 1)]
+        + [Intervention(l, torch.randn(states.shape[-1], generator=g), "add", 2.0) for l in range(L + 1)]
+        for i in range(6)
+    ]
     fast = intervene(model.model, tok, prompts, runs, label_ids=labels, batch_size=5, prefixes=keys)
     ref = intervene(model.model, tok, prompts, runs, label_ids=labels, reference=True)
     alone = intervene(model.model, tok, prompts, runs, label_ids=labels)
@@ -91,7 +100,10 @@ def test_records_hold_every_kind_layer_scale_and_draw(crossed, lm):
         c = trial["causal"]
         assert c["measure"] == "labels" and c["labels"] == ["negative", "positive"]
         assert c["patch"]["layers"] == list(range(1, L + 1))
-        assert all(np.shape(c["patch"][k]) == (L, 2) for k in ("icl_into_anchor", "it_into_anchor", "icl_into_it", "it_into_icl"))
+        assert all(
+            np.shape(c["patch"][k]) == (L, 2)
+            for k in ("icl_into_anchor", "it_into_anchor", "icl_into_it", "it_into_icl")
+        )
         s = c["steer"]
         assert s["layers"] == list(range(1, L + 1)) and s["scales"] == [1.0, 3.0]
         assert np.shape(s["icl"]) == np.shape(s["it"]) == (L, 2, 2) and np.shape(s["random_it"]) == (L, 2, 2, 2)
@@ -124,7 +136,9 @@ def test_full_states_at_the_last_index_reproduce_the_source_run(crossed):
 
 
 def _records(lm, task, draws, states, settings, model=None):
-    reader = Reader(lm.tokenizer, task, draws, label_token_ids(lm.tokenizer, [task.template.answer(l) for l in task.labels]))
+    reader = Reader(
+        lm.tokenizer, task, draws, label_token_ids(lm.tokenizer, [task.template.answer(l) for l in task.labels])
+    )
     prompts = [task.template.query(r.query.input) for r in draws]
     reverse = ReversePatch(settings, reader, lm.tokenizer, draws, prompts, lambda: states["icl"])
     reverse(model or lm.model, list(range(len(draws))), None)
@@ -158,8 +172,13 @@ def test_the_exact_icl_update_added_at_the_last_index_is_icl(lm, sentiment, cros
     update = ev.states["icl"][:, L] - ev.states["anchor"][:, L]
     prompts = [sentiment.template.query(r.query.input) for r in draws]
     labels = label_token_ids(lm.tokenizer, [" negative", " positive"])
-    out = intervene(lm.model, lm.tokenizer, prompts, [[Intervention(L, u, "add", 1.0), Intervention(L, -u, "add", 1.0)]
-                                                      for u in update], label_ids=labels)
+    out = intervene(
+        lm.model,
+        lm.tokenizer,
+        prompts,
+        [[Intervention(L, u, "add", 1.0), Intervention(L, -u, "add", 1.0)] for u in update],
+        label_ids=labels,
+    )
     for i, trial in enumerate(ev.trials):
         assert kl(trial["causal"]["icl"], out[i, 0]) < 1e-6
         assert kl(trial["causal"]["icl"], out[i, 1]) > 1e-8
@@ -204,11 +223,24 @@ def test_a_planted_steering_direction_is_recovered(lm, sentiment, crossed):
     null = np.exp(np.asarray([r["steer"]["random_icl"] for r in recs])[:, 0, 0, :, 0])  # [n, draws]
     assert null.mean() < 0.8
     # through the analysis: every gold 'negative' query is right under the plant, a 'positive' one wrong
-    outputs = pd.DataFrame({"cell_key": "c", "seed": 0, "resample": [r.index for r in draws],
-                            "query_id": [r.query.id for r in draws], "gold": [r.query.output for r in draws],
-                            "causal": recs})
-    run = RunData(path=None, latest=None, plan=None, frame=pd.DataFrame(), outputs=outputs,
-                  settings={"c": {"queries_per_set": 3, "sets_per_query": 1}})
+    outputs = pd.DataFrame(
+        {
+            "cell_key": "c",
+            "seed": 0,
+            "resample": [r.index for r in draws],
+            "query_id": [r.query.id for r in draws],
+            "gold": [r.query.output for r in draws],
+            "causal": recs,
+        }
+    )
+    run = RunData(
+        path=None,
+        latest=None,
+        plan=None,
+        frame=pd.DataFrame(),
+        outputs=outputs,
+        settings={"c": {"queries_per_set": 3, "sets_per_query": 1}},
+    )
     t = steer_table(run)
     acc = t[(t["vector"] == "icl") & (t["measure"] == "accuracy")]["value"].to_numpy()
     assert t[(t["vector"] == "icl_run") & (t["measure"] == "kl_icl")]["value"].iloc[0] == 0.0
@@ -240,11 +272,24 @@ def test_generation_tasks_read_the_gold_answers_first_token(lm):
         assert c["patch"]["icl_into_anchor"][-1][0] == pytest.approx(c["icl"][0], abs=1e-5)
         assert c["patch"]["it_into_icl"][-1][0] == pytest.approx(c["it"][0], abs=1e-5)
         assert c["icl"][0] < 0 and c["anchor"][0] < 0
-    outputs = pd.DataFrame({"cell_key": "g", "seed": 0, "resample": [r.index for r in draws],
-                            "query_id": [r.query.id for r in draws], "gold": [r.query.output for r in draws],
-                            "causal": [t["causal"] for t in ev.trials]})
-    run = RunData(path=None, latest=None, plan=None, frame=pd.DataFrame(), outputs=outputs,
-                  settings={"g": {"queries_per_set": 2, "sets_per_query": 2}})
+    outputs = pd.DataFrame(
+        {
+            "cell_key": "g",
+            "seed": 0,
+            "resample": [r.index for r in draws],
+            "query_id": [r.query.id for r in draws],
+            "gold": [r.query.output for r in draws],
+            "causal": [t["causal"] for t in ev.trials],
+        }
+    )
+    run = RunData(
+        path=None,
+        latest=None,
+        plan=None,
+        frame=pd.DataFrame(),
+        outputs=outputs,
+        settings={"g": {"queries_per_set": 2, "sets_per_query": 2}},
+    )
     p = patch_table(run)
     assert set(p["measure"]) == {"logp", "frac_icl", "frac_it"}
     last = p[(p["kind"] == "icl_into_anchor") & (p["layer"] == p["layer"].max()) & (p["measure"] == "frac_icl")]
@@ -291,15 +336,42 @@ def _synthetic_run(n_sets=10, q=4, effect_layer=2, seed=0):
         steer["it"][layers.index(effect_layer)][1] = lp(icl)
         for v in ("random_icl", "random_it"):
             steer[v] = [[[lp(anchor), lp(anchor)] for _ in scales] for _ in layers]
-        recs.append({"measure": "labels", "labels": ["a", "b"], "anchor": lp(anchor), "icl": lp(icl), "it": lp(icl),
-                     "steer": {"layers": layers, "scales": scales, **steer},
-                     "patch": {"layers": layers, **{k: [lp(anchor), lp(anchor), lp(icl)] for k in
-                                                    ("icl_into_anchor", "it_into_anchor", "icl_into_it", "it_into_icl")}}})
+        recs.append(
+            {
+                "measure": "labels",
+                "labels": ["a", "b"],
+                "anchor": lp(anchor),
+                "icl": lp(icl),
+                "it": lp(icl),
+                "steer": {"layers": layers, "scales": scales, **steer},
+                "patch": {
+                    "layers": layers,
+                    **{
+                        k: [lp(anchor), lp(anchor), lp(icl)]
+                        for k in ("icl_into_anchor", "it_into_anchor", "icl_into_it", "it_into_icl")
+                    },
+                },
+            }
+        )
         golds.append("a")
-    outputs = pd.DataFrame({"cell_key": "c", "seed": 0, "resample": range(n_sets * q),
-                            "query_id": [f"q{i % (2 * q)}" for i in range(n_sets * q)], "gold": golds, "causal": recs})
-    return RunData(path=None, latest=None, plan=None, frame=pd.DataFrame(), outputs=outputs,
-                   settings={"c": {"queries_per_set": q, "sets_per_query": 1}})
+    outputs = pd.DataFrame(
+        {
+            "cell_key": "c",
+            "seed": 0,
+            "resample": range(n_sets * q),
+            "query_id": [f"q{i % (2 * q)}" for i in range(n_sets * q)],
+            "gold": golds,
+            "causal": recs,
+        }
+    )
+    return RunData(
+        path=None,
+        latest=None,
+        plan=None,
+        frame=pd.DataFrame(),
+        outputs=outputs,
+        settings={"c": {"queries_per_set": q, "sets_per_query": 1}},
+    )
 
 
 def test_steer_table_finds_the_planted_layer_and_scale():
@@ -340,26 +412,40 @@ def _problems(**keys) -> list[str]:
 
 
 def test_spec_keys_and_their_errors():
-    spec = parse_spec({**TINY_SPEC, "queries_per_set": 2, "analyses": ["patch", "steer"], "steer_scales": [1, 2]},
-                      check_resources=False)
-    assert spec.causal_settings() == {"analyses": ["patch", "steer"], "patch_layers": None, "steer_layers": None,
-                                      "steer_scales": [1.0, 2.0], "steer_null_draws": 1}
+    spec = parse_spec(
+        {**TINY_SPEC, "queries_per_set": 2, "analyses": ["patch", "steer"], "steer_scales": [1, 2]},
+        check_resources=False,
+    )
+    assert spec.causal_settings() == {
+        "analyses": ["patch", "steer"],
+        "patch_layers": None,
+        "steer_layers": None,
+        "steer_scales": [1.0, 2.0],
+        "steer_null_draws": 1,
+    }
     assert parse_spec(spec.to_dict(), check_resources=False) == spec
     assert _problems(analyses=["steer"]) == [
         "analyses: steer needs queries_per_set >= 2 (a query's steering vectors are the mean updates of the other "
-        "queries of its set), not 1"]
+        "queries of its set), not 1"
+    ]
     assert _problems(analyses=["patch", "bogus"]) == ["analyses[1]: must be one of patch, steer, not 'bogus'"]
-    assert _problems(analyses=["patch"], steer_scales=[2.0]) == ["steer_scales: set, but `analyses` does not include steer"]
+    assert _problems(analyses=["patch"], steer_scales=[2.0]) == [
+        "steer_scales: set, but `analyses` does not include steer"
+    ]
     assert _problems(steer_layers=[2]) == ["steer_layers: set, but `analyses` does not include steer"]
     assert _problems(analyses=["patch"], patch_layers=[1, -2]) == [
-        "patch_layers[1]: must be a state index (an integer >= 0), not -2"]
+        "patch_layers[1]: must be a state index (an integer >= 0), not -2"
+    ]
     assert _problems(analyses=["patch"], patch_layers="most") == [
-        "patch_layers: must be null, 'all' or a non-empty list of state indices (integers >= 0), not 'most'"]
+        "patch_layers: must be null, 'all' or a non-empty list of state indices (integers >= 0), not 'most'"
+    ]
     assert _problems(analyses=["patch"], patch_layers=[3, 3]) == ["patch_layers: lists a state index twice"]
     assert _problems(analyses=["steer"], queries_per_set=2, steer_scales=[0, 1]) == [
-        "steer_scales[0]: must be a positive number, not 0"]
+        "steer_scales[0]: must be a positive number, not 0"
+    ]
     assert _problems(analyses=["steer"], queries_per_set=2, steer_null_draws=0) == [
-        "steer_null_draws: must be a positive integer, not 0"]
+        "steer_null_draws: must be a positive integer, not 0"
+    ]
 
 
 def test_trial_keys_change_only_with_analyses():
@@ -387,8 +473,15 @@ def test_default_layers():
 @pytest.fixture(scope="module")
 def causal_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("causal-run")
-    spec = {**TINY_SPEC, "factors": {}, "resamples": 4, "queries_per_set": 3, "chunk_size": 2,
-            "analyses": ["patch", "steer"], "steer_scales": [1, 4]}
+    spec = {
+        **TINY_SPEC,
+        "factors": {},
+        "resamples": 4,
+        "queries_per_set": 3,
+        "chunk_size": 2,
+        "analyses": ["patch", "steer"],
+        "steer_scales": [1, 4],
+    }
     summary = run_experiment(parse_spec(spec), out, progress=False)
     assert summary.computed == 12
     return out
@@ -401,14 +494,31 @@ def test_a_run_stores_and_reads_back_the_tables(causal_run):
     assert run.outputs["causal"].map(lambda c: isinstance(c, dict)).all()
     p = compute_metric(run, "patch")
     L = int(run.trials["n_layers"].iloc[0]) - 1
-    assert set(p["kind"]) == {"anchor_run", "icl_run", "it_run", "icl_into_anchor", "it_into_anchor", "icl_into_it", "it_into_icl"}
+    assert set(p["kind"]) == {
+        "anchor_run",
+        "icl_run",
+        "it_run",
+        "icl_into_anchor",
+        "it_into_anchor",
+        "icl_into_it",
+        "it_into_icl",
+    }
     assert sorted(p["layer"].dropna().unique()) == sorted(range(L, 0, -2))
     assert (p["n_units"] == 12).all() and (p["n_blocks"] == 2).all() and "k" in p.columns
     top = p[(p["kind"] == "icl_into_anchor") & (p["layer"] == L)].set_index("measure")
     assert top.loc["kl_icl", "value"] < 1e-6 and top.loc["frac_icl", "value"] == pytest.approx(1.0, abs=1e-4)
     s = compute_metric(run, "steer")
-    assert set(s["vector"]) == {"anchor_run", "icl_run", "it_run", "icl", "it", "random_icl", "random_it", "it-random_it",
-                                "icl-random_icl"}
+    assert set(s["vector"]) == {
+        "anchor_run",
+        "icl_run",
+        "it_run",
+        "icl",
+        "it",
+        "random_icl",
+        "random_it",
+        "it-random_it",
+        "icl-random_icl",
+    }
     assert sorted(s["scale"].dropna().unique()) == [1.0, 4.0]
     tested = s[s["vector"].str.contains("-")]
     assert tested["p"].between(0, 1).all() and (tested["p_holm"] >= tested["p"]).all()
@@ -429,7 +539,9 @@ def test_cli_results_and_the_report(causal_run, tmp_path):
     assert result.exit_code == 0, result.output
     text = write_report(causal_run).read_text()
     assert "Causal tests: patching and steering" in text and "IT state → anchor run" in text
-    assert len(re.findall(r"<img ", text)) == 2 + 2  # the headline figure (per-layer cosines with the nulls), the forest plot, the patch and the steer figures
+    assert (
+        len(re.findall(r"<img ", text)) == 2 + 2
+    )  # the headline figure (per-layer cosines with the nulls), the forest plot, the patch and the steer figures
     assert "it − random_it: KL(ICL ‖ run)" in text
 
 

@@ -140,8 +140,23 @@ def test_compare_success(runner, tmp_path, tiny, monkeypatch):
 
     monkeypatch.setattr(iclit.models, "load_model", fake_load)
     out = tmp_path / "run"
-    args = ["compare", "--model", "some-org/tiny", "--task", "sentiment", "--k", "2", "--resamples", "3",
-            "--epochs", "2", "--seed", "5", "--out", str(out)]
+    args = [
+        "compare",
+        "--model",
+        "some-org/tiny",
+        "--task",
+        "sentiment",
+        "--k",
+        "2",
+        "--resamples",
+        "3",
+        "--epochs",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+    ]
     result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 0, result.output
     assert loaded == ["some-org/tiny"]
@@ -162,8 +177,25 @@ def test_compare_success(runner, tmp_path, tiny, monkeypatch):
 def test_compare_with_baselines_and_dose(runner, tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(iclit.models, "load_model", lambda *a, **k: tiny)
     out = tmp_path / "run"
-    args = ["compare", "--model", "some-org/tiny", "--task", "sentiment", "--k", "2", "--resamples", "3",
-            "--epochs", "3", "--capture-steps", "1,3", "--baselines", "centered,query_mean", "--out", str(out)]
+    args = [
+        "compare",
+        "--model",
+        "some-org/tiny",
+        "--task",
+        "sentiment",
+        "--k",
+        "2",
+        "--resamples",
+        "3",
+        "--epochs",
+        "3",
+        "--capture-steps",
+        "1,3",
+        "--baselines",
+        "centered,query_mean",
+        "--out",
+        str(out),
+    ]
     result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 0, result.output
     trial = json.loads((out / "trials.jsonl").read_text().splitlines()[0])

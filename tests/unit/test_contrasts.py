@@ -76,9 +76,17 @@ def test_paired_only_when_the_same_blocks_read_the_same_queries():
 
 
 def test_block_values_are_block_means():
-    units = pd.DataFrame({"cell_key": "c", "pair": "icl_it", "quantity": "cosine", "seed": [0, 0, 0, 0, 1, 1],
-                          "block": [0, 0, 1, 1, 0, 0], "query_id": ["a", "b", "c", "c", "a", np.nan],
-                          "value": [1.0, 3.0, 2.0, np.nan, 5.0, 7.0]})
+    units = pd.DataFrame(
+        {
+            "cell_key": "c",
+            "pair": "icl_it",
+            "quantity": "cosine",
+            "seed": [0, 0, 0, 0, 1, 1],
+            "block": [0, 0, 1, 1, 0, 0],
+            "query_id": ["a", "b", "c", "c", "a", np.nan],
+            "value": [1.0, 3.0, 2.0, np.nan, 5.0, 7.0],
+        }
+    )
     got = block_values(units)
     assert got["value"].tolist() == [2.0, 2.0, 6.0]
     assert got["n_units"].tolist() == [2, 1, 2]
@@ -89,11 +97,16 @@ def _synthetic_run(monkeypatch, *, shared: bool, effect: float = 0.0, n_blocks: 
     """A RunData of two factors (k: 1, 2; wrong_labels: 0, 1; grid) whose per-trial values
     come from a fake :func:`contrasts.unit_values`: value = block effect + level effect + noise."""
     rng = np.random.default_rng(seed)
-    plan = {"factors": {"k": [1, 2], "wrong_labels": [0.0, 1.0]}, "base": {"k": 2, "wrong_labels": 0.0},
-            "design": "grid", "equivalence_margin": 0.05}
+    plan = {
+        "factors": {"k": [1, 2], "wrong_labels": [0.0, 1.0]},
+        "base": {"k": 2, "wrong_labels": 0.0},
+        "design": "grid",
+        "equivalence_margin": 0.05,
+    }
     cells = [(k, w) for k in (1, 2) for w in (0.0, 1.0)]
-    outputs = pd.DataFrame({"cell_key": [f"c{k}{w}" for k, w in cells], "k": [k for k, _ in cells],
-                            "wrong_labels": [w for _, w in cells]})
+    outputs = pd.DataFrame(
+        {"cell_key": [f"c{k}{w}" for k, w in cells], "k": [k for k, _ in cells], "wrong_labels": [w for _, w in cells]}
+    )
     block_effect = rng.normal(0, 0.2, size=n_blocks)
     rows = []
     for k, w in cells:
@@ -101,9 +114,20 @@ def _synthetic_run(monkeypatch, *, shared: bool, effect: float = 0.0, n_blocks: 
             for q in range(4):
                 query = f"b{b}q{q}" if shared else f"c{k}{w}b{b}q{q}"
                 for pair, quantity in contrasts.DEFAULT_QUANTITIES:
-                    rows.append({"cell_key": f"c{k}{w}", "trial_key": f"c{k}{w}/{b}/{q}", "seed": 0, "set": 2 * b,
-                                 "block": b, "query_id": query, "pair": pair, "quantity": quantity, "layer": 3,
-                                 "value": block_effect[b] + (effect if k == 1 else 0.0) + rng.normal(0, 0.05)})
+                    rows.append(
+                        {
+                            "cell_key": f"c{k}{w}",
+                            "trial_key": f"c{k}{w}/{b}/{q}",
+                            "seed": 0,
+                            "set": 2 * b,
+                            "block": b,
+                            "query_id": query,
+                            "pair": pair,
+                            "quantity": quantity,
+                            "layer": 3,
+                            "value": block_effect[b] + (effect if k == 1 else 0.0) + rng.normal(0, 0.05),
+                        }
+                    )
     units = pd.DataFrame(rows)
     monkeypatch.setattr(contrasts, "unit_values", lambda run, quantities, layer, **_: units)
     trials = outputs.assign(trial_key=outputs["cell_key"])
@@ -166,9 +190,19 @@ def test_a_stored_run_through_results_contrasts_and_the_report(tmp_path):
     from iclit.experiments import parse_spec, run_experiment
     from iclit.report.html import render_report
 
-    spec = parse_spec({"name": "contrasts", "model": "tiny-random-llama", "task": "sentiment", "k": 2,
-                       "resamples": 6, "queries_per_set": 2, "chunk_size": 2, "recipe": {"epochs": 1},
-                       "factors": {"k": [1, 2]}})
+    spec = parse_spec(
+        {
+            "name": "contrasts",
+            "model": "tiny-random-llama",
+            "task": "sentiment",
+            "k": 2,
+            "resamples": 6,
+            "queries_per_set": 2,
+            "chunk_size": 2,
+            "recipe": {"epochs": 1},
+            "factors": {"k": [1, 2]},
+        }
+    )
     out = tmp_path / "run"
     run_experiment(spec, out)
     result = CliRunner().invoke(app, ["results", str(out), "--contrasts", "-f", "csv"])
@@ -184,8 +218,9 @@ def test_a_stored_run_through_results_contrasts_and_the_report(tmp_path):
     np.testing.assert_allclose(table["p"], direct["p"], rtol=1e-6)
     # the per-trial demo-swap excess is the nulls' unit difference: its mean is the tests' diff
     units = contrasts.unit_values(run, [("icl_it", "demo_swap")])
-    tests = run.tests[(run.tests["pair"] == "icl_it") & (run.tests["centring"] == "raw")
-                      & (run.tests["null"] == "demo_swap")]
+    tests = run.tests[
+        (run.tests["pair"] == "icl_it") & (run.tests["centring"] == "raw") & (run.tests["null"] == "demo_swap")
+    ]
     for cell, sub in units.groupby("cell_key"):
         t = tests[tests["cell_key"] == cell]
         t = t[t["layer"] == t["layer"].max()]

@@ -30,7 +30,9 @@ RECIPE = TuningRecipe(epochs=3)
 
 
 def _ids(draws):
-    return [(r.index, r.query.id, [d.id for d in r.demonstrations], [d.output for d in r.demonstrations]) for r in draws]
+    return [
+        (r.index, r.query.id, [d.id for d in r.demonstrations], [d.output for d in r.demonstrations]) for r in draws
+    ]
 
 
 def _one_query_draws(task, k, n, seed, sampler):
@@ -84,7 +86,7 @@ def test_set_queries_are_distinct_balanced_and_not_demonstrations(q, m):
     blocks = {s // m: {r.query.id for r in rows} for s, rows in by_set.items()}
     if 12 // m * q <= len(task):
         firsts = list(blocks.values())
-        assert all(not a & b for i, a in enumerate(firsts) for b in firsts[i + 1:])
+        assert all(not a & b for i, a in enumerate(firsts) for b in firsts[i + 1 :])
 
 
 @pytest.mark.parametrize("sampler", ["most-similar", "least-similar", "wrong"])
@@ -120,8 +122,17 @@ def test_block_sets_rule_is_in_the_key_only_where_it_applies():
     keys = {}
     for sim in ("random", "most"):
         for q in (1, 5):
-            spec = parse_spec({"name": "t", "model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 4,
-                               "queries_per_set": q, "similarity": sim})
+            spec = parse_spec(
+                {
+                    "name": "t",
+                    "model": "tiny-random-llama",
+                    "task": "sentiment",
+                    "k": 2,
+                    "resamples": 4,
+                    "queries_per_set": q,
+                    "similarity": sim,
+                }
+            )
             keys[sim, q] = make_plan(spec).cells[0].settings.get("block_sets")
     assert keys == {("random", 1): None, ("random", 5): None, ("most", 1): None, ("most", 5): "disjoint"}
 
@@ -145,8 +156,15 @@ def test_a_sets_query_states_equal_one_query_trials(lm, fast):
     crossed = evaluate(lm, task, draws, recipe=RECIPE, seed=0, fast=fast, it_seeds=2)
     assert set(crossed.states) >= {"anchor", "icl", "it", "it_seed2"}
     for i, r in enumerate(draws):
-        alone = evaluate(lm, task, [replace(r, index=r.set_id, set_index=None, slot=0)], recipe=RECIPE, seed=0,
-                         fast=fast, arms=("anchor", "icl", "it", "it_seed2"))
+        alone = evaluate(
+            lm,
+            task,
+            [replace(r, index=r.set_id, set_index=None, slot=0)],
+            recipe=RECIPE,
+            seed=0,
+            fast=fast,
+            arms=("anchor", "icl", "it", "it_seed2"),
+        )
         for name in ("anchor", "icl", "it", "it_seed2"):
             a, b = crossed.states[name][i].double(), alone.states[name][0].double()
             cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
@@ -252,8 +270,19 @@ def test_a_crossed_run_shows_its_nulls_in_results_exports_and_report(tmp_path):
     from iclit.report.exports import write_exports
     from iclit.report.html import render_report
 
-    spec = parse_spec({"name": "crossed", "model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 4,
-                       "queries_per_set": 4, "it_seeds": 2, "chunk_size": 2, "recipe": {"epochs": 2}})
+    spec = parse_spec(
+        {
+            "name": "crossed",
+            "model": "tiny-random-llama",
+            "task": "sentiment",
+            "k": 2,
+            "resamples": 4,
+            "queries_per_set": 4,
+            "it_seeds": 2,
+            "chunk_size": 2,
+            "recipe": {"epochs": 2},
+        }
+    )
     out = tmp_path / "run"
     run_experiment(spec, out)
     result = CliRunner().invoke(app, ["results", str(out), "--tests", "-f", "csv"])
@@ -277,8 +306,13 @@ def test_a_crossed_run_shows_its_nulls_in_results_exports_and_report(tmp_path):
     assert (out / "tests.csv").exists()
     metrics = __import__("json").loads((out / "metrics.json").read_text())
     assert {(r["pair"], r["null"]) for r in metrics["tests"] if r["role"] == "test"} == {
-        ("anchor_icl", "query_swap"), ("anchor_it", "query_swap"), ("icl_it", "query_swap"), ("icl_it", "demo_swap"),
-        ("update", "query_swap"), ("update", "demo_swap")}
+        ("anchor_icl", "query_swap"),
+        ("anchor_it", "query_swap"),
+        ("icl_it", "query_swap"),
+        ("icl_it", "demo_swap"),
+        ("update", "query_swap"),
+        ("update", "demo_swap"),
+    }
     assert {r["pair"] for r in metrics["tests"] if r["role"] == "control"} == {"ceiling_it", "update_ceiling_it"}
     assert {r["pair"] for r in metrics["seeds"]} == {"anchor_it", "icl_it"}  # the IT seed noise
     assert "Against the nulls" in render_report(out)

@@ -17,17 +17,23 @@ BASELINES = ("centered", "shuffled", "update", "noise_ceiling", "query_mean")
 
 
 def _deprecations(caught: list[warnings.WarningMessage], records: list[logging.LogRecord]) -> list[str]:
-    found = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
-             if issubclass(w.category, (FutureWarning, DeprecationWarning, PendingDeprecationWarning))]
+    found = [
+        f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})"
+        for w in caught
+        if issubclass(w.category, (FutureWarning, DeprecationWarning, PendingDeprecationWarning))
+    ]
     found += [f"log {r.name}: {r.getMessage()}" for r in records if "deprecat" in r.getMessage().lower()]
     return found
 
 
-@pytest.mark.parametrize(("task", "recipe"), [
-    ("sentiment", TuningRecipe(epochs=2, capture_steps=(1,))),
-    ("sentiment", TuningRecipe(method="full", epochs=1)),
-    ("translation-en-cs", TuningRecipe(epochs=1)),
-])
+@pytest.mark.parametrize(
+    ("task", "recipe"),
+    [
+        ("sentiment", TuningRecipe(epochs=2, capture_steps=(1,))),
+        ("sentiment", TuningRecipe(method="full", epochs=1)),
+        ("translation-en-cs", TuningRecipe(epochs=1)),
+    ],
+)
 def test_engine_raises_no_deprecation_warning(tiny, task, recipe) -> None:
     t = get_task(task)
     draws = draw_resamples(t, 2, 2, 0)

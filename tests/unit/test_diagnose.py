@@ -35,7 +35,9 @@ def test_relabel():
 def test_summary_verdicts_and_agreeing_intervals():
     rng = np.random.default_rng(1)
     gold = np.ones((16, 8))
-    reads = label_sensitivity_summary({"gold": gold, "flipped": np.zeros((16, 8)), "random": rng.integers(0, 2, (16, 8))})
+    reads = label_sensitivity_summary(
+        {"gold": gold, "flipped": np.zeros((16, 8)), "random": rng.integers(0, 2, (16, 8))}
+    )
     assert reads["verdict"] == "reads labels" and reads["contrasts"]["gold-flipped"]["mean"] == 1.0
     same = rng.integers(0, 2, (16, 8)).astype(float)
     ignores = label_sensitivity_summary({"gold": same, "flipped": same.copy()}, zero_shot=same)
@@ -62,8 +64,23 @@ def test_engine_on_the_tiny_model(tiny):
 def test_cli_diagnose(tiny, monkeypatch, tmp_path):
     monkeypatch.setattr(iclit.models, "load_model", lambda name, **kw: tiny)
     out = tmp_path / "diag.json"
-    result = CliRunner().invoke(app, ["models", "--diagnose", "tiny-random-llama", "--k", "2", "--sets", "2",
-                                      "--queries-per-set", "2", "--json", str(out)], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        app,
+        [
+            "models",
+            "--diagnose",
+            "tiny-random-llama",
+            "--k",
+            "2",
+            "--sets",
+            "2",
+            "--queries-per-set",
+            "2",
+            "--json",
+            str(out),
+        ],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output
     for word in ("gold", "flipped", "random", "zero-shot", "gold-flipped", "verdict:"):
         assert word in result.output

@@ -45,7 +45,9 @@ def test_store_page_has_every_table_and_column(tmp_path):
     text = hooks.store_markdown()
     Store(tmp_path).close()
     conn = sqlite3.connect(tmp_path / "results.sqlite")
-    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    tables = [
+        r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+    ]
     assert {"trials", "runs", "cells", "meta"} <= set(tables)
     for table in tables:
         assert f"### `{table}`" in text
@@ -65,8 +67,9 @@ def test_an_undocumented_column_stops_the_build(monkeypatch):
 def test_markers_are_replaced_and_unknown_ones_refused():
     from iclit.analysis.stats import SUMMARY_COLUMNS
 
-    text = hooks.on_page_markdown("a | <!-- iclit:columns iclit.analysis.stats:SUMMARY_COLUMNS --> |\n",
-                                  _page("reference/x.md"), None, None)
+    text = hooks.on_page_markdown(
+        "a | <!-- iclit:columns iclit.analysis.stats:SUMMARY_COLUMNS --> |\n", _page("reference/x.md"), None, None
+    )
     assert all(f"`{c}`" in text for c in SUMMARY_COLUMNS) and "<!--" not in text
     spec_page = hooks.on_page_markdown("<!-- iclit:spec-keys -->\n", _page("reference/spec.md"), None, None)
     assert "`queries_per_set`" in spec_page
@@ -77,7 +80,8 @@ def test_markers_are_replaced_and_unknown_ones_refused():
 def test_links_that_leave_docs_lose_the_link_only():
     md = "[`configs/`](../configs/README.md) [stats](statistics.md#units) [up](../index.md) ![fig](figures/a.png)"
     assert hooks.on_page_markdown(md, _page("replication.md"), None, None) == (
-        "`configs/` [stats](statistics.md#units) up ![fig](figures/a.png)")
+        "`configs/` [stats](statistics.md#units) up ![fig](figures/a.png)"
+    )
     assert hooks.on_page_markdown(md, _page("how-to/x.md"), None, None) == md  # one ../ stays inside docs/ here
     assert hooks.on_page_markdown("[f](../../src/a.py)", _page("how-to/x.md"), None, None) == "f"
 
@@ -91,5 +95,4 @@ def test_performance_page_is_the_runs_file():
 def test_docstring_rst_becomes_markdown():
     rst = _load("griffe_rst")
     text = "See :func:`~iclit.analysis.nulls.verdict` and :mod:`iclit.analysis.inference`, ``x``; a table::\n\n    code"
-    assert rst.markdown_docstring(text) == (
-        "See `verdict` and `iclit.analysis.inference`, `x`; a table:\n\n    code")
+    assert rst.markdown_docstring(text) == ("See `verdict` and `iclit.analysis.inference`, `x`; a table:\n\n    code")

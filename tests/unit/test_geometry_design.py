@@ -11,8 +11,9 @@ from iclit.analysis.permutations import design_permutations
 from iclit.analysis.nulls import Units
 
 
-def design(n_seeds: int = 1, n_blocks: int = 3, sets_per_block: int = 2, queries: int = 4,
-           labels: bool = True) -> Units:
+def design(
+    n_seeds: int = 1, n_blocks: int = 3, sets_per_block: int = 2, queries: int = 4, labels: bool = True
+) -> Units:
     """A cell's units in state order: seed, set, query; each block's sets share its queries."""
     seed, sets, block, query, label = [], [], [], [], []
     for s in range(n_seeds):
@@ -24,8 +25,13 @@ def design(n_seeds: int = 1, n_blocks: int = 3, sets_per_block: int = 2, queries
                     block.append(b)
                     query.append(f"s{s}b{b}q{q}")
                     label.append(("pos", "neg")[q % 2] if labels else None)
-    return Units(np.asarray(seed), np.asarray(sets), np.asarray(block), np.asarray(query, dtype=object),
-                 np.asarray(label, dtype=object))
+    return Units(
+        np.asarray(seed),
+        np.asarray(sets),
+        np.asarray(block),
+        np.asarray(query, dtype=object),
+        np.asarray(label, dtype=object),
+    )
 
 
 def test_design_permutations_keep_groups_and_move_a_querys_rows_together():
@@ -58,8 +64,7 @@ def test_design_permutations_edge_cases():
     assert (design_permutations(one_query, 10, exact=False) == np.arange(len(one_query))).all()
     # one query per set and one set per block: the items share nothing, permuted within their label
     single = design(n_blocks=8, sets_per_block=1, queries=1)
-    single = Units(single.seed, single.set, single.block, single.query,
-                   np.asarray(["pos", "neg"] * 4, dtype=object))
+    single = Units(single.seed, single.set, single.block, single.query, np.asarray(["pos", "neg"] * 4, dtype=object))
     perms = design_permutations(single, 1000)
     assert perms.shape == (4 * 3 * 2 * 4 * 3 * 2 - 1, 8)  # 4! × 4! arrangements but the identity
     assert all((single.label[p] == single.label).all() for p in perms)
@@ -187,12 +192,17 @@ def test_pair_tests_with_perms_equal_the_pair_by_pair_tests_and_cells_geometry_u
         np.testing.assert_allclose(got[name, "cka"]["null_mean"], want["null_mean"])
         np.testing.assert_allclose(got[name, "rsa"]["p"], rsa_per_layer(states[a], states[b], perms=perms)["p"])
     table = geometry(states, units, n_perm=60, seed=4)
-    assert set(zip(table["pair"], table["null"])) == {("anchor_icl", "query_swap"), ("anchor_it", "query_swap"),
-                                                      ("icl_it", "query_swap"), ("icl_it", "demo_swap")}
+    assert set(zip(table["pair"], table["null"])) == {
+        ("anchor_icl", "query_swap"),
+        ("anchor_it", "query_swap"),
+        ("icl_it", "query_swap"),
+        ("icl_it", "demo_swap"),
+    }
     for null, swap in (("query_swap", "queries"), ("demo_swap", "sets")):
         row = table[(table["pair"] == "icl_it") & (table["measure"] == "cka") & (table["null"] == null)]
-        want = cka_permutation_test(states["icl"], states["it"],
-                                    perms=design_permutations(units, 60, seed=4, swap=swap))
+        want = cka_permutation_test(
+            states["icl"], states["it"], perms=design_permutations(units, 60, seed=4, swap=swap)
+        )
         np.testing.assert_allclose(row.sort_values("layer")["p"], want["p"])
     assert set(geometry(states, n_perm=10)["null"]) == {"uniform"}
     # a NaN trial is left out of the states and of the design

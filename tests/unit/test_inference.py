@@ -73,9 +73,7 @@ def test_adjustments_pass_nan_and_keep_shape(fn):
 def test_one_group_per_unit_is_the_ordinary_bootstrap():
     x = np.random.default_rng(2).normal(size=40)
     lo, hi = hierarchical_bootstrap(x, np.arange(40), n_boot=50_000, seed=3)
-    ref = sps.bootstrap(
-        (x,), np.mean, n_resamples=50_000, method="percentile", random_state=4
-    ).confidence_interval
+    ref = sps.bootstrap((x,), np.mean, n_resamples=50_000, method="percentile", random_state=4).confidence_interval
     assert abs(lo - ref.low) < 0.01 and abs(hi - ref.high) < 0.01
 
 
@@ -138,8 +136,12 @@ def test_pairing_matches_scipy_permutation_test_single_stratum():
         ("two-sided", stat_abs, "greater"),  # our two-sided: |T - E| >= |T_obs - E|
     ]:
         ref = sps.permutation_test(
-            (np.arange(m),), fn, permutation_type="pairings", alternative=scipy_alt,
-            n_resamples=np.inf, vectorized=True,
+            (np.arange(m),),
+            fn,
+            permutation_type="pairings",
+            alternative=scipy_alt,
+            n_resamples=np.inf,
+            vectorized=True,
         ).pvalue  # exact over all 7! pairings
         res = pairing_test([c], n_perm=n_perm, seed=1, alternative=alt)
         assert res.p[0] == pytest.approx(ref, abs=0.03), alt
@@ -251,8 +253,9 @@ def test_linked_swaps_are_the_exact_block_sign_flip_test():
         res = pairing_test(strata, n_perm=20000, seed=1, alternative=alt, links=blocks)
         own = np.array([sum(c[0, 0, 0] + c[1, 1, 0] for c, g in zip(strata, blocks) if g == b) for b in range(7)])
         swapped = np.array([sum(c[0, 1, 0] + c[1, 0, 0] for c, g in zip(strata, blocks) if g == b) for b in range(7)])
-        ref = sps.permutation_test((own, swapped), lambda x, y: np.mean(x - y), permutation_type="samples",
-                                   alternative=alt, n_resamples=np.inf)
+        ref = sps.permutation_test(
+            (own, swapped), lambda x, y: np.mean(x - y), permutation_type="samples", alternative=alt, n_resamples=np.inf
+        )
         assert abs(res.p[0] - ref.pvalue) < 0.015, (alt, res.p[0], ref.pvalue)
 
 
@@ -319,8 +322,9 @@ def _hsic_u_loop(k: np.ndarray, m: np.ndarray) -> float:
     np.fill_diagonal(m, 0.0)
     one = np.ones(n)
     tr = sum(k[i, j] * m[j, i] for i in range(n) for j in range(n))
-    return (tr + (one @ k @ one) * (one @ m @ one) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * (one @ k @ m @ one)) / (n * (n - 3))
+    return (tr + (one @ k @ one) * (one @ m @ one) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (one @ k @ m @ one)) / (
+        n * (n - 3)
+    )
 
 
 def _cka_loop(x: np.ndarray, y: np.ndarray) -> float:
@@ -395,8 +399,7 @@ def test_rsa_matches_spearman_on_upper_triangles():
 def test_rsa_mantel_null():
     rng = np.random.default_rng(18)
     x = rng.normal(size=(20, 2, 10))
-    y = np.concatenate([x[:, :1] + 0.1 * rng.normal(size=(20, 1, 10)),
-                        rng.normal(size=(20, 1, 10))], axis=1)
+    y = np.concatenate([x[:, :1] + 0.1 * rng.normal(size=(20, 1, 10)), rng.normal(size=(20, 1, 10))], axis=1)
     res = rsa_per_layer(x, y, n_perm=500, seed=2)
     assert res["value"][0] > 0.8 and res["p"][0] == 1 / 501
     assert res["p"][1] > 0.05 and abs(res["value"][1]) < 0.2
@@ -450,4 +453,6 @@ def test_pair_tests_equal_the_pair_by_pair_tests(nan_row):
         want = (cka_permutation_test if measure == "cka" else rsa_per_layer)(states[a], states[b], n_perm=150, seed=7)
         assert res.keys() == want.keys()
         for key in want:
-            np.testing.assert_allclose(res[key], want[key], rtol=1e-12, equal_nan=True, err_msg=f"{pair} {measure} {key}")
+            np.testing.assert_allclose(
+                res[key], want[key], rtol=1e-12, equal_nan=True, err_msg=f"{pair} {measure} {key}"
+            )

@@ -39,7 +39,9 @@ def _demo_strata(rng, n_blocks, n_q, *, effect=0.0, set_sd=0.0, cluster_sd=0.0, 
 
 def _block_contrasts(strata, blocks):
     own = np.array([sum(c[0, 0, 0] + c[1, 1, 0] for c, g in zip(strata, blocks) if g == b) for b in np.unique(blocks)])
-    other = np.array([sum(c[0, 1, 0] + c[1, 0, 0] for c, g in zip(strata, blocks) if g == b) for b in np.unique(blocks)])
+    other = np.array(
+        [sum(c[0, 1, 0] + c[1, 0, 0] for c, g in zip(strata, blocks) if g == b) for b in np.unique(blocks)]
+    )
     return own, other
 
 
@@ -54,8 +56,13 @@ def test_the_demo_swap_test_is_the_exact_sign_flip_test(alternative):
     strata, blocks = _demo_strata(rng, 7, 3, effect=0.3, set_sd=1.0)
     res = pairing_test(strata, links=blocks.tolist(), alternative=alternative)
     own, other = _block_contrasts(strata, blocks)
-    ref = sps.permutation_test((own, other), lambda x, y: np.mean(x - y), permutation_type="samples",
-                               alternative=alternative, n_resamples=np.inf)
+    ref = sps.permutation_test(
+        (own, other),
+        lambda x, y: np.mean(x - y),
+        permutation_type="samples",
+        alternative=alternative,
+        n_resamples=np.inf,
+    )
     assert res.exact and res.n_perm == 2**7
     assert res.p[0] == pytest.approx(ref.pvalue, abs=1e-12)
     assert res.p_min == (2 / 2**7 if alternative == "two-sided" else 1 / 2**7)
@@ -86,9 +93,14 @@ def test_a_single_stratum_matches_scipy_exactly():
     x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
     xu, yu = x / np.linalg.norm(x, axis=1, keepdims=True), y / np.linalg.norm(y, axis=1, keepdims=True)
     c = xu @ yu.T
-    ref = sps.permutation_test((np.arange(6),), lambda idx, axis=-1: c[np.arange(6), idx].mean(axis),
-                               permutation_type="pairings", alternative="greater", n_resamples=np.inf,
-                               vectorized=True).pvalue
+    ref = sps.permutation_test(
+        (np.arange(6),),
+        lambda idx, axis=-1: c[np.arange(6), idx].mean(axis),
+        permutation_type="pairings",
+        alternative="greater",
+        n_resamples=np.inf,
+        vectorized=True,
+    ).pvalue
     assert pairing_test([c], alternative="greater").p[0] == pytest.approx(ref, abs=1e-12)
 
 
@@ -121,8 +133,12 @@ def test_step_down_max_t_matches_its_definition_and_is_between_p_and_single_step
     d = [c - c.mean(1, keepdims=True) - c.mean(0, keepdims=True) + c.mean((0, 1), keepdims=True) for c in strata]
     sd = np.sqrt(sum((x**2).sum((0, 1)) / 3 for x in d)) / n
     perms = list(itertools.permutations(range(4)))
-    z = np.asarray([np.abs(sum(c[np.arange(4), list(p)].sum(0) for c, p in zip(strata, combo)) / n - mean) / sd
-                    for combo in itertools.product(perms, repeat=3)])
+    z = np.asarray(
+        [
+            np.abs(sum(c[np.arange(4), list(p)].sum(0) for c, p in zip(strata, combo)) / n - mean) / sd
+            for combo in itertools.product(perms, repeat=3)
+        ]
+    )
     z_obs = np.abs(sum(np.trace(c) for c in strata) / n - mean) / sd
     order = np.argsort(-z_obs)
     step = [((z[:, order[j:]].max(1)) >= z_obs[order[j]] - 1e-9).mean() for j in range(5)]
@@ -184,10 +200,21 @@ def test_planted_specificity_is_found_with_20_blocks_and_not_with_5():
     effect = 1.15 * detectable_effect(block_sd, 20)
     assert effect / block_sd == pytest.approx(0.76, abs=0.02)
     reps = 100
-    hits20 = sum(pairing_test(_demo_strata(rng, 20, n_q, effect=effect)[0], links=np.repeat(np.arange(20), n_q).tolist(),
-                              n_perm=999, seed=r).p[0] <= 0.05 for r in range(reps))
-    hits5 = sum(pairing_test(_demo_strata(rng, 5, n_q, effect=3 * effect)[0], links=np.repeat(np.arange(5), n_q).tolist()
-                             ).p[0] <= 0.05 for _ in range(reps))
+    hits20 = sum(
+        pairing_test(
+            _demo_strata(rng, 20, n_q, effect=effect)[0],
+            links=np.repeat(np.arange(20), n_q).tolist(),
+            n_perm=999,
+            seed=r,
+        ).p[0]
+        <= 0.05
+        for r in range(reps)
+    )
+    hits5 = sum(
+        pairing_test(_demo_strata(rng, 5, n_q, effect=3 * effect)[0], links=np.repeat(np.arange(5), n_q).tolist()).p[0]
+        <= 0.05
+        for _ in range(reps)
+    )
     assert hits20 >= 80 and hits5 == 0
 
 
@@ -216,7 +243,10 @@ def test_independent_states_give_no_update_excess():
     assert row["observed"] == pytest.approx(0.5, abs=0.03)
     assert abs(row["diff"]) < 3 * row["se"] + 1e-3 and row["verdict"] != "above null"
     x, y = states["icl"] - anchor, states["it"] - anchor  # each side against its own query's anchor
-    xu, yu = x[:, 0] / np.linalg.norm(x[:, 0], axis=1, keepdims=True), y[:, 0] / np.linalg.norm(y[:, 0], axis=1, keepdims=True)
+    xu, yu = (
+        x[:, 0] / np.linalg.norm(x[:, 0], axis=1, keepdims=True),
+        y[:, 0] / np.linalg.norm(y[:, 0], axis=1, keepdims=True),
+    )
     same_set = units.set[:, None] == units.set[None, :]
     old = (xu @ yu.T)[same_set & ~np.eye(len(units), dtype=bool)].mean()
     assert row["observed"] - old == pytest.approx(0.5, abs=0.03)
@@ -277,9 +307,12 @@ def test_the_positive_control_detects_set_specificity_and_sets_the_margin():
     per_query = {qid: rng.normal(size=(1, d)) for qid in sorted(set(units.query))}
     anchor = np.stack([per_query[qid] for qid in units.query])
     set_part = rng.normal(size=(24, 1, d))[units.set]
-    states = {"anchor": anchor, "icl": anchor + rng.normal(size=(n, 1, d)),
-              "it": anchor + set_part + rng.normal(size=(n, 1, d)),
-              "it_seed2": anchor + set_part + rng.normal(size=(n, 1, d))}
+    states = {
+        "anchor": anchor,
+        "icl": anchor + rng.normal(size=(n, 1, d)),
+        "it": anchor + set_part + rng.normal(size=(n, 1, d)),
+        "it_seed2": anchor + set_part + rng.normal(size=(n, 1, d)),
+    }
     df = null_tests(states, units, n_perm=199)
     ceiling = df[(df["pair"] == "ceiling_it") & (df["null"] == "demo_swap") & (df["centring"] == "raw")].iloc[0]
     assert ceiling["role"] == "control" and ceiling["verdict"] == "above null"
@@ -300,11 +333,16 @@ def test_design_floors_agree_with_the_tests_own_floor():
     for g in (5, 9, 15):
         strata, blocks = _demo_strata(np.random.default_rng(g), g, 2)
         res = pairing_test(strata, links=blocks.tolist(), n_perm=1000)
-        floor = next(f for f in design_floors(n_blocks=g, sets_per_block=2, queries_per_set=4, n_labels=2)
-                     if f.null == "demo_swap")
+        floor = next(
+            f
+            for f in design_floors(n_blocks=g, sets_per_block=2, queries_per_set=4, n_labels=2)
+            if f.null == "demo_swap"
+        )
         assert floor.p_min == res.p_min and floor.exact == res.exact
         assert floor.holm_floor == pytest.approx(min(1.0, family_size() * res.p_min))
-    five = [f for f in design_floors(n_blocks=5, sets_per_block=2, queries_per_set=4, n_labels=2) if f.null == "demo_swap"][0]
+    five = [
+        f for f in design_floors(n_blocks=5, sets_per_block=2, queries_per_set=4, n_labels=2) if f.null == "demo_swap"
+    ][0]
     assert not five.reachable and five.blocks_needed == 9  # 10 · 2/2^9 = 0.039 < 0.05 ≤ 10 · 2/2^8
     assert not design_floors(n_blocks=40, sets_per_block=2, queries_per_set=4, n_perm=100)[1].reachable  # 10/101
     assert design_floors(n_blocks=40, sets_per_block=2, queries_per_set=4, n_perm=100)[1].blocks_needed is None
@@ -318,9 +356,20 @@ def test_detectable_effect_and_blocks_needed_invert_each_other():
 
 
 def test_power_table_from_a_pilot():
-    tests = pd.DataFrame({"cell_key": "c", "pair": ["icl_it", "icl_it"], "centring": "raw", "null": "demo_swap",
-                          "role": "test", "layer": [0, 1], "diff": [0.01, 0.002], "se": [0.01, 0.004], "n_blocks": 16,
-                          "margin": [0.02, 0.02]})
+    tests = pd.DataFrame(
+        {
+            "cell_key": "c",
+            "pair": ["icl_it", "icl_it"],
+            "centring": "raw",
+            "null": "demo_swap",
+            "role": "test",
+            "layer": [0, 1],
+            "diff": [0.01, 0.002],
+            "se": [0.01, 0.004],
+            "n_blocks": 16,
+            "margin": [0.02, 0.02],
+        }
+    )
     out = power_table(tests, blocks=40)
     assert len(out) == 1 and out.iloc[0]["layer"] == 1 and out.iloc[0]["block_sd"] == pytest.approx(0.016)
     assert out.iloc[0]["detectable"] == pytest.approx(detectable_effect(0.016, 16, family=1))
@@ -353,8 +402,10 @@ def test_the_bootstrap_of_blocks_keeps_every_unit_of_a_drawn_block():
     draws = hierarchical_bootstrap_means(x, groups, n_boot=400, seed=1, within=False)
     # a draw of 3 groups is a multiset of whole blocks: its sum of units is a sum of block sums
     block_sums, sizes = {"a": 4.0, "b": 40.0, "c": 100.0}, {"a": 2, "b": 2, "c": 1}
-    possible = {round(sum(block_sums[g] for g in c) / sum(sizes[g] for g in c), 9)
-                for c in itertools.combinations_with_replacement("abc", 3)}
+    possible = {
+        round(sum(block_sums[g] for g in c) / sum(sizes[g] for g in c), 9)
+        for c in itertools.combinations_with_replacement("abc", 3)
+    }
     assert {round(v, 9) for v in draws} <= possible
     assert len({round(v, 9) for v in draws}) > 3
 

@@ -37,8 +37,9 @@ def test_out_naming_a_file_fails_before_loading(tmp_path: Path, refuse_models) -
 
     target = tmp_path / "taken"
     target.write_text("not a directory")
-    result = CliRunner().invoke(app, ["compare", "--model", "tiny-random-llama", "--k", "1", "--resamples", "2",
-                                      "--out", str(target)])
+    result = CliRunner().invoke(
+        app, ["compare", "--model", "tiny-random-llama", "--k", "1", "--resamples", "2", "--out", str(target)]
+    )
     assert result.exit_code == 2
     assert "exists and is not a directory" in _flat(result.output) and str(target) in _flat(result.output)
     assert target.read_text() == "not a directory"
@@ -50,8 +51,9 @@ def test_out_that_cannot_be_created(tmp_path: Path, refuse_models) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     out = blocker / "run"
-    result = CliRunner().invoke(app, ["compare", "--model", "tiny-random-llama", "--k", "1", "--resamples", "2",
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["compare", "--model", "tiny-random-llama", "--k", "1", "--resamples", "2", "--out", str(out)]
+    )
     assert result.exit_code == 2
     assert "cannot be created" in _flat(result.output) and "is a file" in _flat(result.output)
     with pytest.raises(RunDirError, match="not a directory"):
@@ -76,13 +78,17 @@ def test_run_stops_on_a_long_prompt_before_any_chunk(tiny_tokenizer, tmp_path: P
     model = build_tiny_llama(len(tiny_tokenizer))
     model.config.max_position_embeddings = 130
     lm = prepare(model, tiny_tokenizer, name="tiny-short", device="cpu")
-    spec = spec_of(comparison_spec("tiny-short", "sentiment", k=4, resamples=3, recipe=TuningRecipe(epochs=1)),
-                   check_resources=False)
+    spec = spec_of(
+        comparison_spec("tiny-short", "sentiment", k=4, resamples=3, recipe=TuningRecipe(epochs=1)),
+        check_resources=False,
+    )
     with pytest.raises(ContextLengthError):
         run_experiment(spec, tmp_path / "run", models={"tiny-short": lm})
     assert not (tmp_path / "run").exists()  # nothing written: no spec, no store, no states
-    ok = spec_of(comparison_spec("tiny-short", "sentiment", k=1, resamples=2, recipe=TuningRecipe(epochs=1)),
-                 check_resources=False)
+    ok = spec_of(
+        comparison_spec("tiny-short", "sentiment", k=1, resamples=2, recipe=TuningRecipe(epochs=1)),
+        check_resources=False,
+    )
     run_experiment(ok, tmp_path / "run", models={"tiny-short": lm})
     before = (tmp_path / "run" / "spec.yaml").read_text()
     with pytest.raises(ContextLengthError):  # a failing spec into an existing run leaves it as it was
@@ -99,8 +105,9 @@ def test_unfitted_it_is_flagged_and_warned(tiny, tmp_path: Path) -> None:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = iclit.run_comparison(tiny, "sentiment", k=2, resamples=2, recipe=TuningRecipe(epochs=1, lr=1e-6),
-                                      out=tmp_path / "run")
+        result = iclit.run_comparison(
+            tiny, "sentiment", k=2, resamples=2, recipe=TuningRecipe(epochs=1, lr=1e-6), out=tmp_path / "run"
+        )
     losses = [t["it_final_loss"] for t in result.trials]
     assert all(loss >= FIT_LOSS for loss in losses)  # one tiny step at lr 1e-6 learns nothing
     assert [t["it_fitted"] for t in result.trials] == [False, False]
@@ -117,8 +124,13 @@ def test_fitted_it_is_not_flagged(tiny, tmp_path: Path) -> None:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = iclit.run_comparison(tiny, "sentiment", k=2, resamples=2,  # full fine-tuning fits the tiny model
-                                      recipe=TuningRecipe(method="full", epochs=30, lr=1e-2))
+        result = iclit.run_comparison(
+            tiny,
+            "sentiment",
+            k=2,
+            resamples=2,  # full fine-tuning fits the tiny model
+            recipe=TuningRecipe(method="full", epochs=30, lr=1e-2),
+        )
     assert all(t["it_final_loss"] < FIT_LOSS for t in result.trials)
     assert [t["it_fitted"] for t in result.trials] == [True, True]
     assert not any("did not fit" in str(w.message) for w in caught)
@@ -143,23 +155,54 @@ def test_lora_targets_are_checked_against_the_model_before_any_chunk(tiny, tmp_p
     ran = []
     monkeypatch.setattr(runner, "execute", lambda *a, **k: ran.append(1))
     with pytest.raises(ValueError, match=r"LoRA targets \['q_prj'\].*'q_prj' \(matches no module\).*linear layers"):
-        iclit.run_comparison(tiny, "sentiment", k=1, resamples=2, recipe=TuningRecipe(epochs=1, targets=("q_prj",)),
-                             out=tmp_path / "run")
+        iclit.run_comparison(
+            tiny, "sentiment", k=1, resamples=2, recipe=TuningRecipe(epochs=1, targets=("q_prj",)), out=tmp_path / "run"
+        )
     assert ran == []
 
 
 def test_cli_targets_option(tmp_path: Path) -> None:
     from iclit.cli import app
 
-    result = CliRunner().invoke(app, ["compare", "--model", "tiny-random-llama", "--k", "1", "--resamples", "2",
-                                      "--epochs", "1", "--targets", "q_proj,k_proj,v_proj", "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "--model",
+            "tiny-random-llama",
+            "--k",
+            "1",
+            "--resamples",
+            "2",
+            "--epochs",
+            "1",
+            "--targets",
+            "q_proj,k_proj,v_proj",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     import json
 
     trials = [json.loads(line) for line in (tmp_path / "r" / "trials.jsonl").read_text().splitlines()]
     assert trials[0]["it_targets"] == ["q_proj", "k_proj", "v_proj"]
-    bad = CliRunner().invoke(app, ["compare", "--model", "tiny-random-llama", "--k", "1", "--resamples", "2",
-                                   "--targets", "nope", "--out", str(tmp_path / "r2")])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            "--model",
+            "tiny-random-llama",
+            "--k",
+            "1",
+            "--resamples",
+            "2",
+            "--targets",
+            "nope",
+            "--out",
+            str(tmp_path / "r2"),
+        ],
+    )
     assert bad.exit_code == 2 and "matches no module" in _flat(bad.output)
 
 
@@ -190,8 +233,9 @@ def test_a_long_prompt_fails_before_the_weights_load(tiny_tokenizer, tmp_path: P
         raise AssertionError("the weights were loaded although the prompts do not fit")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    result = CliRunner().invoke(app, ["compare", "--model", str(folder), "--k", "4", "--resamples", "2",
-                                      "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app, ["compare", "--model", str(folder), "--k", "4", "--resamples", "2", "--out", str(tmp_path / "run")]
+    )
     assert result.exit_code == 2, result.output
     assert "more than the 100 positions" in _flat(result.output)
     assert not (tmp_path / "run").exists()

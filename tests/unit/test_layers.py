@@ -21,8 +21,13 @@ def _imports(path: Path):
 
 
 def test_no_private_name_is_imported_across_modules():
-    found = [f"{p.relative_to(SRC)}: from {n.module} import {a.name}"
-             for p in SRC.rglob("*.py") for n in _imports(p) for a in n.names if a.name.startswith("_")]
+    found = [
+        f"{p.relative_to(SRC)}: from {n.module} import {a.name}"
+        for p in SRC.rglob("*.py")
+        for n in _imports(p)
+        for a in n.names
+        if a.name.startswith("_")
+    ]
     assert not found, "private names imported across modules:\n" + "\n".join(found)
 
 
@@ -40,6 +45,12 @@ def test_the_layer_contract_is_kept():
     exe = shutil.which("lint-imports")
     if exe is None:
         pytest.skip("import-linter is not installed (the test extra installs it)")
-    out = subprocess.run([exe], cwd=SRC.parents[1], capture_output=True, text=True, timeout=300,
-                         env={"PYTHONPATH": str(SRC.parent), "PATH": str(Path(sys.executable).parent)})
+    out = subprocess.run(
+        [exe],
+        cwd=SRC.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(SRC.parent), "PATH": str(Path(sys.executable).parent)},
+    )
     assert out.returncode == 0 and "BROKEN" not in out.stdout, out.stdout + out.stderr

@@ -33,8 +33,9 @@ def test_compare_on_a_saved_local_checkpoint(family: str, tiny_tokenizer, tmp_pa
     build(family, len(tiny_tokenizer)).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["compare", "--model", str(folder), "--k", "1", "--resamples", "2",
-                                      "--epochs", "1", "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["compare", "--model", str(folder), "--k", "1", "--resamples", "2", "--epochs", "1", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == str(folder) and config["n_layers"] == 2

@@ -261,14 +261,16 @@ def _synthetic_summary(offset: float = 0.0) -> pd.DataFrame:
     for i, pair in enumerate(PAIRS):
         for layer in range(7):
             m = 0.9 - 0.05 * layer * (i + 1) + offset
-            rows.append({"pair": pair, "layer": layer, "mean": m, "std": 0.05,
-                         "ci_low": m - 0.03, "ci_high": m + 0.03, "n": 16})
+            rows.append(
+                {"pair": pair, "layer": layer, "mean": m, "std": 0.05, "ci_low": m - 0.03, "ci_high": m + 0.03, "n": 16}
+            )
     return pd.DataFrame(rows)
 
 
 def test_plot_layers_writes_png(tmp_path: Path) -> None:
-    out = plot_layers(_synthetic_summary(), tmp_path / "figs" / "layers.png",
-                      title="synthetic", baseline=_synthetic_summary(-0.4))
+    out = plot_layers(
+        _synthetic_summary(), tmp_path / "figs" / "layers.png", title="synthetic", baseline=_synthetic_summary(-0.4)
+    )
     assert out == tmp_path / "figs" / "layers.png"
     data = out.read_bytes()
     assert len(data) > 1000

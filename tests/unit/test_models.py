@@ -98,7 +98,9 @@ def test_prepare_wraps_an_in_memory_model(tiny_tokenizer):
 # --- errors ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["no/such/model/anywhere", "./nope", "~/definitely-not-a-model-dir-xyz", "/no/such/dir"])
+@pytest.mark.parametrize(
+    "name", ["no/such/model/anywhere", "./nope", "~/definitely-not-a-model-dir-xyz", "/no/such/dir"]
+)
 def test_missing_path_is_model_not_found(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelNotFoundError, match="not a model directory") as info:

@@ -53,7 +53,11 @@ def test_batched_adapters_equal_sequential_peft(tiny, task, recipe, max_tokens):
     queries = [task.template.query(e.input) for e in task.examples[20:23]]
     ref = peft_reference(tiny, sets, recipe, queries)
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    with tuned_many(tiny.model, tiny.tokenizer, sets, recipe, seeds=SEEDS, max_tokens=max_tokens) as (m, router, results):
+    with tuned_many(tiny.model, tiny.tokenizer, sets, recipe, seeds=SEEDS, max_tokens=max_tokens) as (
+        m,
+        router,
+        results,
+    ):
         modules = {n: mod for n, mod in m.named_modules() if isinstance(mod, MultiLoRALinear)}
         assert len(modules) == 2 * tiny.n_layers  # q_proj and v_proj of every layer
         states = capture(m, tiny.tokenizer, queries, before_batch=lambda rows: router.set(rows)).states
@@ -80,7 +84,9 @@ def test_peft_like_init_matches_peft(tiny):
     peft_a = [p.detach().clone() for n, p in pm.named_parameters() if "lora_A" in n]
     peft_b = [p.detach().clone() for n, p in pm.named_parameters() if "lora_B" in n]
     pm.unload()
-    shapes = [(m.in_features, m.out_features) for n, m in tiny.model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    shapes = [
+        (m.in_features, m.out_features) for n, m in tiny.model.named_modules() if n.endswith(("q_proj", "v_proj"))
+    ]
     ours = peft_like_init(shapes, recipe.rank, 5)
     assert len(ours) == len(peft_a)
     for a, b in zip(ours, peft_a):
@@ -92,13 +98,20 @@ def test_router_sends_each_row_to_its_adapter(tiny, task):
     """Two adapters, rows interleaved: each row's state is the one of its own adapter."""
     sets = pair_sets(task, n=2)
     q = task.template.query(task.examples[30].input)
-    with tuned_many(tiny.model, tiny.tokenizer, sets, TuningRecipe(lr=5e-2, epochs=3), seeds=SEEDS[:2]) as (m, router, _):
-        alone = [capture(m, tiny.tokenizer, [q], before_batch=lambda rows, j=j: router.set([j])).states[0] for j in (0, 1)]
-        mixed = capture(m, tiny.tokenizer, [q, q, q], before_batch=lambda rows: router.set([[1, 0, 1][i] for i in rows])).states
+    with tuned_many(tiny.model, tiny.tokenizer, sets, TuningRecipe(lr=5e-2, epochs=3), seeds=SEEDS[:2]) as (
+        m,
+        router,
+        _,
+    ):
+        alone = [
+            capture(m, tiny.tokenizer, [q], before_batch=lambda rows, j=j: router.set([j])).states[0] for j in (0, 1)
+        ]
+        mixed = capture(
+            m, tiny.tokenizer, [q, q, q], before_batch=lambda rows: router.set([[1, 0, 1][i] for i in rows])
+        ).states
     assert not torch.allclose(alone[0], alone[1])
     torch.testing.assert_close(mixed[0], alone[1])
     torch.testing.assert_close(mixed[1], alone[0])
-
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
@@ -123,14 +136,33 @@ def test_shared_prefix_per_adapter_equals_whole_prompts(tiny, task, batch_size, 
     with tuned_many(tiny.model, tiny.tokenizer, sets, TuningRecipe(lr=5e-2, epochs=3), seeds=SEEDS) as (m, router, _):
         route = lambda rows: router.set([adapter[i] for i in rows])  # noqa: E731
         whole = capture(m, tiny.tokenizer, prompts, label_ids=label_ids, before_batch=route, span_from=spans)
-        cached = capture(m, tiny.tokenizer, prompts, label_ids=label_ids, before_batch=route, span_from=spans,
-                         prefixes=[head] * len(prompts), variants=adapter, batch_size=batch_size)
-        one = capture(m, tiny.tokenizer, prompts, label_ids=label_ids, before_batch=route, span_from=spans,
-                      prefixes=[head] * len(prompts), variants=[0] * len(prompts), batch_size=batch_size)
+        cached = capture(
+            m,
+            tiny.tokenizer,
+            prompts,
+            label_ids=label_ids,
+            before_batch=route,
+            span_from=spans,
+            prefixes=[head] * len(prompts),
+            variants=adapter,
+            batch_size=batch_size,
+        )
+        one = capture(
+            m,
+            tiny.tokenizer,
+            prompts,
+            label_ids=label_ids,
+            before_batch=route,
+            span_from=spans,
+            prefixes=[head] * len(prompts),
+            variants=[0] * len(prompts),
+            batch_size=batch_size,
+        )
     assert made[0] == [2, 0, 1]  # the prefix ran once, one row per adapter
     for name in ("states", "pooled", "label_logits"):
         torch.testing.assert_close(getattr(cached, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(one.states, whole.states, atol=1e-3)
+
 
 def test_multilora_linear_matches_formula():
     base = nn.Linear(6, 5)

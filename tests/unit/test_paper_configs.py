@@ -84,8 +84,14 @@ def test_one_factor_specs_share_their_base_cell():
     its trials must have the same keys in every one-factor spec."""
     shared = _base_keys("cross_task.yaml")
     assert len(shared) == 300
-    for name in ("similarity.yaml", "n_demos.yaml", "wrong_labels.yaml", "instruction.yaml", "models.yaml",
-                 "lora_vs_full.yaml"):
+    for name in (
+        "similarity.yaml",
+        "n_demos.yaml",
+        "wrong_labels.yaml",
+        "instruction.yaml",
+        "models.yaml",
+        "lora_vs_full.yaml",
+    ):
         assert _base_keys(name) == shared, name
 
 

@@ -21,24 +21,26 @@ def test_render_groups_orders_and_formats(tmp_path):
     path = _write(
         tmp_path,
         "2026-01-01,make run,make run,cpu A,,163,135,3.75,,first",
-        "2026-01-03,make run,make run,cpu B,283–347,59.5,,,,\"second, later\"",
+        '2026-01-03,make run,make run,cpu B,283–347,59.5,,,,"second, later"',
         "2026-01-02,bench x,python bench.py,cpu A,,3.0,,1.88,14.09,a|b",
     )
-    assert performance_table(path) == "\n".join([
-        "### make run",
-        "",
-        "| date | command | machine | matmul GFLOP/s | wall | compute | peak RSS | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        "| 2026-01-03 | `make run` | cpu B | 283–347 | 59.5 s |  |  | second, later |",
-        "| 2026-01-01 | `make run` | cpu A |  | 2 min 43 s | 2 min 15 s | 3.75 GiB | first |",
-        "",
-        "### bench x",
-        "",
-        "| date | command | machine | wall | peak RSS | ratio | note |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        "| 2026-01-02 | `python bench.py` | cpu A | 3 s | 1.88 GiB | 14.09× | a\\|b |",
-        "",
-    ])
+    assert performance_table(path) == "\n".join(
+        [
+            "### make run",
+            "",
+            "| date | command | machine | matmul GFLOP/s | wall | compute | peak RSS | note |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| 2026-01-03 | `make run` | cpu B | 283–347 | 59.5 s |  |  | second, later |",
+            "| 2026-01-01 | `make run` | cpu A |  | 2 min 43 s | 2 min 15 s | 3.75 GiB | first |",
+            "",
+            "### bench x",
+            "",
+            "| date | command | machine | wall | peak RSS | ratio | note |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| 2026-01-02 | `python bench.py` | cpu A | 3 s | 1.88 GiB | 14.09× | a\\|b |",
+            "",
+        ]
+    )
 
 
 def test_hours(tmp_path):

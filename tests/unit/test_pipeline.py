@@ -23,8 +23,25 @@ from iclit.cli import app
 from iclit.report.exports import write_exports
 
 MODEL = "tiny-random-llama"
-COMPARE = ["compare", "--model", MODEL, "--task", "sentiment", "--k", "2", "--resamples", "4", "--epochs", "2",
-           "--seed", "3", "--capture-steps", "1,2", "--baselines", "centered,shuffled,query_mean"]
+COMPARE = [
+    "compare",
+    "--model",
+    MODEL,
+    "--task",
+    "sentiment",
+    "--k",
+    "2",
+    "--resamples",
+    "4",
+    "--epochs",
+    "2",
+    "--seed",
+    "3",
+    "--capture-steps",
+    "1,2",
+    "--baselines",
+    "centered,shuffled,query_mean",
+]
 """A small comparison with a dose curve and per-trial baselines: 4 trials, each read back from states."""
 FILES = ("trials.jsonl", "summary.csv", "metrics.json")
 VOLATILE = ("argv", "started", "seconds", "run_dir")
@@ -37,8 +54,10 @@ def _store_states_key() -> bool:
     from iclit.experiments.spec import SpecError, parse_spec
 
     try:
-        spec = parse_spec({"name": "x", "model": MODEL, "task": "sentiment", "resamples": 2, "store_states": False},
-                          check_resources=False)
+        spec = parse_spec(
+            {"name": "x", "model": MODEL, "task": "sentiment", "resamples": 2, "store_states": False},
+            check_resources=False,
+        )
     except SpecError:
         return False
     return getattr(spec, "store_states", True) is False
@@ -115,8 +134,17 @@ def test_stored_states_and_cosines_equal_the_engines(tmp_path: Path) -> None:
     lm = load_model(MODEL)
     baselines = ["centered", "shuffled", "update", "noise_ceiling", "query_mean"]
     out = tmp_path / "run"
-    result = run_comparison(lm, "sentiment", k=2, resamples=5, seed=1, recipe=TuningRecipe(epochs=2, capture_steps=(1, 2)),
-                            baselines=baselines, settings={"chunk_size": 2}, out=out)
+    result = run_comparison(
+        lm,
+        "sentiment",
+        k=2,
+        resamples=5,
+        seed=1,
+        recipe=TuningRecipe(epochs=2, capture_steps=(1, 2)),
+        baselines=baselines,
+        settings={"chunk_size": 2},
+        out=out,
+    )
     assert result.run_dir == out
 
     # the engine on the same draws, chunk by chunk as the runner drew them
@@ -126,9 +154,19 @@ def test_stored_states_and_cosines_equal_the_engines(tmp_path: Path) -> None:
     parts = []
     for chunk in plan.chunks:
         job = make_job(chunk, spec)
-        ev = evaluate(lm, job.task, job.draws, recipe=job.recipe, seed=job.seed, batch_size=job.batch_size,
-                      max_new_tokens=job.max_new_tokens, arms=job.arms, demo_template=job.demo_template, fast=job.fast,
-                      baselines=job.baselines)
+        ev = evaluate(
+            lm,
+            job.task,
+            job.draws,
+            recipe=job.recipe,
+            seed=job.seed,
+            batch_size=job.batch_size,
+            max_new_tokens=job.max_new_tokens,
+            arms=job.arms,
+            demo_template=job.demo_template,
+            fast=job.fast,
+            baselines=job.baselines,
+        )
         parts.append(ev.states)
     engine = {name: torch.cat([p[name] for p in parts]) for name in parts[0] if name != "reference_mean"}
     engine["reference_mean"] = parts[0]["reference_mean"]
@@ -163,8 +201,25 @@ def test_stored_states_and_cosines_equal_the_engines(tmp_path: Path) -> None:
 # --- (c) a killed comparison resumes, losing and duplicating nothing --------------------------
 
 
-KILLED = ["compare", "--model", MODEL, "--task", "sentiment", "--k", "2", "--resamples", "12", "--epochs", "3",
-          "--seed", "2", "--baselines", "shuffled", "--set", "chunk_size=1"]
+KILLED = [
+    "compare",
+    "--model",
+    MODEL,
+    "--task",
+    "sentiment",
+    "--k",
+    "2",
+    "--resamples",
+    "12",
+    "--epochs",
+    "3",
+    "--seed",
+    "2",
+    "--baselines",
+    "shuffled",
+    "--set",
+    "chunk_size=1",
+]
 """12 chunks of one trial each: a kill lands between chunks or inside one."""
 
 
@@ -174,8 +229,9 @@ def _compare_process(out: Path, logs: Path) -> tuple[subprocess.Popen, Path]:
     logs.mkdir(parents=True, exist_ok=True)
     n = len(list(logs.glob("*.err")))
     with open(logs / f"{n}.out", "w") as stdout, open(logs / f"{n}.err", "w") as stderr:
-        proc = subprocess.Popen(iclit_cmd(*KILLED, "--out", str(out)), env=env_one_thread(), stdout=stdout,
-                                stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            iclit_cmd(*KILLED, "--out", str(out)), env=env_one_thread(), stdout=stdout, stderr=stderr, text=True
+        )
     return proc, logs / f"{n}.err"
 
 

@@ -21,13 +21,21 @@ from iclit.tasks.chat import chat_frame, chat_template_of, framed_for
 from iclit.tasks import FramedTemplate, draw_sets, get_task
 from iclit.tuning import TuningRecipe
 
-CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-          "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 TAIL = "<|im_end|>\n<|im_start|>assistant\n"
-QWEN2 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=1024)
+QWEN2 = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +104,9 @@ def test_every_arm_reads_the_chat_convention_and_cached_equals_uncached(chat_tok
     for trial, r in zip(fast.trials, draws):
         assert trial["query_prompt"] == HEAD + task.template.query(r.query.input) + TAIL
         assert trial["icl_prompt"].startswith(HEAD) and trial["icl_prompt"].endswith(TAIL)
-        assert trial["it_training_texts"] == [HEAD + task.template.query(d.input) + TAIL + d.output
-                                              for d in r.demonstrations]
+        assert trial["it_training_texts"] == [
+            HEAD + task.template.query(d.input) + TAIL + d.output for d in r.demonstrations
+        ]
     for arm in ("anchor", "icl", "it"):
         torch.testing.assert_close(fast.states[arm], slow.states[arm], rtol=1e-4, atol=1e-4)
     # the read-out is at the assistant turn's opening: the same last token in every arm

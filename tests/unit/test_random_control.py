@@ -22,23 +22,27 @@ PROMPT = "Review: The plot is thin but the actors carry it.\nSentiment:"
 # --- names --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "split"), [
-    ("gemma-3-270m", ("gemma-3-270m", None)),
-    ("gemma-3-270m@random", ("gemma-3-270m", 0)),
-    ("gemma-3-270m@random:0", ("gemma-3-270m", 0)),
-    ("gemma-3-270m@random:17", ("gemma-3-270m", 17)),
-    (f"gemma-3-270m@random:{2**70}", ("gemma-3-270m", 2**70)),
-    ("some-org/some-model@random:3", ("some-org/some-model", 3)),
-    ("tiny-random-llama@random", ("tiny-random-llama", 0)),
-    ("/a@b/model", ("/a@b/model", None)),  # an @ inside a path is no suffix
-])
+@pytest.mark.parametrize(
+    ("name", "split"),
+    [
+        ("gemma-3-270m", ("gemma-3-270m", None)),
+        ("gemma-3-270m@random", ("gemma-3-270m", 0)),
+        ("gemma-3-270m@random:0", ("gemma-3-270m", 0)),
+        ("gemma-3-270m@random:17", ("gemma-3-270m", 17)),
+        (f"gemma-3-270m@random:{2**70}", ("gemma-3-270m", 2**70)),
+        ("some-org/some-model@random:3", ("some-org/some-model", 3)),
+        ("tiny-random-llama@random", ("tiny-random-llama", 0)),
+        ("/a@b/model", ("/a@b/model", None)),  # an @ inside a path is no suffix
+    ],
+)
 def test_split_random(name, split):
     assert split_random(name) == split
     assert RANDOM_SUFFIX == "@random"
 
 
-@pytest.mark.parametrize("suffix", ["@bogus", "@random:", "@random:-1", "@random:abc", "@random:1.5", "@Random",
-                                    "@random:0:1", "@random:²"])
+@pytest.mark.parametrize(
+    "suffix", ["@bogus", "@random:", "@random:-1", "@random:abc", "@random:1.5", "@Random", "@random:0:1", "@random:²"]
+)
 def test_bad_suffix_names_the_value(suffix):
     with pytest.raises(ModelNotFoundError, match="is not '@random' or '@random:SEED'") as info:
         split_random("gemma-3-270m" + suffix)
@@ -73,7 +77,9 @@ def test_an_existing_path_with_an_at_is_taken_whole(tmp_path):
 def test_spec_validation_checks_the_suffix():
     from iclit.experiments.spec import SpecError, loads_spec
 
-    spec = loads_spec("model: gemma-3-270m@random\nfactors:\n  model: [tiny-random-llama, tiny-random-llama@random:2]\n")
+    spec = loads_spec(
+        "model: gemma-3-270m@random\nfactors:\n  model: [tiny-random-llama, tiny-random-llama@random:2]\n"
+    )
     assert spec.model == "gemma-3-270m@random" and spec.factors["model"][1] == "tiny-random-llama@random:2"
     with pytest.raises(SpecError, match="'@bogus'") as info:
         loads_spec("model: gemma-3-270m@bogus\n")

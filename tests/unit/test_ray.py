@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from exp_helpers import (TINY_SPEC, assert_same_numbers, check_store, dying_worker, env_one_thread, iclit_cmd,
-                         run_tiny_spec, write_spec)
+from exp_helpers import (
+    TINY_SPEC,
+    assert_same_numbers,
+    check_store,
+    dying_worker,
+    env_one_thread,
+    iclit_cmd,
+    run_tiny_spec,
+    write_spec,
+)
 from iclit.rundir import Store
 from iclit.experiments import parse_spec, run_experiment
 
@@ -81,7 +89,10 @@ def test_cli_on_an_existing_cluster(cluster: str, local_run: Path, tmp_path: Pat
     out = tmp_path / "run"
     proc = subprocess.run(
         iclit_cmd("run", str(spec), "--out", str(out), "--backend", "ray", "--address", cluster, "--no-progress"),
-        env=env_one_thread(), capture_output=True, text=True, timeout=300,
+        env=env_one_thread(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert f"{N_TRIALS} computed" in proc.stdout and "ray" in proc.stdout
@@ -124,7 +135,9 @@ def test_a_chunk_whose_workers_keep_dying_is_named(cluster: str, tmp_path: Path,
     marker = tmp_path / "deaths"
     marker.mkdir()
     monkeypatch.setattr(raypool, "ChunkWorker", dying_worker(marker, chunk.keys[0], times=5))
-    with pytest.raises(ChunkFailed, match=f"cell {chunk.cell.key[:12]}.*seed 0, resamples 0-1.*died 1 time .max_retries 0"):
+    with pytest.raises(
+        ChunkFailed, match=f"cell {chunk.cell.key[:12]}.*seed 0, resamples 0-1.*died 1 time .max_retries 0"
+    ):
         run_experiment(spec, tmp_path / "run", backend="ray", ray_options=RayOptions(max_retries=0))
     assert len(list(marker.iterdir())) == 1
     assert Store(tmp_path / "run").count()["trials"] == 0

@@ -19,12 +19,17 @@ def test_the_scripts_declare_no_test_family_or_verdict_rule(name):
     tree = ast.parse((SCRIPTS / name).read_text())
     defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     assigned = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
-    called = {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
-              for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    called = {
+        n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+    }
     assert not ({"verdict", "holm", "bh", "adjust_family"} & defined)
     assert not ({"NULLS", "PAIRS", "TEST_PAIRS"} & assigned)
-    assert not ({"holm", "verdict", "paired_bootstrap_diff", "permutation_test", "factor_effects", "ttest_rel",
-                 "ttest_ind"} & called)
+    assert not (
+        {"holm", "verdict", "paired_bootstrap_diff", "permutation_test", "factor_effects", "ttest_rel", "ttest_ind"}
+        & called
+    )
 
 
 @pytest.fixture()
@@ -41,8 +46,17 @@ def scripts(monkeypatch, tmp_path):
 def _run(root: Path, name: str, **spec) -> None:
     from iclit.experiments import parse_spec, run_experiment
 
-    base = {"name": name, "model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 4,
-            "queries_per_set": 2, "chunk_size": 2, "recipe": {"epochs": 1}, "equivalence_margin": 0.02}
+    base = {
+        "name": name,
+        "model": "tiny-random-llama",
+        "task": "sentiment",
+        "k": 2,
+        "resamples": 4,
+        "queries_per_set": 2,
+        "chunk_size": 2,
+        "recipe": {"epochs": 1},
+        "equivalence_margin": 0.02,
+    }
     run_experiment(parse_spec({**base, **spec}), root / name)
 
 

@@ -17,8 +17,18 @@ from exp_helpers import TINY_SPEC, run_tiny_spec
 from iclit.experiments import parse_spec, run_experiment
 from iclit.report import render_report, write_report
 
-CROSSED_SPEC = {"name": "crossed", "model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 4,
-                "queries_per_set": 4, "it_seeds": 2, "chunk_size": 2, "recipe": {"epochs": 2}, "factors": {"k": [1, 2]}}
+CROSSED_SPEC = {
+    "name": "crossed",
+    "model": "tiny-random-llama",
+    "task": "sentiment",
+    "k": 2,
+    "resamples": 4,
+    "queries_per_set": 4,
+    "it_seeds": 2,
+    "chunk_size": 2,
+    "recipe": {"epochs": 2},
+    "factors": {"k": [1, 2]},
+}
 """Two cells of 2 query blocks × 2 sets × 4 queries, two IT seeds: every null and the IT positive control."""
 
 
@@ -90,7 +100,7 @@ def screenshot_problems(path: Path, body: str, size: tuple[int, int] = (1200, 24
     x, y, w, h = (int(v) for v in box.groups())
     if w < 600 or h < 250:
         return [*problems, f"the headline figure is shown {w} × {h} px"]
-    shown = pixels[max(y, 0):y + h, max(x, 0):x + w]
+    shown = pixels[max(y, 0) : y + h, max(x, 0) : x + w]
     if shown.size == 0 or shown.std() < 0.05:
         problems.append("the headline figure is blank on screen")
     elif _coloured(shown) < 0.002:
@@ -116,14 +126,23 @@ def test_report_is_self_contained(run_dir: Path) -> None:
     assert len(images) == 4
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert "http://" not in text and "https://" not in text
-    for needle in ("Factor: k", "Factor: wrong_labels", "accuracy: icl", "anchor – IT", "Spec", "Versions",
-                   "transformers", "24 of 24 planned trials", "No nulls: the run has no crossed design"):
+    for needle in (
+        "Factor: k",
+        "Factor: wrong_labels",
+        "accuracy: icl",
+        "anchor – IT",
+        "Spec",
+        "Versions",
+        "transformers",
+        "24 of 24 planned trials",
+        "No nulls: the run has no crossed design",
+    ):
         assert needle in text, needle
     assert "model: tiny-random-llama" in text  # the spec
     # the figures first; the tables folded below
     assert "<img id=figure-main" not in text and figure_problems(text) == ["no image figure-main"]
     assert text.index("No nulls") < text.index("Factor: k") < text.index("<img ") < text.index("<details>")
-    assert "<table" not in text[:text.index("<details>")]
+    assert "<table" not in text[: text.index("<details>")]
     assert _over_three_digits(text) == []  # numbers: at most three significant digits
 
 
@@ -164,8 +183,15 @@ def _chromium() -> str | None:
 
 def _browser(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
         f"--user-data-dir={profile}",
     ]
     return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=120)
@@ -174,8 +200,9 @@ def _browser(binary: str, profile: Path, *args: str) -> subprocess.CompletedProc
 def _render_in_chromium(binary: str, page: Path, tmp_path: Path) -> tuple[str, Path]:
     """(the page's body tag after its script ran, a 1200 × 2400 screenshot)."""
     uri = page.resolve().as_uri()
-    dom = _browser(binary, tmp_path / "profile", "--window-size=1200,2400", "--virtual-time-budget=10000", "--dump-dom",
-                   uri)
+    dom = _browser(
+        binary, tmp_path / "profile", "--window-size=1200,2400", "--virtual-time-budget=10000", "--dump-dom", uri
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     body = re.search(r"<body[^>]*>", dom.stdout)
     assert body, dom.stdout[:500]
@@ -215,8 +242,7 @@ def test_the_figure_check_fails_on_an_empty_or_broken_figure(crossed_run, monkey
     from iclit.report import headline
 
     assert figure_problems(render_report(crossed_run)) == []
-    cases = {"blank": _png(1100, 700), "px": _png(40, 30, (30, 120, 200)), "decode": "aGVsbG8=",
-             "no image": None}
+    cases = {"blank": _png(1100, 700), "px": _png(40, 30, (30, 120, 200)), "decode": "aGVsbG8=", "no image": None}
     for expected, png in cases.items():
         if png is None:
             monkeypatch.setattr(headline, "headline_section", lambda run: None)
@@ -239,7 +265,7 @@ def test_the_headline_of_a_crossed_run(crossed_run) -> None:
     assert set(curves["view"]) == {"raw", "centred", "update"}
     assert {"anchor_icl", "anchor_it", "icl_it", "ceiling_it"} <= set(curves.loc[curves["view"] == "raw", "pair"])
     assert set(curves.loc[curves["view"] == "update", "pair"]) == {"update", "update_ceiling_it"}
-    assert set(nulls["null"]) == {"query_swap", "demo_swap"} 
+    assert set(nulls["null"]) == {"query_swap", "demo_swap"}
     finite = nulls.dropna(subset=["low", "high"])  # layer 0 (the embeddings) does not vary: no interval
     assert len(finite) and (finite["low"] <= finite["high"]).all()
     tests = crossed_run.tests
@@ -257,8 +283,12 @@ def test_the_headline_of_a_crossed_run(crossed_run) -> None:
     assert section["forest"] and section["more"] == 0
     summary = section["summary"]
     assert [r[1]["value"] for r in summary["rows"]] == ["ICL–IT, raw", "ICL–IT, anchor-centred", "update"] * 2
-    assert summary["head"][2:] == ["vs query-swap null", "vs demo-swap null", "positive control vs query-swap null",
-                                   "positive control vs demo-swap null"]
+    assert summary["head"][2:] == [
+        "vs query-swap null",
+        "vs demo-swap null",
+        "positive control vs query-swap null",
+        "positive control vs demo-swap null",
+    ]
     verdict = summary["rows"][0][3]
     assert verdict["kind"] == "verdict" and "p Holm" in verdict["detail"]
     html = render_report(crossed_run)
@@ -266,8 +296,8 @@ def test_the_headline_of_a_crossed_run(crossed_run) -> None:
     assert html.index("Verdicts at the last layer") < html.index("Factor: k") < html.index("<h2 id=nulls>")
     assert _over_three_digits(html) == []
     # p as "< 0.001": the effects' permutation p of k (1/10001)
-    effects = html[html.index("permutation p</th>"):]
-    assert "&lt; 0.001" in effects[:effects.index("</table>")]
+    effects = html[html.index("permutation p</th>") :]
+    assert "&lt; 0.001" in effects[: effects.index("</table>")]
 
 
 # --- analysis.factors on a hand-built RunData; the report's CKA from RunData.cka ---------
@@ -286,19 +316,53 @@ def _toy_run(design: str = "grid"):
         for seed in (0, 1):
             for r in range(3):
                 trial = f"{key}-{seed}-{r}"
-                outputs.append({**labels, "cell_key": key, "seed": seed, "resample": r, "trial_key": trial,
-                                "score_icl": float(r % 2), "score_it": 1.0, "score_name": "accuracy",
-                                "demo_similarity": None, "n_wrong": 0})
+                outputs.append(
+                    {
+                        **labels,
+                        "cell_key": key,
+                        "seed": seed,
+                        "resample": r,
+                        "trial_key": trial,
+                        "score_icl": float(r % 2),
+                        "score_it": 1.0,
+                        "score_name": "accuracy",
+                        "demo_similarity": None,
+                        "n_wrong": 0,
+                    }
+                )
                 for layer in range(3):
                     for pair in ("anchor_icl", "anchor_it", "icl_it"):
-                        frame.append({**labels, "cell_key": key, "seed": seed, "resample": r, "trial_key": trial,
-                                      "layer": layer, "pair": pair, "cosine": 0.5 + 0.1 * labels["k"] + 0.01 * layer})
+                        frame.append(
+                            {
+                                **labels,
+                                "cell_key": key,
+                                "seed": seed,
+                                "resample": r,
+                                "trial_key": trial,
+                                "layer": layer,
+                                "pair": pair,
+                                "cosine": 0.5 + 0.1 * labels["k"] + 0.01 * layer,
+                            }
+                        )
             for layer in range(3):
                 for pair in ("cka_icl_it", "cka_anchor_it"):
-                    cka.append({"cell_key": key, "seed": seed, "layer": layer, "pair": pair,
-                                "value": 0.1 * labels["k"] + 0.01 * seed + 0.001 * layer + (pair == "cka_anchor_it")})
-    plan = {"factors": {"k": [1, 2], "wrong_labels": [0.0, 1.0]}, "base": {"task": "sentiment", "k": 2, "wrong_labels": 0.0},
-            "design": design, "seeds": [0, 1], "resamples": 3, "n_trials": len(outputs)}
+                    cka.append(
+                        {
+                            "cell_key": key,
+                            "seed": seed,
+                            "layer": layer,
+                            "pair": pair,
+                            "value": 0.1 * labels["k"] + 0.01 * seed + 0.001 * layer + (pair == "cka_anchor_it"),
+                        }
+                    )
+    plan = {
+        "factors": {"k": [1, 2], "wrong_labels": [0.0, 1.0]},
+        "base": {"task": "sentiment", "k": 2, "wrong_labels": 0.0},
+        "design": design,
+        "seeds": [0, 1],
+        "resamples": 3,
+        "n_trials": len(outputs),
+    }
     return RunData(Path("toy"), None, plan, pd.DataFrame(frame), pd.DataFrame(outputs), pd.DataFrame(cka))
 
 
@@ -369,12 +433,21 @@ def test_report_shows_the_cka_of_run_data_and_escapes_text(run_dir: Path) -> Non
     latest = {**run.latest, "spec_yaml": yaml.safe_dump(spec, sort_keys=False)}
     layers = sorted(run.frame["layer"].unique())
     cells = run.outputs[["cell_key", "seed"]].drop_duplicates()
-    cka = pd.DataFrame([{"cell_key": c, "seed": s, "layer": l, "pair": "cka_icl_it", "value": 0.25 + 0.5 * (l == layers[-1])}
-                        for c, s in cells.itertuples(index=False) for l in layers])
+    cka = pd.DataFrame(
+        [
+            {"cell_key": c, "seed": s, "layer": l, "pair": "cka_icl_it", "value": 0.25 + 0.5 * (l == layers[-1])}
+            for c, s in cells.itertuples(index=False)
+            for l in layers
+        ]
+    )
     text = render_report(dataclasses.replace(run, latest=latest, cka=cka))
     assert "&lt;b&gt;not bold&lt;/b&gt; &amp; co" in text and "<b>not bold</b>" not in text
-    for needle in ("Baselines by k", "Baselines by wrong_labels", "linear CKA ICL vs IT across a cell&#39;s queries (last layer)",
-                   "0.750 <span class=ci>[0.750, 0.750]</span>"):
+    for needle in (
+        "Baselines by k",
+        "Baselines by wrong_labels",
+        "linear CKA ICL vs IT across a cell&#39;s queries (last layer)",
+        "0.750 <span class=ci>[0.750, 0.750]</span>",
+    ):
         assert needle in text, needle
     assert text.count("<img ") == 4  # CKA has no per-layer figure: tables only
     empty = render_report(dataclasses.replace(run, cka=run.cka.iloc[:0]))
@@ -389,21 +462,70 @@ def test_headline_figures_draw_what_a_run_can_lack() -> None:
     from iclit.report.headline import forest_figure, overview_figure
 
     layers = range(5)
-    curves = pd.DataFrame([{"row": 0, "view": "raw", "pair": p, "layer": l, "mean": 1 - 0.01 * l * (i + 1),
-                            "ci_low": np.nan, "ci_high": np.nan}
-                           for i, p in enumerate(("anchor_icl", "anchor_it", "icl_it")) for l in layers])
-    nulls = pd.DataFrame([{"row": 0, "view": "raw", "null": "query_swap", "layer": l, "mean": 0.9, "low": 0.85,
-                           "high": 0.95} for l in layers])
+    curves = pd.DataFrame(
+        [
+            {
+                "row": 0,
+                "view": "raw",
+                "pair": p,
+                "layer": l,
+                "mean": 1 - 0.01 * l * (i + 1),
+                "ci_low": np.nan,
+                "ci_high": np.nan,
+            }
+            for i, p in enumerate(("anchor_icl", "anchor_it", "icl_it"))
+            for l in layers
+        ]
+    )
+    nulls = pd.DataFrame(
+        [
+            {"row": 0, "view": "raw", "null": "query_swap", "layer": l, "mean": 0.9, "low": 0.85, "high": 0.95}
+            for l in layers
+        ]
+    )
     png = overview_figure(curves, nulls, ["all trials"], "toy")
     assert figure_problems(f"<img id=figure-main alt='' src='data:image/png;base64,{png}'>") == []
     nan = float("nan")
-    forest = pd.DataFrame([
-        {"block": "raw", "label": "ICL–IT", "pair": "icl_it", "role": "test", "null": "query_swap", "diff": 0.02,
-         "ci_low": -0.01, "ci_high": 0.05, "margin": 0.03, "verdict": "inconclusive"},
-        {"block": "raw", "label": "ICL–IT", "pair": "icl_it", "role": "test", "null": "demo_swap", "diff": nan,
-         "ci_low": nan, "ci_high": nan, "margin": nan, "verdict": "undefined"},
-        {"block": "update", "label": "update IT–IT′ (control)", "pair": "update_ceiling_it", "role": "control",
-         "null": "demo_swap", "diff": 0.4, "ci_low": nan, "ci_high": nan, "margin": nan, "verdict": "undefined"}])
+    forest = pd.DataFrame(
+        [
+            {
+                "block": "raw",
+                "label": "ICL–IT",
+                "pair": "icl_it",
+                "role": "test",
+                "null": "query_swap",
+                "diff": 0.02,
+                "ci_low": -0.01,
+                "ci_high": 0.05,
+                "margin": 0.03,
+                "verdict": "inconclusive",
+            },
+            {
+                "block": "raw",
+                "label": "ICL–IT",
+                "pair": "icl_it",
+                "role": "test",
+                "null": "demo_swap",
+                "diff": nan,
+                "ci_low": nan,
+                "ci_high": nan,
+                "margin": nan,
+                "verdict": "undefined",
+            },
+            {
+                "block": "update",
+                "label": "update IT–IT′ (control)",
+                "pair": "update_ceiling_it",
+                "role": "control",
+                "null": "demo_swap",
+                "diff": 0.4,
+                "ci_low": nan,
+                "ci_high": nan,
+                "margin": nan,
+                "verdict": "undefined",
+            },
+        ]
+    )
     png = forest_figure(forest, "toy forest")
     shown = f"<img id=figure-forest alt='' src='data:image/png;base64,{png}'>"
     assert figure_problems(shown, "figure-forest", coloured=0.0002) == []  # three marks: few coloured pixels

@@ -41,8 +41,9 @@ def fresh_registry():
 LICENCE = "  1 This software and database is being provided to you, the LICENSEE, by\n  2 Princeton University\n"
 
 
-def write_wordnet(directory: Path, synsets: list[tuple[list[str], list[tuple[int, int, int]]]],
-                  tags: dict[str, int]) -> Path:
+def write_wordnet(
+    directory: Path, synsets: list[tuple[list[str], list[tuple[int, int, int]]]], tags: dict[str, int]
+) -> Path:
     """data.adj (with true byte offsets) and index.adj for ``synsets``: (words, antonym
     pointers (source word, target synset number, target word)), and the other index files."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -57,9 +58,13 @@ def write_wordnet(directory: Path, synsets: list[tuple[list[str], list[tuple[int
     (directory / "data.adj").write_text(LICENCE + "".join(lines), encoding="utf-8")
     index = []
     for lemma in sorted(tags):
-        senses = [offsets[i] for i, (w, _) in enumerate(synsets) if lemma in [re.sub(r"\(.*\)$", "", x).lower() for x in w]]
+        senses = [
+            offsets[i] for i, (w, _) in enumerate(synsets) if lemma in [re.sub(r"\(.*\)$", "", x).lower() for x in w]
+        ]
         senses = senses or [offsets[0]]
-        index.append(f"{lemma} a {len(senses)} 1 ! {len(senses)} {tags[lemma]} " + " ".join(f"{o:08d}" for o in senses) + "  \n")
+        index.append(
+            f"{lemma} a {len(senses)} 1 ! {len(senses)} {tags[lemma]} " + " ".join(f"{o:08d}" for o in senses) + "  \n"
+        )
     (directory / "index.adj").write_text(LICENCE + "".join(index), encoding="utf-8")
     for other in ("noun", "verb", "adv"):
         (directory / f"index.{other}").write_text(LICENCE, encoding="utf-8")
@@ -69,7 +74,7 @@ def write_wordnet(directory: Path, synsets: list[tuple[list[str], list[tuple[int
 def _data_line(offset: int, words: list[str], ptrs: list[tuple[int, int, int]], offsets: list[int]) -> str:
     body = " ".join(f"{w} 0" for w in words)
     ptr = " ".join(f"! {offsets[t]:08d} a {s:02x}{w:02x}" for s, t, w in ptrs)
-    return f"{offset:08d} 00 a {len(words):02x} {body} {len(ptrs):03d} {ptr} | a gloss; \"an example\"  \n"
+    return f'{offset:08d} 00 a {len(words):02x} {body} {len(ptrs):03d} {ptr} | a gloss; "an example"  \n'
 
 
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -103,17 +108,41 @@ def write_freedict(directory: Path, entries: list[tuple[str, str]]) -> Path:
 # 8 Alpha / 9 omega; 10 able(a) / 11 unable; 12 obscure / 13 patent (rare: obscure untagged);
 # 14 wide+broad / 15 narrow (the antonym pointer is from "wide" only)
 FAKE_SYNSETS = [
-    (["hot"], [(1, 1, 1)]), (["cold"], [(1, 0, 1)]),
-    (["good"], [(1, 3, 1)]), (["bad"], [(1, 2, 1)]),
-    (["good"], [(1, 5, 1)]), (["evil"], [(1, 4, 1)]),
-    (["well_known"], [(1, 7, 1)]), (["unknown"], [(1, 6, 1)]),
-    (["Alpha"], [(1, 9, 1)]), (["omega"], [(1, 8, 1)]),
-    (["able(p)"], [(1, 11, 1)]), (["unable"], [(1, 10, 1)]),
-    (["obscure"], [(1, 13, 1)]), (["patent"], [(1, 12, 1)]),
-    (["wide", "broad"], [(1, 15, 1)]), (["narrow"], [(1, 14, 1)]),
+    (["hot"], [(1, 1, 1)]),
+    (["cold"], [(1, 0, 1)]),
+    (["good"], [(1, 3, 1)]),
+    (["bad"], [(1, 2, 1)]),
+    (["good"], [(1, 5, 1)]),
+    (["evil"], [(1, 4, 1)]),
+    (["well_known"], [(1, 7, 1)]),
+    (["unknown"], [(1, 6, 1)]),
+    (["Alpha"], [(1, 9, 1)]),
+    (["omega"], [(1, 8, 1)]),
+    (["able(p)"], [(1, 11, 1)]),
+    (["unable"], [(1, 10, 1)]),
+    (["obscure"], [(1, 13, 1)]),
+    (["patent"], [(1, 12, 1)]),
+    (["wide", "broad"], [(1, 15, 1)]),
+    (["narrow"], [(1, 14, 1)]),
 ]
-FAKE_TAGS = {"hot": 7, "cold": 3, "good": 14, "bad": 9, "evil": 1, "well_known": 2, "unknown": 2, "alpha": 1,
-             "omega": 1, "able": 3, "unable": 2, "obscure": 0, "patent": 1, "wide": 2, "broad": 3, "narrow": 4}
+FAKE_TAGS = {
+    "hot": 7,
+    "cold": 3,
+    "good": 14,
+    "bad": 9,
+    "evil": 1,
+    "well_known": 2,
+    "unknown": 2,
+    "alpha": 1,
+    "omega": 1,
+    "able": 3,
+    "unable": 2,
+    "obscure": 0,
+    "patent": 1,
+    "wide": 2,
+    "broad": 3,
+    "narrow": 4,
+}
 
 
 def test_antonym_parser_and_filters(tmp_path):
@@ -148,9 +177,12 @@ def test_bad_wordnet_line_names_file_and_line(tmp_path):
 
 FAKE_DICT = [
     ("apple", "apple\njablko\n"),
-    ("dog", "dog <n>\npes\n"), ("dog", "dog <v>\npronásledovat\n"),  # two translations
-    ("tree", "tree <n>\nstrom\n"), ("tree", "tree\nstrom\n"),  # the same one twice: kept
-    ("sun", "Sun <n>\nSlunce\n"), ("sun", "sun <n>\nslunce\n"),  # a capitalised homograph
+    ("dog", "dog <n>\npes\n"),
+    ("dog", "dog <v>\npronásledovat\n"),  # two translations
+    ("tree", "tree <n>\nstrom\n"),
+    ("tree", "tree\nstrom\n"),  # the same one twice: kept
+    ("sun", "Sun <n>\nSlunce\n"),
+    ("sun", "sun <n>\nslunce\n"),  # a capitalised homograph
     ("book", "book\nkniha\n         Note: a note\n"),  # a note is no translation
     ("house", "house\n [hud] house (styl hudby)\n\n"),  # a domain label, not one word
     ("hotel", "hotel <n>\nhotel\n"),  # spelt alike
@@ -194,8 +226,10 @@ def test_translation_words_task_from_configured_directories(tmp_path, monkeypatc
 
 def test_missing_wordnet_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setenv("ICLIT_WORDNET_DIR", str(tmp_path))
-    expected = (f"task 'antonyms' needs the Debian package wordnet-base (apt-get install wordnet-base); "
-                f"{tmp_path / 'data.adj'} not found")
+    expected = (
+        f"task 'antonyms' needs the Debian package wordnet-base (apt-get install wordnet-base); "
+        f"{tmp_path / 'data.adj'} not found"
+    )
     with pytest.raises(MissingResourceError) as info:
         get_task("antonyms")
     assert str(info.value) == expected and isinstance(info.value, TaskDataError)
@@ -204,8 +238,11 @@ def test_missing_wordnet_names_the_package(tmp_path, monkeypatch):
 
 def test_missing_freedict_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setenv("ICLIT_FREEDICT_DIR", str(tmp_path))
-    with pytest.raises(MissingResourceError, match=r"task 'translation-en-cs-words' needs the Debian package "
-                       r"dict-freedict-eng-ces \(apt-get install dict-freedict-eng-ces\); .*freedict-eng-ces\.index not found"):
+    with pytest.raises(
+        MissingResourceError,
+        match=r"task 'translation-en-cs-words' needs the Debian package "
+        r"dict-freedict-eng-ces \(apt-get install dict-freedict-eng-ces\); .*freedict-eng-ces\.index not found",
+    ):
         get_task("translation-en-cs-words")
     # FreeDict there, WordNet (the frequency filter) not: the error names wordnet-base
     monkeypatch.setenv("ICLIT_FREEDICT_DIR", str(write_freedict(tmp_path / "fd", FAKE_DICT)))
@@ -257,8 +294,9 @@ def test_real_wordnet_antonyms():
     assert get_task("antonyms") is task  # built once
 
 
-@pytest.mark.skipif(not (REAL_FREEDICT and REAL_WORDNET),
-                    reason="needs dict-freedict-eng-ces and wordnet-base (apt-get install …)")
+@pytest.mark.skipif(
+    not (REAL_FREEDICT and REAL_WORDNET), reason="needs dict-freedict-eng-ces and wordnet-base (apt-get install …)"
+)
 def test_real_freedict_words():
     task = get_task("translation-en-cs-words")
     assert 1000 <= len(task) <= 6000  # 3871 with dict-freedict-eng-ces 2022.04.21 and WordNet 3.0
@@ -275,8 +313,10 @@ def test_real_freedict_words():
 def test_addition_is_deterministic_and_correct():
     task = get_task("addition")
     assert len(task) == 400 and task.metric == "exact"
-    assert [(e.id, e.input, e.output) for e in task.examples[:2]] == [("add-0001", "58 + 15", "73"),
-                                                                        ("add-0002", "33 + 81", "114")]
+    assert [(e.id, e.input, e.output) for e in task.examples[:2]] == [
+        ("add-0001", "58 + 15", "73"),
+        ("add-0002", "33 + 81", "114"),
+    ]
     seen = set()
     for e in task.examples:
         a, b = map(int, e.input.split(" + "))

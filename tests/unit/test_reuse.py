@@ -26,8 +26,10 @@ def _spec(d: dict, **changes):
 def _trial_rows(out: Path, keys=None) -> dict[str, tuple]:
     con = sqlite3.connect(out / "results.sqlite")
     try:
-        rows = con.execute("SELECT trial_key, cell_key, seed, resample, query_id, n_layers, demo_similarity, n_wrong, "
-                           "scores_json, outputs_json, seconds, written FROM trials").fetchall()
+        rows = con.execute(
+            "SELECT trial_key, cell_key, seed, resample, query_id, n_layers, demo_similarity, n_wrong, "
+            "scores_json, outputs_json, seconds, written FROM trials"
+        ).fetchall()
     finally:
         con.close()
     return {r[0]: r for r in rows if keys is None or r[0] in keys}
@@ -121,8 +123,7 @@ def test_only_whole_chunks_are_reused(tmp_path: Path) -> None:
     assert (part.reused, part.chunks_reused, part.computed) == (4, 1, 2)
 
     # several sources: tried in order, each chunk from the one that holds it whole
-    both = run_experiment(_spec(BASE, resamples=8, chunk_size=4), tmp_path / "both",
-                          reuse=[short, tmp_path / "long"])
+    both = run_experiment(_spec(BASE, resamples=8, chunk_size=4), tmp_path / "both", reuse=[short, tmp_path / "long"])
     assert (both.reused, both.computed) == (8, 0)
     assert both.reused_from == {str(short): 4, str(tmp_path / "long"): 4}
 
@@ -157,8 +158,20 @@ def test_cli_reuse(base_run: Path, tmp_path: Path) -> None:
     assert f"reuse source {tmp_path / 'nowhere'}: does not exist" in " ".join(r.output.split())
     assert not out.exists()
 
-    r = cli.invoke(app, ["run", str(spec), "--out", str(out), "--no-progress", "--reuse", str(base_run),
-                         "--reuse", str(tmp_path / "nowhere")])
+    r = cli.invoke(
+        app,
+        [
+            "run",
+            str(spec),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--reuse",
+            str(base_run),
+            "--reuse",
+            str(tmp_path / "nowhere"),
+        ],
+    )
     assert r.exit_code == 2 and not out.exists()
 
     r = cli.invoke(app, ["run", str(spec), "--out", str(out), "--no-progress", "--reuse", str(base_run)])

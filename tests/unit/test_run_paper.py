@@ -10,8 +10,15 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "run_paper.py"
-BASE = {"model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 4, "queries_per_set": 4,
-        "chunk_size": 2, "recipe": {"epochs": 2}}
+BASE = {
+    "model": "tiny-random-llama",
+    "task": "sentiment",
+    "k": 2,
+    "resamples": 4,
+    "queries_per_set": 4,
+    "chunk_size": 2,
+    "recipe": {"epochs": 2},
+}
 
 
 def _suite(tmp_path, monkeypatch):
@@ -24,8 +31,9 @@ def _suite(tmp_path, monkeypatch):
     configs = tmp_path / "configs" / "paper"
     configs.mkdir(parents=True)
     (configs / "main.yaml").write_text(yaml.safe_dump({"name": "t-main", **BASE}))
-    (configs / "wrong_labels.yaml").write_text(yaml.safe_dump({"name": "t-wl", **BASE,
-                                                               "factors": {"wrong_labels": [0.0, 1.0]}}))
+    (configs / "wrong_labels.yaml").write_text(
+        yaml.safe_dump({"name": "t-wl", **BASE, "factors": {"wrong_labels": [0.0, 1.0]}})
+    )
     monkeypatch.setattr(run_paper, "ROOT", tmp_path)
     return run_paper
 
@@ -38,7 +46,9 @@ def test_the_suite_reuses_cells_with_their_tables(tmp_path, monkeypatch):
 
     analysed = []
     real = cells._one_cell
-    monkeypatch.setattr(cells, "_one_cell", lambda run_dir, cell, *a, **k: analysed.append(cell) or real(run_dir, cell, *a, **k))
+    monkeypatch.setattr(
+        cells, "_one_cell", lambda run_dir, cell, *a, **k: analysed.append(cell) or real(run_dir, cell, *a, **k)
+    )
     from iclit.experiments import workers
 
     loads = len(workers._LOADS)
@@ -61,8 +71,11 @@ def test_the_suite_reuses_cells_with_their_tables(tmp_path, monkeypatch):
 def test_release_models_keeps_only_what_later_specs_read(monkeypatch):
     from iclit.experiments import workers
 
-    monkeypatch.setattr(workers, "_MODELS", {("a", None, None): object(), ("b", "cpu", None): object(),
-                                             ("b", None, "bfloat16"): object()})
+    monkeypatch.setattr(
+        workers,
+        "_MODELS",
+        {("a", None, None): object(), ("b", "cpu", None): object(), ("b", None, "bfloat16"): object()},
+    )
     assert workers.release_models({"b"}) == ["a"]
     assert set(workers._MODELS) == {("b", "cpu", None), ("b", None, "bfloat16")}
     assert sorted(workers.release_models(set())) == ["b", "b"] and not workers._MODELS
@@ -85,5 +98,7 @@ def test_a_suite_stopped_early_keeps_the_times_of_its_finished_specs(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         run_paper.main()
     log = json.loads((out / "suite.json").read_text())
-    assert list(log["specs"]) == ["main"] and log["specs"]["main"]["computed"] == 16 and "finished" in log["specs"]["main"]
+    assert (
+        list(log["specs"]) == ["main"] and log["specs"]["main"]["computed"] == 16 and "finished" in log["specs"]["main"]
+    )
     assert "invocations" not in log  # the invocation itself did not finish

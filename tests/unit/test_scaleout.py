@@ -16,7 +16,15 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, env_one_thread, iclit_cmd, run_tiny_spec, write_spec
+from exp_helpers import (
+    TINY_SPEC,
+    assert_same_numbers,
+    check_store,
+    env_one_thread,
+    iclit_cmd,
+    run_tiny_spec,
+    write_spec,
+)
 from iclit.rundir import Store
 from iclit.experiments import make_plan, parse_spec, run_experiment
 from iclit.experiments.cost import chunk_cost, describe_cost, plan_cost
@@ -115,8 +123,9 @@ def test_results_fold_unmerged_shards_in(reference: Path, tmp_path: Path) -> Non
     out = tmp_path / "run"
     from iclit.cli import app
 
-    r = CliRunner().invoke(app, ["run", str(write_spec(tmp_path / "tiny.yaml")), "--out", str(out), "--shard", "0/2",
-                                 "--no-progress"])
+    r = CliRunner().invoke(
+        app, ["run", str(write_spec(tmp_path / "tiny.yaml")), "--out", str(out), "--shard", "0/2", "--no-progress"]
+    )
     assert r.exit_code == 0 and "shards/0-of-2: 12 trials planned" in " ".join(r.output.split()), r.output
     run_experiment(spec, out, shard=(1, 2))
 
@@ -161,14 +170,22 @@ def test_a_second_writer_is_refused_naming_the_holder(reference: Path, tmp_path:
     `iclit run` resumed by another: tests/unit/test_runner.py.)"""
     spec = write_spec(tmp_path / "tiny.yaml")
     out = tmp_path / "run"
-    hold = ("import sys, time\nfrom iclit.experiments.lock import RunLock\nRunLock.acquire(sys.argv[1])\n"
-            "print('held', flush=True)\ntime.sleep(300)")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], env=env_one_thread(), stdout=subprocess.PIPE,
-                              text=True)
+    hold = (
+        "import sys, time\nfrom iclit.experiments.lock import RunLock\nRunLock.acquire(sys.argv[1])\n"
+        "print('held', flush=True)\ntime.sleep(300)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(out)], env=env_one_thread(), stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        second = subprocess.run(iclit_cmd("run", str(spec), "--out", str(out), "--no-progress"),
-                                env=env_one_thread(), capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            iclit_cmd("run", str(spec), "--out", str(out), "--no-progress"),
+            env=env_one_thread(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert second.returncode == 2, second.stderr
         assert f"pid {holder.pid}" in second.stderr and socket.gethostname() in second.stderr
         assert "being written by another iclit process" in second.stderr and "Traceback" not in second.stderr
@@ -244,8 +261,12 @@ def test_plan_cost_from_shapes_and_stored_timings(reference: Path) -> None:
 def test_check_states_the_cost_of_a_large_grid(tmp_path: Path) -> None:
     from iclit.cli import app
 
-    spec = write_spec(tmp_path / "big.yaml", resamples=4, chunk_size=4,
-                      factors={"k": list(range(1, 41)), "wrong_labels": [i / 25 for i in range(26)]})
+    spec = write_spec(
+        tmp_path / "big.yaml",
+        resamples=4,
+        chunk_size=4,
+        factors={"k": list(range(1, 41)), "wrong_labels": [i / 25 for i in range(26)]},
+    )
     r = CliRunner().invoke(app, ["run", str(spec), "--out", str(tmp_path / "run"), "--check"])
     assert r.exit_code == 0, r.output
     assert "1040 cells" in r.output and "4160 IT adapters to train" in r.output and "estimated time" in r.output
@@ -285,7 +306,11 @@ def test_cost_counts_the_arms_the_engine_runs() -> None:
     from iclit.engine.evaluate import run_arms
     from iclit.experiments.cost import arms_run
 
-    for arms in (("anchor", "icl", "it"), ("anchor", "icl", "it", "it_seed2"), ("anchor", "icl", "it", "icl_reordered")):
+    for arms in (
+        ("anchor", "icl", "it"),
+        ("anchor", "icl", "it", "it_seed2"),
+        ("anchor", "icl", "it", "icl_reordered"),
+    ):
         for baselines in ((), ("noise_ceiling",), ("noise_ceiling", "centered")):
             for seeds in (1, 2, 3):
                 assert arms_run(arms, baselines, seeds) == run_arms(arms, baselines, seeds)

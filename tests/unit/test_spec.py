@@ -60,7 +60,10 @@ chunk_size: 4
     assert spec.seeds == (7,)
     assert spec.recipe == TuningRecipe(rank=4, alpha=8.0, targets=("q_proj",), lr=0.002, epochs=2)
     assert spec.factors["demo_task"] == (None, "translation-en-cs")
-    assert spec.resolve_recipe("full") == ("full", TuningRecipe(method="full", rank=4, alpha=8.0, targets=("q_proj",), lr=0.002, epochs=1))
+    assert spec.resolve_recipe("full") == (
+        "full",
+        TuningRecipe(method="full", rank=4, alpha=8.0, targets=("q_proj",), lr=0.002, epochs=1),
+    )
     label, recipe = spec.resolve_recipe({"epochs": 4})
     assert label == "epochs=4" and recipe.epochs == 4 and recipe.rank == 4
     again = parse_spec(yaml.safe_load(spec.to_yaml()))
@@ -202,9 +205,19 @@ def test_trial_keys_are_stable_and_cover_what_matters() -> None:
     # more resamples: the first ones keep their keys
     more = make_plan(tiny(resamples=8))
     assert base < set(more.trial_keys())
-    for change in ({"recipe": {"epochs": 4}}, {"template": "qa"}, {"instruction": False}, {"seeds": [1]},
-                   {"chunk_size": 3}, {"sampler": "random"}, {"demo_task": "translation-en-cs"},
-                   {"batch_size": 8}, {"max_new_tokens": 8}, {"similarity": "most"}, {"fast": False}):
+    for change in (
+        {"recipe": {"epochs": 4}},
+        {"template": "qa"},
+        {"instruction": False},
+        {"seeds": [1]},
+        {"chunk_size": 3},
+        {"sampler": "random"},
+        {"demo_task": "translation-en-cs"},
+        {"batch_size": 8},
+        {"max_new_tokens": 8},
+        {"similarity": "most"},
+        {"fast": False},
+    ):
         other = set(make_plan(tiny(**change)).trial_keys())
         assert not (other & base), change
 
@@ -230,7 +243,16 @@ def test_the_documented_example_spec_parses() -> None:
 
     block = module.__doc__.split("::\n\n", 1)[1].split("\n\nWith ")[0]
     spec = loads_spec(textwrap.dedent(block), check_resources=False)
-    assert set(spec.factors) == {"k", "similarity", "wrong_labels", "demo_task", "template", "instruction", "model", "recipe"}
+    assert set(spec.factors) == {
+        "k",
+        "similarity",
+        "wrong_labels",
+        "demo_task",
+        "template",
+        "instruction",
+        "model",
+        "recipe",
+    }
     assert spec.resolve_recipe("full")[1].method == "full"
 
 
@@ -271,11 +293,15 @@ factors:
     assert parse_spec(yaml.safe_load(spec.to_yaml())) == spec
     plan = make_plan(spec)
     with_instruction, without = plan.cells
-    flags = get_task(path, input_field="text", output_field="label", kind="classification",
-                     verbalizer={0: "negative", 1: "positive"})  # what `iclit compare --input-field …` loads
+    flags = get_task(
+        path, input_field="text", output_field="label", kind="classification", verbalizer={0: "negative", 1: "positive"}
+    )  # what `iclit compare --input-field …` loads
     assert [e.output for e in with_instruction.task.examples] == [e.output for e in flags.examples]
     assert with_instruction.task.template.instruction == "Is the review positive or negative?"
-    assert with_instruction.task.template.demo_sep == "\n---\n" and with_instruction.task.template.input_prefix == "Review: "
+    assert (
+        with_instruction.task.template.demo_sep == "\n---\n"
+        and with_instruction.task.template.input_prefix == "Review: "
+    )
     assert without.task.template.instruction is None and without.task.template.output_prefix == "Sentiment:"
     assert with_instruction.settings["task_options"] == spec.task_options.to_dict()
     # the options are part of the keys; a spec without them has no such setting
@@ -287,12 +313,21 @@ factors:
 def test_task_options_problems(tmp_path: Path) -> None:
     path = _reviews(tmp_path)
     found = problems("model: tiny-random-llama\ntask: sentiment\ntask_options:\n  input_field: text\n")
-    assert found[0].startswith("task_options: task 'sentiment' is built in; loader options ['input_field'] apply only to files")
-    found = problems(f"model: tiny-random-llama\ntask: {path}\ntask_options:\n  input_field: body\n  colour: red\n"
-                     "  kind: ranking\n  template: {prefix: x, instruction: 3}\n")
+    assert found[0].startswith(
+        "task_options: task 'sentiment' is built in; loader options ['input_field'] apply only to files"
+    )
+    found = problems(
+        f"model: tiny-random-llama\ntask: {path}\ntask_options:\n  input_field: body\n  colour: red\n"
+        "  kind: ranking\n  template: {prefix: x, instruction: 3}\n"
+    )
     assert any(f.startswith("task_options.colour: unknown task option") for f in found)
     assert "task_options.kind: must be one of classification, generation, not 'ranking' (line 6)" in found
-    assert any(f.startswith("task_options.template.prefix: unknown template field (fields: instruction, input_prefix") for f in found)
+    assert any(
+        f.startswith("task_options.template.prefix: unknown template field (fields: instruction, input_prefix")
+        for f in found
+    )
     assert "task_options.template.instruction: must be a string or null, not 3 (line 7)" in found
-    found = problems(f"model: tiny-random-llama\ntask: {path}\ntask_options: {{input_field: body, output_field: label}}\n")
+    found = problems(
+        f"model: tiny-random-llama\ntask: {path}\ntask_options: {{input_field: body, output_field: label}}\n"
+    )
     assert found[0].startswith("task: ") and "header has no column 'body'" in found[0]

@@ -16,8 +16,16 @@ import yaml
 from typer.testing import CliRunner
 
 from exp_helpers import REPO, TINY_SPEC
-from iclit.experiments.spec import (ARM_NAMES, BASELINE_NAMES, SAMPLER_NAMES, ExperimentSpec, SpecError, TemplateFields,
-                                    loads_spec, parse_spec)
+from iclit.experiments.spec import (
+    ARM_NAMES,
+    BASELINE_NAMES,
+    SAMPLER_NAMES,
+    ExperimentSpec,
+    SpecError,
+    TemplateFields,
+    loads_spec,
+    parse_spec,
+)
 from iclit.experiments.spec.docs import BEGIN, END, keys_markdown, spec_schema, with_keys
 from iclit.tuning import TuningRecipe
 from iclit.tuning.recipe import RecipeError
@@ -62,8 +70,13 @@ print("torch-free")
 def test_reading_specs_and_the_cli_import_no_torch(tmp_path: Path) -> None:
     """Every config loads (resources checked), `iclit --help`, `spec-schema` and `run --check`
     run, and neither torch nor transformers is imported."""
-    out = subprocess.run([sys.executable, "-c", _TORCH_FREE, str(tmp_path / "run")], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _TORCH_FREE, str(tmp_path / "run")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "torch-free" in out.stdout
     assert not (tmp_path / "run").exists()
@@ -76,8 +89,15 @@ def test_every_config_is_valid_under_the_json_schema(path: Path) -> None:
 
 def test_the_json_schema_rejects_what_the_models_reject() -> None:
     schema = spec_schema()
-    for bad in ({"k": -1}, {"extra": 1}, {"recipe": {"method": "qlora"}}, {"factors": {"colour": ["red"]}},
-                {"factors": {"k": []}}, {"task_options": {"template": {"prefix": "x"}}}, {"baselines": ["centred"]}):
+    for bad in (
+        {"k": -1},
+        {"extra": 1},
+        {"recipe": {"method": "qlora"}},
+        {"factors": {"colour": ["red"]}},
+        {"factors": {"k": []}},
+        {"task_options": {"template": {"prefix": "x"}}},
+        {"baselines": ["centred"]},
+    ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
         with pytest.raises(SpecError):
@@ -93,7 +113,10 @@ def spec_schema_examples() -> list:
     import iclit.experiments.spec as module
 
     blocks = module.__doc__.split("::\n\n")[1:3]
-    return [yaml.safe_load(textwrap.dedent(b.split("\n\n")[0] if i else b.split("\n\nWith ")[0])) for i, b in enumerate(blocks)]
+    return [
+        yaml.safe_load(textwrap.dedent(b.split("\n\n")[0] if i else b.split("\n\nWith ")[0]))
+        for i, b in enumerate(blocks)
+    ]
 
 
 def test_cli_prints_the_schema_and_the_keys() -> None:
@@ -109,7 +132,9 @@ def test_cli_prints_the_schema_and_the_keys() -> None:
 def test_the_readme_documents_every_key() -> None:
     readme = (REPO / "configs" / "README.md").read_text(encoding="utf-8")
     assert BEGIN in readme and END in readme
-    assert with_keys(readme) == readme, "configs/README.md is stale: regenerate its keys with `iclit spec-schema --markdown`"
+    assert with_keys(readme) == readme, (
+        "configs/README.md is stale: regenerate its keys with `iclit spec-schema --markdown`"
+    )
     for key in ExperimentSpec.model_fields:
         assert f"| `{key}` |" in readme, key
     for key in (f.name for f in dataclasses.fields(TuningRecipe)):
@@ -132,7 +157,11 @@ def test_recipe_is_a_validating_dataclass() -> None:
     r = TuningRecipe(alpha=8, targets="q_proj", capture_steps=[4, 1])
     assert r.alpha == 8.0 and r.targets == ("q_proj",) and r.capture_steps == (1, 4)
     assert TuningRecipe.rank == 8 and TuningRecipe.epochs == 12  # class defaults, as `iclit compare --help` shows them
-    assert dataclasses.replace(r, capture_steps=()) == r.replace(capture_steps=()) == TuningRecipe(alpha=8, targets=("q_proj",))
+    assert (
+        dataclasses.replace(r, capture_steps=())
+        == r.replace(capture_steps=())
+        == TuningRecipe(alpha=8, targets=("q_proj",))
+    )
     assert [f.name for f in dataclasses.fields(TuningRecipe)][:3] == ["method", "rank", "alpha"]
     assert dataclasses.asdict(r)["targets"] == ("q_proj",)
     with pytest.raises(RecipeError, match="tuning epochs must be >= 1, not 0"):
@@ -145,7 +174,9 @@ def test_recipe_is_a_validating_dataclass() -> None:
 
 
 def test_recipe_factor_values_resolve_once() -> None:
-    spec = parse_spec({**TINY_SPEC, "recipes": {"full": {"method": "full"}}, "factors": {"recipe": ["base", "full", {"epochs": 5}]}})
+    spec = parse_spec(
+        {**TINY_SPEC, "recipes": {"full": {"method": "full"}}, "factors": {"recipe": ["base", "full", {"epochs": 5}]}}
+    )
     labels = [label for label, _ in spec.resolved_recipes]
     assert labels == ["base", "full", "epochs=5"]
     for value, (label, recipe) in zip(spec.factors["recipe"], spec.resolved_recipes):
@@ -161,8 +192,10 @@ def test_python_construction_raises_spec_error_with_paths() -> None:
     with pytest.raises(SpecError) as info:
         ExperimentSpec(k=-1, factors={"k": (1, -1)}, recipe={"rank": 0})
     assert [str(p) for p in info.value.problems] == [
-        "k: must be an integer >= 0, not -1", "recipe.rank: must be a positive integer, not 0",
-        "factors.k[1]: must be an integer >= 0, not -1"]
+        "k: must be an integer >= 0, not -1",
+        "recipe.rank: must be a positive integer, not 0",
+        "factors.k[1]: must be an integer >= 0, not -1",
+    ]
     spec = ExperimentSpec(model="tiny-random-llama")
     assert spec.replace(k=2).k == 2
     with pytest.raises(SpecError, match="resamples: must be a positive integer"):
@@ -170,10 +203,16 @@ def test_python_construction_raises_spec_error_with_paths() -> None:
 
 
 def test_cross_key_problems_come_with_the_others() -> None:
-    found = [str(p) for p in pytest.raises(SpecError, loads_spec,
-                                           "seed: 1\nseeds: [2]\nk: -1\narms: [anchor, icl, anchor]\n"
-                                           "recipe: {epochs: 4, capture_steps: [8]}\nfactors: {wrong_labels: [0, 0.0]}\n",
-                                           check_resources=False).value.problems]
+    found = [
+        str(p)
+        for p in pytest.raises(
+            SpecError,
+            loads_spec,
+            "seed: 1\nseeds: [2]\nk: -1\narms: [anchor, icl, anchor]\n"
+            "recipe: {epochs: 4, capture_steps: [8]}\nfactors: {wrong_labels: [0, 0.0]}\n",
+            check_resources=False,
+        ).value.problems
+    ]
     assert "seed: give `seed` or `seeds`, not both (line 1)" in found
     assert "k: must be an integer >= 0, not -1 (line 3)" in found
     assert any(f.startswith("arms: lists an arm twice (line 4)") for f in found)

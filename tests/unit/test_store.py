@@ -51,8 +51,13 @@ def test_round_trip_and_tidy_frames(tmp_path: Path) -> None:
     records = [record(i, states_file=rel) for i in range(3)]
     with Store(tmp_path) as store:
         assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        store.begin_run("name: x\n", {"n_trials": 3, "cells": [{"key": "cell-a"}], "seeds": [0], "resamples": 3},
-                        [("cell-a", {"k": 2, "model": "m"}, {"k": 2})], backend="local", versions={"iclit": "0"})
+        store.begin_run(
+            "name: x\n",
+            {"n_trials": 3, "cells": [{"key": "cell-a"}], "seeds": [0], "resamples": 3},
+            [("cell-a", {"k": 2, "model": "m"}, {"k": 2})],
+            backend="local",
+            versions={"iclit": "0"},
+        )
         assert store.write_trials(records) == 3
         assert store.write_trials(records) == 0  # already there: ignored
         check(store, 3)
@@ -143,8 +148,10 @@ def test_concurrent_threads_write_each_trial_once(tmp_path: Path) -> None:
 
 
 def test_concurrent_processes_write_each_trial_once(tmp_path: Path) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
     for p in procs:
         _, errors = p.communicate(timeout=120)
         assert p.returncode == 0, errors

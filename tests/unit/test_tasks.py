@@ -172,9 +172,9 @@ def test_load_csv_with_mapping_and_verbalizer(tmp_path: Path) -> None:
 
 def test_load_parquet_with_mapping_and_verbalizer(tmp_path: Path) -> None:
     path = tmp_path / "data.parquet"
-    pd.DataFrame(
-        {"sentence": ["good", "bad", "meh but ok"], "label": [1, 0, 1], "topic": ["a", "b", "c"]}
-    ).to_parquet(path)
+    pd.DataFrame({"sentence": ["good", "bad", "meh but ok"], "label": [1, 0, 1], "topic": ["a", "b", "c"]}).to_parquet(
+        path
+    )
     examples = load_examples(
         path,
         input_field="sentence",
@@ -183,7 +183,11 @@ def test_load_parquet_with_mapping_and_verbalizer(tmp_path: Path) -> None:
         labels=["negative", "positive"],
         meta_fields=("topic",),
     )
-    assert [(e.id, e.output) for e in examples] == [("data-1", "positive"), ("data-2", "negative"), ("data-3", "positive")]
+    assert [(e.id, e.output) for e in examples] == [
+        ("data-1", "positive"),
+        ("data-2", "negative"),
+        ("data-3", "positive"),
+    ]
     assert examples[0].meta == {"topic": "a"}
     task = get_task(str(path), input_field="sentence", output_field="label", kind="generation")
     assert task.kind == "generation" and task.labels is None and task.examples[0].output == "1"
@@ -215,7 +219,12 @@ def test_error_missing_csv_column(tmp_path: Path) -> None:
 
 
 def test_error_empty_field(tmp_path: Path) -> None:
-    rows = [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "c", "label": "x"}, {"text": "  ", "label": "y"}]
+    rows = [
+        {"text": "a", "label": "x"},
+        {"text": "b", "label": "y"},
+        {"text": "c", "label": "x"},
+        {"text": "  ", "label": "y"},
+    ]
     path = write_jsonl(tmp_path / "x.jsonl", rows)
     with pytest.raises(TaskDataError) as err:
         load_examples(path, input_field="text", output_field="label")
@@ -315,10 +324,17 @@ def test_error_loader_options_on_builtin() -> None:
 
 def test_get_task_lays_a_template_mapping_over_the_tasks_own(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "rev.csv", ["text", "label"], [[f"review {i}", i % 2] for i in range(6)])
-    task = get_task(path, input_field="text", output_field="label", verbalizer={0: "bad", 1: "good"},
-                    template={"instruction": "Good or bad?", "input_prefix": "Review: ", "demo_sep": "\n---\n"})
+    task = get_task(
+        path,
+        input_field="text",
+        output_field="label",
+        verbalizer={0: "bad", 1: "good"},
+        template={"instruction": "Good or bad?", "input_prefix": "Review: ", "demo_sep": "\n---\n"},
+    )
     assert task.labels == ("bad", "good") and task.examples[0].output == "bad"
-    assert task.template == Template(instruction="Good or bad?", input_prefix="Review: ", output_prefix="Output:", demo_sep="\n---\n")
+    assert task.template == Template(
+        instruction="Good or bad?", input_prefix="Review: ", output_prefix="Output:", demo_sep="\n---\n"
+    )
     assert task.template.query("x").startswith("Good or bad?\n\nReview: x\nOutput:")
     plain = get_task(path, input_field="text", output_field="label")
     assert plain.template == Template(input_prefix="Input: ", output_prefix="Output:")  # the file's own default
@@ -336,7 +352,9 @@ def test_resolve_task_applies_the_named_template_and_the_instruction(tmp_path: P
     assert resolve_task("sentiment", "qa").template == get_template("sentiment", "qa")
     assert resolve_task("sentiment", instruction=False).template.instruction is None
     path = write_jsonl(tmp_path / "t.jsonl", [{"input": f"q{i}", "output": f"a{i}"} for i in range(4)])
-    t = resolve_task(str(path), "default", False, options={"kind": "generation", "template": {"instruction": "Answer."}})
+    t = resolve_task(
+        str(path), "default", False, options={"kind": "generation", "template": {"instruction": "Answer."}}
+    )
     assert t.kind == "generation" and t.template.instruction is None
     assert is_builtin("sentiment") and not is_builtin(str(path))
 

@@ -25,7 +25,10 @@ from iclit.tuning import (
 
 PAIRS = [
     ("Classify the sentiment.\n\nReview: A warm, funny film.\nSentiment:", " positive"),
-    ("Classify the sentiment.\n\nReview: The plot makes no sense at all and the ending is worse.\nSentiment:", " negative"),
+    (
+        "Classify the sentiment.\n\nReview: The plot makes no sense at all and the ending is worse.\nSentiment:",
+        " negative",
+    ),
     ("English: Please open your books on page twelve.\nCzech:", " Otevřete si prosím knihy na straně dvanáct."),
 ]
 FAST = TuningRecipe(lr=1e-2, epochs=30)

@@ -30,9 +30,14 @@ from exp_helpers import REPO
 pytest.importorskip("build", reason="python -m build is not installed (pip install build)")
 pytest.importorskip("twine", reason="twine is not installed (pip install twine)")
 
-PACKAGE_DATA = ("iclit/py.typed", "iclit/report/templates/report.html.j2", "iclit/tasks/data/sentiment.jsonl",
-                "iclit/tasks/data/translation_en_cs.jsonl", "iclit/tasks/data/reference.jsonl",
-                "iclit/tasks/data/README.md")
+PACKAGE_DATA = (
+    "iclit/py.typed",
+    "iclit/report/templates/report.html.j2",
+    "iclit/tasks/data/sentiment.jsonl",
+    "iclit/tasks/data/translation_en_cs.jsonl",
+    "iclit/tasks/data/reference.jsonl",
+    "iclit/tasks/data/README.md",
+)
 RUN_DOC = REPO / "docs" / "reference" / "run-directory.md"
 
 
@@ -87,18 +92,42 @@ def test_installed_wheel_runs_outside_the_repository(dist, tmp_path):
     python, iclit = bindir / "python", bindir / "iclit"
     # the dependencies come from the interpreter running the tests, a venv itself or not: its
     # site-packages after the new venv's own (a .pth line adds a path; no .pth there is run)
-    own = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path, env=_clean_env())
+    own = _run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path, env=_clean_env()
+    )
     (Path(own.strip()) / "outer_site.pth").write_text("\n".join(site.getsitepackages()) + "\n", encoding="utf-8")
     work = tmp_path / "elsewhere"  # not the repository, not under it
     work.mkdir()
     env = _clean_env(ICLIT_CACHE=str(tmp_path / "cache"), NO_COLOR="1", COLUMNS="200")
     wheel = next(dist.glob("iclit-*.whl"))
-    _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "--disable-pip-version-check",
-          "-q", wheel], cwd=work, env=env)
+    _run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "--disable-pip-version-check",
+            "-q",
+            wheel,
+        ],
+        cwd=work,
+        env=env,
+    )
 
     # the venv's own copy is the one imported, with its package data
-    where = _run([python, "-c", "import iclit, iclit.tasks; from importlib.resources import files; "
-                  "print(iclit.__file__); print(files('iclit') / 'tasks' / 'data' / 'sentiment.jsonl')"], cwd=work, env=env)
+    where = _run(
+        [
+            python,
+            "-c",
+            "import iclit, iclit.tasks; from importlib.resources import files; "
+            "print(iclit.__file__); print(files('iclit') / 'tasks' / 'data' / 'sentiment.jsonl')",
+        ],
+        cwd=work,
+        env=env,
+    )
     module_file, data_file = (Path(line) for line in where.split())
     assert env_dir in module_file.parents and env_dir in data_file.parents, where
     assert REPO not in module_file.parents
@@ -108,8 +137,28 @@ def test_installed_wheel_runs_outside_the_repository(dist, tmp_path):
     assert "sentiment" in tasks and "translation-en-cs" in tasks, tasks
 
     out = work / "run"
-    printed = _run([iclit, "compare", "--model", "tiny-random-llama", "--task", "sentiment", "--k", "2", "--resamples",
-                    "3", "--epochs", "2", "--seed", "0", "--out", "run"], cwd=work, env=env)
+    printed = _run(
+        [
+            iclit,
+            "compare",
+            "--model",
+            "tiny-random-llama",
+            "--task",
+            "sentiment",
+            "--k",
+            "2",
+            "--resamples",
+            "3",
+            "--epochs",
+            "2",
+            "--seed",
+            "0",
+            "--out",
+            "run",
+        ],
+        cwd=work,
+        env=env,
+    )
     assert "icl–it" in printed, printed
     exports = _documented_exports()
     assert {"summary.csv", "tests.csv", "trials.jsonl"} <= set(exports), exports

@@ -34,8 +34,21 @@ __all__ = ["CACHE_DIR", "enabled", "entry_key", "load", "save", "copy_entries"]
 log = logging.getLogger(__name__)
 
 CACHE_DIR = "analysis"
-_MODULES = ("cache", "cells", "nulls", "permutations", "dose", "outputs", "states", "stats/arrays", "stats/intervals",
-            "stats/multiplicity", "stats/permutation", "stats/representation", "stats/resampling")
+_MODULES = (
+    "cache",
+    "cells",
+    "nulls",
+    "permutations",
+    "dose",
+    "outputs",
+    "states",
+    "stats/arrays",
+    "stats/intervals",
+    "stats/multiplicity",
+    "stats/permutation",
+    "stats/representation",
+    "stats/resampling",
+)
 
 
 def enabled() -> bool:
@@ -54,8 +67,18 @@ def _code_digest() -> str:
 
 def entry_key(cell_key: str, trial_keys: Sequence[str], settings: Mapping[str, Any], params: Mapping[str, Any]) -> str:
     """The cache key of one cell's tables (hex digest)."""
-    payload = json.dumps({"cell": cell_key, "trials": list(trial_keys), "settings": settings, "params": params,
-                          "code": _code_digest(), "pandas": pd.__version__}, sort_keys=True, default=str)
+    payload = json.dumps(
+        {
+            "cell": cell_key,
+            "trials": list(trial_keys),
+            "settings": settings,
+            "params": params,
+            "code": _code_digest(),
+            "pandas": pd.__version__,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

@@ -50,15 +50,35 @@ from iclit.analysis.nulls import Units
 from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
 
-__all__ = ["PATCH_COLUMNS", "STEER_COLUMNS", "BASE_OF", "CONTRASTS", "patch_table", "steer_table", "cluster_sign_flip",
-           "has_causal"]
+__all__ = [
+    "PATCH_COLUMNS",
+    "STEER_COLUMNS",
+    "BASE_OF",
+    "CONTRASTS",
+    "patch_table",
+    "steer_table",
+    "cluster_sign_flip",
+    "has_causal",
+]
 
 PATCH_COLUMNS = ("cell_key", "kind", "layer", "measure", "value", "ci_low", "ci_high", "n_units", "n_blocks")
 """kind: a patch (:data:`iclit.engine.causal.PATCH_KINDS`) or an unpatched run (``anchor_run``,
 ``icl_run``, ``it_run``: layer <NA>); measure: kl_icl, kl_it, accuracy, frac_icl, frac_it
 (classification) or logp, frac_icl, frac_it (generation)."""
-STEER_COLUMNS = ("cell_key", "vector", "layer", "scale", "measure", "value", "ci_low", "ci_high", "p", "p_holm",
-                 "n_units", "n_blocks")
+STEER_COLUMNS = (
+    "cell_key",
+    "vector",
+    "layer",
+    "scale",
+    "measure",
+    "value",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_holm",
+    "n_units",
+    "n_blocks",
+)
 """vector: icl, it, random_icl, random_it (the random draws of a unit averaged first), the
 contrasts it-random_it and icl-random_icl (value: the mean difference; p, p_holm), or an
 unpatched run (anchor_run, icl_run — the ceiling —, it_run: layer and scale <NA>)."""
@@ -97,8 +117,10 @@ class _Cell:
         recs = list(rows["causal"])
         self.recs = recs
         self.classification = recs[0].get("measure") == "labels"
-        self.ref = {a: _logp([r[a] for r in recs]) if self.classification else np.asarray([r[a][0] for r in recs], float)
-                    for a in ("anchor", "icl", "it")}
+        self.ref = {
+            a: _logp([r[a] for r in recs]) if self.classification else np.asarray([r[a][0] for r in recs], float)
+            for a in ("anchor", "icl", "it")
+        }
         if self.classification:
             labels = [list(r["labels"]) for r in recs]
             self.gold = np.asarray([lab.index(g) if g in lab else -1 for lab, g in zip(labels, rows["gold"])])
@@ -114,7 +136,11 @@ class _Cell:
         extra = (None,) * (lp.ndim - 2)
         icl, it = self.ref["icl"][(slice(None), *extra)], self.ref["it"][(slice(None), *extra)]
         gold = self.gold.reshape(-1, *([1] * (lp.ndim - 2)))
-        return {"kl_icl": _kl(icl, lp), "kl_it": _kl(it, lp), "accuracy": (lp.argmax(axis=-1) == gold).astype(np.float64)}
+        return {
+            "kl_icl": _kl(icl, lp),
+            "kl_it": _kl(it, lp),
+            "accuracy": (lp.argmax(axis=-1) == gold).astype(np.float64),
+        }
 
     def fraction_parts(self, base: str) -> dict[str, np.ndarray]:
         """The per-unit columns the fractions towards icl and it from run ``base`` need."""
@@ -172,13 +198,22 @@ def _cells(run: RunData) -> list[tuple[str, pd.DataFrame, Units]]:
 
 
 def _row(cell: str, est: _Estimates, value: tuple[float, float, float], **keys: Any) -> dict[str, Any]:
-    return {"cell_key": cell, **keys, "value": value[0], "ci_low": value[1], "ci_high": value[2],
-            "n_units": est.n_units, "n_blocks": est.n_blocks}
+    return {
+        "cell_key": cell,
+        **keys,
+        "value": value[0],
+        "ci_low": value[1],
+        "ci_high": value[2],
+        "n_units": est.n_units,
+        "n_blocks": est.n_blocks,
+    }
 
 
 def _references(c: _Cell) -> dict[str, np.ndarray]:
     """The unpatched runs' per-unit measures, as columns ``anchor:kl_icl`` …"""
-    return {f"{arm}:{m}": v[:, 0] for arm in ("anchor", "icl", "it") for m, v in c.measures(c.ref[arm][:, None]).items()}
+    return {
+        f"{arm}:{m}": v[:, 0] for arm in ("anchor", "icl", "it") for m, v in c.measures(c.ref[arm][:, None]).items()
+    }
 
 
 def _finish(rows: list[dict[str, Any]], columns: Sequence[str], run: RunData) -> pd.DataFrame:
@@ -223,7 +258,8 @@ def patch_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
                     if x == base:
                         continue
                     fn = lambda mean, kind=kind, l=l, x=x, base=base: _fraction(  # noqa: E731
-                        c.classification, lambda name: mean(name if ":" in name else f"{base}/{name}"), f"{kind}@{l}", x)
+                        c.classification, lambda name: mean(name if ":" in name else f"{base}/{name}"), f"{kind}@{l}", x
+                    )
                     rows.append(_row(cell, est, est.of(fn), kind=kind, layer=l, measure=f"frac_{x}"))
     return _finish(rows, PATCH_COLUMNS, run)
 
@@ -283,7 +319,9 @@ def steer_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
                 found = {m: x.mean(axis=-1) for m, x in found.items()}  # the unit's draws averaged
             per[vector] = found
             for m, x in found.items():
-                cols.update({f"{vector}@{l},{a}:{m}": x[:, s, t] for s, l in enumerate(layers) for t, a in enumerate(scales)})
+                cols.update(
+                    {f"{vector}@{l},{a}:{m}": x[:, s, t] for s, l in enumerate(layers) for t, a in enumerate(scales)}
+                )
         diffs: dict[str, np.ndarray] = {}
         for name, (vec, null) in CONTRASTS.items():
             for m in per[vec]:
@@ -293,26 +331,52 @@ def steer_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
         cols.update(diffs)
         est = _Estimates(cols, blocks, seed=seed)
         names = list(diffs)
-        p = dict(zip(names, cluster_sign_flip(np.column_stack([diffs[k] for k in names]), blocks, seed=seed))) if names else {}
+        p = (
+            dict(zip(names, cluster_sign_flip(np.column_stack([diffs[k] for k in names]), blocks, seed=seed)))
+            if names
+            else {}
+        )
         measures = ["kl_icl", "kl_it", "accuracy"] if c.classification else ["logp"]
         for arm in ("anchor", "icl", "it"):
             for m in measures:
-                rows.append(_row(cell, est, est.mean(f"{arm}:{m}"), vector=f"{arm}_run", layer=None, scale=np.nan, measure=m,
-                                 p=np.nan))
+                rows.append(
+                    _row(
+                        cell,
+                        est,
+                        est.mean(f"{arm}:{m}"),
+                        vector=f"{arm}_run",
+                        layer=None,
+                        scale=np.nan,
+                        measure=m,
+                        p=np.nan,
+                    )
+                )
         for vector in ("icl", "it", "random_icl", "random_it", *CONTRASTS):
             for l in layers:
                 for a in scales:
                     key = f"{vector}@{l},{a}"
                     for m in measures:
-                        rows.append(_row(cell, est, est.mean(f"{key}:{m}"), vector=vector, layer=l, scale=a, measure=m,
-                                         p=p.get(f"{key}:{m}", np.nan)))
+                        rows.append(
+                            _row(
+                                cell,
+                                est,
+                                est.mean(f"{key}:{m}"),
+                                vector=vector,
+                                layer=l,
+                                scale=a,
+                                measure=m,
+                                p=p.get(f"{key}:{m}", np.nan),
+                            )
+                        )
                     if vector in CONTRASTS:
                         continue
                     for x in ("icl", "it"):
                         fn = lambda mean, key=key, x=x: _fraction(  # noqa: E731
-                            c.classification, lambda name: mean(name if ":" in name else f"anchor/{name}"), key, x)
-                        rows.append(_row(cell, est, est.of(fn), vector=vector, layer=l, scale=a, measure=f"frac_{x}",
-                                         p=np.nan))
+                            c.classification, lambda name: mean(name if ":" in name else f"anchor/{name}"), key, x
+                        )
+                        rows.append(
+                            _row(cell, est, est.of(fn), vector=vector, layer=l, scale=a, measure=f"frac_{x}", p=np.nan)
+                        )
     df = pd.DataFrame(rows, columns=[c for c in STEER_COLUMNS if c != "p_holm"])
     df["p_holm"] = np.nan
     tested = df["vector"].isin(list(CONTRASTS))
@@ -324,20 +388,26 @@ def steer_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
 # ------------------------------------------------------------------ the metrics
 
 
-@register_metric("patch", "per cell × patch (ICL or IT state into the anchor run, ICL state into the tuned model's, "
-                 "IT state into the ICL run) × layer: KL to the ICL and the IT distribution, accuracy (generation: "
-                 "log p of the gold's first token) and frac_icl / frac_it, the share of the distance to that arm's "
-                 "behaviour the patch closes (ratio of means); 95% hierarchical-bootstrap CIs over query blocks, "
-                 "then (query, set) units")
+@register_metric(
+    "patch",
+    "per cell × patch (ICL or IT state into the anchor run, ICL state into the tuned model's, "
+    "IT state into the ICL run) × layer: KL to the ICL and the IT distribution, accuracy (generation: "
+    "log p of the gold's first token) and frac_icl / frac_it, the share of the distance to that arm's "
+    "behaviour the patch closes (ratio of means); 95% hierarchical-bootstrap CIs over query blocks, "
+    "then (query, set) units",
+)
 def patch(run: RunData) -> pd.DataFrame:
     _require(run, "patch")
     return patch_table(run)
 
 
-@register_metric("steer", "per cell × vector (mean ICL or IT update of the set's other queries, added × scale to the "
-                 "anchor run; random directions of the same norm) × layer × scale: KL to ICL / IT, accuracy, fractions, "
-                 "with hierarchical-bootstrap CIs; contrasts it-random_it and icl-random_icl with a block sign-flip p, "
-                 "Holm over the layers × scales of one cell, contrast and measure")
+@register_metric(
+    "steer",
+    "per cell × vector (mean ICL or IT update of the set's other queries, added × scale to the "
+    "anchor run; random directions of the same norm) × layer × scale: KL to ICL / IT, accuracy, fractions, "
+    "with hierarchical-bootstrap CIs; contrasts it-random_it and icl-random_icl with a block sign-flip p, "
+    "Holm over the layers × scales of one cell, contrast and measure",
+)
 def steer(run: RunData) -> pd.DataFrame:
     _require(run, "steer")
     return steer_table(run)
@@ -347,5 +417,7 @@ def _require(run: RunData, analysis: str) -> None:
     """ValueError unless some stored trial ran ``analysis``."""
     recs = run.outputs["causal"] if "causal" in run.outputs.columns else pd.Series(dtype=object)
     if not recs.map(lambda c: isinstance(c, Mapping) and analysis in c).any():
-        raise ValueError(f"no causal analyses of kind {analysis!r} stored: add `analyses: [{analysis}]` to the spec "
-                         "and run it (iclit.engine.causal)")
+        raise ValueError(
+            f"no causal analyses of kind {analysis!r} stored: add `analyses: [{analysis}]` to the spec "
+            "and run it (iclit.engine.causal)"
+        )

@@ -19,15 +19,38 @@ import pandas as pd
 
 from iclit.analysis import stats
 from iclit.analysis.dose import DOSE_COLUMNS, dose_tables, row_cosine
-from iclit.analysis.nulls import (NULLS, TEST_COLUMNS, Units, adjust_family, links, margin_for, margins, null_tests,
-                                  strata, unit_rows)
+from iclit.analysis.nulls import (
+    NULLS,
+    TEST_COLUMNS,
+    Units,
+    adjust_family,
+    links,
+    margin_for,
+    margins,
+    null_tests,
+    strata,
+    unit_rows,
+)
 from iclit.analysis.permutations import design_permutations
 
-__all__ = ["GEOMETRY_PAIRS", "GEOMETRY_COLUMNS", "GEOMETRY_NULLS", "BEHAVIOUR_COLUMNS", "SEED_COLUMNS", "cell_tables",
-           "geometry", "behaviour", "seed_spread", "last_layer_rows"]
+__all__ = [
+    "GEOMETRY_PAIRS",
+    "GEOMETRY_COLUMNS",
+    "GEOMETRY_NULLS",
+    "BEHAVIOUR_COLUMNS",
+    "SEED_COLUMNS",
+    "cell_tables",
+    "geometry",
+    "behaviour",
+    "seed_spread",
+    "last_layer_rows",
+]
 
-GEOMETRY_PAIRS: dict[str, tuple[str, str]] = {"anchor_icl": ("anchor", "icl"), "anchor_it": ("anchor", "it"),
-                                              "icl_it": ("icl", "it")}
+GEOMETRY_PAIRS: dict[str, tuple[str, str]] = {
+    "anchor_icl": ("anchor", "icl"),
+    "anchor_it": ("anchor", "it"),
+    "icl_it": ("icl", "it"),
+}
 GEOMETRY_COLUMNS = ("cell_key", "pair", "measure", "null", "layer", "value", "null_mean", "p", "p_adj", "n")
 """measure: ``cka`` (debiased linear CKA, unbiased HSIC) or ``rsa`` (Spearman between the
 query × query cosine matrices of the two arms); null: the permutations of the second arm's
@@ -38,12 +61,34 @@ queries (ICL–IT only: is the shared geometry specific to the demonstrations?);
 all items (states without a design); null_mean, p: that permutation null (RSA: Mantel),
 one-sided (greater); p_adj: max-T over layers. Values are comparable only between cells of
 the same design (S, Q, sets per block): see docs/statistics.md."""
-GEOMETRY_NULLS: dict[str, tuple[str, ...]] = {"query_swap": ("anchor_icl", "anchor_it", "icl_it"),
-                                              "demo_swap": ("icl_it",)}
+GEOMETRY_NULLS: dict[str, tuple[str, ...]] = {
+    "query_swap": ("anchor_icl", "anchor_it", "icl_it"),
+    "demo_swap": ("icl_it",),
+}
 """The geometry nulls and the pairs each is computed for (the anchor does not depend on the set)."""
-BEHAVIOUR_COLUMNS = ("cell_key", "pair", "measure", "null", "observed", "null_mean", "diff", "se", "ci_low", "ci_high",
-                     "p", "p_holm", "q_bh", "p_min", "exact", "margin", "tost_low", "tost_high", "p_tost", "verdict",
-                     "n_units")
+BEHAVIOUR_COLUMNS = (
+    "cell_key",
+    "pair",
+    "measure",
+    "null",
+    "observed",
+    "null_mean",
+    "diff",
+    "se",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_holm",
+    "q_bh",
+    "p_min",
+    "exact",
+    "margin",
+    "tost_low",
+    "tost_high",
+    "p_tost",
+    "verdict",
+    "n_units",
+)
 """measure: ``agreement`` (same prediction) or ``kl`` (KL(first ‖ second) of the label
 distributions, classification only); null ``none``: the arms' own value (diff = observed);
 query_swap / demo_swap: as for the cosines (:mod:`iclit.analysis.nulls`), so a negative KL
@@ -62,8 +107,9 @@ def last_layer_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["layer"] == df.groupby("cell_key")["layer"].transform("max")]
 
 
-def geometry(states: Mapping[str, np.ndarray], units: Units | None = None, *, n_perm: int = 1000,
-             seed: int = 0) -> pd.DataFrame:
+def geometry(
+    states: Mapping[str, np.ndarray], units: Units | None = None, *, n_perm: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """Debiased CKA and RSA of each arm pair across all the cell's trials, per layer.
 
     Parameters
@@ -92,22 +138,34 @@ def geometry(states: Mapping[str, np.ndarray], units: Units | None = None, *, n_
         keep = ~np.logical_or.reduce([np.isnan(x.reshape(len(x), -1)).any(1) for x in arrays.values()])
         states = {a: x[keep] for a, x in arrays.items()}
         kept = Units(units.seed[keep], units.set[keep], units.block[keep], units.query[keep], units.label[keep])
-        nulls = {null: (design_permutations(kept, n_perm, seed, swap=swap), GEOMETRY_NULLS[null])
-                 for null, swap in (("query_swap", "queries"), ("demo_swap", "sets"))}
+        nulls = {
+            null: (design_permutations(kept, n_perm, seed, swap=swap), GEOMETRY_NULLS[null])
+            for null, swap in (("query_swap", "queries"), ("demo_swap", "sets"))
+        }
     n = len(states["anchor"])
     if n < 4:
         return pd.DataFrame()
     rows = []
     for null, (perms, pairs) in nulls.items():
-        found = stats.pair_tests(states, {p: GEOMETRY_PAIRS[p] for p in pairs}, n_perm=n_perm, seed=seed,
-                                     perms=perms)
+        found = stats.pair_tests(states, {p: GEOMETRY_PAIRS[p] for p in pairs}, n_perm=n_perm, seed=seed, perms=perms)
         for pair in pairs:
             for measure in ("cka", "rsa"):
                 res = found[pair, measure]
                 mean = res.get("null_mean", np.full(len(res["value"]), np.nan))
-                rows += [{"pair": pair, "measure": measure, "null": null, "layer": layer, "value": float(v),
-                          "null_mean": float(m), "p": float(p), "p_adj": float(q), "n": n}
-                         for layer, (v, m, p, q) in enumerate(zip(res["value"], mean, res["p"], res["p_maxT"]))]
+                rows += [
+                    {
+                        "pair": pair,
+                        "measure": measure,
+                        "null": null,
+                        "layer": layer,
+                        "value": float(v),
+                        "null_mean": float(m),
+                        "p": float(p),
+                        "p_adj": float(q),
+                        "n": n,
+                    }
+                    for layer, (v, m, p, q) in enumerate(zip(res["value"], mean, res["p"], res["p_maxT"]))
+                ]
     return pd.DataFrame(rows)
 
 
@@ -120,8 +178,9 @@ def _label_probs(outputs: pd.DataFrame, arm: str, labels: list[str]) -> np.ndarr
     return np.asarray([[p[label] for label in labels] for p in probs], dtype=np.float64)
 
 
-def behaviour(outputs: pd.DataFrame, units: Units, *, margin: Any = None, n_perm: int = 1000, n_boot: int = 1000,
-              seed: int = 0) -> pd.DataFrame:
+def behaviour(
+    outputs: pd.DataFrame, units: Units, *, margin: Any = None, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """Agreement and KL between arms (outputs: the cell's rows in ``units`` order); margin:
     the declared margins (:func:`iclit.analysis.nulls.margins`: ``agreement``, ``kl``).
     Intervals are t intervals over query blocks, as for the cosines (n_boot is unused)."""
@@ -148,10 +207,25 @@ def behaviour(outputs: pd.DataFrame, units: Units, *, margin: Any = None, n_perm
             own = np.diag(fn(every, every))
             cm = stats.cluster_mean(own, blocks)
             lo, hi = cm.ci(0.95)
-            rows.append({"pair": f"{a}_{b}", "measure": measure, "null": "none", "observed": float(own.mean()),
-                         "null_mean": np.nan, "diff": float(own.mean()), "se": cm.se, "ci_low": lo, "ci_high": hi,
-                         "p": np.nan, "p_min": np.nan, "exact": False, "margin": np.nan, "n_units": len(own),
-                         "p_tost": np.nan})
+            rows.append(
+                {
+                    "pair": f"{a}_{b}",
+                    "measure": measure,
+                    "null": "none",
+                    "observed": float(own.mean()),
+                    "null_mean": np.nan,
+                    "diff": float(own.mean()),
+                    "se": cm.se,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "p": np.nan,
+                    "p_min": np.nan,
+                    "exact": False,
+                    "margin": np.nan,
+                    "n_units": len(own),
+                    "p_tost": np.nan,
+                }
+            )
             marg = float(margin_for(declared, measure))
             for null in NULLS:
                 if a == "anchor" and null == "demo_swap":
@@ -159,18 +233,35 @@ def behaviour(outputs: pd.DataFrame, units: Units, *, margin: Any = None, n_perm
                 groups = strata(units, null)
                 if not groups:
                     continue
-                res = stats.pairing_test([fn(g, g)[:, :, None] for g in groups], n_perm=n_perm, seed=seed,
-                                             links=links(units, null, groups))
+                res = stats.pairing_test(
+                    [fn(g, g)[:, :, None] for g in groups], n_perm=n_perm, seed=seed, links=links(units, null, groups)
+                )
                 order = unit_rows(groups, res)
                 d = res.unit_diff[:, 0]
                 cm = stats.cluster_mean(d, blocks[order])
                 lo, hi = cm.ci(0.95)
                 tost = stats.tost(d, blocks[order], marg)
-                rows.append({"pair": f"{a}_{b}", "measure": measure, "null": null, "observed": float(res.observed[0]),
-                             "null_mean": float(res.null[0]), "diff": float(res.diff[0]), "se": cm.se, "ci_low": lo,
-                             "ci_high": hi, "p": float(res.p[0]), "p_min": float(res.p_min), "exact": bool(res.exact),
-                             "margin": marg, "tost_low": float(tost.ci_low), "tost_high": float(tost.ci_high),
-                             "p_tost": float(tost.p), "n_units": int(res.n_units)})
+                rows.append(
+                    {
+                        "pair": f"{a}_{b}",
+                        "measure": measure,
+                        "null": null,
+                        "observed": float(res.observed[0]),
+                        "null_mean": float(res.null[0]),
+                        "diff": float(res.diff[0]),
+                        "se": cm.se,
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "p": float(res.p[0]),
+                        "p_min": float(res.p_min),
+                        "exact": bool(res.exact),
+                        "margin": marg,
+                        "tost_low": float(tost.ci_low),
+                        "tost_high": float(tost.ci_high),
+                        "p_tost": float(tost.p),
+                        "n_units": int(res.n_units),
+                    }
+                )
     if not rows:
         return pd.DataFrame(columns=[c for c in BEHAVIOUR_COLUMNS if c != "cell_key"])
     df = pd.DataFrame(rows)
@@ -198,15 +289,33 @@ def seed_spread(states: Mapping[str, np.ndarray]) -> pd.DataFrame:
         a = row_cosine(x, np.asarray(states["it"], np.float64))
         b = row_cosine(x, np.asarray(states["it_seed2"], np.float64))
         diff = np.abs(a - b)
-        rows += [{"pair": pair, "layer": layer, "seed1": float(a[:, layer].mean()), "seed2": float(b[:, layer].mean()),
-                  "unit_sd": float((diff[:, layer] / np.sqrt(2)).mean()), "mean_abs_diff": float(diff[:, layer].mean()),
-                  "n_units": len(x)} for layer in range(a.shape[1])]
+        rows += [
+            {
+                "pair": pair,
+                "layer": layer,
+                "seed1": float(a[:, layer].mean()),
+                "seed2": float(b[:, layer].mean()),
+                "unit_sd": float((diff[:, layer] / np.sqrt(2)).mean()),
+                "mean_abs_diff": float(diff[:, layer].mean()),
+                "n_units": len(x),
+            }
+            for layer in range(a.shape[1])
+        ]
     return pd.DataFrame(rows)
 
 
-def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame, settings: Mapping[str, Mapping[str, Any]],
-                *, margin: Any = None, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0,
-                cache: bool | None = None) -> dict[str, pd.DataFrame]:
+def cell_tables(
+    run_dir: str | Path,
+    trials: pd.DataFrame,
+    outputs: pd.DataFrame,
+    settings: Mapping[str, Mapping[str, Any]],
+    *,
+    margin: Any = None,
+    n_perm: int = 1000,
+    n_boot: int = 1000,
+    seed: int = 0,
+    cache: bool | None = None,
+) -> dict[str, pd.DataFrame]:
     """``tests`` (:data:`iclit.analysis.nulls.TEST_COLUMNS`), ``geometry``
     (:data:`GEOMETRY_COLUMNS`), ``behaviour`` (:data:`BEHAVIOUR_COLUMNS`), and for recipes with
     ``capture_steps`` ``dose`` (:data:`iclit.analysis.dose.DOSE_COLUMNS`) and ``dose_tests``
@@ -229,23 +338,46 @@ def cell_tables(run_dir: str | Path, trials: pd.DataFrame, outputs: pd.DataFrame
         found = cache_.load(run_dir, key) if key else None
         if found is None:
             out = outputs.set_index("trial_key").loc[sub["trial_key"]].reset_index()
-            found = _one_cell(run_dir, cell, sub, out, cell_settings, margin=margin, n_perm=n_perm, n_boot=n_boot,
-                              seed=seed)
+            found = _one_cell(
+                run_dir, cell, sub, out, cell_settings, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed
+            )
             if key:
                 cache_.save(run_dir, key, found)
         for name, df in found.items():
             if len(df):
                 parts[name].append(df.assign(cell_key=cell))
-    return {name: (pd.concat(dfs, ignore_index=True).reindex(columns=list(_TABLES[name])) if dfs
-                   else pd.DataFrame(columns=list(_TABLES[name]))) for name, dfs in parts.items()}
+    return {
+        name: (
+            pd.concat(dfs, ignore_index=True).reindex(columns=list(_TABLES[name]))
+            if dfs
+            else pd.DataFrame(columns=list(_TABLES[name]))
+        )
+        for name, dfs in parts.items()
+    }
 
 
-_TABLES = {"tests": ("cell_key", *TEST_COLUMNS), "geometry": GEOMETRY_COLUMNS, "behaviour": BEHAVIOUR_COLUMNS,
-           "dose": DOSE_COLUMNS, "dose_tests": ("cell_key", "step", *TEST_COLUMNS), "seeds": SEED_COLUMNS}
+_TABLES = {
+    "tests": ("cell_key", *TEST_COLUMNS),
+    "geometry": GEOMETRY_COLUMNS,
+    "behaviour": BEHAVIOUR_COLUMNS,
+    "dose": DOSE_COLUMNS,
+    "dose_tests": ("cell_key", "step", *TEST_COLUMNS),
+    "seeds": SEED_COLUMNS,
+}
 
 
-def _one_cell(run_dir: str | Path, cell: str, sub: pd.DataFrame, out: pd.DataFrame, cell_settings: Mapping[str, Any],
-              *, margin: Any, n_perm: int, n_boot: int, seed: int) -> dict[str, pd.DataFrame]:
+def _one_cell(
+    run_dir: str | Path,
+    cell: str,
+    sub: pd.DataFrame,
+    out: pd.DataFrame,
+    cell_settings: Mapping[str, Any],
+    *,
+    margin: Any,
+    n_perm: int,
+    n_boot: int,
+    seed: int,
+) -> dict[str, pd.DataFrame]:
     """The tables of one cell (``sub``: its trials in state order, ``out``: their outputs), without cell_key."""
     from iclit.analysis.states import read_states
 
@@ -259,13 +391,22 @@ def _one_cell(run_dir: str | Path, cell: str, sub: pd.DataFrame, out: pd.DataFra
     reference = states.reference.get(cell)
     centrings = ("raw", "anchor", "reference") if reference is not None else ("raw", "anchor")
     found = {
-        "tests": null_tests(arrays, units, margin=margin, centrings=centrings, reference=reference, n_perm=n_perm,
-                            n_boot=n_boot, seed=seed),
+        "tests": null_tests(
+            arrays,
+            units,
+            margin=margin,
+            centrings=centrings,
+            reference=reference,
+            n_perm=n_perm,
+            n_boot=n_boot,
+            seed=seed,
+        ),
         "geometry": geometry(arrays, units, n_perm=n_perm, seed=seed) if len(sub) >= 4 else pd.DataFrame(),
         "behaviour": behaviour(out, units, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed),
     }
-    dose = dose_tables({n: states[n] for n in states}, out, units, labels, margin=margin, n_perm=n_perm,
-                       n_boot=n_boot, seed=seed)
+    dose = dose_tables(
+        {n: states[n] for n in states}, out, units, labels, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed
+    )
     found["dose"], found["dose_tests"] = dose["estimates"], dose["matched_tests"]
     found["seeds"] = seed_spread({n: states[n] for n in ("anchor", "icl", "it", "it_seed2") if n in states})
     return found

@@ -34,25 +34,66 @@ from iclit.analysis.nulls import TEST_PAIRS, Units, pair_states, strata, verdict
 from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
 
-__all__ = ["ANCHOR_COMPARISONS", "CONTRAST_COLUMNS", "DEFAULT_QUANTITIES", "PAIR_LABELS", "QUANTITIES", "WITHIN_COLUMNS",
-           "block_values", "cell_contrasts", "compare_blocks", "contrast_margin", "unit_values", "within_cell_contrasts"]
+__all__ = [
+    "ANCHOR_COMPARISONS",
+    "CONTRAST_COLUMNS",
+    "DEFAULT_QUANTITIES",
+    "PAIR_LABELS",
+    "QUANTITIES",
+    "WITHIN_COLUMNS",
+    "block_values",
+    "cell_contrasts",
+    "compare_blocks",
+    "contrast_margin",
+    "unit_values",
+    "within_cell_contrasts",
+]
 
 QUANTITIES = ("cosine", "query_swap", "demo_swap")
 """Per-trial quantities: the pair's cosine, and its excess over each null."""
-DEFAULT_QUANTITIES: tuple[tuple[str, str], ...] = (("icl_it", "cosine"), ("icl_it", "demo_swap"),
-                                                   ("update", "demo_swap"))
+DEFAULT_QUANTITIES: tuple[tuple[str, str], ...] = (
+    ("icl_it", "cosine"),
+    ("icl_it", "demo_swap"),
+    ("update", "demo_swap"),
+)
 """(pair, quantity) compared between cells by default: the ICL–IT cosine, and the ICL–IT and
 update pairs' demo-swap excess (is the match specific to the demonstrations?)."""
 ANCHOR_COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = (
-    (("icl_it", "cosine"), ("anchor_icl", "cosine")), (("icl_it", "cosine"), ("anchor_it", "cosine")))
+    (("icl_it", "cosine"), ("anchor_icl", "cosine")),
+    (("icl_it", "cosine"), ("anchor_it", "cosine")),
+)
 """Within a cell, the ICL–IT cosine against each anchor pair's (:func:`within_cell_contrasts`):
 are ICL and IT closer to each other than either is to the query alone?"""
-PAIR_LABELS: dict[str, str] = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT",
-                               "update": "update"}
+PAIR_LABELS: dict[str, str] = {
+    "anchor_icl": "anchor–ICL",
+    "anchor_it": "anchor–IT",
+    "icl_it": "ICL–IT",
+    "update": "update",
+}
 """Display names of the tested pairs."""
-CONTRAST_COLUMNS = ("factor", "level_a", "level_b", "pair", "quantity", "layer", "mean_a", "mean_b", "diff",
-                    "ci_low", "ci_high", "p", "p_holm", "margin", "tost_low", "tost_high", "p_tost", "verdict",
-                    "n_blocks_a", "n_blocks_b", "paired")
+CONTRAST_COLUMNS = (
+    "factor",
+    "level_a",
+    "level_b",
+    "pair",
+    "quantity",
+    "layer",
+    "mean_a",
+    "mean_b",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_holm",
+    "margin",
+    "tost_low",
+    "tost_high",
+    "p_tost",
+    "verdict",
+    "n_blocks_a",
+    "n_blocks_b",
+    "paired",
+)
 """One row per factor × level × (pair, quantity): level_a against level_b (the reference);
 layer: the layer read (-1: each cell's own last layer); mean_a / mean_b: the means of the
 block values; diff: mean_a − mean_b (paired: the mean block difference); ci_low / ci_high:
@@ -60,9 +101,29 @@ its 95% CI from the t test; p: two-sided t test (paired t on block differences w
 ``paired``, else Welch); p_holm: Holm over the table (the family is every row); tost_low /
 tost_high: the 90% CI of the TOST, p_tost: its p against ± margin (:func:`contrast_margin`); verdict:
 :func:`iclit.analysis.nulls.verdict` ("above null": level_a above level_b)."""
-WITHIN_COLUMNS = ("cell_key", "pair_a", "quantity_a", "pair_b", "quantity_b", "layer", "mean_a", "mean_b", "diff",
-                  "ci_low", "ci_high", "p", "p_holm", "margin", "tost_low", "tost_high", "p_tost", "verdict",
-                  "n_blocks_a", "n_blocks_b", "paired")
+WITHIN_COLUMNS = (
+    "cell_key",
+    "pair_a",
+    "quantity_a",
+    "pair_b",
+    "quantity_b",
+    "layer",
+    "mean_a",
+    "mean_b",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_holm",
+    "margin",
+    "tost_low",
+    "tost_high",
+    "p_tost",
+    "verdict",
+    "n_blocks_a",
+    "n_blocks_b",
+    "paired",
+)
 """As :data:`CONTRAST_COLUMNS`, for two quantities of one cell (:func:`within_cell_contrasts`)."""
 _UNIT_COLUMNS = ["cell_key", "trial_key", "seed", "set", "block", "query_id", "pair", "quantity", "layer", "value"]
 
@@ -100,8 +161,10 @@ def _check_quantities(quantities: Sequence[tuple[str, str]]) -> None:
         if quantity not in QUANTITIES:
             raise ValueError(f"unknown quantity {quantity!r}; known: {', '.join(QUANTITIES)}")
         if quantity != "cosine" and quantity not in TEST_PAIRS[pair]:
-            raise ValueError(f"the {pair} pair has no {quantity} null (it has {', '.join(TEST_PAIRS[pair])}): "
-                             "the anchor does not depend on the demonstration set")
+            raise ValueError(
+                f"the {pair} pair has no {quantity} null (it has {', '.join(TEST_PAIRS[pair])}): "
+                "the anchor does not depend on the demonstration set"
+            )
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -121,8 +184,9 @@ def _per_unit(x: np.ndarray, y: np.ndarray, units: Units, quantity: str) -> np.n
     return out
 
 
-def unit_values(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT_QUANTITIES,
-                layer: int = -1, *, it_state: str = "it") -> pd.DataFrame:
+def unit_values(
+    run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT_QUANTITIES, layer: int = -1, *, it_state: str = "it"
+) -> pd.DataFrame:
     """Per trial with stored states, each (pair, quantity) at one layer, from the states.
 
     Parameters
@@ -158,23 +222,38 @@ def unit_values(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT_QU
         sub = sub.sort_values(["seed", "resample"], kind="stable")
         settings = run.settings.get(cell, {})
         classification = (settings.get("task") or {}).get("kind") == "classification"
-        units = Units.from_trials(sub, settings, golds.loc[sub["trial_key"]].tolist()
-                                  if classification and golds is not None else None)
+        units = Units.from_trials(
+            sub, settings, golds.loc[sub["trial_key"]].tolist() if classification and golds is not None else None
+        )
         states = read_states(run.path, sub, names=["anchor", "icl", it_state])
         if it_state not in states:
             continue
         n_states = states["anchor"].shape[1]
         at = n_states - 1 if layer == -1 else layer
         if not 0 <= at < n_states:
-            raise ValueError(f"layer {layer} is outside the {n_states} states of cell {cell} (0..{n_states - 1}, "
-                             "or -1 for each cell's last layer)")
+            raise ValueError(
+                f"layer {layer} is outside the {n_states} states of cell {cell} (0..{n_states - 1}, "
+                "or -1 for each cell's last layer)"
+            )
         arrays = {"anchor": states["anchor"][:, at], "icl": states["icl"][:, at], "it": states[it_state][:, at]}
         for pair, quantity in quantities:
             x, y = pair_states(arrays, pair)
-            parts.append(pd.DataFrame({
-                "cell_key": cell, "trial_key": sub["trial_key"].to_numpy(), "seed": units.seed, "set": units.set,
-                "block": units.block, "query_id": units.query, "pair": pair, "quantity": quantity, "layer": at,
-                "value": _per_unit(x, y, units, quantity)}))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "cell_key": cell,
+                        "trial_key": sub["trial_key"].to_numpy(),
+                        "seed": units.seed,
+                        "set": units.set,
+                        "block": units.block,
+                        "query_id": units.query,
+                        "pair": pair,
+                        "quantity": quantity,
+                        "layer": at,
+                        "value": _per_unit(x, y, units, quantity),
+                    }
+                )
+            )
     return pd.concat(parts, ignore_index=True)[_UNIT_COLUMNS] if parts else pd.DataFrame(columns=_UNIT_COLUMNS)
 
 
@@ -211,14 +290,27 @@ def _t_summary(diff: float, se: float, df: float, margin: float) -> dict[str, fl
         return {k: np.nan for k in ("ci_low", "ci_high", "p", "tost_low", "tost_high", "p_tost")} | {"margin": margin}
     if se == 0:  # every block the same: the limits of the t test as se -> 0
         inside = abs(diff) < margin
-        return {"ci_low": diff, "ci_high": diff, "p": 1.0 if diff == 0 else 0.0, "tost_low": diff, "tost_high": diff,
-                "p_tost": (0.0 if inside else 1.0) if np.isfinite(margin) else np.nan, "margin": margin}
+        return {
+            "ci_low": diff,
+            "ci_high": diff,
+            "p": 1.0 if diff == 0 else 0.0,
+            "tost_low": diff,
+            "tost_high": diff,
+            "p_tost": (0.0 if inside else 1.0) if np.isfinite(margin) else np.nan,
+            "margin": margin,
+        }
     t975, t95 = sps.t.ppf(0.975, df), sps.t.ppf(0.95, df)
     p_low = sps.t.sf((diff + margin) / se, df)  # H0: diff <= -margin
     p_high = sps.t.cdf((diff - margin) / se, df)  # H0: diff >= +margin
-    return {"ci_low": diff - t975 * se, "ci_high": diff + t975 * se, "p": float(2 * sps.t.sf(abs(diff) / se, df)),
-            "margin": margin, "tost_low": diff - t95 * se, "tost_high": diff + t95 * se,
-            "p_tost": float(max(p_low, p_high)) if np.isfinite(margin) else np.nan}
+    return {
+        "ci_low": diff - t975 * se,
+        "ci_high": diff + t975 * se,
+        "p": float(2 * sps.t.sf(abs(diff) / se, df)),
+        "margin": margin,
+        "tost_low": diff - t95 * se,
+        "tost_high": diff + t95 * se,
+        "p_tost": float(max(p_low, p_high)) if np.isfinite(margin) else np.nan,
+    }
 
 
 def compare_blocks(a: pd.DataFrame, b: pd.DataFrame, *, margin: float) -> dict[str, Any]:
@@ -244,9 +336,13 @@ def compare_blocks(a: pd.DataFrame, b: pd.DataFrame, *, margin: float) -> dict[s
     qa = dict(zip(a["block_id"], a["queries"]))
     qb = dict(zip(b["block_id"], b["queries"]))
     paired = len(qa) == len(a) and len(qb) == len(b) and qa == qb
-    out: dict[str, Any] = {"mean_a": float(va.mean()) if len(va) else np.nan,
-                           "mean_b": float(vb.mean()) if len(vb) else np.nan,
-                           "n_blocks_a": len(va), "n_blocks_b": len(vb), "paired": bool(paired)}
+    out: dict[str, Any] = {
+        "mean_a": float(va.mean()) if len(va) else np.nan,
+        "mean_b": float(vb.mean()) if len(vb) else np.nan,
+        "n_blocks_a": len(va),
+        "n_blocks_b": len(vb),
+        "paired": bool(paired),
+    }
     if paired:
         d = va - b.set_index("block_id").loc[list(a["block_id"]), "value"].to_numpy(dtype=float)
         n = len(d)
@@ -258,7 +354,11 @@ def compare_blocks(a: pd.DataFrame, b: pd.DataFrame, *, margin: float) -> dict[s
         if len(va) >= 2 and len(vb) >= 2:
             sa, sb = va.var(ddof=1) / len(va), vb.var(ddof=1) / len(vb)
             se = float(np.sqrt(sa + sb))
-            df = float((sa + sb) ** 2 / (sa**2 / (len(va) - 1) + sb**2 / (len(vb) - 1))) if se > 0 else len(va) + len(vb) - 2.0
+            df = (
+                float((sa + sb) ** 2 / (sa**2 / (len(va) - 1) + sb**2 / (len(vb) - 1)))
+                if se > 0
+                else len(va) + len(vb) - 2.0
+            )
         else:
             se = df = np.nan
     return out | {"diff": diff} | _t_summary(diff, se, df, margin)
@@ -268,8 +368,10 @@ def _adjust(df: pd.DataFrame) -> pd.DataFrame:
     """p_holm over every row (one family), then the verdicts."""
     df = df.copy()
     df["p_holm"] = holm(df["p"].to_numpy(dtype=float)) if len(df) else []
-    df["verdict"] = [verdict(lo, hi, p, bool(pt < 0.05)) for lo, hi, p, pt in
-                     zip(df["ci_low"], df["ci_high"], df["p_holm"], df["p_tost"].fillna(1.0))]
+    df["verdict"] = [
+        verdict(lo, hi, p, bool(pt < 0.05))
+        for lo, hi, p, pt in zip(df["ci_low"], df["ci_high"], df["p_holm"], df["p_tost"].fillna(1.0))
+    ]
     return df
 
 
@@ -282,8 +384,13 @@ def _block_ids(blocks: pd.DataFrame) -> pd.Series:
     return pd.Series([f"{s}/{b}" for s, b in zip(blocks["seed"], blocks["block"])], index=blocks.index, dtype=object)
 
 
-def cell_contrasts(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT_QUANTITIES, *, layer: int = -1,
-                   factors: Sequence[str] | None = None) -> pd.DataFrame:
+def cell_contrasts(
+    run: RunData,
+    quantities: Sequence[tuple[str, str]] = DEFAULT_QUANTITIES,
+    *,
+    layer: int = -1,
+    factors: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """Between-cell contrasts of each factor with query blocks as units.
 
     For each factor with two or more values, each value (level_a) is compared with the
@@ -317,7 +424,9 @@ def cell_contrasts(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT
     names = [f for f, vs in plan.get("factors", {}).items() if len(vs) > 1] if factors is None else list(factors)
     for f in names:
         if f not in plan.get("factors", {}):
-            raise ValueError(f"{f!r} is not a factor of this run (factors: {', '.join(plan.get('factors', {})) or 'none'})")
+            raise ValueError(
+                f"{f!r} is not a factor of this run (factors: {', '.join(plan.get('factors', {})) or 'none'})"
+            )
     if not names or run.trials.empty:
         return pd.DataFrame(columns=list(CONTRAST_COLUMNS))
     per_unit = unit_values(run, quantities, layer)
@@ -325,8 +434,9 @@ def cell_contrasts(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT
     rows = []
     for factor in names:
         cells = design_subset(labels, factor, plan)
-        blocks = block_values(per_unit.merge(cells[["cell_key", factor]], on="cell_key"),
-                              by=("pair", "quantity", factor))
+        blocks = block_values(
+            per_unit.merge(cells[["cell_key", factor]], on="cell_key"), by=("pair", "quantity", factor)
+        )
         if blocks.empty:
             continue
         blocks["block_id"] = _block_ids(blocks)
@@ -339,16 +449,30 @@ def cell_contrasts(run: RunData, quantities: Sequence[tuple[str, str]] = DEFAULT
                 a, b = q[match_value(q[factor], value)], q[match_value(q[factor], ref)]
                 if a.empty or b.empty:
                     continue
-                rows.append({"factor": factor, "level_a": str(value), "level_b": str(ref), "pair": pair,
-                             "quantity": quantity, "layer": layer}
-                            | compare_blocks(a, b, margin=contrast_margin(run.margin, pair)))
+                rows.append(
+                    {
+                        "factor": factor,
+                        "level_a": str(value),
+                        "level_b": str(ref),
+                        "pair": pair,
+                        "quantity": quantity,
+                        "layer": layer,
+                    }
+                    | compare_blocks(a, b, margin=contrast_margin(run.margin, pair))
+                )
     if not rows:
         return pd.DataFrame(columns=list(CONTRAST_COLUMNS))
     return _adjust(pd.DataFrame(rows))[list(CONTRAST_COLUMNS)]
 
 
-def within_cell_contrasts(run: RunData, comparisons: Sequence[tuple[tuple[str, str], tuple[str, str]]], *,
-                          layer: int = -1, cells: Sequence[str] | None = None, it_state: str = "it") -> pd.DataFrame:
+def within_cell_contrasts(
+    run: RunData,
+    comparisons: Sequence[tuple[tuple[str, str], tuple[str, str]]],
+    *,
+    layer: int = -1,
+    cells: Sequence[str] | None = None,
+    it_state: str = "it",
+) -> pd.DataFrame:
     """Two quantities of the same cell compared over its query blocks (a paired t test where
     both quantities have a value for the same trials of each block, else Welch).
 
@@ -388,13 +512,18 @@ def within_cell_contrasts(run: RunData, comparisons: Sequence[tuple[tuple[str, s
             common = set(a["block_id"]) & set(b["block_id"])  # blocks where both quantities have a value
             a, b = a[a["block_id"].isin(common)], b[b["block_id"].isin(common)]
             margin = contrast_margin(run.margin, pa if pa == pb else "raw")
-            rows.append({"cell_key": cell, "pair_a": pa, "quantity_a": qa, "pair_b": pb, "quantity_b": qb,
-                         "layer": layer} | compare_blocks(a, b, margin=margin))
+            rows.append(
+                {"cell_key": cell, "pair_a": pa, "quantity_a": qa, "pair_b": pb, "quantity_b": qb, "layer": layer}
+                | compare_blocks(a, b, margin=margin)
+            )
     return _adjust(pd.DataFrame(rows))[list(WITHIN_COLUMNS)] if rows else pd.DataFrame(columns=list(WITHIN_COLUMNS))
 
 
-@register_metric("contrasts", "per factor × value × pair × quantity: the value against the reference value with query "
-                 "blocks as units (paired t or Welch, 95% CI, Holm over the table, TOST, verdict), last layer")
+@register_metric(
+    "contrasts",
+    "per factor × value × pair × quantity: the value against the reference value with query "
+    "blocks as units (paired t or Welch, 95% CI, Holm over the table, TOST, verdict), last layer",
+)
 def contrasts_metric(run: RunData) -> pd.DataFrame:
     """:func:`cell_contrasts` with its defaults (the metric ``contrasts``)."""
     return cell_contrasts(run)

@@ -64,8 +64,17 @@ def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
 
-def dose_tables(states: Mapping[str, np.ndarray], outputs: pd.DataFrame, units: Units, labels: list[str], *,
-                margin: Any = None, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0) -> dict[str, pd.DataFrame]:
+def dose_tables(
+    states: Mapping[str, np.ndarray],
+    outputs: pd.DataFrame,
+    units: Units,
+    labels: list[str],
+    *,
+    margin: Any = None,
+    n_perm: int = 1000,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, pd.DataFrame]:
     """``estimates`` (:data:`DOSE_COLUMNS` without cell_key) and ``matched_tests`` (the null
     tests of the matched-step IT arm) of one cell; empty frames without captured steps."""
     steps = sorted(int(n.split(":step")[1]) for n in states if n.startswith("it:step"))
@@ -79,9 +88,18 @@ def dose_tables(states: Mapping[str, np.ndarray], outputs: pd.DataFrame, units: 
     def add(estimate: str, step: float, pair: str, values: np.ndarray, groups: np.ndarray) -> None:
         lo, hi = stats.cluster_mean(values, groups).ci(0.95)
         for layer in range(values.shape[1]):
-            rows.append({"estimate": estimate, "step": step, "pair": pair, "layer": layer,
-                         "value": float(np.nanmean(values[:, layer])), "ci_low": float(lo[layer]),
-                         "ci_high": float(hi[layer]), "n_units": int(len(values))})
+            rows.append(
+                {
+                    "estimate": estimate,
+                    "step": step,
+                    "pair": pair,
+                    "layer": layer,
+                    "value": float(np.nanmean(values[:, layer])),
+                    "ci_low": float(lo[layer]),
+                    "ci_high": float(hi[layer]),
+                    "n_units": int(len(values)),
+                }
+            )
 
     icl_it = row_cosine(icl[:, None], by_step)  # [n, S, L+1]
     last = icl_it[:, :, -1]
@@ -92,8 +110,13 @@ def dose_tables(states: Mapping[str, np.ndarray], outputs: pd.DataFrame, units: 
         picked = np.empty(len(half), dtype=np.int64)
         for h in (0, 1):
             picked[half == h] = int(np.argmax(last[half != h].mean(axis=0)))
-        add("peak_crossfit", float(np.median([steps[j] for j in picked])), "icl_it",
-            icl_it[np.arange(len(picked)), picked], blocks)
+        add(
+            "peak_crossfit",
+            float(np.median([steps[j] for j in picked])),
+            "icl_it",
+            icl_it[np.arange(len(picked)), picked],
+            blocks,
+        )
     tests = pd.DataFrame()
     probs = _probs(outputs, labels)
     if probs is not None and len(np.unique(units.set)) < len(units.set):
@@ -103,8 +126,9 @@ def dose_tables(states: Mapping[str, np.ndarray], outputs: pd.DataFrame, units: 
         median = float(np.median([steps[j] for j in chosen]))
         add("matched", median, "icl_it", row_cosine(icl, it), blocks)
         add("matched", median, "anchor_it", row_cosine(anchor, it), blocks)
-        tests = null_tests({"anchor": anchor, "icl": icl, "it": it}, units, margin=margin, n_perm=n_perm,
-                           n_boot=n_boot, seed=seed).assign(step=median)
+        tests = null_tests(
+            {"anchor": anchor, "icl": icl, "it": it}, units, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed
+        ).assign(step=median)
     return {"estimates": pd.DataFrame(rows), "matched_tests": tests}
 
 

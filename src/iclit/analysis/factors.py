@@ -157,8 +157,9 @@ def _cell_labels(plan: Mapping[str, Any], *frames: pd.DataFrame) -> pd.DataFrame
 # ------------------------------------------------------------------ per factor value
 
 
-def factor_summary(frame: pd.DataFrame, outputs: pd.DataFrame, plan: Mapping[str, Any], factor: str, *,
-                   cka: pd.DataFrame | None = None) -> pd.DataFrame:
+def factor_summary(
+    frame: pd.DataFrame, outputs: pd.DataFrame, plan: Mapping[str, Any], factor: str, *, cka: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """One row per value of ``factor``: ``trials``; per pair ``<pair>:last_layer`` and
     ``<pair>:mean_over_layers`` over trials (the three pairs always, baselines when stored);
     per arm ``score:<arm>`` over trials; ``demo_similarity`` and ``n_wrong`` (mean) when recorded.
@@ -179,7 +180,7 @@ def factor_summary(frame: pd.DataFrame, outputs: pd.DataFrame, plan: Mapping[str
         cells = design_subset(cells.merge(labels, on="cell_key", how="inner"), factor, plan)
     cka_pairs = [p for p in CKA_PAIRS if not cells.empty and p in set(cells["pair"])]
     cka_pairs += [p for p in pd.unique(cells["pair"]) if p not in cka_pairs] if not cells.empty else []
-    arms = [c[len("score_"):] for c in o.columns if c.startswith("score_") and c != "score_name"]
+    arms = [c[len("score_") :] for c in o.columns if c.startswith("score_") and c != "score_name"]
     present = set(trials["pair"])
     rows = []
     for value in factor_values(plan, factor):
@@ -191,7 +192,9 @@ def factor_summary(frame: pd.DataFrame, outputs: pd.DataFrame, plan: Mapping[str
             for what in WHATS:
                 row[f"{pair}:{what}"] = summarize(t.loc[t["pair"] == pair, what].to_numpy() if not t.empty else [])
         for arm in arms:
-            row[f"score:{arm}"] = summarize(pd.to_numeric(ov[f"score_{arm}"], errors="coerce").to_numpy() if len(ov) else [])
+            row[f"score:{arm}"] = summarize(
+                pd.to_numeric(ov[f"score_{arm}"], errors="coerce").to_numpy() if len(ov) else []
+            )
         if cka_pairs:
             cv = cells[match_value(cells[factor], value)] if factor in cells.columns else cells.iloc[:0]
             for pair in cka_pairs:
@@ -215,7 +218,9 @@ def peak_values(summary: pd.DataFrame, factor: str, pair: str = "icl_it") -> dic
         col = f"{pair}:{what}"
         if col not in summary.columns:
             continue
-        means = np.array([s["mean"] if isinstance(s, Mapping) and s.get("n") else np.nan for s in summary[col]], dtype=float)
+        means = np.array(
+            [s["mean"] if isinstance(s, Mapping) and s.get("n") else np.nan for s in summary[col]], dtype=float
+        )
         if means.size == 0 or np.all(np.isnan(means)):
             continue
         i = int(np.nanargmax(means))
@@ -223,27 +228,37 @@ def peak_values(summary: pd.DataFrame, factor: str, pair: str = "icl_it") -> dic
     return out
 
 
-def layer_summaries(frame: pd.DataFrame, factor: str | None, values: Sequence[Any],
-                    pairs: Sequence[str] | None = None) -> pd.DataFrame:
+def layer_summaries(
+    frame: pd.DataFrame, factor: str | None, values: Sequence[Any], pairs: Sequence[str] | None = None
+) -> pd.DataFrame:
     """Per value of ``factor`` (``None``: all trials, value None) × pair × layer: the mean
     with a 95% bootstrap CI over trials (``value, pair, layer, mean, std, ci_low, ci_high, n``)."""
     parts = []
-    for value in (values if factor is not None else [None]):
+    for value in values if factor is not None else [None]:
         sub = frame if factor is None else frame[match_value(frame[factor], value)]
         if pairs is not None:
             sub = sub[sub["pair"].isin(pairs)]
         if sub.empty:
             continue
-        pivot = {pair: grp.pivot_table(index="trial_key", columns="layer", values="cosine").to_numpy()
-                 for pair, grp in sub.groupby("pair", sort=False)}
+        pivot = {
+            pair: grp.pivot_table(index="trial_key", columns="layer", values="cosine").to_numpy()
+            for pair, grp in sub.groupby("pair", sort=False)
+        }
         parts.append(summarize_layers(pivot).assign(value=value))
     cols = ["value", "pair", "layer", "mean", "std", "ci_low", "ci_high", "n"]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 
-def factor_effects(frame: pd.DataFrame, plan: Mapping[str, Any], factor: str, *,
-                   pairs: Sequence[str] = EFFECT_PAIRS, n_boot: int = 2000, n_perm: int = 10000,
-                   seed: int = 0) -> pd.DataFrame:
+def factor_effects(
+    frame: pd.DataFrame,
+    plan: Mapping[str, Any],
+    factor: str,
+    *,
+    pairs: Sequence[str] = EFFECT_PAIRS,
+    n_boot: int = 2000,
+    n_perm: int = 10000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Each value of ``factor`` against the reference (base) value, paired trial by trial.
 
     Trials are paired on (seed, resample) — the same query — and, in a grid design, on the
@@ -256,8 +271,21 @@ def factor_effects(frame: pd.DataFrame, plan: Mapping[str, Any], factor: str, *,
     CIs and p-values are descriptive only; the tests with query blocks as units are
     :func:`iclit.analysis.contrasts.cell_contrasts` (``iclit results RUN --contrasts``).
     """
-    columns = ["factor", "value", "reference", "pair", "what", "n", "mean_value", "mean_reference",
-               "mean_diff", "ci_low", "ci_high", "cohens_d", "p_value"]
+    columns = [
+        "factor",
+        "value",
+        "reference",
+        "pair",
+        "what",
+        "n",
+        "mean_value",
+        "mean_reference",
+        "mean_diff",
+        "ci_low",
+        "ci_high",
+        "cohens_d",
+        "p_value",
+    ]
     f = design_subset(frame, factor, plan)
     if f.empty or factor not in f.columns:
         return pd.DataFrame(columns=columns)
@@ -281,14 +309,23 @@ def factor_effects(frame: pd.DataFrame, plan: Mapping[str, Any], factor: str, *,
                 a = pd.to_numeric(joined[col], errors="coerce").to_numpy(dtype=float)
                 b = pd.to_numeric(joined[f"{col}@ref"], errors="coerce").to_numpy(dtype=float)
                 d = paired_bootstrap_diff(a, b, n_boot=n_boot, seed=seed)
-                rows.append({
-                    "factor": factor, "value": value, "reference": ref, "pair": pair, "what": what, "n": d["n"],
-                    "mean_value": float(np.nanmean(a)) if d["n"] else float("nan"),
-                    "mean_reference": float(np.nanmean(b)) if d["n"] else float("nan"),
-                    "mean_diff": d["mean_diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
-                    "cohens_d": cohens_d(a, b) if d["n"] else float("nan"),
-                    "p_value": permutation_test(a, b, n_perm=n_perm, seed=seed) if d["n"] else float("nan"),
-                })
+                rows.append(
+                    {
+                        "factor": factor,
+                        "value": value,
+                        "reference": ref,
+                        "pair": pair,
+                        "what": what,
+                        "n": d["n"],
+                        "mean_value": float(np.nanmean(a)) if d["n"] else float("nan"),
+                        "mean_reference": float(np.nanmean(b)) if d["n"] else float("nan"),
+                        "mean_diff": d["mean_diff"],
+                        "ci_low": d["ci_low"],
+                        "ci_high": d["ci_high"],
+                        "cohens_d": cohens_d(a, b) if d["n"] else float("nan"),
+                        "p_value": permutation_test(a, b, n_perm=n_perm, seed=seed) if d["n"] else float("nan"),
+                    }
+                )
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -302,7 +339,9 @@ def dose_factor(plan: Mapping[str, Any]) -> str | None:
     return "recipe" if "recipe" in factors else (factors[0] if len(factors) == 1 else None)
 
 
-def dose_summary(frame: pd.DataFrame, outputs: pd.DataFrame, plan: Mapping[str, Any], factor: str | None) -> pd.DataFrame:
+def dose_summary(
+    frame: pd.DataFrame, outputs: pd.DataFrame, plan: Mapping[str, Any], factor: str | None
+) -> pd.DataFrame:
     """The dose curves: per factor value (or one group) and captured step, the ICL–IT and
     anchor–IT cosine (last layer, mean over layers), the IT score and the training loss of
     the model read at that step (after that many updates), each summarised over trials
@@ -358,11 +397,18 @@ def dose_peaks(dose: pd.DataFrame) -> list[dict[str, Any]]:
         i = int(np.nanargmax(means)) if np.isfinite(means).any() else 0
         k = int(np.nanargmax(means_all)) if np.isfinite(means_all).any() else 0
         last = len(grp) - 1
-        out.append({
-            "value": value, "peak_step": int(grp["step"][i]), "icl_it_at_peak": grp["icl_it:last_layer"][i],
-            "it_score_at_peak": grp["it_score"][i], "train_loss_at_peak": grp["train_loss"][i],
-            "peak_step_mean": int(grp["step"][k]), "icl_it_mean_at_peak": grp["icl_it:mean_over_layers"][k],
-            "last_step": int(grp["step"][last]), "icl_it_at_last": grp["icl_it:last_layer"][last],
-            "it_score_at_last": grp["it_score"][last],
-        })
+        out.append(
+            {
+                "value": value,
+                "peak_step": int(grp["step"][i]),
+                "icl_it_at_peak": grp["icl_it:last_layer"][i],
+                "it_score_at_peak": grp["it_score"][i],
+                "train_loss_at_peak": grp["train_loss"][i],
+                "peak_step_mean": int(grp["step"][k]),
+                "icl_it_mean_at_peak": grp["icl_it:mean_over_layers"][k],
+                "last_step": int(grp["step"][last]),
+                "icl_it_at_last": grp["icl_it:last_layer"][last],
+                "it_score_at_last": grp["it_score"][last],
+            }
+        )
     return out

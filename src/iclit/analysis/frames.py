@@ -21,15 +21,29 @@ from iclit.analysis.states import States
 
 __all__ = ["FRAME_COLUMNS", "CKA_PAIRS", "pair_order", "state_tables", "group_cosines", "similarities"]
 
-FRAME_COLUMNS = ("cell_key", "seed", "resample", "query_id", "demo_similarity", "n_wrong", "layer", "pair", "cosine",
-                 "trial_key")
-CKA_PAIRS: dict[str, tuple[str, str]] = {"cka_anchor_icl": ("anchor", "icl"), "cka_anchor_it": ("anchor", "it"),
-                                         "cka_icl_it": ("icl", "it")}
+FRAME_COLUMNS = (
+    "cell_key",
+    "seed",
+    "resample",
+    "query_id",
+    "demo_similarity",
+    "n_wrong",
+    "layer",
+    "pair",
+    "cosine",
+    "trial_key",
+)
+CKA_PAIRS: dict[str, tuple[str, str]] = {
+    "cka_anchor_icl": ("anchor", "icl"),
+    "cka_anchor_it": ("anchor", "it"),
+    "cka_icl_it": ("icl", "it"),
+}
 _BASELINE_ORDER = [p for pairs in BASELINE_PAIRS.values() for p in pairs]
 
 
 def pair_order(pairs: Iterable[str]) -> list[str]:
     """The three pairs, then the baselines, then the dose pairs by step (ICL–IT, anchor–IT)."""
+
     def rank(p: str) -> tuple[int, int, int]:
         if p in PAIRS:
             return (0, PAIRS.index(p), 0)
@@ -47,7 +61,9 @@ def _torch(states: States, rows: np.ndarray, names: Iterable[str]) -> dict[str, 
     return {n: torch.from_numpy(states[n][rows]) for n in names if n in states}
 
 
-def group_cosines(states: States, rows: np.ndarray, baselines: Iterable[str], reference: np.ndarray | None) -> dict[str, np.ndarray]:
+def group_cosines(
+    states: States, rows: np.ndarray, baselines: Iterable[str], reference: np.ndarray | None
+) -> dict[str, np.ndarray]:
     """pair → ``[n, L+1]`` cosines of the trials ``rows`` of one (cell, seed) group."""
     baselines = tuple(b for b in baselines if b != "cka")
     arms = _torch(states, rows, ("anchor", "icl", "it", "it_seed2", "icl_reordered"))
@@ -72,7 +88,9 @@ def similarities(states: Mapping[str, Any], baselines: Iterable[str] = ()) -> di
     :attr:`iclit.engine.evaluate.Evaluated.states`: name → ``[n, L+1, d]`` numpy or torch,
     with ``reference_mean`` ``[L+1, d]`` for the centred baseline) — what a run directory's
     frame holds for the same trials."""
-    arrays = {n: (a.detach().cpu().float().numpy() if hasattr(a, "detach") else np.asarray(a)) for n, a in states.items()}
+    arrays = {
+        n: (a.detach().cpu().float().numpy() if hasattr(a, "detach") else np.asarray(a)) for n, a in states.items()
+    }
     reference = arrays.pop("reference_mean", None)
     n = len(next(iter(arrays.values())))
     return group_cosines(States([str(i) for i in range(n)], arrays), np.arange(n), baselines, reference)
@@ -92,16 +110,26 @@ def _groups(trials: pd.DataFrame) -> Iterable[tuple[tuple[str, int], pd.DataFram
 
 def _frame_block(sub: pd.DataFrame, cos: Mapping[str, np.ndarray], label_cols: list[str]) -> list[pd.DataFrame]:
     n, n_layers = len(sub), next(iter(cos.values())).shape[1]
-    cols = {c: np.repeat(sub[c].to_numpy(), n_layers) for c in (*label_cols, "cell_key", "seed", "resample",
-                                                                  "query_id", "demo_similarity", "n_wrong")}
+    cols = {
+        c: np.repeat(sub[c].to_numpy(), n_layers)
+        for c in (*label_cols, "cell_key", "seed", "resample", "query_id", "demo_similarity", "n_wrong")
+    }
     keys = np.repeat(sub["trial_key"].to_numpy(), n_layers)
     layers = np.tile(np.arange(n_layers), n)
-    return [pd.DataFrame({**cols, "layer": layers, "pair": pair, "cosine": cos[pair].reshape(-1), "trial_key": keys})
-            for pair in cos]
+    return [
+        pd.DataFrame({**cols, "layer": layers, "pair": pair, "cosine": cos[pair].reshape(-1), "trial_key": keys})
+        for pair in cos
+    ]
 
 
-def state_tables(run_dir: str | Path, trials: pd.DataFrame, settings: Mapping[str, Mapping[str, Any]], *,
-                 cka: bool | None = None, min_queries: int = 3) -> tuple[pd.DataFrame, pd.DataFrame]:
+def state_tables(
+    run_dir: str | Path,
+    trials: pd.DataFrame,
+    settings: Mapping[str, Mapping[str, Any]],
+    *,
+    cka: bool | None = None,
+    min_queries: int = 3,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(similarity frame, CKA frame) of a run's trials, read group by group from the states.
 
     trials: one row per trial (``Store.trials``: factor columns, cell_key, seed, resample,
@@ -128,8 +156,17 @@ def state_tables(run_dir: str | Path, trials: pd.DataFrame, settings: Mapping[st
             arms = _torch(states, every, ("anchor", "icl", "it"))
             for pair, (a, b) in CKA_PAIRS.items():
                 values = cka_per_layer(arms[a], arms[b]).numpy()
-                cka_rows += [{"cell_key": cell, "seed": int(seed), "layer": layer, "pair": pair, "value": float(v),
-                              "n": len(sub)} for layer, v in enumerate(values)]
+                cka_rows += [
+                    {
+                        "cell_key": cell,
+                        "seed": int(seed),
+                        "layer": layer,
+                        "pair": pair,
+                        "value": float(v),
+                        "n": len(sub),
+                    }
+                    for layer, v in enumerate(values)
+                ]
     cka_df = pd.DataFrame(cka_rows, columns=["cell_key", "seed", "layer", "pair", "value", "n"])
     if not parts:
         return pd.DataFrame(columns=[*label_cols, *FRAME_COLUMNS]), cka_df

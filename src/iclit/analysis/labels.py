@@ -37,8 +37,9 @@ def _interval(per_set: np.ndarray, level: float) -> tuple[float, float, float, f
     return mean, mean - half, mean + half, p
 
 
-def label_sensitivity_summary(correct: Mapping[str, Any], zero_shot: Any | None = None, *, level: float = 0.95,
-                              margin: float = MARGIN) -> dict[str, Any]:
+def label_sensitivity_summary(
+    correct: Mapping[str, Any], zero_shot: Any | None = None, *, level: float = 0.95, margin: float = MARGIN
+) -> dict[str, Any]:
     """Accuracies and contrasts of the diagnostic.
 
     Parameters
@@ -81,5 +82,11 @@ def label_sensitivity_summary(correct: Mapping[str, Any], zero_shot: Any | None 
             verdict = "ignores labels"
     first = next(iter(correct.values()))
     arr = np.asarray(first)
-    return {"accuracy": accuracy, "contrasts": contrasts, "verdict": verdict, "margin": margin,
-            "sets": int(arr.shape[0]), "queries": int(arr.size // max(1, arr.shape[0]))}
+    return {
+        "accuracy": accuracy,
+        "contrasts": contrasts,
+        "verdict": verdict,
+        "margin": margin,
+        "sets": int(arr.shape[0]),
+        "queries": int(arr.size // max(1, arr.shape[0])),
+    }

@@ -62,9 +62,28 @@ import pandas as pd
 
 from iclit.analysis import stats
 
-__all__ = ["NULLS", "TEST_PAIRS", "CEILINGS", "CENTRINGS", "QUANTITIES", "DEFAULT_MARGINS", "TEST_COLUMNS", "Units",
-           "centre", "pair_states", "stratum_matrices", "strata", "links", "null_tests", "unit_rows", "quantity",
-           "margins", "margin_for", "verdict", "adjust_family"]
+__all__ = [
+    "NULLS",
+    "TEST_PAIRS",
+    "CEILINGS",
+    "CENTRINGS",
+    "QUANTITIES",
+    "DEFAULT_MARGINS",
+    "TEST_COLUMNS",
+    "Units",
+    "centre",
+    "pair_states",
+    "stratum_matrices",
+    "strata",
+    "links",
+    "null_tests",
+    "unit_rows",
+    "quantity",
+    "margins",
+    "margin_for",
+    "verdict",
+    "adjust_family",
+]
 
 NULLS = ("query_swap", "demo_swap")
 TEST_PAIRS: dict[str, tuple[str, ...]] = {
@@ -80,14 +99,50 @@ CEILINGS: dict[str, tuple[str, str]] = {"ceiling_it": ("it", "it_seed2"), "ceili
 CENTRINGS = ("raw", "anchor", "arm", "reference")
 QUANTITIES = ("raw", "centred", "update", "agreement", "kl")
 """The quantities an equivalence margin is declared for (:func:`margin_for`)."""
-DEFAULT_MARGINS: dict[str, Any] = {"raw": "ceiling", "centred": "ceiling", "update": "ceiling", "agreement": 0.05,
-                                   "kl": 0.05, "ceiling_fraction": 0.25}
+DEFAULT_MARGINS: dict[str, Any] = {
+    "raw": "ceiling",
+    "centred": "ceiling",
+    "update": "ceiling",
+    "agreement": 0.05,
+    "kl": 0.05,
+    "ceiling_fraction": 0.25,
+}
 """Cosine margins follow the ceiling rule (``ceiling_fraction`` × the ceiling's excess);
 agreement (a proportion) ±0.05, KL ±0.05 nats."""
-TEST_COLUMNS = ("pair", "centring", "layer", "null", "role", "observed", "null_mean", "diff", "se", "ci_low", "ci_high",
-                "p", "p_adj", "p_holm", "q_bh", "p_min", "exact", "n_perm", "margin", "tost_low", "tost_high", "p_tost",
-                "ceiling", "ceiling_diff", "ceiling_p", "fraction", "fraction_low", "fraction_high", "verdict",
-                "n_units", "n_strata", "n_blocks")
+TEST_COLUMNS = (
+    "pair",
+    "centring",
+    "layer",
+    "null",
+    "role",
+    "observed",
+    "null_mean",
+    "diff",
+    "se",
+    "ci_low",
+    "ci_high",
+    "p",
+    "p_adj",
+    "p_holm",
+    "q_bh",
+    "p_min",
+    "exact",
+    "n_perm",
+    "margin",
+    "tost_low",
+    "tost_high",
+    "p_tost",
+    "ceiling",
+    "ceiling_diff",
+    "ceiling_p",
+    "fraction",
+    "fraction_low",
+    "fraction_high",
+    "verdict",
+    "n_units",
+    "n_strata",
+    "n_blocks",
+)
 """One row per pair × centring × layer × null. role: ``test`` (the pairs of
 :data:`TEST_PAIRS`) or ``control`` (the ceilings of :data:`CEILINGS`). diff = observed −
 null_mean, se its standard error over query blocks, ci_low/high the 95% t interval; p: the
@@ -114,7 +169,9 @@ class Units:
     label: np.ndarray
 
     @classmethod
-    def from_trials(cls, trials: pd.DataFrame, settings: Mapping[str, Any], golds: Sequence[Any] | None = None) -> "Units":
+    def from_trials(
+        cls, trials: pd.DataFrame, settings: Mapping[str, Any], golds: Sequence[Any] | None = None
+    ) -> "Units":
         """trials: a cell's rows (seed, resample, query_id) in state order; settings: the
         cell's (``queries_per_set``, ``sets_per_query``); golds: each trial's gold label
         (classification) or None."""
@@ -123,8 +180,9 @@ class Units:
         resample = trials["resample"].to_numpy(dtype=np.int64)
         sets = resample // q
         label = np.asarray(list(golds) if golds is not None else [None] * len(trials), dtype=object)
-        return cls(trials["seed"].to_numpy(dtype=np.int64), sets, sets // m,
-                   trials["query_id"].to_numpy(dtype=object), label)
+        return cls(
+            trials["seed"].to_numpy(dtype=np.int64), sets, sets // m, trials["query_id"].to_numpy(dtype=object), label
+        )
 
     def __len__(self) -> int:
         return len(self.set)
@@ -167,8 +225,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
-def centre(x: np.ndarray, y: np.ndarray, centring: str, anchor: np.ndarray | None = None,
-           reference: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def centre(
+    x: np.ndarray, y: np.ndarray, centring: str, anchor: np.ndarray | None = None, reference: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Two arms' states ``[n, L+1, d]`` under a centring (module docstring); anchor: the
     cell's anchor states (``anchor`` centring), reference: ``[L+1, d]``."""
     if centring == "raw":
@@ -187,8 +246,9 @@ def centre(x: np.ndarray, y: np.ndarray, centring: str, anchor: np.ndarray | Non
     raise ValueError(f"unknown centring {centring!r}; known: {CENTRINGS}")
 
 
-def pair_states(states: Mapping[str, np.ndarray], pair: str, centring: str = "raw",
-                reference: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pair_states(
+    states: Mapping[str, np.ndarray], pair: str, centring: str = "raw", reference: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) ``[n, L+1, d]`` float64 of a tested pair under a centring (module docstring);
     states: arm → ``[n, L+1, d]``; reference: ``[L+1, d]`` for the ``reference`` centring.
     The update pair is (ICL − anchor, IT − anchor), each unit against its own anchor (its
@@ -200,8 +260,9 @@ def pair_states(states: Mapping[str, np.ndarray], pair: str, centring: str = "ra
     return centre(arm[left], arm[right], centring, arm["anchor"], reference)
 
 
-def stratum_matrices(x: np.ndarray, y: np.ndarray, rows: list[np.ndarray],
-                     anchor: np.ndarray | None = None) -> list[np.ndarray]:
+def stratum_matrices(
+    x: np.ndarray, y: np.ndarray, rows: list[np.ndarray], anchor: np.ndarray | None = None
+) -> list[np.ndarray]:
     """Per stratum ``[m, m, L+1]``: ``C[a, b, l] = cos(x[a], y[b])`` at layer l, rows a, b of
     the stratum. With ``anchor`` (an update pair), ``C[a, b] = cos(x[a] − anchor[b],
     y[b] − anchor[b])``: every partner's update is taken against the partner's own anchor on
@@ -215,7 +276,7 @@ def stratum_matrices(x: np.ndarray, y: np.ndarray, rows: list[np.ndarray],
         xs, a = x[r], anchor[r]
         ys = y[r] - a
         num = np.einsum("ald,bld->abl", xs, ys) - np.einsum("bld,bld->bl", a, ys)[None]
-        nx = ((xs**2).sum(-1)[:, None] - 2 * np.einsum("ald,bld->abl", xs, a) + (a**2).sum(-1)[None])
+        nx = (xs**2).sum(-1)[:, None] - 2 * np.einsum("ald,bld->abl", xs, a) + (a**2).sum(-1)[None]
         ny = np.linalg.norm(ys, axis=-1)[None]
         out.append(num / np.maximum(np.sqrt(np.maximum(nx, 0.0)) * ny, 1e-12))
     return out
@@ -261,8 +322,16 @@ def margin_for(declared: Mapping[str, Any], quantity_: str, ceiling_diff: Any = 
     return np.full(np.shape(ceiling_diff), float(value)) if np.ndim(ceiling_diff) else float(value)
 
 
-def verdict(diff_low: float, diff_high: float, p: float, equivalent: bool, alpha: float = 0.05, *,
-            se: float = 1.0, margin: float = np.nan) -> str:
+def verdict(
+    diff_low: float,
+    diff_high: float,
+    p: float,
+    equivalent: bool,
+    alpha: float = 0.05,
+    *,
+    se: float = 1.0,
+    margin: float = np.nan,
+) -> str:
     """``above null`` / ``below null`` when the adjusted p is below alpha and the CI excludes
     0; ``equivalent within ±m`` when the TOST's CI lies inside ±margin; ``undefined`` when the
     contrast does not vary between blocks (se 0 or NaN: no evidence either way); otherwise
@@ -288,8 +357,10 @@ def adjust_family(df: pd.DataFrame, by: Sequence[str] = ("layer",)) -> pd.DataFr
         df.loc[idx, "q_bh"] = stats.bh(df.loc[idx, "p"].to_numpy(dtype=float))
     se = df["se"] if "se" in df.columns else pd.Series(1.0, index=df.index)
     margin = df["margin"] if "margin" in df.columns else pd.Series(np.nan, index=df.index)
-    df["verdict"] = [verdict(lo, hi, p, eq, se=s, margin=m) for lo, hi, p, eq, s, m in
-                     zip(df["ci_low"], df["ci_high"], df["p_holm"], df["p_tost"] < 0.05, se, margin)]
+    df["verdict"] = [
+        verdict(lo, hi, p, eq, se=s, margin=m)
+        for lo, hi, p, eq, s, m in zip(df["ci_low"], df["ci_high"], df["p_holm"], df["p_tost"] < 0.05, se, margin)
+    ]
     return df
 
 
@@ -303,8 +374,16 @@ class _Tested:
     unit_order: np.ndarray
 
 
-def _run_pair(x: np.ndarray, y: np.ndarray, groups: list[np.ndarray], linked: list[Any], blocks: np.ndarray,
-              anchor: np.ndarray | None, n_perm: int, seed: int) -> _Tested:
+def _run_pair(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: list[np.ndarray],
+    linked: list[Any],
+    blocks: np.ndarray,
+    anchor: np.ndarray | None,
+    n_perm: int,
+    seed: int,
+) -> _Tested:
     res = stats.pairing_test(stratum_matrices(x, y, groups, anchor), n_perm=n_perm, seed=seed, links=linked)
     order = unit_rows(groups, res)
     return _Tested(res, stats.cluster_mean(res.unit_diff, blocks[order]), blocks[order], order)
@@ -320,26 +399,50 @@ def _rows(t: _Tested, base: dict[str, Any], margin: Any, control: _Tested | None
         frac = stats.ratio_ci(res.unit_diff, control.res.unit_diff, t.unit_blocks)
     rows = []
     for layer in range(len(res.diff)):
-        rows.append(base | {
-            "layer": layer, "observed": float(res.observed[layer]), "null_mean": float(res.null[layer]),
-            "diff": float(res.diff[layer]), "se": float(cm.se[layer]), "ci_low": float(lo[layer]),
-            "ci_high": float(hi[layer]), "p": float(res.p[layer]), "p_adj": float(res.p_maxT[layer]),
-            "p_min": float(res.p_min), "exact": bool(res.exact), "n_perm": int(res.n_perm),
-            "margin": float(marg[layer]), "tost_low": float(tost.ci_low[layer]),
-            "tost_high": float(tost.ci_high[layer]), "p_tost": float(tost.p[layer]),
-            "ceiling": control_name if control is not None else "",
-            "ceiling_diff": float(control.res.diff[layer]) if control is not None else np.nan,
-            "ceiling_p": float(control.res.p[layer]) if control is not None else np.nan,
-            "fraction": float(frac[0][layer]), "fraction_low": float(frac[1][layer]),
-            "fraction_high": float(frac[2][layer]), "n_units": int(res.n_units), "n_strata": int(res.n_strata),
-            "n_blocks": int(len(set(t.unit_blocks))),
-        })
+        rows.append(
+            base
+            | {
+                "layer": layer,
+                "observed": float(res.observed[layer]),
+                "null_mean": float(res.null[layer]),
+                "diff": float(res.diff[layer]),
+                "se": float(cm.se[layer]),
+                "ci_low": float(lo[layer]),
+                "ci_high": float(hi[layer]),
+                "p": float(res.p[layer]),
+                "p_adj": float(res.p_maxT[layer]),
+                "p_min": float(res.p_min),
+                "exact": bool(res.exact),
+                "n_perm": int(res.n_perm),
+                "margin": float(marg[layer]),
+                "tost_low": float(tost.ci_low[layer]),
+                "tost_high": float(tost.ci_high[layer]),
+                "p_tost": float(tost.p[layer]),
+                "ceiling": control_name if control is not None else "",
+                "ceiling_diff": float(control.res.diff[layer]) if control is not None else np.nan,
+                "ceiling_p": float(control.res.p[layer]) if control is not None else np.nan,
+                "fraction": float(frac[0][layer]),
+                "fraction_low": float(frac[1][layer]),
+                "fraction_high": float(frac[2][layer]),
+                "n_units": int(res.n_units),
+                "n_strata": int(res.n_strata),
+                "n_blocks": int(len(set(t.unit_blocks))),
+            }
+        )
     return rows
 
 
-def null_tests(states: Mapping[str, np.ndarray], units: Units, *, margin: Any = None,
-               centrings: Sequence[str] = ("raw", "anchor"), reference: np.ndarray | None = None,
-               n_perm: int = 1000, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def null_tests(
+    states: Mapping[str, np.ndarray],
+    units: Units,
+    *,
+    margin: Any = None,
+    centrings: Sequence[str] = ("raw", "anchor"),
+    reference: np.ndarray | None = None,
+    n_perm: int = 1000,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """The tests of one cell (:data:`TEST_COLUMNS`), from its states (arm → ``[n, L+1, d]``,
     rows as ``units``), with the ceilings of :data:`CEILINGS` where their arms are stored.
 
@@ -364,13 +467,21 @@ def null_tests(states: Mapping[str, np.ndarray], units: Units, *, margin: Any = 
             return _run_pair(x, y, groups, linked, blocks, anchor if with_anchor else None, n_perm, seed)
 
         for centring in centrings:
-            controls = {name: run(*centre(arm[a], arm[b], centring, anchor, reference))
-                        for name, (a, b) in ceilings.items()}
+            controls = {
+                name: run(*centre(arm[a], arm[b], centring, anchor, reference)) for name, (a, b) in ceilings.items()
+            }
             if centring == "raw":
-                controls |= {f"update_{name}": run(arm[a], arm[b], with_anchor=True) for name, (a, b) in ceilings.items()}
+                controls |= {
+                    f"update_{name}": run(arm[a], arm[b], with_anchor=True) for name, (a, b) in ceilings.items()
+                }
             for name, t in controls.items():
-                rows += _rows(t, {"pair": name, "centring": centring, "null": null, "role": "control"},
-                              margin_for(declared, quantity(name, centring), np.full(t.res.diff.shape, np.nan)), None, "")
+                rows += _rows(
+                    t,
+                    {"pair": name, "centring": centring, "null": null, "role": "control"},
+                    margin_for(declared, quantity(name, centring), np.full(t.res.diff.shape, np.nan)),
+                    None,
+                    "",
+                )
             for pair, nulls in TEST_PAIRS.items():
                 if null not in nulls or (pair == "update" and centring != "raw"):
                     continue
@@ -382,8 +493,13 @@ def null_tests(states: Mapping[str, np.ndarray], units: Units, *, margin: Any = 
                 else:
                     t = run(*pair_states(arm, pair, centring, reference))
                 ceiling = control.res.diff if control is not None else np.full(t.res.diff.shape, np.nan)
-                rows += _rows(t, {"pair": pair, "centring": centring, "null": null, "role": "test"},
-                              margin_for(declared, quantity(pair, centring), ceiling), control, name)
+                rows += _rows(
+                    t,
+                    {"pair": pair, "centring": centring, "null": null, "role": "test"},
+                    margin_for(declared, quantity(pair, centring), ceiling),
+                    control,
+                    name,
+                )
     if not rows:
         return pd.DataFrame(columns=list(TEST_COLUMNS))
     return adjust_family(pd.DataFrame(rows))[list(TEST_COLUMNS)]

@@ -25,8 +25,9 @@ SWAPS = ("queries", "sets")
 """What :func:`design_permutations` exchanges: a block's queries, or a block's sets."""
 
 
-def design_permutations(units: "Units", n_perm: int, seed: int = 0, *, swap: str = "queries",
-                        exact: bool = True) -> np.ndarray:
+def design_permutations(
+    units: "Units", n_perm: int, seed: int = 0, *, swap: str = "queries", exact: bool = True
+) -> np.ndarray:
     """Item permutations a cell's design makes exchangeable: ``[P, n]`` int64 (P = n_perm, or
     every arrangement but the observed one when they are fewer).
 
@@ -102,8 +103,9 @@ def design_permutations(units: "Units", n_perm: int, seed: int = 0, *, swap: str
     return perms
 
 
-def _query_groups(queries: dict[tuple[Any, Any, Any], list[tuple[Any, int]]],
-                  labels: dict[tuple[Any, Any, Any], Any]) -> dict[tuple[Any, ...], list[list[int]]]:
+def _query_groups(
+    queries: dict[tuple[Any, Any, Any], list[tuple[Any, int]]], labels: dict[tuple[Any, Any, Any], Any]
+) -> dict[tuple[Any, ...], list[list[int]]]:
     """Exchangeable queries: per (seed, block, label, sets read), one column of rows per query
     (a block of one item joins the single items of its seed and label)."""
     size: dict[tuple[Any, Any], int] = {}

@@ -28,8 +28,16 @@ from scipy import stats as sps
 from iclit.analysis.stats import MAX_EXACT, count_patterns, smallest_p
 from iclit.analysis.nulls import NULLS, TEST_PAIRS
 
-__all__ = ["DesignFloor", "family_size", "design_floors", "floors_frame", "detectable_effect", "blocks_needed",
-           "power_table", "plan_floors"]
+__all__ = [
+    "DesignFloor",
+    "family_size",
+    "design_floors",
+    "floors_frame",
+    "detectable_effect",
+    "blocks_needed",
+    "power_table",
+    "plan_floors",
+]
 
 _MAX_BLOCKS = 100_000
 
@@ -69,9 +77,17 @@ def _groups(null: str, n_blocks: int, sets_per_block: int, queries_per_set: int,
     return {per_label: n_blocks * max(1, n_labels)} if per_label >= 2 else {}
 
 
-def design_floors(*, n_blocks: int, sets_per_block: int, queries_per_set: int, n_labels: int = 1,
-                  n_centrings: int = 2, n_perm: int = 1000, alpha: float = 0.05,
-                  max_exact: int = MAX_EXACT) -> list[DesignFloor]:
+def design_floors(
+    *,
+    n_blocks: int,
+    sets_per_block: int,
+    queries_per_set: int,
+    n_labels: int = 1,
+    n_centrings: int = 2,
+    n_perm: int = 1000,
+    alpha: float = 0.05,
+    max_exact: int = MAX_EXACT,
+) -> list[DesignFloor]:
     """The smallest attainable p of each null of a cell, before and after Holm.
 
     Parameters
@@ -119,13 +135,24 @@ def design_floors(*, n_blocks: int, sets_per_block: int, queries_per_set: int, n
                 if more and family * smallest_p(more, n_perm=n_perm, max_exact=max_exact)[0] < alpha:
                     needed = g
                     break
-        out.append(DesignFloor(null, n_blocks, next(iter(groups)), count_patterns(groups), exact, p_min, family, floor,
-                               floor < alpha, needed))
+        out.append(
+            DesignFloor(
+                null,
+                n_blocks,
+                next(iter(groups)),
+                count_patterns(groups),
+                exact,
+                p_min,
+                family,
+                floor,
+                floor < alpha,
+                needed,
+            )
+        )
     return out
 
 
-def detectable_effect(block_sd: Any, n_blocks: int, *, alpha: float = 0.05, power: float = 0.8,
-                      family: int = 1) -> Any:
+def detectable_effect(block_sd: Any, n_blocks: int, *, alpha: float = 0.05, power: float = 0.8, family: int = 1) -> Any:
     """The smallest mean excess a two-sided t test over ``n_blocks`` block contrasts of SD
     ``block_sd`` detects with probability ``power`` at level alpha / family (Bonferroni: the
     first step of Holm), by the normal-theory formula
@@ -140,12 +167,22 @@ def detectable_effect(block_sd: Any, n_blocks: int, *, alpha: float = 0.05, powe
         return np.full(np.shape(block_sd), np.nan) if np.ndim(block_sd) else float("nan")
     df = n_blocks - 1
     mult = sps.t.ppf(1 - alpha / (2 * family), df) + sps.t.ppf(power, df)
-    return mult * np.asarray(block_sd, dtype=np.float64) / math.sqrt(n_blocks) if np.ndim(block_sd) else \
-        float(mult * block_sd / math.sqrt(n_blocks))
+    return (
+        mult * np.asarray(block_sd, dtype=np.float64) / math.sqrt(n_blocks)
+        if np.ndim(block_sd)
+        else float(mult * block_sd / math.sqrt(n_blocks))
+    )
 
 
-def blocks_needed(effect: float, block_sd: float, *, alpha: float = 0.05, power: float = 0.8, family: int = 1,
-                  max_blocks: int = _MAX_BLOCKS) -> int | None:
+def blocks_needed(
+    effect: float,
+    block_sd: float,
+    *,
+    alpha: float = 0.05,
+    power: float = 0.8,
+    family: int = 1,
+    max_blocks: int = _MAX_BLOCKS,
+) -> int | None:
     """The fewest blocks whose :func:`detectable_effect` is at most ``effect`` (None: none
     up to ``max_blocks``, or no effect / no variance to detect)."""
     if not (effect > 0 and block_sd > 0 and np.isfinite(effect) and np.isfinite(block_sd)):
@@ -164,8 +201,9 @@ def blocks_needed(effect: float, block_sd: float, *, alpha: float = 0.05, power:
     return hi
 
 
-def power_table(tests: pd.DataFrame, *, blocks: int | None = None, alpha: float = 0.05,
-                power: float = 0.8) -> pd.DataFrame:
+def power_table(
+    tests: pd.DataFrame, *, blocks: int | None = None, alpha: float = 0.05, power: float = 0.8
+) -> pd.DataFrame:
     """Power of every test of a pilot run at its own last layer.
 
     tests: a run's tests (:data:`iclit.analysis.nulls.TEST_COLUMNS`, with ``cell_key``);
@@ -186,16 +224,25 @@ def power_table(tests: pd.DataFrame, *, blocks: int | None = None, alpha: float 
         g = int(r["n_blocks"])
         sd = float(r["se"]) * math.sqrt(g) if np.isfinite(r["se"]) else float("nan")
         target = blocks or g
-        rows.append({**({"cell_key": r["cell_key"]} if keys else {}), "pair": r["pair"], "centring": r["centring"],
-                     "null": r["null"], "layer": int(r["layer"]), "diff": float(r["diff"]), "block_sd": sd,
-                     "n_blocks": g, "family": family,
-                     "detectable": detectable_effect(sd, g, alpha=alpha, power=power, family=family),
-                     "blocks": target,
-                     "detectable_at_blocks": detectable_effect(sd, target, alpha=alpha, power=power, family=family),
-                     "margin": float(r["margin"]),
-                     "blocks_for_margin": blocks_needed(float(r["margin"]), sd, alpha=alpha, power=power, family=family),
-                     "blocks_for_diff": blocks_needed(abs(float(r["diff"])), sd, alpha=alpha, power=power, family=family),
-                     })
+        rows.append(
+            {
+                **({"cell_key": r["cell_key"]} if keys else {}),
+                "pair": r["pair"],
+                "centring": r["centring"],
+                "null": r["null"],
+                "layer": int(r["layer"]),
+                "diff": float(r["diff"]),
+                "block_sd": sd,
+                "n_blocks": g,
+                "family": family,
+                "detectable": detectable_effect(sd, g, alpha=alpha, power=power, family=family),
+                "blocks": target,
+                "detectable_at_blocks": detectable_effect(sd, target, alpha=alpha, power=power, family=family),
+                "margin": float(r["margin"]),
+                "blocks_for_margin": blocks_needed(float(r["margin"]), sd, alpha=alpha, power=power, family=family),
+                "blocks_for_diff": blocks_needed(abs(float(r["diff"])), sd, alpha=alpha, power=power, family=family),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -211,9 +258,15 @@ def plan_floors(cells: list[dict[str, Any]], *, n_perm: int = 1000, alpha: float
     ``queries_per_set``, ``n_labels`` and ``n_centrings``."""
     rows = []
     for c in cells:
-        floors = design_floors(n_blocks=c["n_blocks"], sets_per_block=c["sets_per_block"],
-                               queries_per_set=c["queries_per_set"], n_labels=c.get("n_labels", 1),
-                               n_centrings=c.get("n_centrings", 2), n_perm=n_perm, alpha=alpha)
+        floors = design_floors(
+            n_blocks=c["n_blocks"],
+            sets_per_block=c["sets_per_block"],
+            queries_per_set=c["queries_per_set"],
+            n_labels=c.get("n_labels", 1),
+            n_centrings=c.get("n_centrings", 2),
+            n_perm=n_perm,
+            alpha=alpha,
+        )
         rows += [{"cell": c["cell"], **asdict(f)} for f in floors]
     return pd.DataFrame(rows)
 
@@ -229,7 +282,14 @@ def plan_cells(plan: Any) -> list[dict[str, Any]]:
     for c in plan.cells:
         labels = len(c.task.labels or ()) if c.task.kind == "classification" else 1
         name = ", ".join(f"{k}={c.labels[k]}" for k in factors if k in c.labels) or "the cell"
-        out.append({"cell": name, "n_blocks": len(spec.seeds) * -(-spec.resamples // c.sets_per_query),
-                    "sets_per_block": c.sets_per_query, "queries_per_set": c.queries_per_set, "n_labels": labels,
-                    "n_centrings": centrings})
+        out.append(
+            {
+                "cell": name,
+                "n_blocks": len(spec.seeds) * -(-spec.resamples // c.sets_per_query),
+                "sets_per_block": c.sets_per_query,
+                "queries_per_set": c.queries_per_set,
+                "n_labels": labels,
+                "n_centrings": centrings,
+            }
+        )
     return out

@@ -41,6 +41,7 @@ METRICS: dict[str, Metric] = {}
 
 def register_metric(name: str, help: str = "", *, needs_cka: bool = False) -> Callable[[MetricFn], MetricFn]:
     """Decorator: register ``fn`` as metric ``name`` (replacing one of the same name)."""
+
     def wrap(fn: MetricFn) -> MetricFn:
         METRICS[name] = Metric(name, fn, help or (fn.__doc__ or "").strip().split("\n")[0], needs_cka)
         return fn

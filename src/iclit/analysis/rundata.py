@@ -98,7 +98,9 @@ def load_run(run_dir: str | Path, *, all_trials: bool = False, cka: bool | None 
     notes: list[str] = []
     missing = trials["states_file"].isna() if len(trials) else pd.Series(dtype=bool)
     if missing.any():
-        notes.append(f"{int(missing.sum())} of {len(trials)} trials have no stored states (store_states: false): "
-                     "their similarities cannot be computed")
+        notes.append(
+            f"{int(missing.sum())} of {len(trials)} trials have no stored states (store_states: false): "
+            "their similarities cannot be computed"
+        )
     frame, cka_df = state_tables(run_dir, trials[~missing] if len(trials) else trials, settings, cka=cka)
     return RunData(Path(run_dir), latest, plan, frame, outputs, cka_df, trials, settings, notes)

@@ -20,8 +20,14 @@ BASELINES: tuple[str, ...] = ("centered", "shuffled", "update", "noise_ceiling",
 """What :func:`baseline_cosines` can add beside the three pairs (the spec's ``baselines``)."""
 
 BASELINE_PAIRS: dict[str, tuple[str, ...]] = {
-    "centered": ("anchor_icl_centered", "anchor_it_centered", "icl_it_centered",
-                 "anchor_icl_centered_ref", "anchor_it_centered_ref", "icl_it_centered_ref"),
+    "centered": (
+        "anchor_icl_centered",
+        "anchor_it_centered",
+        "icl_it_centered",
+        "anchor_icl_centered_ref",
+        "anchor_it_centered_ref",
+        "icl_it_centered_ref",
+    ),
     "shuffled": ("icl_it_shuffled",),
     "update": ("update_cosine",),
     "noise_ceiling": ("it_it_seed", "icl_icl_order"),
@@ -185,8 +191,9 @@ def baseline_cosines(
         if reference_mean is not None:
             for pair in PAIRS:
                 left, right = pair.split("_")
-                out[f"{pair}_centered_ref"] = centered_cosine_per_layer(states[left], states[right], reference_mean,
-                                                                        eps=eps)
+                out[f"{pair}_centered_ref"] = centered_cosine_per_layer(
+                    states[left], states[right], reference_mean, eps=eps
+                )
     if "shuffled" in baselines:
         n = states["icl"].shape[0]
         if n >= 2:

@@ -1,10 +1,10 @@
 """Stored hidden states, loaded back from a run directory without any model.
 
-    Example (not run: it needs a model or a run directory)::
+Example (not run: it needs a model or a run directory)::
 
-        st = iclit.load_states("runs/main")
-        st["icl"].shape            # [n_trials, L+1, d], rows in the order of st.keys
-        st.frame()                 # trial_key, row: joins with `iclit results` rows on trial_key
+    st = iclit.load_states("runs/main")
+    st["icl"].shape            # [n_trials, L+1, d], rows in the order of st.keys
+    st.frame()                 # trial_key, row: joins with `iclit results` rows on trial_key
 
 """
 
@@ -57,8 +57,9 @@ class States:
         return f"States({len(self.keys)} trials; {shapes})"
 
 
-def read_states(run_dir: str | Path, refs: pd.DataFrame, names: Sequence[str] | None = None,
-                cells: Mapping[str, str] | None = None) -> States:
+def read_states(
+    run_dir: str | Path, refs: pd.DataFrame, names: Sequence[str] | None = None, cells: Mapping[str, str] | None = None
+) -> States:
     """The states of the trials in ``refs`` (columns trial_key, states_file, states_row and,
     for the reference means, cell_key), in that order. Raises ValueError for trials whose run
     stored no states."""
@@ -67,15 +68,23 @@ def read_states(run_dir: str | Path, refs: pd.DataFrame, names: Sequence[str] | 
     run_dir = Path(run_dir)
     if len(refs) and refs["states_file"].isna().any():
         n = int(refs["states_file"].isna().sum())
-        raise ValueError(f"{run_dir}: {n} of {len(refs)} trials have no stored states (run with store_states: false, "
-                         "or from before states were stored); rerun them with store_states: true")
+        raise ValueError(
+            f"{run_dir}: {n} of {len(refs)} trials have no stored states (run with store_states: false, "
+            "or from before states were stored); rerun them with store_states: true"
+        )
     files: dict[str, dict[str, np.ndarray]] = {}
     for f in dict.fromkeys(refs["states_file"]):
         files[f] = read_chunk_states(run_dir / f, names if names is None else [*names, "reference_mean"])[1]
     present = set.intersection(*(set(a) - {"reference_mean"} for a in files.values())) if files else set()
     order = [n for n in (names or sorted(present, key=_name_order)) if n in present]
-    arrays = {name: np.stack([files[f][name][int(r)] for f, r in zip(refs["states_file"], refs["states_row"])])
-              for name in order} if len(refs) else {}
+    arrays = (
+        {
+            name: np.stack([files[f][name][int(r)] for f, r in zip(refs["states_file"], refs["states_row"])])
+            for name in order
+        }
+        if len(refs)
+        else {}
+    )
     reference: dict[str, np.ndarray] = {}
     if "cell_key" in refs.columns:
         for cell, f in zip(refs["cell_key"], refs["states_file"]):

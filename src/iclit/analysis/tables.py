@@ -16,7 +16,18 @@ from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
 from iclit.analysis.stats import summarize, summarize_layers
 
-__all__ = ["cell_cosines", "cell_cosine_tables", "query_blocks", "with_labels", "comparison_frame", "comparison_summary", "comparison_metrics", "arms_of", "factor_columns", "single_cell"]
+__all__ = [
+    "cell_cosines",
+    "cell_cosine_tables",
+    "query_blocks",
+    "with_labels",
+    "comparison_frame",
+    "comparison_summary",
+    "comparison_metrics",
+    "arms_of",
+    "factor_columns",
+    "single_cell",
+]
 
 _TRIAL_COLUMNS = ("cell_key", "seed", "resample", "query_id", "demo_similarity", "n_wrong", "trial_key")
 
@@ -26,21 +37,43 @@ def factor_columns(df: pd.DataFrame) -> list[str]:
     from iclit.analysis.frames import FRAME_COLUMNS
 
     skip = {*FRAME_COLUMNS, *_TRIAL_COLUMNS}
-    return [c for c in df.columns if c not in skip and not c.startswith(("prediction_", "score_"))
-            and c not in ("query", "gold", "score_name", "it_final_loss", "it_fitted", "it_losses", "dose", "seconds",
-                          "label_probs", "set", "slot", "causal")]
+    return [
+        c
+        for c in df.columns
+        if c not in skip
+        and not c.startswith(("prediction_", "score_"))
+        and c
+        not in (
+            "query",
+            "gold",
+            "score_name",
+            "it_final_loss",
+            "it_fitted",
+            "it_losses",
+            "dose",
+            "seconds",
+            "label_probs",
+            "set",
+            "slot",
+            "causal",
+        )
+    ]
 
 
 def arms_of(outputs: pd.DataFrame) -> list[str]:
     """The arms of a run, in the order they ran (from the ``score_<arm>`` columns)."""
-    return [c[len("score_"):] for c in outputs.columns if c.startswith("score_") and c != "score_name"]
+    return [c[len("score_") :] for c in outputs.columns if c.startswith("score_") and c != "score_name"]
 
 
 def single_cell(run: RunData) -> tuple[str, int]:
     """(cell_key, seed) of a run with exactly one; ValueError otherwise."""
-    groups = sorted({(c, int(s)) for c, s in zip(run.outputs["cell_key"], run.outputs["seed"])}) if len(run.outputs) else []
+    groups = (
+        sorted({(c, int(s)) for c, s in zip(run.outputs["cell_key"], run.outputs["seed"])}) if len(run.outputs) else []
+    )
     if len(groups) != 1:
-        raise ValueError(f"{run.path}: a comparison needs one cell and one seed, the run has {len(groups)} (cell, seed) groups")
+        raise ValueError(
+            f"{run.path}: a comparison needs one cell and one seed, the run has {len(groups)} (cell, seed) groups"
+        )
     return groups[0]
 
 
@@ -48,8 +81,10 @@ def cell_cosine_tables(run: RunData, cell_key: str, seed: int) -> dict[str, pd.D
     """pair → cosines of one (cell, seed): rows are resamples (sorted), columns layers;
     pairs in :func:`~iclit.analysis.frames.pair_order`. Trials without stored states are absent."""
     f = run.frame[(run.frame["cell_key"] == cell_key) & (run.frame["seed"] == seed)]
-    return {pair: f[f["pair"] == pair].pivot(index="resample", columns="layer", values="cosine").sort_index()
-            for pair in pair_order(f["pair"].unique())}
+    return {
+        pair: f[f["pair"] == pair].pivot(index="resample", columns="layer", values="cosine").sort_index()
+        for pair in pair_order(f["pair"].unique())
+    }
 
 
 def cell_cosines(run: RunData, cell_key: str, seed: int) -> dict[str, np.ndarray]:
@@ -92,8 +127,9 @@ def comparison_metrics(run: RunData) -> dict[str, Any]:
     losses = pd.to_numeric(o["it_final_loss"], errors="coerce").to_numpy(dtype=float)
     pred = {arm: o[f"prediction_{arm}"].tolist() for arm in arms_of(o)}
     return {
-        score_name: {arm: summarize(pd.to_numeric(o[f"score_{arm}"]).to_numpy(dtype=float), blocks, seed=seed)
-                     for arm in pred},
+        score_name: {
+            arm: summarize(pd.to_numeric(o[f"score_{arm}"]).to_numpy(dtype=float), blocks, seed=seed) for arm in pred
+        },
         "icl_it_agreement": agreement(pred["icl"], pred["it"]),
         "anchor_icl_agreement": agreement(pred["anchor"], pred["icl"]),
         "anchor_it_agreement": agreement(pred["anchor"], pred["it"]),
@@ -131,8 +167,9 @@ def cosines(run: RunData) -> pd.DataFrame:
     return run.frame
 
 
-@register_metric("layers", "per cell × pair × layer: mean, std, 95% CI (t over query blocks in a crossed cell) and "
-                 "n over trials")
+@register_metric(
+    "layers", "per cell × pair × layer: mean, std, 95% CI (t over query blocks in a crossed cell) and n over trials"
+)
 def layers(run: RunData) -> pd.DataFrame:
     parts = []
     for (cell, seed), _ in run.frame.groupby(["cell_key", "seed"], sort=False):
@@ -151,11 +188,20 @@ def summary(run: RunData) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame()
     keys = [*factor_columns(df), "cell_key"]
-    per_trial = df.groupby([*keys, "trial_key", "pair"], sort=False).agg(
-        last_layer=("cosine", "last"), mean_over_layers=("cosine", "mean")).reset_index()
-    out = per_trial.groupby([*keys, "pair"], sort=False).agg(
-        trials=("trial_key", "nunique"), last_layer=("last_layer", "mean"),
-        mean_over_layers=("mean_over_layers", "mean")).reset_index()
+    per_trial = (
+        df.groupby([*keys, "trial_key", "pair"], sort=False)
+        .agg(last_layer=("cosine", "last"), mean_over_layers=("cosine", "mean"))
+        .reset_index()
+    )
+    out = (
+        per_trial.groupby([*keys, "pair"], sort=False)
+        .agg(
+            trials=("trial_key", "nunique"),
+            last_layer=("last_layer", "mean"),
+            mean_over_layers=("mean_over_layers", "mean"),
+        )
+        .reset_index()
+    )
     return out.drop(columns="cell_key")
 
 
@@ -180,10 +226,16 @@ def agreements(run: RunData) -> pd.DataFrame:
     for (cell, seed), o in run.outputs.groupby(["cell_key", "seed"], sort=False):
         arms = arms_of(o)
         for i, a in enumerate(arms):
-            for b in arms[i + 1:]:
-                rows.append({"cell_key": cell, "seed": int(seed), "pair": f"{a}_{b}",
-                             "agreement": agreement(o[f"prediction_{a}"].tolist(), o[f"prediction_{b}"].tolist()),
-                             "n": len(o)})
+            for b in arms[i + 1 :]:
+                rows.append(
+                    {
+                        "cell_key": cell,
+                        "seed": int(seed),
+                        "pair": f"{a}_{b}",
+                        "agreement": agreement(o[f"prediction_{a}"].tolist(), o[f"prediction_{b}"].tolist()),
+                        "n": len(o),
+                    }
+                )
     return with_labels(pd.DataFrame(rows), run)
 
 
@@ -193,13 +245,22 @@ def it_loss(run: RunData) -> pd.DataFrame:
     for (cell, seed), o in run.outputs.groupby(["cell_key", "seed"], sort=False):
         losses = pd.to_numeric(o["it_final_loss"], errors="coerce").to_numpy(dtype=float)
         finite = losses[np.isfinite(losses)]
-        rows.append({"cell_key": cell, "seed": int(seed), **summarize(losses, seed=int(seed)),
-                     "max": float(finite.max()) if finite.size else float("nan")})
+        rows.append(
+            {
+                "cell_key": cell,
+                "seed": int(seed),
+                **summarize(losses, seed=int(seed)),
+                "max": float(finite.max()) if finite.size else float("nan"),
+            }
+        )
     return with_labels(pd.DataFrame(rows), run)
 
 
-@register_metric("effects", "per factor: each value vs the base value on the ICL–IT cosine and its baselines "
-                 "(paired bootstrap CI, Cohen's d, sign-flip permutation p)")
+@register_metric(
+    "effects",
+    "per factor: each value vs the base value on the ICL–IT cosine and its baselines "
+    "(paired bootstrap CI, Cohen's d, sign-flip permutation p)",
+)
 def effects(run: RunData) -> pd.DataFrame:
     from iclit.analysis.factors import factor_effects
 
@@ -220,50 +281,70 @@ def dose(run: RunData) -> pd.DataFrame:
     return dose_summary(run.frame, run.outputs, plan, dose_factor(plan))
 
 
-@register_metric("tests", "per cell × pair × centring × layer × null: observed cosine, its query-swap / demo-swap "
-                 "null, diff with a t interval over query blocks, permutation p (exact or Monte Carlo, with the "
-                 "design's smallest p), step-down max-T p_adj over layers, Holm p and BH q over the cell's tests at "
-                 "that layer, TOST against the declared margin, the positive control (ceiling) and the fraction of "
-                 "it, verdict")
+@register_metric(
+    "tests",
+    "per cell × pair × centring × layer × null: observed cosine, its query-swap / demo-swap "
+    "null, diff with a t interval over query blocks, permutation p (exact or Monte Carlo, with the "
+    "design's smallest p), step-down max-T p_adj over layers, Holm p and BH q over the cell's tests at "
+    "that layer, TOST against the declared margin, the positive control (ceiling) and the fraction of "
+    "it, verdict",
+)
 def tests(run: RunData) -> pd.DataFrame:
     return with_labels(run.tests, run)
 
 
-@register_metric("power", "per cell × test at the last layer, from this run as a pilot: the block SD, the effect "
-                 "detectable with 80% power after Bonferroni over the layer's family, and the blocks needed to "
-                 "detect the margin and the observed excess (`iclit power RUN --blocks N` plans another size)")
+@register_metric(
+    "power",
+    "per cell × test at the last layer, from this run as a pilot: the block SD, the effect "
+    "detectable with 80% power after Bonferroni over the layer's family, and the blocks needed to "
+    "detect the margin and the observed excess (`iclit power RUN --blocks N` plans another size)",
+)
 def power(run: RunData) -> pd.DataFrame:
     from iclit.analysis.power import power_table
 
     return with_labels(power_table(run.tests), run)
 
 
-@register_metric("geometry", "per cell × pair × layer: debiased linear CKA and RSA across all the cell's queries, "
-                 "with permutation nulls (p, max-T p_adj)")
+@register_metric(
+    "geometry",
+    "per cell × pair × layer: debiased linear CKA and RSA across all the cell's queries, "
+    "with permutation nulls (p, max-T p_adj)",
+)
 def geometry(run: RunData) -> pd.DataFrame:
     return with_labels(run.geometry, run)
 
 
-@register_metric("behaviour", "per cell × arm pair: prediction agreement and label-distribution KL, alone and "
-                 "against the query-swap / demo-swap nulls (Holm, BH, TOST)")
+@register_metric(
+    "behaviour",
+    "per cell × arm pair: prediction agreement and label-distribution KL, alone and "
+    "against the query-swap / demo-swap nulls (Holm, BH, TOST)",
+)
 def behaviour(run: RunData) -> pd.DataFrame:
     return with_labels(run.behaviour, run)
 
 
-@register_metric("dose_matched", "per cell with capture_steps: ICL–IT at the held-out behaviour-matched IT step "
-                 "(IT's label distribution closest to ICL's on the set's other queries), the cross-fitted peak "
-                 "(chosen on half the sets, read on the other) beside the naive one; CIs over sets then queries")
+@register_metric(
+    "dose_matched",
+    "per cell with capture_steps: ICL–IT at the held-out behaviour-matched IT step "
+    "(IT's label distribution closest to ICL's on the set's other queries), the cross-fitted peak "
+    "(chosen on half the sets, read on the other) beside the naive one; CIs over sets then queries",
+)
 def dose_matched(run: RunData) -> pd.DataFrame:
     return with_labels(run.cells["dose"], run)
 
 
-@register_metric("dose_tests", "per cell with capture_steps: the query-swap / demo-swap tests of the IT arm "
-                 "stopped at its behaviour-matched step")
+@register_metric(
+    "dose_tests",
+    "per cell with capture_steps: the query-swap / demo-swap tests of the IT arm stopped at its behaviour-matched step",
+)
 def dose_tests(run: RunData) -> pd.DataFrame:
     return with_labels(run.cells["dose_tests"], run)
 
 
-@register_metric("seeds", "per cell with a second IT seed (it_seeds: 2 or noise_ceiling): anchor–IT and ICL–IT "
-                 "with each seed, the per-pair between-seed SD and mean |diff| per layer (the IT seed noise)")
+@register_metric(
+    "seeds",
+    "per cell with a second IT seed (it_seeds: 2 or noise_ceiling): anchor–IT and ICL–IT "
+    "with each seed, the per-pair between-seed SD and mean |diff| per layer (the IT seed noise)",
+)
 def seeds(run: RunData) -> pd.DataFrame:
     return with_labels(run.cells["seeds"], run)

@@ -190,7 +190,9 @@ class SharedPrefix:
         ids = prefix_ids.expand(len(variants), -1)
         if route is not None:
             route(variants)
-        self.cache = returned_cache(run_decoder(model, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True))
+        self.cache = returned_cache(
+            run_decoder(model, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        )
         self.graph = cache_tensors(self.cache)
         self.leaves = [t.detach().requires_grad_(train and t.requires_grad) for t in self.graph]
 

@@ -34,7 +34,6 @@ def label_token_ids(tokenizer: PreTrainedTokenizerBase, answers: Sequence[str]) 
         firsts.append(ids[0])
     if len(set(firsts)) != len(firsts):
         raise ValueError(
-            f"labels {list(answers)} share a first token ({firsts}); choose label words that "
-            "start differently"
+            f"labels {list(answers)} share a first token ({firsts}); choose label words that start differently"
         )
     return torch.tensor(firsts, dtype=torch.long)

@@ -80,12 +80,24 @@ class ArmContext:
 
     def memory_plan(self) -> MemoryPlan:
         """How the batched IT path splits its work (memoised per model and settings)."""
-        key = ("memory_plan", self.recipe.rank, tuple(self.recipe.targets), self.memory_budget,
-               self.max_train_tokens, self.adapters_per_pass)
+        key = (
+            "memory_plan",
+            self.recipe.rank,
+            tuple(self.recipe.targets),
+            self.memory_budget,
+            self.max_train_tokens,
+            self.adapters_per_pass,
+        )
         if key not in self.lm.memo:
             self.lm.memo[key] = plan_memory(
-                self.lm.model, self.lm.device, rank=self.recipe.rank, targets=tuple(self.recipe.targets),
-                budget=self.memory_budget, train_tokens=self.max_train_tokens, adapters_per_pass=self.adapters_per_pass)
+                self.lm.model,
+                self.lm.device,
+                rank=self.recipe.rank,
+                targets=tuple(self.recipe.targets),
+                budget=self.memory_budget,
+                train_tokens=self.max_train_tokens,
+                adapters_per_pass=self.adapters_per_pass,
+            )
         return self.lm.memo[key]
 
     def train_tokens(self) -> int:
@@ -176,9 +188,16 @@ def read_out(
             raise ValueError(f"query_mean: the prompt does not end with its query block: {bad[-200:]!r}")
         span_from = [len(p) - len(b) for p, b in zip(prompts, blocks)]
     cap = capture(
-        model, tok, prompts, label_ids=label_ids, batch_size=ctx.batch_size,
-        prefixes=prefixes if ctx.fast else None, before_batch=before_batch, reference=not ctx.fast,
-        span_from=span_from, variants=variants,
+        model,
+        tok,
+        prompts,
+        label_ids=label_ids,
+        batch_size=ctx.batch_size,
+        prefixes=prefixes if ctx.fast else None,
+        before_batch=before_batch,
+        reference=not ctx.fast,
+        span_from=span_from,
+        variants=variants,
     )
     if label_ids is not None:
         probs = torch.softmax(cap.label_logits, dim=-1)
@@ -186,7 +205,12 @@ def read_out(
         return ArmOutput(cap.states, preds, probs, pooled=cap.pooled)
     stop = ctx.task.template.io_sep or "\n"
     preds = greedy_continuations(
-        model, tok, prompts, max_new_tokens=ctx.max_new_tokens, stop=stop, batch_size=ctx.batch_size,
+        model,
+        tok,
+        prompts,
+        max_new_tokens=ctx.max_new_tokens,
+        stop=stop,
+        batch_size=ctx.batch_size,
         before_batch=before_batch,
     )
     return ArmOutput(cap.states, preds, pooled=cap.pooled)
@@ -233,8 +257,9 @@ def anchor_arm(ctx: ArmContext) -> ArmOutput:
         query_of = dict(zip(prompts, queries))
         todo = sorted({p for p in prompts if p not in memo})
         if todo:
-            fresh = read_out(ctx, ctx.lm.model, todo, queries=[query_of[p] for p in todo],
-                             prefixes=ctx.query_prefixes(len(todo)))
+            fresh = read_out(
+                ctx, ctx.lm.model, todo, queries=[query_of[p] for p in todo], prefixes=ctx.query_prefixes(len(todo))
+            )
             for i, p in enumerate(todo):
                 memo[p] = _pick(fresh, [i])
         out = _concat([memo[p] for p in prompts])
@@ -246,8 +271,9 @@ def icl_arm(ctx: ArmContext) -> ArmOutput:
     """Demonstrations + query on the base model; on the fast path the demonstrations' key/value
     cache is computed once per demonstration set and shared by its queries."""
     prefixes = [ctx.task.template.icl_prefix(r.demonstrations, ctx.demo_template) for r in ctx.resamples]
-    out = read_out(ctx, ctx.lm.model, ctx.icl_prompts(), prefixes=prefixes,
-                   queries=[r.query.input for r in ctx.resamples])
+    out = read_out(
+        ctx, ctx.lm.model, ctx.icl_prompts(), prefixes=prefixes, queries=[r.query.input for r in ctx.resamples]
+    )
     ctx.advance(len(ctx.resamples))
     return out
 
@@ -275,13 +301,22 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
         if ctx.resamples[rows[0]].demonstrations:
             todo.append(rows)
             continue
-        base = read_out(ctx, ctx.lm.model, [prompts[i] for i in rows], queries=[queries[i] for i in rows],
-                        prefixes=ctx.query_prefixes(len(rows)))
+        base = read_out(
+            ctx,
+            ctx.lm.model,
+            [prompts[i] for i in rows],
+            queries=[queries[i] for i in rows],
+            prefixes=ctx.query_prefixes(len(rows)),
+        )
         if ctx.on_tuned is not None:
             ctx.on_tuned(ctx.lm.model, rows, None)
         steps = {s: base for s in ctx.recipe.capture_steps}
-        out = replace(base, tuning=[TuningResult() for _ in rows], by_step=steps,
-                      seeds={j: replace(base, tuning=[TuningResult() for _ in rows]) for j in range(1, n_seeds)})
+        out = replace(
+            base,
+            tuning=[TuningResult() for _ in rows],
+            by_step=steps,
+            seeds={j: replace(base, tuning=[TuningResult() for _ in rows]) for j in range(1, n_seeds)},
+        )
         for j, i in enumerate(rows):  # k = 0: nothing to tune on, IT is the base model
             outputs[i] = _pick(out, [j])
             outputs[i].tuning = [out.tuning[j]]
@@ -289,8 +324,9 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                 outputs[i].seeds[off].tuning = [TuningResult()]
         ctx.advance(len(rows))
 
-    def store(rows: list[int], by_seed: list[ArmOutput], results: list[list[TuningResult]],
-              by_step: dict[int, ArmOutput]) -> None:
+    def store(
+        rows: list[int], by_seed: list[ArmOutput], results: list[list[TuningResult]], by_step: dict[int, ArmOutput]
+    ) -> None:
         """by_seed[j]: the rows' outputs through seed j's adapters; results[j][row]."""
         out = replace(by_seed[0], by_step=by_step, seeds={j: by_seed[j] for j in range(1, n_seeds)})
         for pos, i in enumerate(rows):
@@ -314,18 +350,32 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
 
             def read(model: nn.Module, router, j: int = 0) -> ArmOutput:
                 adapter = [p * n_seeds + j for p in set_pos]  # each row's adapter (seed j of its set)
-                return read_out(ctx, model, row_prompts, queries=row_queries, prefixes=ctx.query_prefixes(len(rows)),
-                                variants=adapter, before_batch=lambda b: router.set([adapter[x] for x in b], device))
+                return read_out(
+                    ctx,
+                    model,
+                    row_prompts,
+                    queries=row_queries,
+                    prefixes=ctx.query_prefixes(len(rows)),
+                    variants=adapter,
+                    before_batch=lambda b: router.set([adapter[x] for x in b], device),
+                )
 
             def on_step(step: int, model: nn.Module, router) -> None:
                 by_step[step] = read(model, router)
 
             with tuned_many(
-                ctx.lm.model, ctx.lm.tokenizer, pair_sets, ctx.recipe, seeds=seeds, max_tokens=ctx.train_tokens(),
+                ctx.lm.model,
+                ctx.lm.tokenizer,
+                pair_sets,
+                ctx.recipe,
+                seeds=seeds,
+                max_tokens=ctx.train_tokens(),
                 on_step=on_step,
             ) as (model, router, results):
                 last = len(results[0].losses)  # the end of training, already read when captured
-                by_seed = [by_step[last] if j == 0 and last in by_step else read(model, router, j) for j in range(n_seeds)]
+                by_seed = [
+                    by_step[last] if j == 0 and last in by_step else read(model, router, j) for j in range(n_seeds)
+                ]
                 if ctx.on_tuned is not None:
                     ctx.on_tuned(model, rows, lambda b: router.set([set_pos[x] * n_seeds for x in b], device))
             per_row = [[results[set_pos[x] * n_seeds + j] for x in range(len(rows))] for j in range(n_seeds)]
@@ -340,15 +390,22 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                 steps: dict[int, ArmOutput] = {}
 
                 def read_one(model: nn.Module) -> ArmOutput:
-                    return read_out(ctx, model, row_prompts, queries=row_queries, prefixes=ctx.query_prefixes(len(rows)))
+                    return read_out(
+                        ctx, model, row_prompts, queries=row_queries, prefixes=ctx.query_prefixes(len(rows))
+                    )
 
                 def on_step(step: int, model: nn.Module, steps: dict = steps) -> None:
                     steps[step] = read_one(model)
 
                 recipe = ctx.recipe if j == 0 else replace(ctx.recipe, capture_steps=())
                 with tuned(
-                    ctx.lm.model, ctx.lm.tokenizer, ctx.training_pairs(r), recipe,
-                    seed=ctx.tuning_seed(r, j), reference=not ctx.fast, on_step=on_step if j == 0 else None,
+                    ctx.lm.model,
+                    ctx.lm.tokenizer,
+                    ctx.training_pairs(r),
+                    recipe,
+                    seed=ctx.tuning_seed(r, j),
+                    reference=not ctx.fast,
+                    on_step=on_step if j == 0 else None,
                 ) as (model, result):
                     last = len(result.losses)  # the end of training, already read when captured
                     by_seed.append(steps[last] if last in steps else read_one(model))
@@ -365,8 +422,15 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
 def it_seed2_arm(ctx: ArmContext) -> ArmOutput:
     """The ``it`` arm with another tuning seed (LoRA initialisation, data order, dropout):
     ``it`` vs ``it_seed2`` is the noise ceiling of ICL–IT similarity."""
-    return it_arm(replace(ctx, seed_offset=ctx.seed_offset + 1, it_seeds=1, recipe=replace(ctx.recipe, capture_steps=()),
-                          on_tuned=None))
+    return it_arm(
+        replace(
+            ctx,
+            seed_offset=ctx.seed_offset + 1,
+            it_seeds=1,
+            recipe=replace(ctx.recipe, capture_steps=()),
+            on_tuned=None,
+        )
+    )
 
 
 def reordered(demonstrations: Sequence) -> tuple:
@@ -378,8 +442,9 @@ def reordered(demonstrations: Sequence) -> tuple:
 def icl_reordered_arm(ctx: ArmContext) -> ArmOutput:
     """The ``icl`` arm with each set's demonstrations rotated by one (:func:`reordered`):
     ``icl`` vs ``icl_reordered`` is the ICL arm's ceiling (for k ≤ 1 it equals ``icl``)."""
-    return icl_arm(replace(ctx, resamples=[replace(r, demonstrations=reordered(r.demonstrations))
-                                           for r in ctx.resamples]))
+    return icl_arm(
+        replace(ctx, resamples=[replace(r, demonstrations=reordered(r.demonstrations)) for r in ctx.resamples])
+    )
 
 
 ARMS: dict[str, Callable[[ArmContext], ArmOutput]] = {}

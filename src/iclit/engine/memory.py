@@ -31,6 +31,8 @@ CUDA_TOKENS = 32768
 MAX_ADAPTERS = 64
 """Most adapters trained in one pass."""
 MIN_TOKENS = 64
+
+
 def available_memory(device: torch.device) -> tuple[int, str]:
     """(free bytes, where the number comes from) on ``device``."""
     if device.type == "cuda":
@@ -67,9 +69,11 @@ class MemoryPlan:
         return self.adapters_per_pass * self.per_adapter + self.train_tokens * self.per_token
 
     def describe(self) -> str:
-        return (f"{self.adapters_per_pass} adapters per pass, {self.train_tokens}-token micro-batches "
-                f"(budget {self.budget / 2**30:.2f} GiB from {self.source}; ≈ {self.per_token / 2**20:.2f} MiB a token, "
-                f"{self.per_adapter / 2**20:.2f} MiB an adapter)")
+        return (
+            f"{self.adapters_per_pass} adapters per pass, {self.train_tokens}-token micro-batches "
+            f"(budget {self.budget / 2**30:.2f} GiB from {self.source}; ≈ {self.per_token / 2**20:.2f} MiB a token, "
+            f"{self.per_adapter / 2**20:.2f} MiB an adapter)"
+        )
 
 
 def _config(model: nn.Module) -> Any:
@@ -94,9 +98,17 @@ def adapter_bytes(model: nn.Module, rank: int, targets: tuple[str, ...] | None) 
     return max(1, n) * 4 * 4
 
 
-def plan_memory(model: nn.Module, device: torch.device, *, rank: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj"),
-                budget: int | str | None = None, fraction: float = 0.5, train_tokens: int | None = None,
-                adapters_per_pass: int | None = None) -> MemoryPlan:
+def plan_memory(
+    model: nn.Module,
+    device: torch.device,
+    *,
+    rank: int = 8,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    budget: int | str | None = None,
+    fraction: float = 0.5,
+    train_tokens: int | None = None,
+    adapters_per_pass: int | None = None,
+) -> MemoryPlan:
     """The plan for training LoRA adapters on ``model`` (already loaded on ``device``).
 
     budget: the bytes to plan for (``"8GiB"``…); default ``fraction`` of the free memory now.

@@ -31,12 +31,13 @@ def check_comparison(k: int, resamples: int, task: Task, queries_per_set: int = 
     check_enough(task, k)
     if queries_per_set > 1:
         if queries_per_set + k > len(task):
-            raise TaskDataError(f"{task.source}: a set of {queries_per_set} queries and {k} demonstrations needs "
-                                f"{queries_per_set + k} distinct examples, the task has {len(task)}")
+            raise TaskDataError(
+                f"{task.source}: a set of {queries_per_set} queries and {k} demonstrations needs "
+                f"{queries_per_set + k} distinct examples, the task has {len(task)}"
+            )
     elif resamples > len(task):
         raise TaskDataError(
-            f"{task.source}: {resamples} resamples need {resamples} distinct queries, "
-            f"the task has {len(task)} examples"
+            f"{task.source}: {resamples} resamples need {resamples} distinct queries, the task has {len(task)} examples"
         )
 
 
@@ -117,7 +118,14 @@ def spec_of(data: Mapping[str, Any], *, check_resources: bool = True) -> Experim
 
     spec = parse_spec(dict(data), source="compare", check_resources=check_resources)
     if spec.factors or len(spec.seeds) != 1:
-        raise SpecError([SpecProblem("factors" if spec.factors else "seeds",
-                                     "a comparison is one cell and one seed; for factors or several seeds write a "
-                                     "spec and use `iclit run`")], "compare")
+        raise SpecError(
+            [
+                SpecProblem(
+                    "factors" if spec.factors else "seeds",
+                    "a comparison is one cell and one seed; for factors or several seeds write a "
+                    "spec and use `iclit run`",
+                )
+            ],
+            "compare",
+        )
     return spec

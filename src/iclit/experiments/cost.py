@@ -27,7 +27,16 @@ from typing import Any, Sequence
 from iclit.experiments.plan import Chunk, Plan
 from iclit.rundir.store import DB_NAME, Store
 
-__all__ = ["PlanCost", "arms_run", "chunk_cost", "plan_cost", "describe_cost", "cost_lines", "model_shape", "state_arrays"]
+__all__ = [
+    "PlanCost",
+    "arms_run",
+    "chunk_cost",
+    "plan_cost",
+    "describe_cost",
+    "cost_lines",
+    "model_shape",
+    "state_arrays",
+]
 
 
 @dataclass(frozen=True)
@@ -139,7 +148,9 @@ def _stored_rate(plan: Plan, out: Path) -> tuple[float, int] | None:
         return None
     try:
         with Store(out, readonly=True) as store:
-            rows = dict(store.conn.execute("SELECT trial_key, seconds FROM trials WHERE seconds IS NOT NULL").fetchall())
+            rows = dict(
+                store.conn.execute("SELECT trial_key, seconds FROM trials WHERE seconds IS NOT NULL").fetchall()
+            )
     except (RuntimeError, OSError):
         return None
     seconds = units = 0.0
@@ -164,8 +175,13 @@ def _calibrate(plan: Plan) -> tuple[float | None, tuple[int, int] | None]:
     return (None if rate is None else rate[0]), shape
 
 
-def plan_cost(plan: Plan, out: str | Path | None = None, *, calibrate: bool = False,
-              shapes: dict[str, tuple[int, int] | None] | None = None) -> PlanCost:
+def plan_cost(
+    plan: Plan,
+    out: str | Path | None = None,
+    *,
+    calibrate: bool = False,
+    shapes: dict[str, tuple[int, int] | None] | None = None,
+) -> PlanCost:
     """The cost of ``plan`` run into ``out`` (None: a new run directory).
 
     calibrate: when ``out`` holds no timings, compute one chunk here to time it (loads the
@@ -208,8 +224,18 @@ def plan_cost(plan: Plan, out: str | Path | None = None, *, calibrate: bool = Fa
     if rate is not None:
         seconds = rate[0] * sum(chunk_cost(c) for c in todo)
     one_shape = next(iter(shapes.values()), None) if len(set(shapes.values())) == 1 else None
-    return PlanCost(len(plan.cells), len(plan.chunks), plan.n_trials, sum(c.size for c in todo), len(todo), adapters,
-                    state_bytes, one_shape, seconds, source if todo else "nothing left to compute")
+    return PlanCost(
+        len(plan.cells),
+        len(plan.chunks),
+        plan.n_trials,
+        sum(c.size for c in todo),
+        len(todo),
+        adapters,
+        state_bytes,
+        one_shape,
+        seconds,
+        source if todo else "nothing left to compute",
+    )
 
 
 def _size(n: float) -> str:
@@ -230,11 +256,14 @@ def _duration(s: float) -> str:
 
 def describe_cost(cost: PlanCost, spec: Any | None = None) -> list[str]:
     """The cost as lines for the terminal."""
-    lines = [f"cost: {cost.cells} cells, {cost.chunks} chunks, {cost.trials} trials "
-             f"({cost.todo} in {cost.todo_chunks} chunks left to compute); {cost.adapters} IT adapters to train"]
+    lines = [
+        f"cost: {cost.cells} cells, {cost.chunks} chunks, {cost.trials} trials "
+        f"({cost.todo} in {cost.todo_chunks} chunks left to compute); {cost.adapters} IT adapters to train"
+    ]
     if cost.state_bytes is None:
-        lines.append("states on disk: unknown (the model's shapes are read from its config, a stored run or "
-                     "`--calibrate`)")
+        lines.append(
+            "states on disk: unknown (the model's shapes are read from its config, a stored run or `--calibrate`)"
+        )
     elif spec is not None and not spec.store_states:
         lines.append("states on disk: none (store_states: false)")
     else:

@@ -74,8 +74,9 @@ def lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
 def _describe(holder: dict[str, Any]) -> str:
     if not holder:
         return "an unreadable lock file (a process killed while writing it)"
-    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
-            + (f" ({holder['command']})" if holder.get("command") else ""))
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}" + (
+        f" ({holder['command']})" if holder.get("command") else ""
+    )
 
 
 def _is_stale(holder: dict[str, Any], age: float) -> bool:
@@ -121,10 +122,13 @@ class RunLock:
         return lock
 
     def _take(self) -> None:
-        record = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:300],
-                  "token": self.token}
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:300],
+            "token": self.token,
+        }
         for _ in range(3):
             if self._create(record):
                 return
@@ -136,10 +140,15 @@ class RunLock:
             except FileNotFoundError:
                 continue
             if not _is_stale(holder, age):
-                hint = ("wait for it to finish" if holder.get("host") == socket.gethostname() or not holder
-                        else f"if that process is gone, remove {self.path}")
-                raise RunLocked(f"{self.path.parent}: is being written by another iclit process: {_describe(holder)}; "
-                                f"{hint} (or choose another --out)")
+                hint = (
+                    "wait for it to finish"
+                    if holder.get("host") == socket.gethostname() or not holder
+                    else f"if that process is gone, remove {self.path}"
+                )
+                raise RunLocked(
+                    f"{self.path.parent}: is being written by another iclit process: {_describe(holder)}; "
+                    f"{hint} (or choose another --out)"
+                )
             self._take_over(holder)
         raise RunLocked(f"{self.path.parent}: could not take the lock {self.path} (other processes keep taking it)")
 
@@ -210,7 +219,9 @@ def _make_dirs(run_dir: Path) -> list[Path]:
             break
         here = here.parent
     if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: exists and is not a directory (a run directory is a folder; choose another --out)")
+        raise RunDirError(
+            f"{run_dir}: exists and is not a directory (a run directory is a folder; choose another --out)"
+        )
     created: list[Path] = []
     for d in reversed(missing):
         try:

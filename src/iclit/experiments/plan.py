@@ -117,8 +117,16 @@ class PlannedCell:
             if self.demo_task is not None:
                 embed_examples(self.demo_task.examples)
         n_sets = max(indices) // self.queries_per_set + 1
-        every = draw_sets(self.task, self.k, n_sets, self.queries_per_set, seed, self.chooser(), demo_task=self.demo_task,
-                          sets_per_query=self.sets_per_query)
+        every = draw_sets(
+            self.task,
+            self.k,
+            n_sets,
+            self.queries_per_set,
+            seed,
+            self.chooser(),
+            demo_task=self.demo_task,
+            sets_per_query=self.sets_per_query,
+        )
         return [every[i] for i in indices]
 
 
@@ -161,8 +169,10 @@ class Plan:
         """What the store keeps about the plan (the report reads it back)."""
         spec = self.spec
         return {
-            "factors": {n: [factor_label(n, v) if n != "recipe" else spec.resolve_recipe(v)[0] for v in vs]
-                        for n, vs in spec.factors.items()},
+            "factors": {
+                n: [factor_label(n, v) if n != "recipe" else spec.resolve_recipe(v)[0] for v in vs]
+                for n, vs in spec.factors.items()
+            },
             "base": {n: _label(spec, n, spec.base_value(n)) for n in FACTORS},
             "design": spec.design,
             "seeds": list(spec.seeds),
@@ -223,8 +233,12 @@ def _cell(spec: ExperimentSpec, values: dict[str, Any], tasks: dict[Any, Task]) 
         "dtype": spec.dtype,
         "task": {"name": task.name, "kind": task.kind, "data": task_digest(task)},
         "template": asdict(task.template),
-        "demos": None if demo_task is None else {
-            "task": demo_task.name, "kind": demo_task.kind, "data": task_digest(demo_task),
+        "demos": None
+        if demo_task is None
+        else {
+            "task": demo_task.name,
+            "kind": demo_task.kind,
+            "data": task_digest(demo_task),
             "template": asdict(demo_template),
         },
         "k": int(values["k"]),
@@ -257,10 +271,21 @@ def _cell(spec: ExperimentSpec, values: dict[str, Any], tasks: dict[Any, Task]) 
     labels = {n: _label(spec, n, values[n]) for n in FACTORS}
     labels["task"] = spec.task
     return PlannedCell(
-        labels=labels, model=values["model"], task=task, demo_task=demo_task, demo_template=demo_template,
-        k=int(values["k"]), similarity=similarity, wrong_labels=float(values["wrong_labels"]), sampler=sampler,
-        recipe_label=recipe_label, recipe=recipe, settings=settings, key=_sha(settings),
-        queries_per_set=spec.queries_per_set, sets_per_query=spec.query_sharing,
+        labels=labels,
+        model=values["model"],
+        task=task,
+        demo_task=demo_task,
+        demo_template=demo_template,
+        k=int(values["k"]),
+        similarity=similarity,
+        wrong_labels=float(values["wrong_labels"]),
+        sampler=sampler,
+        recipe_label=recipe_label,
+        recipe=recipe,
+        settings=settings,
+        key=_sha(settings),
+        queries_per_set=spec.queries_per_set,
+        sets_per_query=spec.query_sharing,
     )
 
 

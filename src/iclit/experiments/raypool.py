@@ -46,8 +46,14 @@ class RayOptions:
     max_retries: int = 2
 
 
-def ray_options_of(spec: ExperimentSpec, *, actors_per_gpu: int | None = None, threads: int | None = None,
-                   max_retries: int | None = None, gpu: bool | None = None) -> RayOptions:
+def ray_options_of(
+    spec: ExperimentSpec,
+    *,
+    actors_per_gpu: int | None = None,
+    threads: int | None = None,
+    max_retries: int | None = None,
+    gpu: bool | None = None,
+) -> RayOptions:
     """The spec's ``cluster`` section, with the given values (CLI flags) laid over it."""
     c = spec.cluster
     return RayOptions(
@@ -103,7 +109,9 @@ def _planned_actors_per_gpu(spec: ExperimentSpec, options: RayOptions, model: st
         from iclit.schema import parse_bytes
 
         preview = model_preview(model)
-        params = _parameters(getattr(preview, "config", None) or getattr(getattr(preview, "model", None), "config", None))
+        params = _parameters(
+            getattr(preview, "config", None) or getattr(getattr(preview, "model", None), "config", None)
+        )
     except Exception:  # noqa: BLE001 - no plan: one actor per GPU
         return 1
     if not params:
@@ -128,8 +136,14 @@ def _describe(job: ChunkJob) -> str:
     return f"chunk of cell {job.cell_key[:12]} (seed {job.seed}, {span}, first trial {job.keys[0][:12] if job.keys else '-'})"
 
 
-def run_ray(jobs: Sequence[ChunkJob], spec: ExperimentSpec, *, address: str | None, workers: int | None,
-            options: RayOptions | None = None) -> Iterator[tuple[ChunkJob, ChunkOutput]]:
+def run_ray(
+    jobs: Sequence[ChunkJob],
+    spec: ExperimentSpec,
+    *,
+    address: str | None,
+    workers: int | None,
+    options: RayOptions | None = None,
+) -> Iterator[tuple[ChunkJob, ChunkOutput]]:
     """Compute ``jobs`` on Ray actors; yields (job, output) once per job as chunks finish.
 
     ``address``: an existing cluster, else a local one with ``workers`` CPUs (default: all).
@@ -159,7 +173,7 @@ def run_ray(jobs: Sequence[ChunkJob], spec: ExperimentSpec, *, address: str | No
         gpu = _uses_gpu(spec, options, float(resources.get("GPU", 0)))
         per_gpu = _planned_actors_per_gpu(spec, options, first.model) if gpu else 1
         opts = actor_options(gpu=gpu, actors_per_gpu=per_gpu, threads=options.threads)
-        fit = (int(resources.get("GPU", 0) * per_gpu) if gpu else int(resources.get("CPU", 1) // options.threads))
+        fit = int(resources.get("GPU", 0) * per_gpu) if gpu else int(resources.get("CPU", 1) // options.threads)
         n = max(1, min(workers or max(1, fit), len(jobs)))
         log.info("Ray: %d actors, each %s", n, opts)
         Actor = ray.remote(ChunkWorker)
@@ -188,9 +202,11 @@ def run_ray(jobs: Sequence[ChunkJob], spec: ExperimentSpec, *, address: str | No
                 _kill(ray, actor)
                 if tries[job.keys] > options.max_retries:
                     n = tries[job.keys]
-                    raise ChunkFailed(f"{_describe(job)}: its worker died {n} time{'s' if n != 1 else ''} "
-                                      f"(max_retries {options.max_retries}); last: {type(e).__name__}: "
-                                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
+                    raise ChunkFailed(
+                        f"{_describe(job)}: its worker died {n} time{'s' if n != 1 else ''} "
+                        f"(max_retries {options.max_retries}); last: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}"
+                    ) from e
                 log.warning("%s: its worker died (%s); retrying on another worker", _describe(job), type(e).__name__)
                 queue.appendleft(job)
                 idle.append(start())

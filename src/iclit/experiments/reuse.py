@@ -101,16 +101,22 @@ def copy_reusable(found: Sequence[Reusable], store: Store, run_id: int, reused_f
         reused_from[name] += new
         trials += new
     if trials:
-        log.info("reused %d trials in %d chunks from %s", trials, len(found),
-                 ", ".join(f"{n} ({c})" for n, c in reused_from.items()))
+        log.info(
+            "reused %d trials in %d chunks from %s",
+            trials,
+            len(found),
+            ", ".join(f"{n} ({c})" for n, c in reused_from.items()),
+        )
     return trials, len(found)
 
 
 def _whole_chunk(rows: StoredTrials, chunk: Chunk) -> bool:
     """The rows are the chunk's trials of its cell, written together (one run, one transaction):
     not a mix of trials computed in differently composed chunks."""
-    return (all(t["cell_key"] == chunk.cell.key and t["seed"] == chunk.seed for t in rows.trials)
-            and len({(t["run_id"], t["written"]) for t in rows.trials}) == 1)
+    return (
+        all(t["cell_key"] == chunk.cell.key and t["seed"] == chunk.seed for t in rows.trials)
+        and len({(t["run_id"], t["written"]) for t in rows.trials}) == 1
+    )
 
 
 def _part_of_larger_chunk(src: Store, chunk: Chunk) -> bool:

@@ -47,8 +47,17 @@ from iclit.experiments.raypool import RayOptions, run_ray
 from iclit.experiments.shards import merge_shards, shard_chunks, shard_dir, unmerged_trials
 from iclit.experiments.workers import ChunkJob, ChunkOutput, execute, loaded_model, make_job, model_preview, use_models
 
-__all__ = ["Backend", "ReuseError", "RunDirError", "RunSummary", "check_run_dir", "SPEC_NAME", "open_reuse_stores", "run_experiment",
-           "experiment_versions"]
+__all__ = [
+    "Backend",
+    "ReuseError",
+    "RunDirError",
+    "RunSummary",
+    "check_run_dir",
+    "SPEC_NAME",
+    "open_reuse_stores",
+    "run_experiment",
+    "experiment_versions",
+]
 
 Backend = Literal["local", "ray"]
 SPEC_NAME = "spec.yaml"
@@ -86,16 +95,22 @@ class RunSummary:
         """One line naming how many computed trials' IT arm did not fit, with their losses."""
         if not self.not_fitted:
             return None
-        losses = ", ".join(f"{loss:.3g}" for _, loss in self.not_fitted[:10]) + (", …" if len(self.not_fitted) > 10 else "")
+        losses = ", ".join(f"{loss:.3g}" for _, loss in self.not_fitted[:10]) + (
+            ", …" if len(self.not_fitted) > 10 else ""
+        )
         from iclit.engine.evaluate import FIT_LOSS
 
-        return (f"the IT arm did not fit its demonstrations in {len(self.not_fitted)} of {self.computed} computed "
-                f"trials (final answer loss ≥ {FIT_LOSS:g}: {losses}); their IT states are of a model that has not learnt "
-                "the demonstrations (see `iclit results RUN --metric it_loss`)")
+        return (
+            f"the IT arm did not fit its demonstrations in {len(self.not_fitted)} of {self.computed} computed "
+            f"trials (final answer loss ≥ {FIT_LOSS:g}: {losses}); their IT states are of a model that has not learnt "
+            "the demonstrations (see `iclit results RUN --metric it_loss`)"
+        )
 
     def __str__(self) -> str:
-        text = (f"{self.out}: {self.planned} trials planned, {self.already_done} already stored, "
-                f"{self.computed} computed in {self.chunks_run} chunks")
+        text = (
+            f"{self.out}: {self.planned} trials planned, {self.already_done} already stored, "
+            f"{self.computed} computed in {self.chunks_run} chunks"
+        )
         if self.reused_from:
             if len(self.reused_from) == 1:
                 where = next(iter(self.reused_from))
@@ -129,12 +144,25 @@ class _Progress:
         if not enabled:
             return
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("trials"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                            console=Console(stderr=True))
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("trials"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
         self.bar.start()
         self.task = self.bar.add_task(title, total=total, completed=done)
 
@@ -200,15 +228,45 @@ def run_experiment(
         if backend != "local":
             raise ValueError("models handed in as objects run on the local backend only")
         with use_models(models):
-            return _run(_load(spec, check_resources=False), out, backend="local", address=None, workers=None,
-                        progress=progress, max_chunks=max_chunks, reuse=reuse, shard=shard, ray_options=None)
-    return _run(_load(spec), out, backend=backend, address=address, workers=workers, progress=progress,
-                max_chunks=max_chunks, reuse=reuse, shard=shard, ray_options=ray_options)
+            return _run(
+                _load(spec, check_resources=False),
+                out,
+                backend="local",
+                address=None,
+                workers=None,
+                progress=progress,
+                max_chunks=max_chunks,
+                reuse=reuse,
+                shard=shard,
+                ray_options=None,
+            )
+    return _run(
+        _load(spec),
+        out,
+        backend=backend,
+        address=address,
+        workers=workers,
+        progress=progress,
+        max_chunks=max_chunks,
+        reuse=reuse,
+        shard=shard,
+        ray_options=ray_options,
+    )
 
 
-def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: str | None, workers: int | None,
-         progress: bool, max_chunks: int | None, reuse: Sequence[str | Path], shard: tuple[int, int] | None,
-         ray_options: RayOptions | None) -> RunSummary:
+def _run(
+    spec: ExperimentSpec,
+    out: str | Path,
+    *,
+    backend: Backend,
+    address: str | None,
+    workers: int | None,
+    progress: bool,
+    max_chunks: int | None,
+    reuse: Sequence[str | Path],
+    shard: tuple[int, int] | None,
+    ray_options: RayOptions | None,
+) -> RunSummary:
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', not {backend!r}")
     started = time.perf_counter()
@@ -224,16 +282,41 @@ def _run(spec: ExperimentSpec, out: str | Path, *, backend: Backend, address: st
     try:
         if shard is None and unmerged_trials(out):  # shards of this run computed elsewhere: theirs, not recomputed
             merge_shards(out, lock=False)
-        return _run_locked(spec, plan, chunks, skip, out, backend=backend, address=address, workers=workers,
-                           progress=progress, max_chunks=max_chunks, reuse=reuse, ray_options=ray_options,
-                           started=started)
+        return _run_locked(
+            spec,
+            plan,
+            chunks,
+            skip,
+            out,
+            backend=backend,
+            address=address,
+            workers=workers,
+            progress=progress,
+            max_chunks=max_chunks,
+            reuse=reuse,
+            ray_options=ray_options,
+            started=started,
+        )
     finally:
         lock.release()
 
 
-def _run_locked(spec: ExperimentSpec, plan: Plan, chunks: Sequence[Chunk], skip: set[str], out: Path, *, backend: Backend,
-                address: str | None, workers: int | None, progress: bool, max_chunks: int | None,
-                reuse: Sequence[str | Path], ray_options: RayOptions | None, started: float) -> RunSummary:
+def _run_locked(
+    spec: ExperimentSpec,
+    plan: Plan,
+    chunks: Sequence[Chunk],
+    skip: set[str],
+    out: Path,
+    *,
+    backend: Backend,
+    address: str | None,
+    workers: int | None,
+    progress: bool,
+    max_chunks: int | None,
+    reuse: Sequence[str | Path],
+    ray_options: RayOptions | None,
+    started: float,
+) -> RunSummary:
     sources = open_reuse_stores(reuse, out)  # before anything is written
     reused_from = {name: 0 for name, _ in sources}
     try:
@@ -242,7 +325,9 @@ def _run_locked(spec: ExperimentSpec, plan: Plan, chunks: Sequence[Chunk], skip:
         if max_chunks is not None:
             todo = todo[:max_chunks]
         jobs = [make_job(c, spec) for c in todo]
-        if backend == "local" and jobs:  # prompts fit the context window, LoRA targets exist: before anything is written
+        if (
+            backend == "local" and jobs
+        ):  # prompts fit the context window, LoRA targets exist: before anything is written
             from iclit.engine.evaluate import check_context, preflight
 
             previews = {name: model_preview(name) for name in dict.fromkeys(job.model for job in jobs)}
@@ -250,15 +335,25 @@ def _run_locked(spec: ExperimentSpec, plan: Plan, chunks: Sequence[Chunk], skip:
                 if previews[job.model] is not None:
                     check_context(previews[job.model], job.task, job.draws, job.demo_template, job.max_new_tokens)
             for job in jobs:
-                preflight(loaded_model(job.model, job.device, job.dtype), job.task, job.draws, job.recipe,
-                          job.demo_template, job.max_new_tokens, job.causal)
+                preflight(
+                    loaded_model(job.model, job.device, job.dtype),
+                    job.task,
+                    job.draws,
+                    job.recipe,
+                    job.demo_template,
+                    job.max_new_tokens,
+                    job.causal,
+                )
         out.mkdir(parents=True, exist_ok=True)
         _write_spec(out, spec)
         store = Store(out)
         try:
             run_id = store.begin_run(
-                spec.to_yaml(), plan.describe(), [(c.key, c.labels, c.settings) for c in plan.cells],
-                backend=backend, versions=experiment_versions(),
+                spec.to_yaml(),
+                plan.describe(),
+                [(c.key, c.labels, c.settings) for c in plan.cells],
+                backend=backend,
+                versions=experiment_versions(),
             )
             stored = store.done_keys()
             planned = [k for c in chunks for k in c.keys]
@@ -277,15 +372,32 @@ def _run_locked(spec: ExperimentSpec, plan: Plan, chunks: Sequence[Chunk], skip:
                         bar.chunk_done(len(output.records))
             finally:
                 bar.close()
-            store.finish_run(run_id, computed, reused if reuse else None,
-                             {str(Path(n).resolve()): c for n, c in reused_from.items()} if reuse else None, models)
+            store.finish_run(
+                run_id,
+                computed,
+                reused if reuse else None,
+                {str(Path(n).resolve()): c for n, c in reused_from.items()} if reuse else None,
+                models,
+            )
         finally:
             store.close()
     finally:
         for _, source in sources:
             source.close()
-    return RunSummary(out, backend, len(planned), already, computed, len(todo), time.perf_counter() - started, run_id,
-                      reused, chunks_reused, reused_from, not_fitted)
+    return RunSummary(
+        out,
+        backend,
+        len(planned),
+        already,
+        computed,
+        len(todo),
+        time.perf_counter() - started,
+        run_id,
+        reused,
+        chunks_reused,
+        reused_from,
+        not_fitted,
+    )
 
 
 def _stored_keys(out: Path) -> set[str]:
@@ -301,7 +413,9 @@ def check_run_dir(out: Path) -> None:
     :class:`RunDirError` naming the path otherwise."""
     if out.exists():
         if not out.is_dir():
-            raise RunDirError(f"{out}: exists and is not a directory (a run directory is a folder; choose another --out)")
+            raise RunDirError(
+                f"{out}: exists and is not a directory (a run directory is a folder; choose another --out)"
+            )
         if not os.access(out, os.W_OK | os.X_OK):
             raise RunDirError(f"{out}: the run directory is not writable")
         return
@@ -314,8 +428,16 @@ def check_run_dir(out: Path) -> None:
         raise RunDirError(f"{out}: cannot be created: {parent} is not writable")
 
 
-def _store_chunk(out: Path, store: Store, output: ChunkOutput, run_id: int, spec: ExperimentSpec,
-                 models: dict[str, Any], model: str, not_fitted: list[tuple[str, float]]) -> int:
+def _store_chunk(
+    out: Path,
+    store: Store,
+    output: ChunkOutput,
+    run_id: int,
+    spec: ExperimentSpec,
+    models: dict[str, Any],
+    model: str,
+    not_fitted: list[tuple[str, float]],
+) -> int:
     """States file first (atomically), then the chunk's rows in one transaction."""
     records = output.records
     if spec.store_states:
@@ -324,13 +446,22 @@ def _store_chunk(out: Path, store: Store, output: ChunkOutput, run_id: int, spec
         records = [{**r, "states_file": rel, "states_row": i} for i, r in enumerate(records)]
     models.setdefault(model, output.model)
     new = store.write_trials(records, run_id)
-    not_fitted += [(r["trial_key"], r["outputs"]["it_final_loss"]) for r in records
-                   if r["outputs"].get("it_fitted") is False]
+    not_fitted += [
+        (r["trial_key"], r["outputs"]["it_final_loss"]) for r in records if r["outputs"].get("it_fitted") is False
+    ]
     return new
 
 
-def _run_local(jobs: Sequence[ChunkJob], spec: ExperimentSpec, out: Path, store: Store, run_id: int, bar: _Progress,
-               models: dict[str, Any], not_fitted: list[tuple[str, float]]) -> int:
+def _run_local(
+    jobs: Sequence[ChunkJob],
+    spec: ExperimentSpec,
+    out: Path,
+    store: Store,
+    run_id: int,
+    bar: _Progress,
+    models: dict[str, Any],
+    not_fitted: list[tuple[str, float]],
+) -> int:
     computed = 0
     for job in jobs:
         if store.has_all(job.keys):  # another process finished it meanwhile

@@ -32,8 +32,19 @@ from iclit.experiments.lock import RunLock
 from iclit.experiments.plan import Chunk, Plan
 from iclit.rundir.store import DB_NAME, Store
 
-__all__ = ["SHARDS_DIR", "CODE_PACKAGES", "ShardError", "MergeSummary", "parse_shard", "shard_dir", "assign_shards",
-           "shard_chunks", "find_shards", "merge_shards", "unmerged_trials"]
+__all__ = [
+    "SHARDS_DIR",
+    "CODE_PACKAGES",
+    "ShardError",
+    "MergeSummary",
+    "parse_shard",
+    "shard_dir",
+    "assign_shards",
+    "shard_chunks",
+    "find_shards",
+    "merge_shards",
+    "unmerged_trials",
+]
 
 SHARDS_DIR = "shards"
 CODE_PACKAGES = ("iclit", "torch", "transformers", "peft")
@@ -65,7 +76,9 @@ def assign_shards(chunks: Sequence[Chunk], count: int) -> list[int]:
     """The shard of each chunk (greedy longest-processing-time on the chunk cost; see the module)."""
     if count < 1:
         raise ValueError(f"count must be >= 1, not {count}")
-    order = sorted(range(len(chunks)), key=lambda i: (-chunk_cost(chunks[i]), chunks[i].keys[0] if chunks[i].keys else ""))
+    order = sorted(
+        range(len(chunks)), key=lambda i: (-chunk_cost(chunks[i]), chunks[i].keys[0] if chunks[i].keys else "")
+    )
     loads = [(0.0, s) for s in range(count)]
     heapq.heapify(loads)
     shard = [0] * len(chunks)
@@ -107,8 +120,10 @@ class MergeSummary:
     per_shard: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return (f"{self.out}: merged {self.merged} new trials from {self.shards} shards "
-                f"({self.stored} trials stored in the run)")
+        return (
+            f"{self.out}: merged {self.merged} new trials from {self.shards} shards "
+            f"({self.stored} trials stored in the run)"
+        )
 
 
 def _code(versions: dict[str, str]) -> dict[str, str | None]:
@@ -135,13 +150,20 @@ def _check(out: Path, shards: Sequence[Path]) -> tuple[dict[str, Any], list[tupl
         if run is None:
             continue
         if run["spec_yaml"] != spec_yaml:
-            raise ShardError(f"{d}: this shard was computed from another spec than {where} (compare their spec.yaml); "
-                             f"merge only the shards of one spec (move this one out of {out / SHARDS_DIR})")
+            raise ShardError(
+                f"{d}: this shard was computed from another spec than {where} (compare their spec.yaml); "
+                f"merge only the shards of one spec (move this one out of {out / SHARDS_DIR})"
+            )
         if _code(run["versions"]) != _code(ref["versions"]):
-            diff = ", ".join(f"{p} {run['versions'].get(p)} vs {ref['versions'].get(p)}" for p in CODE_PACKAGES
-                             if run["versions"].get(p) != ref["versions"].get(p))
-            raise ShardError(f"{d}: this shard was computed with other code versions than {where} ({diff}); "
-                             "recompute it with the same installation")
+            diff = ", ".join(
+                f"{p} {run['versions'].get(p)} vs {ref['versions'].get(p)}"
+                for p in CODE_PACKAGES
+                if run["versions"].get(p) != ref["versions"].get(p)
+            )
+            raise ShardError(
+                f"{d}: this shard was computed with other code versions than {where} ({diff}); "
+                "recompute it with the same installation"
+            )
         runs.append((d, run))
     return ref, runs
 
@@ -178,8 +200,10 @@ def merge_shards(out: str | Path, *, lock: bool = True) -> MergeSummary:
     out = Path(out)
     shards = find_shards(out)
     if not shards:
-        raise ShardError(f"{out}: no shards to merge (no {SHARDS_DIR}/I-of-N/{DB_NAME}; "
-                         "they come from `iclit run SPEC --out DIR --shard I/N`)")
+        raise ShardError(
+            f"{out}: no shards to merge (no {SHARDS_DIR}/I-of-N/{DB_NAME}; "
+            "they come from `iclit run SPEC --out DIR --shard I/N`)"
+        )
     ref, runs = _check(out, shards)
     if unmerged_trials(out) == 0:
         stored = 0

@@ -50,16 +50,27 @@ def make_executor(folder: Path, options: SlurmOptions, *, name: str, cluster: st
 
     cluster = cluster or "slurm"
     if cluster == "slurm" and shutil.which("sbatch") is None:
-        raise RuntimeError("--backend slurm: no sbatch on this machine (run it on a SLURM login node; "
-                           "--slurm-cluster local runs the shard jobs as processes here)")
+        raise RuntimeError(
+            "--backend slurm: no sbatch on this machine (run it on a SLURM login node; "
+            "--slurm-cluster local runs the shard jobs as processes here)"
+        )
     executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=cluster)
-    params: dict[str, Any] = {"name": f"iclit-{name}", "timeout_min": options.time_min,
-                              "cpus_per_task": options.cpus_per_task, "gpus_per_node": options.gpus_per_task,
-                              "tasks_per_node": 1, "nodes": 1}
+    params: dict[str, Any] = {
+        "name": f"iclit-{name}",
+        "timeout_min": options.time_min,
+        "cpus_per_task": options.cpus_per_task,
+        "gpus_per_node": options.gpus_per_task,
+        "tasks_per_node": 1,
+        "nodes": 1,
+    }
     if options.mem_gb is not None:
         params["mem_gb"] = options.mem_gb
-    slurm = {"slurm_partition": options.partition, "slurm_account": options.account,
-             "slurm_array_parallelism": options.array_parallelism, "slurm_constraint": options.constraint}
+    slurm = {
+        "slurm_partition": options.partition,
+        "slurm_account": options.account,
+        "slurm_array_parallelism": options.array_parallelism,
+        "slurm_constraint": options.constraint,
+    }
     if executor.cluster == "slurm":
         params.update({k: v for k, v in slurm.items() if v is not None})
     executor.update_parameters(**params)
@@ -95,9 +106,19 @@ def _job_log(job: Any) -> str:
         return "its log"
 
 
-def launch_shards(spec: ExperimentSpec, out: str | Path, *, options: SlurmOptions, max_retries: int = 2,
-                  wait: bool = True, cluster: str | None = None, progress: bool = False, poll_s: float = 10.0,
-                  job: Callable[..., Any] = run_shard, executor: Any | None = None) -> LaunchSummary:
+def launch_shards(
+    spec: ExperimentSpec,
+    out: str | Path,
+    *,
+    options: SlurmOptions,
+    max_retries: int = 2,
+    wait: bool = True,
+    cluster: str | None = None,
+    progress: bool = False,
+    poll_s: float = 10.0,
+    job: Callable[..., Any] = run_shard,
+    executor: Any | None = None,
+) -> LaunchSummary:
     """Submit one job per shard of ``spec`` into ``out``; wait, resubmit failures, merge.
 
     The caller holds ``out``'s lock (the merge does not take it again). ``job``: the
@@ -132,7 +153,9 @@ def launch_shards(spec: ExperimentSpec, out: str | Path, *, options: SlurmOption
                     continue
                 tries = summary.resubmitted.get(i, 0)
                 if tries >= max_retries:
-                    failed[i] = f"shard {i}/{count} (job {j.job_id}, log {_job_log(j)}): {str(error).strip().splitlines()[-1:]}"
+                    failed[i] = (
+                        f"shard {i}/{count} (job {j.job_id}, log {_job_log(j)}): {str(error).strip().splitlines()[-1:]}"
+                    )
                     bar.advance()
                     continue
                 summary.resubmitted[i] = tries + 1
@@ -144,8 +167,10 @@ def launch_shards(spec: ExperimentSpec, out: str | Path, *, options: SlurmOption
         bar.close()
     summary.merge = merge_shards(out, lock=False)
     if failed:
-        raise ShardJobsFailed(f"{len(failed)} of {count} shard jobs failed after {max_retries} resubmissions "
-                              f"(the other shards are merged; rerun to retry these): " + "; ".join(failed.values()))
+        raise ShardJobsFailed(
+            f"{len(failed)} of {count} shard jobs failed after {max_retries} resubmissions "
+            f"(the other shards are merged; rerun to retry these): " + "; ".join(failed.values())
+        )
     return summary
 
 
@@ -158,8 +183,13 @@ class _Bar:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                console=Console(stderr=True))
+            self.bar = Progress(
+                TextColumn("shards"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
             self.bar.start()
             self.task = self.bar.add_task("shards", total=total)
 

@@ -23,8 +23,17 @@ from iclit.rundir.store import TrialRecord
 from iclit.tasks import Resample, Task, Template
 from iclit.tuning.recipe import TuningRecipe
 
-__all__ = ["ChunkJob", "ChunkOutput", "ChunkWorker", "make_job", "execute", "loaded_model", "clear_model_cache",
-           "release_models", "use_models"]
+__all__ = [
+    "ChunkJob",
+    "ChunkOutput",
+    "ChunkWorker",
+    "make_job",
+    "execute",
+    "loaded_model",
+    "clear_model_cache",
+    "release_models",
+    "use_models",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +115,13 @@ def release_models(keep: Iterable[str]) -> list[str]:
 
 def model_info(lm: Any) -> dict[str, Any]:
     """What a run records of a loaded model."""
-    return {"source": lm.source, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
-            "n_layers": lm.n_layers, "hidden_size": lm.hidden_size}
+    return {
+        "source": lm.source,
+        "device": str(lm.device),
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "n_layers": lm.n_layers,
+        "hidden_size": lm.hidden_size,
+    }
 
 
 # --- the unit of work -------------------------------------------------------------------------
@@ -178,14 +192,30 @@ def make_job(chunk: Chunk, spec: ExperimentSpec) -> ChunkJob:
     draws = cell.draws(chunk.seed, chunk.resamples)
     record = spec.records_similarity
     return ChunkJob(
-        model=cell.model, device=spec.device, dtype=spec.dtype, task=cell.task, demo_template=cell.demo_template,
-        draws=draws, recipe=cell.recipe, seed=chunk.seed, arms=run_arms(spec.arms, spec.baselines, spec.it_seeds),
+        model=cell.model,
+        device=spec.device,
+        dtype=spec.dtype,
+        task=cell.task,
+        demo_template=cell.demo_template,
+        draws=draws,
+        recipe=cell.recipe,
+        seed=chunk.seed,
+        arms=run_arms(spec.arms, spec.baselines, spec.it_seeds),
         batch_size=spec.batch_size,
-        max_new_tokens=spec.max_new_tokens, cell_key=cell.key, keys=chunk.keys,
-        extras=[_extras(d, record) for d in draws], fast=spec.fast, baselines=tuple(spec.baselines),
-        memory={k: getattr(spec, k) for k in ("memory_budget", "adapters_per_pass", "max_train_tokens")
-                if getattr(spec, k) is not None},
-        it_seeds=spec.it_seeds, causal=spec.causal_settings(), prompt_format=spec.prompt_format,
+        max_new_tokens=spec.max_new_tokens,
+        cell_key=cell.key,
+        keys=chunk.keys,
+        extras=[_extras(d, record) for d in draws],
+        fast=spec.fast,
+        baselines=tuple(spec.baselines),
+        memory={
+            k: getattr(spec, k)
+            for k in ("memory_budget", "adapters_per_pass", "max_train_tokens")
+            if getattr(spec, k) is not None
+        },
+        it_seeds=spec.it_seeds,
+        causal=spec.causal_settings(),
+        prompt_format=spec.prompt_format,
     )
 
 
@@ -195,9 +225,21 @@ def execute(job: ChunkJob, lm: Any, progress: Callable[[str, int], Any] | None =
 
     start = time.perf_counter()
     result = evaluate(
-        lm, job.task, job.draws, recipe=job.recipe, seed=job.seed, batch_size=job.batch_size,
-        max_new_tokens=job.max_new_tokens, arms=job.arms, demo_template=job.demo_template, fast=job.fast,
-        progress=progress, baselines=job.baselines, memory=job.memory, it_seeds=job.it_seeds, causal=job.causal,
+        lm,
+        job.task,
+        job.draws,
+        recipe=job.recipe,
+        seed=job.seed,
+        batch_size=job.batch_size,
+        max_new_tokens=job.max_new_tokens,
+        arms=job.arms,
+        demo_template=job.demo_template,
+        fast=job.fast,
+        progress=progress,
+        baselines=job.baselines,
+        memory=job.memory,
+        it_seeds=job.it_seeds,
+        causal=job.causal,
         prompt_format=job.prompt_format,
     )
     seconds = (time.perf_counter() - start) / max(1, len(job.draws))
@@ -209,13 +251,23 @@ def execute(job: ChunkJob, lm: Any, progress: Callable[[str, int], Any] | None =
         extra = job.extras[i] if i < len(job.extras) else {}
         outputs.update({k: v for k, v in extra.items() if k not in ("n_wrong", "demo_similarity")})
         outputs["score_name"] = score_name
-        records.append({
-            "trial_key": key, "cell_key": job.cell_key, "seed": job.seed, "resample": draw.index,
-            "query_id": draw.query.id, "n_layers": n_layers,
-            "scores": {arm: float(s[i]) for arm, s in result.scores.items()}, "outputs": outputs,
-            "demo_similarity": extra.get("demo_similarity"), "n_wrong": extra.get("n_wrong"), "seconds": seconds,
-            "states_file": None, "states_row": None,
-        })
+        records.append(
+            {
+                "trial_key": key,
+                "cell_key": job.cell_key,
+                "seed": job.seed,
+                "resample": draw.index,
+                "query_id": draw.query.id,
+                "n_layers": n_layers,
+                "scores": {arm: float(s[i]) for arm, s in result.scores.items()},
+                "outputs": outputs,
+                "demo_similarity": extra.get("demo_similarity"),
+                "n_wrong": extra.get("n_wrong"),
+                "seconds": seconds,
+                "states_file": None,
+                "states_row": None,
+            }
+        )
     states = {name: t.numpy() for name, t in result.states.items()}
     return ChunkOutput(records, states, model_info(lm))
 

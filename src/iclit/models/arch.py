@@ -178,7 +178,11 @@ def resolve_targets(model: nn.Module, targets: Sequence[str] | str | None) -> tu
         hits = [n for n, _ in hf.named_modules() if _matches(n, t)]
         others = [n for n in hits if n not in linear]
         if not hits or others:
-            what = f"{others[0]} is a {type(hf.get_submodule(others[0])).__name__}, not a linear layer" if others else "matches no module"
+            what = (
+                f"{others[0]} is a {type(hf.get_submodule(others[0])).__name__}, not a linear layer"
+                if others
+                else "matches no module"
+            )
             problems.append(f"{t!r} ({what})")
     if problems:
         raise ValueError(
@@ -260,7 +264,8 @@ def infer_arch(model: nn.Module) -> ArchSpec:
 
 def _find_blocks(decoder: nn.Module) -> str | None:
     lists = [
-        (name, m) for name, m in decoder.named_modules()
+        (name, m)
+        for name, m in decoder.named_modules()
         if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
     ]
     top = [(n, m) for n, m in lists if not any(n != o and n.startswith(o + ".") for o, _ in lists)]
@@ -330,12 +335,20 @@ def _find_mlp(block: nn.Module) -> str:
 
 def _missing_message(hf: nn.Module, decoder: nn.Module, found: dict[str, str], missing: list[str]) -> str:
     model_type = _model_type(hf)
-    what = {"layers": "the blocks (an nn.ModuleList of identical blocks)",
-            "final_norm": "the final norm (a norm module after the blocks)",
-            "query": "the attention's query projection", "value": "the attention's value projection"}
-    named = f"architecture {model_type!r} ({type(hf).__name__})" if model_type else f"{type(hf).__name__} (no config.model_type)"
-    lines = [f"{named} is not in iclit's table and its module tree does not show "
-             f"{', '.join(what[m] for m in missing)}."]
+    what = {
+        "layers": "the blocks (an nn.ModuleList of identical blocks)",
+        "final_norm": "the final norm (a norm module after the blocks)",
+        "query": "the attention's query projection",
+        "value": "the attention's value projection",
+    }
+    named = (
+        f"architecture {model_type!r} ({type(hf).__name__})"
+        if model_type
+        else f"{type(hf).__name__} (no config.model_type)"
+    )
+    lines = [
+        f"{named} is not in iclit's table and its module tree does not show {', '.join(what[m] for m in missing)}."
+    ]
     if "layers" in found:
         block = decoder.get_submodule(found["layers"])[0]
         lines.append(f"Linear layers of its first block: {_linear_names(block)}.")
@@ -343,8 +356,10 @@ def _missing_message(hf: nn.Module, decoder: nn.Module, found: dict[str, str], m
         lines.append(f"Children of its decoder {type(decoder).__name__}: {[n for n, _ in decoder.named_children()]}.")
     row = {f.name: found.get(f.name, f"<{f.name}>") for f in fields(ArchSpec)}
     args = ", ".join(f"{k}={v!r}" for k, v in row.items())
-    lines.append(f"Add its row (paths relative to model.get_decoder()): "
-                 f"iclit.models.register_architecture({model_type or '<model_type>'!r}, ArchSpec({args}))")
+    lines.append(
+        f"Add its row (paths relative to model.get_decoder()): "
+        f"iclit.models.register_architecture({model_type or '<model_type>'!r}, ArchSpec({args}))"
+    )
     return " ".join(lines)
 
 

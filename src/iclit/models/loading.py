@@ -123,9 +123,7 @@ def _dequantise_to_cache(gguf: Path, target: Path) -> None:
     from safetensors.torch import save_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are now plain fp32 tensors: drop the GGUF quantiser so they save as such.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -209,12 +209,22 @@ register_embedded(
     )
 )
 for _name, _split, _params, _quant, _what in (
-    ("qwen2.5-coder-0.5b-instruct", QWEN_CODER_05B, 630_167_424, "Q5_0/Q4_K_M (from AWQ)",
-     "Qwen2.5-Coder-0.5B-Instruct (qwen2, GGUF converted from the AWQ checkpoint: quantised twice; its output head "
-     "is a separate matrix, 630M parameters as loaded, 494M upstream); instruction-tuned"),
-    ("qwen2.5-coder-1.5b-instruct", QWEN_CODER_15B, 1_777_088_000, "Q4_K_M",
-     "Qwen2.5-Coder-1.5B-Instruct (qwen2, GGUF Q4_K_M; separate output head: 1.78B parameters as loaded, 1.54B "
-     "upstream); instruction-tuned"),
+    (
+        "qwen2.5-coder-0.5b-instruct",
+        QWEN_CODER_05B,
+        630_167_424,
+        "Q5_0/Q4_K_M (from AWQ)",
+        "Qwen2.5-Coder-0.5B-Instruct (qwen2, GGUF converted from the AWQ checkpoint: quantised twice; its output head "
+        "is a separate matrix, 630M parameters as loaded, 494M upstream); instruction-tuned",
+    ),
+    (
+        "qwen2.5-coder-1.5b-instruct",
+        QWEN_CODER_15B,
+        1_777_088_000,
+        "Q4_K_M",
+        "Qwen2.5-Coder-1.5B-Instruct (qwen2, GGUF Q4_K_M; separate output head: 1.78B parameters as loaded, 1.54B "
+        "upstream); instruction-tuned",
+    ),
 ):
     register_embedded(
         EmbeddedModel(
@@ -293,8 +303,9 @@ def split_random(name: str) -> tuple[str, int | None]:
             f"architecture with freshly initialised weights"
         )
     if not base:
-        raise ModelNotFoundError(f"{name}: {RANDOM_SUFFIX} follows the name of the model to re-initialise, "
-                                 f"e.g. gemma-3-270m{RANDOM_SUFFIX}")
+        raise ModelNotFoundError(
+            f"{name}: {RANDOM_SUFFIX} follows the name of the model to re-initialise, e.g. gemma-3-270m{RANDOM_SUFFIX}"
+        )
     if split_random(base)[1] is not None:
         raise ModelNotFoundError(f"{name}: one {RANDOM_SUFFIX} suffix at most")
     return base, seed
@@ -312,7 +323,11 @@ def resolve(name: str) -> tuple[str, Path | str]:
             return "gguf", entry.locate()
         except ModuleNotFoundError as err:
             missing = entry.split.missing() if entry.split is not None else [entry.package]
-            what = f"the package {missing[0]!r}" if len(missing) == 1 else f"{len(missing)} packages ({', '.join(missing)})"
+            what = (
+                f"the package {missing[0]!r}"
+                if len(missing) == 1
+                else f"{len(missing)} packages ({', '.join(missing)})"
+            )
             raise ModelNotFoundError(
                 f"model {name!r} needs {what}, which {'is' if len(missing) == 1 else 'are'} not installed: "
                 f"run `iclit models install {name}` (or `{entry.install}`)"
@@ -327,7 +342,5 @@ def resolve(name: str) -> tuple[str, Path | str]:
             raise ModelNotFoundError(f"{path}: no such GGUF file")
         return "gguf", path
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelNotFoundError(
-            f"{name}: not a model directory (with config.json) or a .gguf file"
-        )
+        raise ModelNotFoundError(f"{name}: not a model directory (with config.json) or a .gguf file")
     return "hub", name

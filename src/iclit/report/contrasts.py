@@ -36,13 +36,39 @@ def contrasts_section(run: RunData) -> dict[str, Any] | None:
     table = cell_contrasts(run)
     if table.empty:
         return None
-    rows = [[{"kind": "text", "value": r.factor}, {"kind": "text", "value": f"{r.level_a} vs {r.level_b}"},
-             {"kind": "text", "value": PAIR_LABELS.get(r.pair, r.pair)},
-             {"kind": "text", "value": r.quantity.replace("_", "-")}, _num(r.mean_a, "{:.3f}"),
-             _num(r.mean_b, "{:.3f}"), _diff(r.diff, r.ci_low, r.ci_high), _p(r.p), _p(r.p_holm),
-             _num(r.margin, "±{:#.3g}"), _diff(r.diff, r.tost_low, r.tost_high), _p(r.p_tost), {"kind": "text", "value": r.verdict},
-             {"kind": "text", "value": f"{r.n_blocks_a} / {r.n_blocks_b} ({'paired' if r.paired else 'Welch'})"}]
-            for r in table.itertuples()]
-    head = ["factor", "levels", "pair", "quantity", "mean a", "mean b", "a − b [95% CI]", "p", "p Holm",
-            "margin", "TOST 90% CI", "TOST p", "verdict", "blocks"]
+    rows = [
+        [
+            {"kind": "text", "value": r.factor},
+            {"kind": "text", "value": f"{r.level_a} vs {r.level_b}"},
+            {"kind": "text", "value": PAIR_LABELS.get(r.pair, r.pair)},
+            {"kind": "text", "value": r.quantity.replace("_", "-")},
+            _num(r.mean_a, "{:.3f}"),
+            _num(r.mean_b, "{:.3f}"),
+            _diff(r.diff, r.ci_low, r.ci_high),
+            _p(r.p),
+            _p(r.p_holm),
+            _num(r.margin, "±{:#.3g}"),
+            _diff(r.diff, r.tost_low, r.tost_high),
+            _p(r.p_tost),
+            {"kind": "text", "value": r.verdict},
+            {"kind": "text", "value": f"{r.n_blocks_a} / {r.n_blocks_b} ({'paired' if r.paired else 'Welch'})"},
+        ]
+        for r in table.itertuples()
+    ]
+    head = [
+        "factor",
+        "levels",
+        "pair",
+        "quantity",
+        "mean a",
+        "mean b",
+        "a − b [95% CI]",
+        "p",
+        "p Holm",
+        "margin",
+        "TOST 90% CI",
+        "TOST p",
+        "verdict",
+        "blocks",
+    ]
     return {"table": {"head": head, "rows": rows, "cls": None}}

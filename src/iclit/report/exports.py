@@ -22,8 +22,16 @@ from iclit.analysis.cells import last_layer_rows
 from iclit.analysis.rundata import RunData, load_run
 from iclit.analysis.tables import cell_cosine_tables, comparison_metrics, comparison_summary, single_cell
 
-__all__ = ["EXPORTS", "to_json", "comparison_trials", "comparison_config", "comparison_tests", "comparison_parts",
-           "write_files", "write_exports"]
+__all__ = [
+    "EXPORTS",
+    "to_json",
+    "comparison_trials",
+    "comparison_config",
+    "comparison_tests",
+    "comparison_parts",
+    "write_files",
+    "write_exports",
+]
 
 EXPORTS = ("trials.jsonl", "summary.csv", "tests.csv", "metrics.json", "config.json", "layers.png")
 _COSINES_AFTER = "it_training_texts"  # where the per-layer cosines go in a trial record
@@ -61,8 +69,13 @@ def comparison_trials(run: RunData) -> list[dict[str, Any]]:
             for name, value in stored.items():
                 record[name] = value
                 if name == _COSINES_AFTER:
-                    record.update({pair: [round(float(x), 6) for x in c.loc[resample]] for pair, c in cos.items()
-                                   if resample in c.index})
+                    record.update(
+                        {
+                            pair: [round(float(x), 6) for x in c.loc[resample]]
+                            for pair, c in cos.items()
+                            if resample in c.index
+                        }
+                    )
             records.append(record)
     return records
 
@@ -80,8 +93,11 @@ def comparison_config(run: RunData) -> dict[str, Any]:
     settings = run.settings[cell]
     model = _model_info(run, settings["model"])
     started, finished = latest.get("started"), latest.get("finished")
-    seconds = ((datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
-               if started and finished else float("nan"))
+    seconds = (
+        (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
+        if started and finished
+        else float("nan")
+    )
     return {
         "command": "compare",
         "model": settings["model"],
@@ -140,14 +156,46 @@ def last_layer_tests(tests: Any) -> list[dict[str, Any]]:
     if not len(tests):
         return []
     raw = last_layer_rows(tests[tests["centring"] == "raw"])
-    keep = ["pair", "null", "role", "observed", "null_mean", "diff", "se", "ci_low", "ci_high", "p", "p_adj", "p_holm",
-            "q_bh", "p_min", "exact", "margin", "tost_low", "tost_high", "p_tost", "ceiling", "ceiling_diff", "fraction",
-            "fraction_low", "fraction_high", "verdict", "n_units", "n_blocks"]
+    keep = [
+        "pair",
+        "null",
+        "role",
+        "observed",
+        "null_mean",
+        "diff",
+        "se",
+        "ci_low",
+        "ci_high",
+        "p",
+        "p_adj",
+        "p_holm",
+        "q_bh",
+        "p_min",
+        "exact",
+        "margin",
+        "tost_low",
+        "tost_high",
+        "p_tost",
+        "ceiling",
+        "ceiling_diff",
+        "fraction",
+        "fraction_low",
+        "fraction_high",
+        "verdict",
+        "n_units",
+        "n_blocks",
+    ]
     return raw[keep].to_dict("records")
 
 
-def write_files(out: str | Path, trials: list[dict[str, Any]], summary: Any, metrics: dict[str, Any],
-                config: dict[str, Any], tests: Any = None) -> Path:
+def write_files(
+    out: str | Path,
+    trials: list[dict[str, Any]],
+    summary: Any,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    tests: Any = None,
+) -> Path:
     """Write :data:`EXPORTS` to ``out`` from their contents; returns ``out``."""
     import pandas as pd
     from iclit.analysis.nulls import TEST_COLUMNS
@@ -166,8 +214,11 @@ def write_files(out: str | Path, trials: list[dict[str, Any]], summary: Any, met
         tests.to_csv(t / "tests.csv", index=False)
         (t / "metrics.json").write_text(to_json(metrics, indent=2), encoding="utf-8")
         (t / "config.json").write_text(to_json(config, indent=2), encoding="utf-8")
-        design = (f"{config['resamples']} sets × {config.get('queries_per_set', 1)} queries"
-                  if config.get("queries_per_set", 1) > 1 else f"{config['resamples']} resamples")
+        design = (
+            f"{config['resamples']} sets × {config.get('queries_per_set', 1)} queries"
+            if config.get("queries_per_set", 1) > 1
+            else f"{config['resamples']} resamples"
+        )
         title = f"{config['model']} · {config['task']} · k={config['k']} · {design}"
         steps = summary["pair"].str.contains("_step")  # the dose pairs: in summary.csv, not drawn
         raw = tests[tests["centring"] == "raw"] if len(tests) else None
@@ -182,8 +233,14 @@ def write_exports(run: RunData | str | Path, out: str | Path | None = None) -> P
     ``out`` (default: the run directory); returns ``out``."""
     run = run if isinstance(run, RunData) else load_run(run)
     parts = comparison_parts(run)
-    return write_files(out if out is not None else run.path, parts["trials"], parts["summary"], parts["metrics"],
-                       parts["config"], parts["tests"])
+    return write_files(
+        out if out is not None else run.path,
+        parts["trials"],
+        parts["summary"],
+        parts["metrics"],
+        parts["config"],
+        parts["tests"],
+    )
 
 
 def comparison_parts(run: RunData) -> dict[str, Any]:
@@ -194,10 +251,18 @@ def comparison_parts(run: RunData) -> dict[str, Any]:
     metrics["tests"] = last_layer_tests(tests) if tests is not None else []
     if not run.frame.empty:
         geometry = run.geometry
-        metrics["geometry"] = last_layer_rows(geometry).drop(columns="cell_key").to_dict("records") if len(geometry) else []
+        metrics["geometry"] = (
+            last_layer_rows(geometry).drop(columns="cell_key").to_dict("records") if len(geometry) else []
+        )
     metrics["behaviour"] = run.behaviour.drop(columns="cell_key").to_dict("records") if len(run.behaviour) else []
     seeds = run.cells["seeds"] if not run.frame.empty else None
-    metrics["seeds"] = (last_layer_rows(seeds).drop(columns="cell_key").to_dict("records")
-                        if seeds is not None and len(seeds) else [])
-    return {"trials": comparison_trials(run), "summary": comparison_summary(run), "metrics": metrics,
-            "config": comparison_config(run), "tests": tests}
+    metrics["seeds"] = (
+        last_layer_rows(seeds).drop(columns="cell_key").to_dict("records") if seeds is not None and len(seeds) else []
+    )
+    return {
+        "trials": comparison_trials(run),
+        "summary": comparison_summary(run),
+        "metrics": metrics,
+        "config": comparison_config(run),
+        "tests": tests,
+    }

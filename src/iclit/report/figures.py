@@ -161,22 +161,50 @@ def plot_layers(
         label, colour, style = PAIR_STYLE.get(pair) or PairStyle(pair.replace("_", " – "), next(spare, "black"))
         rows = summary[summary["pair"] == pair].sort_values("layer")
         if len(rows):
-            ax.plot(rows["layer"], rows["mean"], color=colour, linestyle=style, marker="o", markersize=3,
-                    linewidth=1.8, label=label)
+            ax.plot(
+                rows["layer"],
+                rows["mean"],
+                color=colour,
+                linestyle=style,
+                marker="o",
+                markersize=3,
+                linewidth=1.8,
+                label=label,
+            )
             ax.fill_between(rows["layer"], rows["ci_low"], rows["ci_high"], color=colour, alpha=0.2, linewidth=0)
         if baseline is not None:
             base = baseline[baseline["pair"] == pair].sort_values("layer")
             if len(base):
-                ax.plot(base["layer"], base["mean"], color=colour, linestyle="--", linewidth=1.2, alpha=0.8,
-                        label=f"{label} (baseline)")
+                ax.plot(
+                    base["layer"],
+                    base["mean"],
+                    color=colour,
+                    linestyle="--",
+                    linewidth=1.2,
+                    alpha=0.8,
+                    label=f"{label} (baseline)",
+                )
         if nulls is not None:
             for null, dash in ((n, s.linestyle) for n, s in NULL_STYLE.items()):
                 band = nulls[(nulls["pair"] == pair) & (nulls["null"] == null)].sort_values("layer")
                 if len(band):
-                    ax.plot(band["layer"], band["null_mean"], color=colour, linestyle=dash, linewidth=1.0,
-                            label=f"{label}: {null.replace('_', '-')} null")
-                    ax.fill_between(band["layer"], band["observed"] - band["ci_high"], band["observed"] - band["ci_low"],
-                                    color=colour, alpha=0.12, linewidth=0, hatch="//" if null == "demo_swap" else None)
+                    ax.plot(
+                        band["layer"],
+                        band["null_mean"],
+                        color=colour,
+                        linestyle=dash,
+                        linewidth=1.0,
+                        label=f"{label}: {null.replace('_', '-')} null",
+                    )
+                    ax.fill_between(
+                        band["layer"],
+                        band["observed"] - band["ci_high"],
+                        band["observed"] - band["ci_low"],
+                        color=colour,
+                        alpha=0.12,
+                        linewidth=0,
+                        hatch="//" if null == "demo_swap" else None,
+                    )
     ax.set_xlabel("layer (0 = embeddings)")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -192,8 +220,9 @@ def plot_layers(
 # ------------------------------------------------------------------ the report's figures
 
 
-def factor_figure(summary: pd.DataFrame, factor: str, title: str,
-                  pairs: Sequence[str] = ("anchor_icl", "anchor_it", "icl_it")) -> str:
+def factor_figure(
+    summary: pd.DataFrame, factor: str, title: str, pairs: Sequence[str] = ("anchor_icl", "anchor_it", "icl_it")
+) -> str:
     """The paper-style figure: each pair's similarity against the factor's values, mean with
     its 95% CI, at the last layer (left) and averaged over layers (right).
 
@@ -210,8 +239,17 @@ def factor_figure(summary: pd.DataFrame, factor: str, title: str,
             label, colour, _ = pair_style(pair)
             mean, lo, hi = _stats(summary[f"{pair}:{what}"].tolist())
             yerr = np.vstack([np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)])
-            ax.errorbar(x + (j - 1) * 0.06, mean, yerr=yerr, color=colour, marker="o", markersize=4, capsize=3,
-                        linewidth=1.6, label=label)
+            ax.errorbar(
+                x + (j - 1) * 0.06,
+                mean,
+                yerr=yerr,
+                color=colour,
+                marker="o",
+                markersize=4,
+                capsize=3,
+                linewidth=1.6,
+                label=label,
+            )
         ax.set_xticks(x, values)
         ax.set_xlabel(factor)
         ax.set_ylabel("cosine similarity")
@@ -223,8 +261,13 @@ def factor_figure(summary: pd.DataFrame, factor: str, title: str,
     return png_base64(fig)
 
 
-def layer_panels_figure(layers: pd.DataFrame, factor: str | None, values: Sequence[Any], title: str,
-                        pairs: Sequence[str] = ("anchor_icl", "anchor_it", "icl_it")) -> str:
+def layer_panels_figure(
+    layers: pd.DataFrame,
+    factor: str | None,
+    values: Sequence[Any],
+    title: str,
+    pairs: Sequence[str] = ("anchor_icl", "anchor_it", "icl_it"),
+) -> str:
     """Per-layer curves, one panel per factor value (one panel, "all trials", when ``factor``
     is None), mean with a 95% CI band per pair.
 
@@ -243,8 +286,16 @@ def layer_panels_figure(layers: pd.DataFrame, factor: str | None, values: Sequen
             r = sub[sub["pair"] == pair].sort_values("layer")
             if len(r):
                 label, colour, style = pair_style(pair)
-                ax.plot(r["layer"], r["mean"], color=colour, marker="o", markersize=2.5, linewidth=1.5, label=label,
-                        linestyle=style)
+                ax.plot(
+                    r["layer"],
+                    r["mean"],
+                    color=colour,
+                    marker="o",
+                    markersize=2.5,
+                    linewidth=1.5,
+                    label=label,
+                    linestyle=style,
+                )
                 ax.fill_between(r["layer"], r["ci_low"], r["ci_high"], color=colour, alpha=0.2, linewidth=0)
         ax.set_title(f"{factor} = {value}" if factor else "all trials", fontsize="small")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -257,8 +308,9 @@ def layer_panels_figure(layers: pd.DataFrame, factor: str | None, values: Sequen
     return png_base64(fig)
 
 
-def baselines_figure(layers: pd.DataFrame, factor: str | None, values: Sequence[Any], title: str,
-                     baselines: Sequence[str]) -> str:
+def baselines_figure(
+    layers: pd.DataFrame, factor: str | None, values: Sequence[Any], title: str, baselines: Sequence[str]
+) -> str:
     """ICL–IT beside its per-trial baselines, per layer, one panel per factor value."""
     return layer_panels_figure(layers, factor, values, title, ("icl_it", *baselines))
 
@@ -269,15 +321,25 @@ def dose_figure(dose: pd.DataFrame, factor: str | None, score_name: str) -> str:
 
     dose: a ``dose_summary`` table."""
     fig = _figure(13.0, 3.6)
-    panels = [("icl_it:last_layer", "ICL – IT cosine, last layer"), ("anchor_it:last_layer", "anchor – IT cosine, last layer"),
-              ("it_score", f"IT {score_name}"), ("train_loss", "training loss at the step (log)")]
+    panels = [
+        ("icl_it:last_layer", "ICL – IT cosine, last layer"),
+        ("anchor_it:last_layer", "anchor – IT cosine, last layer"),
+        ("it_score", f"IT {score_name}"),
+        ("train_loss", "training loss at the step (log)"),
+    ]
     for col, (key, heading) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), col + 1)
         for j, (value, grp) in enumerate(dose.groupby("value", sort=False, dropna=False)):
             mean, lo, hi = _stats(grp[key].tolist())
             colour = _VALUE_COLOURS[j % len(_VALUE_COLOURS)]
-            ax.plot(grp["step"], mean, marker="o", markersize=3, color=colour,
-                    label=f"{factor} = {value}" if factor else "all trials")
+            ax.plot(
+                grp["step"],
+                mean,
+                marker="o",
+                markersize=3,
+                color=colour,
+                label=f"{factor} = {value}" if factor else "all trials",
+            )
             ax.fill_between(grp["step"], lo, hi, color=colour, alpha=0.15, linewidth=0)
         ax.set_xscale("log", base=2)
         if key == "train_loss":

@@ -59,8 +59,11 @@ MAX_FIGURE_CELLS = 4
 """Cells drawn as rows of the headline figure (the forest plot and the tables show up to
 :data:`~iclit.report.causal.MAX_CELLS`)."""
 
-VIEWS: dict[str, str] = {"raw": "raw cosine", "centred": "anchor-centred cosine",
-                         "update": "update cosine: ICL − anchor vs IT − anchor"}
+VIEWS: dict[str, str] = {
+    "raw": "raw cosine",
+    "centred": "anchor-centred cosine",
+    "update": "update cosine: ICL − anchor vs IT − anchor",
+}
 """The headline figure's views (columns) and the forest plot's blocks, in order."""
 
 DIFF = "{:+#.3g}"
@@ -69,10 +72,17 @@ DIFF = "{:+#.3g}"
 _NULL_PAIR = {"raw": "icl_it", "centred": "icl_it", "update": "update"}
 """The pair whose nulls each view draws as bands."""
 _CONTROLS = {"icl_it": ("ceiling_it", "ceiling_icl"), "update": ("update_ceiling_it", "update_ceiling_icl")}
-_FRAME_PAIRS = {"anchor_icl": ("raw", "anchor_icl"), "anchor_it": ("raw", "anchor_it"), "icl_it": ("raw", "icl_it"),
-                "it_it_seed": ("raw", "ceiling_it"), "icl_icl_order": ("raw", "ceiling_icl"),
-                "anchor_icl_centered": ("centred", "anchor_icl"), "anchor_it_centered": ("centred", "anchor_it"),
-                "icl_it_centered": ("centred", "icl_it"), "update_cosine": ("update", "update")}
+_FRAME_PAIRS = {
+    "anchor_icl": ("raw", "anchor_icl"),
+    "anchor_it": ("raw", "anchor_it"),
+    "icl_it": ("raw", "icl_it"),
+    "it_it_seed": ("raw", "ceiling_it"),
+    "icl_icl_order": ("raw", "ceiling_icl"),
+    "anchor_icl_centered": ("centred", "anchor_icl"),
+    "anchor_it_centered": ("centred", "anchor_it"),
+    "icl_it_centered": ("centred", "icl_it"),
+    "update_cosine": ("update", "update"),
+}
 """Per-trial pairs of the frame → (view, the test pair whose style they take)."""
 _CURVE_COLUMNS = ["row", "view", "pair", "layer", "mean", "ci_low", "ci_high"]
 _NULL_COLUMNS = ["row", "view", "null", "layer", "mean", "low", "high"]
@@ -110,11 +120,29 @@ def layer_curves(run: RunData) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
                 view = _view(r.centring, r.pair)
                 if view is None:
                     continue
-                curves.append({"row": i, "view": view, "pair": r.pair, "layer": r.layer, "mean": r.observed,
-                               "ci_low": np.nan, "ci_high": np.nan})
+                curves.append(
+                    {
+                        "row": i,
+                        "view": view,
+                        "pair": r.pair,
+                        "layer": r.layer,
+                        "mean": r.observed,
+                        "ci_low": np.nan,
+                        "ci_high": np.nan,
+                    }
+                )
                 if r.role == "test" and r.pair == _NULL_PAIR[view]:
-                    nulls.append({"row": i, "view": view, "null": r.null, "layer": r.layer, "mean": r.null_mean,
-                                  "low": r.observed - r.ci_high, "high": r.observed - r.ci_low})
+                    nulls.append(
+                        {
+                            "row": i,
+                            "view": view,
+                            "null": r.null,
+                            "layer": r.layer,
+                            "mean": r.null_mean,
+                            "low": r.observed - r.ci_high,
+                            "high": r.observed - r.ci_low,
+                        }
+                    )
         rows = [titles.get(k, "all trials") for k in keys]
     else:
         rows = ["all trials"]
@@ -122,8 +150,17 @@ def layer_curves(run: RunData) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
         if present:
             for r in layer_summaries(run.frame, None, [], present).itertuples():
                 view, pair = _FRAME_PAIRS[r.pair]
-                curves.append({"row": 0, "view": view, "pair": pair, "layer": r.layer, "mean": r.mean,
-                               "ci_low": r.ci_low, "ci_high": r.ci_high})
+                curves.append(
+                    {
+                        "row": 0,
+                        "view": view,
+                        "pair": pair,
+                        "layer": r.layer,
+                        "mean": r.mean,
+                        "ci_low": r.ci_low,
+                        "ci_high": r.ci_high,
+                    }
+                )
     curve_df = pd.DataFrame(curves, columns=_CURVE_COLUMNS).drop_duplicates(["row", "view", "pair", "layer"])
     return curve_df, pd.DataFrame(nulls, columns=_NULL_COLUMNS), rows
 
@@ -148,9 +185,20 @@ def forest_rows(run: RunData) -> pd.DataFrame:
                     if _view(r.centring, r.pair) != block:
                         continue
                     label = PAIR_TEXT.get(pair, pair) + (f" · {titles[key]}" if len(keys) > 1 and key in titles else "")
-                    out.append({"block": block, "label": label, "pair": pair, "role": r.role, "null": r.null,
-                                "diff": r.diff, "ci_low": r.ci_low, "ci_high": r.ci_high, "margin": r.margin,
-                                "verdict": r.verdict})
+                    out.append(
+                        {
+                            "block": block,
+                            "label": label,
+                            "pair": pair,
+                            "role": r.role,
+                            "null": r.null,
+                            "diff": r.diff,
+                            "ci_low": r.ci_low,
+                            "ci_high": r.ci_high,
+                            "margin": r.margin,
+                            "verdict": r.verdict,
+                        }
+                    )
     return pd.DataFrame(out, columns=cols)
 
 
@@ -166,24 +214,38 @@ def _legend(fig: Any, axes: Sequence[Any], extra: Sequence[tuple[Any, str]] = ()
     for handle, label in extra:
         seen.setdefault(label, handle)
     if seen:
-        fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center", ncols=min(3, len(seen)),
-                   frameon=False, fontsize="small")
+        fig.legend(
+            list(seen.values()),
+            list(seen.keys()),
+            loc="outside lower center",
+            ncols=min(3, len(seen)),
+            frameon=False,
+            fontsize="small",
+        )
 
 
 def _draw_view(ax: Any, curves: pd.DataFrame, nulls: pd.DataFrame) -> None:
     for null, band_style in NULL_STYLE.items():
         band = nulls[nulls["null"] == null].sort_values("layer")
         if len(band):
-            ax.fill_between(band["layer"], band["low"], band["high"], color=band_style.colour, alpha=0.22, linewidth=0,
-                            label=f"{band_style.label} (band: 95% CI of the excess)")
+            ax.fill_between(
+                band["layer"],
+                band["low"],
+                band["high"],
+                color=band_style.colour,
+                alpha=0.22,
+                linewidth=0,
+                label=f"{band_style.label} (band: 95% CI of the excess)",
+            )
             ax.plot(band["layer"], band["mean"], color=band_style.colour, linestyle=band_style.linestyle, linewidth=1.1)
     for pair in [p for p in PAIR_STYLE if p in set(curves["pair"])]:
         r = curves[curves["pair"] == pair].sort_values("layer")
         label, colour, style = pair_style(pair)
         if pair.startswith("update_"):  # the update view's control reads as the control
             label = pair_style(pair.removeprefix("update_")).label
-        ax.plot(r["layer"], r["mean"], color=colour, linestyle=style, marker="o", markersize=3.5, linewidth=1.8,
-                label=label)
+        ax.plot(
+            r["layer"], r["mean"], color=colour, linestyle=style, marker="o", markersize=3.5, linewidth=1.8, label=label
+        )
         if r["ci_low"].notna().any():
             ax.fill_between(r["layer"], r["ci_low"], r["ci_high"], color=colour, alpha=0.18, linewidth=0)
 
@@ -236,15 +298,24 @@ def forest_figure(table: pd.DataFrame, title: str) -> str:
             for r in table[(table["block"] == block) & (table["null"] == null)].itertuples():
                 y, control, style = ys[r.label], r.role == "control", pair_style(r.pair)
                 if np.isfinite(r.margin):
-                    ax.fill_betweenx([y - 0.42, y + 0.42], -r.margin, r.margin, color=MARGIN_COLOUR, alpha=0.25,
-                                     linewidth=0)
+                    ax.fill_betweenx(
+                        [y - 0.42, y + 0.42], -r.margin, r.margin, color=MARGIN_COLOUR, alpha=0.25, linewidth=0
+                    )
                 if not np.isfinite(r.diff):
                     continue
                 finite = np.isfinite(r.ci_low) and np.isfinite(r.ci_high)
                 xerr = [[r.diff - r.ci_low], [r.ci_high - r.diff]] if finite else None
-                ax.errorbar([r.diff], [y], xerr=xerr, fmt=ROLE_MARKER[r.role], color=style.colour,
-                            markerfacecolor="white" if control else style.colour, markersize=6, capsize=3,
-                            linewidth=1.6)
+                ax.errorbar(
+                    [r.diff],
+                    [y],
+                    xerr=xerr,
+                    fmt=ROLE_MARKER[r.role],
+                    color=style.colour,
+                    markerfacecolor="white" if control else style.colour,
+                    markersize=6,
+                    capsize=3,
+                    linewidth=1.6,
+                )
             ax.set_yticks(list(ys.values()), list(ys.keys()))
             ax.tick_params(axis="y", labelleft=j == 0, labelsize="small")
             ax.set_ylim(-0.7, len(ys) - 0.3)
@@ -255,10 +326,14 @@ def forest_figure(table: pd.DataFrame, title: str) -> str:
                 ax.set_ylabel(VIEWS[block].split(":")[0])
             if i == len(blocks) - 1:
                 ax.set_xlabel("observed − null (cosine), 95% CI")
-    extra = [(Line2D([], [], marker=ROLE_MARKER["test"], color="0.3", linestyle="none"), "test (filled)"),
-             (Line2D([], [], marker=ROLE_MARKER["control"], color="0.3", markerfacecolor="white", linestyle="none"),
-              "positive control (hollow)"),
-             (Patch(color=MARGIN_COLOUR, alpha=0.25), "± equivalence margin")]
+    extra = [
+        (Line2D([], [], marker=ROLE_MARKER["test"], color="0.3", linestyle="none"), "test (filled)"),
+        (
+            Line2D([], [], marker=ROLE_MARKER["control"], color="0.3", markerfacecolor="white", linestyle="none"),
+            "positive control (hollow)",
+        ),
+        (Patch(color=MARGIN_COLOUR, alpha=0.25), "± equivalence margin"),
+    ]
     _legend(fig, [], extra)
     fig.suptitle(title, fontsize="large")
     return png_base64(fig)
@@ -271,8 +346,12 @@ def _verdict(r: Any, name: str = "") -> dict[str, Any]:
     if r is None:
         return {"kind": "none"}
     detail = f"{interval(r['diff'], r['ci_low'], r['ci_high'], DIFF)}, p Holm {pvalue(r['p_holm'])}"
-    return {"kind": "verdict", "verdict": r["verdict"] or "–", "cls": str(r["verdict"] or "none").split()[0],
-            "detail": f"{name}: {detail}" if name else detail}
+    return {
+        "kind": "verdict",
+        "verdict": r["verdict"] or "–",
+        "cls": str(r["verdict"] or "none").split()[0],
+        "detail": f"{name}: {detail}" if name else detail,
+    }
 
 
 def _summary(run: RunData) -> dict[str, Any]:
@@ -284,20 +363,31 @@ def _summary(run: RunData) -> dict[str, Any]:
         cell = tests[tests["cell_key"] == key]
         first = True
         get = {(r["pair"], r["centring"], r["null"]): r for r in cell.to_dict("records")}
-        for pair, centring, text in (("icl_it", "raw", "ICL–IT, raw"), ("icl_it", "anchor", "ICL–IT, anchor-centred"),
-                                     ("update", "raw", "update")):
+        for pair, centring, text in (
+            ("icl_it", "raw", "ICL–IT, raw"),
+            ("icl_it", "anchor", "ICL–IT, anchor-centred"),
+            ("update", "raw", "update"),
+        ):
             if not any((pair, centring, n) in get for n in nulls):
                 continue
             control = next((c for c in _CONTROLS[pair] if any((c, centring, n) in get for n in nulls)), None)
-            cells = [{"kind": "text", "value": titles.get(key, "all trials") if first else ""},
-                     {"kind": "text", "value": text}]
+            cells = [
+                {"kind": "text", "value": titles.get(key, "all trials") if first else ""},
+                {"kind": "text", "value": text},
+            ]
             first = False
             cells += [_verdict(get.get((pair, centring, n))) for n in nulls]
-            cells += [_verdict(get.get((control, centring, n)), PAIR_TEXT.get(control, "")) if control
-                      else {"kind": "none"} for n in nulls]
+            cells += [
+                _verdict(get.get((control, centring, n)), PAIR_TEXT.get(control, "")) if control else {"kind": "none"}
+                for n in nulls
+            ]
             rows.append(cells)
-    head = ["cell", "pair", *(f"vs {NULL_STYLE[n].label}" for n in nulls),
-            *(f"positive control vs {NULL_STYLE[n].label}" for n in nulls)]
+    head = [
+        "cell",
+        "pair",
+        *(f"vs {NULL_STYLE[n].label}" for n in nulls),
+        *(f"positive control vs {NULL_STYLE[n].label}" for n in nulls),
+    ]
     return {"cls": "summary", "head": head, "rows": rows}
 
 
@@ -316,14 +406,23 @@ def headline_section(run: RunData) -> dict[str, Any] | None:
         return None
     n_cells = run.tests["cell_key"].nunique() if has_tests else 0
     what = ("one row per cell" if len(rows) > 1 else rows[0]) if has_tests else "mean with a 95% CI over trials"
-    figure = {"alt": "similarity per layer: raw, anchor-centred, update; with the nulls",
-              "png": overview_figure(curves, nulls, rows, f"ICL vs IT per layer ({what})")}
-    out: dict[str, Any] = {"figure": figure, "tests": has_tests, "forest": None, "summary": None,
-                           "more": max(0, n_cells - MAX_FIGURE_CELLS)}
+    figure = {
+        "alt": "similarity per layer: raw, anchor-centred, update; with the nulls",
+        "png": overview_figure(curves, nulls, rows, f"ICL vs IT per layer ({what})"),
+    }
+    out: dict[str, Any] = {
+        "figure": figure,
+        "tests": has_tests,
+        "forest": None,
+        "summary": None,
+        "more": max(0, n_cells - MAX_FIGURE_CELLS),
+    }
     if has_tests:
         table = forest_rows(run)
         if len(table):
-            out["forest"] = {"alt": "forest plot: excess over the nulls at the last layer",
-                             "png": forest_figure(table, "Excess over the nulls at each cell's last layer")}
+            out["forest"] = {
+                "alt": "forest plot: excess over the nulls at the last layer",
+                "png": forest_figure(table, "Excess over the nulls at each cell's last layer"),
+            }
         out["summary"] = _summary(run)
     return out

@@ -172,11 +172,25 @@ def _baseline_table(summary: pd.DataFrame, factor: str, score_name: str) -> dict
 def _effects_rows(effects: pd.DataFrame) -> list[list[dict[str, Any]]]:
     rows = []
     for r in effects.itertuples(index=False):
-        diff = ({"kind": "ci", "mean": r.mean_diff, "lo": r.ci_low, "hi": r.ci_high, "fmt": DIFF} if r.n
-                else {"kind": "none"})
-        rows.append([_text(r.value), _text(r.reference), _text(figures.pair_style(r.pair).label),
-                     _text(r.what.replace("_", " ")), _text(r.n), _cell(r.mean_value), _cell(r.mean_reference),
-                     diff, _cell(r.cohens_d, "{:.2f}"), {"kind": "p", "value": r.p_value}])
+        diff = (
+            {"kind": "ci", "mean": r.mean_diff, "lo": r.ci_low, "hi": r.ci_high, "fmt": DIFF}
+            if r.n
+            else {"kind": "none"}
+        )
+        rows.append(
+            [
+                _text(r.value),
+                _text(r.reference),
+                _text(figures.pair_style(r.pair).label),
+                _text(r.what.replace("_", " ")),
+                _text(r.n),
+                _cell(r.mean_value),
+                _cell(r.mean_reference),
+                diff,
+                _cell(r.cohens_d, "{:.2f}"),
+                {"kind": "p", "value": r.p_value},
+            ]
+        )
     return rows
 
 
@@ -187,8 +201,15 @@ def _image(alt: str, png: str) -> dict[str, str]:
     return {"alt": alt, "png": png}
 
 
-def _baselines(frame: pd.DataFrame, summary: pd.DataFrame, factor: str | None, values: list[Any],
-               table_factor: str, score_name: str, cka_asked: bool) -> dict[str, Any] | None:
+def _baselines(
+    frame: pd.DataFrame,
+    summary: pd.DataFrame,
+    factor: str | None,
+    values: list[Any],
+    table_factor: str,
+    score_name: str,
+    cka_asked: bool,
+) -> dict[str, Any] | None:
     extras, cka = _baseline_pairs(summary)
     if not (extras or cka or cka_asked):
         return None
@@ -197,15 +218,23 @@ def _baselines(frame: pd.DataFrame, summary: pd.DataFrame, factor: str | None, v
     if extras:
         layers = layer_summaries(frame, factor, values, ("icl_it", *extras))
         title = f"ICL–IT and its baselines per layer{by}"
-        images.append(_image(f"baselines per layer{by}", figures.baselines_figure(layers, factor, values, title, extras)))
+        images.append(
+            _image(f"baselines per layer{by}", figures.baselines_figure(layers, factor, values, title, extras))
+        )
     notes = []
     if cka:
-        notes.append("linear CKA: over all queries of a cell, one value per cell × seed and layer; "
-                     "mean with a 95% CI over the cells × seeds of each value")
+        notes.append(
+            "linear CKA: over all queries of a cell, one value per cell × seed and layer; "
+            "mean with a 95% CI over the cells × seeds of each value"
+        )
     elif cka_asked:
         notes.append("linear CKA ICL vs IT across a cell's queries (baseline cka): not stored for this run yet")
-    return {"heading": f"Baselines{by}", "images": images, "notes": notes,
-            "table": _baseline_table(summary, table_factor, score_name)}
+    return {
+        "heading": f"Baselines{by}",
+        "images": images,
+        "notes": notes,
+        "table": _baseline_table(summary, table_factor, score_name),
+    }
 
 
 def _factor_section(run: RunData, factor: str, score_name: str, cka_asked: bool) -> dict[str, Any]:
@@ -218,8 +247,16 @@ def _factor_section(run: RunData, factor: str, score_name: str, cka_asked: bool)
     if others:
         how = "pooled over " if pooled else "with the others at their base values: "
         note = how + (", ".join(others) if pooled else ", ".join(f"{o} = {plan['base'][o]}" for o in others))
-    section: dict[str, Any] = {"id": f"factor-{factor}", "heading": f"Factor: {factor}", "note": note,
-                               "images": [], "table": None, "baselines": None, "effects": None, "peak": []}
+    section: dict[str, Any] = {
+        "id": f"factor-{factor}",
+        "heading": f"Factor: {factor}",
+        "note": note,
+        "images": [],
+        "table": None,
+        "baselines": None,
+        "effects": None,
+        "peak": [],
+    }
     if frame.empty:
         return section
     summary = factor_summary(frame, run.outputs, plan, factor, cka=run.cka)
@@ -228,14 +265,19 @@ def _factor_section(run: RunData, factor: str, score_name: str, cka_asked: bool)
     layers = layer_summaries(sub, factor, values, _MAIN)
     section["images"] = [
         _image(f"similarity against {factor}", figures.factor_figure(summary, factor, title)),
-        _image(f"per-layer similarity by {factor}",
-               figures.layer_panels_figure(layers, factor, values, f"per-layer similarity by {factor}")),
+        _image(
+            f"per-layer similarity by {factor}",
+            figures.layer_panels_figure(layers, factor, values, f"per-layer similarity by {factor}"),
+        ),
     ]
     section["table"] = _table(summary, factor, score_name)
     section["baselines"] = _baselines(sub, summary, factor, values, factor, score_name, cka_asked)
     if len(values) > 1:
-        section["effects"] = {"heading": f"Effect sizes: {factor}", "pooled": pooled,
-                              "rows": _effects_rows(factor_effects(frame, plan, factor))}
+        section["effects"] = {
+            "heading": f"Effect sizes: {factor}",
+            "pooled": pooled,
+            "rows": _effects_rows(factor_effects(frame, plan, factor)),
+        }
         peaks = peak_values(summary, factor)
         section["peak"] = [f"{_WHAT_TEXT[w]}: {v} ({num(m)})" for w, (v, m) in peaks.items()]
     return section
@@ -251,11 +293,19 @@ def _single_cell_section(run: RunData, score_name: str, cka_asked: bool, curves:
     images = []
     if curves:
         layers = layer_summaries(frame, None, [], _MAIN)
-        images.append(_image("per-layer similarity", figures.layer_panels_figure(layers, None, [], "per-layer similarity")))
-    return {"id": None, "heading": "All trials", "note": None, "images": images,
-            "table": _table(one, "task", score_name),
-            "baselines": _baselines(frame, one, None, [], "task", score_name, cka_asked),
-            "effects": None, "peak": []}
+        images.append(
+            _image("per-layer similarity", figures.layer_panels_figure(layers, None, [], "per-layer similarity"))
+        )
+    return {
+        "id": None,
+        "heading": "All trials",
+        "note": None,
+        "images": images,
+        "table": _table(one, "task", score_name),
+        "baselines": _baselines(frame, one, None, [], "task", score_name, cka_asked),
+        "effects": None,
+        "peak": [],
+    }
 
 
 def _dose_section(run: RunData, score_name: str) -> dict[str, Any] | None:
@@ -268,15 +318,37 @@ def _dose_section(run: RunData, score_name: str) -> dict[str, Any] | None:
     note = f"; pooled over {', '.join(pooled)}" if pooled and plan.get("design") != "separate" else ""
     rows = []
     for p in dose_peaks(dose):
-        rows.append([_text(p["value"] if factor else "all"), _text(p["peak_step"]), _cell(p["icl_it_at_peak"]),
-                     _cell(p["it_score_at_peak"]), _cell(p["train_loss_at_peak"], "{:#.3g}"), _text(p["peak_step_mean"]),
-                     _cell(p["icl_it_mean_at_peak"]), _text(p["last_step"]), _cell(p["icl_it_at_last"]),
-                     _cell(p["it_score_at_last"])])
-    head = [factor or "", "peak step (last layer)", "ICL–IT there", f"IT {score_name} there", "loss there",
-            "peak step (mean over layers)", "ICL–IT there", "last step", "ICL–IT at last step",
-            f"IT {score_name} at last step"]
-    return {"note": note, "image": _image("IT dose curves", figures.dose_figure(dose, factor, score_name)),
-            "table": {"cls": "dose", "head": head, "rows": rows}}
+        rows.append(
+            [
+                _text(p["value"] if factor else "all"),
+                _text(p["peak_step"]),
+                _cell(p["icl_it_at_peak"]),
+                _cell(p["it_score_at_peak"]),
+                _cell(p["train_loss_at_peak"], "{:#.3g}"),
+                _text(p["peak_step_mean"]),
+                _cell(p["icl_it_mean_at_peak"]),
+                _text(p["last_step"]),
+                _cell(p["icl_it_at_last"]),
+                _cell(p["it_score_at_last"]),
+            ]
+        )
+    head = [
+        factor or "",
+        "peak step (last layer)",
+        "ICL–IT there",
+        f"IT {score_name} there",
+        "loss there",
+        "peak step (mean over layers)",
+        "ICL–IT there",
+        "last step",
+        "ICL–IT at last step",
+        f"IT {score_name} at last step",
+    ]
+    return {
+        "note": note,
+        "image": _image("IT dose curves", figures.dose_figure(dose, factor, score_name)),
+        "table": {"cls": "dose", "head": head, "rows": rows},
+    }
 
 
 # ------------------------------------------------------------------ the page

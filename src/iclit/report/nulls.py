@@ -14,9 +14,16 @@ from iclit.report.causal import MAX_CELLS, cell_title
 
 __all__ = ["PAIR_TEXT", "nulls_section", "tested_cells"]
 
-PAIR_TEXT = {"anchor_icl": "anchor–ICL", "anchor_it": "anchor–IT", "icl_it": "ICL–IT", "update": "update",
-         "ceiling_it": "IT–IT′ (control)", "update_ceiling_it": "update IT–IT′ (control)",
-         "ceiling_icl": "ICL–ICL reordered (control)", "update_ceiling_icl": "update ICL–ICL′ (control)"}
+PAIR_TEXT = {
+    "anchor_icl": "anchor–ICL",
+    "anchor_it": "anchor–IT",
+    "icl_it": "ICL–IT",
+    "update": "update",
+    "ceiling_it": "IT–IT′ (control)",
+    "update_ceiling_it": "update IT–IT′ (control)",
+    "ceiling_icl": "ICL–ICL reordered (control)",
+    "update_ceiling_icl": "update ICL–ICL′ (control)",
+}
 """A test pair's short name in tables and the forest plot."""
 _DIFF = "{:+#.3g}"
 
@@ -36,32 +43,90 @@ def _ci(mean: float, lo: float, hi: float) -> dict[str, Any]:
 
 
 def _tests_table(t: pd.DataFrame) -> dict[str, Any]:
-    rows = [[{"kind": "text", "value": PAIR_TEXT.get(r.pair, r.pair)}, {"kind": "text", "value": r.centring},
-             {"kind": "text", "value": r.null.replace("_", "-")}, _num(r.observed), _num(r.null_mean),
-             _ci(r.diff, r.ci_low, r.ci_high), _p(r.p), _p(r.p_min), _p(r.p_adj), _p(r.p_holm),
-             _ci(r.diff, r.tost_low, r.tost_high), _num(r.margin, "±{:#.3g}"), _num(r.fraction, "{:+.2f}"),
-             {"kind": "text", "value": r.verdict}]
-            for r in t.itertuples()]
-    return {"head": ["pair", "centring", "null", "observed", "null", "excess [95% CI]", "p", "smallest p", "p max-T",
-                     "p Holm", "TOST 90% CI", "margin", "of ceiling", "verdict"], "rows": rows, "cls": None, "name": "tests"}
+    rows = [
+        [
+            {"kind": "text", "value": PAIR_TEXT.get(r.pair, r.pair)},
+            {"kind": "text", "value": r.centring},
+            {"kind": "text", "value": r.null.replace("_", "-")},
+            _num(r.observed),
+            _num(r.null_mean),
+            _ci(r.diff, r.ci_low, r.ci_high),
+            _p(r.p),
+            _p(r.p_min),
+            _p(r.p_adj),
+            _p(r.p_holm),
+            _ci(r.diff, r.tost_low, r.tost_high),
+            _num(r.margin, "±{:#.3g}"),
+            _num(r.fraction, "{:+.2f}"),
+            {"kind": "text", "value": r.verdict},
+        ]
+        for r in t.itertuples()
+    ]
+    return {
+        "head": [
+            "pair",
+            "centring",
+            "null",
+            "observed",
+            "null",
+            "excess [95% CI]",
+            "p",
+            "smallest p",
+            "p max-T",
+            "p Holm",
+            "TOST 90% CI",
+            "margin",
+            "of ceiling",
+            "verdict",
+        ],
+        "rows": rows,
+        "cls": None,
+        "name": "tests",
+    }
 
 
 def _geometry_table(g: pd.DataFrame) -> dict[str, Any]:
-    rows = [[{"kind": "text", "value": PAIR_TEXT.get(r.pair, r.pair)}, {"kind": "text", "value": r.measure},
-             {"kind": "text", "value": str(getattr(r, "null", "")).replace("_", "-")},
-             _num(r.value), _num(r.null_mean), _p(r.p), _p(r.p_adj), _num(r.n, "{:.0f}")]
-            for r in g.itertuples()]
-    return {"head": ["pair", "measure", "null", "value", "null mean", "p", "p max-T", "n"], "rows": rows, "cls": None,
-            "name": "geometry"}
+    rows = [
+        [
+            {"kind": "text", "value": PAIR_TEXT.get(r.pair, r.pair)},
+            {"kind": "text", "value": r.measure},
+            {"kind": "text", "value": str(getattr(r, "null", "")).replace("_", "-")},
+            _num(r.value),
+            _num(r.null_mean),
+            _p(r.p),
+            _p(r.p_adj),
+            _num(r.n, "{:.0f}"),
+        ]
+        for r in g.itertuples()
+    ]
+    return {
+        "head": ["pair", "measure", "null", "value", "null mean", "p", "p max-T", "n"],
+        "rows": rows,
+        "cls": None,
+        "name": "geometry",
+    }
 
 
 def _behaviour_table(b: pd.DataFrame) -> dict[str, Any]:
-    rows = [[{"kind": "text", "value": r.pair.replace("_", "–")}, {"kind": "text", "value": r.measure},
-             {"kind": "text", "value": r.null.replace("_", "-")}, _num(r.observed, "{:#.3g}"),
-             _num(r.null_mean, "{:#.3g}"), _ci(r.diff, r.ci_low, r.ci_high), _p(r.p_holm), {"kind": "text", "value": r.verdict or ""}]
-            for r in b.itertuples()]
-    return {"head": ["arms", "measure", "null", "observed", "null", "diff [95% CI]", "p Holm", "verdict"], "rows": rows, "cls": None,
-            "name": "behaviour"}
+    rows = [
+        [
+            {"kind": "text", "value": r.pair.replace("_", "–")},
+            {"kind": "text", "value": r.measure},
+            {"kind": "text", "value": r.null.replace("_", "-")},
+            _num(r.observed, "{:#.3g}"),
+            _num(r.null_mean, "{:#.3g}"),
+            _ci(r.diff, r.ci_low, r.ci_high),
+            _p(r.p_holm),
+            {"kind": "text", "value": r.verdict or ""},
+        ]
+        for r in b.itertuples()
+    ]
+    return {
+        "head": ["arms", "measure", "null", "observed", "null", "diff [95% CI]", "p Holm", "verdict"],
+        "rows": rows,
+        "cls": None,
+        "name": "behaviour",
+    }
 
 
 def tested_cells(run: RunData) -> list[str]:
@@ -85,8 +150,10 @@ def nulls_section(run: RunData) -> dict[str, Any] | None:
         cell_tests = tests[tests["cell_key"] == cell]
         last = int(cell_tests["layer"].max())  # the cell's own depth (cells of other models differ)
         t = cell_tests[(cell_tests["layer"] == last) & cell_tests["centring"].isin(["raw", "anchor"])]
-        entry: dict[str, Any] = {"heading": cell_title(labels.loc[cell].to_dict() if cell in labels.index else {}, factors),
-                                 "tables": [_tests_table(t)]}
+        entry: dict[str, Any] = {
+            "heading": cell_title(labels.loc[cell].to_dict() if cell in labels.index else {}, factors),
+            "tables": [_tests_table(t)],
+        }
         g = geometry[(geometry["cell_key"] == cell) & (geometry["layer"] == last)] if len(geometry) else geometry
         if len(g):
             entry["tables"].append(_geometry_table(g))

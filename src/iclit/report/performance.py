@@ -31,8 +31,17 @@ compute the run itself recorded; peak_rss_gib: peak resident memory, GiB; ratio:
 _REQUIRED = ("date", "what", "command", "machine")
 _NUMBERS = ("wall_s", "compute_s", "peak_rss_gib", "ratio")
 _RANGE = re.compile(r"^\d+(\.\d+)?(–\d+(\.\d+)?)?$")
-_HEADERS = {"date": "date", "command": "command", "machine": "machine", "gflops": "matmul GFLOP/s",
-            "wall_s": "wall", "compute_s": "compute", "peak_rss_gib": "peak RSS", "ratio": "ratio", "note": "note"}
+_HEADERS = {
+    "date": "date",
+    "command": "command",
+    "machine": "machine",
+    "gflops": "matmul GFLOP/s",
+    "wall_s": "wall",
+    "compute_s": "compute",
+    "peak_rss_gib": "peak RSS",
+    "ratio": "ratio",
+    "note": "note",
+}
 
 
 class RunsFileError(ValueError):
@@ -46,7 +55,9 @@ def read_runs(path: str | Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if tuple(reader.fieldnames or ()) != COLUMNS:
-            raise RunsFileError(f"{path}: the header must be {','.join(COLUMNS)}, not {','.join(reader.fieldnames or ())}")
+            raise RunsFileError(
+                f"{path}: the header must be {','.join(COLUMNS)}, not {','.join(reader.fieldnames or ())}"
+            )
         rows = []
         for line, row in enumerate(reader, start=2):
             if None in row or any(v is None for v in row.values()):
@@ -107,8 +118,12 @@ def performance_table(path: str | Path) -> str:
     for what, rows in groups.items():
         rows = sorted(rows, key=lambda r: r["date"], reverse=True)  # stable: same-day rows keep their order
         keys = [k for k in _HEADERS if any(r[k] for r in rows)]
-        out += [f"### {what}", "", "| " + " | ".join(_HEADERS[k] for k in keys) + " |",
-                "| " + " | ".join("---" for _ in keys) + " |"]
+        out += [
+            f"### {what}",
+            "",
+            "| " + " | ".join(_HEADERS[k] for k in keys) + " |",
+            "| " + " | ".join("---" for _ in keys) + " |",
+        ]
         out += ["| " + " | ".join(_cell(k, r[k]) for k in keys) + " |" for r in rows]
         out.append("")
     return "\n".join(out)

@@ -52,8 +52,10 @@ def write_chunk_states(run_dir: str | Path, keys: Sequence[str], arrays: Mapping
             raise ValueError(f"states {name!r}: {a.shape[0]} rows for {n} trial keys")
         tensors[name] = a
     rel = chunk_file_name(keys)
-    atomic_write(Path(run_dir) / rel,
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "trial_keys": json.dumps(list(keys))}))
+    atomic_write(
+        Path(run_dir) / rel,
+        lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "trial_keys": json.dumps(list(keys))}),
+    )
     return rel
 
 

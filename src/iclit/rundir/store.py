@@ -50,8 +50,23 @@ TrialRecord = dict[str, Any]
 n_layers (L+1), scores ({arm: float}), outputs (JSON-ready dict), demo_similarity (float or
 None), n_wrong (int), seconds (float), states_file (str or None), states_row (int or None)."""
 
-_TRIAL_COLUMNS = ("trial_key", "cell_key", "seed", "resample", "query_id", "n_layers", "demo_similarity", "n_wrong",
-                  "scores_json", "outputs_json", "seconds", "run_id", "written", "states_file", "states_row")
+_TRIAL_COLUMNS = (
+    "trial_key",
+    "cell_key",
+    "seed",
+    "resample",
+    "query_id",
+    "n_layers",
+    "demo_similarity",
+    "n_wrong",
+    "scores_json",
+    "outputs_json",
+    "seconds",
+    "run_id",
+    "written",
+    "states_file",
+    "states_row",
+)
 _RUN_COLUMNS_ADDED = (("reused", "INTEGER"), ("reused_from_json", "TEXT"), ("models_json", "TEXT"))
 """Columns of ``runs`` added after schema version 1 was released (added to older stores on open)."""
 
@@ -117,7 +132,9 @@ class Store:
 
     """
 
-    def __init__(self, path: str | Path, *, timeout: float = 120.0, create: bool = True, readonly: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, *, timeout: float = 120.0, create: bool = True, readonly: bool = False
+    ) -> None:
         path = Path(path)
         if path.suffix not in (".sqlite", ".db"):
             path = path / DB_NAME
@@ -166,9 +183,14 @@ class Store:
         version = int(row[0]) if row else None
         if version != SCHEMA_VERSION:
             self.conn.close()
-            raise RuntimeError(f"{self.path}: store schema version {version}, this iclit reads version {SCHEMA_VERSION}"
-                               + (" (a run made before hidden states were stored: rerun it into a new directory)"
-                                  if version is not None and version < SCHEMA_VERSION else ""))
+            raise RuntimeError(
+                f"{self.path}: store schema version {version}, this iclit reads version {SCHEMA_VERSION}"
+                + (
+                    " (a run made before hidden states were stored: rerun it into a new directory)"
+                    if version is not None and version < SCHEMA_VERSION
+                    else ""
+                )
+            )
 
     @staticmethod
     def _retry(fn, attempts: int = 50):
@@ -204,33 +226,65 @@ class Store:
 
     # --- runs -----------------------------------------------------------------------------
 
-    def begin_run(self, spec_yaml: str, plan: Mapping[str, Any], cells: Iterable[tuple[str, dict, dict]],
-                  *, backend: str, versions: Mapping[str, str]) -> int:
+    def begin_run(
+        self,
+        spec_yaml: str,
+        plan: Mapping[str, Any],
+        cells: Iterable[tuple[str, dict, dict]],
+        *,
+        backend: str,
+        versions: Mapping[str, str],
+    ) -> int:
         """Record an invocation and the plan's cells; returns the run id."""
         with self.transaction() as c:
             c.executemany(
                 # the labels are how the latest spec names the cell's factor values (e.g. a recipe's name)
                 "INSERT INTO cells (cell_key, labels_json, settings_json) VALUES (?, ?, ?) "
                 "ON CONFLICT (cell_key) DO UPDATE SET labels_json = excluded.labels_json",
-                [(key, json.dumps(labels, sort_keys=True), json.dumps(settings, sort_keys=True)) for key, labels, settings in cells],
+                [
+                    (key, json.dumps(labels, sort_keys=True), json.dumps(settings, sort_keys=True))
+                    for key, labels, settings in cells
+                ],
             )
             cur = c.execute(
                 "INSERT INTO runs (started, backend, host, pid, spec_yaml, plan_json, versions_json, planned) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (_now(), backend, socket.gethostname(), os.getpid(), spec_yaml, json.dumps(plan), json.dumps(dict(versions)),
-                 int(plan.get("n_trials", 0))),
+                (
+                    _now(),
+                    backend,
+                    socket.gethostname(),
+                    os.getpid(),
+                    spec_yaml,
+                    json.dumps(plan),
+                    json.dumps(dict(versions)),
+                    int(plan.get("n_trials", 0)),
+                ),
             )
             return int(cur.lastrowid)
 
-    def finish_run(self, run_id: int, computed: int, reused: int | None = None,
-                   reused_from: Mapping[str, int] | None = None, models: Mapping[str, Any] | None = None) -> None:
+    def finish_run(
+        self,
+        run_id: int,
+        computed: int,
+        reused: int | None = None,
+        reused_from: Mapping[str, int] | None = None,
+        models: Mapping[str, Any] | None = None,
+    ) -> None:
         """Record the end of a run: trials computed, trials reused per source run directory,
         and what each model the run loaded was (source, device, dtype, layers, hidden size)."""
         with self.transaction() as c:
-            c.execute("UPDATE runs SET finished = ?, computed = ?, reused = ?, reused_from_json = ?, models_json = ? "
-                      "WHERE id = ?",
-                      (_now(), computed, reused, None if reused_from is None else json.dumps(dict(reused_from)),
-                       None if not models else json.dumps(dict(models)), run_id))
+            c.execute(
+                "UPDATE runs SET finished = ?, computed = ?, reused = ?, reused_from_json = ?, models_json = ? "
+                "WHERE id = ?",
+                (
+                    _now(),
+                    computed,
+                    reused,
+                    None if reused_from is None else json.dumps(dict(reused_from)),
+                    None if not models else json.dumps(dict(models)),
+                    run_id,
+                ),
+            )
 
     def latest_run(self) -> dict[str, Any] | None:
         """The last invocation: spec_yaml, plan (dict), versions (dict), started, finished,
@@ -240,12 +294,24 @@ class Store:
         added = [name for name, _ in _RUN_COLUMNS_ADDED if name in have]
         row = self.conn.execute(
             "SELECT id, started, finished, backend, host, spec_yaml, plan_json, versions_json, planned, computed"
-            + "".join(f", {name}" for name in added) + " FROM runs ORDER BY id DESC LIMIT 1"
+            + "".join(f", {name}" for name in added)
+            + " FROM runs ORDER BY id DESC LIMIT 1"
         ).fetchone()
         if row is None:
             return None
-        keys = ("id", "started", "finished", "backend", "host", "spec_yaml", "plan", "versions", "planned", "computed",
-                *added)
+        keys = (
+            "id",
+            "started",
+            "finished",
+            "backend",
+            "host",
+            "spec_yaml",
+            "plan",
+            "versions",
+            "planned",
+            "computed",
+            *added,
+        )
         out = {"reused": None, "reused_from_json": None, "models_json": None, **dict(zip(keys, row))}
         out["plan"] = json.loads(out["plan"])
         out["versions"] = json.loads(out["versions"] or "{}")
@@ -292,10 +358,23 @@ class Store:
                 cur = c.execute(
                     f"INSERT OR IGNORE INTO trials ({', '.join(_TRIAL_COLUMNS)}) "
                     f"VALUES ({','.join('?' * len(_TRIAL_COLUMNS))})",
-                    (r["trial_key"], r["cell_key"], int(r["seed"]), int(r["resample"]), r.get("query_id"),
-                     int(r.get("n_layers") or 0), r.get("demo_similarity"), r.get("n_wrong"),
-                     json.dumps(r.get("scores", {}), sort_keys=True), json.dumps(r.get("outputs", {}), ensure_ascii=False),
-                     r.get("seconds"), run_id, written, r.get("states_file"), r.get("states_row")),
+                    (
+                        r["trial_key"],
+                        r["cell_key"],
+                        int(r["seed"]),
+                        int(r["resample"]),
+                        r.get("query_id"),
+                        int(r.get("n_layers") or 0),
+                        r.get("demo_similarity"),
+                        r.get("n_wrong"),
+                        json.dumps(r.get("scores", {}), sort_keys=True),
+                        json.dumps(r.get("outputs", {}), ensure_ascii=False),
+                        r.get("seconds"),
+                        run_id,
+                        written,
+                        r.get("states_file"),
+                        r.get("states_row"),
+                    ),
                 )
                 new += cur.rowcount == 1
         return new
@@ -309,14 +388,16 @@ class Store:
         marks = ",".join("?" * len(keys))
         self.conn.execute("BEGIN")  # one snapshot for the reads
         try:
-            rows = self.conn.execute(f"SELECT {', '.join(_TRIAL_COLUMNS)} FROM trials WHERE trial_key IN ({marks})",
-                                     keys).fetchall()
+            rows = self.conn.execute(
+                f"SELECT {', '.join(_TRIAL_COLUMNS)} FROM trials WHERE trial_key IN ({marks})", keys
+            ).fetchall()
             if len(rows) != len(set(keys)):
                 return None
             cell_keys = sorted({r[1] for r in rows})
             cells = self.conn.execute(
                 f"SELECT cell_key, labels_json, settings_json FROM cells WHERE cell_key IN ({','.join('?' * len(cell_keys))})",
-                cell_keys).fetchall()
+                cell_keys,
+            ).fetchall()
         finally:
             self.conn.execute("COMMIT")
         by_key = {r[0]: dict(zip(_TRIAL_COLUMNS, r)) for r in rows}
@@ -324,12 +405,18 @@ class Store:
 
     def resamples_of(self, cell_key: str, seed: int, lo: int, hi: int) -> set[int]:
         """Resample indices in ``[lo, hi)`` stored for (cell, seed)."""
-        rows = self.conn.execute("SELECT resample FROM trials WHERE cell_key = ? AND seed = ? AND resample >= ? "
-                                 "AND resample < ?", (cell_key, int(seed), int(lo), int(hi))).fetchall()
+        rows = self.conn.execute(
+            "SELECT resample FROM trials WHERE cell_key = ? AND seed = ? AND resample >= ? AND resample < ?",
+            (cell_key, int(seed), int(lo), int(hi)),
+        ).fetchall()
         return {int(r[0]) for r in rows}
 
-    def copy_trials(self, stored: StoredTrials, run_id: int | None = None,
-                    states: Mapping[str, tuple[str | None, int | None]] | None = None) -> int:
+    def copy_trials(
+        self,
+        stored: StoredTrials,
+        run_id: int | None = None,
+        states: Mapping[str, tuple[str | None, int | None]] | None = None,
+    ) -> int:
         """Store trials read from another store (:meth:`stored_trials`) in one transaction,
         verbatim: same keys, cell, scores, outputs and seconds (``run_id``: this store's run
         that copied them; ``states``: trial key → (states file, row) of the copies of their
@@ -338,7 +425,9 @@ class Store:
         states = states or {}
         new = 0
         with self.transaction() as c:
-            c.executemany("INSERT OR IGNORE INTO cells (cell_key, labels_json, settings_json) VALUES (?, ?, ?)", stored.cells)
+            c.executemany(
+                "INSERT OR IGNORE INTO cells (cell_key, labels_json, settings_json) VALUES (?, ?, ?)", stored.cells
+            )
             for t in stored.trials:
                 where = states.get(t["trial_key"], (None, None))
                 values = {**t, "run_id": run_id, "states_file": where[0], "states_row": where[1]}
@@ -367,8 +456,10 @@ class Store:
             return "1", []
         cells = [c["key"] for c in plan["cells"]]
         seeds = [int(s) for s in plan["seeds"]]
-        cond = (f"t.cell_key IN ({','.join('?' * len(cells))}) AND t.seed IN ({','.join('?' * len(seeds))}) "
-                f"AND t.resample < ?")
+        cond = (
+            f"t.cell_key IN ({','.join('?' * len(cells))}) AND t.seed IN ({','.join('?' * len(seeds))}) "
+            f"AND t.resample < ?"
+        )
         return cond, [*cells, *seeds, int(plan.get("pairs", plan["resamples"]))]
 
     def with_labels(self, df: pd.DataFrame) -> pd.DataFrame:
@@ -390,7 +481,8 @@ class Store:
             "SELECT t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, t.n_layers, "
             f"t.states_file, t.states_row, t.trial_key FROM trials t WHERE {cond} "
             "ORDER BY t.cell_key, t.seed, t.resample",
-            self.conn, params=args,
+            self.conn,
+            params=args,
         )
         return self.with_labels(df)
 
@@ -413,9 +505,14 @@ class Store:
         for key, cell, seed, resample, qid, sim, n_wrong, scores, outputs, seconds in rows:
             scores, outputs = json.loads(scores), json.loads(outputs)
             row: dict[str, Any] = {
-                "cell_key": cell, "seed": seed, "resample": resample, "query_id": qid,
-                "demo_similarity": sim, "n_wrong": n_wrong,
-                "query": outputs.get("query"), "gold": outputs.get("gold"),
+                "cell_key": cell,
+                "seed": seed,
+                "resample": resample,
+                "query_id": qid,
+                "demo_similarity": sim,
+                "n_wrong": n_wrong,
+                "query": outputs.get("query"),
+                "gold": outputs.get("gold"),
             }
             for arm, pred in outputs.get("predictions", {}).items():
                 row[f"prediction_{arm}"] = pred

@@ -78,44 +78,46 @@ TEMPLATES: dict[str, dict[str, Template]] = {
     },
 }
 
-TEMPLATES.update({
-    "antonyms": {
-        "default": Template(
-            name="default",
-            instruction="Give the antonym (the word of opposite meaning) of the English adjective.",
-            input_prefix="Word: ",
-            output_prefix="Antonym:",
-        ),
-        "short": Template(name="short", input_prefix="Word: ", output_prefix="Opposite:"),
-    },
-    "translation-en-cs-words": {
-        "default": Template(
-            name="default",
-            instruction="Translate the English word into Czech.",
-            input_prefix="English: ",
-            output_prefix="Czech:",
-        ),
-        "short": Template(name="short", input_prefix="EN: ", output_prefix="CS:"),
-    },
-    "addition": {
-        "default": Template(
-            name="default",
-            instruction="Add the two numbers.",
-            input_prefix="Question: ",
-            output_prefix="Answer:",
-        ),
-        "short": Template(name="short", input_prefix="", output_prefix="="),
-    },
-    "reverse-words": {
-        "default": Template(
-            name="default",
-            instruction="Write the words in reverse order.",
-            input_prefix="Words: ",
-            output_prefix="Reversed:",
-        ),
-        "short": Template(name="short", input_prefix="Input: ", output_prefix="Output:"),
-    },
-})
+TEMPLATES.update(
+    {
+        "antonyms": {
+            "default": Template(
+                name="default",
+                instruction="Give the antonym (the word of opposite meaning) of the English adjective.",
+                input_prefix="Word: ",
+                output_prefix="Antonym:",
+            ),
+            "short": Template(name="short", input_prefix="Word: ", output_prefix="Opposite:"),
+        },
+        "translation-en-cs-words": {
+            "default": Template(
+                name="default",
+                instruction="Translate the English word into Czech.",
+                input_prefix="English: ",
+                output_prefix="Czech:",
+            ),
+            "short": Template(name="short", input_prefix="EN: ", output_prefix="CS:"),
+        },
+        "addition": {
+            "default": Template(
+                name="default",
+                instruction="Add the two numbers.",
+                input_prefix="Question: ",
+                output_prefix="Answer:",
+            ),
+            "short": Template(name="short", input_prefix="", output_prefix="="),
+        },
+        "reverse-words": {
+            "default": Template(
+                name="default",
+                instruction="Write the words in reverse order.",
+                input_prefix="Words: ",
+                output_prefix="Reversed:",
+            ),
+            "short": Template(name="short", input_prefix="Input: ", output_prefix="Output:"),
+        },
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,9 @@ def _builtin(name: str) -> Task:
     return _TASKS[name].factory()
 
 
-def register_task(name: str, factory: TaskFactory, description: str = "", *, kind: str | None = None,
-                  source: str = "") -> None:
+def register_task(
+    name: str, factory: TaskFactory, description: str = "", *, kind: str | None = None, source: str = ""
+) -> None:
     """Add (or replace) a named task; ``factory()`` builds it on first use.
 
     ``kind`` (``classification``/``generation``) and ``source`` (where the data comes from)
@@ -218,8 +221,9 @@ def _antonyms() -> Task:
 
 
 def _translation_words() -> Task:
-    return _exact("translation-en-cs-words", res.translation_examples(task="translation-en-cs-words"),
-                  max_new_tokens=16)
+    return _exact(
+        "translation-en-cs-words", res.translation_examples(task="translation-en-cs-words"), max_new_tokens=16
+    )
 
 
 def _addition() -> Task:
@@ -327,8 +331,9 @@ def laid_over(template: Template, fields: Template | Mapping[str, Any]) -> Templ
     return template.replace(**fields)
 
 
-def get_task(name_or_path: str | Path, *, template: Template | Mapping[str, Any] | None = None,
-             **loader_kwargs: Any) -> Task:
+def get_task(
+    name_or_path: str | Path, *, template: Template | Mapping[str, Any] | None = None, **loader_kwargs: Any
+) -> Task:
     """A registered task by name, or a task file (``.jsonl``/``.csv``/``.parquet``, …).
 
     ``loader_kwargs`` go to :func:`~iclit.tasks.loaders.load_task` and apply to files only.
@@ -338,9 +343,7 @@ def get_task(name_or_path: str | Path, *, template: Template | Mapping[str, Any]
     key = str(name_or_path)
     if key in _TASKS:
         if loader_kwargs:
-            raise TaskDataError(
-                f"task {key!r} is built in; loader options {sorted(loader_kwargs)} apply only to files"
-            )
+            raise TaskDataError(f"task {key!r} is built in; loader options {sorted(loader_kwargs)} apply only to files")
         task = _builtin(key)
     else:
         path = Path(key)
@@ -353,8 +356,13 @@ def get_task(name_or_path: str | Path, *, template: Template | Mapping[str, Any]
     return task if template is None else task.with_template(laid_over(task.template, template))
 
 
-def resolve_task(task: str | Path | Task, template: str | None = None, instruction: bool = True, *,
-                 options: Mapping[str, Any] | None = None) -> Task:
+def resolve_task(
+    task: str | Path | Task,
+    template: str | None = None,
+    instruction: bool = True,
+    *,
+    options: Mapping[str, Any] | None = None,
+) -> Task:
     """A task by name, path or object (``options``: :func:`get_task`'s keyword arguments, a
     spec's ``task_options``) with a named template (``None``/``"default"``: its own) and
     without its instruction if ``instruction`` is false."""

@@ -41,10 +41,13 @@ def chat_frame(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
         and verbatim (a template that rewrites the message cannot be framed).
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; this model's has none "
-                         "(use prompt_format 'raw')")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARKER}], tokenize=False,
-                                         add_generation_prompt=True)
+        raise ValueError(
+            "prompt_format 'chat' needs a tokenizer with a chat template; this model's has none "
+            "(use prompt_format 'raw')"
+        )
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _MARKER}], tokenize=False, add_generation_prompt=True
+    )
     if not isinstance(text, str) or text.count(_MARKER) != 1:
         raise ValueError("the chat template does not render a user message verbatim once; use prompt_format 'raw'")
     head, _, tail = text.partition(_MARKER)

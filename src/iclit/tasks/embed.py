@@ -90,7 +90,10 @@ class SentenceEmbedder:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 batch = self.tokenizer(
-                    [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
                     return_tensors="pt",
                 )
                 hidden = self.model(**batch).last_hidden_state  # [b, s, d]

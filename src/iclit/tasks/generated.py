@@ -36,8 +36,10 @@ def addition_examples(n: int = 400, seed: int = SEED) -> list[Example]:
     rng = random.Random(seed)
     pairs = [(a, b) for a in range(10, 100) for b in range(a, 100)]
     chosen = [(a, b) if rng.random() < 0.5 else (b, a) for a, b in rng.sample(pairs, n)]
-    return [Example(id=f"add-{i:04d}", input=f"{a} + {b}", output=str(a + b), meta={"carry": (a % 10 + b % 10) >= 10})
-            for i, (a, b) in enumerate(chosen, start=1)]
+    return [
+        Example(id=f"add-{i:04d}", input=f"{a} + {b}", output=str(a + b), meta={"carry": (a % 10 + b % 10) >= 10})
+        for i, (a, b) in enumerate(chosen, start=1)
+    ]
 
 
 def reverse_words_examples(n: int = 400, seed: int = SEED + 1, lengths: tuple[int, ...] = (3, 4, 5)) -> list[Example]:
@@ -54,6 +56,12 @@ def reverse_words_examples(n: int = 400, seed: int = SEED + 1, lengths: tuple[in
         if words in seen or words[::-1] in seen:
             continue
         seen.add(words)
-        out.append(Example(id=f"rev-{len(out) + 1:04d}", input=" ".join(words), output=" ".join(reversed(words)),
-                           meta={"n_words": len(words)}))
+        out.append(
+            Example(
+                id=f"rev-{len(out) + 1:04d}",
+                input=" ".join(words),
+                output=" ".join(reversed(words)),
+                meta={"n_words": len(words)},
+            )
+        )
     return out

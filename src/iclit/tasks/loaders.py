@@ -419,6 +419,4 @@ def check_enough(task: Task, k: int, path_hint: str | None = None) -> None:
     n = len(task.examples)
     if n < k + 1:
         where = path_hint or (task.source if task.source != "builtin" else f"task {task.name!r}")
-        raise TaskDataError(
-            f"{where}: needs at least k+1 = {k + 1} examples ({k} demonstrations + 1 query), found {n}"
-        )
+        raise TaskDataError(f"{where}: needs at least k+1 = {k + 1} examples ({k} demonstrations + 1 query), found {n}")

@@ -127,7 +127,7 @@ def _adjective_antonyms(path: Path) -> dict[str, set[str]]:
             n_ptrs = int(f[i])
             ptrs = []
             for j in range(n_ptrs):
-                symbol, target, _pos, st = f[i + 1 + 4 * j: i + 5 + 4 * j]
+                symbol, target, _pos, st = f[i + 1 + 4 * j : i + 5 + 4 * j]
                 if symbol == "!":
                     ptrs.append((int(st[:2], 16), target, int(st[2:], 16)))
         except (IndexError, ValueError):
@@ -193,8 +193,12 @@ def _morphological(word: str, antonym: str) -> bool:
 def antonym_examples(directory: Path | None = None, *, task: str = "antonyms") -> list[Example]:
     """:func:`antonym_pairs` as examples ``ant-0001``… (meta: tag counts, ``morphological``)."""
     return [
-        Example(id=f"ant-{i:04d}", input=p.word, output=p.antonym,
-                meta={"tags": list(p.tags), "morphological": _morphological(p.word, p.antonym)})
+        Example(
+            id=f"ant-{i:04d}",
+            input=p.word,
+            output=p.antonym,
+            meta={"tags": list(p.tags), "morphological": _morphological(p.word, p.antonym)},
+        )
         for i, p in enumerate(antonym_pairs(directory, task=task), start=1)
     ]
 
@@ -206,8 +210,13 @@ def _b64(text: str) -> int:
     return n
 
 
-def read_dictd(directory: Path | None = None, name: str = FREEDICT_NAME, *, task: str = "translation-en-cs-words",
-               package: str = FREEDICT_PACKAGE) -> dict[str, list[str]]:
+def read_dictd(
+    directory: Path | None = None,
+    name: str = FREEDICT_NAME,
+    *,
+    task: str = "translation-en-cs-words",
+    package: str = FREEDICT_PACKAGE,
+) -> dict[str, list[str]]:
     """A dictd database: index key → the text of each of its entries, in index order.
 
     ``{name}.index`` lines are ``headword TAB offset TAB length`` (dictd's base64 numbers,
@@ -233,7 +242,7 @@ def read_dictd(directory: Path | None = None, name: str = FREEDICT_NAME, *, task
                 continue
             if start + length > len(data):
                 raise TaskDataError(f"{index} line {lineno}: entry {key!r} lies beyond the end of {dz}")
-            entries[key].append(data[start:start + length].decode("utf-8"))
+            entries[key].append(data[start : start + length].decode("utf-8"))
     return dict(entries)
 
 
@@ -245,8 +254,9 @@ def _entry(text: str) -> tuple[str, list[str]]:
     return head, [t.strip() for t in lines[1:] if t.strip() and not t.strip().startswith("Note:")]
 
 
-def word_translations(freedict: Path | None = None, wordnet: Path | None = None, *,
-                      task: str = "translation-en-cs-words") -> list[tuple[str, str, int]]:
+def word_translations(
+    freedict: Path | None = None, wordnet: Path | None = None, *, task: str = "translation-en-cs-words"
+) -> list[tuple[str, str, int]]:
     """``(english, czech, tag count)`` of the unambiguous single-word entries, sorted by word.
 
     Kept: the English headwords where
@@ -285,8 +295,11 @@ def word_translations(freedict: Path | None = None, wordnet: Path | None = None,
     return out
 
 
-def translation_examples(freedict: Path | None = None, wordnet: Path | None = None, *,
-                         task: str = "translation-en-cs-words") -> list[Example]:
+def translation_examples(
+    freedict: Path | None = None, wordnet: Path | None = None, *, task: str = "translation-en-cs-words"
+) -> list[Example]:
     """:func:`word_translations` as examples ``encsw-0001``… (meta: WordNet tag count)."""
-    return [Example(id=f"encsw-{i:04d}", input=en, output=cs, meta={"tags": n})
-            for i, (en, cs, n) in enumerate(word_translations(freedict, wordnet, task=task), start=1)]
+    return [
+        Example(id=f"encsw-{i:04d}", input=en, output=cs, meta={"tags": n})
+        for i, (en, cs, n) in enumerate(word_translations(freedict, wordnet, task=task), start=1)
+    ]

@@ -78,8 +78,9 @@ class Sampler:
     """True when the choice ignores the rng (the same queries and pool give the same
     demonstrations): the sets of one query block are then made disjoint (:func:`draw_sets`)."""
 
-    def select(self, query: Example | Sequence[Example], pool: Sequence[Example], k: int,
-               rng: np.random.Generator) -> list[Example]:
+    def select(
+        self, query: Example | Sequence[Example], pool: Sequence[Example], k: int, rng: np.random.Generator
+    ) -> list[Example]:
         """``k`` demonstrations from ``pool``, in prompt order. ``query``: one query, or the
         queries of a crossed set (:func:`draw_sets`), none of which is ever chosen (told apart
         by ``id`` and by input text)."""
@@ -175,7 +176,7 @@ class SimilaritySampler(Sampler):
 
         queries = [query] if isinstance(query, Example) else list(query)
         vectors = embed([*(q.input for q in queries), *(c.input for c in candidates)])
-        sims = (vectors[len(queries):] @ vectors[: len(queries)].T).mean(axis=1)
+        sims = (vectors[len(queries) :] @ vectors[: len(queries)].T).mean(axis=1)
         key = -sims if self.mode == "most" else sims
         chosen = np.argsort(key, kind="stable")[:k]
         ordered = sorted(chosen.tolist(), key=lambda i: (float(sims[i]), i))
@@ -314,8 +315,10 @@ def set_queries(task: Task, n_blocks: int, per_block: int, seed: int) -> list[li
     """
     examples = task.examples
     if per_block > len(examples):
-        raise TaskDataError(f"task {task.name!r}: a set of {per_block} distinct queries needs {per_block} examples, "
-                            f"but it has only {len(examples)}")
+        raise TaskDataError(
+            f"task {task.name!r}: a set of {per_block} distinct queries needs {per_block} examples, "
+            f"but it has only {len(examples)}"
+        )
     order = [examples[int(i)] for i in np.random.default_rng(seed).permutation(len(examples))]
     labels = task.labels if task.kind == "classification" and task.labels else None
     cap = -(-per_block // len(labels)) if labels else per_block
@@ -397,6 +400,8 @@ def draw_sets(
         pool = [e for e in source.examples if e.id not in taken] if chooser.deterministic else source.examples
         demos = tuple(chooser.select(queries, pool, k, rng))
         taken |= {d.id for d in demos}
-        out += [Resample(index=s * queries_per_set + j, query=q, demonstrations=demos, set_index=s, slot=j)
-                for j, q in enumerate(queries)]
+        out += [
+            Resample(index=s * queries_per_set + j, query=q, demonstrations=demos, set_index=s, slot=j)
+            for j, q in enumerate(queries)
+        ]
     return out

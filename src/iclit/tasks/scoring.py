@@ -33,7 +33,6 @@ def corpus_chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return float(_chrf_metric().corpus_score(list(hypotheses), [list(references)]).score)
 
 
-
 def score(task: Task, preds: Sequence[str], golds: Sequence[str]) -> list[float]:
     """Per-trial score: exact label match (classification), else by ``task.metric``: exact
     match after whitespace normalisation (``"exact"``, 0/1) or sentence chrF (``"chrf"``)."""

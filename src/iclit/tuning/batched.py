@@ -111,7 +111,9 @@ def peft_like_init(shapes: Sequence[tuple[int, int]], rank: int, seed: int) -> l
 
 
 @contextmanager
-def multi_lora(model: nn.Module, recipe: TuningRecipe, seeds: Sequence[int]) -> Iterator[tuple[AdapterRouter, list[MultiLoRALinear]]]:
+def multi_lora(
+    model: nn.Module, recipe: TuningRecipe, seeds: Sequence[int]
+) -> Iterator[tuple[AdapterRouter, list[MultiLoRALinear]]]:
     """Inject ``len(seeds)`` fresh LoRA adapters into every target linear of ``model``
     (``recipe.targets`` resolved for its architecture, :func:`_target_linears`).
 
@@ -212,7 +214,11 @@ def fit_many(
         return total
 
     return train(
-        model, recipe, params, members, seeds,
+        model,
+        recipe,
+        params,
+        members,
+        seeds,
         step_loss=lambda rows: run_step(rows, grad=True),
         clip=lambda max_norm: clip_per_adapter(modules, max_norm),
         final_loss=lambda: run_step(list(range(len(lengths))), grad=False),
@@ -246,5 +252,7 @@ def tuned_many(
     batch = encode_pairs(tokenizer, flat).to(device)
     with multi_lora(model, recipe, seeds) as (router, modules):
         hook = (lambda s: on_step(s, model, router)) if on_step else None
-        results = fit_many(model, modules, router, batch, adapter_of, recipe, seeds, max_tokens=max_tokens, on_step=hook)
+        results = fit_many(
+            model, modules, router, batch, adapter_of, recipe, seeds, max_tokens=max_tokens, on_step=hook
+        )
         yield model, router, results

@@ -20,6 +20,7 @@ from torch import nn
 
 from iclit.tuning.recipe import TuningRecipe, TuningResult
 
+
 class TuningDivergedError(ValueError):
     """The IT loss became NaN or infinite: the recipe does not fit these demonstrations."""
 
@@ -31,7 +32,8 @@ def _check_finite(recipe: TuningRecipe, losses: Sequence[float], step: int | Non
         when = f"at optimiser step {step}" if step is not None else "after training"
         raise TuningDivergedError(
             f"the IT answer loss became {x} {when} (adapter {g + 1} of {len(losses)}, lr {recipe.learning_rate:g}, "
-            f"method {recipe.method}): the recipe diverged on these demonstrations; lower recipe.lr or the epochs")
+            f"method {recipe.method}): the recipe diverged on these demonstrations; lower recipe.lr or the epochs"
+        )
 
 
 StepLoss = Callable[[list[int]], torch.Tensor]
@@ -95,8 +97,10 @@ def train(
     steps = max(per_epoch)
     check_capture_steps(recipe, recipe.epochs * steps)
     if recipe.capture_steps and len(set(per_epoch)) > 1:
-        raise ValueError("capture_steps need every adapter to take the same number of steps per epoch "
-                         "(the same number of demonstrations, or full batches)")
+        raise ValueError(
+            "capture_steps need every adapter to take the same number of steps per epoch "
+            "(the same number of demonstrations, or full batches)"
+        )
     results = [TuningResult() for _ in groups]
     done = 0
     model.train()

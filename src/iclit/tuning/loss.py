@@ -42,7 +42,9 @@ class AnswerBatch:
     example: torch.Tensor
 
     def to(self, device: torch.device) -> "AnswerBatch":
-        return AnswerBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.predict_at, self.targets, self.example)))
+        return AnswerBatch(
+            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.predict_at, self.targets, self.example))
+        )
 
 
 def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> AnswerBatch:
@@ -136,7 +138,9 @@ class _ChunkedHeadCE(torch.autograd.Function):
         return grad_loss[:, None] * grad_x, None, None, None  # autograd casts to x's dtype
 
 
-def head_cross_entropy(model: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def head_cross_entropy(
+    model: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
     """Cross-entropy of the next token ``targets`` [m] from final hidden states ``rows``
     [m, d]: [m] (float32).
 
@@ -205,8 +209,14 @@ def _losses_at(model: nn.Module, at: torch.Tensor, targets: torch.Tensor, **inpu
 def answer_token_losses(model: nn.Module, batch: AnswerBatch) -> torch.Tensor:
     """Cross-entropy of each answer token: [m]. The last block's feed-forward part and the LM
     head run for the m answer positions only."""
-    return _losses_at(model, batch.predict_at, batch.targets, input_ids=batch.input_ids,
-                      attention_mask=batch.attention_mask, use_cache=False)
+    return _losses_at(
+        model,
+        batch.predict_at,
+        batch.targets,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        use_cache=False,
+    )
 
 
 def answer_loss(model: nn.Module, batch: AnswerBatch) -> torch.Tensor:
@@ -230,12 +240,21 @@ def shared_prefix_length(batch: AnswerBatch) -> int:
     return min(common_prefix_length(seqs), first_answer)
 
 
-def shared_prefix_token_losses(model: nn.Module, batch: AnswerBatch, prefix: SharedPrefix, row_adapter: torch.Tensor) -> torch.Tensor:
+def shared_prefix_token_losses(
+    model: nn.Module, batch: AnswerBatch, prefix: SharedPrefix, row_adapter: torch.Tensor
+) -> torch.Tensor:
     """:func:`answer_token_losses` for sequences whose first ``prefix.length`` tokens are the
     shared prefix: only the rest of each sequence runs, on top of the prefix's cache (row r
     reads adapter ``row_adapter[r]``'s prefix; the caller routes the rows themselves)."""
     p = prefix.length
     width = batch.input_ids.shape[1]
     at = (batch.predict_at // width) * (width - p) + batch.predict_at % width - p  # into b*(s - p)
-    return _losses_at(model, at, batch.targets, input_ids=batch.input_ids[:, p:], attention_mask=batch.attention_mask,
-                      cache=prefix.for_rows(row_adapter), use_cache=True)
+    return _losses_at(
+        model,
+        at,
+        batch.targets,
+        input_ids=batch.input_ids[:, p:],
+        attention_mask=batch.attention_mask,
+        cache=prefix.for_rows(row_adapter),
+        use_cache=True,
+    )

@@ -53,9 +53,16 @@ def fit(
     # Full fine-tuning updates every weight: the fused AdamW kernel does that step several
     # times faster than the per-tensor loop (same algorithm; float rounding differs).
     (result,) = train(
-        model, recipe, params, [list(range(n))], [seed],
-        step_loss=step_loss, clip=clip, final_loss=lambda: answer_loss(model, batch).reshape(1),
-        fused=recipe.method == "full" and not reference, on_step=on_step,
+        model,
+        recipe,
+        params,
+        [list(range(n))],
+        [seed],
+        step_loss=step_loss,
+        clip=clip,
+        final_loss=lambda: answer_loss(model, batch).reshape(1),
+        fused=recipe.method == "full" and not reference,
+        on_step=on_step,
     )
     return result
 

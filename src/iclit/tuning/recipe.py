@@ -11,7 +11,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Literal, Mapping, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, create_model, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from iclit.schema import ERROR_TYPE, expect, kind, problem, unset_defaults
@@ -42,7 +52,9 @@ def _tuning(what: str, rule: str) -> Any:
     return expect(what, message="tuning {field} " + rule + ", not {got}")
 
 
-_Method = Annotated[Literal["lora", "full"], expect("one of lora, full", message="tuning method must be 'lora' or 'full', not {got}")]
+_Method = Annotated[
+    Literal["lora", "full"], expect("one of lora, full", message="tuning method must be 'lora' or 'full', not {got}")
+]
 _Count = Annotated[int, Strict(), Field(ge=1), _tuning("a positive integer", "must be >= 1")]
 _Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False), _tuning("a positive number", "must be > 0")]
 _Step = Annotated[int, Strict(), Field(ge=1), _tuning("an integer >= 1", "must be >= 1")]
@@ -59,35 +71,65 @@ class TuningRecipe:
     above 0.02); the per-resample final loss is reported with every run.
     """
 
-    method: Annotated[_Method, Field(
-        description="lora: a fresh LoRA adapter on `targets` (the paper's choice); full: all weights of a fresh copy")] = "lora"
+    method: Annotated[
+        _Method,
+        Field(
+            description="lora: a fresh LoRA adapter on `targets` (the paper's choice); full: all weights of a fresh copy"
+        ),
+    ] = "lora"
     rank: Annotated[_Count, Field(description="LoRA rank")] = 8
     alpha: Annotated[_Positive, Field(description="LoRA alpha (the update is scaled by alpha / rank)")] = 16.0
-    dropout: Annotated[float, Strict(), Field(ge=0, lt=1, description="LoRA dropout"),
-                       _tuning("a number in [0, 1)", "must be in [0, 1)")] = 0.0
-    targets: Annotated[tuple[_Module, ...], Field(min_length=1, description="modules that get a LoRA adapter (one name: a list of one)"),
-                       BeforeValidator(_one_or_list, json_schema_input_type=Union[_Module, Annotated[list[_Module], Field(min_length=1)]]),
-                       expect("a non-empty list of module names")] = ("q_proj", "v_proj")
-    lr: Annotated[Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] | None, Field(description="learning rate; null: 1e-3 for LoRA, 1e-5 for full fine-tuning"),
-                  _tuning("a positive number or null", "must be > 0")] = None
+    dropout: Annotated[
+        float,
+        Strict(),
+        Field(ge=0, lt=1, description="LoRA dropout"),
+        _tuning("a number in [0, 1)", "must be in [0, 1)"),
+    ] = 0.0
+    targets: Annotated[
+        tuple[_Module, ...],
+        Field(min_length=1, description="modules that get a LoRA adapter (one name: a list of one)"),
+        BeforeValidator(
+            _one_or_list, json_schema_input_type=Union[_Module, Annotated[list[_Module], Field(min_length=1)]]
+        ),
+        expect("a non-empty list of module names"),
+    ] = ("q_proj", "v_proj")
+    lr: Annotated[
+        Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] | None,
+        Field(description="learning rate; null: 1e-3 for LoRA, 1e-5 for full fine-tuning"),
+        _tuning("a positive number or null", "must be > 0"),
+    ] = None
     epochs: Annotated[_Count, Field(description="passes over the k demonstrations")] = 12
-    batch_size: Annotated[int, Strict(), Field(ge=0, description="demonstrations per optimiser step; 0: all of them "
-                                                                   "(one epoch is one step)"),
-                          _tuning("an integer >= 0", "must be >= 0")] = 0
+    batch_size: Annotated[
+        int,
+        Strict(),
+        Field(ge=0, description="demonstrations per optimiser step; 0: all of them (one epoch is one step)"),
+        _tuning("an integer >= 0", "must be >= 0"),
+    ] = 0
     max_grad_norm: Annotated[_Positive, Field(description="gradients are clipped to this norm")] = 1.0
-    weight_decay: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False, description="AdamW weight decay"),
-                            _tuning("a number >= 0", "must be >= 0")] = 0.0
-    capture_steps: Annotated[tuple[_Step, ...], Field(
-        description="optimiser steps (1-based) after which the IT arm also reads the tuned model's states and "
-                    "answers, so one training run gives the whole dose curve; empty: only the end of training"),
-        BeforeValidator(_one_or_list, json_schema_input_type=Union[_Step, list[_Step]]), AfterValidator(_steps),
-        expect("a list of optimiser steps (integers >= 1)")] = ()
+    weight_decay: Annotated[
+        float,
+        Strict(),
+        Field(ge=0, allow_inf_nan=False, description="AdamW weight decay"),
+        _tuning("a number >= 0", "must be >= 0"),
+    ] = 0.0
+    capture_steps: Annotated[
+        tuple[_Step, ...],
+        Field(
+            description="optimiser steps (1-based) after which the IT arm also reads the tuned model's states and "
+            "answers, so one training run gives the whole dose curve; empty: only the end of training"
+        ),
+        BeforeValidator(_one_or_list, json_schema_input_type=Union[_Step, list[_Step]]),
+        AfterValidator(_steps),
+        expect("a list of optimiser steps (integers >= 1)"),
+    ] = ()
 
     @model_validator(mode="after")
     def _steps_fit(self) -> "TuningRecipe":
         if self.batch_size == 0 and self.capture_steps and self.capture_steps[-1] > self.epochs:
-            raise problem(f"tuning capture_steps {list(self.capture_steps)} go past the last step: {self.epochs} "
-                          f"full-batch epochs are {self.epochs} optimiser steps")
+            raise problem(
+                f"tuning capture_steps {list(self.capture_steps)} go past the last step: {self.epochs} "
+                f"full-batch epochs are {self.epochs} optimiser steps"
+            )
         return self
 
     @property
@@ -143,8 +185,10 @@ RecipeOverrides: type[BaseModel] = create_model(
     "RecipeOverrides",
     __config__=ConfigDict(extra="forbid", frozen=True, json_schema_extra=unset_defaults),
     __doc__="Fields of a TuningRecipe laid over the spec's `recipe` (a named recipe, an inline `recipe` factor value).",
-    **{name: (Annotated[fi.annotation, *fi.metadata], Field(None, description=fi.description))  # type: ignore[valid-type]
-       for name, fi in TuningRecipe.__pydantic_fields__.items()},
+    **{
+        name: (Annotated[fi.annotation, *fi.metadata], Field(None, description=fi.description))  # type: ignore[valid-type]
+        for name, fi in TuningRecipe.__pydantic_fields__.items()
+    },
 )
 """Every field of :class:`TuningRecipe`, none required and none defaulted: what a named recipe
 or an inline ``recipe`` factor value changes."""

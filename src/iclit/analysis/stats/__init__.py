@@ -22,13 +22,34 @@ module                 what
 from iclit.analysis.stats.arrays import as_float64
 from iclit.analysis.stats.intervals import ClusterMean, TostResult, cluster_mean, ratio_ci, tost
 from iclit.analysis.stats.multiplicity import bh, holm, permutation_pvalues
-from iclit.analysis.stats.permutation import (MAX_EXACT, PairingResult, count_patterns, pairing_test, permuted_inners,
-                                              random_perms, smallest_p)
-from iclit.analysis.stats.representation import (cka_permutation_test, debiased_cka, debiased_cka_per_layer,
-                                                 pair_tests, rsa, rsa_per_layer)
-from iclit.analysis.stats.resampling import (SUMMARY_COLUMNS, bootstrap_ci, cohens_d, hierarchical_bootstrap,
-                                             hierarchical_bootstrap_means, paired_bootstrap_diff, permutation_test,
-                                             summarize, summarize_layers)
+from iclit.analysis.stats.permutation import (
+    MAX_EXACT,
+    PairingResult,
+    count_patterns,
+    pairing_test,
+    permuted_inners,
+    random_perms,
+    smallest_p,
+)
+from iclit.analysis.stats.representation import (
+    cka_permutation_test,
+    debiased_cka,
+    debiased_cka_per_layer,
+    pair_tests,
+    rsa,
+    rsa_per_layer,
+)
+from iclit.analysis.stats.resampling import (
+    SUMMARY_COLUMNS,
+    bootstrap_ci,
+    cohens_d,
+    hierarchical_bootstrap,
+    hierarchical_bootstrap_means,
+    paired_bootstrap_diff,
+    permutation_test,
+    summarize,
+    summarize_layers,
+)
 
 __all__ = [
     "MAX_EXACT", "SUMMARY_COLUMNS", "ClusterMean", "PairingResult", "TostResult", "as_float64", "bh", "bootstrap_ci",

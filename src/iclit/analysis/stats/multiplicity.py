@@ -41,6 +41,7 @@ def bh(p: Any) -> np.ndarray:
 
     q_(i) = min_{j >= i} min(1, m p_(j) / j); NaNs passed through and left out of the family.
     """
+
     def step(q: np.ndarray) -> np.ndarray:
         return np.minimum.accumulate((q * q.size / np.arange(1, q.size + 1))[::-1])[::-1]
 

@@ -19,8 +19,16 @@ import numpy as np
 from iclit.analysis.stats.arrays import BLOCK, TOL, as_float64
 from iclit.analysis.stats.multiplicity import permutation_pvalues
 
-__all__ = ["MAX_EXACT", "Alternative", "PairingResult", "count_patterns", "pairing_test", "permuted_inners",
-           "random_perms", "smallest_p"]
+__all__ = [
+    "MAX_EXACT",
+    "Alternative",
+    "PairingResult",
+    "count_patterns",
+    "pairing_test",
+    "permuted_inners",
+    "random_perms",
+    "smallest_p",
+]
 
 Alternative = Literal["two-sided", "greater", "less"]
 _GATHER = 1 << 23  # gathered elements per block of permutations (64 MB of float64)
@@ -139,8 +147,9 @@ def count_patterns(group_sizes: Mapping[int, int]) -> float:
     return float(math.prod(math.factorial(m) ** count for m, count in group_sizes.items())) if log < 700 else math.inf
 
 
-def smallest_p(group_sizes: Mapping[int, int], *, n_perm: int, alternative: Alternative = "two-sided",
-               max_exact: int = MAX_EXACT) -> tuple[float, bool]:
+def smallest_p(
+    group_sizes: Mapping[int, int], *, n_perm: int, alternative: Alternative = "two-sided", max_exact: int = MAX_EXACT
+) -> tuple[float, bool]:
     """The smallest p a pairing test can return on this design, whatever the data, and
     whether the test is exact.
 
@@ -158,7 +167,9 @@ def smallest_p(group_sizes: Mapping[int, int], *, n_perm: int, alternative: Alte
     return (floor, True) if exact else (max(floor, 1.0 / (n_perm + 1)), False)
 
 
-def _enumerated(perm_sets: Mapping[int, np.ndarray], n_groups: Mapping[int, int], start: int, stop: int) -> dict[int, np.ndarray]:
+def _enumerated(
+    perm_sets: Mapping[int, np.ndarray], n_groups: Mapping[int, int], start: int, stop: int
+) -> dict[int, np.ndarray]:
     """Patterns ``start..stop`` of every combination of the groups' permutations (mixed radix,
     pattern 0 the identity): ``{m: [stop - start, n_groups[m], m]}``."""
     idx = np.arange(start, stop, dtype=np.int64)

@@ -106,7 +106,12 @@ def debiased_cka(x: Any, y: Any) -> float:
 
 
 def _permutation_summary(
-    a: np.ndarray, b: np.ndarray, scale: np.ndarray, n_perm: int, seed: int, permuted: np.ndarray | None = None,
+    a: np.ndarray,
+    b: np.ndarray,
+    scale: np.ndarray,
+    n_perm: int,
+    seed: int,
+    permuted: np.ndarray | None = None,
     degenerate: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``<A, B> * scale`` ``[L]``, its null mean under item permutations of B, one-sided p
@@ -138,8 +143,10 @@ def _given(perms: Any, n: int) -> np.ndarray | None:
 
 def _no_nan_rows(x: np.ndarray, y: np.ndarray) -> None:
     if np.isnan(x).any() or np.isnan(y).any():
-        raise ValueError("given permutations need states without NaN rows: drop those items from the states and "
-                         "from the design before drawing the permutations")
+        raise ValueError(
+            "given permutations need states without NaN rows: drop those items from the states and "
+            "from the design before drawing the permutations"
+        )
 
 
 def _is_identity(perms: np.ndarray) -> bool:
@@ -227,8 +234,9 @@ def rsa_per_layer(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0, perms: A
     return {"value": value, "p": p, "p_maxT": p_max, "n": n}
 
 
-def pair_tests(states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_perm: int = 1000,
-               seed: int = 0, perms: Any = None) -> dict[tuple[str, str], dict[str, Any]]:
+def pair_tests(
+    states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_perm: int = 1000, seed: int = 0, perms: Any = None
+) -> dict[tuple[str, str], dict[str, Any]]:
     """:func:`cka_permutation_test` and :func:`rsa_per_layer` of several arm pairs over the
     same items: ``{(pair, "cka" | "rsa"): result}``; states: arm → ``[n, L, d]``, pairs:
     name → (first arm, second arm). The same numbers as the pair-by-pair functions (same
@@ -242,9 +250,11 @@ def pair_tests(states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_p
     one = {arm: (x[:, None] if x.ndim == 2 else x) for arm, x in arms.items()}
     n = {x.shape[0] for x in one.values()}
     if len(n) > 1 or any(np.isnan(x).any() for x in one.values()) or n.pop() < 4:
-        return {(name, measure): fn(arms[a], arms[b], n_perm=n_perm, seed=seed, perms=perms)
-                for name, (a, b) in pairs.items()
-                for measure, fn in (("cka", cka_permutation_test), ("rsa", rsa_per_layer))}
+        return {
+            (name, measure): fn(arms[a], arms[b], n_perm=n_perm, seed=seed, perms=perms)
+            for name, (a, b) in pairs.items()
+            for measure, fn in (("cka", cka_permutation_test), ("rsa", rsa_per_layer))
+        }
     given = _given(perms, next(iter(one.values())).shape[0])
     degenerate = given is not None and _is_identity(given)
     grams = {arm: _u_centred_gram(x) for arm, x in one.items()}
@@ -257,13 +267,20 @@ def pair_tests(states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_p
         for measure in ("cka", "rsa"):
             mats = grams if measure == "cka" else {arm: r for arm, (r, _) in ranks.items()}
             a_list = [mats[a] for a in firsts]
-            permuted = (permuted_inners(a_list, mats[second], _uniform(mats[second].shape[-1], n_perm, seed)) if given is None
-                        else permuted_inners(a_list, mats[second], given))
+            permuted = (
+                permuted_inners(a_list, mats[second], _uniform(mats[second].shape[-1], n_perm, seed))
+                if given is None
+                else permuted_inners(a_list, mats[second], given)
+            )
             for name, first, perm in zip(names, firsts, permuted):
-                scale = (_scale(norms[first] * norms[second], 1.0) if measure == "cka"
-                         else _scale(ranks[first][1] * ranks[second][1], 0.5))
-                value, mu, p, p_max = _permutation_summary(mats[first], mats[second], scale, n_perm, seed, perm,
-                                                           degenerate)
+                scale = (
+                    _scale(norms[first] * norms[second], 1.0)
+                    if measure == "cka"
+                    else _scale(ranks[first][1] * ranks[second][1], 0.5)
+                )
+                value, mu, p, p_max = _permutation_summary(
+                    mats[first], mats[second], scale, n_perm, seed, perm, degenerate
+                )
                 res = {"value": value, "null_mean": mu, "p": p, "p_maxT": p_max, "n": len(one[first])}
                 out[name, measure] = res if measure == "cka" else {k: v for k, v in res.items() if k != "null_mean"}
     return out

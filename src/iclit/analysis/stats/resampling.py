@@ -14,15 +14,22 @@ import pandas as pd
 from iclit.analysis.stats.arrays import BLOCK, as_columns, as_float64, finite, group_codes, paired_finite
 from iclit.analysis.stats.intervals import cluster_mean
 
-__all__ = ["SUMMARY_COLUMNS", "bootstrap_ci", "cohens_d", "hierarchical_bootstrap", "hierarchical_bootstrap_means",
-           "paired_bootstrap_diff", "permutation_test", "summarize", "summarize_layers"]
+__all__ = [
+    "SUMMARY_COLUMNS",
+    "bootstrap_ci",
+    "cohens_d",
+    "hierarchical_bootstrap",
+    "hierarchical_bootstrap_means",
+    "paired_bootstrap_diff",
+    "permutation_test",
+    "summarize",
+    "summarize_layers",
+]
 
 _PERM_CHUNK = 2000  # permutations per vectorised block (bounds memory to ~chunk * n)
 
 
-def bootstrap_ci(
-    values: Any, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float]:
+def bootstrap_ci(values: Any, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean, NaNs dropped.
 
     One ``rng.integers`` draw of shape ``[n_boot, n]``. n == 1 gives ``(v, v)``;
@@ -126,9 +133,7 @@ def paired_bootstrap_diff(
     }
 
 
-def permutation_test(
-    a: Any, b: Any, *, paired: bool = True, n_perm: int = 10000, seed: int = 0
-) -> float:
+def permutation_test(a: Any, b: Any, *, paired: bool = True, n_perm: int = 10000, seed: int = 0) -> float:
     """Two-sided permutation p-value for a difference in means.
 
     paired=True: sign-flip test on ``a - b`` (NaN pairs dropped).

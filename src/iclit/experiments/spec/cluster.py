@@ -15,7 +15,9 @@ from iclit.schema import NonEmptyStr, NonNegInt, PosInt, expect
 __all__ = ["ClusterOptions", "SlurmOptions"]
 
 FROZEN = ConfigDict(extra="forbid", frozen=True)
-_OptPosInt = Annotated[Annotated[int, Strict(), Field(ge=1)] | None, expect(message="must be a positive integer or null, not {got}")]
+_OptPosInt = Annotated[
+    Annotated[int, Strict(), Field(ge=1)] | None, expect(message="must be a positive integer or null, not {got}")
+]
 _OptStr = Annotated[NonEmptyStr | None, expect("a non-empty string or null")]
 
 
@@ -41,17 +43,27 @@ class ClusterOptions(BaseModel):
     model_config = FROZEN
 
     actors_per_gpu: _OptPosInt = Field(
-        None, description="Ray actors sharing one GPU (each asks Ray for 1/n of it); null: planned from memory_budget "
-                          "and the GPU's memory when both are known, else 1")
+        None,
+        description="Ray actors sharing one GPU (each asks Ray for 1/n of it); null: planned from memory_budget "
+        "and the GPU's memory when both are known, else 1",
+    )
     worker_threads: PosInt = Field(1, description="torch CPU threads of each Ray actor (it asks Ray for as many CPUs)")
-    max_retries: NonNegInt = Field(2, description="times a chunk (Ray) or a shard's job (SLURM) is retried on another "
-                                                  "worker after its worker died, before the run stops with an error")
+    max_retries: NonNegInt = Field(
+        2,
+        description="times a chunk (Ray) or a shard's job (SLURM) is retried on another "
+        "worker after its worker died, before the run stops with an error",
+    )
     slurm: SlurmOptions = Field(default_factory=SlurmOptions, description="the SLURM launcher's job settings")
 
     def to_dict(self) -> dict[str, Any]:
         """The options given, as plain data (what the spec file holds)."""
-        out: dict[str, Any] = {k: getattr(self, k) for k in ("actors_per_gpu", "worker_threads", "max_retries")
-                               if k in self.model_fields_set}
+        out: dict[str, Any] = {
+            k: getattr(self, k)
+            for k in ("actors_per_gpu", "worker_threads", "max_retries")
+            if k in self.model_fields_set
+        }
         if "slurm" in self.model_fields_set:
-            out["slurm"] = {k: getattr(self.slurm, k) for k in type(self.slurm).model_fields if k in self.slurm.model_fields_set}
+            out["slurm"] = {
+                k: getattr(self.slurm, k) for k in type(self.slurm).model_fields if k in self.slurm.model_fields_set
+            }
         return out

@@ -16,16 +16,32 @@ END = "<!-- /spec-keys -->"
 
 _SECTIONS = (  # (heading, definition in the schema (None: the spec itself), what it is)
     ("Top-level keys", None, "Every key is optional."),
-    ("`recipe`", "TuningRecipe", "The IT recipe. `recipes.NAME` and a mapping in `factors.recipe` take the same "
-                                 "fields, laid over `recipe`."),
-    ("`equivalence_margin`", "EquivalenceMargins", "The equivalence margins as a mapping, each quantity on its own "
-                                                   "scale (a single number sets the three cosine quantities)."),
-    ("`factors`", "Factors", "Each a non-empty list of values, each value once; a factor not listed keeps the "
-                             "top-level key's value."),
-    ("`task_options`", "TaskOptions", "How a data file becomes the task (as `iclit compare --input-field …`); "
-                                      "`template` applies to any task."),
-    ("`task_options.template`", "TemplateFields", "Fields of the task's template laid over its own; "
-                                                  "`template: default` selects the result."),
+    (
+        "`recipe`",
+        "TuningRecipe",
+        "The IT recipe. `recipes.NAME` and a mapping in `factors.recipe` take the same fields, laid over `recipe`.",
+    ),
+    (
+        "`equivalence_margin`",
+        "EquivalenceMargins",
+        "The equivalence margins as a mapping, each quantity on its own "
+        "scale (a single number sets the three cosine quantities).",
+    ),
+    (
+        "`factors`",
+        "Factors",
+        "Each a non-empty list of values, each value once; a factor not listed keeps the top-level key's value.",
+    ),
+    (
+        "`task_options`",
+        "TaskOptions",
+        "How a data file becomes the task (as `iclit compare --input-field …`); `template` applies to any task.",
+    ),
+    (
+        "`task_options.template`",
+        "TemplateFields",
+        "Fields of the task's template laid over its own; `template: default` selects the result.",
+    ),
 )
 
 
@@ -35,8 +51,10 @@ def spec_schema() -> dict[str, Any]:
 
 
 def _bound(s: dict[str, Any]) -> str:
-    low = (f"[{s['minimum']:g}" if "minimum" in s else f"({s['exclusiveMinimum']:g}" if "exclusiveMinimum" in s else None)
-    high = (f"{s['maximum']:g}]" if "maximum" in s else f"{s['exclusiveMaximum']:g})" if "exclusiveMaximum" in s else None)
+    low = f"[{s['minimum']:g}" if "minimum" in s else f"({s['exclusiveMinimum']:g}" if "exclusiveMinimum" in s else None
+    high = (
+        f"{s['maximum']:g}]" if "maximum" in s else f"{s['exclusiveMaximum']:g})" if "exclusiveMaximum" in s else None
+    )
     if low and high:
         return f" in {low}, {high}"
     if low:
@@ -58,8 +76,13 @@ def _type(s: dict[str, Any]) -> str:
     if t == "object":
         extra = s.get("additionalProperties")
         return "mapping" + (" of " + _type(extra) if isinstance(extra, dict) and extra else "")
-    return {"integer": "integer", "number": "number", "string": "string", "boolean": "true / false",
-            "null": "null"}.get(t, "any") + _bound(s)
+    return {
+        "integer": "integer",
+        "number": "number",
+        "string": "string",
+        "boolean": "true / false",
+        "null": "null",
+    }.get(t, "any") + _bound(s)
 
 
 def _default(s: dict[str, Any]) -> str:

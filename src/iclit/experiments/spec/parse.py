@@ -52,7 +52,9 @@ def parse_spec(
     return spec
 
 
-def _partial_resource_problems(data: Mapping[str, Any], e: ValidationError, lines: Mapping[str, int]) -> list[SpecProblem]:
+def _partial_resource_problems(
+    data: Mapping[str, Any], e: ValidationError, lines: Mapping[str, int]
+) -> list[SpecProblem]:
     """The resource problems of ``data`` without the keys and factor values that have problems."""
     clean = dict(data)
     factors = data.get("factors")
@@ -98,8 +100,9 @@ def load_spec(path: str | Path, *, check_resources: bool = True) -> ExperimentSp
     except OSError as e:
         raise SpecError([SpecProblem("", f"cannot read the spec: {e.strerror or e}")], str(path)) from None
     except UnicodeDecodeError as e:
-        raise SpecError([SpecProblem("", f"not a text file (byte {e.start} is not UTF-8): a spec is a YAML text file")],
-                        str(path)) from None
+        raise SpecError(
+            [SpecProblem("", f"not a text file (byte {e.start} is not UTF-8): a spec is a YAML text file")], str(path)
+        ) from None
     return loads_spec(text, source=str(path), check_resources=check_resources)
 
 
@@ -110,5 +113,7 @@ def loads_spec(text: str, *, source: str | None = None, check_resources: bool = 
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)
-        raise SpecError([SpecProblem("", f"not valid YAML: {problem}", mark.line + 1 if mark else None)], source) from None
+        raise SpecError(
+            [SpecProblem("", f"not valid YAML: {problem}", mark.line + 1 if mark else None)], source
+        ) from None
     return parse_spec(data, source=source, text=text, check_resources=check_resources)

@@ -42,7 +42,9 @@ class SpecError(ValueError):
         self.source = source
         head = f"{source}: " if source else ""
         n = len(self.problems)
-        super().__init__(f"{head}{n} problem{'s' if n != 1 else ''} in the spec:\n" + "\n".join(f"  {p}" for p in self.problems))
+        super().__init__(
+            f"{head}{n} problem{'s' if n != 1 else ''} in the spec:\n" + "\n".join(f"  {p}" for p in self.problems)
+        )
 
 
 def line_map(text: str) -> dict[str, int]:

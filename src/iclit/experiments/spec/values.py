@@ -11,13 +11,37 @@ from typing import Annotated, Any, Literal, Mapping, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, Strict
 
-from iclit.schema import (Fraction, NonEmptyStr, NonNegInt, StrictBool, distinct, expect, kind, problem, raise_problems,
-                          shown, unset_defaults)
+from iclit.schema import (
+    Fraction,
+    NonEmptyStr,
+    NonNegInt,
+    StrictBool,
+    distinct,
+    expect,
+    kind,
+    problem,
+    raise_problems,
+    shown,
+    unset_defaults,
+)
 from iclit.tuning.recipe import RecipeOverrides, recipe_overrides
 
 __all__ = [
-    "FACTORS", "SIMILARITY_MODES", "DESIGNS", "DTYPES", "ARM_NAMES", "REQUIRED_ARMS", "BASELINE_NAMES", "SAMPLER_NAMES",
-    "TASK_KINDS", "ANALYSIS_NAMES", "Factors", "TaskOptions", "TemplateFields", "factor_label", "recipe_label",
+    "FACTORS",
+    "SIMILARITY_MODES",
+    "DESIGNS",
+    "DTYPES",
+    "ARM_NAMES",
+    "REQUIRED_ARMS",
+    "BASELINE_NAMES",
+    "SAMPLER_NAMES",
+    "TASK_KINDS",
+    "ANALYSIS_NAMES",
+    "Factors",
+    "TaskOptions",
+    "TemplateFields",
+    "factor_label",
+    "recipe_label",
 ]
 
 FactorName = Literal["k", "similarity", "wrong_labels", "demo_task", "template", "instruction", "model", "recipe"]
@@ -66,8 +90,11 @@ def values_of(item: Any, what: str = "a value", listed: str = "a non-empty list 
 
 SimilarityField = Annotated[Similarity, one_of(SIMILARITY_MODES)]
 StrField = Annotated[str, Strict(), Field(min_length=1, pattern=r"\S")]  # NonEmptyStr, worded by the caller
-DemoTaskField = Annotated[StrField | None, BeforeValidator(lambda v: None if v == "same" else v, json_schema_input_type=str | None),
-                      expect("a task name, 'same' or null")]
+DemoTaskField = Annotated[
+    StrField | None,
+    BeforeValidator(lambda v: None if v == "same" else v, json_schema_input_type=str | None),
+    expect("a task name, 'same' or null"),
+]
 ArmField = Annotated[ArmName, expect(message="unknown arm {got} (arms: " + ", ".join(sorted(ARM_NAMES)) + ")")]
 BaselineField = Annotated[Baseline, one_of(BASELINE_NAMES)]
 AnalysisField = Annotated[AnalysisName, one_of(ANALYSIS_NAMES)]
@@ -79,8 +106,11 @@ def _layers(v: Any) -> Any:
         return v
     if not isinstance(v, (list, tuple)) or not v:
         raise problem(f"must be null, 'all' or a non-empty list of state indices (integers >= 0), not {shown(v)}")
-    bad = [((i,), f"must be a state index (an integer >= 0), not {shown(x)}", x)
-           for i, x in enumerate(v) if isinstance(x, bool) or not isinstance(x, int) or x < 0]
+    bad = [
+        ((i,), f"must be a state index (an integer >= 0), not {shown(x)}", x)
+        for i, x in enumerate(v)
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0
+    ]
     raise_problems("layers", bad)
     if len(set(v)) != len(v):
         raise problem("lists a state index twice")
@@ -95,8 +125,13 @@ def _non_empty(v: tuple) -> tuple:
 
 LayersField = Annotated[Any, PlainValidator(_layers, json_schema_input_type=Literal["all"] | list[NonNegInt] | None)]
 _Scale = Annotated[float, Strict(), Field(gt=0.0, allow_inf_nan=False), expect("a positive number")]
-ScalesField = Annotated[tuple[_Scale, ...], AfterValidator(_non_empty), distinct("a scale"), BeforeValidator(listed),
-                    expect("a non-empty list of positive numbers", as_kind=True)]
+ScalesField = Annotated[
+    tuple[_Scale, ...],
+    AfterValidator(_non_empty),
+    distinct("a scale"),
+    BeforeValidator(listed),
+    expect("a non-empty list of positive numbers", as_kind=True),
+]
 TextField = Annotated[str, Strict(), expect("a string")]
 OverridesField = Annotated[dict[str, Any], PlainValidator(recipe_overrides, json_schema_input_type=RecipeOverrides)]
 
@@ -107,8 +142,13 @@ def _not_base(v: str) -> str:
     return v
 
 
-RecipeNameField = Annotated[str, Strict(), Field(min_length=1), AfterValidator(_not_base),
-                        expect(message="a recipe name must be a non-empty string other than 'base'")]
+RecipeNameField = Annotated[
+    str,
+    Strict(),
+    Field(min_length=1),
+    AfterValidator(_not_base),
+    expect(message="a recipe name must be a non-empty string other than 'base'"),
+]
 
 
 def _recipe_value(v: Any) -> str | dict[str, Any]:
@@ -119,8 +159,9 @@ def _recipe_value(v: Any) -> str | dict[str, Any]:
     raise problem(f"must be 'base', a name in `recipes` or a mapping of recipe fields, not {shown(v)}")
 
 
-_RecipeValue = Annotated[Union[str, dict[str, Any]],
-                         PlainValidator(_recipe_value, json_schema_input_type=Union[str, RecipeOverrides])]
+_RecipeValue = Annotated[
+    Union[str, dict[str, Any]], PlainValidator(_recipe_value, json_schema_input_type=Union[str, RecipeOverrides])
+]
 
 
 def _short(v: Any) -> str:
@@ -156,7 +197,8 @@ def plain(v: Any) -> Any:
 
 _CosineMargin = Annotated[
     Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)] | Literal["ceiling"],
-    expect(message="must be a number in (0, 1] or 'ceiling', not {got}")]
+    expect(message="must be a number in (0, 1] or 'ceiling', not {got}"),
+]
 
 
 class EquivalenceMargins(BaseModel):
@@ -172,11 +214,14 @@ class EquivalenceMargins(BaseModel):
     centred: _CosineMargin = Field("ceiling", description="centred cosines' excess (anchor or reference centring)")
     update: _CosineMargin = Field("ceiling", description="the update pair's excess (ICL − anchor vs IT − anchor)")
     agreement: Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)] = Field(
-        0.05, description="prediction agreement's excess (a proportion)")
+        0.05, description="prediction agreement's excess (a proportion)"
+    )
     kl: Annotated[float, Strict(), Field(gt=0.0, allow_inf_nan=False)] = Field(
-        0.05, description="KL divergence's excess (nats)")
+        0.05, description="KL divergence's excess (nats)"
+    )
     ceiling_fraction: Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)] = Field(
-        0.25, description="the ceiling rule's fraction of the positive control's excess")
+        0.25, description="the ceiling rule's fraction of the positive control's excess"
+    )
 
 
 class Factors(BaseModel):
@@ -188,12 +233,16 @@ class Factors(BaseModel):
     k: values_of(NonNegInt) = Field(None, description="demonstrations per resample")
     similarity: values_of(SimilarityField) = Field(None, description="random, most or least similar demonstrations")
     wrong_labels: values_of(Fraction) = Field(None, description="fractions of demonstrations given a wrong label")
-    demo_task: values_of(DemoTaskField) = Field(None, description="task of the demonstrations; null or 'same': the query's")
+    demo_task: values_of(DemoTaskField) = Field(
+        None, description="task of the demonstrations; null or 'same': the query's"
+    )
     template: values_of(NonEmptyStr) = Field(None, description="named templates of the task")
     instruction: values_of(StrictBool) = Field(None, description="keep the template's instruction or not")
     model: values_of(NonEmptyStr) = Field(None, description="models (each runs its cells in one stretch)")
     recipe: values_of(_RecipeValue) = Field(
-        None, description="IT recipes: 'base' (= `recipe`), a name in `recipes`, or a mapping of recipe fields laid over `recipe`")
+        None,
+        description="IT recipes: 'base' (= `recipe`), a name in `recipes`, or a mapping of recipe fields laid over `recipe`",
+    )
 
 
 def parse_factors(v: Any) -> dict[str, tuple[Any, ...]]:
@@ -214,9 +263,12 @@ class TemplateFields(BaseModel):
     model_config = _PARTIAL
 
     instruction: Annotated[Annotated[str, Strict()] | None, expect("a string or null")] = Field(
-        None, description="the instruction that heads every prompt; null: none")
+        None, description="the instruction that heads every prompt; null: none"
+    )
     input_prefix: TextField = Field(None, description="text before each input (a data file's: 'Input: ')")
-    output_prefix: TextField = Field(None, description="text after the input that ends the prompt (a data file's: 'Output:')")
+    output_prefix: TextField = Field(
+        None, description="text after the input that ends the prompt (a data file's: 'Output:')"
+    )
     io_sep: TextField = Field(None, description="between the input and the output prefix (default: a newline)")
     answer_sep: TextField = Field(None, description="between the output prefix and the answer (default: a space)")
     demo_sep: TextField = Field(None, description="between demonstrations (default: a blank line)")
@@ -236,13 +288,23 @@ class TaskOptions(BaseModel):
     output_field: NonEmptyStr = Field(None, description="the field holding the output (default: output)")
     id_field: NonEmptyStr = Field(None, description="the field holding example ids (default: FILE_STEM-N)")
     kind: Annotated[TaskKind, one_of(TASK_KINDS)] = Field(None, description="classification (default) or generation")
-    labels: Annotated[tuple[NonEmptyStr, ...], Field(min_length=2), BeforeValidator(listed),
-                      expect("a list of at least two label words", as_kind=True)] = Field(
-        None, description="classification: the label words, in order (default: the verbalizer's words, else the sorted outputs)")
-    verbalizer: Annotated[dict[str, NonEmptyStr], BeforeValidator(lambda v: {str(k): x for k, x in v.items()} if isinstance(v, Mapping) else v),
-                          expect("a mapping of raw output -> label word", as_kind=True)] = Field(
-        None, description="raw output (compared as text) -> label word, e.g. {0: negative, 1: positive}")
-    template: TemplateFields = Field(None, description="the task's template, laid over its own (selected by `template: default`)")
+    labels: Annotated[
+        tuple[NonEmptyStr, ...],
+        Field(min_length=2),
+        BeforeValidator(listed),
+        expect("a list of at least two label words", as_kind=True),
+    ] = Field(
+        None,
+        description="classification: the label words, in order (default: the verbalizer's words, else the sorted outputs)",
+    )
+    verbalizer: Annotated[
+        dict[str, NonEmptyStr],
+        BeforeValidator(lambda v: {str(k): x for k, x in v.items()} if isinstance(v, Mapping) else v),
+        expect("a mapping of raw output -> label word", as_kind=True),
+    ] = Field(None, description="raw output (compared as text) -> label word, e.g. {0: negative, 1: positive}")
+    template: TemplateFields = Field(
+        None, description="the task's template, laid over its own (selected by `template: default`)"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The options given, as plain data (what the cell's settings and the spec file hold)."""
@@ -257,5 +319,3 @@ class TaskOptions(BaseModel):
         if self.template is not None:
             out["template"] = self.template.to_dict()
         return out
-
-
