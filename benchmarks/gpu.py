@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -179,7 +179,7 @@ def main() -> None:
     peak = measured_peak(device, dtype, 256 if args.smoke else 8192)
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
     print(
-        f"{datetime.now(timezone.utc):%Y-%m-%d} device {name}, {args.dtype}, torch {torch.__version__}; "
+        f"{datetime.now(UTC):%Y-%m-%d} device {name}, {args.dtype}, torch {torch.__version__}; "
         f"measured matmul peak {peak / 1e12:.0f} TFLOP/s" + (f", datasheet {sheet / 1e12:.0f}" if sheet else ""),
         flush=True,
     )

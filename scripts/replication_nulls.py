@@ -24,7 +24,6 @@ from iclit.analysis.contrasts import PAIR_LABELS as PAIRS
 from iclit.analysis.factors import design_subset
 from iclit.analysis.nulls import NULLS, adjust_family
 
-
 NULL_NAMES = {"query_swap": "query", "demo_swap": "demo", "uniform": "all items"}
 """How the geometry nulls are named in the tables."""
 

@@ -16,18 +16,20 @@ from __future__ import annotations
 import base64
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import replication_nulls as nulls  # scripts/replication_nulls.py: the crossed design's tables
 
 from iclit.analysis import load_run
 from iclit.analysis.contrasts import ANCHOR_COMPARISONS, PAIR_LABELS, cell_contrasts, within_cell_contrasts
-from iclit.analysis.factors import design_subset as _subset, dose_summary, factor_summary
-from iclit.report.figures import dose_figure as _dose_figure, factor_figure as _factor_figure
-
-import replication_nulls as nulls  # scripts/replication_nulls.py: the crossed design's tables
+from iclit.analysis.factors import design_subset as _subset
+from iclit.analysis.factors import dose_summary, factor_summary
+from iclit.report.figures import dose_figure as _dose_figure
+from iclit.report.figures import factor_figure as _factor_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -87,49 +86,49 @@ def compare(
         Path("runs/compare"),
         help="run directory (an ordinary one: `iclit results`, `iclit report`; the same command again resumes)",
     ),
-    input_field: Optional[str] = typer.Option(None, help="data file: field holding the input (default: input)"),
-    output_field: Optional[str] = typer.Option(None, help="data file: field holding the output (default: output)"),
-    kind: Optional[str] = typer.Option(None, help="data file: classification (default) or generation"),
-    instruction_text: Optional[str] = typer.Option(
+    input_field: str | None = typer.Option(None, help="data file: field holding the input (default: input)"),
+    output_field: str | None = typer.Option(None, help="data file: field holding the output (default: output)"),
+    kind: str | None = typer.Option(None, help="data file: classification (default) or generation"),
+    instruction_text: str | None = typer.Option(
         None, "--instruction-text", help="data file: the instruction that heads every prompt"
     ),
-    input_prefix: Optional[str] = typer.Option(None, help="data file: text before each input (default 'Input: ')"),
-    output_prefix: Optional[str] = typer.Option(None, help="data file: text before each answer (default 'Output:')"),
-    separator: Optional[str] = typer.Option(None, help="data file: text between demonstrations (default a blank line)"),
-    template: Optional[str] = typer.Option(None, help="named alternative template of the task"),
+    input_prefix: str | None = typer.Option(None, help="data file: text before each input (default 'Input: ')"),
+    output_prefix: str | None = typer.Option(None, help="data file: text before each answer (default 'Output:')"),
+    separator: str | None = typer.Option(None, help="data file: text between demonstrations (default a blank line)"),
+    template: str | None = typer.Option(None, help="named alternative template of the task"),
     no_instruction: bool = typer.Option(False, "--no-instruction", help="drop the task instruction"),
-    sampler: Optional[str] = typer.Option(None, help="demonstration sampler: balanced, random"),
-    similarity: Optional[str] = typer.Option(
+    sampler: str | None = typer.Option(None, help="demonstration sampler: balanced, random"),
+    similarity: str | None = typer.Option(
         None, help="demonstrations: random (default), most or least similar to the query"
     ),
-    wrong_labels: Optional[float] = typer.Option(None, help="fraction of demonstrations given a wrong label"),
-    demo_task: Optional[str] = typer.Option(None, help="demonstrations from another task"),
+    wrong_labels: float | None = typer.Option(None, help="fraction of demonstrations given a wrong label"),
+    demo_task: str | None = typer.Option(None, help="demonstrations from another task"),
     method: str = typer.Option("lora", help="IT method: lora or full"),
     rank: int = typer.Option(_RECIPE.rank, help="LoRA rank"),
     alpha: float = typer.Option(_RECIPE.alpha, help="LoRA alpha"),
     dropout: float = typer.Option(_RECIPE.dropout, help="LoRA dropout"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default 1e-3 LoRA, 1e-5 full)"),
+    lr: float | None = typer.Option(None, help="learning rate (default 1e-3 LoRA, 1e-5 full)"),
     epochs: int = typer.Option(_RECIPE.epochs, help="tuning epochs over the k demonstrations"),
-    targets: Optional[str] = typer.Option(
+    targets: str | None = typer.Option(
         None,
         help="LoRA target modules, comma-separated (default: the architecture's "
         "query and value projections; all-linear: every linear layer)",
     ),
-    capture_steps: Optional[str] = typer.Option(
+    capture_steps: str | None = typer.Option(
         None, help="also read IT after these optimiser steps, e.g. 1,2,4,8 (the dose curve)"
     ),
-    baselines: Optional[str] = typer.Option(
+    baselines: str | None = typer.Option(
         None, help="comma-separated: centered, shuffled, update, noise_ceiling, cka, query_mean"
     ),
     batch_size: int = typer.Option(16, help="prompts per forward pass"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)"),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 … (default: cuda if available)"),
+    dtype: str | None = typer.Option(None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)"),
     slow: bool = typer.Option(
         False,
         "--slow",
         help="force the straightforward path (no prefix cache, one PEFT adapter at a time), for checking",
     ),
-    set_: Optional[list[str]] = typer.Option(
+    set_: list[str] | None = typer.Option(
         None,
         "--set",
         help="any other spec key, KEY=VALUE (e.g. chunk_size=5, "
@@ -234,12 +233,11 @@ def compare(
 
 def _run_comparison(spec, out: Path) -> None:
     from iclit.api import run_comparison_spec
+    from iclit.experiments.plan import make_plan
     from iclit.models import ModelNotFoundError
     from iclit.report.console import print_summary
     from iclit.report.exports import EXPORTS
     from iclit.tasks import TaskDataError
-
-    from iclit.experiments.plan import make_plan
 
     print_floors(make_plan(spec), to=err, table=False)  # a null this design cannot reject: said before compute
     try:
@@ -263,56 +261,55 @@ def spec_schema(
     markdown: bool = typer.Option(False, "--markdown", help="the keys as Markdown tables (configs/README.md) instead"),
 ) -> None:
     """Print the JSON Schema of an experiment spec (every key: type, default, allowed values, meaning)."""
-    from iclit.experiments.spec.docs import keys_markdown, spec_schema as schema
+    from iclit.experiments.spec.docs import keys_markdown
+    from iclit.experiments.spec.docs import spec_schema as schema
 
     typer.echo(keys_markdown().rstrip("\n") if markdown else json.dumps(schema(), indent=2, ensure_ascii=False))
 
 
 @app.command("run")
 def run_spec(
-    spec: Optional[Path] = typer.Argument(None, help="YAML experiment spec; omitted: the spec.yaml of --out (resume)"),
+    spec: Path | None = typer.Argument(None, help="YAML experiment spec; omitted: the spec.yaml of --out (resume)"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory; running into the same directory resumes"),
     backend: str = typer.Option(
         "local",
         help="local; ray: Ray actors (an existing cluster or a local one); slurm: a "
         "job array over --shards (submitit), waited for and merged (docs/cluster.md)",
     ),
-    address: Optional[str] = typer.Option(None, help="address of an existing Ray cluster (default: start a local one)"),
-    workers: Optional[int] = typer.Option(
+    address: str | None = typer.Option(None, help="address of an existing Ray cluster (default: start a local one)"),
+    workers: int | None = typer.Option(
         None, help="Ray actors (default: as many as the cluster's CPUs or GPU shares fit)"
     ),
-    actors_per_gpu: Optional[int] = typer.Option(
+    actors_per_gpu: int | None = typer.Option(
         None, min=1, help="Ray: actors sharing one GPU (default: spec cluster.actors_per_gpu)"
     ),
-    worker_threads: Optional[int] = typer.Option(
-        None, min=1, help="Ray: torch threads (and CPUs) per actor (default: 1)"
-    ),
-    max_retries: Optional[int] = typer.Option(
+    worker_threads: int | None = typer.Option(None, min=1, help="Ray: torch threads (and CPUs) per actor (default: 1)"),
+    max_retries: int | None = typer.Option(
         None, min=0, help="Ray: retries of a chunk whose worker died; slurm: of a failed shard job (default 2)"
     ),
-    shard: Optional[str] = typer.Option(
+    shard: str | None = typer.Option(
         None,
         help="I/N: compute only shard I of N of the plan's chunks, into "
         "OUT/shards/I-of-N (e.g. $SLURM_ARRAY_TASK_ID/32); `iclit merge OUT` folds them in",
     ),
-    shards: Optional[int] = typer.Option(
+    shards: int | None = typer.Option(
         None, min=1, help="slurm: jobs in the array (default: spec cluster.slurm.shards)"
     ),
-    slurm: Optional[list[str]] = typer.Option(
+    slurm: list[str] | None = typer.Option(
         None,
         "--slurm",
         help="slurm: a job setting KEY=VALUE (partition, account, "
         "time_min, gpus_per_task, cpus_per_task, mem_gb, array_parallelism, constraint); repeatable",
     ),
-    slurm_cluster: Optional[str] = typer.Option(
+    slurm_cluster: str | None = typer.Option(
         None, help="slurm: submitit's executor, slurm (default) or local (the jobs as processes here)"
     ),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="slurm: wait for the jobs and merge them, or only submit"),
     calibrate: bool = typer.Option(
         False, "--calibrate", help="with --check: time one chunk here for the time estimate (loads the model)"
     ),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads in this process (default: torch's)"),
-    max_chunks: Optional[int] = typer.Option(None, help="stop after this many chunks (to try a spec out)"),
+    threads: int | None = typer.Option(None, help="torch CPU threads in this process (default: torch's)"),
+    max_chunks: int | None = typer.Option(None, help="stop after this many chunks (to try a spec out)"),
     check: bool = typer.Option(
         False,
         "--check",
@@ -324,7 +321,7 @@ def run_spec(
         help="with --check: a cell whose nulls cannot reach p < 0.05 after adjustment is an error (exit 2)",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar over trials"),
-    reuse: Optional[list[Path]] = typer.Option(
+    reuse: list[Path] | None = typer.Option(
         None,
         "--reuse",
         help="an earlier run directory whose stored chunks with the same trial keys are copied, "
@@ -425,8 +422,8 @@ def _warn_fit(summary) -> None:
 def results(
     run: Path = typer.Argument(..., help="run directory"),
     format: str = typer.Option("table", "--format", "-f", help="table, csv or parquet"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="file to write (csv: default stdout)"),
-    metric: Optional[str] = typer.Option(
+    out: Path | None = typer.Option(None, "--out", "-o", help="file to write (csv: default stdout)"),
+    metric: str | None = typer.Option(
         None,
         "--metric",
         "-m",
@@ -463,7 +460,8 @@ def results(
     limit: int = typer.Option(30, help="rows shown by --format table"),
 ) -> None:
     """Print or export the results of a run as a tidy table (default: the cosines, trial × layer × pair)."""
-    from iclit.analysis import compute_metric, get_metric, list_metrics as metrics, load_run
+    from iclit.analysis import compute_metric, get_metric, load_run
+    from iclit.analysis import list_metrics as metrics
     from iclit.cli_cluster import fold_shards
 
     if list_metrics:
@@ -522,7 +520,7 @@ def results(
 @app.command()
 def report(
     run: Path = typer.Argument(..., help="run directory"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default RUN/report.html)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="HTML file (default RUN/report.html)"),
     markdown: bool = typer.Option(
         False, "--markdown", help="print a one-cell comparison's results tables as Markdown (from its exports) instead"
     ),

@@ -8,7 +8,7 @@ command needs it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -68,7 +68,7 @@ def print_cost(plan: Any, out: Path, *, calibrate: bool = False, strict: bool = 
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
-def _slurm_options(spec: Any, shards: Optional[int], settings: dict[str, Any]) -> Any:
+def _slurm_options(spec: Any, shards: int | None, settings: dict[str, Any]) -> Any:
     from pydantic import ValidationError
 
     from iclit.experiments.spec.cluster import SlurmOptions
@@ -86,11 +86,11 @@ def run_slurm(
     spec: Any,
     out: Path,
     *,
-    shards: Optional[int],
+    shards: int | None,
     settings: dict[str, Any],
     wait: bool,
-    max_retries: Optional[int],
-    cluster: Optional[str],
+    max_retries: int | None,
+    cluster: str | None,
     progress: bool,
 ) -> None:
     """``iclit run --backend slurm``: lock ``out``, submit the shard jobs, wait and merge."""

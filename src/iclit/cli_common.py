@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -48,7 +47,7 @@ PRECISE = {
 }
 
 
-def show(df, format: str, out: Optional[Path], limit: int, nested: bool) -> None:
+def show(df, format: str, out: Path | None, limit: int, nested: bool) -> None:
     """A table on the terminal, or CSV / Parquet (lists and dicts as JSON text)."""
     columns = (
         [

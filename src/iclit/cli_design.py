@@ -5,7 +5,6 @@ and ``iclit power`` from a pilot run (:mod:`iclit.analysis.power`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -68,7 +67,7 @@ def floors_table(floors, to: Console) -> None:
 
 def power(
     run: Path = typer.Argument(..., help="a pilot run directory"),
-    blocks: Optional[int] = typer.Option(
+    blocks: int | None = typer.Option(
         None, help="plan a design with this many query blocks per cell (default: the pilot's own)"
     ),
     alpha: float = typer.Option(0.05, help="family-wise level"),

@@ -8,7 +8,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -70,7 +70,7 @@ def model_rows() -> list[dict[str, str]]:
 @models_app.callback(invoke_without_command=True)
 def models(
     ctx: typer.Context,
-    diagnose: Optional[str] = typer.Option(
+    diagnose: str | None = typer.Option(
         None,
         "--diagnose",
         metavar="NAME",
@@ -84,7 +84,7 @@ def models(
     queries_per_set: int = typer.Option(8, help="--diagnose: queries read with each set"),
     seed: int = typer.Option(0, help="--diagnose: seed of the draws"),
     prompt_format: str = typer.Option("raw", help="--diagnose: raw or chat (the model's chat template)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="--diagnose: also write the results here"),
+    json_out: Path | None = typer.Option(None, "--json", help="--diagnose: also write the results here"),
 ) -> None:
     """List the embedded models (other names: a local directory, a .gguf file or a hub id);
     with --diagnose NAME, the label-sensitivity diagnostic."""
@@ -148,8 +148,8 @@ def _diagnose(
     import iclit.models
     from iclit.analysis.labels import label_sensitivity_summary
     from iclit.engine.diagnose import label_sensitivity
-    from iclit.tasks.chat import PROMPT_FORMATS
     from iclit.tasks import TaskDataError, get_task
+    from iclit.tasks.chat import PROMPT_FORMATS
 
     if prompt_format not in PROMPT_FORMATS:
         fail(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, not {prompt_format!r}")

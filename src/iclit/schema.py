@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Annotated, Any
 
 from pydantic import Field, Strict, ValidationError, WrapValidator
 from pydantic_core import InitErrorDetails, PydanticCustomError

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from iclit.engine.capture import capture
-from iclit.api import Comparison, run_comparison
 from iclit.analysis import PAIRS
+from iclit.api import Comparison, run_comparison
+from iclit.engine.capture import capture
 from iclit.models import LoadedModel, ModelNotFoundError, load_model
 from iclit.models.loading import resolve
 from iclit.tuning import TuningRecipe

@@ -13,9 +13,9 @@ from iclit.core.tokens import label_token_ids
 from iclit.engine.capture import capture
 from iclit.models import EMBEDDED, load_model
 from iclit.models.arch import resolve_targets
-from iclit.tasks.chat import chat_frame, chat_template_of
 from iclit.models.loading import resolve
 from iclit.tasks import get_task
+from iclit.tasks.chat import chat_frame, chat_template_of
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from iclit.analysis import load_run
-from iclit.rundir import Store
 from iclit.experiments import load_spec, make_plan, run_experiment
 from iclit.report import write_report
+from iclit.rundir import Store
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "examples" / "smoke.yaml"
 

@@ -10,15 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from exp_helpers import TINY_SPEC
-from iclit.engine.capture import capture
-from iclit.experiments import make_plan, parse_spec, run_experiment
-from iclit.analysis import load_run, load_states
-from iclit.analysis.frames import similarities
-from iclit.engine.evaluate import evaluate, reference_mean, run_arms
-from iclit.experiments.spec import SpecError
-from iclit.rundir.store import open_store
+
 from iclit.analysis import (
     BASELINE_PAIRS,
     BASELINES,
@@ -26,10 +19,18 @@ from iclit.analysis import (
     baseline_cosines,
     centered_cosine_per_layer,
     cosine_per_layer,
+    load_run,
+    load_states,
     shuffled_partner,
     update_cosine_per_layer,
 )
+from iclit.analysis.frames import similarities
+from iclit.engine.capture import capture
+from iclit.engine.evaluate import evaluate, reference_mean, run_arms
+from iclit.experiments import make_plan, parse_spec, run_experiment
+from iclit.experiments.spec import SpecError
 from iclit.report import factor_effects, render_report
+from iclit.rundir.store import open_store
 from iclit.tasks import draw_resamples, get_task, reference_prompts
 from iclit.tuning import TuningRecipe
 

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from exp_helpers import TINY_SPEC
 from test_architectures import build
 from typer.testing import CliRunner
 
-from exp_helpers import TINY_SPEC
 from iclit.analysis.causal import cluster_sign_flip, patch_table, steer_table
 from iclit.analysis.rundata import RunData
 from iclit.core.tokens import label_token_ids

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
+from iclit.analysis import PAIRS
+from iclit.api import Comparison, compare, run_comparison
 from iclit.engine.arms import ArmContext
 from iclit.engine.capture import capture
-from iclit.api import Comparison, compare, run_comparison
-from iclit.analysis import PAIRS
 from iclit.models import prepare
 from iclit.models.tiny import build_tiny_llama
 from iclit.tasks import TaskDataError, draw_resamples, get_task, load_task

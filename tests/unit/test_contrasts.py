@@ -11,8 +11,8 @@ from scipy import stats as sps
 
 from iclit.analysis import contrasts
 from iclit.analysis.contrasts import CONTRAST_COLUMNS, block_values, cell_contrasts, compare_blocks
-from iclit.analysis.stats import holm
 from iclit.analysis.rundata import RunData
+from iclit.analysis.stats import holm
 
 
 def _blocks(values, queries=None, ids=None) -> pd.DataFrame:

@@ -8,7 +8,6 @@ import sqlite3
 from types import SimpleNamespace
 
 import pytest
-
 from exp_helpers import REPO
 
 

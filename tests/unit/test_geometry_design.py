@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from iclit.analysis.cells import geometry
-from iclit.analysis.stats import cka_permutation_test, debiased_cka, pair_tests, permuted_inners, rsa_per_layer
-from iclit.analysis.permutations import design_permutations
 from iclit.analysis.nulls import Units
+from iclit.analysis.permutations import design_permutations
+from iclit.analysis.stats import cka_permutation_test, debiased_cka, pair_tests, permuted_inners, rsa_per_layer
 
 
 def design(

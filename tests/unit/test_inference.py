@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from iclit.analysis.stats import cka_permutation_test, debiased_cka, debiased_cka_per_layer, rsa, rsa_per_layer
 from iclit.analysis.stats import (
     PairingResult,
     bh,
+    cka_permutation_test,
+    debiased_cka,
+    debiased_cka_per_layer,
     hierarchical_bootstrap,
     hierarchical_bootstrap_means,
     holm,
     pairing_test,
+    rsa,
+    rsa_per_layer,
     tost,
 )
 

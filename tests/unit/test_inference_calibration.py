@@ -12,10 +12,9 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from iclit.analysis.stats import cluster_mean, pairing_test, ratio_ci, smallest_p, tost
 from iclit.analysis.nulls import Units, margin_for, margins, null_tests, verdict
 from iclit.analysis.power import blocks_needed, design_floors, detectable_effect, family_size, power_table
-
+from iclit.analysis.stats import cluster_mean, pairing_test, ratio_ci, smallest_p, tost
 
 # ---------------------------------------------------------------- simulated designs
 

@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from test_architectures import CONFIGS, build
+from typer.testing import CliRunner
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt_neox", "gpt2"]
 assert set(FAMILIES) <= set(CONFIGS)

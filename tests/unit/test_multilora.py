@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from iclit.engine.capture import capture
 from iclit.api import run_comparison
+from iclit.engine.capture import capture
 from iclit.tasks import get_task
 from iclit.tuning import MultiLoRALinear, TuningRecipe, lora_config, peft_like_init, tuned, tuned_many
 

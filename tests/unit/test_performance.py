@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from exp_helpers import REPO
+
 from iclit.report.performance import COLUMNS, RunsFileError, performance_table, read_runs
 
 RUNS = REPO / "benchmarks" / "results" / "runs.csv"

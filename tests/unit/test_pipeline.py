@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from exp_helpers import assert_same_numbers, check_store, cosine_table, env_one_thread, iclit_cmd, stored_trials
 from typer.testing import CliRunner
 
-from exp_helpers import assert_same_numbers, check_store, cosine_table, env_one_thread, iclit_cmd, stored_trials
 from iclit.analysis import PAIRS, compute_metric, load_run, load_states
 from iclit.analysis.frames import similarities
 from iclit.cli import app

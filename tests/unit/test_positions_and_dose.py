@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
+from iclit.analysis import PAIRS, cosine_per_layer, step_pair
+from iclit.analysis.frames import similarities
 from iclit.engine.arms import ArmContext, get_arm
 from iclit.engine.capture import capture, span_start_token
-from iclit.analysis.frames import similarities
 from iclit.engine.evaluate import evaluate
 from iclit.experiments.spec import SpecError, loads_spec
-from iclit.analysis import PAIRS, cosine_per_layer, step_pair
 from iclit.tasks import draw_resamples, get_task
 from iclit.tuning import TuningRecipe
 

@@ -17,8 +17,8 @@ from iclit.engine.evaluate import evaluate
 from iclit.experiments.plan import make_plan
 from iclit.experiments.spec import ExperimentSpec
 from iclit.models import prepare
-from iclit.tasks.chat import chat_frame, chat_template_of, framed_for
 from iclit.tasks import FramedTemplate, draw_sets, get_task
+from iclit.tasks.chat import chat_frame, chat_template_of, framed_for
 from iclit.tuning import TuningRecipe
 
 CHATML = (

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_architectures import build
 
 from iclit.models import ModelNotFoundError, load_model
 from iclit.models.loading import preview_model
 from iclit.models.names import RANDOM_SUFFIX, resolve, split_random
 from iclit.models.tiny import build_tiny_llama, build_tiny_tokenizer
-from test_architectures import build
 
 PROMPT = "Review: The plot is thin but the actors carry it.\nSentiment:"
 

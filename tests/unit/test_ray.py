@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from exp_helpers import (
     TINY_SPEC,
     assert_same_numbers,
@@ -21,8 +20,9 @@ from exp_helpers import (
     run_tiny_spec,
     write_spec,
 )
-from iclit.rundir import Store
+
 from iclit.experiments import parse_spec, run_experiment
+from iclit.rundir import Store
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install 'iclit[ray]'; the test extra has it)")
 

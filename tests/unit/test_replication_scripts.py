@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from exp_helpers import REPO
 
 SCRIPTS = REPO / "scripts"

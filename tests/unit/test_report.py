@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from exp_helpers import TINY_SPEC, run_tiny_spec
+
 from iclit.experiments import parse_spec, run_experiment
 from iclit.report import render_report, write_report
 

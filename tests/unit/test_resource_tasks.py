@@ -17,11 +17,13 @@ from iclit.tasks import (
     Task,
     TaskDataError,
     Template,
+    builtin,
+    generated,
     get_task,
     list_tasks,
+    resources,
     task_table,
 )
-from iclit.tasks import builtin, generated, resources
 
 REAL_WORDNET = Path("/usr/share/wordnet/data.adj").is_file()
 REAL_FREEDICT = Path("/usr/share/dictd/freedict-eng-ces.index").is_file()

@@ -6,12 +6,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, cosine_table, stored_trials, write_spec
 from typer.testing import CliRunner
 
-from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, cosine_table, stored_trials, write_spec
-from iclit.rundir import Store
 from iclit.experiments import make_plan, parse_spec, run_experiment
 from iclit.experiments.runner import ReuseError
+from iclit.rundir import Store
 
 BASE = {**TINY_SPEC, "factors": {}}
 """The base cell of the tiny spec alone (k=2, no wrong labels): 6 trials in 3 chunks of 2."""

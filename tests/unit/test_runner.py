@@ -11,8 +11,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from typer.testing import CliRunner
-
 from exp_helpers import (
     SMOKE,
     TINY_SPEC,
@@ -23,8 +21,10 @@ from exp_helpers import (
     stored_trials,
     write_spec,
 )
-from iclit.rundir import Store
+from typer.testing import CliRunner
+
 from iclit.experiments import load_spec, make_plan, parse_spec, run_experiment
+from iclit.rundir import Store
 
 N_TRIALS = 24  # TINY_SPEC: 4 cells x 6 resamples
 LAYERS = 4  # tiny-random-llama: 3 layers + embeddings

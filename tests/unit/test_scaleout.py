@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
-
 from exp_helpers import (
     TINY_SPEC,
     assert_same_numbers,
@@ -25,12 +23,14 @@ from exp_helpers import (
     run_tiny_spec,
     write_spec,
 )
-from iclit.rundir import Store
+from typer.testing import CliRunner
+
 from iclit.experiments import make_plan, parse_spec, run_experiment
 from iclit.experiments.cost import chunk_cost, describe_cost, plan_cost
 from iclit.experiments.lock import LOCK_NAME, RunDirError, RunLock, RunLocked, lock_holder
 from iclit.experiments.raypool import RayOptions, actor_options, actors_per_gpu_for, ray_options_of
 from iclit.experiments.shards import ShardError, assign_shards, merge_shards, parse_shard, shard_chunks, shard_dir
+from iclit.rundir import Store
 from iclit.rundir.statefiles import read_chunk_states
 
 N_TRIALS = 24

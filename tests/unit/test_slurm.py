@@ -7,14 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
+from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, failing_once, run_tiny_spec, write_spec
 from typer.testing import CliRunner
 
-from exp_helpers import TINY_SPEC, assert_same_numbers, check_store, failing_once, run_tiny_spec, write_spec
-from iclit.rundir import Store
 from iclit.experiments import parse_spec
 from iclit.experiments.lock import LOCK_NAME, RunLock
 from iclit.experiments.shards import shard_dir
 from iclit.experiments.spec.cluster import SlurmOptions
+from iclit.rundir import Store
 
 pytest.importorskip(
     "submitit", reason="the SLURM launcher needs submitit (pip install 'iclit[slurm]'; the test extra has it)"

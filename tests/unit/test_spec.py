@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from exp_helpers import SMOKE, TINY_SPEC, write_spec
 from typer.testing import CliRunner
 
-from exp_helpers import SMOKE, TINY_SPEC, write_spec
 from iclit.experiments import ExperimentSpec, SpecError, load_spec, loads_spec, make_plan, parse_spec
 from iclit.tuning import TuningRecipe
 

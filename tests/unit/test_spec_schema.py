@@ -13,9 +13,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from exp_helpers import REPO, TINY_SPEC
 from typer.testing import CliRunner
 
-from exp_helpers import REPO, TINY_SPEC
 from iclit.experiments.spec import (
     ARM_NAMES,
     BASELINE_NAMES,

@@ -9,9 +9,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from store_records import record
 
 from iclit.rundir.store import Store
-from store_records import record
 
 # Subprocesses load store.py on its own (stdlib + pandas), not the iclit package (torch,
 # transformers): the same code, seconds faster to start.

@@ -13,13 +13,13 @@ from iclit.engine.capture import capture
 from iclit.models.arch import decoder_of, layers_of, lm_head_logits
 from iclit.tuning import (
     TuningRecipe,
-    subset_batch,
     answer_loss,
     answer_token_losses,
     encode_pairs,
     head_cross_entropy,
     last_block_rows,
     lora_config,
+    subset_batch,
     tuned,
 )
 

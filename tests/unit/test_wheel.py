@@ -24,7 +24,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from exp_helpers import REPO
 
 pytest.importorskip("build", reason="python -m build is not installed (pip install build)")

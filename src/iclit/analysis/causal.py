@@ -40,7 +40,8 @@ Holm over the family of one cell × contrast × measure, i.e. over its steer lay
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -10,12 +10,12 @@ bootstrap's top level is the (seed, query block)).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
-
 
 from iclit.analysis import stats
 from iclit.analysis.dose import DOSE_COLUMNS, dose_tables, row_cosine

@@ -22,17 +22,18 @@ docstring; the verdict is :func:`iclit.analysis.nulls.verdict` on the Holm p.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
 from iclit.analysis.factors import design_subset, factor_values, match_value, reference_value
-from iclit.analysis.stats import holm
 from iclit.analysis.nulls import TEST_PAIRS, Units, pair_states, strata, verdict
 from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
+from iclit.analysis.stats import holm
 
 __all__ = [
     "ANCHOR_COMPARISONS",

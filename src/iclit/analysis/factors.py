@@ -18,7 +18,8 @@ n}`` (mean with a 95% bootstrap CI); a per-trial similarity is read at the last 
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -9,8 +9,9 @@ queries of the group. The shuffled-pair null pairs ICL of trial i with IT of tri
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd

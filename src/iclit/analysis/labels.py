@@ -11,7 +11,8 @@ labels`` when it lies inside ``±margin`` (equivalence at the declared margin, T
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps

@@ -54,8 +54,9 @@ mean; ``reference``: the mean over unrelated sentences (stored with ``centered_r
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -171,7 +172,7 @@ class Units:
     @classmethod
     def from_trials(
         cls, trials: pd.DataFrame, settings: Mapping[str, Any], golds: Sequence[Any] | None = None
-    ) -> "Units":
+    ) -> Units:
         """trials: a cell's rows (seed, resample, query_id) in state order; settings: the
         cell's (``queries_per_set``, ``sets_per_query``); golds: each trial's gold label
         (classification) or None."""
@@ -282,7 +283,7 @@ def stratum_matrices(
     return out
 
 
-def unit_rows(groups: list[np.ndarray], res: "stats.PairingResult") -> np.ndarray:
+def unit_rows(groups: list[np.ndarray], res: stats.PairingResult) -> np.ndarray:
     """The trial row of each unit of a pairing test over the strata ``groups``."""
     return np.asarray([groups[s][i] for s, i in zip(res.unit_stratum, res.unit_item)], dtype=np.int64)
 
@@ -368,8 +369,8 @@ def adjust_family(df: pd.DataFrame, by: Sequence[str] = ("layer",)) -> pd.DataFr
 class _Tested:
     """One pairing test with its block-level summaries, per layer."""
 
-    res: "stats.PairingResult"
-    cm: "stats.ClusterMean"
+    res: stats.PairingResult
+    cm: stats.ClusterMean
     unit_blocks: np.ndarray
     unit_order: np.ndarray
 

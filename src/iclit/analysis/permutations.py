@@ -26,7 +26,7 @@ SWAPS = ("queries", "sets")
 
 
 def design_permutations(
-    units: "Units", n_perm: int, seed: int = 0, *, swap: str = "queries", exact: bool = True
+    units: Units, n_perm: int, seed: int = 0, *, swap: str = "queries", exact: bool = True
 ) -> np.ndarray:
     """Item permutations a cell's design makes exchangeable: ``[P, n]`` int64 (P = n_perm, or
     every arrangement but the observed one when they are fewer).

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from iclit.analysis.stats import MAX_EXACT, count_patterns, smallest_p
 from iclit.analysis.nulls import NULLS, TEST_PAIRS
+from iclit.analysis.stats import MAX_EXACT, count_patterns, smallest_p
 
 __all__ = [
     "DesignFloor",

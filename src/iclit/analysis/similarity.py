@@ -165,7 +165,7 @@ def shuffled_partner(n: int) -> list[int]:
 
 def baseline_cosines(
     states: dict[str, Tensor],
-    baselines: "tuple[str, ...] | list[str]",
+    baselines: tuple[str, ...] | list[str],
     *,
     reference_mean: Tensor | None = None,
     pooled: dict[str, Tensor] | None = None,

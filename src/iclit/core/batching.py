@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from functools import lru_cache
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from functools import cache
 
 import torch
 from torch import nn
@@ -95,7 +95,7 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 # --- the decoder with a cache (transformers' current API) -------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cache_argument(decoder_type: type) -> str:
     """The keyword a decoder's ``forward`` takes its cache under: ``cache`` (current
     transformers), else the older ``past_key_values`` (earlier 5.x releases)."""

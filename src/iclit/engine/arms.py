@@ -24,17 +24,17 @@ share one ICL prefix and one IT adapter (per seed).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from iclit.core.tokens import label_token_ids
 from iclit.engine.capture import capture, greedy_continuations
+from iclit.engine.memory import MemoryPlan, plan_memory
 from iclit.models import LoadedModel
 from iclit.tasks import Resample, Task, Template
-from iclit.engine.memory import MemoryPlan, plan_memory
 from iclit.tuning import TuningRecipe, TuningResult, tuned, tuned_many
 
 
@@ -154,8 +154,8 @@ class ArmOutput:
     label_probs: torch.Tensor | None = None
     tuning: list[TuningResult] = field(default_factory=list)
     pooled: torch.Tensor | None = None
-    by_step: dict[int, "ArmOutput"] = field(default_factory=dict)
-    seeds: dict[int, "ArmOutput"] = field(default_factory=dict)
+    by_step: dict[int, ArmOutput] = field(default_factory=dict)
+    seeds: dict[int, ArmOutput] = field(default_factory=dict)
     """IT arms with :attr:`ArmContext.it_seeds` ≥ 2: seed offset j (≥ 1) → the same outputs
     from the adapter tuned with that seed."""
 

@@ -56,8 +56,9 @@ decoder.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,7 +111,7 @@ class CausalSettings:
             raise ValueError(f"unknown analyses {unknown} (analyses: {', '.join(ANALYSES)})")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "CausalSettings | None":
+    def from_dict(cls, data: Mapping[str, Any] | None) -> CausalSettings | None:
         """From :meth:`ExperimentSpec.causal_settings` (lists as tuples); None for None or no analyses."""
         if not data or not data.get("analyses"):
             return None

@@ -10,8 +10,8 @@ anchor arms run (no tuning). Its summary statistics are :mod:`iclit.analysis.lab
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

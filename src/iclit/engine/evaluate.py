@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import platform
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 

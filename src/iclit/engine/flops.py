@@ -18,8 +18,8 @@ same work and with the machine's measured matmul peak.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from torch import nn
 

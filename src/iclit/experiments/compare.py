@@ -6,7 +6,8 @@ directory: ``iclit results``, ``iclit report``, resume and ``--reuse`` work on i
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from iclit.experiments.spec import ExperimentSpec
 from iclit.tasks import Task, TaskDataError, check_enough, resolve_task

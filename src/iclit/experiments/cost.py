@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from iclit.experiments.plan import Chunk, Plan
 from iclit.rundir.store import DB_NAME, Store

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ class RunLock:
     """Directories :meth:`acquire` created (deepest last); :meth:`release` removes those left empty."""
 
     @classmethod
-    def acquire(cls, run_dir: str | Path) -> "RunLock":
+    def acquire(cls, run_dir: str | Path) -> RunLock:
         """Create ``run_dir`` (and its parents) if needed and take its lock.
 
         Raises :class:`RunLocked` naming the live holder, or :class:`RunDirError` when the
@@ -125,7 +125,7 @@ class RunLock:
         record = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:300],
             "token": self.token,
         }
@@ -202,7 +202,7 @@ class RunLock:
                 break
         self.created = []
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from iclit.experiments.spec import FACTORS, ExperimentSpec, factor_label
 from iclit.tasks import Resample, Sampler, Task, Template, draw_sets, get_sampler, resolve_task
-from iclit.tasks.samplers import MostSimilarSampler, LeastSimilarSampler, WrongLabelSampler, default_sampler_name
+from iclit.tasks.samplers import LeastSimilarSampler, MostSimilarSampler, WrongLabelSampler, default_sampler_name
 from iclit.tuning import TuningRecipe
 
 __all__ = ["KEY_VERSION", "PlannedCell", "Chunk", "Plan", "make_plan", "trial_key", "canonical_json", "task_digest"]

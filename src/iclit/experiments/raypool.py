@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from iclit.experiments.spec import ExperimentSpec
 from iclit.experiments.workers import ChunkJob, ChunkOutput, ChunkWorker

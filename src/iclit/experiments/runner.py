@@ -32,20 +32,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from iclit._atomic import atomic_write_text
 from iclit.experiments.lock import RunDirError, RunLock
 from iclit.experiments.plan import Chunk, Plan, make_plan
+from iclit.experiments.raypool import RayOptions, run_ray
 from iclit.experiments.reuse import ReuseError, copy_reusable, find_reusable, open_reuse_stores
+from iclit.experiments.shards import merge_shards, shard_chunks, shard_dir, unmerged_trials
 from iclit.experiments.spec import ExperimentSpec, load_spec
+from iclit.experiments.workers import ChunkJob, ChunkOutput, execute, loaded_model, make_job, model_preview, use_models
 from iclit.rundir.statefiles import write_chunk_states
 from iclit.rundir.store import DB_NAME, Store
-from iclit.experiments.raypool import RayOptions, run_ray
-from iclit.experiments.shards import merge_shards, shard_chunks, shard_dir, unmerged_trials
-from iclit.experiments.workers import ChunkJob, ChunkOutput, execute, loaded_model, make_job, model_preview, use_models
 
 __all__ = [
     "Backend",

@@ -22,9 +22,10 @@ from __future__ import annotations
 import heapq
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from iclit._atomic import atomic_write, atomic_write_text
 from iclit.experiments.cost import chunk_cost

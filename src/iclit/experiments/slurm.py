@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from iclit.experiments.shards import MergeSummary, merge_shards
 from iclit.experiments.spec import ExperimentSpec

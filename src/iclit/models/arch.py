@@ -14,8 +14,8 @@ paper's choice.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -88,7 +88,7 @@ def register_architecture(model_type: str, spec: ArchSpec) -> None:
     ARCHITECTURES[model_type] = spec
 
 
-_INFERRED: "weakref.WeakKeyDictionary[nn.Module, ArchSpec]" = weakref.WeakKeyDictionary()
+_INFERRED: weakref.WeakKeyDictionary[nn.Module, ArchSpec] = weakref.WeakKeyDictionary()
 
 
 def arch_for(model: nn.Module) -> ArchSpec:

@@ -198,8 +198,8 @@ def write_files(
 ) -> Path:
     """Write :data:`EXPORTS` to ``out`` from their contents; returns ``out``."""
     import pandas as pd
-    from iclit.analysis.nulls import TEST_COLUMNS
 
+    from iclit.analysis.nulls import TEST_COLUMNS
     from iclit.report import plot_layers
 
     out = Path(out)

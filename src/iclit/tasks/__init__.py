@@ -29,9 +29,9 @@ from .samplers import (
     WrongLabelSampler,
     draw_resamples,
     draw_sets,
-    set_queries,
     get_sampler,
     register_sampler,
+    set_queries,
 )
 
 __all__ = [

@@ -19,8 +19,9 @@ position that predicts the answer).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 TaskKind = Literal["classification", "generation"]
 Metric = Literal["chrf", "exact"]
@@ -36,7 +37,7 @@ class Example:
     output: str
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
-    def with_output(self, output: str) -> "Example":
+    def with_output(self, output: str) -> Example:
         """A copy with another output (used to give demonstrations wrong labels)."""
         return dataclasses.replace(self, output=output)
 
@@ -98,7 +99,7 @@ class Template:
         """One demonstration as it appears inside an ICL prompt (no instruction)."""
         return f"{self._block(example.input)}{self.answer_sep}{example.output}"
 
-    def icl_prefix(self, demonstrations: Sequence[Example], demo_template: "Template | None" = None) -> str:
+    def icl_prefix(self, demonstrations: Sequence[Example], demo_template: Template | None = None) -> str:
         """Everything of the ICL prompt before the query: instruction and demonstrations.
 
         ``demo_template`` formats the demonstrations when they come from another task
@@ -111,7 +112,7 @@ class Template:
         return self.opening + self._head(True) + body + self.demo_sep
 
     def icl_prompt(
-        self, demonstrations: Sequence[Example], query: Example, demo_template: "Template | None" = None
+        self, demonstrations: Sequence[Example], query: Example, demo_template: Template | None = None
     ) -> str:
         """The ICL prompt: the demonstrations in order, then the query prompt."""
         return self.icl_prefix(demonstrations, demo_template) + self.query_end(query.input)
@@ -120,10 +121,10 @@ class Template:
         """(prompt, answer) for instruction tuning on one demonstration."""
         return self.query(example.input), self.answer(example.output)
 
-    def replace(self, **changes: Any) -> "Template":
+    def replace(self, **changes: Any) -> Template:
         return dataclasses.replace(self, **changes)
 
-    def framed(self, head: str, tail: str, reply_sep: str = "") -> "FramedTemplate":
+    def framed(self, head: str, tail: str, reply_sep: str = "") -> FramedTemplate:
         """This template with every whole prompt put between ``head`` and ``tail``; the answer
         to a whole prompt then starts the model's turn with ``reply_sep`` ('' by default)."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Template)}
@@ -204,5 +205,5 @@ class Task:
                 return e
         raise KeyError(example_id)
 
-    def with_template(self, template: Template) -> "Task":
+    def with_template(self, template: Template) -> Task:
         return dataclasses.replace(self, template=template)

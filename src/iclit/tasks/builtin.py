@@ -22,10 +22,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from . import generated
 from . import resources as res

@@ -6,8 +6,9 @@ belongs to the task (``Task.kind`` and ``Task.metric``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 from iclit.tasks.base import Task
 

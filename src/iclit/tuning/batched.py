@@ -6,8 +6,8 @@ start them, and trained together in one forward/backward per micro-batch on the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,11 +18,11 @@ from iclit.models.arch import linear_shape, target_linears
 from iclit.tuning.loop import train
 from iclit.tuning.loss import (
     AnswerBatch,
-    subset_batch,
     answer_token_losses,
     encode_pairs,
     shared_prefix_length,
     shared_prefix_token_losses,
+    subset_batch,
 )
 from iclit.tuning.recipe import TuningRecipe, TuningResult
 

@@ -13,9 +13,9 @@ tensor built, soft-maxed and multiplied back through the head.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ class AnswerBatch:
     targets: torch.Tensor
     example: torch.Tensor
 
-    def to(self, device: torch.device) -> "AnswerBatch":
+    def to(self, device: torch.device) -> AnswerBatch:
         return AnswerBatch(
             *(t.to(device) for t in (self.input_ids, self.attention_mask, self.predict_at, self.targets, self.example))
         )

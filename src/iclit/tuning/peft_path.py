@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from iclit.models.arch import ALL_LINEAR, resolve_targets, target_linears
 from iclit.tuning.loop import train
-from iclit.tuning.loss import AnswerBatch, subset_batch, answer_loss, encode_pairs, reference_answer_loss
+from iclit.tuning.loss import AnswerBatch, answer_loss, encode_pairs, reference_answer_loss, subset_batch
 from iclit.tuning.recipe import TuningRecipe, TuningResult
 
 

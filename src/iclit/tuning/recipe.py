@@ -9,7 +9,8 @@ stays a dataclass for ``dataclasses.replace`` / ``asdict`` / ``fields``, which v
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Literal, Mapping, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -124,7 +125,7 @@ class TuningRecipe:
     ] = ()
 
     @model_validator(mode="after")
-    def _steps_fit(self) -> "TuningRecipe":
+    def _steps_fit(self) -> TuningRecipe:
         if self.batch_size == 0 and self.capture_steps and self.capture_steps[-1] > self.epochs:
             raise problem(
                 f"tuning capture_steps {list(self.capture_steps)} go past the last step: {self.epochs} "
@@ -138,7 +139,7 @@ class TuningRecipe:
             return self.lr
         return 1e-3 if self.method == "lora" else 1e-5
 
-    def replace(self, **changes: Any) -> "TuningRecipe":
+    def replace(self, **changes: Any) -> TuningRecipe:
         """A copy with ``changes`` (validated), like ``dataclasses.replace``."""
         return dataclasses.replace(self, **changes)
 

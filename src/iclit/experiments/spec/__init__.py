@@ -85,6 +85,8 @@ Validation collects every problem, each with its path in the file and its line::
 from __future__ import annotations
 
 from iclit.experiments.spec.model import ExperimentSpec
+from iclit.experiments.spec.parse import load_spec, loads_spec, parse_spec
+from iclit.experiments.spec.problems import SpecError, SpecProblem
 from iclit.experiments.spec.values import (
     ARM_NAMES,
     BASELINE_NAMES,
@@ -102,8 +104,6 @@ from iclit.experiments.spec.values import (
     TemplateFields,
     factor_label,
 )
-from iclit.experiments.spec.parse import load_spec, loads_spec, parse_spec
-from iclit.experiments.spec.problems import SpecError, SpecProblem
 
 __all__ = [
     "FACTORS",

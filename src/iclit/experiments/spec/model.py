@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Annotated, Any, Mapping
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -19,10 +20,10 @@ from pydantic import (
     BeforeValidator,
     Discriminator,
     Field,
-    Tag,
     PlainValidator,
     PrivateAttr,
     Strict,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -31,40 +32,39 @@ from pydantic import (
 
 from iclit.experiments.spec.cluster import ClusterOptions
 from iclit.experiments.spec.problems import SpecError, problems_of
-from iclit.tasks.chat import PROMPT_FORMATS, PromptFormat
 from iclit.experiments.spec.values import (
     ANALYSIS_NAMES,
     BASELINE_NAMES,
     DESIGNS,
     DTYPES,
+    FROZEN,
     REQUIRED_ARMS,
     SAMPLER_NAMES,
+    AnalysisField,
+    ArmField,
+    BaselineField,
+    DemoTaskField,
     Design,
     DType,
     EquivalenceMargins,
+    Factors,
     FactorValue,
-    SamplerName,
-    TaskOptions,
-    AnalysisField,
-    DemoTaskField,
-    FROZEN,
     LayersField,
     OverridesField,
-    ScalesField,
     RecipeNameField,
+    SamplerName,
+    ScalesField,
     SimilarityField,
     StrField,
+    TaskOptions,
     TextField,
-    ArmField,
-    BaselineField,
-    parse_factors,
     listed,
     none_is,
     one_of,
+    parse_factors,
     plain,
-    values_of,
-    Factors,
     recipe_label,
+    values_of,
 )
 from iclit.schema import (
     Fraction,
@@ -78,6 +78,7 @@ from iclit.schema import (
     problem,
     raise_problems,
 )
+from iclit.tasks.chat import PROMPT_FORMATS, PromptFormat
 from iclit.tuning.recipe import RecipeError, RecipeOverrides, TuningRecipe, recipe_overrides
 
 __all__ = ["ExperimentSpec"]
@@ -385,7 +386,7 @@ class ExperimentSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _resolve(self) -> "ExperimentSpec":
+    def _resolve(self) -> ExperimentSpec:
         """``seed`` folded into ``seeds``; each recipe factor value resolved to its recipe, once."""
         if self.seed is not None:
             object.__setattr__(self, "seeds", (self.seed,))
@@ -421,13 +422,13 @@ class ExperimentSpec(BaseModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
-    def validate(self, *, check_resources: bool = True) -> "ExperimentSpec":  # type: ignore[override]
+    def validate(self, *, check_resources: bool = True) -> ExperimentSpec:  # type: ignore[override]
         """Check everything (also that models, tasks and templates exist); raise :class:`SpecError`."""
         from iclit.experiments.spec.parse import parse_spec
 
         return parse_spec(self.to_dict(), check_resources=check_resources)
 
-    def replace(self, **changes: Any) -> "ExperimentSpec":
+    def replace(self, **changes: Any) -> ExperimentSpec:
         """A copy with ``changes``, validated (:class:`SpecError`)."""
         fields = {name: getattr(self, name) for name in type(self).model_fields if name != "seed"}
         return type(self)(**{**fields, **changes})

@@ -9,8 +9,9 @@ the nearest enclosing key that has a line.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 from pydantic import ValidationError

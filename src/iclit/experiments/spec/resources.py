@@ -5,7 +5,8 @@ through :mod:`iclit.models.names`)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from iclit.experiments.spec.model import ExperimentSpec
 

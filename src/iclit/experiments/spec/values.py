@@ -7,7 +7,8 @@ torch; tests/unit/test_spec_schema.py keeps them equal to the registries.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Mapping, Union, get_args
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, Strict
 
@@ -160,7 +161,7 @@ def _recipe_value(v: Any) -> str | dict[str, Any]:
 
 
 _RecipeValue = Annotated[
-    Union[str, dict[str, Any]], PlainValidator(_recipe_value, json_schema_input_type=Union[str, RecipeOverrides])
+    str | dict[str, Any], PlainValidator(_recipe_value, json_schema_input_type=Union[str, RecipeOverrides])
 ]
 
 
