@@ -87,7 +87,7 @@ def show(df, format: str, out: Path | None, limit: int, nested: bool) -> None:
         table.add_row(
             *[
                 f"{v:.4f}" if isinstance(v, float) and c in PRECISE else (f"{v:g}" if isinstance(v, float) else str(v))
-                for c, v in zip(shown.columns, row)
+                for c, v in zip(shown.columns, row, strict=True)
             ]
         )
     console.print(table)

@@ -39,6 +39,7 @@ Holm over the family of one cell × contrast × measure, i.e. over its steer lay
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -124,7 +125,9 @@ class _Cell:
         }
         if self.classification:
             labels = [list(r["labels"]) for r in recs]
-            self.gold = np.asarray([lab.index(g) if g in lab else -1 for lab, g in zip(labels, rows["gold"])])
+            self.gold = np.asarray(
+                [lab.index(g) if g in lab else -1 for lab, g in zip(labels, rows["gold"], strict=True)]
+            )
 
     def runs(self, values: Any) -> np.ndarray:
         """Stored values [n, …, v] → log-probabilities [n, …, v] (classification) or logp [n, …]."""
@@ -148,6 +151,13 @@ class _Cell:
         if self.classification:
             return {f"den_{x}": _kl(self.ref[x], self.ref[base]) for x in ("icl", "it")}
         return {"logp_base": self.ref[base], "logp_icl": self.ref["icl"], "logp_it": self.ref["it"]}
+
+
+def _fraction_within(
+    mean: Callable[[str], np.ndarray], classification: bool, base: str, run: str, x: str
+) -> np.ndarray:
+    """:func:`_fraction` of ``run`` when the per-arm columns are stored under ``base/``."""
+    return _fraction(classification, lambda name: mean(name if ":" in name else f"{base}/{name}"), run, x)
 
 
 def _fraction(classification: bool, mean: Callable[[str], np.ndarray], run: str, x: str) -> np.ndarray:
@@ -242,7 +252,7 @@ def patch_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
         for kind in BASE_OF:
             lp = c.runs([r["patch"][kind] for r in c.recs])  # [n, P(, v)]
             for m, v in c.measures(lp).items():
-                cols.update({f"{kind}@{l}:{m}": v[:, j] for j, l in enumerate(layers)})
+                cols.update({f"{kind}@{li}:{m}": v[:, j] for j, li in enumerate(layers)})
         for base in ("anchor", "it", "icl"):
             parts = c.fraction_parts(base)
             cols.update({f"{base}/{k}": v for k, v in parts.items()})
@@ -252,16 +262,16 @@ def patch_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
             for m in measures:
                 rows.append(_row(cell, est, est.mean(f"{arm}:{m}"), kind=f"{arm}_run", layer=None, measure=m))
         for kind, base in BASE_OF.items():
-            for l in layers:
+            for li in layers:
                 for m in measures:
-                    rows.append(_row(cell, est, est.mean(f"{kind}@{l}:{m}"), kind=kind, layer=l, measure=m))
+                    rows.append(_row(cell, est, est.mean(f"{kind}@{li}:{m}"), kind=kind, layer=li, measure=m))
                 for x in ("icl", "it"):
                     if x == base:
                         continue
-                    fn = lambda mean, kind=kind, l=l, x=x, base=base: _fraction(  # noqa: E731
-                        c.classification, lambda name: mean(name if ":" in name else f"{base}/{name}"), f"{kind}@{l}", x
+                    fn = functools.partial(
+                        _fraction_within, classification=c.classification, base=base, run=f"{kind}@{li}", x=x
                     )
-                    rows.append(_row(cell, est, est.of(fn), kind=kind, layer=l, measure=f"frac_{x}"))
+                    rows.append(_row(cell, est, est.of(fn), kind=kind, layer=li, measure=f"frac_{x}"))
     return _finish(rows, PATCH_COLUMNS, run)
 
 
@@ -321,19 +331,23 @@ def steer_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
             per[vector] = found
             for m, x in found.items():
                 cols.update(
-                    {f"{vector}@{l},{a}:{m}": x[:, s, t] for s, l in enumerate(layers) for t, a in enumerate(scales)}
+                    {f"{vector}@{li},{a}:{m}": x[:, s, t] for s, li in enumerate(layers) for t, a in enumerate(scales)}
                 )
         diffs: dict[str, np.ndarray] = {}
         for name, (vec, null) in CONTRASTS.items():
             for m in per[vec]:
-                for s, l in enumerate(layers):
+                for s, li in enumerate(layers):
                     for t, a in enumerate(scales):
-                        diffs[f"{name}@{l},{a}:{m}"] = per[vec][m][:, s, t] - per[null][m][:, s, t]
+                        diffs[f"{name}@{li},{a}:{m}"] = per[vec][m][:, s, t] - per[null][m][:, s, t]
         cols.update(diffs)
         est = _Estimates(cols, blocks, seed=seed)
         names = list(diffs)
         p = (
-            dict(zip(names, cluster_sign_flip(np.column_stack([diffs[k] for k in names]), blocks, seed=seed)))
+            dict(
+                zip(
+                    names, cluster_sign_flip(np.column_stack([diffs[k] for k in names]), blocks, seed=seed), strict=True
+                )
+            )
             if names
             else {}
         )
@@ -353,9 +367,9 @@ def steer_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
                     )
                 )
         for vector in ("icl", "it", "random_icl", "random_it", *CONTRASTS):
-            for l in layers:
+            for li in layers:
                 for a in scales:
-                    key = f"{vector}@{l},{a}"
+                    key = f"{vector}@{li},{a}"
                     for m in measures:
                         rows.append(
                             _row(
@@ -363,7 +377,7 @@ def steer_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
                                 est,
                                 est.mean(f"{key}:{m}"),
                                 vector=vector,
-                                layer=l,
+                                layer=li,
                                 scale=a,
                                 measure=m,
                                 p=p.get(f"{key}:{m}", np.nan),
@@ -372,11 +386,11 @@ def steer_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
                     if vector in CONTRASTS:
                         continue
                     for x in ("icl", "it"):
-                        fn = lambda mean, key=key, x=x: _fraction(  # noqa: E731
-                            c.classification, lambda name: mean(name if ":" in name else f"anchor/{name}"), key, x
+                        fn = functools.partial(
+                            _fraction_within, classification=c.classification, base="anchor", run=key, x=x
                         )
                         rows.append(
-                            _row(cell, est, est.of(fn), vector=vector, layer=l, scale=a, measure=f"frac_{x}", p=np.nan)
+                            _row(cell, est, est.of(fn), vector=vector, layer=li, scale=a, measure=f"frac_{x}", p=np.nan)
                         )
     df = pd.DataFrame(rows, columns=[c for c in STEER_COLUMNS if c != "p_holm"])
     df["p_holm"] = np.nan

@@ -164,7 +164,7 @@ def geometry(
                         "p_adj": float(q),
                         "n": n,
                     }
-                    for layer, (v, m, p, q) in enumerate(zip(res["value"], mean, res["p"], res["p_maxT"]))
+                    for layer, (v, m, p, q) in enumerate(zip(res["value"], mean, res["p"], res["p_maxT"], strict=True))
                 ]
     return pd.DataFrame(rows)
 
@@ -198,10 +198,10 @@ def behaviour(
         if a not in arms or b not in arms:
             continue
         pa, pb = outputs[f"prediction_{a}"].to_numpy(dtype=object), outputs[f"prediction_{b}"].to_numpy(dtype=object)
-        measures = {"agreement": lambda i, j: (pa[i][:, None] == pb[j][None, :]).astype(np.float64)}
+        measures = {"agreement": lambda i, j, pa=pa, pb=pb: (pa[i][:, None] == pb[j][None, :]).astype(np.float64)}
         qa, qb = (_label_probs(outputs, a, labels), _label_probs(outputs, b, labels)) if labels else (None, None)
         if qa is not None and qb is not None:
-            measures["kl"] = lambda i, j: kl_divergence(qa[i][:, None, :], qb[j][None, :, :])
+            measures["kl"] = lambda i, j, qa=qa, qb=qb: kl_divergence(qa[i][:, None, :], qb[j][None, :, :])
         for measure, fn in measures.items():
             every = np.arange(len(units))
             own = np.diag(fn(every, every))

@@ -334,8 +334,8 @@ def compare_blocks(a: pd.DataFrame, b: pd.DataFrame, *, margin: float) -> dict[s
         (``scipy.stats.ttest_ind(equal_var=False)``). NaN where a side has under two blocks.
     """
     va, vb = a["value"].to_numpy(dtype=float), b["value"].to_numpy(dtype=float)
-    qa = dict(zip(a["block_id"], a["queries"]))
-    qb = dict(zip(b["block_id"], b["queries"]))
+    qa = dict(zip(a["block_id"], a["queries"], strict=True))
+    qb = dict(zip(b["block_id"], b["queries"], strict=True))
     paired = len(qa) == len(a) and len(qb) == len(b) and qa == qb
     out: dict[str, Any] = {
         "mean_a": float(va.mean()) if len(va) else np.nan,
@@ -371,7 +371,7 @@ def _adjust(df: pd.DataFrame) -> pd.DataFrame:
     df["p_holm"] = holm(df["p"].to_numpy(dtype=float)) if len(df) else []
     df["verdict"] = [
         verdict(lo, hi, p, bool(pt < 0.05))
-        for lo, hi, p, pt in zip(df["ci_low"], df["ci_high"], df["p_holm"], df["p_tost"].fillna(1.0))
+        for lo, hi, p, pt in zip(df["ci_low"], df["ci_high"], df["p_holm"], df["p_tost"].fillna(1.0), strict=True)
     ]
     return df
 
@@ -382,7 +382,9 @@ def _cell_labels(run: RunData) -> pd.DataFrame:
 
 
 def _block_ids(blocks: pd.DataFrame) -> pd.Series:
-    return pd.Series([f"{s}/{b}" for s, b in zip(blocks["seed"], blocks["block"])], index=blocks.index, dtype=object)
+    return pd.Series(
+        [f"{s}/{b}" for s, b in zip(blocks["seed"], blocks["block"], strict=True)], index=blocks.index, dtype=object
+    )
 
 
 def cell_contrasts(

@@ -138,7 +138,7 @@ def _probs(outputs: pd.DataFrame, labels: list[str]) -> tuple[np.ndarray, np.nda
     if not labels or "label_probs" not in outputs.columns or "dose" not in outputs.columns:
         return None
     icl, steps = [], []
-    for lp, d in zip(outputs["label_probs"], outputs["dose"]):
+    for lp, d in zip(outputs["label_probs"], outputs["dose"], strict=True):
         if not isinstance(lp, Mapping) or not isinstance(d, Mapping) or "label_probs" not in d:
             return None
         icl.append([lp["icl"][label] for label in labels])

@@ -370,14 +370,14 @@ def dose_summary(
                     row[f"{pair}:{what}"] = summarize(q[what].to_numpy())
             scores, losses = [], []
             for _, trial in o.iterrows():
-                d, l = trial.get("dose"), trial.get("it_losses")
+                d, trial_losses = trial.get("dose"), trial.get("it_losses")
                 if isinstance(d, Mapping) and step in d.get("steps", []):
                     scores.append(d["score"][d["steps"].index(step)])
                 # losses[j] is the loss of the forward pass before update j + 1, so the model
                 # read after ``step`` updates has losses[step]; after the last, the final loss
-                if isinstance(l, list) and step < len(l):
-                    losses.append(l[step])
-                elif isinstance(l, list) and step == len(l):
+                if isinstance(trial_losses, list) and step < len(trial_losses):
+                    losses.append(trial_losses[step])
+                elif isinstance(trial_losses, list) and step == len(trial_losses):
                     losses.append(trial.get("it_final_loss"))
             row["it_score"] = summarize(np.asarray(scores, dtype=float))
             row["train_loss"] = summarize(np.asarray(losses, dtype=float))

@@ -190,7 +190,7 @@ class Units:
 
     def block_ids(self) -> np.ndarray:
         """The independent units: (seed, block) as one label per unit."""
-        return np.asarray([f"{s}/{b}" for s, b in zip(self.seed, self.block)], dtype=object)
+        return np.asarray([f"{s}/{b}" for s, b in zip(self.seed, self.block, strict=True)], dtype=object)
 
 
 def strata(units: Units, null: str) -> list[np.ndarray]:
@@ -198,9 +198,9 @@ def strata(units: Units, null: str) -> list[np.ndarray]:
     (seed, set, label); demo-swap, the trials of one (seed, block, query). Strata with one
     row have no partner and are left out."""
     if null == "query_swap":
-        keys = zip(units.seed, units.set, units.label)
+        keys = zip(units.seed, units.set, units.label, strict=True)
     elif null == "demo_swap":
-        keys = zip(units.seed, units.block, units.query)
+        keys = zip(units.seed, units.block, units.query, strict=True)
     else:
         raise ValueError(f"unknown null {null!r}; known: {NULLS}")
     groups: dict[Any, list[int]] = {}
@@ -285,7 +285,7 @@ def stratum_matrices(
 
 def unit_rows(groups: list[np.ndarray], res: stats.PairingResult) -> np.ndarray:
     """The trial row of each unit of a pairing test over the strata ``groups``."""
-    return np.asarray([groups[s][i] for s, i in zip(res.unit_stratum, res.unit_item)], dtype=np.int64)
+    return np.asarray([groups[s][i] for s, i in zip(res.unit_stratum, res.unit_item, strict=True)], dtype=np.int64)
 
 
 def quantity(pair: str, centring: str) -> str:
@@ -360,7 +360,9 @@ def adjust_family(df: pd.DataFrame, by: Sequence[str] = ("layer",)) -> pd.DataFr
     margin = df["margin"] if "margin" in df.columns else pd.Series(np.nan, index=df.index)
     df["verdict"] = [
         verdict(lo, hi, p, eq, se=s, margin=m)
-        for lo, hi, p, eq, s, m in zip(df["ci_low"], df["ci_high"], df["p_holm"], df["p_tost"] < 0.05, se, margin)
+        for lo, hi, p, eq, s, m in zip(
+            df["ci_low"], df["ci_high"], df["p_holm"], df["p_tost"] < 0.05, se, margin, strict=True
+        )
     ]
     return df
 
@@ -464,7 +466,9 @@ def null_tests(
             continue
         linked = links(units, null, groups)
 
-        def run(x: np.ndarray, y: np.ndarray, with_anchor: bool = False) -> _Tested:
+        def run(
+            x: np.ndarray, y: np.ndarray, with_anchor: bool = False, groups: Any = groups, linked: Any = linked
+        ) -> _Tested:
             return _run_pair(x, y, groups, linked, blocks, anchor if with_anchor else None, n_perm, seed)
 
         for centring in centrings:

@@ -17,7 +17,7 @@ def _fraction_equal(a: Sequence[Any], b: Sequence[Any], what: str) -> float:
         raise ValueError(f"{what}: lengths differ ({len(a)} vs {len(b)})")
     if len(a) == 0:
         return float("nan")
-    return sum(x == y for x, y in zip(a, b)) / len(a)
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
 
 
 def accuracy(predictions: Sequence[Any], references: Sequence[Any]) -> float:

@@ -74,7 +74,9 @@ def design_permutations(
     seen: set[tuple[Any, Any, Any]] = set()
     queries: dict[tuple[Any, Any, Any], list[tuple[Any, int]]] = {}
     labels: dict[tuple[Any, Any, Any], Any] = {}
-    for i, (sd, st, bl, q, lab) in enumerate(zip(units.seed, units.set, units.block, units.query, units.label)):
+    for i, (sd, st, bl, q, lab) in enumerate(
+        zip(units.seed, units.set, units.block, units.query, units.label, strict=True)
+    ):
         if (sd, st, q) in seen:
             raise ValueError(f"query {q!r} appears twice in set {st} of seed {sd}: the design's items must be unique")
         seen.add((sd, st, q))
@@ -90,9 +92,11 @@ def design_permutations(
     sizes = [rows.shape[1] for rows in moving]
     if exact and math.prod(math.factorial(g) for g in sizes) - 1 <= n_perm:
         orders = [list(itertools.permutations(range(g))) for g in sizes]
-        sigmas = [np.asarray(o, dtype=np.int64) for o in zip(*itertools.product(*orders))] if orders else []
+        sigmas = (
+            [np.asarray(o, dtype=np.int64) for o in zip(*itertools.product(*orders), strict=True)] if orders else []
+        )
         perms = np.tile(np.arange(n, dtype=np.int64), (len(sigmas[0]) if sigmas else 1, 1))
-        for rows, sigma in zip(moving, sigmas):
+        for rows, sigma in zip(moving, sigmas, strict=True):
             perms[:, rows] = np.transpose(rows[:, sigma], (1, 0, 2))
         return perms[1:]  # every arrangement but the identity (itertools gives it first)
     perms = np.tile(np.arange(n, dtype=np.int64), (n_perm, 1))

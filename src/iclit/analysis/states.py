@@ -80,7 +80,9 @@ def read_states(
     order = [n for n in (names or sorted(present, key=_name_order)) if n in present]
     arrays = (
         {
-            name: np.stack([files[f][name][int(r)] for f, r in zip(refs["states_file"], refs["states_row"])])
+            name: np.stack(
+                [files[f][name][int(r)] for f, r in zip(refs["states_file"], refs["states_row"], strict=True)]
+            )
             for name in order
         }
         if len(refs)
@@ -88,7 +90,7 @@ def read_states(
     )
     reference: dict[str, np.ndarray] = {}
     if "cell_key" in refs.columns:
-        for cell, f in zip(refs["cell_key"], refs["states_file"]):
+        for cell, f in zip(refs["cell_key"], refs["states_file"], strict=True):
             if cell not in reference and "reference_mean" in files[f]:
                 reference[cell] = files[f]["reference_mean"]
     return States(list(refs["trial_key"]), arrays, reference)

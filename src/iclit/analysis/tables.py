@@ -68,7 +68,9 @@ def arms_of(outputs: pd.DataFrame) -> list[str]:
 def single_cell(run: RunData) -> tuple[str, int]:
     """(cell_key, seed) of a run with exactly one; ValueError otherwise."""
     groups = (
-        sorted({(c, int(s)) for c, s in zip(run.outputs["cell_key"], run.outputs["seed"])}) if len(run.outputs) else []
+        sorted({(c, int(s)) for c, s in zip(run.outputs["cell_key"], run.outputs["seed"], strict=True)})
+        if len(run.outputs)
+        else []
     )
     if len(groups) != 1:
         raise ValueError(

@@ -204,6 +204,6 @@ class SharedPrefix:
 
     def backward(self) -> None:
         """Send the gradients gathered on the leaves back through the prefix computation."""
-        pairs = [(t, leaf.grad) for t, leaf in zip(self.graph, self.leaves) if leaf.grad is not None]
+        pairs = [(t, leaf.grad) for t, leaf in zip(self.graph, self.leaves, strict=True) if leaf.grad is not None]
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])

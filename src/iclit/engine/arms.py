@@ -107,7 +107,7 @@ class ArmContext:
     def label_ids(self) -> torch.Tensor | None:
         if self.task.kind != "classification":
             return None
-        return label_token_ids(self.lm.tokenizer, [self.task.template.answer(l) for l in self.task.labels])
+        return label_token_ids(self.lm.tokenizer, [self.task.template.answer(label) for label in self.task.labels])
 
     def query_block(self, text: str) -> str:
         """The query as it ends every prompt (anchor, ICL and IT alike): no instruction."""
@@ -183,10 +183,10 @@ def read_out(
         if queries is None:
             raise ValueError("query_mean needs the query of each prompt")
         blocks = [ctx.query_block(q) for q in queries]
-        bad = next((p for p, b in zip(prompts, blocks) if not p.endswith(b)), None)
+        bad = next((p for p, b in zip(prompts, blocks, strict=True) if not p.endswith(b)), None)
         if bad is not None:
             raise ValueError(f"query_mean: the prompt does not end with its query block: {bad[-200:]!r}")
-        span_from = [len(p) - len(b) for p, b in zip(prompts, blocks)]
+        span_from = [len(p) - len(b) for p, b in zip(prompts, blocks, strict=True)]
     cap = capture(
         model,
         tok,
@@ -254,7 +254,7 @@ def anchor_arm(ctx: ArmContext) -> ArmOutput:
     else:
         key = ("anchor", ctx.task.kind, ctx.task.labels, ctx.max_new_tokens, ctx.query_mean)
         memo = ctx.lm.memo.setdefault(key, {})
-        query_of = dict(zip(prompts, queries))
+        query_of = dict(zip(prompts, queries, strict=True))
         todo = sorted({p for p in prompts if p not in memo})
         if todo:
             fresh = read_out(
@@ -348,19 +348,26 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
             row_prompts, row_queries = [prompts[i] for i in rows], [queries[i] for i in rows]
             by_step: dict[int, ArmOutput] = {}
 
-            def read(model: nn.Module, router, j: int = 0) -> ArmOutput:
+            def read(
+                model: nn.Module,
+                router,
+                j: int = 0,
+                set_pos: list[int] = set_pos,
+                row_prompts: list = row_prompts,
+                row_queries: list = row_queries,
+            ) -> ArmOutput:
                 adapter = [p * n_seeds + j for p in set_pos]  # each row's adapter (seed j of its set)
                 return read_out(
                     ctx,
                     model,
                     row_prompts,
                     queries=row_queries,
-                    prefixes=ctx.query_prefixes(len(rows)),
+                    prefixes=ctx.query_prefixes(len(row_prompts)),
                     variants=adapter,
                     before_batch=lambda b: router.set([adapter[x] for x in b], device),
                 )
 
-            def on_step(step: int, model: nn.Module, router) -> None:
+            def on_step(step: int, model: nn.Module, router, by_step: dict[int, ArmOutput] = by_step) -> None:
                 by_step[step] = read(model, router)
 
             with tuned_many(
@@ -377,7 +384,9 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                     by_step[last] if j == 0 and last in by_step else read(model, router, j) for j in range(n_seeds)
                 ]
                 if ctx.on_tuned is not None:
-                    ctx.on_tuned(model, rows, lambda b: router.set([set_pos[x] * n_seeds for x in b], device))
+                    ctx.on_tuned(
+                        model, rows, lambda b, set_pos=set_pos: router.set([set_pos[x] * n_seeds for x in b], device)
+                    )
             per_row = [[results[set_pos[x] * n_seeds + j] for x in range(len(rows))] for j in range(n_seeds)]
             store(rows, by_seed, per_row, by_step)
             ctx.advance(len(rows))
@@ -389,9 +398,11 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
             for j in range(n_seeds):
                 steps: dict[int, ArmOutput] = {}
 
-                def read_one(model: nn.Module) -> ArmOutput:
+                def read_one(
+                    model: nn.Module, row_prompts: list = row_prompts, row_queries: list = row_queries
+                ) -> ArmOutput:
                     return read_out(
-                        ctx, model, row_prompts, queries=row_queries, prefixes=ctx.query_prefixes(len(rows))
+                        ctx, model, row_prompts, queries=row_queries, prefixes=ctx.query_prefixes(len(row_prompts))
                     )
 
                 def on_step(step: int, model: nn.Module, steps: dict = steps) -> None:

@@ -195,7 +195,7 @@ def capture(
     if span_from is None:
         encoded, starts = [tokenizer(p)["input_ids"] for p in prompts], None
     else:
-        pairs = [encode_with_span(tokenizer, p, c) for p, c in zip(prompts, span_from)]
+        pairs = [encode_with_span(tokenizer, p, c) for p, c in zip(prompts, span_from, strict=True)]
         encoded, starts = [ids for ids, _ in pairs], [t for _, t in pairs]
     pad = tokenizer.pad_token_id
     states: list[torch.Tensor | None] = [None] * len(prompts)
@@ -291,7 +291,7 @@ def encode_with_span(tokenizer: PreTrainedTokenizerBase, prompt: str, char: int)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(prompt, return_offsets_mapping=True, return_special_tokens_mask=True)
         ids = enc["input_ids"]
-        for t, ((_, end), special) in enumerate(zip(enc["offset_mapping"], enc["special_tokens_mask"])):
+        for t, ((_, end), special) in enumerate(zip(enc["offset_mapping"], enc["special_tokens_mask"], strict=True)):
             if not special and end > char:
                 return ids, t
         return ids, len(ids) - 1

@@ -218,7 +218,7 @@ class ReversePatch:
         icl = self.icl_states()
         last = icl.shape[1] - 1
         layers = self.settings.layers("patch", last) if self.settings.patch else []
-        runs = [[None] + [Intervention(l, icl[i, l], "replace") for l in layers] for i in rows]
+        runs = [[None] + [Intervention(li, icl[i, li], "replace") for li in layers] for i in rows]
         out = intervene(
             model,
             self.tokenizer,
@@ -295,19 +295,19 @@ def causal_records(
     anchor_runs, randoms = [], []
     for i, r in enumerate(draws):
         runs: list[Intervention | None] = [None]
-        runs += [Intervention(l, icl[i, l], "replace") for l in patch]
-        runs += [Intervention(l, it[i, l], "replace") for l in patch]
+        runs += [Intervention(li, icl[i, li], "replace") for li in patch]
+        runs += [Intervention(li, it[i, li], "replace") for li in patch]
         if steer:
             unit = random_directions(torch.ones(len(steer) * n_draws), anchor.shape[-1], _trial_generator(seed, r))
             unit = unit.view(len(steer), n_draws, -1)
             randoms.append(unit)
-            for s, l in enumerate(steer):
+            for s, li in enumerate(steer):
                 v_icl, v_it = steered["icl"][i, s], steered["it"][i, s]
                 nulls = [unit[s, k] * v_icl.norm() for k in range(n_draws)] + [
                     unit[s, k] * v_it.norm() for k in range(n_draws)
                 ]
                 for a in scales:
-                    runs += [Intervention(l, v, "add", scale=a) for v in (v_icl, v_it, *nulls)]
+                    runs += [Intervention(li, v, "add", scale=a) for v in (v_icl, v_it, *nulls)]
         anchor_runs.append(runs)
     prompts = [task.template.query(r.query.input) for r in draws]
     at_anchor = intervene(
@@ -322,7 +322,7 @@ def causal_records(
         prefixes=["query"] * n,
     )
     # the base model's ICL runs: unpatched, and with the IT state
-    icl_runs = [[None] + [Intervention(l, it[i, l], "replace") for l in patch] for i in range(n)]
+    icl_runs = [[None] + [Intervention(li, it[i, li], "replace") for li in patch] for i in range(n)]
     icl_prompts = [task.template.icl_prompt(r.demonstrations, r.query, demo_template) for r in draws]
     icl_prefixes = [task.template.icl_prefix(r.demonstrations, demo_template) for r in draws]
     at_icl = intervene(

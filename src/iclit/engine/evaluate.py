@@ -376,7 +376,8 @@ def evaluate(
         }
         if t.kind == "classification":
             trial["label_probs"] = {
-                arm: dict(zip(t.labels, [round(float(p), 6) for p in o.label_probs[i]])) for arm, o in outputs.items()
+                arm: dict(zip(t.labels, [round(float(p), 6) for p in o.label_probs[i]], strict=True))
+                for arm, o in outputs.items()
             }
         if by_step:
             steps = sorted(by_step)

@@ -101,7 +101,7 @@ def layerwise(
     """One intervention per state index: ``vectors`` [L+1, d] (e.g. one run's captured
     states), ``vectors[ℓ]`` at ℓ for each ℓ of ``layers`` (default: all)."""
     picked = range(vectors.shape[0]) if layers is None else layers
-    return [Intervention(int(l), vectors[l], mode, scale) for l in picked]
+    return [Intervention(int(li), vectors[li], mode, scale) for li in picked]
 
 
 # --- the edits and their hooks ------------------------------------------------------------

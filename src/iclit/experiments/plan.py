@@ -9,13 +9,13 @@ template (instruction included), the demonstrations' task and template, k, how t
 demonstrations are chosen (sampler or similarity mode), the wrong-label fraction, the IT
 recipe, the arms, the batch settings and the chunking; the baselines, a data file's
 ``task_options``, the crossed design (``queries_per_set``, ``sets_per_query``) and the causal
-``analyses`` with their settings only when given, so the keys of one-query-per-set specs without them stay as they were. A finished
-trial is never recomputed.
+``analyses`` with their settings only when given, so the keys of one-query-per-set specs
+without them stay as they were. A finished trial is never recomputed.
 
 Trials run in **chunks**: the pairs of sets ``[0, c)``, ``[c, 2c)``, … of a (cell, seed), with
-``c = spec.chunk_size`` (sets; with one query per set, resamples). The chunks are fixed by the spec (not by what is already done), so
-a resumed run feeds the model exactly the batches an uninterrupted one would, and computes
-the same numbers. Draws depend only on (cell, seed, set index).
+``c = spec.chunk_size`` (sets; with one query per set, resamples). The chunks are fixed by
+the spec (not by what is already done), so a resumed run feeds the model exactly the batches
+an uninterrupted one would, and computes the same numbers. Draws depend only on (cell, seed, set index).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def _combinations(spec: ExperimentSpec) -> Iterator[dict[str, Any]]:
     if spec.design == "grid" or not spec.factors:
         names = list(spec.factors)
         for values in itertools.product(*(spec.factors[n] for n in names)):
-            yield {**base, **dict(zip(names, values))}
+            yield {**base, **dict(zip(names, values, strict=True))}
     else:  # separate: one factor at a time, the others at their base values
         for name, values in spec.factors.items():
             for v in values:

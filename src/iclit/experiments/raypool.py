@@ -134,7 +134,8 @@ def _parameters(config: Any) -> int:
 def _describe(job: ChunkJob) -> str:
     indices = [d.index for d in job.draws]
     span = f"resamples {min(indices)}-{max(indices)}" if indices else "no resamples"
-    return f"chunk of cell {job.cell_key[:12]} (seed {job.seed}, {span}, first trial {job.keys[0][:12] if job.keys else '-'})"
+    first = job.keys[0][:12] if job.keys else "-"
+    return f"chunk of cell {job.cell_key[:12]} (seed {job.seed}, {span}, first trial {first})"
 
 
 def run_ray(

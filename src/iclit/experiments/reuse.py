@@ -96,7 +96,7 @@ def copy_reusable(found: Sequence[Reusable], store: Store, run_id: int, reused_f
     """Copy the chunks :func:`find_reusable` found (states first, then rows); returns the
     trials copied and the chunks copied (``reused_from`` counts per source)."""
     trials = 0
-    for chunk, name, src, rows in found:
+    for _chunk, name, src, rows in found:
         new = store.copy_trials(rows, run_id, _copy_states(src, rows, store))
         reused_from[name] += new
         trials += new

@@ -93,7 +93,7 @@ def assign_shards(chunks: Sequence[Chunk], count: int) -> list[int]:
 def shard_chunks(plan: Plan, index: int, count: int) -> list[Chunk]:
     """The chunks of shard ``index`` of ``count``, in plan order."""
     owner = assign_shards(plan.chunks, count)
-    return [c for c, s in zip(plan.chunks, owner) if s == index]
+    return [c for c, s in zip(plan.chunks, owner, strict=True) if s == index]
 
 
 def find_shards(out: str | Path) -> list[Path]:

@@ -247,7 +247,7 @@ def execute(job: ChunkJob, lm: Any, progress: Callable[[str, int], Any] | None =
     score_name = job.task.score_name  # correct, exact_match or chrf
     n_layers = int(result.states["anchor"].shape[1])
     records = []
-    for i, (draw, key) in enumerate(zip(job.draws, job.keys)):
+    for i, (draw, key) in enumerate(zip(job.draws, job.keys, strict=True)):
         outputs = dict(result.trials[i])
         extra = job.extras[i] if i < len(job.extras) else {}
         outputs.update({k: v for k, v in extra.items() if k not in ("n_wrong", "demo_similarity")})

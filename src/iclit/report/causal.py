@@ -113,7 +113,7 @@ def _axes(ax: Any, title: str, ylabel: str | None, layers: list[int], fraction: 
 
 
 def _layers(table: pd.DataFrame) -> list[int]:
-    return sorted({int(l) for l in table["layer"].dropna()})
+    return sorted({int(li) for li in table["layer"].dropna()})
 
 
 def _panels(table: pd.DataFrame) -> list[str]:
@@ -211,8 +211,8 @@ def _patch_rows(table: pd.DataFrame) -> dict[str, Any]:
         ("icl_into_anchor", score),
     ]
     head = ["state index", *(f"{CAUSAL_STYLE[k].label}: {_MEASURE_TEXT[m]}" for k, m in cols)]
-    layers = sorted({int(l) for l in table["layer"].dropna()})
-    rows = [[{"kind": "text", "value": str(l)}, *(_ci(get.get((k, l, m))) for k, m in cols)] for l in layers]
+    layers = sorted({int(li) for li in table["layer"].dropna()})
+    rows = [[{"kind": "text", "value": str(li)}, *(_ci(get.get((k, li, m))) for k, m in cols)] for li in layers]
     ref = [{"kind": "text", "value": f"unpatched runs, {_MEASURE_TEXT[score]}"}]
     ref += [{"kind": "text", "value": ""}] * 5 + [
         _ci(get.get(("it_run", None, score))),
@@ -239,12 +239,15 @@ def _steer_rows(table: pd.DataFrame) -> dict[str, Any]:
     head = ["state index", "scale", *(f"{v.replace('-', ' − ')}: {_MEASURE_TEXT[m]}" for v, m in cols)]
     rows = []
     pairs = sorted(
-        {(int(l), float(a)) for l, a in zip(table["layer"].dropna(), table.loc[table["layer"].notna(), "scale"])}
+        {
+            (int(li), float(a))
+            for li, a in zip(table["layer"].dropna(), table.loc[table["layer"].notna(), "scale"], strict=True)
+        }
     )
-    for l, a in pairs:
-        cells = [{"kind": "text", "value": str(l)}, {"kind": "text", "value": f"{a:g}"}]
+    for li, a in pairs:
+        cells = [{"kind": "text", "value": str(li)}, {"kind": "text", "value": f"{a:g}"}]
         for v, m in cols:
-            row = get.get((v, l, m, a))
+            row = get.get((v, li, m, a))
             if row is None or not np.isfinite(row["value"]):
                 cells.append({"kind": "none"})
                 continue

@@ -63,7 +63,7 @@ def comparison_trials(run: RunData) -> list[dict[str, Any]]:
     o = run.outputs[(run.outputs["cell_key"] == cell) & (run.outputs["seed"] == seed)].sort_values("resample")
     records = []
     with open_store(run.path, readonly=True) as store:
-        for resample, key in zip(o["resample"], o["trial_key"]):
+        for resample, key in zip(o["resample"], o["trial_key"], strict=True):
             stored = store.trial_outputs(key)
             record: dict[str, Any] = {}
             for name, value in stored.items():

@@ -281,7 +281,7 @@ def layer_panels_figure(
     for ax in axes[1:]:
         ax.sharey(axes[0])
     labels = layers["value"].astype(str) if len(layers) else pd.Series([], dtype=str)
-    for ax, value in zip(axes, values if values else [None]):
+    for ax, value in zip(axes, values if values else [None], strict=True):
         sub = layers if factor is None else layers[(labels == str(value)).to_numpy()]
         for pair in pairs:
             r = sub[sub["pair"] == pair].sort_values("layer")

@@ -209,7 +209,7 @@ def _legend(fig: Any, axes: Sequence[Any], extra: Sequence[tuple[Any, str]] = ()
     """One legend under the figure, each label once."""
     seen: dict[str, Any] = {}
     for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
     for handle, label in extra:
         seen.setdefault(label, handle)

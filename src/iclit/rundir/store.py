@@ -313,7 +313,7 @@ class Store:
             "computed",
             *added,
         )
-        out = {"reused": None, "reused_from_json": None, "models_json": None, **dict(zip(keys, row))}
+        out = {"reused": None, "reused_from_json": None, "models_json": None, **dict(zip(keys, row, strict=True))}
         out["plan"] = json.loads(out["plan"])
         out["versions"] = json.loads(out["versions"] or "{}")
         reused_from = out.pop("reused_from_json")
@@ -396,12 +396,13 @@ class Store:
                 return None
             cell_keys = sorted({r[1] for r in rows})
             cells = self.conn.execute(
-                f"SELECT cell_key, labels_json, settings_json FROM cells WHERE cell_key IN ({','.join('?' * len(cell_keys))})",
+                "SELECT cell_key, labels_json, settings_json FROM cells "
+                f"WHERE cell_key IN ({','.join('?' * len(cell_keys))})",
                 cell_keys,
             ).fetchall()
         finally:
             self.conn.execute("COMMIT")
-        by_key = {r[0]: dict(zip(_TRIAL_COLUMNS, r)) for r in rows}
+        by_key = {r[0]: dict(zip(_TRIAL_COLUMNS, r, strict=True)) for r in rows}
         return StoredTrials([by_key[k] for k in dict.fromkeys(keys)], cells)
 
     def resamples_of(self, cell_key: str, seed: int, lo: int, hi: int) -> set[int]:
@@ -433,7 +434,8 @@ class Store:
                 where = states.get(t["trial_key"], (None, None))
                 values = {**t, "run_id": run_id, "states_file": where[0], "states_row": where[1]}
                 cur = c.execute(
-                    f"INSERT OR IGNORE INTO trials ({', '.join(_TRIAL_COLUMNS)}) VALUES ({','.join('?' * len(_TRIAL_COLUMNS))})",
+                    f"INSERT OR IGNORE INTO trials ({', '.join(_TRIAL_COLUMNS)}) "
+                    f"VALUES ({','.join('?' * len(_TRIAL_COLUMNS))})",
                     [values[col] for col in _TRIAL_COLUMNS],
                 )
                 new += cur.rowcount == 1
@@ -499,7 +501,8 @@ class Store:
         cond, args = self._selection(plan)
         rows = self.conn.execute(
             "SELECT t.trial_key, t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, "
-            f"t.scores_json, t.outputs_json, t.seconds FROM trials t WHERE {cond} ORDER BY t.cell_key, t.seed, t.resample",
+            "t.scores_json, t.outputs_json, t.seconds FROM trials t "
+            f"WHERE {cond} ORDER BY t.cell_key, t.seed, t.resample",
             args,
         ).fetchall()
         out = []

@@ -12,8 +12,8 @@ All three share one rendering, so the ICL and IT arms see the demonstrations in 
 format. A :class:`FramedTemplate` (``Template.framed(head, tail)``) puts every prompt — query,
 ICL and IT training prompt alike — between the same ``head`` and ``tail`` (an instruct
 model's chat template around one user message, :func:`iclit.tasks.chat.chat_template_of`);
-the demonstrations inside an ICL prompt stay plain text within that one message. The hidden state compared is the one of the last token of the query prompt (the
-position that predicts the answer).
+the demonstrations inside an ICL prompt stay plain text within that one message. The hidden
+state compared is the one of the last token of the query prompt (the position that predicts the answer).
 """
 
 from __future__ import annotations

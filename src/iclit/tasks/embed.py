@@ -104,7 +104,7 @@ class SentenceEmbedder:
 
     def remember(self, texts: Sequence[str], vectors: np.ndarray) -> None:
         with self._lock:
-            for t, v in zip(texts, vectors):
+            for t, v in zip(texts, vectors, strict=True):
                 self._memo.setdefault(t, v)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

@@ -100,7 +100,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> Iterator[_Record]:
                     continue
                 if len(row) != len(header):
                     raise _fail(where, f"line {start}", f"has {len(row)} values but the header has {len(header)}")
-                yield f"line {start}", dict(zip(header, row))
+                yield f"line {start}", dict(zip(header, row, strict=True))
     except UnicodeDecodeError as e:
         raise _fail(where, "", f"not UTF-8 text ({e})") from None
     except csv.Error as e:

@@ -157,9 +157,10 @@ class SimilaritySampler(Sampler):
 
     Similarity is the cosine of sentence embeddings of the inputs (``all-MiniLM-L6-v2``); for
     the several queries of a crossed set (:func:`draw_sets`) it is the mean cosine to the
-    set's queries, so one set is the most (least) similar to its queries on average. Ties go to the earlier candidate. In the prompt the chosen demonstrations are ordered by
-    increasing similarity, so the most similar of them stands next to the query. The ``rng``
-    is not used: the choice depends only on the query and the pool.
+    set's queries, so one set is the most (least) similar to its queries on average. Ties go to
+    the earlier candidate. In the prompt the chosen demonstrations are ordered by increasing
+    similarity, so the most similar of them stands next to the query. The ``rng`` is not used:
+    the choice depends only on the query and the pool.
     """
 
     name = "similarity"
@@ -299,7 +300,8 @@ def draw_resamples(
     """
     if n > len(task.examples):
         raise TaskDataError(
-            f"task {task.name!r}: {n} resamples need {n} distinct queries, but it has only {len(task.examples)} examples"
+            f"task {task.name!r}: {n} resamples need {n} distinct queries, "
+            f"but it has only {len(task.examples)} examples"
         )
     return draw_sets(task, k, n, 1, seed, sampler, demo_task=demo_task)
 

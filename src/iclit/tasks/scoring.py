@@ -38,7 +38,7 @@ def score(task: Task, preds: Sequence[str], golds: Sequence[str]) -> list[float]
     """Per-trial score: exact label match (classification), else by ``task.metric``: exact
     match after whitespace normalisation (``"exact"``, 0/1) or sentence chrF (``"chrf"``)."""
     if task.kind == "classification":
-        return [float(p == g) for p, g in zip(preds, golds)]
+        return [float(p == g) for p, g in zip(preds, golds, strict=True)]
     if task.metric == "exact":
-        return [float(" ".join(p.split()) == " ".join(g.split())) for p, g in zip(preds, golds)]
-    return [chrf(p, g) for p, g in zip(preds, golds)]
+        return [float(" ".join(p.split()) == " ".join(g.split())) for p, g in zip(preds, golds, strict=True)]
+    return [chrf(p, g) for p, g in zip(preds, golds, strict=True)]

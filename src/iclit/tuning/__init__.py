@@ -5,7 +5,7 @@ every other name loads its module (and torch) on first use.
 | module | owns |
 | --- | --- |
 | ``recipe`` | ``TuningRecipe``, ``TuningResult`` (plain data) |
-| ``loss`` | (prompt, answer) encoding, the chunked head cross-entropy, last-block trimming, answer losses (also on a shared prefix) |
+| ``loss`` | (prompt, answer) encoding, chunked head cross-entropy, last-block trimming, answer losses |
 | ``loop`` | the training loop: epochs, data order, clipping hook, optimiser steps, capture steps, losses |
 | ``peft_path`` | one PEFT LoRA adapter, or full fine-tuning of a copy (``fit``, ``tuned``) |
 | ``batched`` | N stacked LoRA adapters trained together (``fit_many``, ``tuned_many``) |

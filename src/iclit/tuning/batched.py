@@ -128,14 +128,14 @@ def multi_lora(
     shapes = [linear_shape(base) for _, base in targets]
     with torch.no_grad():
         for j, seed in enumerate(seeds):
-            for module, a in zip(wrapped, peft_like_init(shapes, recipe.rank, seed)):
+            for module, a in zip(wrapped, peft_like_init(shapes, recipe.rank, seed), strict=True):
                 module.lora_A[j].copy_(a)
-    for (name, _), module in zip(targets, wrapped):
+    for (name, _), module in zip(targets, wrapped, strict=True):
         model.set_submodule(name, module)
     try:
         yield router, wrapped
     finally:
-        for (name, base), _ in zip(targets, wrapped):
+        for (name, base), _ in zip(targets, wrapped, strict=True):
             model.set_submodule(name, base)
 
 

@@ -93,7 +93,7 @@ def train(
     opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay, fused=fused or None)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     sizes = [recipe.batch_size or len(m) for m in groups]
-    per_epoch = [math.ceil(len(m) / s) for m, s in zip(groups, sizes)]
+    per_epoch = [math.ceil(len(m) / s) for m, s in zip(groups, sizes, strict=True)]
     steps = max(per_epoch)
     check_capture_steps(recipe, recipe.epochs * steps)
     if recipe.capture_steps and len(set(per_epoch)) > 1:
@@ -106,15 +106,15 @@ def train(
     model.train()
     try:
         for _ in range(recipe.epochs):
-            orders = [epoch_order(m, size, g) for m, g, size in zip(groups, gens, sizes)]
+            orders = [epoch_order(m, size, g) for m, g, size in zip(groups, gens, sizes, strict=True)]
             for step in range(steps):
-                slices = [order[step * size : (step + 1) * size] for order, size in zip(orders, sizes)]
+                slices = [order[step * size : (step + 1) * size] for order, size in zip(orders, sizes, strict=True)]
                 losses = step_loss([r for part in slices for r in part])
-                _check_finite(recipe, [x for part, x in zip(slices, losses.tolist()) if part], done + 1)
+                _check_finite(recipe, [x for part, x in zip(slices, losses.tolist(), strict=True) if part], done + 1)
                 clip(recipe.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                for result, part, loss in zip(results, slices, losses.tolist()):
+                for result, part, loss in zip(results, slices, losses.tolist(), strict=True):
                     if part:
                         result.losses.append(loss)
                 done += 1
@@ -125,7 +125,7 @@ def train(
         final = final_loss().tolist()
     _check_finite(recipe, final, None)
     seconds = time.perf_counter() - start
-    for result, loss in zip(results, final):
+    for result, loss in zip(results, final, strict=True):
         result.final_loss = float(loss)
         result.seconds = seconds / len(groups)
     return results

@@ -61,7 +61,7 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, 
     ids, mask = pad_right(seqs, tokenizer.pad_token_id)
     width = ids.shape[1]
     predict_at, targets, example = [], [], []
-    for row, (seq, start) in enumerate(zip(seqs, starts)):
+    for row, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
         for t in range(start, len(seq)):
             predict_at.append(row * width + t - 1)
             targets.append(seq[t])

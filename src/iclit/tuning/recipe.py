@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -75,7 +75,8 @@ class TuningRecipe:
     method: Annotated[
         _Method,
         Field(
-            description="lora: a fresh LoRA adapter on `targets` (the paper's choice); full: all weights of a fresh copy"
+            description="lora: a fresh LoRA adapter on `targets` (the paper's choice); "
+            "full: all weights of a fresh copy"
         ),
     ] = "lora"
     rank: Annotated[_Count, Field(description="LoRA rank")] = 8
@@ -89,9 +90,7 @@ class TuningRecipe:
     targets: Annotated[
         tuple[_Module, ...],
         Field(min_length=1, description="modules that get a LoRA adapter (one name: a list of one)"),
-        BeforeValidator(
-            _one_or_list, json_schema_input_type=Union[_Module, Annotated[list[_Module], Field(min_length=1)]]
-        ),
+        BeforeValidator(_one_or_list, json_schema_input_type=_Module | Annotated[list[_Module], Field(min_length=1)]),
         expect("a non-empty list of module names"),
     ] = ("q_proj", "v_proj")
     lr: Annotated[
@@ -119,7 +118,7 @@ class TuningRecipe:
             description="optimiser steps (1-based) after which the IT arm also reads the tuned model's states and "
             "answers, so one training run gives the whole dose curve; empty: only the end of training"
         ),
-        BeforeValidator(_one_or_list, json_schema_input_type=Union[_Step, list[_Step]]),
+        BeforeValidator(_one_or_list, json_schema_input_type=_Step | list[_Step]),
         AfterValidator(_steps),
         expect("a list of optimiser steps (integers >= 1)"),
     ] = ()

@@ -241,7 +241,7 @@ def pairing_test(
     """
     if alternative not in ("two-sided", "greater", "less"):
         raise ValueError(f"alternative must be two-sided, greater or less, not {alternative!r}")
-    cleaned, kept = zip(*(_clean_stratum(c) for c in strata)) if len(strata) else ((), ())
+    cleaned, kept = zip(*(_clean_stratum(c) for c in strata), strict=True) if len(strata) else ((), ())
     n_layers = {c.shape[2] for c in cleaned}
     if len(n_layers) > 1:
         raise ValueError(f"strata disagree on the number of layers: {sorted(n_layers)}")

@@ -245,7 +245,8 @@ def pair_tests(
     shares it. With a NaN row in any arm (each pair drops its own) it runs pair by pair.
 
     perms: None, uniform permutations of the items; or ``[P, n]`` permutations the design
-    allows (:func:`iclit.analysis.permutations.design_permutations`), used for every pair (no arm may have a NaN row)."""
+    allows (:func:`iclit.analysis.permutations.design_permutations`), used for every pair (no
+    arm may have a NaN row)."""
     arms = {arm: as_float64(states[arm]) for pair in pairs.values() for arm in pair}
     one = {arm: (x[:, None] if x.ndim == 2 else x) for arm, x in arms.items()}
     n = {x.shape[0] for x in one.values()}
@@ -272,7 +273,7 @@ def pair_tests(
                 if given is None
                 else permuted_inners(a_list, mats[second], given)
             )
-            for name, first, perm in zip(names, firsts, permuted):
+            for name, first, perm in zip(names, firsts, permuted, strict=True):
                 scale = (
                     _scale(norms[first] * norms[second], 1.0)
                     if measure == "cka"

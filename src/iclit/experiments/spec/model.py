@@ -128,8 +128,8 @@ class ExperimentSpec(BaseModel):
         none_is(REQUIRED_ARMS),
     ] = Field(
         REQUIRED_ARMS,
-        description="arms to run; must include anchor, icl and it (it_seed2: IT with another seed; icl_reordered: ICL with "
-        "the demonstrations rotated by one)",
+        description="arms to run; must include anchor, icl and it (it_seed2: IT with another seed; "
+        "icl_reordered: ICL with the demonstrations rotated by one)",
     )
     k: NonNegInt = Field(4, description="demonstrations per resample (0: zero-shot, every arm reads the query alone)")
     resamples: PosInt = Field(
@@ -196,7 +196,8 @@ class ExperimentSpec(BaseModel):
     ] = Field(default_factory=dict, description="named recipes for the `recipe` factor, each laid over `recipe`")
     design: Annotated[Design, one_of(DESIGNS)] = Field(
         "grid",
-        description="grid: every combination of the factors' values; separate: one factor at a time around the base values",
+        description="grid: every combination of the factors' values; "
+        "separate: one factor at a time around the base values",
     )
     factors: Annotated[
         dict[str, tuple[Any, ...]], PlainValidator(parse_factors, json_schema_input_type=Factors | None)

@@ -68,7 +68,8 @@ def resource_problems(
         found.append(
             (
                 "resamples",
-                f"{spec.resamples} resamples need as many distinct queries; task {task.name!r} has {len(task)} examples",
+                f"{spec.resamples} resamples need as many distinct queries; "
+                f"task {task.name!r} has {len(task)} examples",
             )
         )
     ks = values_of(spec, "k", indices)
@@ -78,7 +79,8 @@ def resource_problems(
                 found.append(
                     (
                         path,
-                        f"k={k} is too large for task {pool.name!r}: it has {len(pool)} examples, so k can be at most {len(pool) - 1}",
+                        f"k={k} is too large for task {pool.name!r}: it has {len(pool)} examples, "
+                        f"so k can be at most {len(pool) - 1}",
                     )
                 )
     for rpath, value in values_of(spec, "recipe", indices):  # minibatches: the number of steps depends on k
@@ -102,7 +104,8 @@ def resource_problems(
                     found.append(
                         (
                             path,
-                            f"wrong labels need a task with at least two labels ({pool.name!r} has {len(pool.labels or ())})",
+                            f"wrong labels need a task with at least two labels "
+                            f"({pool.name!r} has {len(pool.labels or ())})",
                         )
                     )
     if spec.uses_similarity or spec.records_similarity:

@@ -8,7 +8,7 @@ torch; tests/unit/test_spec_schema.py keeps them equal to the registries.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, Strict
 
@@ -161,7 +161,7 @@ def _recipe_value(v: Any) -> str | dict[str, Any]:
 
 
 _RecipeValue = Annotated[
-    str | dict[str, Any], PlainValidator(_recipe_value, json_schema_input_type=Union[str, RecipeOverrides])
+    str | dict[str, Any], PlainValidator(_recipe_value, json_schema_input_type=str | RecipeOverrides)
 ]
 
 
@@ -242,7 +242,8 @@ class Factors(BaseModel):
     model: values_of(NonEmptyStr) = Field(None, description="models (each runs its cells in one stretch)")
     recipe: values_of(_RecipeValue) = Field(
         None,
-        description="IT recipes: 'base' (= `recipe`), a name in `recipes`, or a mapping of recipe fields laid over `recipe`",
+        description="IT recipes: 'base' (= `recipe`), a name in `recipes`, "
+        "or a mapping of recipe fields laid over `recipe`",
     )
 
 
@@ -296,7 +297,8 @@ class TaskOptions(BaseModel):
         expect("a list of at least two label words", as_kind=True),
     ] = Field(
         None,
-        description="classification: the label words, in order (default: the verbalizer's words, else the sorted outputs)",
+        description="classification: the label words, in order "
+        "(default: the verbalizer's words, else the sorted outputs)",
     )
     verbalizer: Annotated[
         dict[str, NonEmptyStr],
