@@ -30,9 +30,12 @@ run: install
 test: install
 	$(PY) -m pytest -q
 
-lint:   # the layer contract (import-linter, pyproject.toml) and ruff's enforced rules
+PYFILES = src scripts benchmarks tests docs/hooks.py docs/griffe_rst.py
+lint:   # the layer contract (import-linter), ruff lint + format and mypy; all configured in pyproject.toml
 	PYTHONPATH=src lint-imports
-	ruff check src scripts benchmarks tests docs/hooks.py docs/griffe_rst.py
+	ruff check $(PYFILES)
+	ruff format --check $(PYFILES)
+	mypy
 
 docs: install   # the documentation site (mkdocs.yml) into site/; any warning is an error
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
