@@ -64,7 +64,6 @@ from iclit.experiments.spec.values import (
     parse_factors,
     plain,
     recipe_label,
-    values_of,
 )
 from iclit.schema import (
     Fraction,
@@ -172,9 +171,12 @@ class ExperimentSpec(BaseModel):
     seed: Annotated[NonNegInt | None, BeforeValidator(_no_both), expect("an integer >= 0")] = Field(
         None, description="one seed: the same as `seeds: [seed]`", exclude=True
     )
-    seeds: values_of(NonNegInt, "a seed", "a non-empty list of integers >= 0") = Field(
-        (0,), description="seeds of the draws and the tuning"
-    )
+    seeds: Annotated[
+        tuple[NonNegInt, ...],
+        Field(min_length=1),
+        distinct("a seed"),
+        expect("a non-empty list of integers >= 0", as_kind=True),
+    ] = Field((0,), description="seeds of the draws and the tuning")
     sampler: Annotated[SamplerName | None, one_of(tuple(sorted(SAMPLER_NAMES)), null=True)] = Field(
         None, description="base demonstration sampler; null: balanced for classification, random otherwise"
     )
