@@ -371,12 +371,14 @@ def steer_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
                         )
                     if vector in CONTRASTS:
                         continue
-                    for x in ("icl", "it"):
-                        fn = lambda mean, key=key, x=x: _fraction(  # noqa: E731
-                            c.classification, lambda name: mean(name if ":" in name else f"anchor/{name}"), key, x
+                    for arm in ("icl", "it"):
+                        fn = lambda mean, key=key, arm=arm: _fraction(  # noqa: E731
+                            c.classification, lambda name: mean(name if ":" in name else f"anchor/{name}"), key, arm
                         )
                         rows.append(
-                            _row(cell, est, est.of(fn), vector=vector, layer=l, scale=a, measure=f"frac_{x}", p=np.nan)
+                            _row(
+                                cell, est, est.of(fn), vector=vector, layer=l, scale=a, measure=f"frac_{arm}", p=np.nan
+                            )
                         )
     df = pd.DataFrame(rows, columns=[c for c in STEER_COLUMNS if c != "p_holm"])
     df["p_holm"] = np.nan

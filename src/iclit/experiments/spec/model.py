@@ -383,7 +383,9 @@ class ExperimentSpec(BaseModel):
         """A setting of an analysis not asked for is a mistake (a default written out is not)."""
         analysis = "patch" if info.field_name == "patch_layers" else "steer"
         asked = info.data.get("analyses")
-        if asked is not None and analysis not in asked and v != cls.model_fields[info.field_name].default:
+        name = info.field_name
+        assert name is not None  # a field validator's
+        if asked is not None and analysis not in asked and v != cls.model_fields[name].default:
             raise problem(f"set, but `analyses` does not include {analysis}")
         return v
 
@@ -520,7 +522,7 @@ def __init__(self: ExperimentSpec, /, **data: Any) -> None:
 
 
 # Set after the class, so that pydantic's own validation (model_validate) does not go through it.
-ExperimentSpec.__init__ = __init__  # type: ignore[method-assign]
+ExperimentSpec.__init__ = __init__  # type: ignore[assignment]  # deliberate: see TuningRecipe.__init__
 
 
 def _recipe_key(value: Mapping[str, Any]) -> str:
