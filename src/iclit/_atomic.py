@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(target: str | Path, write: Callable[[str], None]) -> Path:
+def atomic_write(target: str | Path, write: Callable[[str], object]) -> Path:
     """``write(tmp_path)`` fills a temporary file in ``target``'s folder, which then replaces ``target``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

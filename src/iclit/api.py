@@ -111,7 +111,8 @@ def _task_name(task: str | Task) -> str:
         from iclit.tasks import register_task
 
         name = f"{task.name}@{task_digest(task)[:12]}"
-        register_task(name, lambda task=task: task, f"{task.name} (given as an object)")
+        given = task
+        register_task(name, lambda: given, f"{task.name} (given as an object)")
         _REGISTERED[id(task)] = (task, name)
     return _REGISTERED[id(task)][1]
 
@@ -187,7 +188,7 @@ def run_comparison(
     )
     spec = spec_of(data, check_resources=not given)
     temporary = out is None
-    run_dir = Path(tempfile.mkdtemp(prefix="iclit-compare-")) if temporary else Path(out)
+    run_dir = Path(tempfile.mkdtemp(prefix="iclit-compare-")) if out is None else Path(out)
     try:
         summary = run_comparison_spec(spec, run_dir, models={model.name: model} if given else None, progress=progress)
         if summary.fit_warning():

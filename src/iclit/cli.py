@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -154,23 +155,23 @@ def compare(
     try:
         chosen_targets = tuple(x.strip() for x in targets.split(",") if x.strip()) if targets else _RECIPE.targets
         recipe = TuningRecipe(
-            method=method,
+            method=method,  # type: ignore[arg-type]  # any string: the recipe validates it (a RecipeError)
             rank=rank,
             alpha=alpha,
             dropout=dropout,
             lr=lr,
-            epochs=epochs,  # type: ignore[arg-type]
+            epochs=epochs,
             capture_steps=steps,
             targets=chosen_targets,
         )
     except ValueError as e:
         fail(str(e))
-    settings = {
+    settings: dict[str, Any] = {
         key: value
         for key, value in (("similarity", similarity), ("wrong_labels", wrong_labels), ("demo_task", demo_task))
         if value is not None
     }
-    options = {
+    options: dict[str, Any] = {
         key: value
         for key, value in (("input_field", input_field), ("output_field", output_field), ("kind", kind))
         if value is not None
@@ -390,9 +391,9 @@ def run_spec(
         summary = run_experiment(
             parsed,
             out,
-            backend=backend,
+            backend=backend,  # type: ignore[arg-type]  # any string: run_experiment validates it
             address=address,
-            workers=workers,  # type: ignore[arg-type]
+            workers=workers,
             progress=progress,
             max_chunks=max_chunks,
             reuse=reuse,

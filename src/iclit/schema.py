@@ -121,9 +121,10 @@ def _details(e: ValidationError) -> list[InitErrorDetails]:
                 )
             )
         else:
-            out.append(
-                InitErrorDetails(type=err["type"], loc=err["loc"], input=err["input"], **({"ctx": ctx} if ctx else {}))
-            )
+            details = InitErrorDetails(type=err["type"], loc=err["loc"], input=err["input"])
+            if ctx:
+                details["ctx"] = ctx
+            out.append(details)
     return out
 
 

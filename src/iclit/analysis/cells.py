@@ -173,9 +173,10 @@ def _label_probs(outputs: pd.DataFrame, arm: str, labels: list[str]) -> np.ndarr
     if "label_probs" not in outputs.columns:
         return None
     probs = [(row or {}).get(arm) if isinstance(row, Mapping) else None for row in outputs["label_probs"]]
-    if any(p is None for p in probs):
+    present = [p for p in probs if p is not None]
+    if len(present) < len(probs):
         return None
-    return np.asarray([[p[label] for label in labels] for p in probs], dtype=np.float64)
+    return np.asarray([[p[label] for label in labels] for p in present], dtype=np.float64)
 
 
 def behaviour(

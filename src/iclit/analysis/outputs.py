@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -42,14 +42,14 @@ def label_probabilities(label_logits: T) -> T:
     float32 (at least) torch tensor.
     """
     if _is_torch(label_logits):
-        x = label_logits  # type: ignore[assignment]
+        x: Any = label_logits  # a torch tensor
         if not x.is_floating_point() or x.dtype.itemsize < 4:  # ints, bf16, fp16 -> fp32
             x = x.float()
-        return x.softmax(-1)  # type: ignore[no-any-return]
+        return cast(T, x.softmax(-1))
     z = np.asarray(label_logits, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)  # type: ignore[return-value]
+    return cast(T, e / e.sum(axis=-1, keepdims=True))  # the same kind: a numpy array
 
 
 def kl_divergence(p: Any, q: Any, *, eps: float = 1e-12) -> np.ndarray | float:

@@ -96,7 +96,7 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 
 @cache
-def _cache_argument(decoder_type: type) -> str:
+def _cache_argument(decoder_type: type[nn.Module]) -> str:
     """The keyword a decoder's ``forward`` takes its cache under: ``cache`` (current
     transformers), else the older ``past_key_values`` (earlier 5.x releases)."""
     params = inspect.signature(decoder_type.forward).parameters

@@ -116,7 +116,7 @@ class CausalSettings:
         if not data or not data.get("analyses"):
             return None
         fix = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-        known = {k: fix(v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        known: dict[str, Any] = {k: fix(v) for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
     @property
@@ -182,7 +182,9 @@ class Reader:
 
     def header(self, i: int) -> dict[str, Any]:
         if self.column is None:
-            return {"measure": self.measure, "labels": list(self.task.labels)}
+            labels = self.task.labels
+            assert labels is not None  # no column: a classification task, which has labels
+            return {"measure": self.measure, "labels": list(labels)}
         return {"measure": self.measure, "token": self.tokens[i]}
 
 

@@ -29,7 +29,8 @@ __all__ = ["PassWork", "attended_pairs", "forward_flops", "matmul_params", "trai
 def matmul_params(model: nn.Module) -> tuple[int, int]:
     """(body, head): the weights of the decoder's linear layers (every ``nn.Linear`` and GPT-2
     ``Conv1D`` except the output head) and of the output head (0 if none)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)  # transformers models have it
+    head = get_head() if get_head is not None else None
     head_weight = getattr(head, "weight", None)
     body = 0
     for module in model.modules():

@@ -113,15 +113,15 @@ Edit = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 def _edits(runs: Sequence[Intervention | None], positions: torch.Tensor, device: torch.device) -> dict[int, Edit]:
     """The batch's edits grouped by state index: row r (intervention ``runs[r]``) at sequence
     position ``positions[r]``; rows without an intervention are left alone."""
-    by_layer: dict[int, list[int]] = {}
+    by_layer: dict[int, list[tuple[int, Intervention]]] = {}
     for r, run in enumerate(runs):
         if run is not None:
-            by_layer.setdefault(run.layer, []).append(r)
+            by_layer.setdefault(run.layer, []).append((r, run))
     out: dict[int, Edit] = {}
-    for layer, rows in by_layer.items():
-        idx = torch.tensor(rows, dtype=torch.long, device=device)
-        vals = torch.stack([runs[r].values() for r in rows]).to(device)
-        add = torch.tensor([runs[r].mode == "add" for r in rows], device=device)
+    for layer, picked in by_layer.items():
+        idx = torch.tensor([r for r, _ in picked], dtype=torch.long, device=device)
+        vals = torch.stack([run.values() for _, run in picked]).to(device)
+        add = torch.tensor([run.mode == "add" for _, run in picked], device=device)
         out[layer] = (idx, positions.to(device)[idx], vals, add)
     return out
 

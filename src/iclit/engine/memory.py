@@ -14,7 +14,7 @@ target module, held four times (weights, gradients, AdamW's two moments) in fp32
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -94,7 +94,7 @@ def adapter_bytes(model: nn.Module, rank: int, targets: tuple[str, ...] | None) 
     (resolved on this model as the tuning path resolves them: fused projections, all-linear)."""
     from iclit.models.arch import target_linears
 
-    n = sum(rank * sum(module.weight.shape) for _, module in target_linears(model, targets))
+    n = sum(rank * sum(cast(torch.Tensor, module.weight).shape) for _, module in target_linears(model, targets))
     return max(1, n) * 4 * 4
 
 

@@ -235,7 +235,7 @@ def _cell(spec: ExperimentSpec, values: dict[str, Any], tasks: dict[Any, Task]) 
         "task": {"name": task.name, "kind": task.kind, "data": task_digest(task)},
         "template": asdict(task.template),
         "demos": None
-        if demo_task is None
+        if demo_task is None or demo_template is None  # both None, or both set
         else {
             "task": demo_task.name,
             "kind": demo_task.kind,

@@ -168,12 +168,13 @@ class _Progress:
         self.task = self.bar.add_task(title, total=total, completed=done)
 
     def arm_callback(self, chunk_size: int, n_arms: int) -> Callable[[str, int], Callable[[int], None]] | None:
-        if self.bar is None:
+        bar = self.bar
+        if bar is None:
             return None
 
         def progress(arm: str, total: int) -> Callable[[int], None]:
-            self.bar.update(self.task, description=f"{arm:>6}")
-            return lambda n: self.bar.advance(self.task, n / n_arms)
+            bar.update(self.task, description=f"{arm:>6}")
+            return lambda n: bar.advance(self.task, n / n_arms)
 
         return progress
 

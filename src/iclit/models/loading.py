@@ -125,7 +125,7 @@ def _dequantise_to_cache(gguf: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are now plain fp32 tensors: drop the GGUF quantiser so they save as such.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module.__setattr__ is typed for tensors and modules
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,14 @@ def load_model(
         return _load_control(name, base, seed, kind, location, device=dev, dtype=dt)
     if kind == "factory":
         model, tokenizer = FACTORIES[name].build()
-        return prepare(model.to(dt), tokenizer, name=name, source=f"factory:{name}", device=dev)
+        # transformers types PreTrainedModel.to through a decorator that loses its signature
+        return prepare(
+            model.to(dt),  # type: ignore[arg-type]
+            tokenizer,
+            name=name,
+            source=f"factory:{name}",
+            device=dev,
+        )
     if kind == "gguf":
         path = _gguf_cache(Path(location))
         if not (path / "model.safetensors").exists():
@@ -301,7 +308,7 @@ def prepare(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     if device is not None:
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # PreTrainedModel.to: see load_model
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, source=source, arch=arch_for(model))

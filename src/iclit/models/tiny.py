@@ -19,7 +19,7 @@ TINY_VOCAB = 600
 
 def _corpus() -> list[str]:
     data = files("iclit.tasks").joinpath("data")
-    texts = []
+    texts: list[str] = []
     for name in ("sentiment.jsonl", "translation_en_cs.jsonl", "reference.jsonl"):
         for line in data.joinpath(name).read_text(encoding="utf-8").splitlines():
             texts.extend(v for v in json.loads(line).values() if isinstance(v, str))

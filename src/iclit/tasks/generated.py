@@ -50,7 +50,7 @@ def reverse_words_examples(n: int = 400, seed: int = SEED + 1, lengths: tuple[in
     """
     rng = random.Random(seed)
     seen: set[tuple[str, ...]] = set()
-    out = []
+    out: list[Example] = []
     while len(out) < n:
         words = tuple(rng.sample(WORDS, rng.choice(lengths)))
         if words in seen or words[::-1] in seen:

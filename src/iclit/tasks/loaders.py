@@ -370,7 +370,7 @@ def load_hf_dataset(
     """
     where = f"dataset {name!r}" + (f" ({config})" if config else "") + f" split {split!r}"
     try:
-        import datasets  # type: ignore[import-not-found]
+        import datasets
     except ImportError:
         raise TaskDataError(
             f"{where}: loading Hugging Face datasets needs the 'datasets' library: "

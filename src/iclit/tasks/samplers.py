@@ -22,7 +22,7 @@ Beyond the random and balanced samplers:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -75,9 +75,12 @@ class Sampler:
     """
 
     name: str = "base"
-    deterministic: bool = False
-    """True when the choice ignores the rng (the same queries and pool give the same
-    demonstrations): the sets of one query block are then made disjoint (:func:`draw_sets`)."""
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the choice ignores the rng (the same queries and pool give the same
+        demonstrations): the sets of one query block are then made disjoint (:func:`draw_sets`)."""
+        return False
 
     def select(
         self, query: Example | Sequence[Example], pool: Sequence[Example], k: int, rng: np.random.Generator
@@ -325,7 +328,7 @@ def set_queries(task: Task, n_blocks: int, per_block: int, seed: int) -> list[li
     order = [examples[int(i)] for i in np.random.default_rng(seed).permutation(len(examples))]
     labels = task.labels if task.kind == "classification" and task.labels else None
     cap = -(-per_block // len(labels)) if labels else per_block
-    stream = iter(())
+    stream: Iterator[Example] = iter(())
     pending: list[Example] = []
     blocks: list[list[Example]] = []
 

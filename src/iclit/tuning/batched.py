@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import nn
@@ -67,7 +68,7 @@ class MultiLoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = dropout
         self.in_features, self.out_features = linear_shape(base)
-        dev = base.weight.device
+        dev = cast(torch.Tensor, base.weight).device
         self.lora_A = nn.Parameter(torch.zeros(n, rank, self.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(n, self.out_features, rank, device=dev))
 

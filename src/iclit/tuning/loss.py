@@ -119,7 +119,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
             rescale = torch.exp(run_max - new_max)
             probs = torch.exp(logits - new_max)  # unnormalised
             norm = norm * rescale + probs.sum(dim=1, keepdim=True)
-            if want_grad:
+            if numer is not None:  # want_grad
                 numer.mul_(rescale)
                 if w.dtype == torch.float32:
                     numer.addmm_(probs, w)
@@ -128,7 +128,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
             run_max = new_max
         w_target = weight[targets].float()
         loss = (run_max + norm.log()).squeeze(1) - (x.float() * w_target).sum(dim=1)
-        if want_grad:
+        if numer is not None:  # want_grad
             ctx.save_for_backward(numer / norm - w_target)
         return loss
 

@@ -89,7 +89,7 @@ def lora_config(recipe: TuningRecipe, model: nn.Module | None = None):
         fan_in_fan_out = all(isinstance(m, Conv1D) for _, m in target_linears(model, targets))
     return LoraConfig(
         r=recipe.rank,
-        lora_alpha=recipe.alpha,
+        lora_alpha=recipe.alpha,  # type: ignore[arg-type]  # peft annotates it int; it takes a float (alpha / r)
         lora_dropout=recipe.dropout,
         target_modules=targets,
         fan_in_fan_out=fan_in_fan_out,

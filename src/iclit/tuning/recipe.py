@@ -23,7 +23,7 @@ from pydantic import (
     create_model,
     model_validator,
 )
-from pydantic.dataclasses import dataclass
+from pydantic.dataclasses import dataclass, is_pydantic_dataclass
 
 from iclit.schema import ERROR_TYPE, expect, kind, problem, unset_defaults
 
@@ -178,17 +178,25 @@ def __init__(self: TuningRecipe, *args: Any, **kwargs: Any) -> None:  # one read
         raise RecipeError(_messages(e)) from None
 
 
-TuningRecipe.__init__ = __init__  # type: ignore[method-assign]  (a spec validates through the schema, not __init__)
+# deliberate: replacing __init__ keeps pydantic's typed field signature for callers (a spec validates
+# through the schema, not __init__)
+TuningRecipe.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _override_fields() -> dict[str, Any]:
+    recipe = TuningRecipe
+    assert is_pydantic_dataclass(recipe)  # narrows it to a type with __pydantic_fields__
+    return {
+        name: (Annotated[fi.annotation, *fi.metadata], Field(None, description=fi.description))
+        for name, fi in recipe.__pydantic_fields__.items()
+    }
 
 
 RecipeOverrides: type[BaseModel] = create_model(
     "RecipeOverrides",
     __config__=ConfigDict(extra="forbid", frozen=True, json_schema_extra=unset_defaults),
     __doc__="Fields of a TuningRecipe laid over the spec's `recipe` (a named recipe, an inline `recipe` factor value).",
-    **{
-        name: (Annotated[fi.annotation, *fi.metadata], Field(None, description=fi.description))  # type: ignore[valid-type]
-        for name, fi in TuningRecipe.__pydantic_fields__.items()
-    },
+    **_override_fields(),
 )
 """Every field of :class:`TuningRecipe`, none required and none defaulted: what a named recipe
 or an inline ``recipe`` factor value changes."""

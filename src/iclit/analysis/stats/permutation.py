@@ -283,7 +283,7 @@ def pairing_test(
     ud = np.concatenate(unit_diff)
 
     def matched_sum(perms: dict[int, np.ndarray]) -> np.ndarray:  # perms[m]: [B, K, m]
-        total = 0.0
+        total: Any = 0.0  # [B, L] once a stack is added
         for m, st in stacks.items():
             k_idx = np.arange(st.shape[0])[None, :, None]
             total = total + st[k_idx, np.arange(m)[None, None, :], perms[m]].sum((1, 2))

@@ -25,6 +25,7 @@ docs/statistics.md.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -235,7 +236,12 @@ def rsa_per_layer(x: Any, y: Any, *, n_perm: int = 1000, seed: int = 0, perms: A
 
 
 def pair_tests(
-    states: dict[str, Any], pairs: dict[str, tuple[str, str]], *, n_perm: int = 1000, seed: int = 0, perms: Any = None
+    states: Mapping[str, Any],
+    pairs: dict[str, tuple[str, str]],
+    *,
+    n_perm: int = 1000,
+    seed: int = 0,
+    perms: Any = None,
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """:func:`cka_permutation_test` and :func:`rsa_per_layer` of several arm pairs over the
     same items: ``{(pair, "cka" | "rsa"): result}``; states: arm → ``[n, L, d]``, pairs:

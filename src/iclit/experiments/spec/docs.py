@@ -68,9 +68,9 @@ def _type(s: dict[str, Any]) -> str:
     if "enum" in s:
         return " / ".join(map(str, s["enum"]))
     if "anyOf" in s or "oneOf" in s:  # oneOf: a tagged union (equivalence_margin)
-        parts = [_type(x) for x in s.get("anyOf", s.get("oneOf"))]
+        parts = [_type(x) for x in s.get("anyOf", s.get("oneOf", []))]
         return " or ".join([p for p in parts if p != "null"] + [p for p in parts if p == "null"])
-    t = s.get("type")
+    t = s.get("type", "")
     if t == "array":
         return "list of " + _type(s.get("items", {}))
     if t == "object":

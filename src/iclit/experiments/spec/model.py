@@ -64,7 +64,6 @@ from iclit.experiments.spec.values import (
     parse_factors,
     plain,
     recipe_label,
-    values_of,
 )
 from iclit.schema import (
     Fraction,
@@ -172,9 +171,12 @@ class ExperimentSpec(BaseModel):
     seed: Annotated[NonNegInt | None, BeforeValidator(_no_both), expect("an integer >= 0")] = Field(
         None, description="one seed: the same as `seeds: [seed]`", exclude=True
     )
-    seeds: values_of(NonNegInt, "a seed", "a non-empty list of integers >= 0") = Field(
-        (0,), description="seeds of the draws and the tuning"
-    )
+    seeds: Annotated[
+        tuple[NonNegInt, ...],
+        Field(min_length=1),
+        distinct("a seed"),
+        expect("a non-empty list of integers >= 0", as_kind=True),
+    ] = Field((0,), description="seeds of the draws and the tuning")
     sampler: Annotated[SamplerName | None, one_of(tuple(sorted(SAMPLER_NAMES)), null=True)] = Field(
         None, description="base demonstration sampler; null: balanced for classification, random otherwise"
     )
@@ -382,7 +384,9 @@ class ExperimentSpec(BaseModel):
         """A setting of an analysis not asked for is a mistake (a default written out is not)."""
         analysis = "patch" if info.field_name == "patch_layers" else "steer"
         asked = info.data.get("analyses")
-        if asked is not None and analysis not in asked and v != cls.model_fields[info.field_name].default:
+        name = info.field_name
+        assert name is not None  # a field validator's
+        if asked is not None and analysis not in asked and v != cls.model_fields[name].default:
             raise problem(f"set, but `analyses` does not include {analysis}")
         return v
 
@@ -519,7 +523,7 @@ def __init__(self: ExperimentSpec, /, **data: Any) -> None:
 
 
 # Set after the class, so that pydantic's own validation (model_validate) does not go through it.
-ExperimentSpec.__init__ = __init__  # type: ignore[method-assign]
+ExperimentSpec.__init__ = __init__  # type: ignore[assignment]  # deliberate: see TuningRecipe.__init__
 
 
 def _recipe_key(value: Mapping[str, Any]) -> str:

@@ -58,7 +58,7 @@ def _partial_resource_problems(
 ) -> list[SpecProblem]:
     """The resource problems of ``data`` without the keys and factor values that have problems."""
     clean = dict(data)
-    factors = data.get("factors")
+    factors = data.get("factors") or {}
     kept: dict[str, list[int]] = {}  # factor -> places (in the file) of the values kept
     if isinstance(factors, Mapping):
         kept = {n: list(range(len(v))) for n, v in factors.items() if isinstance(v, (list, tuple))}

@@ -8,7 +8,7 @@ torch; tests/unit/test_spec_schema.py keeps them equal to the registries.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, Strict
 
@@ -61,7 +61,7 @@ SIMILARITY_MODES: tuple[str, ...] = get_args(Similarity)
 DESIGNS: tuple[str, ...] = get_args(Design)
 DTYPES: tuple[str, ...] = get_args(DType)
 ARM_NAMES: tuple[str, ...] = get_args(ArmName)
-REQUIRED_ARMS: tuple[str, ...] = ("anchor", "icl", "it")
+REQUIRED_ARMS: tuple[ArmName, ...] = ("anchor", "icl", "it")
 BASELINE_NAMES: tuple[str, ...] = get_args(Baseline)
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
@@ -70,6 +70,7 @@ FactorValue = Any  # int | float | bool | str | None | Mapping (inline recipe)
 
 FROZEN = ConfigDict(extra="forbid", frozen=True)
 _PARTIAL = ConfigDict(extra="forbid", frozen=True, json_schema_extra=unset_defaults)  # fields unset unless given
+_UNSET: Any = None  # the default of a _PARTIAL model's field: None, though its type is not nullable (null is no value)
 
 
 def one_of(options: tuple[str, ...], *, null: bool = False) -> Any:
@@ -84,9 +85,11 @@ def listed(v: Any) -> Any:
     return [v] if isinstance(v, str) else v
 
 
-def values_of(item: Any, what: str = "a value", listed: str = "a non-empty list of values") -> Any:
-    """A non-empty list of ``item`` (a tuple), each value once."""
-    return Annotated[tuple[item, ...], Field(min_length=1), distinct(what), expect(listed, as_kind=True)]
+_Item = TypeVar("_Item")
+Values = Annotated[
+    tuple[_Item, ...], Field(min_length=1), distinct("a value"), expect("a non-empty list of values", as_kind=True)
+]
+"""``Values[item]``: a non-empty list of ``item`` (a tuple), each value once."""
 
 
 SimilarityField = Annotated[Similarity, one_of(SIMILARITY_MODES)]
@@ -231,17 +234,17 @@ class Factors(BaseModel):
 
     model_config = _PARTIAL
 
-    k: values_of(NonNegInt) = Field(None, description="demonstrations per resample")
-    similarity: values_of(SimilarityField) = Field(None, description="random, most or least similar demonstrations")
-    wrong_labels: values_of(Fraction) = Field(None, description="fractions of demonstrations given a wrong label")
-    demo_task: values_of(DemoTaskField) = Field(
-        None, description="task of the demonstrations; null or 'same': the query's"
+    k: Values[NonNegInt] = Field(_UNSET, description="demonstrations per resample")
+    similarity: Values[SimilarityField] = Field(_UNSET, description="random, most or least similar demonstrations")
+    wrong_labels: Values[Fraction] = Field(_UNSET, description="fractions of demonstrations given a wrong label")
+    demo_task: Values[DemoTaskField] = Field(
+        _UNSET, description="task of the demonstrations; null or 'same': the query's"
     )
-    template: values_of(NonEmptyStr) = Field(None, description="named templates of the task")
-    instruction: values_of(StrictBool) = Field(None, description="keep the template's instruction or not")
-    model: values_of(NonEmptyStr) = Field(None, description="models (each runs its cells in one stretch)")
-    recipe: values_of(_RecipeValue) = Field(
-        None,
+    template: Values[NonEmptyStr] = Field(_UNSET, description="named templates of the task")
+    instruction: Values[StrictBool] = Field(_UNSET, description="keep the template's instruction or not")
+    model: Values[NonEmptyStr] = Field(_UNSET, description="models (each runs its cells in one stretch)")
+    recipe: Values[_RecipeValue] = Field(
+        _UNSET,
         description="IT recipes: 'base' (= `recipe`), a name in `recipes`, "
         "or a mapping of recipe fields laid over `recipe`",
     )
@@ -267,14 +270,14 @@ class TemplateFields(BaseModel):
     instruction: Annotated[Annotated[str, Strict()] | None, expect("a string or null")] = Field(
         None, description="the instruction that heads every prompt; null: none"
     )
-    input_prefix: TextField = Field(None, description="text before each input (a data file's: 'Input: ')")
+    input_prefix: TextField = Field(_UNSET, description="text before each input (a data file's: 'Input: ')")
     output_prefix: TextField = Field(
-        None, description="text after the input that ends the prompt (a data file's: 'Output:')"
+        _UNSET, description="text after the input that ends the prompt (a data file's: 'Output:')"
     )
-    io_sep: TextField = Field(None, description="between the input and the output prefix (default: a newline)")
-    answer_sep: TextField = Field(None, description="between the output prefix and the answer (default: a space)")
-    demo_sep: TextField = Field(None, description="between demonstrations (default: a blank line)")
-    instruction_sep: TextField = Field(None, description="after the instruction (default: a blank line)")
+    io_sep: TextField = Field(_UNSET, description="between the input and the output prefix (default: a newline)")
+    answer_sep: TextField = Field(_UNSET, description="between the output prefix and the answer (default: a space)")
+    demo_sep: TextField = Field(_UNSET, description="between demonstrations (default: a blank line)")
+    instruction_sep: TextField = Field(_UNSET, description="after the instruction (default: a blank line)")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in type(self).model_fields if k in self.model_fields_set}
@@ -286,17 +289,17 @@ class TaskOptions(BaseModel):
 
     model_config = _PARTIAL
 
-    input_field: NonEmptyStr = Field(None, description="the field holding the input (default: input)")
-    output_field: NonEmptyStr = Field(None, description="the field holding the output (default: output)")
-    id_field: NonEmptyStr = Field(None, description="the field holding example ids (default: FILE_STEM-N)")
-    kind: Annotated[TaskKind, one_of(TASK_KINDS)] = Field(None, description="classification (default) or generation")
+    input_field: NonEmptyStr = Field(_UNSET, description="the field holding the input (default: input)")
+    output_field: NonEmptyStr = Field(_UNSET, description="the field holding the output (default: output)")
+    id_field: NonEmptyStr = Field(_UNSET, description="the field holding example ids (default: FILE_STEM-N)")
+    kind: Annotated[TaskKind, one_of(TASK_KINDS)] = Field(_UNSET, description="classification (default) or generation")
     labels: Annotated[
         tuple[NonEmptyStr, ...],
         Field(min_length=2),
         BeforeValidator(listed),
         expect("a list of at least two label words", as_kind=True),
     ] = Field(
-        None,
+        _UNSET,
         description="classification: the label words, in order "
         "(default: the verbalizer's words, else the sorted outputs)",
     )
@@ -304,9 +307,9 @@ class TaskOptions(BaseModel):
         dict[str, NonEmptyStr],
         BeforeValidator(lambda v: {str(k): x for k, x in v.items()} if isinstance(v, Mapping) else v),
         expect("a mapping of raw output -> label word", as_kind=True),
-    ] = Field(None, description="raw output (compared as text) -> label word, e.g. {0: negative, 1: positive}")
+    ] = Field(_UNSET, description="raw output (compared as text) -> label word, e.g. {0: negative, 1: positive}")
     template: TemplateFields = Field(
-        None, description="the task's template, laid over its own (selected by `template: default`)"
+        _UNSET, description="the task's template, laid over its own (selected by `template: default`)"
     )
 
     def to_dict(self) -> dict[str, Any]:
