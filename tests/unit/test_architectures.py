@@ -177,7 +177,10 @@ class ToyAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         b, s, d = x.shape
-        split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+
+        def split(t):
+            return t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
+
         q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
         if cache is not None:
             k, v = cache.update(k, v, self.index)
