@@ -30,11 +30,11 @@ and one machine-readable line per comparison:
   Q queries (default 30 × 10, k = 4). Crossed: one ICL prefix and one IT adapter per set,
   its Q queries read through them (``draw_sets``). One-query trials: the same S·Q pairs as
   S·Q trials of one query each (one adapter per pair), in chunks of min(10, S) trials of
-  different sets, as a run computes them. Agree: every pair's anchor, ICL and IT states equal the one-query trial's (same
-  demonstrations, same tuning seed) at cosine >= 0.99999. ``limit``: the ratio the token
-  counts allow (training tokens × 3 for forward + backward, plus every read; the query
-  prompts' common start is read once per model variant: per chunk for the anchors, per
-  adapter for IT), beside it.
+  different sets, as a run computes them. Agree: every pair's anchor, ICL and IT states
+  equal the one-query trial's (same demonstrations, same tuning seed) at cosine >= 0.99999.
+  ``limit``: the ratio the token counts allow (training tokens × 3 for forward + backward,
+  plus every read; the query prompts' common start is read once per model variant: per chunk
+  for the anchors, per adapter for IT), beside it.
   ``--timed-chunks N``: only N of the one-query chunks, spread evenly, are computed, their time
   scaled to all chunks and ``agree`` checked on their pairs (an estimate, printed as such; for
   a slow machine, where the 300 one-query trials take hours).
@@ -187,7 +187,7 @@ def bench_it(lm, task, n_adapters: int, k: int, epochs: int, batch_size: int):
 
     with measure(device) as ref:
         ref_loss, ref_states = [], []
-        for pairs, seed, q in zip(sets, seeds, queries):
+        for pairs, seed, q in zip(sets, seeds, queries, strict=True):
             torch.manual_seed(seed)
             peft_model = get_peft_model(model, lora_config(recipe))
             params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -211,13 +211,13 @@ def bench_it(lm, task, n_adapters: int, k: int, epochs: int, batch_size: int):
                 m, tok, queries, batch_size=batch_size, before_batch=lambda rows: router.set(rows, device)
             ).states
     losses = [r.final_loss for r in results]
-    loss_ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(ref_loss, losses))
+    loss_ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(ref_loss, losses, strict=True))
     cos = torch.nn.functional.cosine_similarity(ref_states.double(), states.double(), dim=-1)
     agree = bool(loss_ok and cos.min() >= 0.9999)
     detail = (
         f"min IT-state cosine {cos.min().item():.7f}; final losses ref "
         f"{max(ref_loss):.2e} max / iclit {max(losses):.2e} max; max |diff| "
-        f"{max(abs(a - b) for a, b in zip(ref_loss, losses)):.1e}"
+        f"{max(abs(a - b) for a, b in zip(ref_loss, losses, strict=True)):.1e}"
     )
     return ref, fast, agree, detail, n_tokens
 
@@ -237,7 +237,10 @@ def bench_it_readout(lm, task, n_adapters: int, q: int, k: int, batch_size: int)
     with tuned_many(
         model, tok, sets, recipe, seeds=list(range(n_adapters)), max_tokens=default_train_tokens(device)
     ) as (m, router, _):
-        route = lambda rows: router.set([adapter[i] for i in rows], device)  # noqa: E731
+
+        def route(rows):
+            return router.set([adapter[i] for i in rows], device)
+
         with measure(device) as ref:
             whole = capture(m, tok, prompts, batch_size=batch_size, before_batch=route).states
         with measure(device) as fast:
@@ -313,10 +316,13 @@ def bench_crossed(lm, task, n_sets: int, q: int, k: int, epochs: int, batch_size
         for a in ref_states
     )
     agree = worst >= 0.99999
+
     # the token counts: training (forward + backward ≈ 3 forwards) and every read. The query
     # prompts' common start (the instruction, `head` tokens) is read once per group of prompts
     # on one model variant: the anchors of an evaluate call, a set's queries on its adapter.
-    n = lambda texts: sum(len(ids) for ids in tok(list(texts))["input_ids"])  # noqa: E731
+    def n(texts) -> int:
+        return sum(len(ids) for ids in tok(list(texts))["input_ids"])
+
     tpl = task.template
     train = {r.set_id: epochs * n(p + a for p, a in (tpl.training_pair(d) for d in r.demonstrations)) for r in draws}
     query = n(tpl.query(r.query.input) for r in draws)
@@ -424,7 +430,8 @@ def main() -> None:
     peaks = [matmul_peak(lm.device, lm.dtype)]
     task = get_task("sentiment")
     print(
-        f"model {args.model} on {lm.device} ({str(lm.dtype).replace('torch.', '')}), torch threads {torch.get_num_threads()}, "
+        f"model {args.model} on {lm.device} ({str(lm.dtype).replace('torch.', '')}), "
+        f"torch threads {torch.get_num_threads()}, "
         f"THP_MEM_ALLOC_ENABLE={os.environ['THP_MEM_ALLOC_ENABLE']}"
     )
     rows = []
@@ -470,7 +477,8 @@ def main() -> None:
         )
     print()
     print(
-        f"{'comparison':<12} {'work':<32} {'straightforward':>16} {'iclit':>9} {'speedup':>8} {'peak mem (ref / iclit)':>26}  agree"
+        f"{'comparison':<12} {'work':<32} {'straightforward':>16} {'iclit':>9} {'speedup':>8} "
+        f"{'peak mem (ref / iclit)':>26}  agree"
     )
     for name, work, ref, fast, agree, detail, n_tokens in rows:
         print(
@@ -485,9 +493,10 @@ def main() -> None:
     peak = max(peaks)
     print(
         f"\nmeasured {str(lm.dtype).replace('torch.', '')} matmul peak on {lm.device}: "
-        f"{' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s (before / after; the rates below are against the higher)"
+        f"{' / '.join(f'{p / 1e9:.1f}' for p in peaks)} GFLOP/s "
+        "(before / after; the rates below are against the higher)"
     )
-    for name, work, ref, fast, agree, detail, n_tokens in rows:
+    for name, _work, ref, fast, _agree, _detail, _n_tokens in rows:
         if name in FLOPS:
             f = FLOPS[name]
             print(
@@ -495,7 +504,7 @@ def main() -> None:
                 f"iclit={f / fast.seconds / 1e9:.1f} peak={peak / 1e9:.1f} "
                 f"fraction_of_peak={f / fast.seconds / peak:.3f} (straightforward {f / ref.seconds / peak:.3f})"
             )
-    for name, work, ref, fast, agree, detail, n_tokens in rows:
+    for name, _work, ref, fast, agree, _detail, _n_tokens in rows:
         limit = f" limit={limits[name]:.2f}" if name in limits else ""
         print(f"RATIO name={name} value={ref.seconds / fast.seconds:.2f} agree={str(agree).lower()}{limit}")
     if args.e2e:

@@ -26,7 +26,8 @@ def main(paths: list[str]) -> None:
         print(
             f"| `{data['model']}` | {data['prompt_format']}, k={data['k']}, {s['sets']}×{s['queries']} | "
             + " | ".join(cells)
-            + f" | {drop['mean']:+.2f} [{drop['ci_low']:+.2f}, {drop['ci_high']:+.2f}], p={drop['p']:.2g} | {s['verdict']} |"
+            + f" | {drop['mean']:+.2f} [{drop['ci_low']:+.2f}, {drop['ci_high']:+.2f}], p={drop['p']:.2g}"
+            + f" | {s['verdict']} |"
         )
 
 

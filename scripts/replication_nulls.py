@@ -50,6 +50,11 @@ def _ci(r: Any, digits: int = 3) -> str:
     return f"{r['diff']:+.{digits}f} [{r['ci_low']:+.{digits}f}, {r['ci_high']:+.{digits}f}]"
 
 
+def _ci_cell(r: dict[str, Any] | None) -> str:
+    """A dose-table cell: the value and its 95% CI, or a dash when the pair is missing."""
+    return f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r else "–"
+
+
 def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] = ("raw", "anchor")) -> None:
     """One row per cell × pair × centring: the last-layer cosine and its excess over each null."""
     tests = last_layer_rows(run.tests)
@@ -100,8 +105,12 @@ def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] 
         for null in NULLS:
             dn = d[d["null"] == null]
             if len(dn):
-                above = [int(l) for l, p, lo in zip(dn["layer"], dn["p_adj"], dn["ci_low"]) if p < 0.05 and lo > 0]
-                eq = [int(l) for l, p in zip(dn["layer"], dn["p_tost"]) if p < 0.05]
+                above = [
+                    int(layer)
+                    for layer, p, lo in zip(dn["layer"], dn["p_adj"], dn["ci_low"], strict=True)
+                    if p < 0.05 and lo > 0
+                ]
+                eq = [int(layer) for layer, p in zip(dn["layer"], dn["p_tost"], strict=True) if p < 0.05]
                 parts.append(f"{null}: above at layers {_ranges(above)}; equivalent at {_ranges(eq)}")
         if parts:
             print(f"- {label}, ICL–IT over the {d['layer'].nunique()} states (max-T over layers): " + "; ".join(parts))
@@ -138,14 +147,14 @@ def geometry_table(run: RunData, factor: str | None) -> None:
         for m in ("cka", "rsa"):
             for pair in pairs:
                 r = sub[(sub["measure"] == m) & (sub["pair"] == pair)]
-                ps = ", ".join(f"{NULL_NAMES.get(n, n)} {p:.2g}" for n, p in zip(r["null"], r["p"]))
+                ps = ", ".join(f"{NULL_NAMES.get(n, n)} {p:.2g}" for n, p in zip(r["null"], r["p"], strict=True))
                 cells.append(f"{r['value'].iloc[0]:.3f} (p {ps})" if len(r) else "–")
         print("| " + " | ".join(cells) + " |")
     print(
-        "\nAcross all (query, set) pairs of a cell, last layer; permutation p, one-sided, permuting only what the design "
-        "makes exchangeable: query: a query block's queries within one gold label, the same permutation for all the "
-        "block's sets; demo: a block's sets, the same permutation for all its queries (each arrangement once when "
-        "they are fewer than 1000, else 1000 drawn; nan: none exists). Values compare only between cells of the "
+        "\nAcross all (query, set) pairs of a cell, last layer; permutation p, one-sided, permuting only what the "
+        "design makes exchangeable: query: a query block's queries within one gold label, the same permutation for "
+        "all the block's sets; demo: a block's sets, the same permutation for all its queries (each arrangement once "
+        "when they are fewer than 1000, else 1000 drawn; nan: none exists). Values compare only between cells of the "
         "same design (sets, queries per set)."
     )
 
@@ -184,7 +193,8 @@ def seeds_line(run: RunData) -> None:
     for r in s[s["pair"] == "icl_it"].to_dict("records"):
         print(
             f"\nIT seed noise (last layer): ICL–IT {r['seed1']:.3f} with the first seed, {r['seed2']:.3f} with the "
-            f"second (another init and data order); per-pair between-seed SD {r['unit_sd']:.3f} over {r['n_units']} pairs."
+            f"second (another init and data order); per-pair between-seed SD {r['unit_sd']:.3f} "
+            f"over {r['n_units']} pairs."
         )
 
 
@@ -201,9 +211,9 @@ def dose_matched(run: RunData, factor: str) -> None:
             if e.empty:
                 continue
             vals = {r["pair"]: r for r in e.to_dict("records")}
-            cell = lambda r: f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r else "–"  # noqa: E731
             print(
-                f"| {label} | {name} | {e['step'].iloc[0]:g} | {cell(vals.get('icl_it'))} | {cell(vals.get('anchor_it'))} |"
+                f"| {label} | {name} | {e['step'].iloc[0]:g} | {_ci_cell(vals.get('icl_it'))} "
+                f"| {_ci_cell(vals.get('anchor_it'))} |"
             )
     print(
         "\npeak_naive: the step of the highest mean ICL–IT, chosen and read on all pairs (biased upwards); "
@@ -234,21 +244,24 @@ def causal_tables(run: RunData, figures: Path, stem: str) -> list[str]:
     if len(patch):
         layers = sorted({int(x) for x in patch["layer"].dropna()})
         print(
-            "\n| patch | state index | KL to ICL [95% CI] | KL to IT [95% CI] | accuracy | frac ICL [95% CI] | frac IT [95% CI] |"
+            "\n| patch | state index | KL to ICL [95% CI] | KL to IT [95% CI] | accuracy "
+            "| frac ICL [95% CI] | frac IT [95% CI] |"
         )
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for kind in ("icl_into_anchor", "it_into_anchor", "icl_into_it", "it_into_icl"):
-            for l in layers:
-                sub = patch[(patch["kind"] == kind) & (patch["layer"] == l)].set_index("measure")
+            for layer in layers:
+                sub = patch[(patch["kind"] == kind) & (patch["layer"] == layer)].set_index("measure")
                 if sub.empty:
                     continue
-                f = lambda m: (
-                    f"{sub.loc[m, 'value']:.3f} [{sub.loc[m, 'ci_low']:.3f}, {sub.loc[m, 'ci_high']:.3f}]"  # noqa: E731
-                    if m in sub.index and np.isfinite(sub.loc[m, "value"])
-                    else "–"
-                )
+
+                def f(m: str, sub: pd.DataFrame = sub) -> str:
+                    if m in sub.index and np.isfinite(sub.loc[m, "value"]):
+                        return f"{sub.loc[m, 'value']:.3f} [{sub.loc[m, 'ci_low']:.3f}, {sub.loc[m, 'ci_high']:.3f}]"
+                    return "–"
+
                 print(
-                    f"| {kind} | {l} | {f('kl_icl')} | {f('kl_it')} | {f('accuracy')} | {f('frac_icl')} | {f('frac_it')} |"
+                    f"| {kind} | {layer} | {f('kl_icl')} | {f('kl_it')} | {f('accuracy')} | {f('frac_icl')} "
+                    f"| {f('frac_it')} |"
                 )
         paths.append(
             _png(
@@ -260,21 +273,26 @@ def causal_tables(run: RunData, figures: Path, stem: str) -> list[str]:
     steer = steer_table(run)
     if len(steer):
         print(
-            "\n| vector − random | state index | scale | KL to ICL diff [95% CI] | p Holm | accuracy diff | KL to IT diff [95% CI] | p Holm |"
+            "\n| vector − random | state index | scale | KL to ICL diff [95% CI] | p Holm | accuracy diff "
+            "| KL to IT diff [95% CI] | p Holm |"
         )
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         con = steer[steer["vector"].isin(["it-random_it", "icl-random_icl"])]
         for vec in ("it-random_it", "icl-random_icl"):
-            for (l, a), g in con[con["vector"] == vec].groupby(["layer", "scale"]):
+            for (layer, a), g in con[con["vector"] == vec].groupby(["layer", "scale"]):
                 g = g.set_index("measure")
-                f = lambda m: (
-                    f"{g.loc[m, 'value']:+.3f} [{g.loc[m, 'ci_low']:+.3f}, {g.loc[m, 'ci_high']:+.3f}]"  # noqa: E731
-                    if m in g.index
-                    else "–"
-                )
-                p = lambda m: f"{g.loc[m, 'p_holm']:.3g}" if m in g.index else "–"  # noqa: E731
+
+                def f(m: str, g: pd.DataFrame = g) -> str:
+                    if m in g.index:
+                        return f"{g.loc[m, 'value']:+.3f} [{g.loc[m, 'ci_low']:+.3f}, {g.loc[m, 'ci_high']:+.3f}]"
+                    return "–"
+
+                def p(m: str, g: pd.DataFrame = g) -> str:
+                    return f"{g.loc[m, 'p_holm']:.3g}" if m in g.index else "–"
+
                 print(
-                    f"| {vec.replace('-', ' − ')} | {int(l)} | {a:g} | {f('kl_icl')} | {p('kl_icl')} | {f('accuracy')} "
+                    f"| {vec.replace('-', ' − ')} | {int(layer)} | {a:g} | {f('kl_icl')} | {p('kl_icl')} "
+                    f"| {f('accuracy')} "
                     f"| {f('kl_it')} | {p('kl_it')} |"
                 )
         runs = steer[steer["vector"].str.endswith("_run")]

@@ -20,7 +20,10 @@ from iclit.tasks.chat import chat_frame, chat_template_of
 pytestmark = pytest.mark.integration
 
 LADDER = ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")
-QWEN_HEAD = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+QWEN_HEAD = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n"
+)
 TAIL = "<|im_end|>\n<|im_start|>assistant\n"
 
 

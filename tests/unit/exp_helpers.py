@@ -108,7 +108,7 @@ def check_store(out: Path) -> tuple[int, int]:
     assert all(f is not None and r is not None for _, _, f, r in refs), "a trial without stored states"
     assert len({(f, r) for _, _, f, r in refs}) == len(refs), "two trials share one states row"
     keys_in: dict[str, list[str]] = {}
-    for key, n_layers, f, r in refs:
+    for key, _n_layers, f, r in refs:
         assert (out / f).is_file(), f"trial {key}: states file {f} missing"
         if f not in keys_in:
             keys_in[f] = read_chunk_states(out / f, names=[])[0]

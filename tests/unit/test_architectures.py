@@ -177,7 +177,10 @@ class ToyAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         b, s, d = x.shape
-        split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+
+        def split(t):
+            return t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
+
         q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
         if cache is not None:
             k, v = cache.update(k, v, self.index)
@@ -445,7 +448,7 @@ def test_capture_equals_output_hidden_states(lm, task):
     output, what the LM head reads); label log-probabilities are the model's."""
     model, tok = lm.model, lm.tokenizer
     prompts = queries(task, 3) + ["Hi", task.template.icl_prompt(task.examples[:2], task.examples[30])]
-    labels = label_token_ids(tok, [task.template.answer(l) for l in task.labels])
+    labels = label_token_ids(tok, [task.template.answer(label) for label in task.labels])
     got = capture(model, tok, prompts, batch_size=3, label_ids=labels)
     ref = capture(model, tok, prompts, batch_size=3, label_ids=labels, reference=True)
     normed = []
@@ -501,7 +504,7 @@ def test_batched_lora_equals_sequential_peft(lm, family, task):
     sets, qs = pair_sets(task), queries(task)
     assert shared_prefix_length(encode_pairs(tok, [p for ps in sets for p in ps])) >= 8  # the shared-prefix path
     ref = []
-    for pairs, seed, q in zip(sets, SEEDS, qs):
+    for pairs, seed, q in zip(sets, SEEDS, qs, strict=True):
         with tuned(model, tok, pairs, recipe, seed=seed, reference=True) as (pm, res):
             weights = {
                 n.replace("base_model.model.", "").replace(".default.weight", ""): p.detach().clone()
@@ -569,7 +572,7 @@ def test_fast_loss_equals_the_whole_forward(lm, method):
     torch.testing.assert_close(
         head_cross_entropy(model, rows.detach(), batch.targets, chunk=64), ref.detach(), atol=1e-5, rtol=1e-5
     )
-    for g, r in zip(got_grads, ref_grads):
+    for g, r in zip(got_grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
 
 

@@ -116,7 +116,7 @@ def test_expanded_prefix_cache_equals_whole_sequences_and_is_never_written(tiny)
                 torch.testing.assert_close(out.last_hidden_state[row, :n], whole[row, p : len(seq)], atol=1e-5, rtol=0)
             assert returned_cache(out).get_seq_length() == p + ids.shape[1]
     assert cache.get_seq_length() == p
-    for t, b in zip(cache_tensors(cache), before):
+    for t, b in zip(cache_tensors(cache), before, strict=True):
         assert torch.equal(t, b)
 
 

@@ -125,7 +125,10 @@ def test_label_token_ids_first_tokens(tiny):
 def test_label_token_ids_rejects_shared_first_token(tiny):
     tok = tiny.tokenizer
     a, b = " positive", " positively"
-    first = lambda s: tok(s, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+
+    def first(s):
+        return tok(s, add_special_tokens=False)["input_ids"][0]
+
     assert first(a) == first(b), "precondition: the two labels share a first token"
     with pytest.raises(ValueError, match="share a first token"):
         label_token_ids(tok, [a, b])

@@ -77,8 +77,8 @@ def test_shared_prefixes_equal_the_reference(family, tiny_tokenizer):
     g = torch.Generator().manual_seed(0)
     runs = [
         [None]
-        + [Intervention(l, states[(i + 1) % 6, l], "replace") for l in range(L + 1)]
-        + [Intervention(l, torch.randn(states.shape[-1], generator=g), "add", 2.0) for l in range(L + 1)]
+        + [Intervention(layer, states[(i + 1) % 6, layer], "replace") for layer in range(L + 1)]
+        + [Intervention(layer, torch.randn(states.shape[-1], generator=g), "add", 2.0) for layer in range(L + 1)]
         for i in range(6)
     ]
     fast = intervene(model.model, tok, prompts, runs, label_ids=labels, batch_size=5, prefixes=keys)
@@ -117,7 +117,7 @@ def test_unpatched_runs_are_the_arms(crossed):
     draws, ev = crossed
     for trial in ev.trials:
         for arm in ("anchor", "icl", "it"):
-            probs = [trial["label_probs"][arm][l] for l in ("negative", "positive")]
+            probs = [trial["label_probs"][arm][label] for label in ("negative", "positive")]
             assert kl(np.log(probs), trial["causal"][arm]) < 1e-9, arm
 
 
@@ -137,7 +137,7 @@ def test_full_states_at_the_last_index_reproduce_the_source_run(crossed):
 
 def _records(lm, task, draws, states, settings, model=None):
     reader = Reader(
-        lm.tokenizer, task, draws, label_token_ids(lm.tokenizer, [task.template.answer(l) for l in task.labels])
+        lm.tokenizer, task, draws, label_token_ids(lm.tokenizer, [task.template.answer(label) for label in task.labels])
     )
     prompts = [task.template.query(r.query.input) for r in draws]
     reverse = ReversePatch(settings, reader, lm.tokenizer, draws, prompts, lambda: states["icl"])
@@ -252,7 +252,7 @@ def test_fast_and_reference_engines_agree(lm, sentiment, crossed):
     """The reference engine (PEFT adapter per set, full forwards) stores the same records."""
     draws, ev = crossed
     slow = evaluate(lm, sentiment, draws, recipe=RECIPE, seed=0, fast=False, causal=EVERY)
-    for a, b in zip(ev.trials, slow.trials):
+    for a, b in zip(ev.trials, slow.trials, strict=True):
         for key in ("anchor", "icl", "it"):
             np.testing.assert_allclose(a["causal"][key], b["causal"][key], atol=2e-4)
         for kind, rows in a["causal"]["patch"].items():
@@ -265,7 +265,7 @@ def test_generation_tasks_read_the_gold_answers_first_token(lm):
     task = get_task("reverse-words")
     draws = draw_sets(task, 2, 2, 2, 0)
     ev = evaluate(lm, task, draws, recipe=RECIPE, seed=0, max_new_tokens=4, causal=EVERY)
-    for r, trial in zip(draws, ev.trials):
+    for r, trial in zip(draws, ev.trials, strict=True):
         c = trial["causal"]
         first = lm.tokenizer(task.template.answer(r.query.output), add_special_tokens=False)["input_ids"][0]
         assert c["measure"] == "gold_first_token" and c["token"] == first and len(c["anchor"]) == 1
@@ -328,8 +328,11 @@ def _synthetic_run(n_sets=10, q=4, effect_layer=2, seed=0):
     anchor run onto ICL's distribution, and every other vector leaves the anchor as it is."""
     rng = np.random.default_rng(seed)
     recs, golds = [], []
-    lp = lambda p: list(np.log([p, 1 - p]))  # noqa: E731
-    for i in range(n_sets * q):
+
+    def lp(p):
+        return list(np.log([p, 1 - p]))
+
+    for _ in range(n_sets * q):
         anchor, icl = rng.uniform(0.2, 0.4), rng.uniform(0.7, 0.95)
         layers, scales = [1, 2, 3], [1.0, 2.0]
         steer = {v: [[lp(anchor) for _ in scales] for _ in layers] for v in ("icl", "it")}

@@ -250,7 +250,8 @@ def test_write(sentiment, tmp_path: Path, lm):
     L1 = lm.n_layers + 1
     assert list(rows[0]) == ["pair", "layer", "mean", "std", "ci_low", "ci_high", "n"]
     assert len(rows) == 3 * L1
-    assert sorted((r["pair"], int(r["layer"])) for r in rows) == sorted((p, l) for p in PAIRS for l in range(L1))
+    want = sorted((p, layer) for p in PAIRS for layer in range(L1))
+    assert sorted((r["pair"], int(r["layer"])) for r in rows) == want
     for r in rows:
         assert float(r["ci_low"]) <= float(r["mean"]) + 1e-9 <= float(r["ci_high"]) + 2e-9
         assert int(r["n"]) == N

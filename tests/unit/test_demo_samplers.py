@@ -32,12 +32,12 @@ def test_wrong_labels_keep_the_demonstrations(fraction: float) -> None:
     task = get_task("sentiment")
     base = draw_resamples(task, 4, 6, seed=3)
     wrong = draw_resamples(task, 4, 6, seed=3, sampler=WrongLabelSampler("balanced", fraction, task.labels))
-    for b, w in zip(base, wrong):
+    for b, w in zip(base, wrong, strict=True):
         assert b.query == w.query
         assert [d.id for d in b.demonstrations] == [d.id for d in w.demonstrations]
         flipped = [i for i, d in enumerate(w.demonstrations) if "true_output" in d.meta]
         assert len(flipped) == wrong_count(fraction, 4)
-        for i, (bd, wd) in enumerate(zip(b.demonstrations, w.demonstrations)):
+        for i, (bd, wd) in enumerate(zip(b.demonstrations, w.demonstrations, strict=True)):
             if i in flipped:
                 assert wd.output != bd.output and wd.meta["true_output"] == bd.output
                 assert wd.output in task.labels
@@ -64,7 +64,7 @@ def test_cross_task_demonstrations() -> None:
     same = draw_resamples(sentiment, 3, 5, seed=1)
     cross = draw_resamples(sentiment, 3, 5, seed=1, demo_task=translation)
     ids = {e.id for e in translation.examples}
-    for s, c in zip(same, cross):
+    for s, c in zip(same, cross, strict=True):
         assert s.query == c.query  # the queries do not depend on where the demonstrations come from
         assert len(c.demonstrations) == 3 and all(d.id in ids for d in c.demonstrations)
     prompt = sentiment.template.icl_prompt(cross[0].demonstrations, cross[0].query, translation.template)

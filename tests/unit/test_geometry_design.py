@@ -192,7 +192,7 @@ def test_pair_tests_with_perms_equal_the_pair_by_pair_tests_and_cells_geometry_u
         np.testing.assert_allclose(got[name, "cka"]["null_mean"], want["null_mean"])
         np.testing.assert_allclose(got[name, "rsa"]["p"], rsa_per_layer(states[a], states[b], perms=perms)["p"])
     table = geometry(states, units, n_perm=60, seed=4)
-    assert set(zip(table["pair"], table["null"])) == {
+    assert set(zip(table["pair"], table["null"], strict=True)) == {
         ("anchor_icl", "query_swap"),
         ("anchor_it", "query_swap"),
         ("icl_it", "query_swap"),

@@ -255,8 +255,12 @@ def test_linked_swaps_are_the_exact_block_sign_flip_test():
     strata, blocks = _demo_swap_strata(rng, 7, 4, set_sd=1.0)
     for alt in ("two-sided", "greater", "less"):
         res = pairing_test(strata, n_perm=20000, seed=1, alternative=alt, links=blocks)
-        own = np.array([sum(c[0, 0, 0] + c[1, 1, 0] for c, g in zip(strata, blocks) if g == b) for b in range(7)])
-        swapped = np.array([sum(c[0, 1, 0] + c[1, 0, 0] for c, g in zip(strata, blocks) if g == b) for b in range(7)])
+        own = np.array(
+            [sum(c[0, 0, 0] + c[1, 1, 0] for c, g in zip(strata, blocks, strict=True) if g == b) for b in range(7)]
+        )
+        swapped = np.array(
+            [sum(c[0, 1, 0] + c[1, 0, 0] for c, g in zip(strata, blocks, strict=True) if g == b) for b in range(7)]
+        )
         ref = sps.permutation_test(
             (own, swapped), lambda x, y: np.mean(x - y), permutation_type="samples", alternative=alt, n_resamples=np.inf
         )
@@ -432,7 +436,7 @@ def test_permuted_inner_matches_a_direct_loop(symmetric, monkeypatch):
     if symmetric:
         a, b = a + a.transpose(0, 2, 1), b + b.transpose(0, 2, 1)
     perms = permutation.random_perms(np.random.default_rng(5), (11, 7))
-    want = np.array([[np.sum(a[l] * b[l][p][:, p]) for l in range(3)] for p in perms])
+    want = np.array([[np.sum(a[layer] * b[layer][p][:, p]) for layer in range(3)] for p in perms])
     np.testing.assert_allclose(permutation.permuted_inners([a], b, perms)[0], want, rtol=1e-12)
     monkeypatch.setattr(permutation, "_GATHER", 40)  # one permutation and one layer per block
     np.testing.assert_allclose(permutation.permuted_inners([a], b, perms)[0], want, rtol=1e-12)

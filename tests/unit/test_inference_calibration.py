@@ -37,9 +37,11 @@ def _demo_strata(rng, n_blocks, n_q, *, effect=0.0, set_sd=0.0, cluster_sd=0.0, 
 
 
 def _block_contrasts(strata, blocks):
-    own = np.array([sum(c[0, 0, 0] + c[1, 1, 0] for c, g in zip(strata, blocks) if g == b) for b in np.unique(blocks)])
+    own = np.array(
+        [sum(c[0, 0, 0] + c[1, 1, 0] for c, g in zip(strata, blocks, strict=True) if g == b) for b in np.unique(blocks)]
+    )
     other = np.array(
-        [sum(c[0, 1, 0] + c[1, 0, 0] for c, g in zip(strata, blocks) if g == b) for b in np.unique(blocks)]
+        [sum(c[0, 1, 0] + c[1, 0, 0] for c, g in zip(strata, blocks, strict=True) if g == b) for b in np.unique(blocks)]
     )
     return own, other
 
@@ -79,7 +81,9 @@ def test_exact_p_equals_brute_force_enumeration_of_mixed_strata():
     for p0 in itertools.permutations(range(3)):
         for p1 in itertools.permutations(range(2)):
             for p2 in itertools.permutations(range(2)):
-                ts.append(sum(c[np.arange(len(p)), list(p)].sum(0) for c, p in zip(strata, (p0, p1, p2))) / n)
+                ts.append(
+                    sum(c[np.arange(len(p)), list(p)].sum(0) for c, p in zip(strata, (p0, p1, p2), strict=True)) / n
+                )
     ts = np.asarray(ts)
     t_obs = sum(np.trace(c) for c in strata) / n
     expected = (np.abs(ts - mean) >= np.abs(t_obs - mean) - 1e-12).mean(0)
@@ -134,7 +138,7 @@ def test_step_down_max_t_matches_its_definition_and_is_between_p_and_single_step
     perms = list(itertools.permutations(range(4)))
     z = np.asarray(
         [
-            np.abs(sum(c[np.arange(4), list(p)].sum(0) for c, p in zip(strata, combo)) / n - mean) / sd
+            np.abs(sum(c[np.arange(4), list(p)].sum(0) for c, p in zip(strata, combo, strict=True)) / n - mean) / sd
             for combo in itertools.product(perms, repeat=3)
         ]
     )
@@ -223,7 +227,7 @@ def test_planted_specificity_is_found_with_20_blocks_and_not_with_5():
 def _design(n_sets, q, m=2):
     sets = np.repeat(np.arange(n_sets), q)
     block = sets // m
-    query = np.asarray([f"b{b}q{i}" for b, i in zip(block, np.tile(np.arange(q), n_sets))], dtype=object)
+    query = np.asarray([f"b{b}q{i}" for b, i in zip(block, np.tile(np.arange(q), n_sets), strict=True)], dtype=object)
     label = np.asarray(["pos" if i % 2 else "neg" for i in np.tile(np.arange(q), n_sets)], dtype=object)
     return Units(np.zeros(n_sets * q, dtype=np.int64), sets, block, query, label)
 

@@ -26,8 +26,9 @@ PROMPTS = [
     "Review: Fine.\nSentiment:",
     "Hi",
     "",  # BOS alone: no prefix to cache
+    # outgrows a 24-token window
     "Classify the sentiment of the review as positive or negative.\n\nReview: It broke after two days.\n"
-    "Sentiment: negative\n\nReview: The plot is thin but the actors carry it.\nSentiment:",  # outgrows a 24-token window
+    "Sentiment: negative\n\nReview: The plot is thin but the actors carry it.\nSentiment:",
     "English: Please open your books on page twelve.\nCzech:",
 ]
 
@@ -97,7 +98,7 @@ def test_last_state_replacement_gives_the_other_prompts_logits(grid, reference):
 
 def test_adding_zero_is_a_no_op(grid):
     d = grid.cap.states.shape[-1]
-    runs = [[Intervention(l, torch.zeros(d), "add", scale=5.0) for l in range(grid.L + 1)] for _ in PROMPTS]
+    runs = [[Intervention(layer, torch.zeros(d), "add", scale=5.0) for layer in range(grid.L + 1)] for _ in PROMPTS]
     for reference in (False, True):
         got = grid.run(runs, reference, batch_size=3)
         torch.testing.assert_close(got, grid.cap.label_logits[:, None].expand_as(got), atol=ATOL, rtol=0)
@@ -114,10 +115,10 @@ def test_fast_path_equals_reference(grid):
     runs = []
     for i in range(len(PROMPTS)):
         rows = []
-        for l in range(grid.L + 1):
+        for layer in range(grid.L + 1):
             v = torch.randn(states.shape[-1], generator=g)
-            rows.append(Intervention(l, v / v.norm() * norms[l], "replace"))
-            rows.append(Intervention(l, v / v.norm() * norms[l], "add", scale=float(1 + i)))
+            rows.append(Intervention(layer, v / v.norm() * norms[layer], "replace"))
+            rows.append(Intervention(layer, v / v.norm() * norms[layer], "add", scale=float(1 + i)))
         runs.append(rows[i % 3 :])  # prompts get different numbers of runs
     fast = grid.run(runs, False, batch_size=3)
     ref = grid.run(runs, True, batch_size=5)
@@ -218,7 +219,7 @@ def test_empty_lists_and_padding(llama):
 
 def test_no_hooks_left_behind(llama):
     d = llama.cap.states.shape[-1]
-    runs = [[Intervention(l, torch.ones(d), "add") for l in range(llama.L + 1)] for _ in PROMPTS]
+    runs = [[Intervention(layer, torch.ones(d), "add") for layer in range(llama.L + 1)] for _ in PROMPTS]
     for reference in (False, True):
         llama.run(runs, reference)
         for m in [*layers_of(llama.model), final_norm_of(llama.model)]:

@@ -133,9 +133,9 @@ def test_pairwise_cosines() -> None:
     states = {arm: torch.randn(6, 5, 16, generator=g) for arm in ("anchor", "icl", "it")}
     out = pairwise_cosines(states)
     assert tuple(out) == PAIRS
-    for pair, (l, r) in zip(PAIRS, [("anchor", "icl"), ("anchor", "it"), ("icl", "it")]):
+    for pair, (left, right) in zip(PAIRS, [("anchor", "icl"), ("anchor", "it"), ("icl", "it")], strict=True):
         assert out[pair].shape == (6, 5)
-        torch.testing.assert_close(out[pair], cosine_per_layer(states[l], states[r]))
+        torch.testing.assert_close(out[pair], cosine_per_layer(states[left], states[right]))
     with pytest.raises(KeyError):
         pairwise_cosines({"anchor": states["anchor"]})
 

@@ -28,7 +28,7 @@ def pair_sets(task, n=3, k=4):
 def peft_reference(lm, sets, recipe, queries):
     """Each adapter trained alone with PEFT: (lora weights by module name, result, IT states)."""
     out = []
-    for pairs, seed, q in zip(sets, SEEDS, queries):
+    for pairs, seed, q in zip(sets, SEEDS, queries, strict=True):
         with tuned(lm.model, lm.tokenizer, pairs, recipe, seed=seed) as (pm, res):
             weights = {
                 n.replace("base_model.model.", "").replace(".default.weight", ""): p.detach().clone()
@@ -89,7 +89,7 @@ def test_peft_like_init_matches_peft(tiny):
     ]
     ours = peft_like_init(shapes, recipe.rank, 5)
     assert len(ours) == len(peft_a)
-    for a, b in zip(ours, peft_a):
+    for a, b in zip(ours, peft_a, strict=True):
         assert torch.equal(a, b)
     assert all(torch.count_nonzero(b) == 0 for b in peft_b)
 
@@ -134,7 +134,10 @@ def test_shared_prefix_per_adapter_equals_whole_prompts(tiny, task, batch_size, 
     real = capture_module.SharedPrefix
     monkeypatch.setattr(capture_module, "SharedPrefix", lambda *a, **kw: made.append(a[2].tolist()) or real(*a, **kw))
     with tuned_many(tiny.model, tiny.tokenizer, sets, TuningRecipe(lr=5e-2, epochs=3), seeds=SEEDS) as (m, router, _):
-        route = lambda rows: router.set([adapter[i] for i in rows])  # noqa: E731
+
+        def route(rows):
+            return router.set([adapter[i] for i in rows])
+
         whole = capture(m, tiny.tokenizer, prompts, label_ids=label_ids, before_batch=route, span_from=spans)
         cached = capture(
             m,

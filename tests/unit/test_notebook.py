@@ -17,9 +17,8 @@ def test_quickstart_notebook_runs(tmp_path: Path) -> None:
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1, "the notebook has one cell tagged 'parameters'"
-    params[0].source = (
-        f'MODEL = "tiny-random-llama"\nK = 2\nRESAMPLES = 3\nEPOCHS = 2\nRUN = {str(tmp_path / "run")!r}\n'
-    )
+    source = f'MODEL = "tiny-random-llama"\nK = 2\nRESAMPLES = 3\nEPOCHS = 2\nRUN = {str(tmp_path / "run")!r}\n'
+    params[0].source = source
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     client = nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

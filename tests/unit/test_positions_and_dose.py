@@ -60,7 +60,7 @@ def test_query_mean_matches_a_plain_forward_with_and_without_prefix_cache(lm, ta
     prompts = [t.icl_prompt(draws[i // 2].demonstrations, draws[i].query) for i in range(4)]
     prefixes = [t.icl_prefix(draws[i // 2].demonstrations) for i in range(4)]
     blocks = [t.query(d.query.input, with_instruction=False) for d in draws]
-    span_from = [len(p) - len(b) for p, b in zip(prompts, blocks)]
+    span_from = [len(p) - len(b) for p, b in zip(prompts, blocks, strict=True)]
     fast = capture(lm.model, lm.tokenizer, prompts, prefixes=prefixes, span_from=span_from, batch_size=3)
     slow = capture(lm.model, lm.tokenizer, prompts, span_from=span_from, reference=True, batch_size=4)
     plain = capture(lm.model, lm.tokenizer, prompts)
@@ -101,7 +101,7 @@ def test_dose_steps_equal_shorter_runs(lm, task, fast):
         assert out.by_step[step].predictions == short.predictions
     final = get_arm("it")(replace(ctx, recipe=TuningRecipe(epochs=4)))
     torch.testing.assert_close(out.states, final.states, atol=ATOL, rtol=0)  # reading does not disturb training
-    for got, want in zip(out.tuning, final.tuning):
+    for got, want in zip(out.tuning, final.tuning, strict=True):
         assert got.losses == pytest.approx(want.losses, abs=1e-6)
 
 
@@ -177,7 +177,8 @@ def test_dose_and_query_mean_through_the_runner_and_report(tmp_path):
     last = frame[(frame["pair"] == "icl_it_step2") & frame["trial_key"].isin(keys)]
     last = last[last["layer"] == last["layer"].max()]
     assert row["icl_it:last_layer"]["mean"] == pytest.approx(last["cosine"].mean())
-    want_loss = np.mean([l[2] for l in outputs[outputs["trial_key"].isin(keys)]["it_losses"]])  # after 2 updates
+    # the loss after 2 updates
+    want_loss = np.mean([losses[2] for losses in outputs[outputs["trial_key"].isin(keys)]["it_losses"]])
     assert row["train_loss"]["mean"] == pytest.approx(want_loss)
     # step 4 is the end of training: its pair equals the plain icl_it pair
     end = frame[frame["pair"] == "icl_it_step4"].set_index(["trial_key", "layer"])["cosine"]

@@ -101,7 +101,7 @@ def test_every_arm_reads_the_chat_convention_and_cached_equals_uncached(chat_tok
     recipe = TuningRecipe(lr=1e-2, epochs=2)
     fast = evaluate(lm, task, draws, recipe=recipe, prompt_format="chat")
     slow = evaluate(tiny_qwen2(chat_tokenizer), task, draws, recipe=recipe, prompt_format="chat", fast=False)
-    for trial, r in zip(fast.trials, draws):
+    for trial, r in zip(fast.trials, draws, strict=True):
         assert trial["query_prompt"] == HEAD + task.template.query(r.query.input) + TAIL
         assert trial["icl_prompt"].startswith(HEAD) and trial["icl_prompt"].endswith(TAIL)
         assert trial["it_training_texts"] == [
@@ -154,4 +154,4 @@ def test_bf16_on_the_cpu_equals_fp32_within_tolerance(chat_tokenizer, task, draw
         assert c.min() > 0.99, arm
     losses32 = [t["it_final_loss"] for t in o32.trials]
     losses16 = [t["it_final_loss"] for t in o16.trials]
-    assert all(abs(x - y) <= 0.05 * max(1.0, abs(x)) for x, y in zip(losses32, losses16))
+    assert all(abs(x - y) <= 0.05 * max(1.0, abs(x)) for x, y in zip(losses32, losses16, strict=True))

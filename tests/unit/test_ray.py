@@ -122,7 +122,7 @@ def test_a_killed_actor_has_its_chunk_retried(cluster: str, local_run: Path, tmp
     assert [r[0] for r in ours] == [r[0] for r in theirs]
     import json
 
-    for a, b in zip(ours, theirs):  # the same predictions and scores
+    for a, b in zip(ours, theirs, strict=True):  # the same predictions and scores
         assert json.loads(a[2])["predictions"] == json.loads(b[2])["predictions"]
 
 

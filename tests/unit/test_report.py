@@ -435,9 +435,15 @@ def test_report_shows_the_cka_of_run_data_and_escapes_text(run_dir: Path) -> Non
     cells = run.outputs[["cell_key", "seed"]].drop_duplicates()
     cka = pd.DataFrame(
         [
-            {"cell_key": c, "seed": s, "layer": l, "pair": "cka_icl_it", "value": 0.25 + 0.5 * (l == layers[-1])}
+            {
+                "cell_key": c,
+                "seed": s,
+                "layer": layer,
+                "pair": "cka_icl_it",
+                "value": 0.25 + 0.5 * (layer == layers[-1]),
+            }
             for c, s in cells.itertuples(index=False)
-            for l in layers
+            for layer in layers
         ]
     )
     text = render_report(dataclasses.replace(run, latest=latest, cka=cka))
@@ -468,19 +474,19 @@ def test_headline_figures_draw_what_a_run_can_lack() -> None:
                 "row": 0,
                 "view": "raw",
                 "pair": p,
-                "layer": l,
-                "mean": 1 - 0.01 * l * (i + 1),
+                "layer": layer,
+                "mean": 1 - 0.01 * layer * (i + 1),
                 "ci_low": np.nan,
                 "ci_high": np.nan,
             }
             for i, p in enumerate(("anchor_icl", "anchor_it", "icl_it"))
-            for l in layers
+            for layer in layers
         ]
     )
     nulls = pd.DataFrame(
         [
-            {"row": 0, "view": "raw", "null": "query_swap", "layer": l, "mean": 0.9, "low": 0.85, "high": 0.95}
-            for l in layers
+            {"row": 0, "view": "raw", "null": "query_swap", "layer": layer, "mean": 0.9, "low": 0.85, "high": 0.95}
+            for layer in layers
         ]
     )
     png = overview_figure(curves, nulls, ["all trials"], "toy")

@@ -228,7 +228,7 @@ def test_draws_depend_only_on_cell_seed_and_index() -> None:
     d_clean = clean.draws(0, [3, 4])
     assert d_clean == clean.draws(0, [0, 1, 2, 3, 4])[3:]
     d_wrong = wrong.draws(0, [3, 4])
-    for c, w in zip(d_clean, d_wrong):
+    for c, w in zip(d_clean, d_wrong, strict=True):
         assert c.query == w.query
         assert [d.id for d in c.demonstrations] == [d.id for d in w.demonstrations]
         flipped = [d for d in w.demonstrations if "true_output" in d.meta]

@@ -179,7 +179,7 @@ def test_recipe_factor_values_resolve_once() -> None:
     )
     labels = [label for label, _ in spec.resolved_recipes]
     assert labels == ["base", "full", "epochs=5"]
-    for value, (label, recipe) in zip(spec.factors["recipe"], spec.resolved_recipes):
+    for value, (_label, recipe) in zip(spec.factors["recipe"], spec.resolved_recipes, strict=True):
         assert spec.resolve_recipe(value)[1] is recipe  # a lookup, not a new recipe
     assert spec.resolve_recipe("full")[1] == TuningRecipe(method="full", epochs=3)
     assert spec.resolve_recipe({"rank": 2})[1].rank == 2  # a value the spec does not list: resolved on demand

@@ -13,12 +13,13 @@ from store_records import record
 
 from iclit.rundir.store import Store
 
+STORE_PY = Path(__file__).parents[2] / "src/iclit/rundir/store.py"
 # Subprocesses load store.py on its own (stdlib + pandas), not the iclit package (torch,
 # transformers): the same code, seconds faster to start.
 LOAD_STORE = textwrap.dedent(f"""
     import importlib.util, sys
     sys.path.insert(0, {str(Path(__file__).parent)!r})
-    _spec = importlib.util.spec_from_file_location("store_alone", {str(Path(__file__).parents[2] / "src/iclit/rundir/store.py")!r})
+    _spec = importlib.util.spec_from_file_location("store_alone", {str(STORE_PY)!r})
     store_alone = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(store_alone)
     Store = store_alone.Store
@@ -121,7 +122,7 @@ def test_sigkill_inside_a_transaction_loses_only_that_chunk(tmp_path: Path) -> N
 
 def _writer(path: str, start: int, reps: int) -> None:
     store = Store(path)
-    for rep in range(reps):  # overlapping chunks of 5 trials, each written by every writer
+    for _ in range(reps):  # overlapping chunks of 5 trials, each written by every writer
         for chunk in range(0, 40, 5):
             store.write_trials(record(i) for i in range(chunk, chunk + 5))
     store.close()

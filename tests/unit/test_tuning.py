@@ -371,7 +371,7 @@ def test_answer_loss_and_gradients_equal_the_library_path(tiny, method):
     assert type(layers_of(model)[-1].mlp) is mlp  # the block's own module is back
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert len(got_grads) == len(params) > 0
-    for g, r in zip(got_grads, ref_grads):
+    for g, r in zip(got_grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
 
 
