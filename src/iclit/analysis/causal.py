@@ -385,12 +385,14 @@ def steer_table(run: RunData, *, seed: int = 0) -> pd.DataFrame:
                         )
                     if vector in CONTRASTS:
                         continue
-                    for x in ("icl", "it"):
+                    for arm in ("icl", "it"):
                         fn = functools.partial(
-                            _fraction_within, classification=c.classification, base="anchor", run=key, x=x
+                            _fraction_within, classification=c.classification, base="anchor", run=key, x=arm
                         )
                         rows.append(
-                            _row(cell, est, est.of(fn), vector=vector, layer=li, scale=a, measure=f"frac_{x}", p=np.nan)
+                            _row(
+                                cell, est, est.of(fn), vector=vector, layer=li, scale=a, measure=f"frac_{arm}", p=np.nan
+                            )
                         )
     df = pd.DataFrame(rows, columns=[c for c in STEER_COLUMNS if c != "p_holm"])
     df["p_holm"] = np.nan

@@ -20,6 +20,7 @@ import copy
 import inspect
 from collections.abc import Callable, Sequence
 from functools import cache
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -96,10 +97,10 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 
 @cache
-def _cache_argument(decoder_type: type[nn.Module]) -> str:
-    """The keyword a decoder's ``forward`` takes its cache under: ``cache`` (current
+def _cache_argument(forward: Callable[..., Any]) -> str:
+    """The keyword a decoder class's ``forward`` takes its cache under: ``cache`` (current
     transformers), else the older ``past_key_values`` (earlier 5.x releases)."""
-    params = inspect.signature(decoder_type.forward).parameters
+    params = inspect.signature(forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -108,7 +109,7 @@ def run_decoder(model: nn.Module, *, cache=None, **inputs):
     copied for this batch) passed under the keyword this transformers version takes."""
     decoder = decoder_of(model)
     if cache is not None:
-        inputs[_cache_argument(type(decoder))] = cache
+        inputs[_cache_argument(type(decoder).forward)] = cache
     return decoder(**inputs)
 
 
@@ -207,3 +208,15 @@ class SharedPrefix:
         pairs = [(t, leaf.grad) for t, leaf in zip(self.graph, self.leaves, strict=True) if leaf.grad is not None]
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], grad_tensors=[g for _, g in pairs])
+
+
+_T = TypeVar("_T")
+
+
+def filled(items: Sequence[_T | None]) -> list[_T]:
+    """``items``, every one of them set: the rows of a list filled position by position
+    (batch by batch) once all batches are done; RuntimeError naming the first one missing."""
+    missing = next((i for i, x in enumerate(items) if x is None), None)
+    if missing is not None:
+        raise RuntimeError(f"row {missing} of {len(items)} was never computed")
+    return [x for x in items if x is not None]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from iclit.core.batching import filled
 from iclit.core.tokens import label_token_ids
 from iclit.engine.capture import capture, greedy_continuations
 from iclit.engine.memory import MemoryPlan, plan_memory
@@ -107,7 +108,7 @@ class ArmContext:
     def label_ids(self) -> torch.Tensor | None:
         if self.task.kind != "classification":
             return None
-        return label_token_ids(self.lm.tokenizer, [self.task.template.answer(label) for label in self.task.labels])
+        return label_token_ids(self.lm.tokenizer, [self.task.template.answer(label) for label in self.task.label_words])
 
     def query_block(self, text: str) -> str:
         """The query as it ends every prompt (anchor, ICL and IT alike): no instruction."""
@@ -200,8 +201,10 @@ def read_out(
         variants=variants,
     )
     if label_ids is not None:
+        if cap.label_logits is None:
+            raise RuntimeError("the capture returned no label logits although label ids were given")
         probs = torch.softmax(cap.label_logits, dim=-1)
-        preds = [ctx.task.labels[i] for i in probs.argmax(dim=-1).tolist()]
+        preds = [ctx.task.label_words[i] for i in probs.argmax(dim=-1).tolist()]
         return ArmOutput(cap.states, preds, probs, pooled=cap.pooled)
     stop = ctx.task.template.io_sep or "\n"
     preds = greedy_continuations(
@@ -223,9 +226,9 @@ def _concat(outputs: list[ArmOutput]) -> ArmOutput:
     return ArmOutput(
         states=torch.cat([o.states for o in outputs]),
         predictions=[p for o in outputs for p in o.predictions],
-        label_probs=torch.cat(probs) if probs[0] is not None else None,
+        label_probs=torch.cat(filled(probs)) if probs[0] is not None else None,
         tuning=[t for o in outputs for t in o.tuning],
-        pooled=torch.cat(pooled) if pooled[0] is not None else None,
+        pooled=torch.cat(filled(pooled)) if pooled[0] is not None else None,
         by_step={s: _concat([o.by_step[s] for o in outputs]) for s in steps},
         seeds={j: _concat([o.seeds[j] for o in outputs]) for j in sorted({j for o in outputs for j in o.seeds})},
     )
@@ -318,10 +321,11 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
             seeds={j: replace(base, tuning=[TuningResult() for _ in rows]) for j in range(1, n_seeds)},
         )
         for j, i in enumerate(rows):  # k = 0: nothing to tune on, IT is the base model
-            outputs[i] = _pick(out, [j])
-            outputs[i].tuning = [out.tuning[j]]
-            for off in outputs[i].seeds:
-                outputs[i].seeds[off].tuning = [TuningResult()]
+            picked = _pick(out, [j])
+            picked.tuning = [out.tuning[j]]
+            for off in picked.seeds:
+                picked.seeds[off].tuning = [TuningResult()]
+            outputs[i] = picked
         ctx.advance(len(rows))
 
     def store(
@@ -330,10 +334,11 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
         """by_seed[j]: the rows' outputs through seed j's adapters; results[j][row]."""
         out = replace(by_seed[0], by_step=by_step, seeds={j: by_seed[j] for j in range(1, n_seeds)})
         for pos, i in enumerate(rows):
-            outputs[i] = _pick(out, [pos])
-            outputs[i].tuning = [results[0][pos]]
+            picked = _pick(out, [pos])
+            picked.tuning = [results[0][pos]]
             for j in range(1, n_seeds):
-                outputs[i].seeds[j].tuning = [results[j][pos]]
+                picked.seeds[j].tuning = [results[j][pos]]
+            outputs[i] = picked
 
     if ctx.fast and ctx.recipe.method == "lora":
         device = ctx.lm.device
@@ -384,9 +389,11 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                     by_step[last] if j == 0 and last in by_step else read(model, router, j) for j in range(n_seeds)
                 ]
                 if ctx.on_tuned is not None:
-                    ctx.on_tuned(
-                        model, rows, lambda b, set_pos=set_pos: router.set([set_pos[x] * n_seeds for x in b], device)
-                    )
+
+                    def route_first_seed(batch: list[int], set_pos: list[int] = set_pos) -> None:
+                        router.set([set_pos[x] * n_seeds for x in batch], device)
+
+                    ctx.on_tuned(model, rows, route_first_seed)
             per_row = [[results[set_pos[x] * n_seeds + j] for x in range(len(rows))] for j in range(n_seeds)]
             store(rows, by_seed, per_row, by_step)
             ctx.advance(len(rows))
@@ -396,7 +403,7 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
             row_prompts, row_queries = [prompts[i] for i in rows], [queries[i] for i in rows]
             by_seed, results, by_step = [], [], {}
             for j in range(n_seeds):
-                steps: dict[int, ArmOutput] = {}
+                seed_steps: dict[int, ArmOutput] = {}
 
                 def read_one(
                     model: nn.Module, row_prompts: list = row_prompts, row_queries: list = row_queries
@@ -405,7 +412,7 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                         ctx, model, row_prompts, queries=row_queries, prefixes=ctx.query_prefixes(len(row_prompts))
                     )
 
-                def on_step(step: int, model: nn.Module, steps: dict = steps) -> None:
+                def on_seed_step(step: int, model: nn.Module, steps: dict[int, ArmOutput] = seed_steps) -> None:
                     steps[step] = read_one(model)
 
                 recipe = ctx.recipe if j == 0 else replace(ctx.recipe, capture_steps=())
@@ -416,18 +423,18 @@ def it_arm(ctx: ArmContext) -> ArmOutput:
                     recipe,
                     seed=ctx.tuning_seed(r, j),
                     reference=not ctx.fast,
-                    on_step=on_step if j == 0 else None,
+                    on_step=on_seed_step if j == 0 else None,
                 ) as (model, result):
                     last = len(result.losses)  # the end of training, already read when captured
-                    by_seed.append(steps[last] if last in steps else read_one(model))
+                    by_seed.append(seed_steps[last] if last in seed_steps else read_one(model))
                     if j == 0 and ctx.on_tuned is not None:
                         ctx.on_tuned(model, rows, None)
                 results.append([result] * len(rows))
                 if j == 0:
-                    by_step = steps
+                    by_step = seed_steps
             store(rows, by_seed, results, by_step)
             ctx.advance(len(rows))
-    return _concat(outputs)
+    return _concat(filled(outputs))
 
 
 def it_seed2_arm(ctx: ArmContext) -> ArmOutput:

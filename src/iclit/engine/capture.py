@@ -22,15 +22,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationMixin, PreTrainedTokenizerBase
 
 from iclit.core.batching import (
     SharedPrefix,
     common_prefix_length,
     expand_cache,
+    filled,
     length_batches,
     pad_right,
     prefix_cache,
@@ -127,7 +129,7 @@ def forward_last_states(
     last = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), index]
     rows.append(last)
     assert len(rows) == n_states(model), (len(rows), n_states(model))
-    if pooled is None:
+    if pooled is None or weights is None:
         return torch.stack(rows, dim=1)
     pooled.append(_pool(out.last_hidden_state, weights))
     return torch.stack(rows, dim=1), torch.stack(pooled, dim=1)
@@ -231,7 +233,7 @@ def capture(
         cache = shared = None
         if p > 0 and variants is None:
             cache = prefix_cache(model, encoded[members[0]][:p])
-        elif p > 0:
+        elif p > 0 and variants is not None:
             first: dict[int, int] = {}  # variant → its first prompt, which routes its prefix row
             for i in members:
                 first.setdefault(variants[i], i)
@@ -258,11 +260,11 @@ def capture(
             elif cache is None and shared is None:
                 out = forward_last_states(model, ids, mask, weights=weights)
             else:
-                kv = (
-                    expand_cache(cache, len(batch))
-                    if shared is None
-                    else shared.for_rows(torch.tensor([variants[i] for i in batch], device=device))
-                )
+                if shared is None:
+                    kv = expand_cache(cache, len(batch))
+                else:
+                    assert variants is not None  # a shared prefix is built only for variants
+                    kv = shared.for_rows(torch.tensor([variants[i] for i in batch], device=device))
                 out = forward_last_states(
                     model,
                     ids,
@@ -271,13 +273,13 @@ def capture(
                     cache=kv,
                     weights=weights,
                 )
-            h, pool = out if weights is not None else (out, None)
+            h, pool = out if isinstance(out, tuple) else (out, None)
             finish(batch, h, pool)
     return Capture(
-        states=torch.stack(states),
-        pooled=torch.stack(pooled) if starts is not None else None,
-        label_logits=torch.stack(logits) if label_ids is not None else None,
-        label_logprobs=torch.stack(logprobs) if label_ids is not None else None,
+        states=torch.stack(filled(states)),
+        pooled=torch.stack(filled(pooled)) if starts is not None else None,
+        label_logits=torch.stack(filled(logits)) if label_ids is not None else None,
+        label_logprobs=torch.stack(filled(logprobs)) if label_ids is not None else None,
     )
 
 
@@ -336,7 +338,7 @@ def greedy_continuations(
             if before_batch is not None:
                 before_batch(batch)
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
-            gen = model.generate(
+            gen = cast(GenerationMixin, model).generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
@@ -344,6 +346,7 @@ def greedy_continuations(
             )
             for row, i in enumerate(batch):
                 text = tokenizer.decode(gen[row, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                assert isinstance(text, str)  # one sequence decodes to one string
                 out[i] = text.split(stop)[0].strip() if stop else text.strip()
     finally:
         tokenizer.padding_side = side

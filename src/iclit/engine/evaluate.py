@@ -317,7 +317,7 @@ def evaluate(
         if arm == "it":
             outputs.update({seed_arm(j): o for j, o in sorted(outputs[arm].seeds.items())})
     records = None
-    if settings is not None:
+    if settings is not None and reverse is not None:
         from iclit.engine.causal import causal_records
 
         if progress:
@@ -376,7 +376,7 @@ def evaluate(
         }
         if t.kind == "classification":
             trial["label_probs"] = {
-                arm: dict(zip(t.labels, [round(float(p), 6) for p in o.label_probs[i]], strict=True))
+                arm: dict(zip(t.label_words, [round(float(p), 6) for p in _probs(o)[i]], strict=True))
                 for arm, o in outputs.items()
             }
         if by_step:
@@ -387,8 +387,15 @@ def evaluate(
                 "score": [score(t, [by_step[s].predictions[i]], [r.query.output])[0] for s in steps],
             }
             if t.kind == "classification":
-                trial["dose"]["label_probs"] = [[round(float(p), 6) for p in by_step[s].label_probs[i]] for s in steps]
+                trial["dose"]["label_probs"] = [[round(float(p), 6) for p in _probs(by_step[s])[i]] for s in steps]
         if records is not None:
             trial["causal"] = records[i]
         trials.append(trial)
     return Evaluated(states, trials, scores, outputs)
+
+
+def _probs(output: ArmOutput) -> torch.Tensor:
+    """An arm's label probabilities [n, labels] (a classification task's arms carry them)."""
+    if output.label_probs is None:
+        raise RuntimeError("a classification arm returned no label probabilities")
+    return output.label_probs

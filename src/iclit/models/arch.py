@@ -16,9 +16,11 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 
@@ -111,7 +113,14 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 
 def layers_of(model: nn.Module) -> nn.ModuleList:
-    return decoder_of(model).get_submodule(arch_for(model).layers)
+    return _module_list(decoder_of(model), arch_for(model).layers)
+
+
+def _module_list(root: nn.Module, path: str) -> nn.ModuleList:
+    found = root.get_submodule(path)
+    if not isinstance(found, nn.ModuleList):
+        raise TypeError(f"{path} of {type(root).__name__} is a {type(found).__name__}, not a ModuleList")
+    return found
 
 
 def final_norm_of(model: nn.Module) -> nn.Module:
@@ -141,7 +150,9 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a :func:`is_linear` layer."""
     if isinstance(module, Conv1D):
         return int(module.weight.shape[0]), int(module.weight.shape[1])
-    return int(module.in_features), int(module.out_features)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    raise TypeError(f"{type(module).__name__} is not a linear layer")
 
 
 def lora_targets(model: nn.Module) -> tuple[str, ...]:
@@ -248,7 +259,7 @@ def infer_arch(model: nn.Module) -> ArchSpec:
     layers = _find_blocks(decoder)
     if layers is not None:
         found["layers"] = layers
-        blocks = decoder.get_submodule(layers)
+        blocks = _module_list(decoder, layers)
         norm = _find_final_norm(decoder, layers)
         if norm is not None:
             found["final_norm"] = norm
@@ -350,7 +361,7 @@ def _missing_message(hf: nn.Module, decoder: nn.Module, found: dict[str, str], m
         f"{named} is not in iclit's table and its module tree does not show {', '.join(what[m] for m in missing)}."
     ]
     if "layers" in found:
-        block = decoder.get_submodule(found["layers"])[0]
+        block = _module_list(decoder, found["layers"])[0]
         lines.append(f"Linear layers of its first block: {_linear_names(block)}.")
     else:
         lines.append(f"Children of its decoder {type(decoder).__name__}: {[n for n, _ in decoder.named_children()]}.")
@@ -389,8 +400,10 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, fl
     return head.weight, getattr(head, "bias", None), getattr(hf.config, "final_logit_softcapping", None) or None
 
 
-def _hf(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def _hf(model: nn.Module) -> PreTrainedModel:
+    """The transformers model itself, looking through a PEFT wrapper."""
+    get_base = getattr(model, "get_base_model", None)  # a PeftModel's
+    return cast(PreTrainedModel, get_base() if callable(get_base) else model)
 
 
 def _model_type(model: nn.Module) -> str | None:

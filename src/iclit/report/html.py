@@ -238,8 +238,15 @@ def _baselines(
     }
 
 
+def _plan(run: RunData) -> dict[str, Any]:
+    """The plan the report describes (:func:`render_report` fills it in from the last run)."""
+    if run.plan is None:
+        raise FileNotFoundError(f"{run.path}: the store holds no run")
+    return run.plan
+
+
 def _factor_section(run: RunData, factor: str, score_name: str, cka_asked: bool) -> dict[str, Any]:
-    plan, frame = run.plan, run.frame
+    plan, frame = _plan(run), run.frame
     factors = list(plan["factors"])
     pooled = plan["design"] != "separate" and len(factors) > 1
     values = factor_values(plan, factor)
@@ -289,7 +296,7 @@ def _single_cell_section(run: RunData, score_name: str, cka_asked: bool, curves:
     figure (``curves`` False) already shows them."""
     frame = run.frame
     task = str(frame["task"].iloc[0])
-    single = dict(run.plan, factors={"task": [task]}, design="grid")
+    single = dict(_plan(run), factors={"task": [task]}, design="grid")
     one = factor_summary(frame, run.outputs, single, "task", cka=run.cka)
     images = []
     if curves:
@@ -310,7 +317,7 @@ def _single_cell_section(run: RunData, score_name: str, cka_asked: bool, curves:
 
 
 def _dose_section(run: RunData, score_name: str) -> dict[str, Any] | None:
-    plan = run.plan
+    plan = _plan(run)
     factor = dose_factor(plan)
     dose = dose_summary(run.frame, run.outputs, plan, factor)
     if dose.empty:
@@ -356,7 +363,9 @@ def _dose_section(run: RunData, score_name: str) -> dict[str, Any] | None:
 
 
 def _context(run: RunData) -> dict[str, Any]:
-    latest, plan = run.latest, run.plan
+    latest, plan = run.latest, _plan(run)
+    if latest is None:
+        raise FileNotFoundError(f"{run.path}: the store holds no run")
     spec_yaml = latest["spec_yaml"]
     try:
         import yaml

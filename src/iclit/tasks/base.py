@@ -190,6 +190,13 @@ class Task:
             raise ValueError(f"task {self.name!r}: max_new_tokens must be at least 1, not {self.max_new_tokens}")
 
     @property
+    def label_words(self) -> tuple[str, ...]:
+        """The verbaliser of a classification task (ValueError for a generation task)."""
+        if self.labels is None:
+            raise ValueError(f"task {self.name!r} is a generation task: it has no label words")
+        return self.labels
+
+    @property
     def score_name(self) -> str:
         """What a trial's score is: ``correct`` (label match), ``exact_match`` or ``chrf``."""
         if self.kind == "classification":

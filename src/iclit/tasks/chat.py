@@ -15,7 +15,7 @@ The frame is found by rendering one user message whose content is a marker and c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, overload
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,6 +60,14 @@ def chat_template_of(template: Template, tokenizer: PreTrainedTokenizerBase) -> 
     return template.framed(head, tail)
 
 
+@overload
+def framed_for(prompt_format: str, template: Template, tokenizer: PreTrainedTokenizerBase) -> Template: ...
+@overload
+def framed_for(prompt_format: str, template: None, tokenizer: PreTrainedTokenizerBase) -> None: ...
+@overload
+def framed_for(
+    prompt_format: str, template: Template | None, tokenizer: PreTrainedTokenizerBase
+) -> Template | None: ...
 def framed_for(prompt_format: str, template: Template | None, tokenizer: PreTrainedTokenizerBase) -> Template | None:
     """The template a run uses under ``prompt_format``: ``template`` itself for ``raw`` (or
     None), the chat-framed one for ``chat``."""
