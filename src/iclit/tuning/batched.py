@@ -13,15 +13,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from iclit.core.batching import SharedPrefix, micro_batches
+from iclit.core.batching import SharedPrefix, padded_groups
 from iclit.models.arch import linear_shape, target_linears
 from iclit.tuning.loop import train
 from iclit.tuning.loss import (
     AnswerBatch,
-    answer_token_losses,
+    answer_states,
     encode_pairs,
+    head_cross_entropy,
     shared_prefix_length,
-    shared_prefix_token_losses,
     subset_batch,
 )
 from iclit.tuning.recipe import TuningRecipe, TuningResult
@@ -167,10 +167,12 @@ def fit_many(
     The objective is the sum over adapters of each adapter's mean answer-token loss, so each
     adapter gets exactly the gradient it would get alone. Each optimiser step's sequences are
     run in length-sorted micro-batches of at most ``max_tokens`` padded tokens whose gradients
-    accumulate (memory stays bounded however many adapters train, and little compute goes to
-    padding). Gradient clipping is per adapter (:func:`clip_per_adapter`). With
-    ``share_prefix``, the token prefix common to all sequences (the instruction) is computed
-    once per adapter per step, not once per sequence (:class:`~iclit.core.batching.SharedPrefix`).
+    accumulate (memory stays bounded however many adapters train); a micro-batch runs as
+    forwards of sequences of similar length (little compute goes to padding) whose answer rows
+    share one LM-head sweep (:func:`~iclit.core.batching.padded_groups`). Gradient clipping
+    is per adapter (:func:`clip_per_adapter`). With ``share_prefix``, the token prefix common
+    to all sequences (the instruction) is computed once per adapter per step, not once per
+    sequence (:class:`~iclit.core.batching.SharedPrefix`).
     AdamW is element-wise, so one optimiser over the stacked tensors keeps independent
     per-adapter state. The loop is :func:`iclit.tuning.loop.train` with one group of rows per
     adapter: minibatches (``recipe.batch_size``) are drawn per adapter from its own seeded
@@ -196,16 +198,18 @@ def fit_many(
             if prefix:
                 adapters = torch.unique(adapter_of[rows])
                 shared = SharedPrefix(model, batch.input_ids[:1, :prefix], adapters, grad, route=router.set)
-            for part in micro_batches([lengths[r] - prefix for r in rows], max_tokens):
-                mb_rows = [rows[i] for i in part]
-                mb = subset_batch(batch, mb_rows)
-                row_adapter = adapter_of[mb_rows]
-                router.set(row_adapter, device)
-                if shared is not None:
-                    per_token = shared_prefix_token_losses(model, mb, shared, row_adapter)
-                else:
-                    per_token = answer_token_losses(model, mb)
-                contrib = torch.zeros(n, device=device).index_add(0, row_adapter[mb.example], per_token) / counts
+            for group in padded_groups([lengths[r] - prefix for r in rows], max_tokens):
+                states, targets, owner = [], [], []
+                for part in group:  # sub-batches of similar length: little padding
+                    mb_rows = [rows[i] for i in part]
+                    mb = subset_batch(batch, mb_rows)
+                    row_adapter = adapter_of[mb_rows]
+                    router.set(row_adapter, device)
+                    states.append(answer_states(model, mb, shared, row_adapter))
+                    targets.append(mb.targets)
+                    owner.append(row_adapter[mb.example])
+                per_token = head_cross_entropy(model, torch.cat(states), torch.cat(targets))  # one head sweep
+                contrib = torch.zeros(n, device=device).index_add(0, torch.cat(owner), per_token) / counts
                 if grad:
                     contrib.sum().backward()
                 total += contrib.detach()
