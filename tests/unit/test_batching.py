@@ -18,6 +18,7 @@ from iclit.core.batching import (
     length_batches,
     micro_batches,
     pad_right,
+    padded_groups,
     prefix_cache,
     returned_cache,
     run_decoder,
@@ -54,6 +55,22 @@ def test_micro_batches_stay_within_the_token_budget():
     assert batches[0] == [6]  # longer than the budget: alone
     # an item of several rows counts all of them
     assert micro_batches([4, 4], 8, sizes=[2, 1]) == [[0], [1]]
+
+
+def test_padded_groups_stay_within_the_budget_with_less_padding():
+    lengths = [30, 26, 21, 19, 19, 18, 16, 16, 14, 14, 14, 13, 12, 12, 10, 10, 500]
+    groups = padded_groups(lengths, 480)
+    assert sorted(i for g in groups for sub in g for i in sub) == list(range(len(lengths)))
+    padded = lambda sub: len(sub) * max(lengths[i] for i in sub)  # noqa: E731
+    for g in groups:
+        assert sum(map(padded, g)) <= 480 or g == [[16]]  # one item over the budget: alone
+    assert groups[0] == [[16]]
+    subs = [sub for g in groups for sub in g]
+    assert [lengths[i] for sub in subs for i in sub] == sorted(lengths, reverse=True)  # runs of the sorted order
+    old = sum(padded(b) for b in micro_batches(lengths, 480))
+    assert sum(map(padded, subs)) < old and len(groups) <= len(micro_batches(lengths, 480))
+    assert padded_groups([5, 5, 5], 480) == [[[0, 1, 2]]]  # equal lengths: one forward
+    assert padded_groups([], 480) == []
 
 
 def test_pad_right_and_prefix_mask():

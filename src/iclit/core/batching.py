@@ -55,6 +55,45 @@ def micro_batches(lengths: Sequence[int], max_tokens: int, sizes: Sequence[int] 
     return batches
 
 
+def padded_groups(lengths: Sequence[int], max_tokens: int, call_tokens: int = 32) -> list[list[list[int]]]:
+    """Items (one row of ``lengths[i]`` tokens each) split into groups of at most ``max_tokens``
+    padded tokens (at least one item each), each group into sub-batches of similar length.
+
+    The sub-batches (runs of the length-sorted items) are chosen to minimise padded tokens plus
+    ``call_tokens`` per sub-batch (the cost of one more, smaller forward, in tokens), and are
+    packed in order into groups. A group's sub-batches run as separate forwards whose outputs
+    are taken together (one loss, one backward), so memory stays bounded by ``max_tokens`` while
+    far less compute goes to padding than with one padded batch per group (:func:`micro_batches`).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    width = [lengths[i] for i in order]
+    n = len(order)
+    best, cut = [0] + [None] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # best[j]: cheapest split of the j longest items; width[i] longest of i..j-1
+        for i in range(j - 1, -1, -1):
+            if j - i > 1 and (j - i) * width[i] > max_tokens:
+                break
+            cost = best[i] + (j - i) * width[i] + call_tokens
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    subs: list[list[int]] = []
+    j = n
+    while j > 0:
+        subs.append(order[cut[j] : j])
+        j = cut[j]
+    groups: list[list[list[int]]] = []
+    used = 0
+    for sub in reversed(subs):
+        size = len(sub) * lengths[sub[0]]
+        if groups and used + size <= max_tokens:
+            groups[-1].append(sub)
+            used += size
+        else:
+            groups.append([sub])
+            used = size
+    return groups
+
+
 # --- right-padding ----------------------------------------------------------------------
 
 

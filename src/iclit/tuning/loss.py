@@ -198,24 +198,45 @@ def last_block_rows(model: nn.Module, index: torch.Tensor) -> Iterator[None]:
 # --- answer losses -----------------------------------------------------------------------
 
 
-def _losses_at(model: nn.Module, at: torch.Tensor, targets: torch.Tensor, **inputs) -> torch.Tensor:
-    """Run the decoder on ``inputs``; the cross-entropy of ``targets`` [m] from the final states
-    at the flat positions ``at`` [m] (into its b*s outputs): [m]."""
+def _states_at(model: nn.Module, at: torch.Tensor, **inputs) -> torch.Tensor:
+    """Run the decoder on ``inputs``; its final states at the flat positions ``at`` [m] (into
+    its b*s outputs): [m, d]."""
     with last_block_rows(model, at):
         hidden = run_decoder(model, **inputs).last_hidden_state  # [b, s, d]
-    return head_cross_entropy(model, hidden.flatten(0, 1)[at], targets)
+    return hidden.flatten(0, 1)[at]
+
+
+def _losses_at(model: nn.Module, at: torch.Tensor, targets: torch.Tensor, **inputs) -> torch.Tensor:
+    """The cross-entropy of ``targets`` [m] from the final states at ``at`` (:func:`_states_at`): [m]."""
+    return head_cross_entropy(model, _states_at(model, at, **inputs), targets)
 
 
 def answer_token_losses(model: nn.Module, batch: AnswerBatch) -> torch.Tensor:
     """Cross-entropy of each answer token: [m]. The last block's feed-forward part and the LM
     head run for the m answer positions only."""
-    return _losses_at(
+    return head_cross_entropy(model, answer_states(model, batch), batch.targets)
+
+
+def answer_states(
+    model: nn.Module, batch: AnswerBatch, prefix: SharedPrefix | None = None, row_adapter: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The final hidden states that predict the answer tokens: [m, d] (the LM head not applied,
+    so that several forwards' rows can share one :func:`head_cross_entropy`). With ``prefix``:
+    as :func:`shared_prefix_token_losses`, on top of the prefix's cache."""
+    if prefix is None:
+        return _states_at(
+            model, batch.predict_at, input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
+    p = prefix.length
+    width = batch.input_ids.shape[1]
+    at = (batch.predict_at // width) * (width - p) + batch.predict_at % width - p  # into b*(s - p)
+    return _states_at(
         model,
-        batch.predict_at,
-        batch.targets,
-        input_ids=batch.input_ids,
+        at,
+        input_ids=batch.input_ids[:, p:],
         attention_mask=batch.attention_mask,
-        use_cache=False,
+        cache=prefix.for_rows(row_adapter),
+        use_cache=True,
     )
 
 
@@ -246,15 +267,4 @@ def shared_prefix_token_losses(
     """:func:`answer_token_losses` for sequences whose first ``prefix.length`` tokens are the
     shared prefix: only the rest of each sequence runs, on top of the prefix's cache (row r
     reads adapter ``row_adapter[r]``'s prefix; the caller routes the rows themselves)."""
-    p = prefix.length
-    width = batch.input_ids.shape[1]
-    at = (batch.predict_at // width) * (width - p) + batch.predict_at % width - p  # into b*(s - p)
-    return _losses_at(
-        model,
-        at,
-        batch.targets,
-        input_ids=batch.input_ids[:, p:],
-        attention_mask=batch.attention_mask,
-        cache=prefix.for_rows(row_adapter),
-        use_cache=True,
-    )
+    return head_cross_entropy(model, answer_states(model, batch, prefix, row_adapter), batch.targets)
