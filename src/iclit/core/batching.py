@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any, TypeVar
@@ -68,13 +69,14 @@ def padded_groups(lengths: Sequence[int], max_tokens: int, call_tokens: int = 32
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     width = [lengths[i] for i in order]
     n = len(order)
-    best, cut = [0] + [None] * n, [0] * (n + 1)
+    best: list[float] = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
     for j in range(1, n + 1):  # best[j]: cheapest split of the j longest items; width[i] longest of i..j-1
         for i in range(j - 1, -1, -1):
             if j - i > 1 and (j - i) * width[i] > max_tokens:
                 break
             cost = best[i] + (j - i) * width[i] + call_tokens
-            if best[j] is None or cost < best[j]:
+            if cost < best[j]:
                 best[j], cut[j] = cost, i
     subs: list[list[int]] = []
     j = n

@@ -227,6 +227,8 @@ def answer_states(
         return _states_at(
             model, batch.predict_at, input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         )
+    if row_adapter is None:
+        raise ValueError("a shared prefix needs each row's adapter (row_adapter)")
     p = prefix.length
     width = batch.input_ids.shape[1]
     at = (batch.predict_at // width) * (width - p) + batch.predict_at % width - p  # into b*(s - p)
