@@ -240,3 +240,17 @@ def test_train_steps_groups_together_and_records_their_losses():
         on_step=lambda s: called.append((s, model.training)),
     )
     assert called == [(2, False)]
+
+
+def test_tuning_split_benchmark_runs_and_agrees():
+    """benchmarks/tuning_split.py (the sub-batches vs one padded forward per micro-batch) on
+    the tiny model: both sides train the same adapters to the same final losses."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "tuning_split.py"
+    args = ["--model", "tiny-random-llama", "--adapters", "2", "--epochs", "1", "--reps", "1"]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=True).stdout
+    ratio = [line for line in out.splitlines() if line.startswith("RATIO name=tuning_split")]
+    assert len(ratio) == 1 and ratio[0].endswith("agree=true"), out
