@@ -128,9 +128,13 @@ def comparison_metrics(run: RunData) -> dict[str, Any]:
     score_name = next((key for name, key in keys.items() if (o["score_name"] == name).all()), "chrf")
     losses = pd.to_numeric(o["it_final_loss"], errors="coerce").to_numpy(dtype=float)
     pred = {arm: o[f"prediction_{arm}"].tolist() for arm in arms_of(o)}
+    score_range = (0.0, 100.0) if score_name == "chrf" else (0.0, 1.0)
     return {
         score_name: {
-            arm: summarize(pd.to_numeric(o[f"score_{arm}"]).to_numpy(dtype=float), blocks, seed=seed) for arm in pred
+            arm: summarize(
+                pd.to_numeric(o[f"score_{arm}"]).to_numpy(dtype=float), blocks, bounds=score_range, seed=seed
+            )
+            for arm in pred
         },
         "icl_it_agreement": agreement(pred["icl"], pred["it"]),
         "anchor_icl_agreement": agreement(pred["anchor"], pred["icl"]),

@@ -48,13 +48,22 @@ def bootstrap_ci(values: Any, *, n_boot: int = 2000, level: float = 0.95, seed: 
     return (float(lo), float(hi))
 
 
-def summarize(values: Any, groups: Any = None, **kw: Any) -> dict[str, float | int]:
+def summarize(
+    values: Any, groups: Any = None, *, bounds: tuple[float, float] | None = None, **kw: Any
+) -> dict[str, float | int]:
     """``{mean, std, ci_low, ci_high, n}`` of the non-NaN values.
 
     std uses ddof=1 (0.0 for n == 1). groups: one label per value, the independent units the
     values nest in (a crossed cell's query blocks): the CI is then the t interval over the
     groups' means (:func:`iclit.analysis.stats.intervals.cluster_mean`); without groups, values are
-    taken as independent and ``kw`` goes to :func:`bootstrap_ci`.
+    taken as independent and ``kw`` goes to :func:`bootstrap_ci`. bounds: the range the
+    quantity can take (an accuracy's [0, 1]); a t interval near its edge is cut to it.
+
+    Examples
+    --------
+    >>> s = summarize([1.0, 1.0, 0.0, 1.0], groups=[0, 1, 2, 3], bounds=(0.0, 1.0))
+    >>> s["mean"], s["ci_high"]
+    (0.75, 1.0)
     """
     x_all = as_float64(values).reshape(-1)
     x = x_all[~np.isnan(x_all)]
@@ -65,6 +74,8 @@ def summarize(values: Any, groups: Any = None, **kw: Any) -> dict[str, float | i
         lo, hi = cluster_mean(x_all, groups).ci(0.95)
     else:
         lo, hi = bootstrap_ci(x, **kw)
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
     return {"mean": mean, "std": std, "ci_low": lo, "ci_high": hi, "n": n}
 
 
