@@ -115,8 +115,9 @@ class CausalSettings:
         """From :meth:`ExperimentSpec.causal_settings` (lists as tuples); None for None or no analyses."""
         if not data or not data.get("analyses"):
             return None
-        fix = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-        known: dict[str, Any] = {k: fix(v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        known: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in data.items() if k in cls.__dataclass_fields__
+        }
         return cls(**known)
 
     @property

@@ -118,8 +118,11 @@ _figure = new_figure
 
 def _stats(cells: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """mean, ci_low, ci_high of a column of ``summarize`` dicts."""
-    get = lambda key: np.array([s[key] if isinstance(s, dict) else np.nan for s in cells], dtype=float)  # noqa: E731
-    return get("mean"), get("ci_low"), get("ci_high")
+    mean, lo, hi = (
+        np.array([s[key] if isinstance(s, dict) else np.nan for s in cells], dtype=float)
+        for key in ("mean", "ci_low", "ci_high")
+    )
+    return mean, lo, hi
 
 
 # ------------------------------------------------------------------ layers.png

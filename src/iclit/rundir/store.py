@@ -442,8 +442,9 @@ class Store:
         return new
 
     def count(self) -> dict[str, int]:
-        q = lambda t: int(self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: E731
-        return {"trials": q("trials"), "cells": q("cells"), "runs": q("runs")}
+        return {
+            t: int(self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in ("trials", "cells", "runs")
+        }
 
     def integrity(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])

@@ -66,8 +66,8 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, 
             predict_at.append(row * width + t - 1)
             targets.append(seq[t])
             example.append(row)
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return AnswerBatch(ids, mask, as_long(predict_at), as_long(targets), as_long(example))
+    predict_t, targets_t, example_t = (torch.tensor(xs, dtype=torch.long) for xs in (predict_at, targets, example))
+    return AnswerBatch(ids, mask, predict_t, targets_t, example_t)
 
 
 def subset_batch(batch: AnswerBatch, rows: Sequence[int]) -> AnswerBatch:
