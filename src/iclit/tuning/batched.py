@@ -38,9 +38,10 @@ def default_train_tokens(device: torch.device) -> int:
 def forward_cost_tokens(device: torch.device) -> int:
     """What one more forward of a micro-batch costs, in padded tokens, when a micro-batch is
     split into forwards of similar length (:func:`~iclit.core.batching.padded_groups`): 32 on
-    CPU (measured on Gemma-3-270M: 8 and 96 were both slower); 4096 on CUDA, where a token
-    costs little and a forward's kernel launches much (not measured: about the old one padded
-    forward per micro-batch)."""
+    CPU (measured on Gemma-3-270M with one thread: 8 and 96 were both slower; with two threads
+    the split neither gains nor loses, ``benchmarks/tuning_split.py``); 4096 on CUDA, where a
+    token costs little and a forward's kernel launches much (not measured: about the old one
+    padded forward per micro-batch)."""
     return 32 if device.type == "cpu" else 4096
 
 
