@@ -65,6 +65,14 @@ def padded_groups(lengths: Sequence[int], max_tokens: int, call_tokens: int = 32
     packed in order into groups. A group's sub-batches run as separate forwards whose outputs
     are taken together (one loss, one backward), so memory stays bounded by ``max_tokens`` while
     far less compute goes to padding than with one padded batch per group (:func:`micro_batches`).
+
+    Examples
+    --------
+    Two long and two short items: one padded batch would be 4 × 30 tokens; two sub-batches
+    are 2 × 30 + 2 × 5, one group within 128 tokens:
+
+    >>> padded_groups([30, 5, 29, 4], max_tokens=128, call_tokens=8)
+    [[[0, 2], [1, 3]]]
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     width = [lengths[i] for i in order]
@@ -256,7 +264,17 @@ _T = TypeVar("_T")
 
 def filled(items: Sequence[_T | None]) -> list[_T]:
     """``items``, every one of them set: the rows of a list filled position by position
-    (batch by batch) once all batches are done; RuntimeError naming the first one missing."""
+    (batch by batch) once all batches are done; RuntimeError naming the first one missing.
+
+    Examples
+    --------
+    >>> filled([1, 2])
+    [1, 2]
+    >>> filled([1, None])
+    Traceback (most recent call last):
+    ...
+    RuntimeError: row 1 of 2 was never computed
+    """
     missing = next((i for i, x in enumerate(items) if x is None), None)
     if missing is not None:
         raise RuntimeError(f"row {missing} of {len(items)} was never computed")
