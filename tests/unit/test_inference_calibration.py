@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from iclit.analysis.nulls import Units, margin_for, margins, null_tests, verdict
+from iclit.analysis.margins import margin_for, margins, verdict
+from iclit.analysis.nulls import Units, null_tests
 from iclit.analysis.power import blocks_needed, design_floors, detectable_effect, family_size, power_table
 from iclit.analysis.stats import cluster_mean, pairing_test, ratio_ci, smallest_p, tost
 

@@ -19,14 +19,13 @@ import pandas as pd
 
 from iclit.analysis import stats
 from iclit.analysis.dose import DOSE_COLUMNS, dose_tables, row_cosine
+from iclit.analysis.margins import margin_for, margins
 from iclit.analysis.nulls import (
     NULLS,
     TEST_COLUMNS,
     Units,
     adjust_family,
     links,
-    margin_for,
-    margins,
     null_tests,
     strata,
     unit_rows,
@@ -183,7 +182,7 @@ def behaviour(
     outputs: pd.DataFrame, units: Units, *, margin: Any = None, n_perm: int = 1000, n_boot: int = 1000, seed: int = 0
 ) -> pd.DataFrame:
     """Agreement and KL between arms (outputs: the cell's rows in ``units`` order); margin:
-    the declared margins (:func:`iclit.analysis.nulls.margins`: ``agreement``, ``kl``).
+    the declared margins (:func:`iclit.analysis.margins.margins`: ``agreement``, ``kl``).
     Intervals are t intervals over query blocks, as for the cosines (n_boot is unused)."""
     from iclit.analysis.outputs import kl_divergence
 

@@ -17,7 +17,7 @@ block differences when both sides have the same blocks reading the same queries 
 the trials), else Welch's t test on the block means; the 95% CI comes from the same t (so CI
 and p agree), and TOST tests equivalence within ± the spec's ``equivalence_margin`` (the
 quantity's own scale, cosine). Holm adjusts over the family a function declares in its
-docstring; the verdict is :func:`iclit.analysis.nulls.verdict` on the Holm p.
+docstring; the verdict is :func:`iclit.analysis.margins.verdict` on the Holm p.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import pandas as pd
 from scipy import stats as sps
 
 from iclit.analysis.factors import design_subset, factor_values, match_value, reference_value
-from iclit.analysis.nulls import TEST_PAIRS, Units, pair_states, strata, verdict
+from iclit.analysis.margins import verdict
+from iclit.analysis.nulls import TEST_PAIRS, Units, pair_states, strata
 from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
 from iclit.analysis.stats import holm
@@ -101,7 +102,7 @@ block values; diff: mean_a − mean_b (paired: the mean block difference); ci_lo
 its 95% CI from the t test; p: two-sided t test (paired t on block differences when
 ``paired``, else Welch); p_holm: Holm over the table (the family is every row); tost_low /
 tost_high: the 90% CI of the TOST, p_tost: its p against ± margin (:func:`contrast_margin`); verdict:
-:func:`iclit.analysis.nulls.verdict` ("above null": level_a above level_b)."""
+:func:`iclit.analysis.margins.verdict` ("above null": level_a above level_b)."""
 WITHIN_COLUMNS = (
     "cell_key",
     "pair_a",

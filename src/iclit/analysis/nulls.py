@@ -43,7 +43,7 @@ ceilings (:data:`CEILINGS`): IT seed 1 against IT seed 2 (``it_seed2``), and ICL
 with its demonstrations reordered (``icl_reordered``). Under demo-swap they show the
 specificity to the demonstration set that must exist (an adapter tuned on set A is closer to
 another adapter tuned on A than to one tuned on B); ICL–IT specificity is reported as a
-fraction of it. Equivalence margins are declared per quantity (:func:`margin_for`); the
+fraction of it. Equivalence margins are declared per quantity (:func:`iclit.analysis.margins.margin_for`); the
 default rule is a quarter of the ceiling's excess at the same null, centring and layer.
 
 Centrings (anisotropy corrections, applied to every state before the cosine):
@@ -62,14 +62,13 @@ import numpy as np
 import pandas as pd
 
 from iclit.analysis import stats
+from iclit.analysis.margins import margin_for, margins, quantity, verdict
 
 __all__ = [
     "NULLS",
     "TEST_PAIRS",
     "CEILINGS",
     "CENTRINGS",
-    "QUANTITIES",
-    "DEFAULT_MARGINS",
     "TEST_COLUMNS",
     "Units",
     "centre",
@@ -79,10 +78,6 @@ __all__ = [
     "links",
     "null_tests",
     "unit_rows",
-    "quantity",
-    "margins",
-    "margin_for",
-    "verdict",
     "adjust_family",
 ]
 
@@ -98,18 +93,6 @@ CEILINGS: dict[str, tuple[str, str]] = {"ceiling_it": ("it", "it_seed2"), "ceili
 """The positive controls: two arms that must share what their demonstration set gave them.
 ``ceiling_it`` is preferred as the reference of the margin rule and the fraction."""
 CENTRINGS = ("raw", "anchor", "arm", "reference")
-QUANTITIES = ("raw", "centred", "update", "agreement", "kl")
-"""The quantities an equivalence margin is declared for (:func:`margin_for`)."""
-DEFAULT_MARGINS: dict[str, Any] = {
-    "raw": "ceiling",
-    "centred": "ceiling",
-    "update": "ceiling",
-    "agreement": 0.05,
-    "kl": 0.05,
-    "ceiling_fraction": 0.25,
-}
-"""Cosine margins follow the ceiling rule (``ceiling_fraction`` × the ceiling's excess);
-agreement (a proportion) ±0.05, KL ±0.05 nats."""
 TEST_COLUMNS = (
     "pair",
     "centring",
@@ -288,64 +271,6 @@ def unit_rows(groups: list[np.ndarray], res: stats.PairingResult) -> np.ndarray:
     return np.asarray([groups[s][i] for s, i in zip(res.unit_stratum, res.unit_item, strict=True)], dtype=np.int64)
 
 
-def quantity(pair: str, centring: str) -> str:
-    """The margin quantity of a cosine row: ``update`` for update pairs (and their ceilings),
-    else ``raw`` or ``centred``."""
-    if pair == "update" or pair.startswith("update_"):
-        return "update"
-    return "raw" if centring == "raw" else "centred"
-
-
-def margins(declared: Any = None) -> dict[str, Any]:
-    """The margins of every quantity: :data:`DEFAULT_MARGINS` overlaid with ``declared`` (a
-    number: every cosine quantity; a mapping: per quantity, plus ``ceiling_fraction``)."""
-    out = dict(DEFAULT_MARGINS)
-    if declared is None:
-        return out
-    if isinstance(declared, Mapping):
-        unknown = set(declared) - set(out)
-        if unknown:
-            raise ValueError(f"unknown margin quantities {sorted(unknown)}; known: {sorted(out)}")
-        out.update({k: v for k, v in declared.items() if v is not None})
-        return out
-    value = float(declared)
-    return out | {"raw": value, "centred": value, "update": value}
-
-
-def margin_for(declared: Mapping[str, Any], quantity_: str, ceiling_diff: Any = np.nan) -> Any:
-    """The margin of one quantity: the declared number, or for ``"ceiling"`` the declared
-    ``ceiling_fraction`` of the ceiling's excess (NaN where there is no positive ceiling, so no
-    equivalence can be claimed). Scalar or per-layer array like ``ceiling_diff``."""
-    value = declared[quantity_]
-    if value == "ceiling":
-        c = np.asarray(ceiling_diff, dtype=np.float64)
-        return np.where(c > 0, float(declared["ceiling_fraction"]) * c, np.nan)
-    return np.full(np.shape(ceiling_diff), float(value)) if np.ndim(ceiling_diff) else float(value)
-
-
-def verdict(
-    diff_low: float,
-    diff_high: float,
-    p: float,
-    equivalent: bool,
-    alpha: float = 0.05,
-    *,
-    se: float = 1.0,
-    margin: float = np.nan,
-) -> str:
-    """``above null`` / ``below null`` when the adjusted p is below alpha and the CI excludes
-    0; ``equivalent within ±m`` when the TOST's CI lies inside ±margin; ``undefined`` when the
-    contrast does not vary between blocks (se 0 or NaN: no evidence either way); otherwise
-    ``inconclusive``. Never "zero": equivalence is only ever within the declared margin."""
-    if not (np.isfinite(se) and se > 0):
-        return "undefined"
-    if np.isfinite(p) and p < alpha and (diff_low > 0 or diff_high < 0):
-        return "above null" if diff_low > 0 else "below null"
-    if equivalent:
-        return f"equivalent within ±{margin:.3g}" if np.isfinite(margin) else "equivalent"
-    return "inconclusive"
-
-
 def adjust_family(df: pd.DataFrame, by: Sequence[str] = ("layer",)) -> pd.DataFrame:
     """Holm p and BH q over each family (the rows sharing ``by``, and ``role`` where the table
     has it: tests and controls are separate families), then the verdicts."""
@@ -450,7 +375,7 @@ def null_tests(
     rows as ``units``), with the ceilings of :data:`CEILINGS` where their arms are stored.
 
     margin: the declared equivalence margins (:func:`margins`: a number, a mapping per
-    quantity, or None for :data:`DEFAULT_MARGINS`). Families for p_holm / q_bh: one layer's
+    quantity, or None for :data:`iclit.analysis.margins.DEFAULT_MARGINS`). Families for p_holm / q_bh: one layer's
     tests of the cell, and separately its controls. n_boot is unused (intervals are t
     intervals over blocks) and kept so that callers' analysis settings stay one mapping."""
     del n_boot

@@ -54,7 +54,7 @@ class RunData:
     @property
     def margin(self) -> float | dict[str, Any] | None:
         """The equivalence margins the spec declared (``equivalence_margin``: a number, or a
-        mapping per quantity; None: the defaults of :func:`iclit.analysis.nulls.margins`)."""
+        mapping per quantity; None: the defaults of :func:`iclit.analysis.margins.margins`)."""
         return (self.plan or {}).get("equivalence_margin")
 
     @cached_property

@@ -130,7 +130,7 @@ def _margin(m: float | None) -> str:
 
 def _margins(declared: object) -> str:
     """The declared margins in one phrase (a number: every cosine; a mapping: per quantity)."""
-    from iclit.analysis.nulls import margins
+    from iclit.analysis.margins import margins
 
     m = margins(declared)
     cos = {k: m[k] for k in ("raw", "centred", "update")}
