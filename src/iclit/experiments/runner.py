@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +40,7 @@ from typing import Any, Literal
 from iclit._atomic import atomic_write_text
 from iclit.experiments.lock import RunDirError, RunLock
 from iclit.experiments.plan import Chunk, Plan, make_plan
+from iclit.experiments.progress import TrialProgress
 from iclit.experiments.raypool import RayOptions, run_ray
 from iclit.experiments.reuse import ReuseError, copy_reusable, find_reusable, open_reuse_stores
 from iclit.experiments.shards import merge_shards, shard_chunks, shard_dir, unmerged_trials
@@ -133,59 +134,6 @@ def _write_spec(out: Path, spec: ExperimentSpec) -> None:
     if target.exists() and target.read_text(encoding="utf-8") == text:
         return
     atomic_write_text(target, text)
-
-
-class _Progress:
-    """A rich progress bar over trials (with ETA), or nothing."""
-
-    def __init__(self, enabled: bool, total: int, done: int, title: str) -> None:
-        self.bar = None
-        self.done = done
-        self.title = title
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("trials"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.bar.start()
-        self.task = self.bar.add_task(title, total=total, completed=done)
-
-    def arm_callback(self, chunk_size: int, n_arms: int) -> Callable[[str, int], Callable[[int], None]] | None:
-        bar = self.bar
-        if bar is None:
-            return None
-
-        def progress(arm: str, total: int) -> Callable[[int], None]:
-            bar.update(self.task, description=f"{arm:>6}")
-            return lambda n: bar.advance(self.task, n / n_arms)
-
-        return progress
-
-    def chunk_done(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.done, description=self.title)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _load(spec: ExperimentSpec | str | Path, check_resources: bool = True) -> ExperimentSpec:
@@ -363,7 +311,7 @@ def _run_locked(
             reused, chunks_reused = copy_reusable(found, store, run_id, reused_from)
             models: dict[str, Any] = {}
             not_fitted: list[tuple[str, float]] = []
-            bar = _Progress(progress, len(planned), already + reused, spec.name)
+            bar = TrialProgress(progress, len(planned), already + reused, spec.name)
             computed = 0
             try:
                 if backend == "local":
@@ -460,7 +408,7 @@ def _run_local(
     out: Path,
     store: Store,
     run_id: int,
-    bar: _Progress,
+    bar: TrialProgress,
     models: dict[str, Any],
     not_fitted: list[tuple[str, float]],
 ) -> int:
