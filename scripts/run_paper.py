@@ -4,6 +4,7 @@
     python scripts/run_paper.py --only main dose   # some specs only
     make paper                                     # the same
     python scripts/run_paper.py --suite causal     # the causal tests and the harder tasks (make causal-tasks)
+    python scripts/run_paper.py --suite ladder     # the Qwen2.5-Coder size ladder (make paper-ladder)
 
 Each spec is ``iclit run configs/paper/<spec>.yaml --out runs/paper/<spec>`` with ``--reuse``
 of every run directory before it, so a cell that several specs share (the base cell of the
@@ -36,6 +37,7 @@ from iclit.report import write_report
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = [
     "main",
+    "label_control",
     "layers",
     "cross_task",
     "wrong_labels",
@@ -48,7 +50,8 @@ ORDER = [
     "lora_vs_full",
 ]  # the costliest last: a suite stopped early has the most cells
 EXTRA = ["causal", "tasks_antonyms", "tasks_translation_words", "tasks_addition", "tasks_reverse_words"]
-SUITES = {"paper": ORDER, "causal": EXTRA}  # causal: issue 12's specs, timed apart from the paper suite
+LADDER = ["ladder"]
+SUITES = {"paper": ORDER, "causal": EXTRA, "ladder": LADDER}  # each timed apart: make paper, causal-tasks, paper-ladder
 RUN_DIR = {"layers": "main"}  # layers.yaml plans exactly the main cell: same run directory
 
 
@@ -56,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "paper")
     ap.add_argument("--suite", choices=sorted(SUITES), default="paper", help="which list of specs")
-    ap.add_argument("--only", nargs="*", choices=ORDER + EXTRA, help="run only these specs (in suite order)")
+    ap.add_argument("--only", nargs="*", choices=ORDER + EXTRA + LADDER, help="run only these specs (in suite order)")
     args = ap.parse_args()
     order = SUITES[args.suite]
     names = [n for n in order if not args.only or n in args.only]

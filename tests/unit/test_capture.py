@@ -177,6 +177,33 @@ def test_greedy_cuts_at_stop_string(tiny):
     assert len(got[0]) < len(full)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_greedy_stops_early_and_gives_what_cutting_gives(tiny, batch_size):
+    """Rows stop decoding at their stop string (a batch at its last row's): every answer is
+    the full-length continuation cut at the stop, and fewer tokens are generated."""
+    full = [generate_one(tiny, p, 16) for p in PROMPTS]
+    chars = [c for f in full for c in f.strip()[1:] if not c.isspace()]
+    stop = max(set(chars), key=chars.count)  # the commonest character: most rows stop early
+    expected = [f.split(stop)[0].strip() for f in full]
+    calls = []
+    generate = tiny.model.generate
+
+    def counting(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        calls.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    tiny.model.generate = counting
+    try:
+        got = greedy_continuations(
+            tiny.model, tiny.tokenizer, PROMPTS, max_new_tokens=16, stop=stop, batch_size=batch_size
+        )
+    finally:
+        del tiny.model.generate
+    assert got == expected
+    assert sum(calls) < 16 * len(calls)  # some batch stopped before max_new_tokens
+
+
 # --- shared-prefix (KV cache) path --------------------------------------------------------
 
 DEMOS = (

@@ -20,7 +20,7 @@ import torch
 
 from iclit.analysis.nulls import Units, links, null_tests, strata
 from iclit.engine.evaluate import evaluate
-from iclit.experiments import make_plan, parse_spec
+from iclit.experiments import SpecError, make_plan, parse_spec
 from iclit.experiments.plan import trial_key
 from iclit.tasks import Resample, draw_resamples, draw_sets, get_task
 from iclit.tasks.samplers import WrongLabelSampler
@@ -135,6 +135,42 @@ def test_block_sets_rule_is_in_the_key_only_where_it_applies():
             )
             keys[sim, q] = make_plan(spec).cells[0].settings.get("block_sets")
     assert keys == {("random", 1): None, ("random", 5): None, ("most", 1): None, ("most", 5): "disjoint"}
+
+
+@pytest.mark.parametrize("wrong", [0.0, 0.5])
+def test_flipped_block_sets_are_the_first_set_with_every_label_changed(wrong):
+    """block_sets="flipped" (the demo-swap positive control): a block's second set shows the
+    same inputs in the same order as its first, every label the other one; the first set is
+    the ordinary draw; the queries are those of the drawn design."""
+    from iclit.tasks import get_sampler
+
+    task = get_task("sentiment")
+    chooser = WrongLabelSampler("balanced", wrong, task.labels) if wrong else get_sampler("balanced")
+    drawn = draw_sets(task, 4, 6, 5, 3, chooser, sets_per_query=2)
+    flip = draw_sets(task, 4, 6, 5, 3, chooser, sets_per_query=2, block_sets="flipped")
+    assert [r.query.id for r in flip] == [r.query.id for r in drawn]
+    other = dict(zip(task.labels, reversed(task.labels), strict=True))
+    for b in range(3):
+        first = next(r for r in flip if r.set_id == 2 * b).demonstrations
+        second = next(r for r in flip if r.set_id == 2 * b + 1).demonstrations
+        assert first == next(r for r in drawn if r.set_id == 2 * b).demonstrations
+        assert [d.input for d in second] == [d.input for d in first]
+        assert [d.output for d in second] == [other[d.output] for d in first]
+        true = [d.meta.get("true_output", d.output) for d in first]
+        assert [d.meta["true_output"] for d in second] == true
+
+
+def test_flipped_block_sets_are_checked_and_keyed():
+    base = {"name": "t", "model": "tiny-random-llama", "task": "sentiment", "k": 2, "resamples": 4}
+    spec = parse_spec({**base, "queries_per_set": 3, "block_sets": "flipped"})
+    assert make_plan(spec).cells[0].settings["block_sets"] == "flipped"
+    assert "block_sets" not in make_plan(parse_spec({**base, "queries_per_set": 3})).cells[0].settings
+    with pytest.raises(SpecError, match="block_sets.*sets_per_query >= 2"):
+        parse_spec({**base, "queries_per_set": 3, "sets_per_query": 1, "block_sets": "flipped"})
+    with pytest.raises(SpecError, match="block_sets.*classification task"):
+        parse_spec({**base, "task": "addition", "queries_per_set": 3, "block_sets": "flipped"})
+    with pytest.raises(SpecError, match="block_sets"):
+        parse_spec({**base, "queries_per_set": 3, "block_sets": "mirrored"})
 
 
 def test_queries_repeat_across_blocks_only_when_the_task_runs_out():

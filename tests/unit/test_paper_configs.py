@@ -11,25 +11,27 @@ import pytest
 from iclit.experiments import load_spec, make_plan
 
 PAPER = Path(__file__).resolve().parents[2] / "configs" / "paper"
-TRIALS = {  # (query, set) pairs: sets x queries_per_set x cells
-    "main.yaml": 300,  # 30 sets x 10 queries
-    "layers.yaml": 300,
-    "cross_task.yaml": 600,  # 10 sets x 30 queries per cell
-    "similarity.yaml": 900,
-    "n_demos.yaml": 1200,
-    "wrong_labels.yaml": 900,
-    "models.yaml": 900,  # + the control model (gemma-3-270m@random)
-    "instruction.yaml": 600,
-    "translation.yaml": 300,
-    "lora_vs_full.yaml": 600,
-    "dose.yaml": 900,
-    "causal.yaml": 300,
-    "tasks_antonyms.yaml": 300,
-    "tasks_translation_words.yaml": 300,
-    "tasks_addition.yaml": 300,
-    "tasks_reverse_words.yaml": 300,
+TRIALS = {  # (query, set) pairs: 40 sets x 6 queries x cells
+    "main.yaml": 480,  # Gemma-3-270M and SmolLM2-135M-Instruct
+    "label_control.yaml": 480,  # the flipped-label positive control, both models
+    "layers.yaml": 480,
+    "cross_task.yaml": 480,
+    "similarity.yaml": 720,
+    "n_demos.yaml": 960,
+    "wrong_labels.yaml": 720,
+    "models.yaml": 720,  # + the control model (gemma-3-270m@random)
+    "instruction.yaml": 480,
+    "translation.yaml": 240,
+    "lora_vs_full.yaml": 480,
+    "dose.yaml": 720,
+    "ladder.yaml": 480,  # Qwen2.5-Coder 0.5B and 1.5B
+    "causal.yaml": 240,
+    "tasks_antonyms.yaml": 240,
+    "tasks_translation_words.yaml": 240,
+    "tasks_addition.yaml": 240,
+    "tasks_reverse_words.yaml": 240,
 }
-SETS = {"main.yaml": 30, "layers.yaml": 30, "causal.yaml": 30}  # the rest: 10 sets of 30 queries
+BLOCKS = 20  # the floor of a powered cell: 20 query blocks of two sets (issue 26)
 
 
 def test_the_list_is_complete():
@@ -39,10 +41,10 @@ def test_the_list_is_complete():
 @pytest.mark.parametrize("name", sorted(TRIALS))
 def test_paper_spec_validates_and_plans(name):
     spec = load_spec(PAPER / name)
-    assert spec.resamples == SETS.get(name, 10)
+    assert spec.resamples // spec.query_sharing >= BLOCKS  # every cell powered
+    assert "icl_reordered" in spec.arms  # the ICL reorder ceiling in every cell
     plan = make_plan(spec)
     assert plan.n_trials == TRIALS[name]
-    assert plan.n_trials // len(plan.cells) >= 300  # the issue's floor of (query, set) pairs per cell
     assert len(set(plan.trial_keys())) == plan.n_trials
 
 
@@ -83,7 +85,7 @@ def test_one_factor_specs_share_their_base_cell():
     """The suite computes the base cell once (cross_task) and the others reuse it (--reuse):
     its trials must have the same keys in every one-factor spec."""
     shared = _base_keys("cross_task.yaml")
-    assert len(shared) == 300
+    assert len(shared) == 240
     for name in (
         "similarity.yaml",
         "n_demos.yaml",
@@ -96,23 +98,25 @@ def test_one_factor_specs_share_their_base_cell():
 
 
 KEYS = {  # sha256 of each spec's trial keys, one a line in plan order: a changed key means stored trials are recomputed
-    "causal.yaml": "5e7b0b0eae257d76",
-    "cross_task.yaml": "821185bf5419d9f7",
-    "dose.yaml": "791261a9e7c49e03",
-    "instruction.yaml": "035d13a254414bf4",
-    "layers.yaml": "385ac14bdc1945b3",
-    "lora_vs_full.yaml": "8bd7ce24771dde01",
-    "main.yaml": "385ac14bdc1945b3",
-    "models.yaml": "f47a0ad8461f00c8",  # its first 600 keys: b1f1d1ca6912e703, as before the control cell
-    "n_demos.yaml": "00baea025dd734a7",
-    "similarity.yaml": "558085de3792b168",  # most/least cells: block_sets disjoint (2026-12-02)
-    "tasks_addition.yaml": "d88db02030a15e58",
-    "tasks_antonyms.yaml": "beb2129cfd3e63cc",
-    "tasks_reverse_words.yaml": "fe26d2904a321bca",
-    "tasks_translation_words.yaml": "c337f771f816a440",
-    "translation.yaml": "28736f85cf21313e",
-    "wrong_labels.yaml": "7460eae123e6f026",
-}
+    "causal.yaml": "6d69a755175098a8",
+    "cross_task.yaml": "8bc12ea4841613a2",
+    "dose.yaml": "39751fbcdd839880",
+    "instruction.yaml": "67ac35ebdd675625",
+    "label_control.yaml": "a332bfc3f9bae29e",
+    "ladder.yaml": "f3176a190e0be3e4",
+    "layers.yaml": "028a96fe4e5ff5cd",
+    "lora_vs_full.yaml": "031529b2d2d33e0e",
+    "main.yaml": "028a96fe4e5ff5cd",
+    "models.yaml": "84cb56b29589f692",
+    "n_demos.yaml": "b524d601d84f8b1d",
+    "similarity.yaml": "5160e69377093a96",
+    "tasks_addition.yaml": "18ef25ea817402f7",
+    "tasks_antonyms.yaml": "1f310fe9e72d2c63",
+    "tasks_reverse_words.yaml": "b599654cfa9a073f",
+    "tasks_translation_words.yaml": "a63227b28f99cfd7",
+    "translation.yaml": "a3f40783e11db293",
+    "wrong_labels.yaml": "6d099ea6a8263ebc",
+}  # 2026-12-05: every cell 40 sets x 6 queries with the icl_reordered arm (issue 26)
 
 
 @pytest.mark.parametrize("name", sorted(TRIALS))

@@ -327,7 +327,12 @@ def greedy_continuations(
     batch_size: int = 16,
     before_batch: Callable[[list[int]], None] | None = None,
 ) -> list[str]:
-    """Greedy continuation of each prompt, cut at the first ``stop`` string."""
+    """Greedy continuation of each prompt, cut at the first ``stop`` string.
+
+    A row stops generating once its continuation contains ``stop`` (transformers'
+    ``stop_strings``), and a batch once every row has: the text before the first ``stop`` is
+    what generating all ``max_new_tokens`` and cutting would give (greedy rows are
+    independent), for a fraction of the decoding steps where answers are short."""
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -343,6 +348,7 @@ def greedy_continuations(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
+                **({"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}),
             )
             for row, i in enumerate(batch):
                 text = tokenizer.decode(gen[row, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -29,7 +29,13 @@ from typing import Any
 
 from iclit.experiments.spec import FACTORS, ExperimentSpec, factor_label
 from iclit.tasks import Resample, Sampler, Task, Template, draw_sets, get_sampler, resolve_task
-from iclit.tasks.samplers import LeastSimilarSampler, MostSimilarSampler, WrongLabelSampler, default_sampler_name
+from iclit.tasks.samplers import (
+    BlockSets,
+    LeastSimilarSampler,
+    MostSimilarSampler,
+    WrongLabelSampler,
+    default_sampler_name,
+)
 from iclit.tuning import TuningRecipe
 
 __all__ = ["KEY_VERSION", "PlannedCell", "Chunk", "Plan", "make_plan", "trial_key", "canonical_json", "task_digest"]
@@ -92,6 +98,7 @@ class PlannedCell:
     key: str = ""
     queries_per_set: int = 1
     sets_per_query: int = 1
+    block_sets: BlockSets = "drawn"
 
     def chooser(self) -> Sampler:
         """The sampler that draws this cell's demonstrations."""
@@ -127,6 +134,7 @@ class PlannedCell:
             self.chooser(),
             demo_task=self.demo_task,
             sets_per_query=self.sets_per_query,
+            block_sets=self.block_sets,
         )
         return [every[i] for i in indices]
 
@@ -260,7 +268,9 @@ def _cell(spec: ExperimentSpec, values: dict[str, Any], tasks: dict[Any, Task]) 
     if spec.queries_per_set > 1 or spec.query_sharing > 1:  # likewise: the crossed design
         settings["queries_per_set"] = spec.queries_per_set
         settings["sets_per_query"] = spec.query_sharing
-        if spec.query_sharing > 1 and get_sampler(selection).deterministic:  # draw_sets: a block's sets disjoint
+        if spec.block_sets != "drawn":  # draw_sets: a block's later sets are its first with the labels changed
+            settings["block_sets"] = spec.block_sets
+        elif spec.query_sharing > 1 and get_sampler(selection).deterministic:  # draw_sets: a block's sets disjoint
             settings["block_sets"] = "disjoint"
     if spec.it_seeds > 1:
         settings["it_seeds"] = spec.it_seeds
@@ -287,6 +297,7 @@ def _cell(spec: ExperimentSpec, values: dict[str, Any], tasks: dict[Any, Task]) 
         key=_sha(settings),
         queries_per_set=spec.queries_per_set,
         sets_per_query=spec.query_sharing,
+        block_sets=spec.block_sets,
     )
 
 

@@ -45,6 +45,9 @@ __all__ = [
     "get_sampler",
     "draw_resamples",
     "draw_sets",
+    "BLOCK_SETS",
+    "BlockSets",
+    "flipped",
     "set_queries",
 ]
 
@@ -359,6 +362,36 @@ def set_queries(task: Task, n_blocks: int, per_block: int, seed: int) -> list[li
     return blocks
 
 
+BlockSets = Literal["drawn", "flipped"]
+BLOCK_SETS: tuple[BlockSets, ...] = ("drawn", "flipped")
+"""How the later sets of a query block get their demonstrations (:func:`draw_sets`)."""
+
+
+def flipped(demonstrations: Sequence[Example], labels: Sequence[str] | None, shift: int = 1) -> tuple[Example, ...]:
+    """The demonstrations with every label changed: to the label ``shift`` places further in
+    ``labels``, cyclically (with two labels and ``shift`` 1, the other one); the true label is
+    kept in ``meta["true_output"]``. ``shift`` must not be a multiple of the number of labels.
+
+    >>> from iclit.tasks import Example
+    >>> [d.output for d in flipped([Example("a", "x", "positive"), Example("b", "y", "negative")],
+    ...                             ["negative", "positive"])]
+    ['negative', 'positive']
+    """
+    if not labels or len(labels) < 2:
+        raise TaskDataError(f"flipping labels needs a classification task with two or more labels, not {labels!r}")
+    order = list(labels)
+    if shift % len(order) == 0:
+        raise TaskDataError(f"a shift of {shift} over {len(order)} labels changes no label")
+    out = []
+    for d in demonstrations:
+        if d.output not in order:
+            raise TaskDataError(f"demonstration {d.id!r}: label {d.output!r} is not one of {order}")
+        true = d.meta.get("true_output", d.output)
+        wrong = order[(order.index(d.output) + shift) % len(order)]
+        out.append(dataclasses.replace(d, output=wrong, meta={**d.meta, "true_output": true}))
+    return tuple(out)
+
+
 def draw_sets(
     task: Task,
     k: int,
@@ -369,6 +402,7 @@ def draw_sets(
     *,
     demo_task: Task | None = None,
     sets_per_query: int = 1,
+    block_sets: BlockSets = "drawn",
 ) -> list[Resample]:
     """The crossed design: ``n_sets`` demonstration sets of ``k`` demonstrations, each read
     with ``queries_per_set`` queries; ``n_sets * queries_per_set`` resamples, set by set
@@ -384,7 +418,13 @@ def draw_sets(
     (the first set: the k most similar to the block's queries; the second: the next k most
     similar; …). With one query per set and ``sets_per_query = 1`` this is exactly
     :func:`draw_resamples` (the same queries, demonstrations and indices).
+
+    ``block_sets="flipped"`` (the positive control of the demo-swap test): the later sets of
+    a block are its first set with every label changed (:func:`flipped`) — the same inputs,
+    so two sets of a block differ only in what the labels teach.
     """
+    if block_sets not in BLOCK_SETS:
+        raise ValueError(f"block_sets must be one of {', '.join(BLOCK_SETS)}, not {block_sets!r}")
     if queries_per_set < 1 or sets_per_query < 1:
         raise ValueError(f"queries_per_set and sets_per_query must be >= 1, got {queries_per_set}, {sets_per_query}")
     if k < 0 or n_sets < 0:
@@ -398,13 +438,17 @@ def draw_sets(
     blocks = set_queries(task, n_blocks, queries_per_set, seed)
     out: list[Resample] = []
     taken: set[str] = set()  # the demonstrations of the block's earlier sets (deterministic samplers)
+    first: tuple[Example, ...] = ()  # the block's first set (block_sets="flipped")
     for s in range(n_sets):
         queries = blocks[s // sets_per_query]
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(s,)))
         if s % sets_per_query == 0:
             taken = set()
         pool = [e for e in source.examples if e.id not in taken] if chooser.deterministic else source.examples
-        demos = tuple(chooser.select(queries, pool, k, rng))
+        if block_sets == "flipped" and s % sets_per_query:
+            demos = flipped(first, source.labels, shift=s % sets_per_query)
+        else:
+            demos = first = tuple(chooser.select(queries, pool, k, rng))
         taken |= {d.id for d in demos}
         out += [
             Resample(index=s * queries_per_set + j, query=q, demonstrations=demos, set_index=s, slot=j)

@@ -78,6 +78,7 @@ from iclit.schema import (
     raise_problems,
 )
 from iclit.tasks.chat import PROMPT_FORMATS, PromptFormat
+from iclit.tasks.samplers import BLOCK_SETS, BlockSets
 from iclit.tuning.recipe import RecipeError, RecipeOverrides, TuningRecipe, recipe_overrides
 
 __all__ = ["ExperimentSpec"]
@@ -148,6 +149,12 @@ class ExperimentSpec(BaseModel):
         None,
         description="demonstration sets that share the same queries (the demo-swap null compares a query's arms "
         "across them); null: 1 with one query per set, else 2",
+    )
+    block_sets: Annotated[BlockSets, one_of(BLOCK_SETS)] = Field(
+        "drawn",
+        description="how the later sets of a query block get their demonstrations: drawn (each its own draw) or "
+        "flipped (the block's first set with every label changed: sets that must differ, the positive control of "
+        "the demo-swap test; classification tasks, sets_per_query >= 2)",
     )
     it_seeds: PosInt = Field(
         1,
@@ -366,6 +373,14 @@ class ExperimentSpec(BaseModel):
                 found += [(("recipe", i), m, value) for m in _misfits(base, value)]
         raise_problems("factors", found, along=failed)
         return out
+
+    @field_validator("block_sets", mode="after")
+    @classmethod
+    def _flipped_needs_blocks(cls, v: str, info: ValidationInfo) -> str:
+        m, q = info.data.get("sets_per_query"), info.data.get("queries_per_set")
+        if v == "flipped" and (m == 1 or (m is None and q == 1)):
+            raise problem("flipped needs query blocks of two or more sets (sets_per_query >= 2)")
+        return v
 
     @field_validator("analyses", mode="after")
     @classmethod

@@ -108,6 +108,16 @@ def resource_problems(
                             f"({pool.name!r} has {len(pool.labels or ())})",
                         )
                     )
+    if spec.block_sets == "flipped":
+        for path, pool in pools:
+            if pool.kind != "classification" or len(pool.labels or ()) < 2:
+                found.append(
+                    (
+                        "block_sets",
+                        f"flipped needs a classification task with two or more labels "
+                        f"({pool.name!r} at {path} has none to flip)",
+                    )
+                )
     if spec.uses_similarity or spec.records_similarity:
         import importlib.util
 
