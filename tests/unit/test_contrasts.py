@@ -249,11 +249,14 @@ def test_within_cell_contrasts_are_paired_t_tests_over_the_cells_blocks(monkeypa
     assert (row["ci_low"], row["ci_high"]) == pytest.approx(tuple(want.confidence_interval()))
 
 
-def test_contrast_margin_reads_a_number_or_the_cosine_entry_of_a_mapping():
+def test_contrast_margin_reads_a_number_or_the_between_entry_of_a_mapping():
     assert contrasts.contrast_margin(0.02, "icl_it") == 0.02
+    declared = {"raw": "ceiling", "update": "ceiling", "between": 0.04}
+    assert contrasts.contrast_margin(declared, "update") == contrasts.contrast_margin(declared, "icl_it") == 0.04
+    # a mapping stored before `between` existed: a numeric cosine entry as before, else the default
     assert contrasts.contrast_margin({"raw": 0.03, "update": 0.1}, "update") == 0.1
     assert contrasts.contrast_margin({"raw": 0.03, "update": "ceiling"}, "icl_it") == 0.03
-    assert np.isnan(contrasts.contrast_margin({"raw": 0.03, "update": "ceiling"}, "update"))
+    assert contrasts.contrast_margin({"raw": 0.03, "update": "ceiling"}, "update") == 0.02
     assert np.isnan(contrasts.contrast_margin(None, "icl_it"))
     got = compare_blocks(_blocks([0.1, 0.2, 0.4]), _blocks([0.1, 0.25, 0.3]), margin=float("nan"))
     assert np.isnan(got["p_tost"]) and np.isfinite(got["p"])

@@ -30,7 +30,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from iclit.analysis.factors import design_subset, factor_values, match_value, reference_value
-from iclit.analysis.margins import verdict
+from iclit.analysis.margins import DEFAULT_MARGINS, verdict
 from iclit.analysis.nulls import TEST_PAIRS, Units, pair_states, strata
 from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
@@ -144,13 +144,15 @@ def contrast_margin(declared: Any, pair: str) -> float:
     Returns
     -------
     float
-        A number: that number. A mapping: its ``update`` entry for the update pair, else its
-        ``raw`` entry, when that is a number. Otherwise (a ``ceiling`` rule, nothing declared)
-        NaN: a contrast between cells has no positive control to scale a margin by, so no
-        equivalence is claimed.
+        A number: that number. A mapping: its ``between`` entry (the default
+        :data:`~iclit.analysis.margins.DEFAULT_MARGINS` ``["between"]``, ±0.02, where a mapping
+        stored before that key existed lacks it, unless its ``update`` (update pair) or ``raw``
+        entry is a number, which then applies as before). None: NaN, no equivalence claimed.
     """
     if isinstance(declared, Mapping):
-        declared = declared.get("update" if pair == "update" else "raw")
+        own = declared.get("update" if pair == "update" else "raw")
+        numeric = isinstance(own, (int, float, np.floating)) and not isinstance(own, bool)
+        declared = declared.get("between", own if numeric else DEFAULT_MARGINS["between"])
     if isinstance(declared, (int, float, np.floating)) and not isinstance(declared, bool):
         return float(declared)
     return float("nan")

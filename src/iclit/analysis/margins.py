@@ -16,7 +16,7 @@ import numpy as np
 
 __all__ = ["QUANTITIES", "DEFAULT_MARGINS", "quantity", "margins", "margin_for", "verdict"]
 
-QUANTITIES = ("raw", "centred", "update", "agreement", "kl")
+QUANTITIES = ("raw", "centred", "update", "agreement", "kl", "between")
 """The quantities an equivalence margin is declared for (:func:`margin_for`)."""
 DEFAULT_MARGINS: dict[str, Any] = {
     "raw": "ceiling",
@@ -24,10 +24,13 @@ DEFAULT_MARGINS: dict[str, Any] = {
     "update": "ceiling",
     "agreement": 0.05,
     "kl": 0.05,
+    "between": 0.02,
     "ceiling_fraction": 0.25,
 }
 """Cosine margins follow the ceiling rule (``ceiling_fraction`` × the ceiling's excess);
-agreement (a proportion) ±0.05, KL ±0.05 nats."""
+agreement (a proportion) ±0.05, KL ±0.05 nats; ``between``: a difference between two cells
+(or two quantities of one cell) of a cosine or of its excess over a null, ±0.02 on the
+cosine scale (:func:`iclit.analysis.contrasts.contrast_margin`)."""
 
 
 def quantity(pair: str, centring: str) -> str:

@@ -223,6 +223,11 @@ class EquivalenceMargins(BaseModel):
     kl: Annotated[float, Strict(), Field(gt=0.0, allow_inf_nan=False)] = Field(
         0.05, description="KL divergence's excess (nats)"
     )
+    between: Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)] = Field(
+        0.02,
+        description="between-cell contrasts (and two quantities of one cell): a difference of cosines, or of "
+        "their excess over a null, on the cosine scale",
+    )
     ceiling_fraction: Annotated[float, Strict(), Field(gt=0.0, le=1.0, allow_inf_nan=False)] = Field(
         0.25, description="the ceiling rule's fraction of the positive control's excess"
     )
