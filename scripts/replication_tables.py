@@ -28,12 +28,14 @@ from iclit.analysis import load_run
 from iclit.analysis.contrasts import ANCHOR_COMPARISONS, PAIR_LABELS, cell_contrasts, within_cell_contrasts
 from iclit.analysis.factors import design_subset as _subset
 from iclit.analysis.factors import dose_summary, factor_summary
+from iclit.report.claims import claim_rows, claims_markdown
 from iclit.report.figures import dose_figure as _dose_figure
 from iclit.report.figures import factor_figure as _factor_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"
 FACTOR_SPECS = {
+    "label_control": "model",
     "cross_task": "demo_task",
     "similarity": "similarity",
     "n_demos": "k",
@@ -41,6 +43,7 @@ FACTOR_SPECS = {
     "models": "model",
     "instruction": "instruction",
     "lora_vs_full": "recipe",
+    "ladder": "model",
 }
 TASK_SPECS = ["tasks_antonyms", "tasks_translation_words", "tasks_addition", "tasks_reverse_words"]
 SIMS = [("anchor_icl", "anchor–ICL"), ("anchor_it", "anchor–IT"), ("icl_it", "ICL–IT")]
@@ -262,11 +265,14 @@ def layer_panels(frame: pd.DataFrame, title: str, fig_name: str) -> str:
 
 def layers(run: Path) -> None:
     plan, frame, _, _ = load(run)
+    if "model" in frame.columns:  # the main cell of the first model (the main spec runs one per model)
+        frame = frame[frame["model"].astype(str) == str(frame["model"].iloc[0])]
     f = frame[
         frame["pair"].isin(["anchor_icl", "anchor_it", "icl_it", "icl_it_centered", "update_cosine", "it_it_seed"])
     ]
     wide = f.groupby(["layer", "pair"])["cosine"].mean().unstack("pair")
-    print(f"### Layer by layer (main cell, mean over {frame['trial_key'].nunique()} (query, set) pairs)\n")
+    model = f" of {frame['model'].iloc[0]}" if "model" in frame.columns else ""
+    print(f"### Layer by layer (main cell{model}, mean over {frame['trial_key'].nunique()} (query, set) pairs)\n")
     print("| layer | " + " | ".join(wide.columns) + " |")
     print("|" + " --- |" * (len(wide.columns) + 1))
     for layer, row in wide.iterrows():
@@ -409,7 +415,7 @@ def section(root: Path, name: str) -> str:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         if name == "main":
-            single_cell(root / "main", "main", "paper_main_layers.png")
+            factor_spec(root / "main", "main", "model")
             layers(root / "main")
         elif name in FACTOR_SPECS:
             factor_spec(root / name, name, FACTOR_SPECS[name])
@@ -452,7 +458,9 @@ def main(root: Path) -> None:
         for name, s in suite["specs"].items():
             print(f"| {name} | {s['planned']} | {s['computed']} | {s['reused']} | {s['seconds']:.0f} |")
         print()
-    present = [n for n in SECTIONS if (root / n).exists()]
+    print("## The paper's claims\n")
+    print(claims_markdown(claim_rows(root)))
+    present = [n for n in SECTIONS if (root / n / "results.sqlite").exists()]
     # one process per spec (the whole-cell permutation tests are most of the time), printed in page order
     with ProcessPoolExecutor(max_workers=max(1, min(len(present), os.cpu_count() or 1))) as pool:
         for text in pool.map(section, [root] * len(present), present):
