@@ -45,7 +45,7 @@ bench: install
 
 paper: install   # the paper suite (configs/paper, run_paper.py's ORDER): Gemma-3-270M and SmolLM2, 40 sets per cell; resumable
 	$(PY) scripts/run_paper.py --out runs/paper
-	$(PY) scripts/replication_tables.py runs/paper > docs/replication_tables.md
+	$(PY) scripts/replication_tables.py runs/paper --page docs/replication.md > docs/replication_tables.md
 
 paper-ladder: ladder   # the size ladder's cells (configs/paper/ladder.yaml: Qwen2.5-Coder 0.5B and 1.5B); resumable
 	$(PY) scripts/run_paper.py --suite ladder --out runs/paper

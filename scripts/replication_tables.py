@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from iclit.analysis import load_run
 from iclit.analysis.contrasts import ANCHOR_COMPARISONS, PAIR_LABELS, cell_contrasts, within_cell_contrasts
 from iclit.analysis.factors import design_subset as _subset
 from iclit.analysis.factors import dose_summary, factor_summary
-from iclit.report.claims import claim_rows, claims_markdown
+from iclit.report.claims import claim_rows, claims_markdown, with_claims
 from iclit.report.figures import dose_figure as _dose_figure
 from iclit.report.figures import factor_figure as _factor_figure
 
@@ -436,7 +435,7 @@ def section(root: Path, name: str) -> str:
 SECTIONS = ["main", *FACTOR_SPECS, "dose", "translation", "causal", *TASK_SPECS]  # the order of the page
 
 
-def main(root: Path) -> None:
+def main(root: Path, page: Path | None = None) -> None:
     import os
     from concurrent.futures import ProcessPoolExecutor
 
@@ -458,8 +457,11 @@ def main(root: Path) -> None:
         for name, s in suite["specs"].items():
             print(f"| {name} | {s['planned']} | {s['computed']} | {s['reused']} | {s['seconds']:.0f} |")
         print()
+    claims = claims_markdown(claim_rows(root))
     print("## The paper's claims\n")
-    print(claims_markdown(claim_rows(root)))
+    print(claims)
+    if page is not None:  # the page's summary table, the same text
+        page.write_text(with_claims(page.read_text(encoding="utf-8"), claims), encoding="utf-8")
     present = [n for n in SECTIONS if (root / n / "results.sqlite").exists()]
     # one process per spec (the whole-cell permutation tests are most of the time), printed in page order
     with ProcessPoolExecutor(max_workers=max(1, min(len(present), os.cpu_count() or 1))) as pool:
@@ -468,4 +470,10 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/paper"))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", type=Path, nargs="?", default=Path("runs/paper"), help="the suite's folder")
+    ap.add_argument("--page", type=Path, help="also write the claims table into this page's claims block")
+    args = ap.parse_args()
+    main(args.root, args.page)

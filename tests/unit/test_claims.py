@@ -136,3 +136,14 @@ def test_the_paper_claims_name_runs_of_the_suite():
     specs = {p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "paper").glob("*.yaml")}
     assert {c.run for c in CLAIMS} <= specs
     assert len({c.key for c in CLAIMS}) == len(CLAIMS)
+
+
+def test_the_claims_block_of_a_page_is_replaced_and_nothing_else():
+    from iclit.report.claims import BEGIN, END, with_claims
+
+    page = f"# Results\n\nintro\n\n{BEGIN}\nold table\n{END}\n\nmore\n"
+    out = with_claims(page, "| a |\n| --- |\n")
+    assert out == f"# Results\n\nintro\n\n{BEGIN}\n| a |\n| --- |\n{END}\n\nmore\n"
+    assert with_claims(out, "| a |\n| --- |\n") == out
+    with pytest.raises(ValueError, match="no claims block"):
+        with_claims("# no block\n", "| a |")

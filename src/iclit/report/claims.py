@@ -41,7 +41,7 @@ from iclit.analysis.power import detectable_effect
 from iclit.analysis.rundata import RunData, load_run
 from iclit.analysis.stats import cluster_mean
 
-__all__ = ["CLAIMS", "CLAIM_COLUMNS", "Claim", "claim_rows", "claims_markdown"]
+__all__ = ["BEGIN", "CLAIMS", "CLAIM_COLUMNS", "END", "Claim", "claim_rows", "claims_markdown", "with_claims"]
 
 Kind = Literal["anchors", "demo_swap", "query_swap", "factor"]
 
@@ -334,3 +334,17 @@ def claims_markdown(rows: pd.DataFrame) -> str:
         cells = [r.experiment, r.claim, r.paper, r.iclit, r.verdict_text, r.control_text, r.can_tell_text]
         out.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(out) + "\n"
+
+
+BEGIN = "<!-- claims: begin (written by scripts/replication_tables.py --page; do not edit) -->"
+END = "<!-- claims: end -->"
+
+
+def with_claims(page: str, table: str) -> str:
+    """``page`` with the block between :data:`BEGIN` and :data:`END` replaced by ``table``
+    (:func:`claims_markdown`); a page without both markers is an error."""
+    if BEGIN not in page or END not in page:
+        raise ValueError(f"the page has no claims block ({BEGIN} … {END})")
+    head, _, rest = page.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    return f"{head}{BEGIN}\n{table.rstrip()}\n{END}{tail}"
