@@ -20,9 +20,10 @@ computes a statistic of its own:
 
 "Can the design tell?" is answered from the same numbers: a null test can when its smallest
 attainable p is below 0.05 and its positive control is above the same null in the same cell
-(the test sees specificity where it must exist); a contrast can when the smallest difference
-it detects with 80% power (:func:`iclit.analysis.power.detectable_effect`, from its own
-standard error) is inside the margin, so that "no difference" could have been shown.
+(the test sees specificity where it must exist); a contrast can when it rejected, or when the
+smallest difference it detects with 80% power (:func:`iclit.analysis.power.detectable_effect`,
+from its own standard error) is inside the margin, so that "no difference" could have been
+shown.
 """
 
 from __future__ import annotations
@@ -157,6 +158,12 @@ def _detectable(low: float, high: float, n_blocks: int, family: int) -> float:
     return float(detectable_effect(se * np.sqrt(n_blocks), n_blocks, family=family))
 
 
+def _contrast_can_tell(verdict: str, detectable: float, margin: float) -> bool:
+    """A contrast tells when it rejected, or when it could have shown equivalence (it detects
+    differences smaller than its margin with 80% power)."""
+    return verdict in ("above null", "below null") or bool(np.isfinite(detectable) and detectable < margin)
+
+
 def _anchors(run: RunData, claim: Claim) -> dict[str, Any]:
     key = _cell_key(run, claim.cell)
     table = within_cell_contrasts(run, ANCHOR_COMPARISONS, cells=[key])
@@ -172,7 +179,7 @@ def _anchors(run: RunData, claim: Claim) -> dict[str, Any]:
         "diff": first["diff"], "ci_low": first["ci_low"], "ci_high": first["ci_high"], "p_holm": first["p_holm"],
         "family": len(table), "margin": first["margin"], "verdict": first["verdict"], "control": "it_it_seed",
         "control_diff": control, "detectable": detectable,
-        "can_tell": bool(np.isfinite(detectable) and detectable < first["margin"]),
+        "can_tell": _contrast_can_tell(first["verdict"], detectable, first["margin"]),
         "anchor_icl": others["anchor_icl"].mean_b, "anchor_it": others["anchor_it"].mean_b,
         "vs_anchor_it": others["anchor_it"].diff,
     }  # fmt: skip
@@ -219,7 +226,7 @@ def _factor(run: RunData, claim: Claim) -> dict[str, Any]:
     return {
         "value": row["mean_a"], "diff": row["diff"], "ci_low": low, "ci_high": high, "p_holm": row["p_holm"],
         "family": len(table), "margin": row["margin"], "verdict": row["verdict"], "detectable": detectable,
-        "can_tell": bool(np.isfinite(detectable) and detectable < row["margin"]), "levels": levels,
+        "can_tell": _contrast_can_tell(row["verdict"], detectable, row["margin"]), "levels": levels,
         "reference": str(row["level_b"]),
     }  # fmt: skip
 
@@ -316,6 +323,8 @@ def _texts(claim: Claim, r: Mapping[str, Any]) -> dict[str, str]:
         reach = f"smallest p {_p(r['p_min'])}"
         why = "its control is above the same null" if r.get("control_verdict") == "above null" else "its control is not"
         can = f"{'yes' if r['can_tell'] else 'no'}: {reach}; {why}"
+    elif r["verdict"] in ("above null", "below null"):
+        can = f"yes: it rejected (detects ±{r['detectable']:.3f} with 80% power)"
     else:
         can = (
             f"{'yes' if r['can_tell'] else 'no'}: detects ±{r['detectable']:.3f} (80% power), margin ±{r['margin']:.3g}"
