@@ -46,6 +46,15 @@ def cell_labels(run: RunData, factor: str | None) -> list[tuple[str, str]]:
     return rows
 
 
+def _margin_text(declared: Any) -> str:
+    """The declared cosine margin in words: a number, or the ceiling rule (each row's ±m is in its verdict)."""
+    raw = declared.get("raw") if isinstance(declared, dict) else declared
+    if raw == "ceiling":
+        fraction = declared.get("ceiling_fraction", 0.25)
+        return f"±{fraction:g} × the cell's positive control's excess (the ceiling rule; each verdict states its ±m)"
+    return f"±{raw}"
+
+
 def _ci(r: Any, digits: int = 3) -> str:
     return f"{r['diff']:+.{digits}f} [{r['ci_low']:+.{digits}f}, {r['ci_high']:+.{digits}f}]"
 
@@ -95,7 +104,7 @@ def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] 
     print(
         f"\nLast layer; {int(r0['n_units'])} (query, set) pairs per cell in {int(r0['n_blocks'])} query blocks; "
         f"p: permutation of the pairing within strata; p Holm over the {len(t)} tests of this table; "
-        f"TOST against ±{run.margin}. centring raw: the cosine; anchor: after subtracting the cell's mean anchor state."
+        f"TOST against {_margin_text(run.margin)}. centring raw: the cosine; anchor: after subtracting the cell's mean anchor state."
     )
     # the layer curve: where is ICL–IT above its demo-swap null (max-T over layers)?
     full = run.tests
