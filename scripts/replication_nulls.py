@@ -104,7 +104,8 @@ def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] 
     print(
         f"\nLast layer; {int(r0['n_units'])} (query, set) pairs per cell in {int(r0['n_blocks'])} query blocks; "
         f"p: permutation of the pairing within strata; p Holm over the {len(t)} tests of this table; "
-        f"TOST against {_margin_text(run.margin)}. centring raw: the cosine; anchor: after subtracting the cell's mean anchor state."
+        f"TOST against {_margin_text(run.margin)}. centring raw: the cosine; anchor: after subtracting the "
+        "cell's mean anchor state."
     )
     # the layer curve: where is ICL–IT above its demo-swap null (max-T over layers)?
     full = run.tests
