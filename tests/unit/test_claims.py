@@ -148,3 +148,17 @@ def test_the_claims_block_of_a_page_is_replaced_and_nothing_else():
     assert with_claims(out, "| a |\n| --- |\n") == out
     with pytest.raises(ValueError, match="no claims block"):
         with_claims("# no block\n", "| a |")
+
+
+def test_the_replication_page_puts_the_claims_table_first():
+    """docs/replication.md is a results page: the claims block (one row per claim, as
+    claims_markdown writes it) before the experiments, the experiments before the methods."""
+    from pathlib import Path
+
+    from iclit.report.claims import BEGIN, END
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "replication.md").read_text(encoding="utf-8")
+    assert page.index(BEGIN) < page.index(END) < page.index("## The experiments") < page.index("## Methods")
+    block = page.split(BEGIN)[1].split(END)[0].strip().splitlines()
+    assert block[0].startswith("| experiment | claim | paper | iclit")
+    assert len(block) == 2 + len(CLAIMS)
