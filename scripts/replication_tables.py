@@ -457,16 +457,18 @@ def main(root: Path, page: Path | None = None) -> None:
         for name, s in suite["specs"].items():
             print(f"| {name} | {s['planned']} | {s['computed']} | {s['reused']} | {s['seconds']:.0f} |")
         print()
+    present = [n for n in SECTIONS if (root / n / "results.sqlite").exists()]
+    # one process per spec (the whole-cell permutation tests are most of the time); the claims table
+    # after them (torch's thread pool must not be started in this process before it forks), printed first
+    with ProcessPoolExecutor(max_workers=max(1, min(len(present), os.cpu_count() or 1))) as pool:
+        texts = list(pool.map(section, [root] * len(present), present))
     claims = claims_markdown(claim_rows(root))
     print("## The paper's claims\n")
     print(claims)
     if page is not None:  # the page's summary table, the same text
         page.write_text(with_claims(page.read_text(encoding="utf-8"), claims), encoding="utf-8")
-    present = [n for n in SECTIONS if (root / n / "results.sqlite").exists()]
-    # one process per spec (the whole-cell permutation tests are most of the time), printed in page order
-    with ProcessPoolExecutor(max_workers=max(1, min(len(present), os.cpu_count() or 1))) as pool:
-        for text in pool.map(section, [root] * len(present), present):
-            print(text, end="", flush=True)
+    for text in texts:
+        print(text, end="", flush=True)
 
 
 if __name__ == "__main__":
