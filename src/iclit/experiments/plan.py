@@ -29,8 +29,8 @@ from typing import Any
 
 from iclit.experiments.spec import FACTORS, ExperimentSpec, factor_label
 from iclit.tasks import Resample, Sampler, Task, Template, draw_sets, get_sampler, resolve_task
+from iclit.tasks.draws import BlockSets
 from iclit.tasks.samplers import (
-    BlockSets,
     LeastSimilarSampler,
     MostSimilarSampler,
     WrongLabelSampler,

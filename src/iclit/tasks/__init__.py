@@ -15,6 +15,7 @@ from .builtin import (
     resolve_task,
     task_table,
 )
+from .draws import draw_resamples, draw_sets, set_queries
 from .loaders import TaskDataError, check_enough, load_examples, load_hf_dataset, load_task
 from .resources import MissingResourceError
 from .samplers import (
@@ -27,11 +28,8 @@ from .samplers import (
     Sampler,
     SimilaritySampler,
     WrongLabelSampler,
-    draw_resamples,
-    draw_sets,
     get_sampler,
     register_sampler,
-    set_queries,
 )
 
 __all__ = [

@@ -78,7 +78,7 @@ from iclit.schema import (
     raise_problems,
 )
 from iclit.tasks.chat import PROMPT_FORMATS, PromptFormat
-from iclit.tasks.samplers import BLOCK_SETS, BlockSets
+from iclit.tasks.draws import BLOCK_SETS, BlockSets
 from iclit.tuning.recipe import RecipeError, RecipeOverrides, TuningRecipe, recipe_overrides
 
 __all__ = ["ExperimentSpec"]
