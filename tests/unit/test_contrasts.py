@@ -10,9 +10,10 @@ import pytest
 from scipy import stats as sps
 
 from iclit.analysis import contrasts
-from iclit.analysis.contrasts import CONTRAST_COLUMNS, block_values, cell_contrasts, compare_blocks
+from iclit.analysis.contrasts import CONTRAST_COLUMNS, cell_contrasts, compare_blocks
 from iclit.analysis.rundata import RunData
 from iclit.analysis.stats import holm
+from iclit.analysis.units import block_values, unit_values
 
 
 def _blocks(values, queries=None, ids=None) -> pd.DataFrame:
@@ -173,11 +174,11 @@ def test_cell_contrasts_unpaired_when_the_cells_read_other_queries(monkeypatch):
 def test_unknown_quantities_are_refused_with_the_known_ones():
     run = RunData(path=None, latest=None, plan={"factors": {}}, frame=pd.DataFrame(), outputs=pd.DataFrame())
     with pytest.raises(ValueError, match="no demo_swap null"):
-        contrasts.unit_values(run, [("anchor_icl", "demo_swap")])
+        unit_values(run, [("anchor_icl", "demo_swap")])
     with pytest.raises(ValueError, match="known: cosine"):
-        contrasts.unit_values(run, [("icl_it", "kl")])
+        unit_values(run, [("icl_it", "kl")])
     with pytest.raises(ValueError, match="known: anchor_icl"):
-        contrasts.unit_values(run, [("icl", "cosine")])
+        unit_values(run, [("icl", "cosine")])
 
 
 def test_a_stored_run_through_results_contrasts_and_the_report(tmp_path):
@@ -217,7 +218,7 @@ def test_a_stored_run_through_results_contrasts_and_the_report(tmp_path):
     direct = cell_contrasts(run)
     np.testing.assert_allclose(table["p"], direct["p"], rtol=1e-6)
     # the per-trial demo-swap excess is the nulls' unit difference: its mean is the tests' diff
-    units = contrasts.unit_values(run, [("icl_it", "demo_swap")])
+    units = unit_values(run, [("icl_it", "demo_swap")])
     tests = run.tests[
         (run.tests["pair"] == "icl_it") & (run.tests["centring"] == "raw") & (run.tests["null"] == "demo_swap")
     ]

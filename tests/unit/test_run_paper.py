@@ -102,3 +102,20 @@ def test_a_suite_stopped_early_keeps_the_times_of_its_finished_specs(tmp_path, m
         list(log["specs"]) == ["main"] and log["specs"]["main"]["computed"] == 16 and "finished" in log["specs"]["main"]
     )
     assert "invocations" not in log  # the invocation itself did not finish
+
+
+def test_the_backend_flags_reach_every_spec(tmp_path, monkeypatch):
+    run_paper = _suite(tmp_path, monkeypatch)
+    real, seen = run_paper.run_experiment, []
+
+    def local_but_recorded(spec, out, **kw):
+        seen.append((kw.pop("backend"), kw.pop("workers", None), kw.pop("ray_options", None)))
+        return real(spec, out, **kw)
+
+    monkeypatch.setattr(run_paper, "run_experiment", local_but_recorded)
+    out = tmp_path / "runs"
+    argv = ["run_paper.py", "--out", str(out), "--only", "main", "wrong_labels"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--backend", "ray", "--workers", "2", "--worker-threads", "1"])
+    run_paper.main()
+    assert seen == [("ray", 2, run_paper.RayOptions(threads=1))] * 2
+    assert json.loads((out / "suite.json").read_text())["last_invocation"]["backend"] == "ray: 2 x 1 threads"

@@ -37,10 +37,11 @@ import numpy as np
 import pandas as pd
 
 from iclit.analysis.cells import last_layer_rows
-from iclit.analysis.contrasts import ANCHOR_COMPARISONS, cell_contrasts, unit_values, within_cell_contrasts
+from iclit.analysis.contrasts import ANCHOR_COMPARISONS, cell_contrasts, within_cell_contrasts
 from iclit.analysis.power import detectable_effect
 from iclit.analysis.rundata import RunData, load_run
 from iclit.analysis.stats import cluster_mean
+from iclit.analysis.units import unit_values
 
 __all__ = ["BEGIN", "CLAIMS", "CLAIM_COLUMNS", "END", "Claim", "claim_rows", "claims_markdown", "with_claims"]
 
