@@ -378,18 +378,18 @@ def test_task_metric_and_score():
 @pytest.mark.filterwarnings("ignore:the IT arm did not fit")  # one epoch: the tiny model does not learn sums
 def test_tiny_model_addition_scored_by_exact_match(tiny, monkeypatch):
     import iclit
-    import iclit.engine.arms as arms
+    import iclit.engine.readout as readout
     from iclit.report.console import print_summary
     from iclit.tuning import TuningRecipe
 
-    generate = arms.greedy_continuations
+    generate = readout.greedy_continuations
     asked = []
 
     def recording(*args, **kwargs):
         asked.append(kwargs["max_new_tokens"])
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(arms, "greedy_continuations", recording)
+    monkeypatch.setattr(readout, "greedy_continuations", recording)
     result = iclit.run_comparison(tiny, "addition", k=2, resamples=2, recipe=TuningRecipe(epochs=1))
     assert asked and set(asked) == {6}  # the task's cap, below the spec's 48
     assert "exact_match" in result.metrics and "chrf" not in result.metrics and "accuracy" not in result.metrics

@@ -194,7 +194,7 @@ def _rounded(x: torch.Tensor) -> Any:
 
 
 class ReversePatch:
-    """The ``it`` arm's hook (:attr:`iclit.engine.arms.ArmContext.on_tuned`): while a set's
+    """The ``it`` arm's hook (:attr:`iclit.engine.readout.ArmContext.on_tuned`): while a set's
     tuned model exists, its query runs unpatched (the IT reference) and with the query's ICL
     state at each patch layer (``icl_into_it``). ``icl_states()``: the ICL arm's ``[n, L+1, d]``
     states (that arm runs first)."""
