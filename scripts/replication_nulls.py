@@ -227,7 +227,8 @@ def dose_matched(run: RunData, factor: str) -> None:
             )
     print(
         "\npeak_naive: the step of the highest mean ICL–IT, chosen and read on all pairs (biased upwards); "
-        "peak_crossfit: chosen on the sets of one parity, read on the other; matched: each pair at the step whose IT "
+        "peak_crossfit: chosen on the query blocks of one parity, read on the other (whole blocks: the halves share "
+        "no query); matched: each pair at the step whose IT "
         "label distribution is closest to ICL's in KL, chosen on the set's other queries (step: the median)."
     )
     t = last_layer_rows(run.cells["dose_tests"])

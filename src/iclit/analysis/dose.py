@@ -7,8 +7,9 @@ choosing on the numbers it reports:
 * **matched step**: for query i of set A, the step at which IT's label distribution is
   closest to ICL's (mean KL(ICL ‖ IT_step)) over the *other* queries of set A (held out:
   query i is not used to choose its own step). The cosines at that step, and their
-  query-swap and demo-swap nulls (:func:`iclit.analysis.nulls.null_tests`), are then those
-  of an IT arm stopped when it behaves most like ICL. Classification tasks with
+  query-swap and demo-swap nulls (:func:`iclit.analysis.nulls.null_tests`, with the ICL
+  reorder ceiling as the positive control of the margin where ``icl_reordered`` is stored),
+  are then those of an IT arm stopped when it behaves most like ICL. Classification tasks with
   ``queries_per_set`` ≥ 2.
 * **cross-fitted peak**: the step of the highest mean last-layer ICL–IT cosine is chosen on
   the query blocks of one half (even block indices) and the cosine read at that step on the
@@ -127,9 +128,10 @@ def dose_tables(
         median = float(np.median([steps[j] for j in chosen]))
         add("matched", median, "icl_it", row_cosine(icl, it), blocks)
         add("matched", median, "anchor_it", row_cosine(anchor, it), blocks)
-        tests = null_tests(
-            {"anchor": anchor, "icl": icl, "it": it}, units, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed
-        ).assign(step=median)
+        arms = {"anchor": anchor, "icl": icl, "it": it}
+        if "icl_reordered" in states:  # the positive control of the ceiling rule's margin
+            arms["icl_reordered"] = np.asarray(states["icl_reordered"], np.float64)
+        tests = null_tests(arms, units, margin=margin, n_perm=n_perm, n_boot=n_boot, seed=seed).assign(step=median)
     return {"estimates": pd.DataFrame(rows), "matched_tests": tests}
 
 
