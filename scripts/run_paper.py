@@ -70,7 +70,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="ray: actors (default: one per CPU)")
     ap.add_argument("--worker-threads", type=int, default=1, help="ray: torch threads per actor")
     args = ap.parse_args()
-    ray = {} if args.backend == "local" else {"workers": args.workers, "ray_options": RayOptions(threads=args.worker_threads)}
+    ray = (
+        {}
+        if args.backend == "local"
+        else {"workers": args.workers, "ray_options": RayOptions(threads=args.worker_threads)}
+    )
     order = SUITES[args.suite]
     names = [n for n in order if not args.only or n in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +118,9 @@ def main() -> None:
         "seconds": round(total, 1),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "backend": args.backend if args.backend == "local" else f"ray: {args.workers or 'one per CPU'} x {args.worker_threads} threads",
+        "backend": args.backend
+        if args.backend == "local"
+        else f"ray: {args.workers or 'one per CPU'} x {args.worker_threads} threads",
         "versions": experiment_versions(),
     }
     # every invocation, in order (a spec rerun with --only does not hide the suite run before it)

@@ -41,6 +41,7 @@ TEST_CLAIMS = (
     Claim("label_control", "2", "flipped", "–", "label_control", "demo_swap", {"model": TINY}),
     Claim("n_demos", "5", "k", "–", "n_demos", "factor", factor="k", level="1"),
     Claim("size", "12", "not run here", "–", "ladder", "factor", factor="model", level="x"),
+    Claim("k8", "5", "a level not stored (yet)", "–", "n_demos", "factor", factor="k", level="8"),
 )
 
 
@@ -129,6 +130,7 @@ def test_the_markdown_prints_those_numbers(rows):
     n = rows.loc["n_demos"]
     assert f"{n['diff']:+.3f} [{n['ci_low']:+.3f}, {n['ci_high']:+.3f}]" in md
     assert rows.loc["size", "iclit"] == "not run" and np.isnan(rows.loc["size", "diff"])
+    assert rows.loc["k8", "iclit"] == "not run" and np.isnan(rows.loc["k8", "diff"])  # a run under way
 
 
 def test_the_paper_claims_name_runs_of_the_suite():

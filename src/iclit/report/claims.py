@@ -108,6 +108,15 @@ CLAIMS: tuple[Claim, ...] = (
           "models", "query_swap", {"model": RANDOM}),
     Claim("size", "12. Model size, within Qwen2.5-Coder", "the convergence grows with size (7B vs 13B in the paper)",
           "7B vs 13B", "ladder", "factor", factor="model", level="qwen2.5-coder-1.5b-instruct"),
+    Claim("antonyms", "14. Harder tasks (reviewers)", "specific to these demonstrations: WordNet antonyms", "—",
+          "tasks_antonyms", "demo_swap"),
+    Claim("translation_words", "14. Harder tasks (reviewers)",
+          "specific to these demonstrations: FreeDict English→Czech words", "—", "tasks_translation_words",
+          "demo_swap"),
+    Claim("addition", "14. Harder tasks (reviewers)", "specific to these demonstrations: two-digit addition", "—",
+          "tasks_addition", "demo_swap"),
+    Claim("reverse_words", "14. Harder tasks (reviewers)", "specific to these demonstrations: reversing nouns", "—",
+          "tasks_reverse_words", "demo_swap"),
 )  # fmt: skip
 """The claims of the summary table, in its order."""
 
@@ -213,6 +222,9 @@ def _null(run: RunData, claim: Claim, null: str) -> dict[str, Any]:
 
 def _factor(run: RunData, claim: Claim) -> dict[str, Any]:
     assert claim.factor is not None and claim.level is not None
+    stored = run.outputs[claim.factor].astype(str) if claim.factor in run.outputs else pd.Series(dtype=str)
+    if claim.level not in set(stored):
+        return {}  # the level's cells are not stored yet (a run still under way, or stopped early): "not run"
     table = cell_contrasts(run, [("icl_it", "cosine"), ("icl_it", "demo_swap")], factors=[claim.factor])
     hit = table[(table["level_a"] == claim.level) & (table["quantity"] == "cosine")]
     if hit.empty:
@@ -257,8 +269,8 @@ def claim_rows(
     Returns
     -------
     pandas.DataFrame
-        One row per claim; a claim whose run is not under ``root`` keeps its text with
-        "not run" and NaN numbers.
+        One row per claim; a claim whose run is not under ``root``, or (a factor claim) whose
+        level has no stored trials there yet, keeps its text with "not run" and NaN numbers.
     """
     root = Path(root)
     runs: dict[str, RunData | None] = {}
