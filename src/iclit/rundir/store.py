@@ -24,6 +24,9 @@ Reuse: :meth:`Store.stored_trials` reads a chunk's rows from another run's store
 ``readonly``) exactly as stored, and :meth:`Store.copy_trials` writes them here in one
 transaction, verbatim (JSON text and REAL values unchanged) under the same keys, naming the
 copy of their states file in this run directory.
+
+The schema (tables, columns, version) is :mod:`iclit.rundir.schema`; the DataFrame readers
+(:meth:`Store.trials`, :meth:`Store.outputs`, …) are :mod:`iclit.rundir.readers`.
 """
 
 from __future__ import annotations
@@ -37,93 +40,27 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import pandas as pd
+from iclit.rundir.readers import StoreReaders
+from iclit.rundir.schema import (
+    DB_NAME,
+    RUN_COLUMNS_ADDED,
+    SCHEMA,
+    SCHEMA_VERSION,
+    TRIAL_COLUMNS,
+    StoredTrials,
+    TrialRecord,
+)
 
 __all__ = ["SCHEMA_VERSION", "DB_NAME", "Store", "StoredTrials", "TrialRecord", "open_store"]
-
-SCHEMA_VERSION = 2
-DB_NAME = "results.sqlite"
-
-TrialRecord = dict[str, Any]
-"""What the runner stores per trial: trial_key, cell_key, seed, resample, query_id,
-n_layers (L+1), scores ({arm: float}), outputs (JSON-ready dict), demo_similarity (float or
-None), n_wrong (int), seconds (float), states_file (str or None), states_row (int or None)."""
-
-_TRIAL_COLUMNS = (
-    "trial_key",
-    "cell_key",
-    "seed",
-    "resample",
-    "query_id",
-    "n_layers",
-    "demo_similarity",
-    "n_wrong",
-    "scores_json",
-    "outputs_json",
-    "seconds",
-    "run_id",
-    "written",
-    "states_file",
-    "states_row",
-)
-_RUN_COLUMNS_ADDED = (("reused", "INTEGER"), ("reused_from_json", "TEXT"), ("models_json", "TEXT"))
-"""Columns of ``runs`` added after schema version 1 was released (added to older stores on open)."""
-
-
-class StoredTrials(NamedTuple):  # not a dataclass: tests load this module on its own, outside sys.modules
-    """Rows of some trials exactly as a store holds them (see :meth:`Store.stored_trials`).
-
-    trials: one dict per trial (the ``trials`` columns), in the order asked for; cells:
-    ``(cell_key, labels_json, settings_json)``.
-    """
-
-    trials: list[dict[str, Any]]
-    cells: list[tuple[str, str, str]]
-
-    @property
-    def keys(self) -> list[str]:
-        return [t["trial_key"] for t in self.trials]
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    started TEXT NOT NULL, finished TEXT, backend TEXT, host TEXT, pid INTEGER,
-    spec_yaml TEXT NOT NULL, plan_json TEXT NOT NULL, versions_json TEXT,
-    planned INTEGER, computed INTEGER
-);
-CREATE TABLE IF NOT EXISTS cells (
-    cell_key TEXT PRIMARY KEY, labels_json TEXT NOT NULL, settings_json TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS trials (
-    trial_key TEXT PRIMARY KEY,
-    cell_key TEXT NOT NULL,
-    seed INTEGER NOT NULL,
-    resample INTEGER NOT NULL,
-    query_id TEXT,
-    n_layers INTEGER NOT NULL,
-    demo_similarity REAL,
-    n_wrong INTEGER,
-    scores_json TEXT NOT NULL,
-    outputs_json TEXT NOT NULL,
-    seconds REAL,
-    run_id INTEGER,
-    written TEXT NOT NULL,
-    states_file TEXT,
-    states_row INTEGER
-);
-CREATE INDEX IF NOT EXISTS trials_cell ON trials (cell_key, seed, resample);
-"""
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class Store:
+class Store(StoreReaders):
     """A results database. One instance per thread (SQLite connections are not shared).
 
     Example (not run: it needs a model or a run directory)::
@@ -154,12 +91,12 @@ class Store:
         if self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
             self._check_version()  # an older (or newer) store is refused before anything is written to it
         with self.transaction() as c:
-            for statement in _SCHEMA.split(";"):
+            for statement in SCHEMA.split(";"):
                 if statement.strip():
                     c.execute(statement)
             c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             have = {row[1] for row in c.execute("PRAGMA table_info(runs)")}
-            for name, kind in _RUN_COLUMNS_ADDED:
+            for name, kind in RUN_COLUMNS_ADDED:
                 if name not in have:
                     c.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
         self._check_version()
@@ -292,7 +229,7 @@ class Store:
         planned, computed, reused (None: no reuse asked for), reused_from ({source: trials}),
         models ({name: source, device, dtype, n_layers, hidden_size} of the models it loaded)."""
         have = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}  # a read-only older store may lack some
-        added = [name for name, _ in _RUN_COLUMNS_ADDED if name in have]
+        added = [name for name, _ in RUN_COLUMNS_ADDED if name in have]
         row = self.conn.execute(
             "SELECT id, started, finished, backend, host, spec_yaml, plan_json, versions_json, planned, computed"
             + "".join(f", {name}" for name in added)
@@ -357,8 +294,8 @@ class Store:
         with self.transaction() as c:
             for r in records:
                 cur = c.execute(
-                    f"INSERT OR IGNORE INTO trials ({', '.join(_TRIAL_COLUMNS)}) "
-                    f"VALUES ({','.join('?' * len(_TRIAL_COLUMNS))})",
+                    f"INSERT OR IGNORE INTO trials ({', '.join(TRIAL_COLUMNS)}) "
+                    f"VALUES ({','.join('?' * len(TRIAL_COLUMNS))})",
                     (
                         r["trial_key"],
                         r["cell_key"],
@@ -390,7 +327,7 @@ class Store:
         self.conn.execute("BEGIN")  # one snapshot for the reads
         try:
             rows = self.conn.execute(
-                f"SELECT {', '.join(_TRIAL_COLUMNS)} FROM trials WHERE trial_key IN ({marks})", keys
+                f"SELECT {', '.join(TRIAL_COLUMNS)} FROM trials WHERE trial_key IN ({marks})", keys
             ).fetchall()
             if len(rows) != len(set(keys)):
                 return None
@@ -402,7 +339,7 @@ class Store:
             ).fetchall()
         finally:
             self.conn.execute("COMMIT")
-        by_key = {r[0]: dict(zip(_TRIAL_COLUMNS, r, strict=True)) for r in rows}
+        by_key = {r[0]: dict(zip(TRIAL_COLUMNS, r, strict=True)) for r in rows}
         return StoredTrials([by_key[k] for k in dict.fromkeys(keys)], cells)
 
     def resamples_of(self, cell_key: str, seed: int, lo: int, hi: int) -> set[int]:
@@ -434,9 +371,9 @@ class Store:
                 where = states.get(t["trial_key"], (None, None))
                 values = {**t, "run_id": run_id, "states_file": where[0], "states_row": where[1]}
                 cur = c.execute(
-                    f"INSERT OR IGNORE INTO trials ({', '.join(_TRIAL_COLUMNS)}) "
-                    f"VALUES ({','.join('?' * len(_TRIAL_COLUMNS))})",
-                    [values[col] for col in _TRIAL_COLUMNS],
+                    f"INSERT OR IGNORE INTO trials ({', '.join(TRIAL_COLUMNS)}) "
+                    f"VALUES ({','.join('?' * len(TRIAL_COLUMNS))})",
+                    [values[col] for col in TRIAL_COLUMNS],
                 )
                 new += cur.rowcount == 1
         return new
@@ -448,101 +385,6 @@ class Store:
 
     def integrity(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
-
-    # --- reading --------------------------------------------------------------------------
-
-    def _cells(self) -> dict[str, dict[str, Any]]:
-        return {k: json.loads(v) for k, v in self.conn.execute("SELECT cell_key, labels_json FROM cells")}
-
-    def _selection(self, plan: Mapping[str, Any] | None) -> tuple[str, list[Any]]:
-        """SQL condition on trials (alias t) selecting the trials of a plan (all if None)."""
-        if plan is None:
-            return "1", []
-        cells = [c["key"] for c in plan["cells"]]
-        seeds = [int(s) for s in plan["seeds"]]
-        cond = (
-            f"t.cell_key IN ({','.join('?' * len(cells))}) AND t.seed IN ({','.join('?' * len(seeds))}) "
-            f"AND t.resample < ?"
-        )
-        return cond, [*cells, *seeds, int(plan.get("pairs", plan["resamples"]))]
-
-    def with_labels(self, df: pd.DataFrame) -> pd.DataFrame:
-        cells = self._cells()
-        if df.empty:
-            return df
-        labels = pd.DataFrame([{"cell_key": k, **v} for k, v in cells.items()])
-        df = df.merge(labels, on="cell_key", how="left")
-        front = [c for c in labels.columns if c != "cell_key"]
-        rest = [c for c in df.columns if c not in front]
-        return df[front + rest]
-
-    def trials(self, plan: Mapping[str, Any] | None = None) -> pd.DataFrame:
-        """One row per trial, in (cell, seed, resample) order: factor values, cell_key, seed,
-        resample, query_id, demo_similarity, n_wrong, n_layers, states_file, states_row,
-        trial_key. ``plan``: only the trials of that plan (``latest_run()["plan"]``); None: all."""
-        cond, args = self._selection(plan)
-        df = pd.read_sql_query(
-            "SELECT t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, t.n_layers, "
-            f"t.states_file, t.states_row, t.trial_key FROM trials t WHERE {cond} "
-            "ORDER BY t.cell_key, t.seed, t.resample",
-            self.conn,
-            params=args,
-        )
-        return self.with_labels(df)
-
-    def cell_settings(self) -> dict[str, dict[str, Any]]:
-        """cell_key → the settings its key hashes (model, task, recipe, baselines, …)."""
-        return {k: json.loads(v) for k, v in self.conn.execute("SELECT cell_key, settings_json FROM cells")}
-
-    def outputs(self, plan: Mapping[str, Any] | None = None) -> pd.DataFrame:
-        """One row per trial: factor values, seed, resample, query, gold, per-arm prediction
-        and score (``score_<arm>``), IT final loss and per-step losses, demo similarity, wrong
-        labels; the label distributions (``label_probs``), the dose record (``dose``) and the causal
-        analyses' record (``causal``) when stored."""
-        cond, args = self._selection(plan)
-        rows = self.conn.execute(
-            "SELECT t.trial_key, t.cell_key, t.seed, t.resample, t.query_id, t.demo_similarity, t.n_wrong, "
-            "t.scores_json, t.outputs_json, t.seconds FROM trials t "
-            f"WHERE {cond} ORDER BY t.cell_key, t.seed, t.resample",
-            args,
-        ).fetchall()
-        out = []
-        for key, cell, seed, resample, qid, sim, n_wrong, scores, outputs, seconds in rows:
-            scores, outputs = json.loads(scores), json.loads(outputs)
-            row: dict[str, Any] = {
-                "cell_key": cell,
-                "seed": seed,
-                "resample": resample,
-                "query_id": qid,
-                "demo_similarity": sim,
-                "n_wrong": n_wrong,
-                "query": outputs.get("query"),
-                "gold": outputs.get("gold"),
-            }
-            for arm, pred in outputs.get("predictions", {}).items():
-                row[f"prediction_{arm}"] = pred
-            for arm, s in scores.items():
-                row[f"score_{arm}"] = s
-            row["score_name"] = outputs.get("score_name")
-            row["it_final_loss"] = outputs.get("it_final_loss")
-            row["it_fitted"] = outputs.get("it_fitted")  # final IT answer loss under the engine's FIT_LOSS
-            row["it_losses"] = outputs.get("it_losses")
-            if "label_probs" in outputs:  # classification: arm → {label: probability}
-                row["label_probs"] = outputs["label_probs"]
-            if "dose" in outputs:  # recipe capture_steps: IT steps read, answers and scores after each
-                row["dose"] = outputs["dose"]
-            if "causal" in outputs:  # spec analyses: patched and steered runs (iclit.engine.causal)
-                row["causal"] = outputs["causal"]
-            row["seconds"] = seconds
-            row["trial_key"] = key
-            out.append(row)
-        return self.with_labels(pd.DataFrame(out))
-
-    def trial_outputs(self, trial_key: str) -> dict[str, Any]:
-        row = self.conn.execute("SELECT outputs_json FROM trials WHERE trial_key = ?", (trial_key,)).fetchone()
-        if row is None:
-            raise KeyError(trial_key)
-        return json.loads(row[0])
 
 
 def open_store(run_dir: str | Path, *, readonly: bool = False) -> Store:
