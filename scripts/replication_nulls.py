@@ -75,9 +75,10 @@ def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] 
     print()
     print(
         f"| {factor or 'task'} | pair | centring | cosine | query-swap excess [95% CI] | p | p Holm | verdict "
-        "| demo-swap excess [95% CI] | p | p Holm | TOST p | verdict |"
+        "| demo-swap excess [95% CI] | p | p Holm | TOST p | verdict | positive control − demo-swap (p) "
+        "| the pair's excess as a fraction of it [95% CI] |"
     )
-    print("|" + " --- |" * 13)
+    print("|" + " --- |" * 15)
     for label, key in cells:
         for pair, name in PAIRS.items():
             for centring in centrings:
@@ -99,13 +100,17 @@ def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] 
                     if null == "demo_swap":
                         cells_.append(f"{r['p_tost']:.3g}")
                     cells_.append(r["verdict"])
+                cells_ += _control_cells(got.get("demo_swap"))
                 print("| " + " | ".join(cells_) + " |")
     r0 = t.iloc[0]
     print(
         f"\nLast layer; {int(r0['n_units'])} (query, set) pairs per cell in {int(r0['n_blocks'])} query blocks; "
         f"p: permutation of the pairing within strata; p Holm over the {len(t)} tests of this table; "
         f"TOST against {_margin_text(run.margin)}. centring raw: the cosine; anchor: after subtracting the "
-        "cell's mean anchor state."
+        "cell's mean anchor state. Positive control: the same demo-swap test on the cell's ceiling pair (IT–IT′, "
+        "two IT seeds of one set, where the cell trains two; else ICL–ICL′, the set's demonstrations reordered), "
+        "whose specificity to the set must exist; the fraction is the pair's demo-swap excess divided by the "
+        "control's, with its 95% CI (iclit.analysis.nulls)."
     )
     # the layer curve: where is ICL–IT above its demo-swap null (max-T over layers)?
     full = run.tests
@@ -124,6 +129,23 @@ def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] 
                 parts.append(f"{null}: above at layers {_ranges(above)}; equivalent at {_ranges(eq)}")
         if parts:
             print(f"- {label}, ICL–IT over the {d['layer'].nunique()} states (max-T over layers): " + "; ".join(parts))
+
+
+CONTROL_NAMES = {"ceiling_it": "IT–IT′", "ceiling_icl": "ICL–ICL′"}
+"""How the positive controls (the cells' ceiling pairs; the update pair's are their updates) are named."""
+
+
+def _control_cells(r: dict[str, Any] | None) -> list[str]:
+    """A demo-swap row's positive control (its ceiling pair's excess, p) and the row's fraction of it."""
+    name = CONTROL_NAMES.get(str(r.get("ceiling")).removeprefix("update_")) if r is not None else None
+    if r is None or name is None or not np.isfinite(r["ceiling_diff"]):
+        return ["–", "–"]
+    control = f"{name} {r['ceiling_diff']:+.3f} ({r['ceiling_p']:.2g})"
+    if not np.isfinite(r["fraction"]):
+        return [control, "–"]
+    if not (np.isfinite(r["fraction_low"]) and np.isfinite(r["fraction_high"])):
+        return [control, f"{r['fraction']:+.2f} (no finite CI: the control's own CI includes 0)"]
+    return [control, f"{r['fraction']:+.2f} [{r['fraction_low']:+.2f}, {r['fraction_high']:+.2f}]"]
 
 
 def _ranges(xs: list[int]) -> str:

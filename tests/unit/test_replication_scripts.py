@@ -7,6 +7,7 @@ import ast
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from exp_helpers import REPO
 
@@ -70,3 +71,41 @@ def test_a_factor_section_and_the_dose_section_from_tiny_runs(scripts, tmp_path)
     assert "Holm over the 3 tests of this table; TOST against ±0.02;" in text  # 1 level × 3 quantities
     dose = scripts.section(root, "dose")
     assert "ICL–IT − anchor–ICL" in dose and "paired t over blocks" in dose
+
+
+def test_every_cell_prints_its_positive_control_and_the_fraction_of_it(scripts, tmp_path, capsys):
+    """The nulls table prints, per cell, the ceiling pair's demo-swap excess and ICL–IT's
+    fraction of it, as iclit.analysis.nulls computes them."""
+    import replication_nulls
+
+    from iclit.analysis import load_run
+    from iclit.analysis.cells import last_layer_rows
+
+    root = tmp_path / "paper"
+    _run(root, "main", arms=["anchor", "icl", "it", "icl_reordered"], equivalence_margin={"raw": "ceiling"})
+    run = load_run(root / "main")
+    replication_nulls.tests_table(run, None)
+    text = capsys.readouterr().out
+    t = last_layer_rows(run.tests)
+    row = t[(t["pair"] == "icl_it") & (t["centring"] == "raw") & (t["null"] == "demo_swap")].iloc[0]
+    assert row["ceiling"] == "ceiling_icl"
+    line = next(x for x in text.splitlines() if "| ICL–IT | raw |" in x)
+    assert f"ICL–ICL′ {row['ceiling_diff']:+.3f} ({row['ceiling_p']:.2g})" in line
+    assert line.rstrip(" |").endswith(replication_nulls._control_cells(row.to_dict())[1])
+    assert "Positive control: the same demo-swap test on the cell's ceiling pair" in text
+
+
+def test_the_fraction_cell_says_when_its_interval_is_not_finite(scripts):
+    import replication_nulls
+
+    row = {"ceiling": "ceiling_it", "ceiling_diff": 0.2, "ceiling_p": 0.001, "fraction": 0.25}
+    assert replication_nulls._control_cells({**row, "fraction_low": 0.1, "fraction_high": 0.4}) == [
+        "IT–IT′ +0.200 (0.001)",
+        "+0.25 [+0.10, +0.40]",
+    ]
+    open_ci = replication_nulls._control_cells({**row, "fraction_low": np.nan, "fraction_high": np.nan})
+    assert open_ci[1] == "+0.25 (no finite CI: the control's own CI includes 0)"
+    update = {**row, "ceiling": "update_ceiling_icl", "fraction_low": 0.1, "fraction_high": 0.4}
+    assert replication_nulls._control_cells(update)[0] == "ICL–ICL′ +0.200 (0.001)"
+    assert replication_nulls._control_cells({**row, "ceiling": "", "ceiling_diff": np.nan}) == ["–", "–"]
+    assert replication_nulls._control_cells(None) == ["–", "–"]
