@@ -43,7 +43,7 @@ and one machine-readable line per comparison:
   (:mod:`iclit.engine.flops`: ≈ 2·params a token forward, forward + backward with frozen
   weights ≈ 4·params a token, plus causal attention; the LM head only at the answer rows), as a
   fraction of this machine's fp32 (or ``--dtype``) matmul peak measured in the same run
-  (``benchmarks/gpu.py``'s ``measured_peak``, before and after the comparisons). The count is
+  (:func:`iclit.engine.flops.matmul_rate`, before and after the comparisons). The count is
   the useful work of the straightforward computation; iclit's fast path skips part of it, so
   its rate is an effective one.
 * ``--e2e``: ``iclit compare --task sentiment --k 4 --resamples 30`` in a subprocess, model
@@ -77,7 +77,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
 
 from iclit.core.batching import common_prefix_length  # noqa: E402
 from iclit.engine.capture import capture, reference_last_states  # noqa: E402
-from iclit.engine.flops import PassWork, attended_pairs, forward_flops, training_flops  # noqa: E402
+from iclit.engine.flops import PassWork, attended_pairs, forward_flops, matmul_rate, training_flops  # noqa: E402
 from iclit.models import load_model  # noqa: E402
 from iclit.tasks import get_task  # noqa: E402
 from iclit.tuning import TuningRecipe, default_train_tokens, encode_pairs, fit, lora_config, tuned_many  # noqa: E402
@@ -126,11 +126,8 @@ def measure(device: torch.device):
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """This machine's matmul FLOP/s now (``benchmarks/gpu.py``'s helper; 2048² on a CPU)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from gpu import measured_peak
-
-    return measured_peak(device, dtype, 2048 if device.type == "cpu" else 8192)
+    """This machine's matmul FLOP/s now (:func:`iclit.engine.flops.matmul_rate`; 2048² on a CPU)."""
+    return matmul_rate(device, dtype, 2048 if device.type == "cpu" else 8192)
 
 
 def gib(n: int) -> str:

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 import torch
 
 from iclit.engine.capture import capture
+from iclit.engine.flops import matmul_rate
 from iclit.models import load_model, prepare
 from iclit.tasks import get_task
 from iclit.tuning import TuningRecipe, tuned_many
@@ -64,20 +65,6 @@ DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def measured_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps = 20
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def body_params(model: torch.nn.Module) -> int:
@@ -176,7 +163,7 @@ def main() -> None:
     if args.smoke:
         args.queries, args.adapters, args.epochs, args.batch_size, args.train_tokens = 8, 2, 1, 8, 768
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = measured_peak(device, dtype, 256 if args.smoke else 8192)
+    peak = matmul_rate(device, dtype, 256 if args.smoke else 8192)
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
     print(
         f"{datetime.now(UTC):%Y-%m-%d} device {name}, {args.dtype}, torch {torch.__version__}; "

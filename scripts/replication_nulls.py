@@ -22,7 +22,7 @@ from iclit.analysis import RunData
 from iclit.analysis.cells import last_layer_rows
 from iclit.analysis.contrasts import PAIR_LABELS as PAIRS
 from iclit.analysis.factors import design_subset
-from iclit.analysis.nulls import NULLS, adjust_family
+from iclit.analysis.nulls import NULLS, PAIR_NAMES, adjust_family
 
 NULL_NAMES = {"query_swap": "query", "demo_swap": "demo", "uniform": "all items"}
 """How the geometry nulls are named in the tables."""
@@ -131,13 +131,9 @@ def tests_table(run: RunData, factor: str | None, *, centrings: tuple[str, ...] 
             print(f"- {label}, ICL–IT over the {d['layer'].nunique()} states (max-T over layers): " + "; ".join(parts))
 
 
-CONTROL_NAMES = {"ceiling_it": "IT–IT′", "ceiling_icl": "ICL–ICL′"}
-"""How the positive controls (the cells' ceiling pairs; the update pair's are their updates) are named."""
-
-
 def _control_cells(r: dict[str, Any] | None) -> list[str]:
     """A demo-swap row's positive control (its ceiling pair's excess, p) and the row's fraction of it."""
-    name = CONTROL_NAMES.get(str(r.get("ceiling")).removeprefix("update_")) if r is not None else None
+    name = PAIR_NAMES.get(str(r.get("ceiling"))) if r is not None else None
     if r is None or name is None or not np.isfinite(r["ceiling_diff"]):
         return ["–", "–"]
     control = f"{name} {r['ceiling_diff']:+.3f} ({r['ceiling_p']:.2g})"

@@ -2,10 +2,9 @@
 
     python scripts/run_paper.py                    # → runs/paper/<spec>/, runs/paper/suite.json
     python scripts/run_paper.py --only main dose   # some specs only
-    make paper                                     # the same
     python scripts/run_paper.py --suite causal     # the causal tests and the harder tasks (make causal-tasks)
     python scripts/run_paper.py --suite ladder     # the Qwen2.5-Coder size ladder (make paper-ladder)
-    python scripts/run_paper.py --backend ray --workers 2 --worker-threads 1   # chunks on two one-thread actors
+    python scripts/run_paper.py --backend ray --workers 2 --worker-threads 1   # two one-thread actors: make paper
 
 Each spec is ``iclit run configs/paper/<spec>.yaml --out runs/paper/<spec>`` with ``--reuse``
 of every run directory before it, so a cell that several specs share (the base cell of the
@@ -18,8 +17,9 @@ one-thread processes computed 1.25x the chunks per second of one two-thread proc
 equal results (benchmarks/results/runs.csv). Rerunning
 resumes: finished trials are never recomputed. ``suite.json`` records, per spec, the trials
 computed and reused, the seconds taken and of those the report's (``report_seconds``), when
-it finished (written after each spec, so a suite stopped early keeps them), and every
-invocation (its specs and wall time). A reused cell's whole-cell tables come along
+it finished and the machine's fp32 matmul speed just before it (written after each spec, so a
+suite stopped early keeps them), and every invocation (its specs, wall time and matmul speed
+before and after). A reused cell's whole-cell tables come along
 with its trials (:func:`iclit.analysis.cache.copy_entries`), so each cell is analysed once.
 """
 
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from iclit.analysis.cache import copy_entries
+from iclit.engine.flops import matmul_rate
 from iclit.experiments import load_spec, run_experiment
 from iclit.experiments.raypool import RayOptions
 from iclit.experiments.runner import experiment_versions
@@ -85,8 +86,10 @@ def main() -> None:
         args.out / RUN_DIR.get(n, n) for n in order if (args.out / RUN_DIR.get(n, n) / "results.sqlite").exists()
     ]
     specs = {name: load_spec(ROOT / "configs" / "paper" / f"{name}.yaml") for name in names}
+    first_rate = gflops()
     for i, name in enumerate(names):
         out = args.out / RUN_DIR.get(name, name)
+        rate = gflops()
         t0 = time.perf_counter()
         sources = [d for d in dict.fromkeys(done) if d != out]
         summary = run_experiment(specs[name], out, progress=True, reuse=sources, backend=args.backend, **ray)
@@ -107,17 +110,20 @@ def main() -> None:
             "seconds": round(seconds, 1),
             "report_seconds": round(time.perf_counter() - trials_done, 1),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "matmul_gflops_before": rate,
         }
         log_path.write_text(json.dumps(log, indent=2) + "\n")  # a suite stopped early keeps its specs' times
         if out not in done:
             done.append(out)
     total = time.perf_counter() - started
+    last_rate = gflops()
     record = {
         "suite": args.suite,
         "specs": names,
         "seconds": round(total, 1),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "matmul_gflops": [first_rate, last_rate],
         "backend": args.backend
         if args.backend == "local"
         else f"ray: {args.workers or 'one per CPU'} x {args.worker_threads} threads",
@@ -127,7 +133,15 @@ def main() -> None:
     log.setdefault("invocations", [log["last_invocation"]] if "last_invocation" in log else []).append(record)
     log.setdefault("last_invocation_by_suite", {})[args.suite] = log["last_invocation"] = record
     log_path.write_text(json.dumps(log, indent=2) + "\n")
-    print(f"{args.suite} suite: {len(names)} specs in {total / 60:.1f} min → {args.out}")
+    print(
+        f"{args.suite} suite: {len(names)} specs in {total / 60:.1f} min → {args.out} "
+        f"(matmul {first_rate} GFLOP/s before, {last_rate} after: fp32 2048², {torch.get_num_threads()} threads)"
+    )
+
+
+def gflops() -> int:
+    """The machine's fp32 matmul speed now (:func:`iclit.engine.flops.matmul_rate`), GFLOP/s."""
+    return round(matmul_rate() / 1e9)
 
 
 if __name__ == "__main__":

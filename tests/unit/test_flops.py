@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from iclit.engine.flops import PassWork, attended_pairs, forward_flops, matmul_params, training_flops
+from iclit.engine import flops
+from iclit.engine.flops import PassWork, attended_pairs, forward_flops, matmul_params, matmul_rate, training_flops
 from iclit.models.tiny import build_tiny_llama
 
 
@@ -47,3 +48,12 @@ def test_full_training_matches_torch_counter():
     frozen = training_flops(model, PassWork(tokens=s, attended=s * s, head_rows=s))
     linear = forward_flops(model, PassWork(tokens=s, attended=0, head_rows=s))
     assert expected - frozen == linear  # frozen weights: no weight gradients
+
+
+def test_matmul_rate_counts_two_n_cubed_flops_a_product(monkeypatch):
+    """20 timed products of n×n matrices: 2·n³·20 FLOPs over the time between the two clock reads."""
+    clock = iter([10.0, 12.5])
+    monkeypatch.setattr(flops.time, "perf_counter", lambda: next(clock))
+    assert matmul_rate("cpu", torch.float32, n=32) == 2 * 32**3 * 20 / 2.5
+    monkeypatch.undo()
+    assert 0 < matmul_rate(n=64) < float("inf")

@@ -90,7 +90,7 @@ def test_every_cell_prints_its_positive_control_and_the_fraction_of_it(scripts, 
     row = t[(t["pair"] == "icl_it") & (t["centring"] == "raw") & (t["null"] == "demo_swap")].iloc[0]
     assert row["ceiling"] == "ceiling_icl"
     line = next(x for x in text.splitlines() if "| ICL–IT | raw |" in x)
-    assert f"ICL–ICL′ {row['ceiling_diff']:+.3f} ({row['ceiling_p']:.2g})" in line
+    assert f"ICL–ICL reordered {row['ceiling_diff']:+.3f} ({row['ceiling_p']:.2g})" in line
     assert line.rstrip(" |").endswith(replication_nulls._control_cells(row.to_dict())[1])
     assert "Positive control: the same demo-swap test on the cell's ceiling pair" in text
 
@@ -106,6 +106,6 @@ def test_the_fraction_cell_says_when_its_interval_is_not_finite(scripts):
     open_ci = replication_nulls._control_cells({**row, "fraction_low": np.nan, "fraction_high": np.nan})
     assert open_ci[1] == "+0.25 (no finite CI: the control's own CI includes 0)"
     update = {**row, "ceiling": "update_ceiling_icl", "fraction_low": 0.1, "fraction_high": 0.4}
-    assert replication_nulls._control_cells(update)[0] == "ICL–ICL′ +0.200 (0.001)"
+    assert replication_nulls._control_cells(update)[0] == "update ICL–ICL′ +0.200 (0.001)"
     assert replication_nulls._control_cells({**row, "ceiling": "", "ceiling_diff": np.nan}) == ["–", "–"]
     assert replication_nulls._control_cells(None) == ["–", "–"]

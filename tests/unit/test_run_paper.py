@@ -61,6 +61,11 @@ def test_the_suite_reuses_cells_with_their_tables(tmp_path, monkeypatch):
     log = json.loads((out / "suite.json").read_text())
     assert log["specs"]["main"]["reused"] == 0 and log["specs"]["wrong_labels"]["reused"] == 16
     assert all(0 <= s["report_seconds"] <= s["seconds"] for s in log["specs"].values())
+    # the machine's matmul speed beside every timing: before each spec, and before and after the suite
+    before = [s["matmul_gflops_before"] for s in log["specs"].values()]
+    assert len(before) == 2 and all(isinstance(r, int) and r > 0 for r in before)
+    rates = log["last_invocation"]["matmul_gflops"]
+    assert len(rates) == 2 and all(isinstance(r, int) and r > 0 for r in rates)
     entries = {name: {p.name for p in (out / name / cache.CACHE_DIR).iterdir()} for name in ("main", "wrong_labels")}
     assert len(entries["main"]) == 1 and len(entries["wrong_labels"]) == 2
     assert entries["main"] < entries["wrong_labels"]  # the shared cell's tables came along

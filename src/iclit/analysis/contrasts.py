@@ -27,6 +27,7 @@ from scipy import stats as sps
 
 from iclit.analysis.factors import design_subset, factor_values, match_value, reference_value
 from iclit.analysis.margins import DEFAULT_MARGINS, verdict
+from iclit.analysis.nulls import PAIR_NAMES, TEST_PAIRS
 from iclit.analysis.registry import register_metric
 from iclit.analysis.rundata import RunData
 from iclit.analysis.stats import holm
@@ -57,12 +58,7 @@ ANCHOR_COMPARISONS: tuple[tuple[tuple[str, str], tuple[str, str]], ...] = (
 )
 """Within a cell, the ICL–IT cosine against each anchor pair's (:func:`within_cell_contrasts`):
 are ICL and IT closer to each other than either is to the query alone?"""
-PAIR_LABELS: dict[str, str] = {
-    "anchor_icl": "anchor–ICL",
-    "anchor_it": "anchor–IT",
-    "icl_it": "ICL–IT",
-    "update": "update",
-}
+PAIR_LABELS: dict[str, str] = {pair: PAIR_NAMES[pair] for pair in TEST_PAIRS}
 """Display names of the tested pairs."""
 CONTRAST_COLUMNS = (
     "factor",

@@ -68,6 +68,7 @@ __all__ = [
     "NULLS",
     "TEST_PAIRS",
     "CEILINGS",
+    "PAIR_NAMES",
     "CENTRINGS",
     "TEST_COLUMNS",
     "Units",
@@ -92,6 +93,18 @@ TEST_PAIRS: dict[str, tuple[str, ...]] = {
 CEILINGS: dict[str, tuple[str, str]] = {"ceiling_it": ("it", "it_seed2"), "ceiling_icl": ("icl", "icl_reordered")}
 """The positive controls: two arms that must share what their demonstration set gave them.
 ``ceiling_it`` is preferred as the reference of the margin rule and the fraction."""
+PAIR_NAMES: dict[str, str] = {
+    "anchor_icl": "anchor–ICL",
+    "anchor_it": "anchor–IT",
+    "icl_it": "ICL–IT",
+    "update": "update",
+    "ceiling_it": "IT–IT′",
+    "update_ceiling_it": "update IT–IT′",
+    "ceiling_icl": "ICL–ICL reordered",
+    "update_ceiling_icl": "update ICL–ICL′",
+}
+"""Display names of :data:`TEST_PAIRS` and of the ceilings (with their updates), the one
+spelling every table uses."""
 CENTRINGS = ("raw", "anchor", "arm", "reference")
 TEST_COLUMNS = (
     "pair",

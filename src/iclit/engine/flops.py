@@ -18,12 +18,35 @@ same work and with the machine's measured matmul peak.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-__all__ = ["PassWork", "attended_pairs", "forward_flops", "matmul_params", "training_flops"]
+__all__ = ["PassWork", "attended_pairs", "forward_flops", "matmul_params", "matmul_rate", "training_flops"]
+
+
+def matmul_rate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """This machine's matmul speed now, in FLOP/s: 20 products of two random n×n matrices after
+    3 warm-up ones, at torch's current thread count (2048² on a CPU; the benchmarks use 8192² on
+    a GPU). Printed beside every timing, since a shared machine's speed varies between runs.
+    """
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reps = 20
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def matmul_params(model: nn.Module) -> tuple[int, int]:

@@ -38,6 +38,7 @@ import pandas as pd
 
 from iclit.analysis.cells import last_layer_rows
 from iclit.analysis.contrasts import ANCHOR_COMPARISONS, cell_contrasts, within_cell_contrasts
+from iclit.analysis.nulls import PAIR_NAMES
 from iclit.analysis.power import detectable_effect
 from iclit.analysis.rundata import RunData, load_run
 from iclit.analysis.stats import cluster_mean
@@ -323,7 +324,7 @@ def _texts(claim: Claim, r: Mapping[str, Any]) -> dict[str, str]:
         null = "demo-swap" if claim.kind == "demo_swap" else "query-swap"
         iclit = f"ICL–IT {r['value']:.3f}; − {null} {_ci(r['diff'], r['ci_low'], r['ci_high'], True)}"
         if "control_diff" in r:
-            name = "IT–IT′" if r["control"] == "ceiling_it" else "ICL–ICL reordered"
+            name = PAIR_NAMES[r["control"]]
             control = (
                 f"{name} − {null} {_ci(r['control_diff'], r['control_low'], r['control_high'], True)}: "
                 f"{r['control_verdict']}"

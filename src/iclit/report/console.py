@@ -7,6 +7,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from iclit.analysis.nulls import PAIR_NAMES
+from iclit.report.nulls import PAIR_TEXT
 from iclit.report.numbers import interval, num, pvalue
 
 __all__ = ["print_summary"]
@@ -73,17 +75,7 @@ def _print_tests(rows: list[dict], cfg: dict, seeds: list[dict] | None = None) -
     )
     for col in ("pair", "cosine", "query-swap excess", "demo-swap excess"):
         table.add_column(col)
-    names = {
-        "anchor_icl": "anchor–ICL",
-        "anchor_it": "anchor–IT",
-        "icl_it": "ICL–IT",
-        "update": "update",
-        "ceiling_it": "IT–IT′ (control)",
-        "update_ceiling_it": "update IT–IT′ (control)",
-        "ceiling_icl": "ICL–ICL reordered (control)",
-        "update_ceiling_icl": "update ICL–ICL′ (control)",
-    }
-    for pair, label in names.items():
+    for pair, label in PAIR_TEXT.items():
         got = {r["null"]: r for r in rows if r["pair"] == pair}
         if not got:
             continue
@@ -104,7 +96,7 @@ def _print_tests(rows: list[dict], cfg: dict, seeds: list[dict] | None = None) -
             console.print(
                 f"ICL–IT demo-swap specificity: "
                 f"{interval(r['fraction'], r['fraction_low'], r['fraction_high'], '{:+.2f}')} of the "
-                f"{names.get(r['ceiling'], r['ceiling'])} ceiling ({num(r['ceiling_diff'], '{:+.3f}')}); "
+                f"{PAIR_NAMES.get(r['ceiling'], r['ceiling'])} ceiling ({num(r['ceiling_diff'], '{:+.3f}')}); "
                 f"margin {_margin(r['margin'])}",
                 highlight=False,
             )

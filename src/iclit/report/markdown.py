@@ -10,19 +10,15 @@ from typing import Any
 
 import pandas as pd
 
+from iclit.analysis.nulls import PAIR_NAMES
+from iclit.report.nulls import pair_text
 from iclit.report.numbers import interval, num, pvalue
 
 __all__ = ["comparison_markdown"]
 
 _NAMES = {
-    "anchor_icl": "anchor–ICL",
-    "anchor_it": "anchor–IT",
-    "icl_it": "ICL–IT",
-    "update": "update (ICL−anchor, IT−anchor)",
-    "ceiling_it": "IT–IT′ (positive control)",
-    "update_ceiling_it": "update IT–IT′ (positive control)",
-    "ceiling_icl": "ICL–ICL reordered (positive control)",
-    "update_ceiling_icl": "update ICL–ICL′ (positive control)",
+    pair: "update (ICL−anchor, IT−anchor)" if pair == "update" else pair_text(pair, "positive control")
+    for pair in PAIR_NAMES
 }
 
 

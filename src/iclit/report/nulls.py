@@ -9,22 +9,24 @@ from typing import Any
 
 import pandas as pd
 
+from iclit.analysis.nulls import CEILINGS, PAIR_NAMES
 from iclit.analysis.rundata import RunData
 from iclit.report.causal import MAX_CELLS, cell_title
 
-__all__ = ["PAIR_TEXT", "nulls_section", "tested_cells"]
+__all__ = ["CONTROL_PAIRS", "PAIR_TEXT", "nulls_section", "pair_text", "tested_cells"]
 
-PAIR_TEXT = {
-    "anchor_icl": "anchor–ICL",
-    "anchor_it": "anchor–IT",
-    "icl_it": "ICL–IT",
-    "update": "update",
-    "ceiling_it": "IT–IT′ (control)",
-    "update_ceiling_it": "update IT–IT′ (control)",
-    "ceiling_icl": "ICL–ICL reordered (control)",
-    "update_ceiling_icl": "update ICL–ICL′ (control)",
-}
-"""A test pair's short name in tables and the forest plot."""
+CONTROL_PAIRS = frozenset(CEILINGS) | {f"update_{pair}" for pair in CEILINGS}
+"""The positive controls among :data:`iclit.analysis.nulls.PAIR_NAMES`."""
+
+
+def pair_text(pair: str, control: str = "control") -> str:
+    """``pair``'s name in a table, a positive control marked "(``control``)"; an unknown pair as is."""
+    name = PAIR_NAMES.get(pair, pair)
+    return f"{name} ({control})" if pair in CONTROL_PAIRS else name
+
+
+PAIR_TEXT = {pair: pair_text(pair) for pair in PAIR_NAMES}
+"""A test pair's name in the HTML report's tables, the console and the forest plot."""
 _DIFF = "{:+#.3g}"
 
 
