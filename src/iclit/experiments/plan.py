@@ -47,6 +47,10 @@ CAUSAL_VERSION = 1
 trials that run them only."""
 
 
+TUNING_SETTINGS = ("recipe", "it_seeds")
+"""The cell settings that only the tuned arms read."""
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
 
@@ -114,6 +118,13 @@ class PlannedCell:
             return WrongLabelSampler(base, self.wrong_labels, labels)
         return base
 
+    @property
+    def base_key(self) -> str:
+        """A hash of the settings without the IT recipe (:data:`TUNING_SETTINGS`): cells with
+        the same base key read the base model on the same prompts, so they share the
+        read-outs of the arms that do not tune (:data:`iclit.engine.evaluate.BASE_ARMS`)."""
+        return _sha({k: v for k, v in self.settings.items() if k not in TUNING_SETTINGS})
+
     def draws(self, seed: int, indices: Sequence[int]) -> list[Resample]:
         """The resamples (pairs) ``indices`` of this cell under ``seed`` (the same whatever else is drawn)."""
         if not indices:
@@ -152,6 +163,12 @@ class Chunk:
     @property
     def size(self) -> int:
         return len(self.resamples)
+
+    @property
+    def base_key(self) -> str:
+        """The chunk's base-model read-outs: equal for the chunks of cells that differ only in
+        the IT recipe (:attr:`PlannedCell.base_key`), the same seed and the same resamples."""
+        return _sha([self.cell.base_key, int(self.seed), list(self.resamples)])
 
 
 @dataclass

@@ -3,7 +3,10 @@
 Each actor (:class:`~iclit.experiments.workers.ChunkWorker`) loads the model once and computes
 one chunk at a time. What it asks Ray for comes from :func:`actor_options` (a pure function,
 tested without Ray): ``worker_threads`` CPUs (and as many torch threads), and on a GPU run
-``1 / actors_per_gpu`` of a GPU, so several small-model actors share one GPU.
+``1 / actors_per_gpu`` of a GPU, so several small-model actors share one GPU. A
+:class:`RayPool` keeps the actors (and the models they loaded) from one run to the next, and
+sends a chunk to the actor that holds its base-model reads (cells that differ only in the IT
+recipe, :attr:`~iclit.experiments.workers.ChunkJob.base_key`).
 
 Faults: an actor that dies while computing a chunk (its process killed, its node lost) is
 replaced by a new actor and the chunk is given to the next free actor, at most
@@ -18,14 +21,14 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from iclit.experiments.spec import ExperimentSpec
-from iclit.experiments.workers import ChunkJob, ChunkOutput, ChunkWorker
+from iclit.experiments.workers import BASE_READOUTS_KEPT, ChunkJob, ChunkOutput, ChunkWorker
 
-__all__ = ["RayOptions", "ChunkFailed", "actor_options", "actors_per_gpu_for", "ray_options_of", "run_ray"]
+__all__ = ["RayOptions", "RayPool", "ChunkFailed", "actor_options", "actors_per_gpu_for", "ray_options_of", "run_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +141,111 @@ def _describe(job: ChunkJob) -> str:
     return f"chunk of cell {job.cell_key[:12]} (seed {job.seed}, {span}, first trial {first})"
 
 
+class RayPool:
+    """Ray actors kept from one run to the next (a suite of specs: ``run_experiment(...,
+    ray_pool=pool)``), so the runtime starts once and each actor keeps the models it loaded.
+
+    ``address``: an existing cluster, else a local one with ``workers`` CPUs (default: all);
+    Ray is started at the first run that needs it and shut down by :meth:`close` (or the
+    ``with`` block's end) when this pool started it. Actors are started as a run needs them
+    and kept while the next run asks for the same resources per actor. Besides its actors it
+    remembers which chunks' base-model reads (:attr:`ChunkJob.base_key
+    <iclit.experiments.workers.ChunkJob.base_key>`) each one holds, so a chunk that shares
+    them goes to the actor that holds them when it is free.
+    """
+
+    def __init__(self, *, address: str | None = None, workers: int | None = None) -> None:
+        self.address = address
+        self.workers = workers
+        self.actors: list[Any] = []
+        self.held: dict[Any, deque[str]] = {}
+        self._options: dict[str, Any] | None = None
+        self._own = False
+        self._ray: Any = None
+
+    def __enter__(self) -> RayPool:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def ray(self) -> Any:
+        """The ``ray`` module, initialised (a local cluster unless ``address`` was given)."""
+        if self._ray is None:
+            try:
+                import ray
+            except ModuleNotFoundError as e:
+                raise ModuleNotFoundError("the Ray backend needs ray: pip install 'iclit[ray]'") from e
+            if not ray.is_initialized():
+                kwargs: dict[str, Any] = {
+                    "include_dashboard": False,
+                    "log_to_driver": False,
+                    "logging_level": logging.WARNING,
+                }
+                if self.address:
+                    ray.init(address=self.address, **kwargs)
+                else:
+                    ray.init(num_cpus=self.workers or os.cpu_count() or 1, **kwargs)
+                self._own = True
+            self._ray = ray
+        return self._ray
+
+    def actors_for(self, options: dict[str, Any], n: int, preload: tuple[Any, ...], threads: int) -> list[Any]:
+        """``n`` actors started with ``options`` (those kept from the last run when it asked for
+        the same; otherwise they are stopped first)."""
+        if options != self._options:
+            self.stop_actors()
+            self._options = options
+        while len(self.actors) < n:
+            self.start(preload, threads)
+        return self.actors[:n]
+
+    def start(self, preload: tuple[Any, ...], threads: int) -> Any:
+        """A new actor with the pool's current options."""
+        actor = self.ray().remote(ChunkWorker).options(**(self._options or {})).remote(preload, threads)
+        self.actors.append(actor)
+        self.held[actor] = deque(maxlen=BASE_READOUTS_KEPT)
+        return actor
+
+    def drop(self, actor: Any) -> None:
+        """Stop an actor (one that died, or all at the end)."""
+        _kill(self.ray(), actor)
+        if actor in self.actors:
+            self.actors.remove(actor)
+        self.held.pop(actor, None)
+
+    def stop_actors(self) -> None:
+        for actor in list(self.actors):
+            self.drop(actor)
+
+    def release_models(self, keep: Iterable[str]) -> None:
+        """Every actor drops the models not in ``keep`` (those no later run reads)."""
+        if self._ray is not None and self.actors:
+            self._ray.get([a.release_models.remote(sorted(set(keep))) for a in self.actors])
+
+    def close(self) -> None:
+        """Stop the actors, and Ray when this pool started it."""
+        if self._ray is None:
+            return
+        self.stop_actors()
+        if self._own:
+            self._ray.shutdown()
+        self._ray, self._own, self._options = None, False, None
+
+    def next_job(self, actor: Any, queue: deque[ChunkJob], busy: Sequence[Any]) -> ChunkJob:
+        """The job ``actor`` takes from ``queue``: the first whose base-model reads it holds,
+        else the first whose reads no busy actor holds, else the first."""
+        mine = set(self.held.get(actor, ()))
+        theirs = {k for other in busy for k in self.held.get(other, ())}
+        pick = next((j for j in queue if j.base_key is not None and j.base_key in mine), None)
+        if pick is None:
+            pick = next((j for j in queue if j.base_key is None or j.base_key not in theirs), queue[0])
+        queue.remove(pick)
+        if pick.base_key is not None and pick.base_key not in mine:
+            self.held[actor].append(pick.base_key)
+        return pick
+
+
 def run_ray(
     jobs: Sequence[ChunkJob],
     spec: ExperimentSpec,
@@ -145,30 +253,24 @@ def run_ray(
     address: str | None,
     workers: int | None,
     options: RayOptions | None = None,
+    pool: RayPool | None = None,
 ) -> Iterator[tuple[ChunkJob, ChunkOutput]]:
     """Compute ``jobs`` on Ray actors; yields (job, output) once per job as chunks finish.
 
     ``address``: an existing cluster, else a local one with ``workers`` CPUs (default: all).
     Actors: ``workers``, else as many as the cluster's CPUs (or GPU shares) allow, at most one
-    per job. Raises :class:`ChunkFailed` when a chunk's actors died too often.
+    per job. ``pool``: the actors (and Ray, at the pool's address) are kept there for the next
+    run; without one they are started for these jobs and stopped after them. Raises :class:`ChunkFailed` when a
+    chunk's actors died too often.
     """
     if not jobs:
         return
-    try:
-        import ray
-        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError("the Ray backend needs ray: pip install 'iclit[ray]'") from e
+    own = pool is None
+    pool = pool or RayPool(address=address, workers=workers)
+    ray = pool.ray()
+    from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
     options = options or ray_options_of(spec)
-    own = not ray.is_initialized()
-    if own:
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(num_cpus=workers or os.cpu_count() or 1, **kwargs)
-    actors: list[Any] = []
     try:
         resources = ray.cluster_resources()
         first = jobs[0]
@@ -178,20 +280,15 @@ def run_ray(
         fit = int(resources.get("GPU", 0) * per_gpu) if gpu else int(resources.get("CPU", 1) // options.threads)
         n = max(1, min(workers or max(1, fit), len(jobs)))
         log.info("Ray: %d actors, each %s", n, opts)
-        Actor = ray.remote(ChunkWorker)
-
-        def start() -> Any:
-            actor = Actor.options(**opts).remote((first.model, spec.device, spec.dtype), options.threads)
-            actors.append(actor)
-            return actor
-
-        idle = [start() for _ in range(n)]
+        preload = (first.model, spec.device, spec.dtype)
+        idle = list(reversed(pool.actors_for(opts, n, preload, options.threads)))
         queue: deque[ChunkJob] = deque(jobs)
         tries: dict[tuple[str, ...], int] = {}
         running: dict[Any, tuple[Any, ChunkJob]] = {}
         while queue or running:
             while queue and idle:
-                actor, job = idle.pop(), queue.popleft()
+                actor = idle.pop()
+                job = pool.next_job(actor, queue, [a for a, _ in running.values()])
                 tries[job.keys] = tries.get(job.keys, 0) + 1
                 running[actor.run.remote(job)] = (actor, job)
             (ref,), _ = ray.wait(list(running), num_returns=1)
@@ -201,7 +298,7 @@ def run_ray(
             except RayTaskError as e:  # the engine raised: not a fault of the worker
                 raise e.as_instanceof_cause() from None
             except (RayActorError, WorkerCrashedError) as e:
-                _kill(ray, actor)
+                pool.drop(actor)
                 if tries[job.keys] > options.max_retries:
                     n = tries[job.keys]
                     raise ChunkFailed(
@@ -211,15 +308,17 @@ def run_ray(
                     ) from e
                 log.warning("%s: its worker died (%s); retrying on another worker", _describe(job), type(e).__name__)
                 queue.appendleft(job)
-                idle.append(start())
+                idle.append(pool.start(preload, options.threads))
                 continue
             idle.append(actor)
             yield job, output
+    except BaseException:
+        if not own:  # a run that failed leaves no actor busy with its chunks
+            pool.stop_actors()
+        raise
     finally:
-        for actor in actors:
-            _kill(ray, actor)
         if own:
-            ray.shutdown()
+            pool.close()
 
 
 def _kill(ray: Any, actor: Any) -> None:

@@ -10,7 +10,9 @@
 The driver plans the trials, skips the chunks already stored, copies the chunks it can reuse
 from other run directories, draws each remaining chunk's resamples (so every backend sees the
 same demonstrations), has them evaluated — in this process, or by Ray actors that each load a
-model once — and writes each chunk's trials in one transaction.
+model once — and writes each chunk's trials in one transaction. Chunks of cells that differ
+only in the IT recipe carry their shared base key, so the base model is read once for them
+(:attr:`~iclit.experiments.workers.ChunkJob.base_key`).
 A run directory holds ``spec.yaml`` (the spec last run there), ``results.sqlite`` (the
 trials' outputs, see :mod:`~iclit.rundir.store`) and ``states/`` (their hidden states,
 one safetensors file per chunk, written before the chunk's rows; see
@@ -32,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +44,7 @@ from iclit._atomic import atomic_write_text
 from iclit.experiments.lock import RunDirError, RunLock
 from iclit.experiments.plan import Chunk, Plan, make_plan
 from iclit.experiments.progress import TrialProgress
-from iclit.experiments.raypool import RayOptions, run_ray
+from iclit.experiments.raypool import RayOptions, RayPool, run_ray
 from iclit.experiments.reuse import ReuseError, copy_reusable, find_reusable, open_reuse_stores
 from iclit.experiments.shards import merge_shards, shard_chunks, shard_dir, unmerged_trials
 from iclit.experiments.spec import ExperimentSpec, load_spec
@@ -155,6 +158,7 @@ def run_experiment(
     models: Mapping[str, Any] | None = None,
     shard: tuple[int, int] | None = None,
     ray_options: RayOptions | None = None,
+    ray_pool: RayPool | None = None,
 ) -> RunSummary:
     """Run (or resume) ``spec`` into the run directory ``out``; returns what was done.
 
@@ -170,6 +174,9 @@ def run_experiment(
     (I, N): compute only shard I's chunks (:mod:`~iclit.experiments.shards`) into
     ``out/shards/I-of-N``. ``ray_options``: the Ray actors' resources and retries
     (:class:`~iclit.experiments.raypool.RayOptions`; default from the spec's ``cluster``).
+    ``ray_pool``: a :class:`~iclit.experiments.raypool.RayPool` whose actors (with the models
+    they loaded) are kept for the next run, e.g. the next spec of a suite; without one the
+    actors are started for this run and stopped after it.
 
     The run directory is locked for the run (:mod:`~iclit.experiments.lock`): another
     process writing it is refused (:class:`~iclit.experiments.lock.RunLocked`) before any work.
@@ -189,6 +196,7 @@ def run_experiment(
                 reuse=reuse,
                 shard=shard,
                 ray_options=None,
+                ray_pool=None,
             )
     return _run(
         _load(spec),
@@ -201,6 +209,7 @@ def run_experiment(
         reuse=reuse,
         shard=shard,
         ray_options=ray_options,
+        ray_pool=ray_pool,
     )
 
 
@@ -216,6 +225,7 @@ def _run(
     reuse: Sequence[str | Path],
     shard: tuple[int, int] | None,
     ray_options: RayOptions | None,
+    ray_pool: RayPool | None,
 ) -> RunSummary:
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', not {backend!r}")
@@ -245,6 +255,7 @@ def _run(
             max_chunks=max_chunks,
             reuse=reuse,
             ray_options=ray_options,
+            ray_pool=ray_pool,
             started=started,
         )
     finally:
@@ -265,6 +276,7 @@ def _run_locked(
     max_chunks: int | None,
     reuse: Sequence[str | Path],
     ray_options: RayOptions | None,
+    ray_pool: RayPool | None,
     started: float,
 ) -> RunSummary:
     sources = open_reuse_stores(reuse, out)  # before anything is written
@@ -274,7 +286,7 @@ def _run_locked(
         found, todo = find_reusable([c for c in chunks if not all(k in done for k in c.keys)], sources)
         if max_chunks is not None:
             todo = todo[:max_chunks]
-        jobs = [make_job(c, spec) for c in todo]
+        jobs = _jobs(todo, spec, local=backend == "local")
         if (
             backend == "local" and jobs
         ):  # prompts fit the context window, LoRA targets exist: before anything is written
@@ -317,7 +329,9 @@ def _run_locked(
                 if backend == "local":
                     computed = _run_local(jobs, spec, out, store, run_id, bar, models, not_fitted)
                 else:
-                    for job, output in run_ray(jobs, spec, address=address, workers=workers, options=ray_options):
+                    for job, output in run_ray(
+                        jobs, spec, address=address, workers=workers, options=ray_options, pool=ray_pool
+                    ):
                         computed += _store_chunk(out, store, output, run_id, spec, models, job.model, not_fitted)
                         bar.chunk_done(len(output.records))
             finally:
@@ -348,6 +362,18 @@ def _run_locked(
         reused_from,
         not_fitted,
     )
+
+
+def _jobs(todo: Sequence[Chunk], spec: ExperimentSpec, *, local: bool) -> list[ChunkJob]:
+    """The chunks' jobs. Chunks that share their base key (cells that differ only in the IT
+    recipe) carry it, so a worker reads the base model once for them; in one process they run
+    one after another (after the first chunk of their group, in plan order), so the reads are
+    still held when the next one comes."""
+    counts = Counter(c.base_key for c in todo)
+    if local:
+        first = {key: i for i, key in reversed(list(enumerate(c.base_key for c in todo)))}
+        todo = sorted(todo, key=lambda c: first[c.base_key])  # stable: plan order within a group
+    return [make_job(c, spec, shares=counts[c.base_key] > 1) for c in todo]
 
 
 def _stored_keys(out: Path) -> set[str]:

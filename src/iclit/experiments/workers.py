@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +111,7 @@ def release_models(keep: Iterable[str]) -> list[str]:
     for key in dropped:
         del _MODELS[key]
     if dropped:
+        _BASE_READOUTS.clear()
         gc.collect()
     return [name for name, _, _ in dropped]
 
@@ -155,6 +157,10 @@ class ChunkJob:
     """The causal analyses' settings (:meth:`ExperimentSpec.causal_settings`), None without ``analyses``."""
     prompt_format: str = "raw"
     """raw or chat (:mod:`iclit.tasks.chat`): the engine frames the prompts with the model's tokenizer."""
+    base_key: str | None = None
+    """:attr:`Chunk.base_key <iclit.experiments.plan.Chunk.base_key>` when another chunk of the
+    run has the same one (a cell that differs only in the IT recipe): a worker that computed
+    that chunk's base-model arms reuses them (:func:`execute`); None, nothing to share."""
 
 
 @dataclass
@@ -185,8 +191,9 @@ def _extras(draw: Resample, record_similarity: bool) -> dict[str, Any]:
     return out
 
 
-def make_job(chunk: Chunk, spec: ExperimentSpec) -> ChunkJob:
-    """Draw the chunk's resamples (on the driver, so every backend sees the same ones)."""
+def make_job(chunk: Chunk, spec: ExperimentSpec, *, shares: bool = False) -> ChunkJob:
+    """Draw the chunk's resamples (on the driver, so every backend sees the same ones).
+    shares: another chunk of the run has its base key (:attr:`ChunkJob.base_key`)."""
     from iclit.engine.evaluate import run_arms
 
     cell = chunk.cell
@@ -217,7 +224,26 @@ def make_job(chunk: Chunk, spec: ExperimentSpec) -> ChunkJob:
         it_seeds=spec.it_seeds,
         causal=spec.causal_settings(),
         prompt_format=spec.prompt_format,
+        base_key=chunk.base_key if shares else None,
     )
+
+
+_BASE_READOUTS: OrderedDict[str, dict[str, Any]] = OrderedDict()
+"""This process's base-arm outputs by :attr:`ChunkJob.base_key`, the most recent last."""
+BASE_READOUTS_KEPT = 8
+"""How many chunks' base-arm outputs a process keeps (a chunk of 60 trials: about 20 MB)."""
+
+
+def base_readouts(key: str | None) -> dict[str, Any] | None:
+    """The base-arm outputs this process holds for ``key`` (a new, empty dict the first time),
+    for :func:`iclit.engine.evaluate.evaluate`'s ``shared``; None for no key."""
+    if key is None:
+        return None
+    held = _BASE_READOUTS.pop(key, {})
+    _BASE_READOUTS[key] = held
+    while len(_BASE_READOUTS) > BASE_READOUTS_KEPT:
+        _BASE_READOUTS.popitem(last=False)
+    return held
 
 
 def execute(job: ChunkJob, lm: Any, progress: Callable[[str, int], Any] | None = None) -> ChunkOutput:
@@ -242,6 +268,7 @@ def execute(job: ChunkJob, lm: Any, progress: Callable[[str, int], Any] | None =
         it_seeds=job.it_seeds,
         causal=job.causal,
         prompt_format=job.prompt_format,
+        shared=base_readouts(job.base_key),
     )
     seconds = (time.perf_counter() - start) / max(1, len(job.draws))
     score_name = job.task.score_name  # correct, exact_match or chrf
@@ -285,6 +312,10 @@ class ChunkWorker:
 
     def run(self, job: ChunkJob) -> ChunkOutput:
         return execute(job, loaded_model(job.model, job.device, job.dtype))
+
+    def release_models(self, keep: list[str]) -> list[str]:
+        """Drop the models not in ``keep`` (:func:`release_models`)."""
+        return release_models(keep)
 
     def models(self) -> list[tuple[str, str | None, str | None]]:
         """The models this worker holds."""
