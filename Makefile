@@ -57,5 +57,5 @@ paper-ladder: ladder   # the size ladder's cells (configs/paper/ladder.yaml: Qwe
 causal-tasks: install   # the causal tests and the harder tasks (causal.yaml, tasks_*.yaml), apart from the paper suite; resumable
 	$(PY) scripts/run_paper.py --suite causal --out runs/paper
 
-replication:   # after paper, paper-ladder and causal-tasks: docs/replication.md's claims and tables (and figures) from runs/paper
+replication: install   # after paper, paper-ladder and causal-tasks: docs/replication.md's claims and tables (and figures) from runs/paper
 	$(PY) scripts/replication_tables.py runs/paper --page docs/replication.md > docs/replication_tables.md
