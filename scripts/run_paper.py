@@ -49,6 +49,7 @@ ORDER = [
     "label_control",
     "layers",
     "lora_vs_full",  # computes the one-factor specs' base cell, whose base reads its full-FT cell shares
+    "dose",  # next, while the workers still hold those base reads: none of its 12 chunks reads the base model
     "cross_task",
     "wrong_labels",
     "instruction",
@@ -56,7 +57,6 @@ ORDER = [
     "similarity",
     "n_demos",
     "translation",
-    "dose",
 ]  # otherwise the costliest last: a suite stopped early has the most cells
 EXTRA = ["causal", "tasks_antonyms", "tasks_translation_words", "tasks_addition", "tasks_reverse_words"]
 LADDER = ["ladder"]
