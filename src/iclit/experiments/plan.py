@@ -25,6 +25,7 @@ import itertools
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 from iclit.experiments.spec import FACTORS, ExperimentSpec, factor_label
@@ -118,7 +119,7 @@ class PlannedCell:
             return WrongLabelSampler(base, self.wrong_labels, labels)
         return base
 
-    @property
+    @cached_property
     def base_key(self) -> str:
         """A hash of the settings without the IT recipe (:data:`TUNING_SETTINGS`): cells with
         the same base key read the base model on the same prompts, so they share the
@@ -164,7 +165,7 @@ class Chunk:
     def size(self) -> int:
         return len(self.resamples)
 
-    @property
+    @cached_property
     def base_key(self) -> str:
         """The chunk's base-model read-outs: equal for the chunks of cells that differ only in
         the IT recipe (:attr:`PlannedCell.base_key`), the same seed and the same resamples."""

@@ -369,10 +369,10 @@ def _jobs(todo: Sequence[Chunk], spec: ExperimentSpec, *, local: bool) -> list[C
     recipe) carry it, so a worker reads the base model once for them; in one process they run
     one after another (after the first chunk of their group, in plan order), so the reads are
     still held when the next one comes."""
-    counts = Counter(c.base_key for c in todo)
+    counts = Counter(c.base_key for c in todo)  # in order of first appearance
     if local:
-        first = {key: i for i, key in reversed(list(enumerate(c.base_key for c in todo)))}
-        todo = sorted(todo, key=lambda c: first[c.base_key])  # stable: plan order within a group
+        rank = {key: i for i, key in enumerate(counts)}
+        todo = sorted(todo, key=lambda c: rank[c.base_key])  # stable: plan order within a group
     return [make_job(c, spec, shares=counts[c.base_key] > 1) for c in todo]
 
 
