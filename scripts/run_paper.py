@@ -17,7 +17,8 @@ keeps the models it loaded until no later spec reads them). On the 2-core machin
 one-thread processes computed 1.25x the chunks per second of one two-thread process, with
 equal results (benchmarks/results/runs.csv). Rerunning
 resumes: finished trials are never recomputed. ``suite.json`` records, per spec, the trials
-computed and reused, the seconds taken and of those the report's (``report_seconds``), when
+computed and reused, the seconds taken (with the report, unless it ran behind) and the
+report's own (``report_seconds``), when
 it finished and the machine's fp32 matmul speed just before it (written after each spec, so a
 suite stopped early keeps them), and every invocation (its specs, wall time and matmul speed
 before and after). A reused cell's whole-cell tables come along
@@ -29,8 +30,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
+import os
 import platform
+import threading
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -72,6 +77,12 @@ def main() -> None:
     ap.add_argument("--backend", choices=["local", "ray"], default="local", help="where each spec's chunks run")
     ap.add_argument("--workers", type=int, default=None, help="ray: actors (default: one per CPU)")
     ap.add_argument("--worker-threads", type=int, default=1, help="ray: torch threads per actor")
+    ap.add_argument(
+        "--reports",
+        choices=["inline", "behind"],
+        default="inline",
+        help="each spec's report before the next spec starts, or behind it in a background process at nice 19",
+    )
     args = ap.parse_args()
     pool = RayPool(workers=args.workers) if args.backend == "ray" else None  # one Ray, its actors kept across specs
     ray = {} if pool is None else {"workers": args.workers, "ray_options": RayOptions(threads=args.worker_threads)}
@@ -86,7 +97,8 @@ def main() -> None:
     ]
     specs = {name: load_spec(ROOT / "configs" / "paper" / f"{name}.yaml") for name in names}
     rates: list[int] = []  # the machine's matmul speed before each spec, then after the last
-    with pool or contextlib.nullcontext():
+    behind = Reports() if args.reports == "behind" else None
+    with pool or contextlib.nullcontext(), behind or contextlib.nullcontext():
         for i, name in enumerate(names):
             out = args.out / RUN_DIR.get(name, name)
             rates.append(gflops())
@@ -101,10 +113,14 @@ def main() -> None:
             release_models(keep)
             if pool is not None:
                 pool.release_models(keep)
-            for source in sources if summary.reused else ():
-                copy_entries(source, out)  # the shared cells' analysis tables, computed once
             trials_done = time.perf_counter()
-            write_report(out)
+            copied = [s for s in sources if summary.reused]  # the shared cells' analysis tables, computed once
+            if behind is None:
+                for source in copied:
+                    copy_entries(source, out)
+                write_report(out)
+            else:
+                behind.submit(name, copied, out)
             seconds = time.perf_counter() - t0
             print(summary, flush=True)
             log["specs"][name] = {
@@ -114,13 +130,17 @@ def main() -> None:
                 "computed": summary.computed,
                 "reused": summary.reused,
                 "seconds": round(seconds, 1),
-                "report_seconds": round(time.perf_counter() - trials_done, 1),
+                "report_seconds": round(time.perf_counter() - trials_done, 1) if behind is None else None,
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "matmul_gflops_before": rates[-1],
             }
             log_path.write_text(json.dumps(log, indent=2) + "\n")  # a suite stopped early keeps its specs' times
             if out not in done:
                 done.append(out)
+        if behind is not None:
+            for name, report_seconds in behind.wait().items():  # the reports still queued finish here
+                log["specs"][name]["report_seconds"] = report_seconds
+                log["specs"][name]["report"] = "behind"
     total = time.perf_counter() - started
     rates.append(gflops())
     record = {
@@ -143,6 +163,50 @@ def main() -> None:
         f"{args.suite} suite: {len(names)} specs in {total / 60:.1f} min → {args.out} "
         f"(matmul {rates[0]} GFLOP/s before, {rates[-1]} after: fp32 2048², {torch.get_num_threads()} threads)"
     )
+
+
+class Reports:
+    """The specs' reports in one background process at nice 19, one after another in the order
+    submitted (a spec's copied analysis tables, then its report), so a spec that reuses an earlier
+    one's cell finds that cell's tables already written."""
+
+    def __init__(self) -> None:
+        self.executor = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=os.nice, initargs=(19,)
+        )
+        self.futures: dict[str, Future[Path]] = {}
+        self.lock = threading.Lock()
+        self.last_done = 0.0
+        self.seconds: dict[str, float] = {}
+
+    def __enter__(self) -> Reports:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=kind is not None)  # interrupted: only the running one ends
+
+    def submit(self, name: str, sources: list[Path], out: Path) -> None:
+        submitted = time.perf_counter()
+        for source in sources:
+            self.executor.submit(copy_entries, source, out)
+        future = self.executor.submit(write_report, out)
+
+        def timed(_: Future[Path]) -> None:
+            # jobs run one at a time: this one began at its submission or at the previous one's end
+            with self.lock:
+                now = time.perf_counter()
+                self.seconds[name] = round(now - max(submitted, self.last_done), 1)
+                self.last_done = now
+
+        future.add_done_callback(timed)
+        self.futures[name] = future
+
+    def wait(self) -> dict[str, float]:
+        """Wait for every report (re-raising the first that failed); each one's seconds, by spec."""
+        for future in self.futures.values():
+            future.result()
+        with self.lock:
+            return dict(self.seconds)
 
 
 def gflops() -> int:

@@ -73,6 +73,26 @@ def test_the_suite_reuses_cells_with_their_tables(tmp_path, monkeypatch):
     assert (out / "wrong_labels" / "report.html").exists()
 
 
+def test_reports_behind_the_next_spec_come_in_order_with_the_copied_tables(tmp_path, monkeypatch):
+    from iclit.analysis import cache
+
+    run_paper = _suite(tmp_path, monkeypatch)
+    out = tmp_path / "runs"
+    argv = ["run_paper.py", "--out", str(out), "--only", "main", "wrong_labels", "--reports", "behind"]
+    monkeypatch.setattr(sys, "argv", argv)
+    run_paper.main()
+    log = json.loads((out / "suite.json").read_text())
+    assert [s["report"] for s in log["specs"].values()] == ["behind"] * 2
+    assert all(s["report_seconds"] > 0 for s in log["specs"].values())
+    assert all((out / name / "report.html").exists() for name in ("main", "wrong_labels"))
+    main, wl = (out / name / cache.CACHE_DIR for name in ("main", "wrong_labels"))
+    (shared,) = {p.name for p in main.iterdir()}
+    assert len(list(wl.iterdir())) == 2
+    # the shared cell's tables were copied (copytree keeps the times) before wrong_labels' report,
+    # which therefore did not analyse that cell again
+    assert (wl / shared / "done").stat().st_mtime_ns == (main / shared / "done").stat().st_mtime_ns
+
+
 def test_release_models_keeps_only_what_later_specs_read(monkeypatch):
     from iclit.experiments import workers
 
