@@ -12,6 +12,7 @@ and the PEFT paths draw no random numbers in training.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -625,6 +626,32 @@ def test_every_arm_runs(lm, task, draws):
     sims = baseline_cosines(arms, BASELINES, reference_mean=out.states["reference_mean"], pooled=pooled)
     assert {"icl_it_centered", "icl_it_shuffled", "update_cosine", "it_it_seed", "icl_it_qmean"} <= set(sims)
     assert all(v.shape == shape[:2] and torch.isfinite(v).all() for v in sims.values())
+
+
+def test_full_finetuning_embedding_rows_are_autograds_bits(lm, task, monkeypatch):
+    """The input table's gradient taken as the rows of the tokens seen (iclit's default for
+    full fine-tuning) tunes to the same bits as autograd's dense embedding backward: tied head
+    or not, padding row or not (the batches are right-padded)."""
+    import iclit.tuning.peft_path as peft_path
+    from iclit.tuning import embedding_rows
+
+    routed = []
+    lookup = embedding_rows._Lookup.apply
+    monkeypatch.setattr(embedding_rows._Lookup, "apply", lambda *a: routed.append(1) or lookup(*a))
+    recipe = TuningRecipe(method="full", lr=1e-3, epochs=3)
+
+    def run() -> tuple[dict[str, torch.Tensor], list[float]]:
+        with tuned(lm.model, lm.tokenizer, pair_sets(task, 1)[0], recipe, seed=0) as (clone, result):
+            return {n: p.detach().clone() for n, p in clone.named_parameters()}, result.losses
+
+    rows, rows_losses = run()
+    assert len(routed) == recipe.epochs  # one lookup per step went through the rows path
+    monkeypatch.setattr(peft_path, "embedding_rows_grad", lambda model: contextlib.nullcontext(lambda: None))
+    dense, dense_losses = run()
+    assert len(routed) == recipe.epochs
+    assert rows.keys() == dense.keys()
+    assert [n for n in rows if not torch.equal(rows[n], dense[n])] == []
+    assert rows_losses == dense_losses
 
 
 def test_every_arm_runs_with_full_finetuning(lm, task, draws):

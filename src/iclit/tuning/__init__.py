@@ -8,6 +8,7 @@ every other name loads its module (and torch) on first use.
 | ``loss`` | (prompt, answer) encoding, chunked head cross-entropy, last-block trimming, answer losses |
 | ``loop`` | the training loop: epochs, data order, clipping hook, optimiser steps, capture steps, losses |
 | ``peft_path`` | one PEFT LoRA adapter, or full fine-tuning of a copy (``fit``, ``tuned``) |
+| ``embedding_rows`` | full fine-tuning's input-table gradient as the tokens' rows (same bits, no dense pass) |
 | ``batched`` | N stacked LoRA adapters trained together (``fit_many``, ``tuned_many``) |
 
 Padding, length bucketing and the shared prefix's key/value cache are
@@ -35,6 +36,7 @@ _LAZY = {
     ),
     "iclit.tuning.loop": ("train", "check_capture_steps", "after_step", "epoch_order", "TuningDivergedError"),
     "iclit.tuning.peft_path": ("fit", "lora_config", "tuned"),
+    "iclit.tuning.embedding_rows": ("embedding_rows_grad",),
     "iclit.tuning.batched": (
         "AdapterRouter",
         "MultiLoRALinear",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from iclit.models.arch import ALL_LINEAR, resolve_targets, target_linears
+from iclit.tuning.embedding_rows import embedding_rows_grad
 from iclit.tuning.loop import train
 from iclit.tuning.loss import AnswerBatch, answer_loss, encode_pairs, reference_answer_loss, subset_batch
 from iclit.tuning.recipe import TuningRecipe, TuningResult
@@ -38,32 +39,39 @@ def fit(
 
     reference: compute the training loss with :func:`reference_answer_loss` (for checking).
     on_step: called (model in eval mode) with the step number after each optimiser step in
-    ``recipe.capture_steps``."""
+    ``recipe.capture_steps``.
+
+    Full fine-tuning (not ``reference``) takes the input embedding's gradient as the rows of
+    the tokens seen (:func:`~iclit.tuning.embedding_rows.embedding_rows_grad`: the same bits,
+    without a dense pass over the vocabulary's table per step) and AdamW's fused kernel."""
     loss_fn = reference_answer_loss if reference else answer_loss
     n = batch.input_ids.shape[0]
+    fast_full = recipe.method == "full" and not reference
+    with embedding_rows_grad(model) if fast_full else nullcontext(lambda: None) as flush:
 
-    def step_loss(rows: list[int]) -> torch.Tensor:
-        loss = loss_fn(model, batch if len(rows) == n else subset_batch(batch, rows))
-        loss.backward()
-        return loss.detach().reshape(1)
+        def step_loss(rows: list[int]) -> torch.Tensor:
+            loss = loss_fn(model, batch if len(rows) == n else subset_batch(batch, rows))
+            loss.backward()
+            flush()
+            return loss.detach().reshape(1)
 
-    def clip(max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        def clip(max_norm: float) -> None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    # Full fine-tuning updates every weight: the fused AdamW kernel does that step several
-    # times faster than the per-tensor loop (same algorithm; float rounding differs).
-    (result,) = train(
-        model,
-        recipe,
-        params,
-        [list(range(n))],
-        [seed],
-        step_loss=step_loss,
-        clip=clip,
-        final_loss=lambda: answer_loss(model, batch).reshape(1),
-        fused=recipe.method == "full" and not reference,
-        on_step=on_step,
-    )
+        # Full fine-tuning updates every weight: the fused AdamW kernel does that step several
+        # times faster than the per-tensor loop (same algorithm; float rounding differs).
+        (result,) = train(
+            model,
+            recipe,
+            params,
+            [list(range(n))],
+            [seed],
+            step_loss=step_loss,
+            clip=clip,
+            final_loss=lambda: answer_loss(model, batch).reshape(1),
+            fused=fast_full,
+            on_step=on_step,
+        )
     return result
 
 
