@@ -55,7 +55,10 @@ from pathlib import Path
 from typer.testing import CliRunner
 import iclit.experiments.spec as spec
 for path in sorted(Path("configs").rglob("*.yaml")):
-    spec.load_spec(path)
+    try:  # the resource check too; a model not installed here (the ladder's) fails it
+        spec.load_spec(path)
+    except spec.SpecError:
+        spec.load_spec(path, check_resources=False)
 from iclit.cli import app
 runner = CliRunner()
 for args in (["--help"], ["spec-schema"], ["run", "configs/examples/smoke.yaml", "--out", sys.argv[1], "--check"]):

@@ -4,7 +4,7 @@ Autograd's embedding backward writes a dense ``[V, d]`` gradient: a table of zer
 rows of the batch's tokens. Where the output head shares that table (Gemma, SmolLM2), the
 head's own dense gradient is then added to it, out of place. Those are two or three passes
 over ``V × d`` floats per optimiser step for a few hundred rows that change: on Gemma-3's
-262,144 × 640 table, about 1.1 s of a 2.5 s full fine-tuning step on one thread
+262,144 × 640 table, about 0.85 s of a 3.1 s full fine-tuning step on one thread
 (``benchmarks/full_ft_rows.py``).
 
 Within :func:`embedding_rows_grad` the lookups of the model's input table record their
