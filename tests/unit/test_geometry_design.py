@@ -112,6 +112,46 @@ def test_permuted_inners_match_a_direct_loop():
         permuted_inners([a], b, np.zeros((2, 7), dtype=int))
 
 
+@pytest.mark.parametrize("swap", ["queries", "sets"])
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_permuted_inners_through_orbits_equal_the_gathered_sums(swap, exact, symmetric, monkeypatch):
+    """A design's permutations move items within small orbits: the sums taken through the
+    orbits' arrangements equal those of the gather path and of a direct loop, with fixed items,
+    orbits of unequal sizes (three queries of one label, one of the other) and several seeds."""
+    from iclit.analysis.stats import permutation
+
+    units = design(n_seeds=2, n_blocks=3, sets_per_block=3 if swap == "sets" else 2, queries=4)
+    units = Units(*(np.delete(getattr(units, f), [0]) for f in ("seed", "set", "block", "query", "label")))
+    perms = design_permutations(units, 60, seed=1, swap=swap, exact=exact)
+    n = len(units)
+    assert len(perms) and (perms != np.arange(n)).any()
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(size=(2, 3, n, n))
+    if symmetric:
+        a, b = a + a.transpose(0, 2, 1), b + b.transpose(0, 2, 1)
+    orbits = permutation._orbits(perms)
+    assert orbits is not None and len(orbits.chosen[0]) < n  # some items share an orbit
+    got = permutation._orbit_inners([a, -a], b, orbits)
+    want = np.array([[np.sum(a[layer] * b[layer][p][:, p]) for layer in range(3)] for p in perms])
+    np.testing.assert_allclose(got[0], want, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(got[1], -want, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(permuted_inners([a, -a], b, perms), got, rtol=1e-12, atol=1e-10)  # either path
+    monkeypatch.setattr(permutation, "_orbits", lambda perms: None)
+    np.testing.assert_allclose(permuted_inners([a, -a], b, perms), got, rtol=1e-12, atol=1e-10)
+
+
+def test_orbits_of_uniform_permutations_are_one_and_not_used():
+    """Uniform permutations of all items join them into one orbit: the gather path sums them."""
+    from iclit.analysis.stats import permutation
+
+    perms = permutation.random_perms(np.random.default_rng(2), (50, 9))
+    assert permutation._orbits(perms) is None
+    identity = np.tile(np.arange(4), (3, 1))  # every item its own orbit, one arrangement each
+    orbits = permutation._orbits(identity)
+    assert orbits is not None and len(orbits.starts) == 4 and (orbits.chosen == np.arange(4)).all()
+
+
 def _query_states(units: Units, rng: np.random.Generator, d: int = 24, dup: bool = False) -> np.ndarray:
     """A state per item: a per-query component (copied across the block's sets) plus item noise
     (none with ``dup``: the anchor's rows are copies)."""
@@ -221,3 +261,16 @@ def test_no_exchangeable_item_gives_a_nan_null():
     query = table[table["null"] == "query_swap"]
     assert query["p"].isna().all() and query["null_mean"].isna().all() and query["value"].notna().all()
     assert table.loc[table["null"] == "demo_swap", "p"].notna().all()  # its sets can still be swapped
+
+
+def test_orbit_sums_benchmark_runs_and_agrees():
+    """benchmarks/orbit_sums.py on a small cell: both paths give the same sums for both nulls."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "orbit_sums.py"
+    args = ["--blocks", "3", "--queries", "4", "--layers", "2", "--perms", "50", "--reps", "1"]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=True).stdout
+    ratios = [line for line in out.splitlines() if line.startswith("RATIO name=orbit_sums_")]
+    assert len(ratios) == 2 and all(line.endswith("agree=true") for line in ratios), out
