@@ -70,16 +70,17 @@ def permuted_inners(a_list: Sequence[np.ndarray], b: np.ndarray, perms: Any) -> 
         raise ValueError(f"perms must be [P, {n}] (one permutation of the {n} items per row), got {perms.shape}")
     if len(perms) and not (np.sort(perms, axis=1) == np.arange(n)).all():
         raise ValueError("every row of perms must be a permutation of 0..n-1")
-    if np.array_equal(b, b.transpose(0, 2, 1)) and all(np.array_equal(a, a.transpose(0, 2, 1)) for a in a_list):
+    symmetric = np.array_equal(b, b.transpose(0, 2, 1)) and all(np.array_equal(a, a.transpose(0, 2, 1)) for a in a_list)
+    m = n * (n + 1) // 2 if symmetric else n * n  # entries gathered per permutation and layer
+    orbits = _orbits(perms)
+    if orbits is not None and orbits.cost <= len(perms) * m and len(orbits.src) ** 2 <= _GATHER:
+        return _orbit_inners(a_list, b, orbits)
+    if symmetric:
         i, j = np.triu_indices(n)
         a_sel = np.stack([a[:, i, j] * np.where(i == j, 1.0, 2.0) for a in a_list])  # [A, L, m]
     else:
         i, j = (ix.ravel() for ix in np.indices((n, n)))
         a_sel = np.stack([a.reshape(n_layers, n * n) for a in a_list])
-    m = len(i)
-    orbits = _orbits(perms)
-    if orbits is not None and orbits.cost <= len(perms) * m and len(orbits.src) ** 2 <= _GATHER:
-        return _orbit_inners(a_list, b, orbits)
     a_t = torch.from_numpy(np.ascontiguousarray(a_sel, dtype=np.float64))
     b_t = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64).reshape(n_layers, n * n))
     i_t, j_t = torch.from_numpy(i), torch.from_numpy(j)
