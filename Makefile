@@ -4,8 +4,8 @@ PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 OUT ?= runs/main
 # how `make paper` spreads each spec's chunks: two one-thread Ray actors, 1.3x the throughput of
-# one two-thread process on the 2-core machine with the same predictions (docs/replication.md,
-# "Reproduce"); `make paper PAPER_LAYOUT=` runs it in one process, and on a bigger machine
+# one two-thread process on the 2-core machine with the same predictions
+# (docs/results/performance.md); `make paper PAPER_LAYOUT=` runs it in one process, and on a bigger machine
 # `PAPER_LAYOUT="--backend ray --worker-threads 1"` starts one actor per CPU
 PAPER_LAYOUT ?= --backend ray --workers 2 --worker-threads 1
 

@@ -3,6 +3,7 @@ and write its figures to docs/figures/paper_*.png.
 
     python scripts/run_paper.py                                                  # runs/paper/<spec>/
     python scripts/replication_tables.py runs/paper > docs/replication_tables.md  # tables + figures
+    python scripts/replication_tables.py runs/paper --timing                      # the suite's time only
 
 Every number is a mean over trials with a 95% bootstrap CI (in brackets), last layer unless
 said otherwise. Contrasts (between the pairs of a cell, between the values of a factor) and
@@ -435,28 +436,63 @@ def section(root: Path, name: str) -> str:
 SECTIONS = ["main", *FACTOR_SPECS, "dose", "translation", "causal", *TASK_SPECS]  # the order of the page
 
 
-def main(root: Path, page: Path | None = None) -> None:
-    import os
-    from concurrent.futures import ProcessPoolExecutor
+def suite_timing(suite: Mapping[str, Any]) -> str:
+    """The suite's time from its ``suite.json`` (scripts/run_paper.py): a line per invocation
+    (its specs, minutes and matmul GFLOP/s before and after), then a row per spec (trials
+    planned, computed and reused; seconds with the report, the report's, the matmul GFLOP/s
+    before the spec) and the total. Fields an older ``suite.json`` lacks print as "–"."""
 
-    suite = json.loads((root / "suite.json").read_text()) if (root / "suite.json").exists() else {}
+    def num(v: Any) -> str:
+        return "–" if v is None else f"{v:,.0f}"
+
     invocations = suite.get("invocations") or list(
         (
             suite.get("last_invocation_by_suite")
             or ({"paper": suite["last_invocation"]} if suite.get("last_invocation") else {})
         ).values()
     )
+    lines = []
     for inv in invocations:
-        print(
+        rates = inv.get("matmul_gflops")
+        lines.append(
             f"`run_paper.py{' --suite ' + inv['suite'] if inv.get('suite', 'paper') != 'paper' else ''}`: "
             f"{len(inv['specs'])} specs ({', '.join(inv['specs'])}) in {inv['seconds'] / 60:.1f} min "
-            f"({inv['machine']}, finished {inv['finished']}).\n"
+            f"({inv['machine']}"
+            + (f"; {inv['backend']}" if inv.get("backend") else "")
+            + (f"; matmul {rates[0]} GFLOP/s before, {rates[-1]} after" if rates else "")
+            + f"; finished {inv['finished']}).\n"
         )
-    if suite.get("specs"):
-        print("| spec | trials planned | computed | reused | seconds |\n| --- | --- | --- | --- | --- |")
-        for name, s in suite["specs"].items():
-            print(f"| {name} | {s['planned']} | {s['computed']} | {s['reused']} | {s['seconds']:.0f} |")
-        print()
+    specs = suite.get("specs") or {}
+    if specs:
+        lines.append(
+            "| spec | trials planned | computed | reused | seconds | of which the report | matmul before it |\n"
+            "| --- | --- | --- | --- | --- | --- | --- |"
+        )
+        for name, s in specs.items():
+            lines.append(
+                f"| {name} | {s['planned']} | {s['computed']} | {s['reused']} | {num(s['seconds'])} | "
+                f"{num(s.get('report_seconds'))} | {num(s.get('matmul_gflops_before'))} |"
+            )
+        total = sum(s["seconds"] for s in specs.values())
+        reports = [s.get("report_seconds") for s in specs.values()]
+        rates = [s["matmul_gflops_before"] for s in specs.values() if s.get("matmul_gflops_before") is not None]
+        report_total = num(sum(reports)) if None not in reports else "–"
+        rate_range = f"{min(rates)}–{max(rates)}" if rates else "–"
+        lines.append(
+            f"| **all {len(specs)}** | | | | **{total:,.0f} ({total / 60:.1f} min)** | "
+            f"{report_total} | {rate_range} |\n"
+        )
+    return "\n".join(lines)
+
+
+def main(root: Path, page: Path | None = None, timing_only: bool = False) -> None:
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    suite = json.loads((root / "suite.json").read_text()) if (root / "suite.json").exists() else {}
+    print(suite_timing(suite))
+    if timing_only:
+        return
     present = [n for n in SECTIONS if (root / n / "results.sqlite").exists()]
     # one process per spec (the whole-cell permutation tests are most of the time); the claims table
     # after them (torch's thread pool must not be started in this process before it forks), printed first
@@ -477,5 +513,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", type=Path, nargs="?", default=Path("runs/paper"), help="the suite's folder")
     ap.add_argument("--page", type=Path, help="also write the claims table into this page's claims block")
+    ap.add_argument("--timing", action="store_true", help="print only the suite's time (suite.json), no tables")
     args = ap.parse_args()
-    main(args.root, args.page)
+    main(args.root, args.page, timing_only=args.timing)

@@ -109,3 +109,50 @@ def test_the_fraction_cell_says_when_its_interval_is_not_finite(scripts):
     assert replication_nulls._control_cells(update)[0] == "update ICL–ICL′ +0.200 (0.001)"
     assert replication_nulls._control_cells({**row, "ceiling": "", "ceiling_diff": np.nan}) == ["–", "–"]
     assert replication_nulls._control_cells(None) == ["–", "–"]
+
+
+def test_the_suite_timing_prints_what_suite_json_records(scripts):
+    """The time section's table (replication_tables.py --timing) is suite.json's numbers: a row
+    per spec with its report and matmul reading, the specs' total, and "–" where an older
+    suite.json lacks a field."""
+    suite = {
+        "specs": {
+            "main": {
+                "planned": 480,
+                "computed": 480,
+                "reused": 0,
+                "seconds": 885.4,
+                "report_seconds": 19.2,
+                "matmul_gflops_before": 147,
+            },
+            "layers": {
+                "planned": 480,
+                "computed": 0,
+                "reused": 0,
+                "seconds": 6.6,
+                "report_seconds": 6.1,
+                "matmul_gflops_before": 171,
+            },
+            "old": {"planned": 240, "computed": 240, "reused": 0, "seconds": 1200.0},
+        },
+        "invocations": [
+            {
+                "suite": "paper",
+                "specs": ["main", "layers", "old"],
+                "seconds": 2100.0,
+                "machine": "x86_64",
+                "backend": "ray: 2 x 1 threads",
+                "matmul_gflops": [147, 167],
+                "finished": "2026-12-06 12:35:44",
+            }
+        ],
+    }
+    text = scripts.suite_timing(suite)
+    assert "`run_paper.py`: 3 specs (main, layers, old) in 35.0 min (x86_64; ray: 2 x 1 threads; " in text
+    assert "matmul 147 GFLOP/s before, 167 after; finished 2026-12-06 12:35:44)" in text
+    assert "| main | 480 | 480 | 0 | 885 | 19 | 147 |" in text
+    assert "| old | 240 | 240 | 0 | 1,200 | – | – |" in text
+    assert "| **all 3** | | | | **2,092 (34.9 min)** | – | 147–171 |" in text
+    del suite["specs"]["old"]
+    assert "| **all 2** | | | | **892 (14.9 min)** | 25 | 147–171 |" in scripts.suite_timing(suite)
+    assert scripts.suite_timing({}) == ""
