@@ -43,7 +43,7 @@ import torch
 from iclit.analysis.cache import copy_entries
 from iclit.engine.flops import matmul_rate
 from iclit.experiments import load_spec, run_experiment
-from iclit.experiments.raypool import RayOptions, RayPool
+from iclit.experiments.raypool import ALLOCATORS, RayOptions, RayPool, allocator_preload
 from iclit.experiments.runner import experiment_versions
 from iclit.experiments.workers import release_models
 from iclit.report import write_report
@@ -78,14 +78,28 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="ray: actors (default: one per CPU)")
     ap.add_argument("--worker-threads", type=int, default=1, help="ray: torch threads per actor")
     ap.add_argument(
+        "--allocator",
+        choices=list(ALLOCATORS),
+        default="auto",
+        help="ray: the actors' malloc (auto: tcmalloc where the machine has it; allocator_preload)",
+    )
+    ap.add_argument(
         "--reports",
         choices=["inline", "behind"],
         default="inline",
         help="each spec's report before the next spec starts, or behind it in a background process at nice 19",
     )
     args = ap.parse_args()
+    try:
+        malloc = allocator_preload(args.allocator) if args.backend == "ray" else None
+    except ValueError as e:
+        raise SystemExit(f"run_paper.py: {e}") from None
     pool = RayPool(workers=args.workers) if args.backend == "ray" else None  # one Ray, its actors kept across specs
-    ray = {} if pool is None else {"workers": args.workers, "ray_options": RayOptions(threads=args.worker_threads)}
+    ray = (
+        {}
+        if pool is None
+        else {"workers": args.workers, "ray_options": RayOptions(threads=args.worker_threads, allocator=args.allocator)}
+    )
     order = SUITES[args.suite]
     names = [n for n in order if not args.only or n in args.only]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +166,7 @@ def main() -> None:
         "matmul_gflops": [rates[0], rates[-1]],
         "backend": args.backend
         if args.backend == "local"
-        else f"ray: {args.workers or 'one per CPU'} x {args.worker_threads} threads",
+        else f"ray: {args.workers or 'one per CPU'} x {args.worker_threads} threads, malloc {malloc or 'system'}",
         "versions": experiment_versions(),
     }
     # every invocation, in order (a spec rerun with --only does not hide the suite run before it)

@@ -288,6 +288,9 @@ def run_spec(
     max_retries: int | None = typer.Option(
         None, min=0, help="Ray: retries of a chunk whose worker died; slurm: of a failed shard job (default 2)"
     ),
+    allocator: str | None = typer.Option(
+        None, help="Ray: the actors' malloc: auto (tcmalloc where the machine has it), tcmalloc or system"
+    ),
     shard: str | None = typer.Option(
         None,
         help="I/N: compute only shard I of N of the plan's chunks, into "
@@ -399,7 +402,11 @@ def run_spec(
             reuse=reuse,
             shard=shard_of,
             ray_options=ray_options_of(
-                parsed, actors_per_gpu=actors_per_gpu, threads=worker_threads, max_retries=max_retries
+                parsed,
+                actors_per_gpu=actors_per_gpu,
+                threads=worker_threads,
+                max_retries=max_retries,
+                allocator=allocator,
             ),
         )
     except (ReuseError, ValueError, RuntimeError, LookupError, OSError) as e:  # a source removed since the check

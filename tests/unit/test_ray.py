@@ -22,6 +22,7 @@ from exp_helpers import (
 )
 
 from iclit.experiments import parse_spec, run_experiment
+from iclit.experiments.raypool import actor_options, allocator_preload
 from iclit.rundir import Store
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install 'iclit[ray]'; the test extra has it)")
@@ -39,6 +40,19 @@ def cluster():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+def test_an_actor_runs_on_the_allocator_it_asks_for(cluster: str) -> None:
+    lib = allocator_preload("auto")
+    if lib is None:
+        pytest.skip("this machine has no libtcmalloc_minimal")
+
+    @ray.remote
+    def malloc_mapped() -> bool:
+        return any("libtcmalloc" in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    assert ray.get(malloc_mapped.options(**actor_options(gpu=False, preload=lib)).remote())
+    assert not ray.get(malloc_mapped.options(**actor_options(gpu=False)).remote())
 
 
 @pytest.fixture(scope="module")

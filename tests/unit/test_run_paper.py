@@ -143,4 +143,6 @@ def test_the_backend_flags_reach_every_spec(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [*argv, "--backend", "ray", "--workers", "2", "--worker-threads", "1"])
     run_paper.main()
     assert seen == [("ray", 2, run_paper.RayOptions(threads=1))] * 2
-    assert json.loads((out / "suite.json").read_text())["last_invocation"]["backend"] == "ray: 2 x 1 threads"
+    malloc = run_paper.allocator_preload("auto") or "system"
+    backend = json.loads((out / "suite.json").read_text())["last_invocation"]["backend"]
+    assert backend == f"ray: 2 x 1 threads, malloc {malloc}"

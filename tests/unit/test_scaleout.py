@@ -25,10 +25,16 @@ from exp_helpers import (
 )
 from typer.testing import CliRunner
 
-from iclit.experiments import make_plan, parse_spec, run_experiment
+from iclit.experiments import make_plan, parse_spec, raypool, run_experiment
 from iclit.experiments.cost import chunk_cost, describe_cost, plan_cost
 from iclit.experiments.lock import LOCK_NAME, RunDirError, RunLock, RunLocked, lock_holder
-from iclit.experiments.raypool import RayOptions, actor_options, actors_per_gpu_for, ray_options_of
+from iclit.experiments.raypool import (
+    RayOptions,
+    actor_options,
+    actors_per_gpu_for,
+    allocator_preload,
+    ray_options_of,
+)
 from iclit.experiments.shards import ShardError, assign_shards, merge_shards, parse_shard, shard_chunks, shard_dir
 from iclit.rundir import Store
 from iclit.rundir.statefiles import read_chunk_states
@@ -300,6 +306,28 @@ def test_ray_options_from_the_spec_and_flags() -> None:
     assert ray_options_of(spec, actors_per_gpu=2, threads=1, max_retries=0) == RayOptions(None, 2, 1, 0)
     assert ray_options_of(parse_spec(TINY_SPEC)) == RayOptions(None, None, 1, 2)
     assert "cluster" not in parse_spec(TINY_SPEC).to_yaml()  # specs without the section keep their text
+
+
+def test_the_actors_allocator(monkeypatch) -> None:
+    lib = "libtcmalloc_minimal.so.4"
+    assert actor_options(gpu=False, preload=lib)["runtime_env"] == {"env_vars": {"LD_PRELOAD": lib}}
+    assert "runtime_env" not in actor_options(gpu=False, preload=None)
+    assert allocator_preload("system") is None
+    with pytest.raises(ValueError, match="one of auto, tcmalloc, system, not 'jemalloc'"):
+        allocator_preload("jemalloc")
+    with pytest.raises(ValueError, match="jemalloc"):  # a flag's typo stops the run before it starts
+        ray_options_of(parse_spec(TINY_SPEC), allocator="jemalloc")
+    assert ray_options_of(parse_spec(TINY_SPEC), allocator="system").allocator == "system"
+    monkeypatch.setattr(raypool.sys, "platform", "linux")
+    monkeypatch.setattr(raypool.ctypes.util, "find_library", lambda name: lib if name == "tcmalloc_minimal" else None)
+    assert allocator_preload("auto") == allocator_preload("tcmalloc") == lib
+    monkeypatch.setattr(raypool.ctypes.util, "find_library", lambda name: None)  # a machine without it
+    assert allocator_preload("auto") is None
+    with pytest.raises(ValueError, match="apt install libtcmalloc-minimal4"):
+        allocator_preload("tcmalloc")
+    monkeypatch.setattr(raypool.sys, "platform", "darwin")
+    with pytest.raises(ValueError, match="needs Linux"):
+        allocator_preload("tcmalloc")
 
 
 def test_cost_counts_the_arms_the_engine_runs() -> None:

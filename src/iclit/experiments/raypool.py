@@ -18,8 +18,10 @@ retried; it is raised as is.
 
 from __future__ import annotations
 
+import ctypes.util
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +30,17 @@ from typing import Any
 from iclit.experiments.spec import ExperimentSpec
 from iclit.experiments.workers import BASE_READOUTS_KEPT, ChunkJob, ChunkOutput, ChunkWorker
 
-__all__ = ["RayOptions", "RayPool", "ChunkFailed", "actor_options", "actors_per_gpu_for", "ray_options_of", "run_ray"]
+__all__ = [
+    "RayOptions",
+    "RayPool",
+    "ChunkFailed",
+    "actor_options",
+    "actors_per_gpu_for",
+    "ALLOCATORS",
+    "allocator_preload",
+    "ray_options_of",
+    "run_ray",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +54,45 @@ class RayOptions:
     """gpu: actors ask for GPUs (None: when the spec's device is cuda, or it is unset and the
     cluster has GPUs); actors_per_gpu: actors sharing one GPU (None: planned, see
     :func:`actors_per_gpu_for`, else 1); threads: torch threads and CPUs per actor;
-    max_retries: retries per chunk after its actor died."""
+    max_retries: retries per chunk after its actor died; allocator: the actors' ``malloc``
+    (:func:`allocator_preload`: ``"auto"``, ``"tcmalloc"`` or ``"system"``)."""
 
     gpu: bool | None = None
     actors_per_gpu: int | None = None
     threads: int = 1
     max_retries: int = 2
+    allocator: str = "auto"
+
+
+ALLOCATORS = ("auto", "tcmalloc", "system")
+
+
+def allocator_preload(allocator: str = "auto") -> str | None:
+    """The library an actor's process preloads (``LD_PRELOAD``) as its ``malloc``, or None for
+    the C library's own.
+
+    ``"tcmalloc"``: gperftools' tcmalloc (``libtcmalloc_minimal``, Debian's
+    ``libtcmalloc-minimal4``), an error where the machine lacks it; ``"auto"``: tcmalloc where
+    it is found on Linux, else the system's; ``"system"``: the C library's. glibc hands large
+    freed blocks back to the kernel, so a process that allocates and frees gigabytes per
+    trial (full fine-tuning copies the model and its optimiser state for every set) pays for
+    fresh zeroed pages again and again in kernel time; tcmalloc keeps them. Same peak memory,
+    the same numbers (both align tensors as PyTorch asks), and on the 2-core reference machine
+    full fine-tuning 1.4x as fast (``benchmarks/allocator.py``).
+    """
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"allocator must be one of {', '.join(ALLOCATORS)}, not {allocator!r}")
+    if allocator == "system" or not sys.platform.startswith("linux"):
+        if allocator == "tcmalloc":
+            raise ValueError("allocator 'tcmalloc' preloads a shared library, which needs Linux")
+        return None
+    found = ctypes.util.find_library("tcmalloc_minimal")
+    if found is None and allocator == "tcmalloc":
+        raise ValueError(
+            "allocator 'tcmalloc': libtcmalloc_minimal was not found on this machine "
+            "(Debian/Ubuntu: apt install libtcmalloc-minimal4); use 'auto' or 'system'"
+        )
+    return found
 
 
 def ray_options_of(
@@ -57,14 +102,19 @@ def ray_options_of(
     threads: int | None = None,
     max_retries: int | None = None,
     gpu: bool | None = None,
+    allocator: str | None = None,
 ) -> RayOptions:
-    """The spec's ``cluster`` section, with the given values (CLI flags) laid over it."""
+    """The spec's ``cluster`` section, with the given values (CLI flags) laid over it; an
+    unknown or missing ``allocator`` raises ValueError here, before anything runs."""
     c = spec.cluster
+    allocator = allocator or "auto"
+    allocator_preload(allocator)
     return RayOptions(
         gpu=gpu,
         actors_per_gpu=actors_per_gpu if actors_per_gpu is not None else (c.actors_per_gpu if c else None),
         threads=threads if threads is not None else (c.worker_threads if c else 1),
         max_retries=max_retries if max_retries is not None else (c.max_retries if c else 2),
+        allocator=allocator,
     )
 
 
@@ -75,17 +125,23 @@ def actors_per_gpu_for(gpu_bytes: int, model_bytes: int, budget_bytes: int) -> i
     return max(1, int(gpu_bytes * 0.9) // per_actor)
 
 
-def actor_options(*, gpu: bool, actors_per_gpu: int = 1, threads: int = 1) -> dict[str, Any]:
-    """The keyword arguments of ``ActorClass.options(...)`` for one chunk worker.
+def actor_options(
+    *, gpu: bool, actors_per_gpu: int = 1, threads: int = 1, preload: str | None = None
+) -> dict[str, Any]:
+    """The keyword arguments of ``ActorClass.options(...)`` for one chunk worker; ``preload``
+    (:func:`allocator_preload`) goes into the actor's environment as ``LD_PRELOAD``.
 
     >>> actor_options(gpu=True, actors_per_gpu=4, threads=2)
     {'num_cpus': 2, 'num_gpus': 0.25}
-    >>> actor_options(gpu=False, threads=1)
-    {'num_cpus': 1, 'num_gpus': 0}
+    >>> actor_options(gpu=False, threads=1, preload="libtcmalloc_minimal.so.4")
+    {'num_cpus': 1, 'num_gpus': 0, 'runtime_env': {'env_vars': {'LD_PRELOAD': 'libtcmalloc_minimal.so.4'}}}
     """
     if actors_per_gpu < 1 or threads < 1:
         raise ValueError(f"actors_per_gpu and threads must be >= 1, not {actors_per_gpu} and {threads}")
-    return {"num_cpus": threads, "num_gpus": round(1.0 / actors_per_gpu, 6) if gpu else 0}
+    options: dict[str, Any] = {"num_cpus": threads, "num_gpus": round(1.0 / actors_per_gpu, 6) if gpu else 0}
+    if preload:
+        options["runtime_env"] = {"env_vars": {"LD_PRELOAD": preload}}
+    return options
 
 
 def _uses_gpu(spec: ExperimentSpec, options: RayOptions, cluster_gpus: float) -> bool:
@@ -276,7 +332,8 @@ def run_ray(
         first = jobs[0]
         gpu = _uses_gpu(spec, options, float(resources.get("GPU", 0)))
         per_gpu = _planned_actors_per_gpu(spec, options, first.model) if gpu else 1
-        opts = actor_options(gpu=gpu, actors_per_gpu=per_gpu, threads=options.threads)
+        malloc = allocator_preload(options.allocator)
+        opts = actor_options(gpu=gpu, actors_per_gpu=per_gpu, threads=options.threads, preload=malloc)
         fit = int(resources.get("GPU", 0) * per_gpu) if gpu else int(resources.get("CPU", 1) // options.threads)
         n = max(1, min(workers or max(1, fit), len(jobs)))
         log.info("Ray: %d actors, each %s", n, opts)
