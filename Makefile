@@ -6,7 +6,8 @@ OUT ?= runs/main
 # how `make paper` spreads each spec's chunks: two one-thread Ray actors, 1.3x the throughput of
 # one two-thread process on the 2-core machine with the same predictions
 # (docs/results/performance.md); `make paper PAPER_LAYOUT=` runs it in one process, and on a bigger machine
-# `PAPER_LAYOUT="--backend ray --worker-threads 1"` starts one actor per CPU
+# `PAPER_LAYOUT="--backend ray --worker-threads 1"` starts one actor per CPU. Each actor preloads
+# tcmalloc where the machine has it (Debian's libtcmalloc-minimal4; run_paper.py --allocator)
 PAPER_LAYOUT ?= --backend ray --workers 2 --worker-threads 1
 
 .PHONY: install ladder run test lint docs bench paper paper-ladder causal-tasks replication

@@ -1,13 +1,13 @@
 """Tuning with the C library's malloc and with tcmalloc, side by side, one thread each.
 
-    python benchmarks/allocator.py [--model gemma-3-270m] [--epochs 12] [--runs 2] [--adapters 20]
+    python benchmarks/allocator.py [--model gemma-3-270m] [--epochs 12] [--runs 2] [--adapters 8]
 
 A process's ``malloc`` is chosen when it starts (``LD_PRELOAD``), so each side is a child
 process: ``system`` (glibc) and ``tcmalloc`` (the library
 :func:`iclit.experiments.raypool.allocator_preload` finds, which ``make paper``'s Ray actors
 preload). Each child runs, after one untimed warm-up of each, ``--runs`` full fine-tunings
 (k = 4 sentiment demonstrations, ``--epochs`` full-batch steps, as ``lora_vs_full`` does per
-set) and one batched LoRA pass of ``--adapters`` adapters (as a chunk of the main cell), and
+set) and one batched LoRA pass of ``--adapters`` adapters (a chunk of the main cell trains 20), and
 reports the seconds, the kernel's share (``getrusage``), its peak RSS and a SHA-256 of the
 tuned weights and losses. The fp32 matmul peak is measured before and after. Prints one line
 per side and
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--adapters", type=int, default=20)
+    ap.add_argument("--adapters", type=int, default=8)
     args = ap.parse_args()
     tcmalloc = allocator_preload("tcmalloc")
     before = matmul_rate()

@@ -78,7 +78,7 @@ def allocator_preload(allocator: str = "auto") -> str | None:
     trial (full fine-tuning copies the model and its optimiser state for every set) pays for
     fresh zeroed pages again and again in kernel time; tcmalloc keeps them. Same peak memory,
     the same numbers (both align tensors as PyTorch asks), and on the 2-core reference machine
-    full fine-tuning 1.4x as fast (``benchmarks/allocator.py``).
+    one full fine-tuning of Gemma-3-270M 1.29x as fast (``benchmarks/allocator.py``).
     """
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {', '.join(ALLOCATORS)}, not {allocator!r}")
