@@ -76,9 +76,11 @@ def allocator_preload(allocator: str = "auto") -> str | None:
     it is found on Linux, else the system's; ``"system"``: the C library's. glibc hands large
     freed blocks back to the kernel, so a process that allocates and frees gigabytes per
     trial (full fine-tuning copies the model and its optimiser state for every set) pays for
-    fresh zeroed pages again and again in kernel time; tcmalloc keeps them. Same peak memory,
-    the same numbers (both align tensors as PyTorch asks), and on the 2-core reference machine
-    one full fine-tuning of Gemma-3-270M 1.29x as fast (``benchmarks/allocator.py``).
+    fresh zeroed pages again and again in kernel time; tcmalloc keeps them. The same numbers
+    (both align tensors as PyTorch asks), about the same peak RSS per process, though the pages
+    kept count as in use (``make paper``'s memory in use peaked 1.5 GiB higher), and on the
+    2-core reference machine one full fine-tuning of Gemma-3-270M 1.29x as fast
+    (``benchmarks/allocator.py``).
     """
     if allocator not in ALLOCATORS:
         raise ValueError(f"allocator must be one of {', '.join(ALLOCATORS)}, not {allocator!r}")
